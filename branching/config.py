@@ -1,0 +1,379 @@
+"""Read, validate and write the tree configuration (TOML).
+
+The order of a node's `classes` is the one source of truth for its label ids.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "original.toml"
+
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
+WHERE_CHOICES = ("pre", "post")
+RULES = ("threshold", "coverage", "risk")
+DEFAULT_PARENT_HIDDEN = (1024, 512)
+DEFAULT_BRANCH_HIDDEN = (256,)
+DEFAULT_DELTA = 0.05
+BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+TOP_KEYS = ("parent", "branches")
+PARENT_KEYS = ("classes", "hidden", "activation", "dropout", "accept")
+BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "activation", "dropout", "accept")
+ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature")
+RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """How a node's predictions are accepted; None means the training recipe decides."""
+
+    rule: str = "threshold"
+    threshold: float | None = None
+    coverage: float | None = None
+    risk: float | None = None
+    delta: float | None = None
+    calibrate: bool | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One model of the tree: the parent (`name == "parent"`) or a branch."""
+
+    name: str
+    classes: tuple[str, ...]
+    hidden: tuple[int, ...]
+    source: str | None
+    layer: int | None
+    where: str | None
+    activation: str
+    dropout: float | None
+    accept: Acceptance
+
+    def class_index(self, name: str) -> int:
+        """Label id of class `name` in this node."""
+        if name not in self.classes:
+            raise ConfigError(f"unknown class {name!r} for node {self.name!r}; "
+                              f"known: {', '.join(self.classes)}")
+        return self.classes.index(name)
+
+
+@dataclass
+class TreeConfig:
+    """The parent and its branches (in file order), plus the file they came from."""
+
+    parent: NodeSpec
+    branches: dict[str, NodeSpec]
+    path: str | None = None
+
+    def node(self, name: str) -> NodeSpec:
+        """The parent or the branch called `name`."""
+        if name == "parent":
+            return self.parent
+        if name not in self.branches:
+            raise ConfigError(f"{self.path or '<config>'}: unknown node {name!r}; "
+                              f"known: {', '.join(['parent', *self.branches])}")
+        return self.branches[name]
+
+    def nodes(self) -> list[NodeSpec]:
+        """Parent first, then branches with every source before its readers, else file order."""
+        done, ordered, pending = {"parent"}, [self.parent], list(self.branches.values())
+        while pending:
+            ready = next((b for b in pending if b.source in done), None)
+            if ready is None:
+                raise ConfigError(f"{self.path or '<config>'}: branches "
+                                  f"{', '.join(b.name for b in pending)} form a cycle or read an "
+                                  f"unknown node; fix their 'from' keys")
+            pending.remove(ready)
+            done.add(ready.name)
+            ordered.append(ready)
+        return ordered
+
+    def children(self, name: str) -> list[NodeSpec]:
+        """Branches that read node `name` directly."""
+        self.node(name)
+        return [n for n in self.nodes() if n.source == name]
+
+    def chain(self, name: str) -> list[str]:
+        """Names from the parent down to `name`: ["parent", ..., name]."""
+        names = [self.node(name).name]
+        while names[0] != "parent":
+            names.insert(0, self.node(names[0]).source)
+        return names
+
+    def depth(self, name: str) -> int:
+        """0 for the parent, 1 for its branches, and so on."""
+        return len(self.chain(name)) - 1
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict in the TOML schema (None values left out) plus `path`."""
+        return {"parent": _node_to_dict(self.parent),
+                "branches": {n: _node_to_dict(b) for n, b in self.branches.items()},
+                "path": self.path}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TreeConfig:
+        """Inverse of `to_dict`; validates like `load_config`."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"<dict>: expected a dict from TreeConfig.to_dict, got {type(d).__name__}")
+        data = {k: v for k, v in d.items() if k != "path"}
+        path = d.get("path")
+        return _build(data, origin=path or "<dict>", path=path)
+
+
+def load_config(path: str | Path) -> TreeConfig:
+    """Read and validate a tree TOML file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; pass the path of an existing .toml file "
+                          f"(e.g. {DEFAULT_CONFIG})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({_one_line(e)}); "
+                          f"pass a readable UTF-8 .toml file") from None
+    return _build(_parse_toml(text, str(path)), origin=str(path), path=str(path))
+
+
+def parse_config(text: str, origin: str = "<string>") -> TreeConfig:
+    """Validate a tree TOML given as text; `origin` names it in error messages."""
+    return _build(_parse_toml(text, origin), origin=origin, path=None)
+
+
+def dump_toml(config: TreeConfig) -> str:
+    """TOML text that loads back to a config equal to `config` (apart from `path`)."""
+    d = config.to_dict()
+    lines = ["# Neural Branching tree (written by branching.config.dump_toml)"]
+    _write_table(lines, "parent", d["parent"])
+    for name, branch in d["branches"].items():
+        _write_table(lines, f"branches.{name}", branch)
+    return "\n".join(lines) + "\n"
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+def _parse_toml(text: str, origin: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: invalid TOML: {_one_line(e)}; fix the syntax there") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _show(value: Any) -> str:
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Table:
+    """One TOML table with its name, for lookups and one-line error messages."""
+
+    def __init__(self, origin: str, name: str, data: Any, allowed: tuple[str, ...]):
+        self.origin, self.name = origin, name
+        if not isinstance(data, dict):
+            raise ConfigError(f"{origin}: [{name}] must be a table, got {_show(data)}; "
+                              f"write it as a [{name}] section")
+        self.data = {k: v for k, v in data.items() if v is not None}
+        for key in self.data:
+            if key not in allowed:
+                where = "at the top level" if name == "top level" else f"in [{name}]"
+                raise ConfigError(f"{origin}: unknown key {key!r} {where}; "
+                                  f"allowed: {', '.join(allowed)}")
+
+    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+        value = f", got {_show(self.data[key])}" if key in self.data else ""
+        return ConfigError(f"{self.origin}: [{self.name}] {key}: {problem}{value}; {fix}")
+
+    def require(self, key: str, fix: str) -> Any:
+        if key not in self.data:
+            raise self.error(key, "is required", fix)
+        return self.data[key]
+
+    def classes(self) -> tuple[str, ...]:
+        fix = 'write e.g. classes = ["crab", "shark"]'
+        value = self.require("classes", fix)
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise self.error("classes", "must be a list of strings", fix)
+        if len(value) < 2:
+            raise self.error("classes", "needs at least 2 classes", fix)
+        if any(not c.strip() for c in value):
+            raise self.error("classes", "contains an empty name", "remove it or name the class")
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise self.error("classes", f"lists {', '.join(map(repr, dupes))} more than once",
+                             "list each class once")
+        return tuple(value)
+
+    def hidden(self, default: tuple[int, ...], allow_empty: bool) -> tuple[int, ...]:
+        fix = "write e.g. hidden = [1024, 512]" + (" or hidden = []" if allow_empty else "")
+        value = self.data.get("hidden", list(default))
+        if not isinstance(value, list) or not all(_is_int(h) and h >= 1 for h in value):
+            raise self.error("hidden", "must be a list of layer sizes (integers >= 1)", fix)
+        if not value and not allow_empty:
+            raise self.error("hidden", "needs at least one hidden layer", fix)
+        return tuple(value)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
+        value = self.data.get(key, default)
+        if value is not None and value not in choices:
+            raise self.error(key, "is not a known choice", f"use one of: {', '.join(choices)}")
+        return value
+
+    def number(self, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool,
+               default: float | None = None) -> float | None:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value) and (lo < value if lo_open else lo <= value)
+              and (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise self.error(key, f"must be a number in {interval}", f"set {key} to a value in {interval}")
+        return float(value)
+
+    def flag(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.error(key, "must be true or false", f"write {key} = true or {key} = false")
+        return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
+    t = _Table(origin, name, data, ACCEPT_KEYS)
+    rule = t.choice("rule", RULES, "threshold")
+    for key in t.data:
+        owner = next((r for r, keys in RULE_KEYS.items() if key in keys), rule)
+        if owner != rule:
+            raise t.error(key, f"does not belong to rule {rule!r}", f'remove it or set rule = "{owner}"')
+    if rule == "coverage":
+        t.require("coverage", "write e.g. coverage = 0.9")
+    if rule == "risk":
+        t.require("risk", "write e.g. risk = 0.05")
+    return Acceptance(
+        rule=rule,
+        threshold=t.number("threshold", 0, 1, lo_open=True, hi_open=False),
+        coverage=t.number("coverage", 0, 1, lo_open=True, hi_open=False),
+        risk=t.number("risk", 0, 1, lo_open=True, hi_open=True),
+        delta=t.number("delta", 0, 1, True, True, DEFAULT_DELTA) if rule == "risk" else None,
+        calibrate=t.flag("calibrate"),
+        temperature=t.number("temperature", 0, math.inf, lo_open=True, hi_open=True))
+
+
+def _parse_node(origin: str, name: str, data: Any) -> dict:
+    """Fields of one node checked on their own; `layer` is still raw and `source` unchecked."""
+    is_parent = name == "parent"
+    table = "parent" if is_parent else f"branches.{name}"
+    t = _Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
+    fields = dict(
+        name=name, classes=t.classes(),
+        hidden=t.hidden(DEFAULT_PARENT_HIDDEN if is_parent else DEFAULT_BRANCH_HIDDEN,
+                        allow_empty=not is_parent),
+        source=None, layer=None, where=None,
+        activation=t.choice("activation", ACTIVATIONS, "relu"),
+        dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
+        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})))
+    if not is_parent:
+        source = t.data.get("from", "parent")
+        if not isinstance(source, str):
+            raise t.error("from", "must be a node name", 'write from = "parent" or another branch name')
+        layer = t.data.get("layer", -1)
+        if not _is_int(layer):
+            raise t.error("layer", "must be an integer (hidden-layer index of the source)",
+                          "write e.g. layer = 1 or layer = -1")
+        fields.update(source=source, layer=layer, where=t.choice("where", WHERE_CHOICES, None))
+    return fields
+
+
+def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
+    top = _Table(origin, "top level", data, TOP_KEYS)
+    if "parent" not in top.data:
+        raise ConfigError(f"{origin}: missing [parent] table; add [parent] with classes = [...]")
+    nodes = {"parent": _parse_node(origin, "parent", top.data["parent"])}
+    raw = top.data.get("branches", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {_show(raw)}; "
+                          f"write each branch as a [branches.NAME] section")
+    for name, spec in raw.items():
+        if not BRANCH_NAME.fullmatch(name) or name == "parent":
+            raise ConfigError(f"{origin}: invalid branch name {name!r} in [branches]; use letters, "
+                              f"digits, '_' or '-' only, and not 'parent'")
+        nodes[name] = _parse_node(origin, name, spec)
+    for name, node in nodes.items():
+        if name != "parent" and node["source"] not in nodes:
+            raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}; "
+                              f"use one of: {', '.join(nodes)}")
+    for name in nodes:
+        seen = [name]
+        while seen[-1] != "parent":
+            seen.append(nodes[seen[-1]]["source"])
+            if seen[-1] in seen[:-1]:
+                cycle = seen[seen.index(seen[-1]):]
+                raise ConfigError(f"{origin}: branches form a cycle: {' -> '.join(cycle)}; "
+                                  f"change 'from' of branch {cycle[0]!r} so the chain ends at parent")
+    for name, node in list(nodes.items())[1:]:
+        source = nodes[node["source"]]
+        table, n_layers = f"[branches.{name}]", len(source["hidden"])
+        if not -n_layers <= node["layer"] < n_layers:
+            valid = f"0..{n_layers - 1} or -{n_layers}..-1" if n_layers else "none"
+            raise ConfigError(f"{origin}: {table} layer: {node['layer']} is out of range for "
+                              f"{source['name']!r}, which has {n_layers} hidden layer(s) "
+                              f"(valid: {valid}); pick a valid layer or another source")
+        node["layer"] %= n_layers
+        outside = [c for c in node["classes"] if c not in source["classes"]]
+        if outside:
+            raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
+                              f"the classes of source {source['name']!r}; use classes from: "
+                              f"{', '.join(source['classes'])}")
+    specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
+    parent = specs.pop("parent")
+    return TreeConfig(parent=parent, branches=specs, path=path)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def _node_to_dict(node: NodeSpec) -> dict:
+    d: dict[str, Any] = {"classes": list(node.classes)}
+    if node.source is not None:
+        d.update({"from": node.source, "layer": node.layer})
+    d["hidden"] = list(node.hidden)
+    extra = {"where": node.where, "activation": node.activation, "dropout": node.dropout}
+    d.update({k: v for k, v in extra.items() if v is not None})
+    if node.accept != Acceptance():
+        d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None}
+    return d
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = "".join(
+        "\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in str(value))
+    return f'"{escaped}"'
+
+
+def _write_table(lines: list[str], header: str, table: dict) -> None:
+    lines += ["", f"[{header}]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, sub in table.items():
+        if isinstance(sub, dict):
+            _write_table(lines, f"{header}.{key}", sub)

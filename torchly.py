@@ -1,0 +1,443 @@
+"""torchly: a small Keras-like MLP on PyTorch (build, fit, predict, activations, save/load).
+
+Every method that takes inputs follows the convention of `as_2d_float`. The model is in eval
+mode except while `fit` runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ["ACTIVATIONS", "FORMAT", "Model", "as_2d_float"]
+
+FORMAT = "torchly/1"
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
+               "leaky_relu": nn.LeakyReLU}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = (None, "cosine", "onecycle")
+MONITORS = ("val_loss", "val_accuracy")
+WHERE = ("pre", "post")
+
+
+def as_2d_float(X, width=None) -> np.ndarray:
+    """Array, tensor or [array] -> float32 (N, width); (1, N, w) drops its first axis, (w,) becomes (1, w)."""
+    if isinstance(X, (list, tuple)) and len(X) == 1 and isinstance(X[0], (np.ndarray, torch.Tensor)):
+        X = X[0]
+    if isinstance(X, torch.Tensor):
+        X = X.detach().to("cpu", torch.float32).numpy()
+    try:
+        arr = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"input cannot be converted to a float32 array: {_first_line(e)}") from e
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    elif arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
+        expected = "(N, features)" if width is None else f"(N, {width})"
+        raise ValueError(f"expected input of shape {expected}, got shape {arr.shape}")
+    return arr
+
+
+class Model:
+    """An MLP: per hidden layer Linear -> activation [-> Dropout], then a final Linear."""
+
+    def __init__(self, architecture, activation="relu", dropout=None, seed=None):
+        self.architecture = _check_architecture(architecture)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+        self.activation = activation
+        self.dropout = None if dropout is None else _real(dropout, "dropout", lambda v: 0 <= v < 1,
+                                                          "None or a float in [0, 1)")
+        self.meta: dict = {}
+        self.history: dict | None = None
+        if seed is None:
+            self.net = self._build()
+        else:
+            seed = _int(seed, "seed", minimum=0)
+            with torch.random.fork_rng(devices=[]):  # reproducible init, global RNG untouched
+                torch.manual_seed(seed)
+                self.net = self._build()
+        self.net.eval()
+
+    def _build(self) -> nn.Sequential:
+        layers = []
+        for fan_in, fan_out in zip(self.architecture[:-2], self.architecture[1:-1]):
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[self.activation]()]
+            if self.dropout:
+                layers.append(nn.Dropout(self.dropout))
+        layers.append(nn.Linear(self.architecture[-2], self.architecture[-1]))
+        return nn.Sequential(*layers)
+
+    def __repr__(self) -> str:
+        return f"Model({self.architecture}, activation={self.activation!r}, dropout={self.dropout!r})"
+
+    @property
+    def n_hidden(self) -> int:
+        return len(self.architecture) - 2
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.net.parameters())
+
+    # ---- inference -------------------------------------------------------------------------
+
+    def logits(self, X, batch_size=4096) -> np.ndarray:
+        """Raw outputs, float32 (N, out)."""
+        return self._map_batches(as_2d_float(X, self.architecture[0]), self.net, batch_size)
+
+    def predict_proba(self, X, temperature=1.0) -> np.ndarray:
+        """softmax(logits / temperature), float32 (N, out)."""
+        temperature = _real(temperature, "temperature", lambda v: 0 < v < math.inf, "a positive number")
+        z = self.logits(X).astype(np.float64) / temperature
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted class ids, int64 (N,)."""
+        return self.logits(X).argmax(axis=1).astype(np.int64)
+
+    def evaluate(self, X, y) -> dict:
+        """Mean cross-entropy (no label smoothing) and accuracy."""
+        X = as_2d_float(X, self.architecture[0])
+        return self._loss_accuracy(X, _as_labels(y, len(X), self.architecture[-1], "y"))
+
+    def get_activations(self, X, layer=-1, where="post", batch_size=4096) -> np.ndarray:
+        """Hidden layer `layer`'s activations, float32 (N, width), computing only the layers needed.
+
+        Runs in eval mode without gradients, then restores the model's previous train/eval mode.
+        """
+        self._stop_index(layer, where)  # validate before converting the input
+        X = as_2d_float(X, self.architecture[0])
+        return self._map_batches(X, lambda xb: self.hidden_forward(xb, layer, where), batch_size)
+
+    def hidden_forward(self, x: torch.Tensor, layer, where="post") -> torch.Tensor:
+        """Like get_activations on a tensor: no conversion, no mode change, gradients as the caller has them."""
+        for module in islice(self.net, self._stop_index(layer, where)):
+            x = module(x)
+        return x
+
+    def width(self, layer) -> int:
+        """Width of hidden layer `layer`."""
+        return self.architecture[1 + self._resolve_layer(layer)]
+
+    def _resolve_layer(self, layer) -> int:
+        n = self.n_hidden
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layer must be an int; got {layer!r}")
+        if n == 0:
+            raise ValueError("model has no hidden layers")
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range: valid hidden layers are {-n}..{n - 1}")
+        return int(layer) % n
+
+    def _stop_index(self, layer, where) -> int:
+        """Number of leading modules of .net that produce hidden layer `layer` at `where`."""
+        if where not in WHERE:
+            raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
+        stride = 3 if self.dropout else 2
+        return self._resolve_layer(layer) * stride + (1 if where == "pre" else 2)
+
+    @contextlib.contextmanager
+    def _inference(self):
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.net.train(was_training)
+
+    def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
+        batch_size = _int(batch_size, "batch_size", minimum=1)
+        with self._inference():
+            outputs = [fn(xb) for xb in torch.split(torch.from_numpy(_writable(X)), batch_size)]
+        return torch.cat(outputs).numpy()
+
+    def _loss_accuracy(self, X: np.ndarray, y: np.ndarray, batch_size=4096) -> dict:
+        loss_sum, correct = 0.0, 0
+        with self._inference():
+            for xb, yb in zip(torch.split(torch.from_numpy(_writable(X)), batch_size),
+                              torch.split(torch.from_numpy(y), batch_size)):
+                out = self.net(xb)
+                loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
+                correct += (out.argmax(dim=1) == yb).sum().item()
+        n = len(y)
+        return {"loss": loss_sum / n if n else math.nan, "accuracy": correct / n if n else math.nan}
+
+    # ---- training --------------------------------------------------------------------------
+
+    def fit(self, X, y, validation_data=None, epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0,
+            optimizer="adam", label_smoothing=0.0, early_stopping_patience=None, monitor="val_loss",
+            restore_best_weights=True, lr_schedule=None, train_transform=None, seed=None,
+            progress=True, desc="train") -> dict:
+        """Mini-batch training on cross-entropy; returns the history (also kept as .history)."""
+        n_in, n_out = self.architecture[0], self.architecture[-1]
+        X = as_2d_float(X, None if train_transform is not None else n_in)
+        if len(X) == 0:
+            raise ValueError("cannot fit on an empty dataset")
+        y = _as_labels(y, len(X), n_out, "y")
+        val = None
+        if validation_data is not None:
+            if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            X_val = as_2d_float(validation_data[0], n_in)
+            val = (X_val, _as_labels(validation_data[1], len(X_val), n_out, "y_val"))
+        epochs = _int(epochs, "epochs", minimum=1)
+        batch_size = _int(batch_size, "batch_size", minimum=1)
+        patience = None if early_stopping_patience is None else _int(
+            early_stopping_patience, "early_stopping_patience", minimum=0)
+        _check_choice(optimizer, OPTIMIZERS, "optimizer")
+        _check_choice(lr_schedule, LR_SCHEDULES, "lr_schedule")
+        _check_choice(monitor, MONITORS, "monitor")
+        lr = _real(lr, "lr", lambda v: 0 < v < math.inf, "a positive number")
+        weight_decay = _real(weight_decay, "weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
+        label_smoothing = _real(label_smoothing, "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model is frozen: it has no trainable parameters")
+
+        if seed is not None:
+            torch.manual_seed(_int(seed, "seed", minimum=0))  # dropout uses the global RNG
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        opt = _make_optimizer(optimizer, params, lr, weight_decay)
+        scheduler = _make_scheduler(lr_schedule, opt, lr, epochs * math.ceil(len(X) / batch_size))
+        Xt, yt = torch.from_numpy(_writable(X)), torch.from_numpy(y)
+
+        history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
+        sign = 1.0 if monitor == "val_loss" else -1.0  # compare as "smaller is better"
+        best, best_epoch, best_state, wait, stopped_early = math.inf, 0, None, 0, False
+        start = time.perf_counter()
+        bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, file=sys.stderr, unit="epoch")
+        try:
+            for epoch in bar:
+                loss, accuracy = self._train_epoch(Xt, yt, opt, scheduler, batch_size, label_smoothing,
+                                                   train_transform, generator)
+                history["loss"].append(loss)
+                history["accuracy"].append(accuracy)
+                history["lr"].append(float(opt.param_groups[0]["lr"]))
+                postfix = {"loss": f"{loss:.4f}"}
+                if val is not None:
+                    metrics = self._loss_accuracy(*val)
+                    history["val_loss"].append(metrics["loss"])
+                    history["val_accuracy"].append(metrics["accuracy"])
+                    postfix.update(val_loss=f"{metrics['loss']:.4f}", val_acc=f"{metrics['accuracy']:.4f}")
+                    current = sign * metrics["loss" if monitor == "val_loss" else "accuracy"]
+                    if current < best:
+                        best, best_epoch, wait = current, epoch, 0
+                        if restore_best_weights:
+                            best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+                    else:
+                        wait += 1
+                        stopped_early = patience is not None and wait >= patience
+                bar.set_postfix(postfix)
+                if stopped_early:
+                    break
+        finally:
+            bar.close()
+            self.net.eval()
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        epochs_run = len(history["loss"])
+        history.update(epochs_run=epochs_run, best_epoch=best_epoch if val is not None else epochs_run,
+                       stopped_early=stopped_early, seconds=time.perf_counter() - start)
+        self.history = history
+        return history
+
+    def _train_epoch(self, Xt, yt, opt, scheduler, batch_size, label_smoothing, transform, generator):
+        """One shuffled pass in train mode; returns the epoch's mean training loss and accuracy."""
+        self.net.train()
+        loss_sum, correct = 0.0, 0
+        for idx in torch.randperm(len(Xt), generator=generator).split(batch_size):
+            xb, yb = Xt[idx], yt[idx]
+            if transform is not None:
+                xb = transform(xb, generator)
+                if not isinstance(xb, torch.Tensor) or tuple(xb.shape) != (len(idx), self.architecture[0]):
+                    got = tuple(xb.shape) if isinstance(xb, torch.Tensor) else type(xb).__name__
+                    raise ValueError(f"train_transform must return a tensor of shape "
+                                     f"({len(idx)}, {self.architecture[0]}); got {got}")
+                xb = xb.to(torch.float32)
+            out = self.net(xb)
+            loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(dim=1) == yb).sum().item()
+        return loss_sum / len(Xt), correct / len(Xt)
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def freeze(self) -> "Model":
+        """Stop all parameters from training and switch to eval mode."""
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.net.eval()
+        return self
+
+    def fingerprint(self) -> str:
+        """16 hex chars of sha256 over architecture, activation and every state_dict tensor."""
+        digest = hashlib.sha256(json.dumps([self.architecture, self.activation]).encode())
+        for name, tensor in self.net.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def save(self, path, meta=None) -> None:
+        """Write one file atomically; it loads with torch.load(path, weights_only=True)."""
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict; got {type(meta).__name__}")
+        payload = {"format": FORMAT, "architecture": list(self.architecture), "activation": self.activation,
+                   "dropout": self.dropout, "state_dict": dict(self.net.state_dict()),
+                   "meta": _clean_meta(meta or {}, "meta")}
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path) -> "Model":
+        """Read a file written by save; the model comes back in eval mode with .meta set."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model file not found: {path}")
+        try:
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable torchly model file ({_first_line(e)})") from e
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a torchly model file (expected format {FORMAT!r})")
+        try:
+            model = cls(payload["architecture"], payload["activation"], payload["dropout"], seed=0)
+            model.net.load_state_dict(payload["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path} is a corrupt torchly model file ({_first_line(e)})") from e
+        model.meta = payload.get("meta") or {}
+        return model
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def _int(value, name, minimum) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _real(value, name, ok, expected) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not ok(value):
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
+    return float(value)
+
+
+def _check_choice(value, choices, name) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_architecture(architecture) -> list:
+    if isinstance(architecture, (str, bytes)) or not isinstance(architecture, (list, tuple, np.ndarray)):
+        raise ValueError(f"architecture must be a list of ints [in, hidden..., out]; got {architecture!r}")
+    arch = list(architecture)
+    if len(arch) < 2 or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in arch):
+        raise ValueError(f"architecture must be at least 2 ints, all >= 1; got {arch!r}")
+    return [int(w) for w in arch]
+
+
+def _as_labels(y, n, n_classes, name) -> np.ndarray:
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{name} must be a 1-D array of {n} class ids; got shape {y.shape}")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer class ids; got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"{name} must be class ids in [0, {n_classes}); got values in [{y.min()}, {y.max()}]")
+    return y.astype(np.int64)
+
+
+def _writable(arr: np.ndarray) -> np.ndarray:
+    """torch.from_numpy warns on read-only arrays (e.g. memory maps); copy those."""
+    return arr if arr.flags.writeable else arr.copy()
+
+
+def _make_optimizer(name, params, lr, weight_decay):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def _make_scheduler(name, opt, lr, total_steps):
+    """Per-step schedules over the whole run."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+    return None
+
+
+def _clean_meta(value, key):
+    """Copy meta into types torch.load(weights_only=True) accepts; numpy -> tensors / Python scalars."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        try:
+            return torch.from_numpy(np.array(value))
+        except (TypeError, ValueError):
+            raise TypeError(f"{key}: numpy array of dtype {value.dtype} cannot be stored") from None
+    if isinstance(value, np.generic):
+        return _clean_meta(value.item(), key)
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, dict):
+        cleaned = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise TypeError(f"{key}: keys must be str; got {k!r}")
+            cleaned[k] = _clean_meta(v, f"{key}[{k!r}]")
+        return cleaned
+    if isinstance(value, (list, tuple)):
+        return [_clean_meta(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{key}: cannot store a {type(value).__name__} "
+                    "(allowed: dict, list, str, int, float, bool, None, tensor, numpy array)")
