@@ -1,0 +1,99 @@
+"""Self-describing model files for the parent and its branches, and the checks that tie them together.
+
+A file holds weights, architecture, class names, the parent's normalisation, the training recipe
+and seed, the history, and for a branch the fingerprints of the source and parent it was trained
+on. Loading uses torch.load(weights_only=True) through torchly.Model.load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchly import Model
+
+from .errors import CheckpointError
+
+# File names of the original scripts; `run` uses "<node>.pt".
+SCRIPT_FILENAMES = {"parent": "parent_2.pt"}
+
+
+def script_filename(node: str) -> str:
+    """models/parent_2.pt, models/fishnet_2.pt, models/flowernet_2.pt, as in the original."""
+    return SCRIPT_FILENAMES.get(node, f"{node}net_2.pt")
+
+
+class ModelStore:
+    """A folder of node checkpoints, named "<node>.pt" or, with script_names, as the original scripts did."""
+
+    def __init__(self, directory, script_names: bool = False):
+        self.directory = Path(directory)
+        self.script_names = script_names
+
+    def path(self, node: str) -> Path:
+        return self.directory / (script_filename(node) if self.script_names else f"{node}.pt")
+
+    def save(self, node: str, model: Model, meta: dict) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(node)
+        model.save(path, meta={**meta, "fingerprint": model.fingerprint()})
+        return path
+
+    def load(self, node: str, hint: str = "") -> Model:
+        """Load one node's model and check that the file is intact."""
+        path = self.path(node)
+        try:
+            model = Model.load(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"no model for {node!r} at {path}; train it first{hint}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{e}; train {node!r} again{hint}") from None
+        if model.meta.get("fingerprint") != model.fingerprint():
+            raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); train {node!r} again{hint}")
+        model.meta["path"] = str(path)
+        return model
+
+    def load_tree(self, config, nodes=None, hints: dict | None = None) -> dict[str, Model]:
+        """Load the parent and the given branches (default all) with their sources, checking lineage."""
+        hints = hints or {}
+        wanted = [n.name for n in config.nodes()] if nodes is None else list(nodes)
+        needed: list[str] = []
+        for name in wanted:
+            for link in config.chain(name):
+                if link not in needed:
+                    needed.append(link)
+        models: dict[str, Model] = {}
+        for spec in config.nodes():
+            if spec.name in needed:
+                model = self.load(spec.name, hints.get(spec.name, ""))
+                check_node(model, spec, hints.get(spec.name, ""))
+                if spec.source is not None:
+                    check_lineage(model, spec.name, models[spec.source], models["parent"], hints.get(spec.name, ""))
+                models[spec.name] = model
+        return models
+
+
+def check_node(model: Model, spec, hint: str = "") -> None:
+    """The file must be of the right kind and hold the classes the config names, in the same order."""
+    meta, path = model.meta, model.meta.get("path", "?")
+    kind = "parent" if spec.source is None else "branch"
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
+    if list(meta.get("classes", [])) != list(spec.classes):
+        raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
+                              f"{list(spec.classes)} for {spec.name!r}; train it again{hint}")
+    if kind == "branch":
+        wanted = (spec.source, spec.layer)
+        got = (meta.get("source"), meta.get("layer"))
+        if wanted != got:
+            raise CheckpointError(f"{path} reads {got[0]!r} layer {got[1]}, but the config says {wanted[0]!r} "
+                                  f"layer {wanted[1]}; train {spec.name!r} again{hint}")
+
+
+def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:
+    """A branch may only run on the exact source (and parent) it was trained on."""
+    path = branch.meta.get("path", "?")
+    for role, model, key in (("source", source, "source_fingerprint"), ("parent", parent, "parent_fingerprint")):
+        if branch.meta.get(key) != model.fingerprint():
+            raise CheckpointError(
+                f"branch {name!r} ({path}) was trained on a different {role} ({branch.meta.get(key)}) than "
+                f"{model.meta.get('path', role)} ({model.fingerprint()}); retrain the branch{hint}")
