@@ -315,6 +315,7 @@ class Model:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                    prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         try:
+            os.fchmod(fd, _new_file_mode())  # mkstemp makes the file private
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
                 f.flush()
@@ -347,6 +348,13 @@ class Model:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+def _new_file_mode() -> int:
+    """0o666 less the process umask: the mode open() would give a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()

@@ -10,7 +10,7 @@ from .checkpoint import ModelStore, script_filename
 from .config import DEFAULT_CONFIG, load_config
 from .errors import BranchingError, ConfigError
 from .metrics import format_report
-from .pipeline import evaluate_node, load_tree_data, log, parent_normalizer, train_branch, train_parent
+from .pipeline import evaluate_node, load_tree_data, log, train_branch, train_parent
 from .recipes import RECIPES, get_recipe
 
 
@@ -26,6 +26,13 @@ def guarded(main):
             print("interrupted", file=sys.stderr)
             return 130
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def add_common(p: argparse.ArgumentParser, models_flag: bool = True) -> None:
@@ -47,12 +54,22 @@ def add_training(p: argparse.ArgumentParser) -> None:
 # ---- python -m branching ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m branching", description=__doc__)
+    parser = ArgumentParser(prog="python -m branching", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and evaluate the whole tree; writes OUT/metrics.json")
     add_common(run, models_flag=False)
     add_training(run)
     run.add_argument("--out", default="runs/latest", help="output folder (metrics.json, predictions/, models/)")
+    run.add_argument("--seeds", default=None, metavar="LIST",
+                     help="several seeds, e.g. 0,1,2: each seed's run in OUT/seed-<n>/, mean and std in OUT/ "
+                          "(replaces --seed)")
+    run.add_argument("--no-report", action="store_true", help="skip OUT/report.md, report.html and plots/")
+    run.add_argument("--cache", default=None, metavar="DIR",
+                     help="keep branch-training activations in DIR (rebuilt whenever anything they depend on changes)")
+    from .predict import add_parser as add_predict
+    add_predict(sub)
+    from .compare_cli import add_parsers as add_compare
+    add_compare(sub)
     return parser
 
 
@@ -61,6 +78,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command in ("compare", "probe-layers"):
+        from . import compare_cli
+        return compare_cli.cmd_compare(args) if args.command == "compare" else compare_cli.cmd_probe_layers(args)
+    if args.command == "predict":
+        from .predict import cmd_predict
+        return cmd_predict(args)
     return 0
 
 
@@ -69,8 +92,17 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config)
     recipe = get_recipe(args.recipe, args.max_epochs)
+    if args.seeds is not None and args.cache is not None:
+        raise ConfigError("--cache goes with a single --seed: each seed trains its own parent, so nothing is shared")
+    if args.seeds is not None:
+        from .seeds import parse_seeds, run_seeds
+
+        metrics = run_seeds(config, args.data, args.out, recipe, parse_seeds(args.seeds),
+                            download=not args.no_download, progress=not args.quiet, report=not args.no_report)
+        print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
+        return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed, download=not args.no_download,
-                  progress=not args.quiet)
+                  progress=not args.quiet, report=not args.no_report, cache_dir=args.cache)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
     return 0
 
@@ -78,7 +110,7 @@ def cmd_run(args) -> int:
 # ---- the original's scripts ------------------------------------------------------------------
 
 def _script_parser(description: str, training: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     add_common(p)
     if training:
         add_training(p)
@@ -134,7 +166,6 @@ def test_script(node: str, argv=None) -> int:
         hints = {n: _retrain_hint(n) for n in [*config.branches, "parent"]}
         models = store.load_tree(config, nodes=[node], hints=hints)
         data = load_tree_data(config, args.data, download=False)
-        parent_normalizer(models["parent"])
         metrics, _ = evaluate_node(config, node, models, data)
         print(format_report(f"{node} ({script_filename(node)})", metrics, spec.classes))
         return 0

@@ -264,6 +264,9 @@ def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
         t.require("coverage", "write e.g. coverage = 0.9")
     if rule == "risk":
         t.require("risk", "write e.g. risk = 0.05")
+    if t.data.get("calibrate") is True and "temperature" in t.data:
+        raise t.error("temperature", "contradicts calibrate = true (a fixed temperature is not fitted)",
+                      "remove one of the two")
     return Acceptance(
         rule=rule,
         threshold=t.number("threshold", 0, 1, lo_open=True, hi_open=False),

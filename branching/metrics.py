@@ -43,8 +43,8 @@ def format_report(title: str, metrics: dict, classes) -> str:
         lines.append(f"Accuracy on Accepted: {_pct(metrics['accepted_accuracy'])}")
         rule = metrics.get("acceptance", {})
         if rule:
-            lines.append(f"Acceptance: max probability >= {rule['threshold']:.4f} "
-                         f"(temperature {rule['temperature']:.3f})")
+            lines += acceptance_lines(rule)
+    lines += calibrated_lines(metrics)
     width = max(len(c) for c in classes)
     lines.append("Per-class accuracy:")
     lines += [f"  {name:<{width}}  {_pct(acc)}" for name, acc in metrics["per_class_accuracy"].items()]
@@ -55,3 +55,57 @@ def format_report(title: str, metrics: dict, classes) -> str:
     for name, row in zip(classes, metrics["confusion_matrix"]):
         lines.append(f"  {name:<{width}}" + "".join(f"{v:>{cell + 1}}" for v in row))
     return "\n".join(lines)
+
+
+def _ci(interval) -> str:
+    return "" if not interval else f" [{100 * interval[0]:.1f}%, {100 * interval[1]:.1f}%]"
+
+
+def _num(value, digits=4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def describe_rule(rule: dict) -> str:
+    """What an acceptance rule asked for, e.g. "risk <= 2% with confidence 95%"."""
+    asked = rule.get("asked") or {"threshold": rule.get("threshold")}
+    if rule.get("rule") == "coverage":
+        return f"coverage {100 * asked['coverage']:g}%"
+    if rule.get("rule") == "risk":
+        return f"risk <= {100 * asked['risk']:g}% with confidence {100 * (1 - asked['delta']):g}%"
+    return f"threshold {asked['threshold']:g}"
+
+
+def acceptance_lines(rule: dict) -> list[str]:
+    """The rule asked for, the threshold it gave on validation, and what it delivered on test."""
+    temperature = f"temperature {rule['temperature']:.3f}"
+    if rule.get("threshold") is None:
+        return [f"Acceptance: {rule.get('rule')} rule ({describe_rule(rule)}) cannot be met on validation: "
+                f"{rule.get('reason')}; accepting nothing ({temperature})"]
+    lines = [f"Acceptance: {rule.get('rule', 'threshold')} rule ({describe_rule(rule)}) -> max probability >= "
+             f"{rule['threshold']:.4f} ({temperature})"]
+    val, test = rule.get("validation"), rule.get("test")
+    if val and test:
+        bound = f", risk bound {_pct(rule['risk_bound'])}" if rule.get("risk_bound") is not None else ""
+        lines.append(f"  on validation ({val['samples']} images): coverage {_pct(val['coverage'])}, "
+                     f"risk {_pct(val['risk'])}{bound}; on test: coverage {_pct(test['coverage'])}, "
+                     f"risk {_pct(test['risk'])}")
+    return lines
+
+
+def calibrated_lines(metrics: dict) -> list[str]:
+    """Intervals, AURC and calibration of a node (absent for metrics written before they existed)."""
+    if "aurc" not in metrics:
+        return []
+    lines = [f"Accuracy 95% CI:{_ci(metrics.get('test_accuracy_ci'))}"]
+    if "coverage_ci" in metrics:
+        lines.append(f"Coverage: {_pct(metrics['coverage'])}{_ci(metrics['coverage_ci'])}; accepted accuracy: "
+                     f"{_pct(metrics['accepted_accuracy'])}{_ci(metrics['accepted_accuracy_ci'])} (95% Wilson)")
+    lines.append(f"AURC {_num(metrics['aurc'])}, E-AURC {_num(metrics['eaurc'])}; ECE {_pct(metrics['ece_raw'])} "
+                 f"raw -> {_pct(metrics['ece'])} at temperature {metrics['temperature']:.3f}; NLL "
+                 f"{_num(metrics['nll_raw'])} -> {_num(metrics['nll'])}; Brier {_num(metrics['brier_raw'])} -> "
+                 f"{_num(metrics['brier'])}")
+    head = metrics.get("parent_head")
+    if head:
+        lines.append(f"Parent's own head on these classes: accuracy {_pct(head['test_accuracy'])}, AURC "
+                     f"{_num(head['aurc'])}, risk {_pct(head['risk_at_branch_coverage'])} at the branch's coverage")
+    return lines

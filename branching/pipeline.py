@@ -19,12 +19,13 @@ from sklearn.model_selection import train_test_split
 
 from torchly import Model
 
-from . import calibration
+from . import calibration, scores, selective
 from .checkpoint import ModelStore
 from .config import NodeSpec, TreeConfig
-from .data import Normalizer, Split, ensure_cifar100, load_label_names, load_split, resolve_classes, select
+from .data import (FINE_LABEL_NAMES, Normalizer, Split, ensure_cifar100, load_label_names, load_split,
+                   resolve_classes, select)
 from .errors import ConfigError, DataError
-from .metrics import classification_summary, format_report, selective_summary
+from .metrics import format_report
 from .recipes import Recipe
 
 ORIGINAL_BRANCH_SPLIT_SEED = 42  # the original's random_state for a branch's 80/20 split
@@ -58,11 +59,12 @@ class TreeData:
 def load_tree_data(config: TreeConfig, data_dir, download: bool = False, progress: bool = True) -> TreeData:
     """Load (and, if asked, download) the data, checking that every class of the tree exists in it."""
     data_dir = Path(data_dir)
+    resolve_classes(config.parent.classes, list(FINE_LABEL_NAMES))  # before any download
     if download:
         ensure_cifar100(data_dir, progress=progress)
     elif not all((data_dir / n).is_file() for n in ("train", "test", "meta")):
-        raise DataError(f"no CIFAR-100 files (train, test, meta) in {data_dir}; pass --download to fetch them, "
-                        f"or put the official cifar-100-python files there")
+        raise DataError(f"no CIFAR-100 files (train, test, meta) in {data_dir}; put the official cifar-100-python "
+                        f"files there, or run a training command without --no-download to fetch them")
     label_names = load_label_names(data_dir)
     resolve_classes(config.parent.classes, label_names)
     return TreeData(data_dir, label_names, load_split(data_dir, "train"), load_split(data_dir, "test"))
@@ -140,10 +142,14 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
                         restore_best_weights=validation is not None, **_fit_kwargs(r, seed, progress, "parent"))
     model.freeze()
+    val_logits = model.logits(X[val_idx])
+    fitted = fit_calibration(spec, r, val_logits, labels[val_idx])
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": history}
+            "history": history, "calibration": fitted}
+    if has_rule(spec):
+        meta["acceptance"] = fit_acceptance(spec, r, val_logits, labels[val_idx], fitted)
     return model, meta, normalizer
 
 
@@ -152,8 +158,9 @@ def parent_normalizer(parent: Model) -> Normalizer:
 
 
 def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData, recipe: Recipe,
-                 seed: int, progress: bool = True):
-    """Train branch `name` on its source's activations; returns (model, checkpoint meta)."""
+                 seed: int, progress: bool = True, cache_dir=None):
+    """Train branch `name` on its source's activations; returns (model, checkpoint meta). With cache_dir
+    the activations come from a features.FeatureCache there (built on first use)."""
     spec, r = config.node(name), recipe.branch
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
@@ -175,13 +182,19 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     def features(x):
         return read_layer(models, spec.source, spec.layer, where, x)
 
-    features_val = batched(features, X[val_idx], models)
-    if r.flip:
+    if cache_dir is not None:  # features (and their mirror images) computed once, kept on disk
+        from .features import FeatureCache, branch_inputs
+        train_X, transform, features_val = branch_inputs(
+            FeatureCache(cache_dir, log), models, data.fingerprint(), spec.source, spec.layer, where, X, rows,
+            train_idx, val_idx, r.flip)
+    elif r.flip:
+        features_val = batched(features, X[val_idx], models)
         def transform(xb, g):
             with torch.no_grad():
                 return features(flip_images(xb, normalizer, g))
         train_X = X[train_idx]
     else:
+        features_val = batched(features, X[val_idx], models)
         transform, train_X = None, batched(features, X[train_idx], models)
     width = source.width(spec.layer)
     dropout = spec.dropout if spec.dropout is not None else r.dropout
@@ -192,32 +205,57 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                         train_transform=transform, restore_best_weights=True,
                         **_fit_kwargs(r, seed, progress, name))
     model.freeze()
-    acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
+    val_logits = model.logits(features_val)
+    fitted = fit_calibration(spec, r, val_logits, labels[val_idx])
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], fitted)
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where,
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
             "recipe": recipe.to_dict(), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "acceptance": acceptance, "history": history}
+            "acceptance": acceptance, "calibration": fitted, "history": history}
     return model, meta
 
 
-def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray) -> dict:
-    """Temperature and threshold for a node, chosen on validation data only."""
-    accept = spec.accept
-    if accept.rule != "threshold":
-        raise ConfigError(f"acceptance rule {accept.rule!r} of {spec.name!r} is not supported yet; use rule = "
-                          f"\"threshold\"")
+def fit_calibration(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray) -> dict:
+    """A node's temperature: fixed in the config, fit on validation logits (calibrate), or 1."""
+    accept, n = spec.accept, len(val_labels)
     calibrate = r.calibrate if accept.calibrate is None else accept.calibrate
     if accept.temperature is not None:
-        temperature = accept.temperature
-    elif calibrate:
-        temperature = calibration.fit_temperature(val_logits, val_labels)
+        temperature, fitted = accept.temperature, False
+    elif calibrate and n:
+        temperature, fitted = calibration.fit_temperature(val_logits, val_labels), True
     else:
-        temperature = 1.0
+        temperature, fitted = 1.0, False
+    out = {"temperature": float(temperature), "calibrated": fitted, "validation_samples": n}
+    if n:
+        out.update(val_nll_raw=calibration.nll(val_logits, val_labels),
+                   val_nll=calibration.nll(val_logits, val_labels, temperature))
+    elif calibrate and accept.temperature is None:
+        out["reason"] = "no validation images to fit a temperature on; using 1"
+    return out
+
+
+def has_rule(spec: NodeSpec) -> bool:
+    """Branches always have a reject option; the parent only when its [parent.accept] sets a threshold,
+    a coverage or a risk."""
+    a = spec.accept
+    return spec.source is not None or any(v is not None for v in (a.threshold, a.coverage, a.risk))
+
+
+def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray,
+                   fitted: dict | None = None) -> dict:
+    """Temperature and threshold for a node, chosen on validation data only (see branching.selective).
+    A rule that cannot be met accepts nothing (threshold None) and says why."""
+    accept = spec.accept
+    fitted = fitted or fit_calibration(spec, r, val_logits, val_labels)
+    probabilities = calibration.softmax(val_logits, fitted["temperature"])
     threshold = accept.threshold if accept.threshold is not None else r.threshold
-    return {"rule": "threshold", "temperature": float(temperature), "threshold": float(threshold),
-            "calibrated": bool(calibrate and accept.temperature is None)}
+    rule = selective.fit_rule(accept.rule, probabilities.max(axis=1), probabilities.argmax(axis=1) == val_labels,
+                              threshold=threshold, coverage=accept.coverage, risk=accept.risk, delta=accept.delta)
+    if not rule["attained"]:
+        log(f"{spec.name}: acceptance rule {accept.rule!r} cannot be met: {rule['reason']}; accepting nothing")
+    return {**rule, "temperature": fitted["temperature"], "calibrated": fitted["calibrated"]}
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -229,25 +267,26 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def node_temperature(model: Model) -> float:
+    """The temperature a node's confidences use (1 for models trained without one)."""
+    meta = model.meta
+    return float((meta.get("calibration") or meta.get("acceptance") or {}).get("temperature", 1.0))
+
+
 def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData):
-    """Test metrics of one node and its per-image predictions (as rows for the CSV)."""
+    """Test metrics of one node and its per-image predictions (as rows for the CSV); a branch is also
+    compared with the parent's own head restricted to the branch's classes."""
     spec, model = config.node(name), models[name]
     images, labels, rows = data.node_rows("test", spec)
     X = parent_normalizer(models["parent"]).transform(images)
     logits = model.logits(node_inputs(models, name, X))
-    predicted = logits.argmax(axis=1)
-    metrics = classification_summary(labels, predicted, spec.classes)
-    acceptance = model.meta.get("acceptance")
-    if acceptance is None:  # the parent: no reject option
-        confidence, accepted = softmax(logits).max(axis=1), np.ones(len(labels), bool)
-    else:
-        confidence = softmax(logits, acceptance["temperature"]).max(axis=1)
-        accepted = confidence >= acceptance["threshold"]
-        metrics.update(selective_summary(labels, predicted, accepted), acceptance=acceptance)
-    predictions = [{"index": int(row), "true_class": spec.classes[t], "predicted_class": spec.classes[p],
-                    "confidence": float(c), "accepted": int(a)}
-                   for row, t, p, c, a in zip(rows, labels, predicted, confidence, accepted)]
-    return metrics, predictions
+    head = None
+    if spec.source is not None:
+        parent = models["parent"]
+        head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes, node_temperature(parent))
+    metrics, columns = scores.score_node(spec.classes, labels, logits, node_temperature(model),
+                                         model.meta.get("acceptance"), head)
+    return metrics, scores.prediction_rows(rows, spec.classes, columns)
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -257,6 +296,9 @@ def write_atomic(path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -265,7 +307,7 @@ def write_atomic(path, text: str) -> None:
         raise
 
 
-PREDICTION_COLUMNS = ("index", "true_class", "predicted_class", "confidence", "accepted")
+PREDICTION_COLUMNS = scores.PREDICTION_COLUMNS
 
 
 def write_predictions(path, predictions: list[dict]) -> None:
@@ -273,7 +315,7 @@ def write_predictions(path, predictions: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(predictions[0]) if predictions else PREDICTION_COLUMNS)
     writer.writeheader()
     for row in predictions:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})  # exact
     write_atomic(path, buffer.getvalue())
 
 
@@ -284,9 +326,10 @@ def _history_summary(history: dict) -> dict:
 # ---- the whole tree --------------------------------------------------------------------------
 
 def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, download: bool = False,
-        progress: bool = True, echo=print) -> dict:
+        progress: bool = True, echo=print, report: bool = True, cache_dir=None) -> dict:
     """Train the parent and every branch, evaluate all on the test split, write OUT/metrics.json,
-    OUT/predictions/<node>.csv and OUT/models/<node>.pt; returns the metrics."""
+    OUT/predictions/<node>.csv, OUT/models/<node>.pt and (with report) OUT/report.md, OUT/report.html and
+    OUT/plots/; returns the metrics."""
     start = time.perf_counter()
     data = load_tree_data(config, data_dir, download=download, progress=progress)
     out = Path(out_dir)
@@ -298,7 +341,7 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
         if spec.source is None:
             model, meta, _ = train_parent(config, data, recipe, seed, progress)
         else:
-            model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress)
+            model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress, cache_dir)
         store.save(spec.name, model, meta)
         models[spec.name] = store.load(spec.name)
         timings[f"train_{spec.name}_s"] = time.perf_counter() - t
@@ -317,8 +360,15 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
         else:
             metrics["branches"][spec.name] = node_metrics
         echo(format_report(spec.name, node_metrics, spec.classes))
+    from .routing import evaluate_tree, format_tree_report
+    metrics["tree"], tree_rows = evaluate_tree(config, models, data)
+    write_predictions(out / "tree.csv", tree_rows)
+    echo(format_tree_report(metrics["tree"], config.parent.classes))
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     metrics["timings"] = timings
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if report:
+        from .report import write_report  # matplotlib is only loaded when a report is written
+        write_report(out)
     return metrics

@@ -53,7 +53,8 @@ ORIGINAL = Recipe(
 DEFAULT = Recipe(
     name="default",
     parent=NodeRecipe(epochs=40, batch_size=256, lr=2e-3, weight_decay=0.05, optimizer="adamw", dropout=0.3,
-                      label_smoothing=0.1, lr_schedule="onecycle", flip=True, validation=0.15),
+                      label_smoothing=0.1, lr_schedule="onecycle", flip=True, validation=0.15,
+                      calibrate=True),
     branch=NodeRecipe(epochs=60, batch_size=64, lr=1e-3, weight_decay=0.01, optimizer="adamw", dropout=0.5,
                       label_smoothing=0.1, patience=20, flip=True, validation="parent", calibrate=True),
 )

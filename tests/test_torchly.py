@@ -151,15 +151,17 @@ def test_evaluate_matches_manual_cross_entropy():
 
 def test_readme_snippet_shapes():
     parent = Model([3072, 32, 512, 100], seed=0)
-    branch = Model([512, 16, 5], seed=0)
     X_norm = np.random.default_rng(0).normal(size=(7, 3072)).astype(np.float32)
     image_norm = X_norm[0]
-    activations = parent.get_activations([X_norm], layer=1)
-    assert activations.shape == (7, 512)
+    # the original README's lines, as written
+    activations = parent.get_activations([X_norm], layer=1)   # (N, 512)
+    branch = Model([512, 256, 3], activation="relu", dropout=0.5)
     act = parent.get_activations([image_norm], layer=1)
+    prediction = branch.predict([act])
+    assert activations.shape == (7, 512)
     assert act.shape == (1, 512)
     np.testing.assert_allclose(act[0], activations[0], rtol=1e-5, atol=1e-6)
-    assert branch.predict([act]).shape == (1,)
+    assert prediction.shape == (1,) and 0 <= prediction[0] < 3
 
 
 def test_input_convention():

@@ -1,0 +1,85 @@
+"""Original recipe against ours (`default`): accuracy over seeds and training time, in one run.
+
+    python benchmarks/bench_recipes.py --config configs/cifar100-6.toml \
+        --data ../shared/data/cifar100-6 --seeds 0,1,2 --out runs/bench-recipes
+
+Seeds alternate between the recipes (original seed 0, default seed 0, original seed 1, ...), so
+that both see the same machine load; times are compared as a ratio measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from branching.config import load_config  # noqa: E402
+from branching.pipeline import run, write_atomic  # noqa: E402
+from branching.recipes import get_recipe  # noqa: E402
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values, pct=True):
+    m, s = mean_std(values)
+    if m is None:
+        return "n/a"
+    k = 100 if pct else 1
+    return f"{k * m:.2f} ± {k * s:.2f}" if pct else f"{m:.1f} ± {s:.1f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cifar100-6.toml")
+    p.add_argument("--data", default="../shared/data/cifar100-6")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--recipes", default="original,default")
+    p.add_argument("--out", default="runs/bench-recipes")
+    args = p.parse_args(argv)
+    config = load_config(args.config)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recipes = args.recipes.split(",")
+    results: dict[str, list[dict]] = {r: [] for r in recipes}
+    for seed in seeds:
+        for name in recipes:
+            print(f"-- recipe {name}, seed {seed}", file=sys.stderr, flush=True)
+            metrics = run(config, args.data, Path(args.out) / f"{name}-seed{seed}", get_recipe(name), seed=seed,
+                          progress=False, echo=lambda _: None)
+            results[name].append(metrics)
+            print(f"   parent {metrics['parent']['test_accuracy']:.4f}, "
+                  + ", ".join(f"{b} {m['accuracy']:.4f}" for b, m in metrics["branches"].items())
+                  + f"; {metrics['timings']['total_s']:.1f} s", file=sys.stderr, flush=True)
+
+    rows = [("parent accuracy", lambda m: m["parent"]["test_accuracy"], True)]
+    for b in config.branches:
+        rows += [(f"{b} accuracy", lambda m, b=b: m["branches"][b]["accuracy"], True),
+                 (f"{b} coverage", lambda m, b=b: m["branches"][b]["coverage"], True),
+                 (f"{b} accepted accuracy", lambda m, b=b: m["branches"][b]["accepted_accuracy"], True)]
+    rows += [("total time (s)", lambda m: m["timings"]["total_s"], False)]
+    print(f"\nseeds {args.seeds}, data {args.data}, config {args.config}")
+    print(f"| {'figure (mean ± std over seeds)':<34} | " + " | ".join(f"{r:>16}" for r in recipes) + " |")
+    print(f"|{'-' * 36}|" + "|".join("-" * 18 for _ in recipes) + "|")
+    summary = {}
+    for label, get, pct in rows:
+        cells = [fmt([get(m) for m in results[r]], pct) for r in recipes]
+        summary[label] = {r: mean_std([get(m) for m in results[r]]) for r in recipes}
+        print(f"| {label:<34} | " + " | ".join(f"{c:>16}" for c in cells) + " |")
+    if "original" in recipes and "default" in recipes:
+        ratio = summary["total time (s)"]["default"][0] / summary["total time (s)"]["original"][0]
+        print(f"\ndefault / original total time: {ratio:.3f}")
+        summary["time_ratio_default_over_original"] = ratio
+    write_atomic(Path(args.out) / "summary.json", json.dumps({"seeds": seeds, "summary": summary}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

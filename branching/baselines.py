@@ -1,0 +1,261 @@
+"""The methods that `compare` runs for a branch, each trained and evaluated on the same splits.
+
+Each `run_*` function takes the seed's shared context and a branch's spec and returns an Outcome: test
+logits, the acceptance rule fit on validation, and what the method cost. Per seed the default-recipe
+parent is trained once and shared by every method that needs one; every method's temperature and
+threshold are fit on validation images, never on the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchly import Model
+
+from . import cost
+from .config import NodeSpec, TreeConfig
+from .data import N_PIXELS
+from .pipeline import (TreeData, batched, fit_acceptance, flip_images, log, node_input, node_inputs,
+                       parent_normalizer, read_layer, train_branch, train_parent)
+from .probe import fit_linear_probe, held_out_split
+from .recipes import DEFAULT, ORIGINAL, Recipe, get_recipe
+
+# End-to-end fine-tuning: the default branch recipe at a tenth of its learning rate, shorter.
+FINETUNE = replace(DEFAULT.branch, lr=1e-4, epochs=30, patience=10)
+
+
+@dataclass
+class Recipes:
+    """The recipes of one comparison: ours, the original's, and the fine-tuning one."""
+
+    default: Recipe = DEFAULT
+    original: Recipe = ORIGINAL
+    finetune: object = FINETUNE
+
+    @classmethod
+    def capped(cls, max_epochs: int | None) -> "Recipes":
+        """All recipes with every node's epochs capped (quick runs and tests)."""
+        if max_epochs is None:
+            return cls()
+        return cls(get_recipe("default", max_epochs), get_recipe("original", max_epochs),
+                   replace(FINETUNE, epochs=min(FINETUNE.epochs, max_epochs)))
+
+
+@dataclass
+class Outcome:
+    """One method's output for one branch and seed, before scoring."""
+
+    logits: np.ndarray            # test logits (N, classes) over the branch's test images
+    acceptance: dict | None       # temperature and threshold fit on validation; None: accuracy only
+    trainable_parameters: int     # parameters this method trains (0: none)
+    inference_flops: int          # per image, from the pixels to the prediction
+    train_s: float                # own training time, including any branch it starts from
+    parent_s: float               # training time of the parent it needs (0: none)
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class SeedContext:
+    """Everything shared by the methods of one seed."""
+
+    config: TreeConfig
+    data: TreeData
+    seed: int
+    recipes: Recipes
+    progress: bool
+    models: dict                   # the default-recipe tree, filled in as branches are trained
+    original_models: dict          # the tree the original-recipe branches read
+    parent_s: float
+    original_parent_s: float
+    branch_s: dict = field(default_factory=dict)
+
+
+def count_parameters(net: nn.Module) -> int:
+    """All parameters of a network, trainable or frozen."""
+    return sum(p.numel() for p in net.parameters())
+
+
+def restricted_logits(parent_logits: np.ndarray, parent_classes, classes) -> np.ndarray:
+    """The parent's logits of `classes` only, in the order of `classes`."""
+    return parent_logits[:, [list(parent_classes).index(c) for c in classes]]
+
+
+def unrestricted_logits(parent_logits: np.ndarray, parent_classes, classes) -> np.ndarray:
+    """The branch's classes' logits plus a last column holding the best other class's logit, so that
+    argmax is the parent's own prediction and a prediction outside `classes` lands on the last column."""
+    inside = restricted_logits(parent_logits, parent_classes, classes)
+    others = [i for i, c in enumerate(parent_classes) if c not in classes]
+    rest = parent_logits[:, others].max(axis=1, keepdims=True) if others else np.full((len(inside), 1), -np.inf)
+    return np.concatenate([inside, rest], axis=1)
+
+
+def node_split(ctx: SeedContext, spec: NodeSpec, split: str, parent: Model | None = None):
+    """(normalised images, labels, row numbers) of a branch's classes in a split, for `parent`'s normaliser."""
+    images, labels, rows = ctx.data.node_rows(split, spec)
+    return parent_normalizer(parent or ctx.models["parent"]).transform(images), labels, rows
+
+
+# ---- the methods ----------------------------------------------------------------------------
+
+def run_branch(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    start = time.perf_counter()
+    model, meta = train_branch(ctx.config, spec.name, ctx.models, ctx.data, ctx.recipes.default, ctx.seed,
+                               ctx.progress)
+    model.meta = meta
+    ctx.models[spec.name] = model
+    ctx.branch_s[spec.name] = seconds = time.perf_counter() - start
+    X, _, _ = node_split(ctx, spec, "test")
+    return Outcome(model.logits(node_inputs(ctx.models, spec.name, X)), meta["acceptance"],
+                   count_parameters(model.net), cost.linear_flops(cost.path_widths(ctx.config, spec.name)),
+                   seconds, ctx.parent_s, {"layer": spec.layer, "where": meta["where"],
+                                           "epochs_run": meta["history"]["epochs_run"]})
+
+
+def run_branch_original(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    start = time.perf_counter()
+    models = ctx.original_models
+    model, meta = train_branch(ctx.config, spec.name, models, ctx.data, ctx.recipes.original, ctx.seed, ctx.progress)
+    model.meta = meta
+    models[spec.name] = model
+    seconds = time.perf_counter() - start
+    X, _, _ = node_split(ctx, spec, "test", models["parent"])
+    return Outcome(model.logits(node_inputs(models, spec.name, X)), meta["acceptance"], count_parameters(model.net),
+                   cost.linear_flops(cost.path_widths(ctx.config, spec.name)), seconds, ctx.original_parent_s,
+                   {"validation": meta["validation"], "epochs_run": meta["history"]["epochs_run"]})
+
+
+def _parent_head(ctx: SeedContext, spec: NodeSpec, restrict: bool) -> Outcome:
+    parent, classes = ctx.models["parent"], ctx.config.parent.classes
+    flops = cost.linear_flops(cost.path_widths(ctx.config, "parent"))
+    X_test, _, _ = node_split(ctx, spec, "test")
+    if not restrict:
+        return Outcome(unrestricted_logits(parent.logits(X_test), classes, spec.classes), None, 0, flops, 0.0,
+                       ctx.parent_s)
+    start = time.perf_counter()
+    X, labels, rows = node_split(ctx, spec, "train")
+    _, val_idx, kind = held_out_split(parent, rows, labels)
+    val_logits = restricted_logits(parent.logits(X[val_idx]), classes, spec.classes)
+    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, val_logits, labels[val_idx])
+    return Outcome(restricted_logits(parent.logits(X_test), classes, spec.classes), acceptance, 0, flops,
+                   time.perf_counter() - start, ctx.parent_s, {"validation": kind})
+
+
+def run_parent_head(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    return _parent_head(ctx, spec, restrict=True)
+
+
+def run_parent_unrestricted(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    return _parent_head(ctx, spec, restrict=False)
+
+
+def run_linear_probe(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    start = time.perf_counter()
+    where = spec.where or ctx.recipes.default.branch.where
+    def features(X):
+        return batched(lambda x: read_layer(ctx.models, spec.source, spec.layer, where, x), X, ctx.models)
+
+    X, labels, rows = node_split(ctx, spec, "train")
+    train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
+    F = features(X)
+    probe, val = fit_linear_probe(F[train_idx], labels[train_idx], F[val_idx], labels[val_idx])
+    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, probe.logits(F[val_idx]), labels[val_idx])
+    seconds = time.perf_counter() - start
+    X_test, _, _ = node_split(ctx, spec, "test")
+    widths = cost.reading_widths(ctx.config, spec.source, spec.layer) + [len(spec.classes)]
+    return Outcome(probe.logits(features(X_test)), acceptance, probe.num_parameters, cost.linear_flops(widths),
+                   seconds, ctx.parent_s, {"layer": spec.layer, "where": where, "C": val["C"], "validation": kind})
+
+
+def run_layer(ctx: SeedContext, spec: NodeSpec, layer: int, where: str) -> Outcome:
+    """The branch, default recipe, reading another hidden layer of its source."""
+    variant = replace(spec, layer=layer, where=where)
+    config = replace(ctx.config, branches={**ctx.config.branches, spec.name: variant})
+    start = time.perf_counter()
+    model, meta = train_branch(config, spec.name, ctx.models, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress)
+    seconds = time.perf_counter() - start
+    X, _, _ = node_split(ctx, spec, "test")
+    inputs = batched(lambda x: read_layer(ctx.models, spec.source, layer, where, x), X, ctx.models)
+    return Outcome(model.logits(inputs), meta["acceptance"], count_parameters(model.net),
+                   cost.linear_flops(cost.path_widths(config, spec.name)), seconds, ctx.parent_s,
+                   {"layer": layer, "where": where, "epochs_run": meta["history"]["epochs_run"]})
+
+
+def scratch_widths(config: TreeConfig, name: str) -> list[int]:
+    """The branch's whole inference path (pixels -> source layers -> branch -> classes) as one MLP:
+    same widths, hence the same parameter count and FLOPs as trunk plus branch."""
+    return cost.path_widths(config, name)
+
+
+def run_scratch_mlp(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    """An MLP of the branch path's widths trained from scratch, parent recipe, on the branch's classes."""
+    widths = scratch_widths(ctx.config, spec.name)
+    own = replace(ctx.config.parent, classes=spec.classes, hidden=tuple(widths[1:-1]), accept=spec.accept)
+    config = TreeConfig(parent=own, branches={}, path=ctx.config.path)
+    log(f"{spec.name}: MLP {widths} from scratch on the pixels of its classes (logged as 'parent' below)")
+    start = time.perf_counter()
+    model, meta, normalizer = train_parent(config, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress)
+    images, labels, rows = ctx.data.node_rows("train", spec)
+    val = np.isin(rows, np.asarray(meta["val_rows"]))
+    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, model.logits(normalizer.transform(images[val])),
+                                labels[val])
+    seconds = time.perf_counter() - start
+    test_images, _, _ = ctx.data.node_rows("test", spec)
+    return Outcome(model.logits(normalizer.transform(test_images)), acceptance, count_parameters(model.net),
+                   cost.linear_flops(widths), seconds, 0.0,
+                   {"widths": widths, "epochs_run": meta["history"]["epochs_run"]})
+
+
+class EndToEnd(nn.Module):
+    """A trainable copy of a branch and every model on its path from the pixels, as one network.
+
+    Only the parameters on that path train: the rest of each source (e.g. the parent's later layers
+    and its head) gets no gradient and is frozen.
+    """
+
+    def __init__(self, models: dict[str, Model], name: str):
+        super().__init__()
+        chain = [name]
+        while chain[0] != "parent":
+            chain.insert(0, models[chain[0]].meta["source"])
+        self.copies = {n: copy.deepcopy(models[n]) for n in chain}
+        self.nets = nn.ModuleList(m.net for m in self.copies.values())
+        self.name = name
+        for p in self.nets.parameters():
+            p.requires_grad_(True)
+        self.eval()
+        self(torch.zeros(2, N_PIXELS)).sum().backward()  # find the parameters on the path
+        for p in self.nets.parameters():
+            p.requires_grad_(p.grad is not None)
+            p.grad = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.copies[self.name].net(node_input(self.copies, self.name, x))
+
+
+def run_finetune(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    """Trunk and trained branch fine-tuned together on the branch's classes (the parent stays as it was)."""
+    r = ctx.recipes.finetune
+    model = Model([N_PIXELS, len(spec.classes)], seed=ctx.seed)
+    model.net = EndToEnd(ctx.models, spec.name)
+    X, labels, rows = node_split(ctx, spec, "train")
+    train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
+    normalizer = parent_normalizer(ctx.models["parent"])
+    transform = (lambda xb, g: flip_images(xb, normalizer, g)) if r.flip else None
+    start = time.perf_counter()
+    history = model.fit(X[train_idx], labels[train_idx], validation_data=(X[val_idx], labels[val_idx]),
+                        epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,
+                        optimizer=r.optimizer, label_smoothing=r.label_smoothing, lr_schedule=r.lr_schedule,
+                        early_stopping_patience=r.patience, restore_best_weights=True, train_transform=transform,
+                        seed=ctx.seed, progress=ctx.progress, desc=f"{spec.name} fine-tune")
+    acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
+    seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
+    X_test, _, _ = node_split(ctx, spec, "test")
+    return Outcome(model.logits(X_test), acceptance, model.num_parameters,
+                   cost.linear_flops(cost.path_widths(ctx.config, spec.name)), seconds, ctx.parent_s,
+                   {"epochs_run": history["epochs_run"], "validation": kind})

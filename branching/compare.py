@@ -1,0 +1,181 @@
+"""`compare`: does a branch pay? Each branch against its baselines and ablations (branching.baselines),
+on the same splits and seeds, summarised over seeds into OUT/compare.{json,md,png}.
+
+Per branch the methods are (keys of METHODS): the branch as configured; the branch with the original
+recipe; the parent's own head restricted to the branch's classes (no training); the parent's
+unrestricted head (a prediction outside the branch's classes is wrong; accuracy only); a linear
+probe on the branch's activations; the branch reading every other hidden layer of its source, pre
+and post; an MLP with the widths of the branch's whole inference path trained from scratch on the
+pixels of the branch's classes; and the trunk plus the branch fine-tuned end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from . import calibration, selective
+from .baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
+                        run_layer, run_linear_probe, run_parent_head, run_parent_unrestricted, run_scratch_mlp)
+from .compare_report import summarise, write_outputs
+from .config import NodeSpec, TreeConfig
+from .errors import ConfigError
+from .pipeline import TreeData, load_tree_data, log, parent_normalizer, train_parent
+
+METHODS = {
+    "branch": "branch, as configured",
+    "branch_original": "branch, original recipe",
+    "parent_head": "parent head on the branch's classes",
+    "parent_unrestricted": "parent head, all classes",
+    "linear_probe": "linear probe",
+    "scratch_mlp": "MLP from scratch, same size",
+    "finetune": "trunk + branch fine-tuned",
+}
+
+
+def layer_key(layer: int, where: str) -> str:
+    return f"layer{layer}_{where}"
+
+
+def method_label(key: str) -> str:
+    if key.startswith("layer"):
+        layer, where = key[len("layer"):].split("_")
+        return f"branch reading layer {layer} {where}"
+    return METHODS[key]
+
+
+def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
+    """(key, function) of every method for one branch, in report order."""
+    where = spec.where or ctx.recipes.default.branch.where
+    layers = [(layer_key(layer, w), lambda c, s, layer=layer, w=w: run_layer(c, s, layer, w))
+              for layer in range(ctx.models[spec.source].n_hidden) for w in ("pre", "post")
+              if (layer, w) != (spec.layer, where)]
+    return [("branch", run_branch), ("branch_original", run_branch_original), ("parent_head", run_parent_head),
+            ("parent_unrestricted", run_parent_unrestricted), ("linear_probe", run_linear_probe), *layers,
+            ("scratch_mlp", run_scratch_mlp), ("finetune", run_finetune)]
+
+
+# ---- scoring and one seed -------------------------------------------------------------------
+
+def score(outcome: Outcome, labels: np.ndarray) -> dict:
+    """Test accuracy, and under the method's acceptance rule: coverage, accepted accuracy and AURC."""
+    predicted = outcome.logits.argmax(axis=1)
+    correct = predicted == labels
+    result = {"test_accuracy": float(correct.mean()), "test_samples": int(len(labels)),
+              "trainable_parameters": int(outcome.trainable_parameters),
+              "inference_flops": int(outcome.inference_flops), "train_s": float(outcome.train_s),
+              "parent_s": float(outcome.parent_s), "total_train_s": float(outcome.train_s + outcome.parent_s),
+              "coverage": None, "accepted_accuracy": None, "aurc": None, "acceptance": None, **outcome.detail}
+    if outcome.acceptance is not None:
+        a = outcome.acceptance
+        confidence = calibration.softmax(outcome.logits, a["temperature"]).max(axis=1)
+        accepted = selective.accept_mask(confidence, a["threshold"])
+        right = int(correct[accepted].sum())
+        result.update(coverage=float(accepted.mean()), accepted_accuracy=right / int(accepted.sum())
+                      if accepted.any() else None, aurc=selective.aurc(confidence, correct),
+                      acceptance={"temperature": float(a["temperature"]),
+                                  "threshold": None if a["threshold"] is None else float(a["threshold"])})
+    result["correct"] = correct  # per test image, for paired comparisons; not written to JSON
+    return result
+
+
+def make_context(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
+                 original_parent: bool = False) -> SeedContext:
+    """Train the seed's parent (and, if asked, an original-recipe parent) once, for every method."""
+    start = time.perf_counter()
+    parent, meta, _ = train_parent(config, data, recipes.default, seed, progress)
+    parent.meta = meta
+    parent_s = time.perf_counter() - start
+    original_models, original_parent_s = {"parent": parent}, parent_s
+    if original_parent:
+        start = time.perf_counter()
+        other, other_meta, _ = train_parent(config, data, recipes.original, seed, progress)
+        other.meta = other_meta
+        original_models, original_parent_s = {"parent": other}, time.perf_counter() - start
+    return SeedContext(config, data, seed, recipes, progress, {"parent": parent}, original_models, parent_s,
+                       original_parent_s)
+
+
+def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
+                 original_parent: bool = False) -> dict:
+    """Train the parent(s) once, then every method for every branch; returns scored results."""
+    ctx = make_context(config, data, seed, recipes, progress, original_parent)
+    parent = ctx.models["parent"]
+    images, parent_labels, _ = data.node_rows("test", config.parent)
+    parent_accuracy = float((parent.predict(parent_normalizer(parent).transform(images)) == parent_labels).mean())
+    result = {"seed": seed, "parent": {"train_s": ctx.parent_s, "original_train_s": ctx.original_parent_s,
+                                       "test_accuracy": parent_accuracy}, "branches": {}}
+    for spec in config.nodes()[1:]:
+        _, labels, _ = data.node_rows("test", spec)
+        scored = result["branches"][spec.name] = {}
+        for key, run_method in method_plan(ctx, spec):
+            outcome = run_method(ctx, spec)
+            scored[key] = {**score(outcome, labels), "label": method_label(key)}
+            log(f"seed {seed} {spec.name} {method_label(key)}: test accuracy "
+                f"{100 * scored[key]['test_accuracy']:.1f}%, {outcome.train_s:.1f} s")
+    return result
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> list[str]:
+    """What the methods do differently from the original study, for compare.md."""
+    o, f = recipes.original.branch, recipes.finetune
+    notes = [f"'{METHODS['branch_original']}': the original's branch recipe (Adam lr {o.lr:g}, weight decay "
+             f"{o.weight_decay:g}, batch {o.batch_size}, dropout {o.dropout:g}, up to {o.epochs} epochs, early "
+             f"stopping with patience {o.patience} on an 80/20 split of its own training images, threshold "
+             f"{o.threshold:g} without temperature scaling)"]
+    if original_parent:
+        notes[0] += ", on a parent trained with the original recipe (200 epochs, batch 64, no validation)."
+    else:
+        notes[0] += (", but on the default-recipe parent: the original parent recipe (200 epochs at batch 64, "
+                     "about 9 minutes per seed on this machine) does not fit 3 seeds in 30 minutes. "
+                     "Pass --original-parent to train it.")
+    notes += [
+        "Every other method uses the default recipe and validates on the parent's held-out images of the "
+        "branch's classes (images the parent never trained on), except the MLP from scratch, which holds "
+        "out its own stratified 15% of its classes' training images.",
+        "Linear probe: scikit-learn LogisticRegression on standardised activations of the branch's layer, "
+        "C chosen on validation log-loss; no flips.",
+        f"Fine-tuning: the trained branch and a copy of the trunk below it (the parent itself is untouched), "
+        f"AdamW lr {f.lr:g}, up to {f.epochs} epochs, patience {f.patience}, flips and label smoothing as "
+        f"the default branch recipe. The fine-tuned trunk no longer serves the parent's other outputs.",
+        "MLP from scratch: the widths of the branch's whole inference path (pixels, the source layers up "
+        "to the one the branch reads, the branch's layers), so it has the same parameters and FLOPs as "
+        "trunk plus branch; the default parent recipe, on the branch's classes only.",
+    ]
+    return notes
+
+
+def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epochs: int | None = None,
+                original_parent: bool = False, download: bool = False, progress: bool = True,
+                command: str = "") -> dict:
+    """compare_seed for each seed, then summaries and OUT/compare.{json,md,png}; returns the result."""
+    if not config.branches:
+        raise ConfigError(f"{config.path or '<config>'} has no branches: nothing to compare")
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    data = load_tree_data(config, data_dir, download=download, progress=progress)
+    recipes = Recipes.capped(max_epochs)
+    seed_results = []
+    for seed in seeds:
+        log(f"#### compare: seed {seed}")
+        seed_results.append(compare_seed(config, data, seed, recipes, progress, original_parent))
+    summary = summarise(seed_results)
+    branches = {}
+    for spec in config.nodes()[1:]:
+        branches[spec.name] = {"classes": list(spec.classes), "source": spec.source, "layer": spec.layer,
+                               "where": spec.where or recipes.default.branch.where,
+                               "test_samples": len(data.node_rows("test", spec)[1])}
+    setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
+             "max_epochs": max_epochs, "original_parent": original_parent,
+             "parent_classes": list(config.parent.classes), "branches": branches,
+             "machine": f"{os.cpu_count()} CPU cores shared with other work, torch {torch.__version__} "
+                        f"({torch.get_num_threads()} threads)"}
+    result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
+              "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
+                          "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}
+    write_outputs(out_dir, result)
+    return result

@@ -1,0 +1,100 @@
+"""Command line of `python -m branching compare` and `python -m branching probe-layers`."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG, load_config
+from .errors import CheckpointError, ConfigError
+
+
+def add_parsers(sub) -> None:
+    compare = sub.add_parser("compare", help="every branch against its baselines and ablations; writes "
+                                             "OUT/compare.md, compare.json, compare.png")
+    _common(compare)
+    compare.add_argument("--out", default="runs/compare", help="output folder")
+    compare.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    compare.add_argument("--max-epochs", type=int, default=None, help="cap every node's epochs (quick runs)")
+    compare.add_argument("--original-parent", action="store_true",
+                         help="train a parent with the original recipe for the original-recipe branches "
+                              "(about 9 minutes per seed); default: they use the default-recipe parent")
+    probe = sub.add_parser("probe-layers", help="linear probe on every hidden layer of the parent for each "
+                                                "branch's classes; recommends the layer to branch from")
+    _common(probe)
+    probe.add_argument("--models", default=None, metavar="DIR",
+                       help="trained models of a run (OUT/models) or of the scripts (models/); default: "
+                            "train a parent (and any branch that others read) with the default recipe")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the parent trained without --models")
+    probe.add_argument("--max-epochs", type=int, default=None, help="cap the epochs of that parent")
+
+
+def _common(p) -> None:
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's)")
+    p.add_argument("--data", default="c10", help="folder with the CIFAR-100 python files train, test, meta")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-download", action="store_true", help="never download CIFAR-100; fail if it is missing")
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+    from .seeds import parse_seeds
+
+    config = load_config(args.config)
+    seeds = parse_seeds(args.seeds)
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise ConfigError(f"--max-epochs must be at least 1, got {args.max_epochs}")
+    result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
+                         original_parent=args.original_parent, download=not args.no_download,
+                         progress=not args.quiet, command=_command(args))
+    print(Path(args.out, "compare.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'compare.md'}, compare.json, compare.png "
+          f"(total {result['timings']['total_s'] / 60:.1f} min)")
+    return 0
+
+
+def _command(args) -> str:
+    """The command line that reproduces a compare run."""
+    words = ["python", "-m", "branching", "compare", "--config", args.config, "--data", args.data,
+             "--out", args.out, "--seeds", args.seeds]
+    if args.max_epochs is not None:
+        words += ["--max-epochs", str(args.max_epochs)]
+    if args.original_parent:
+        words.append("--original-parent")
+    return shlex.join(words)
+
+
+def _load_models(config, directory):
+    from .checkpoint import ModelStore
+
+    directory = Path(directory)
+    store = ModelStore(directory, script_names=not (directory / "parent.pt").exists())
+    sources = ["parent", *sorted({b.source for b in config.branches.values()} - {"parent"})]
+    try:
+        return store.load_tree(config, nodes=sources)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (or leave out --models to train a parent here)") from None
+
+
+def cmd_probe_layers(args) -> int:
+    from .pipeline import load_tree_data
+    from .probe import format_probe_table, run_probe_layers, train_sources
+    from .recipes import get_recipe
+
+    config = load_config(args.config)
+    if not config.branches:
+        raise ConfigError(f"{config.path}: no branches to probe for")
+    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
+    if args.models is not None:
+        models = _load_models(config, args.models)
+        origin = f"models from {args.models}"
+    else:
+        recipe = get_recipe("default", args.max_epochs)
+        models = train_sources(config, data, recipe, args.seed, progress=not args.quiet)
+        epochs = models["parent"].meta["history"]["epochs_run"]
+        origin = (f"a parent trained here with the default recipe, seed {args.seed}, {epochs} epochs, "
+                  f"{models['parent'].meta['history']['seconds']:.0f} s")
+    table, best, seconds = run_probe_layers(config, models, data)
+    print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")
+    print(format_probe_table(table, best))
+    return 0

@@ -1,0 +1,229 @@
+"""Summaries of `compare` over seeds, and its files: compare.json, compare.md and compare.png."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from . import selective
+from .seeds import stats
+
+BOOTSTRAP = 2000
+SEED_FIGURES = ("test_accuracy", "coverage", "accepted_accuracy", "aurc", "train_s", "total_train_s")
+
+
+def t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """Student-t interval of the mean of the values (None with fewer than two)."""
+    if len(values) < 2:
+        return None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+    return [mean - half, mean + half]
+
+
+def paired_delta(correct: list[np.ndarray], baseline: list[np.ndarray], n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Accuracy of a method minus a baseline's on the same test images, averaged over seeds, with a 95%
+    percentile bootstrap interval over the images (the images are the main source of uncertainty)."""
+    d = np.mean(np.asarray(correct, dtype=np.float64), axis=0) - np.mean(np.asarray(baseline, dtype=np.float64), axis=0)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    return {"mean": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+
+
+def summarise(seed_results: list[dict]) -> dict:
+    """Per branch and method: mean, std and intervals of every figure over the seeds."""
+    first = seed_results[0]
+    out = {"parent": {k: stats([r["parent"][k] for r in seed_results]) for k in first["parent"]}, "branches": {}}
+    for name, methods in first["branches"].items():
+        baseline = [r["branches"][name]["parent_head"]["correct"] for r in seed_results]
+        rows = out["branches"][name] = {}
+        for key in methods:
+            runs = [r["branches"][name][key] for r in seed_results]
+            row = {"label": runs[0]["label"], "trainable_parameters": runs[0]["trainable_parameters"],
+                   "inference_flops": runs[0]["inference_flops"], "test_samples": runs[0]["test_samples"]}
+            for figure in SEED_FIGURES:
+                row[figure] = stats([run[figure] for run in runs])
+            accuracy = row["test_accuracy"]
+            accuracy["ci95_seeds"] = t_interval(accuracy["values"])
+            n = row["test_samples"]
+            accuracy["ci95_test"] = selective.wilson_interval(int(round(accuracy["mean"] * n)), n)
+            row["delta_vs_parent_head"] = paired_delta([run["correct"] for run in runs], baseline)
+            row["per_seed"] = [{k: v for k, v in run.items() if k not in ("correct", "label")} for run in runs]
+            rows[key] = row
+    return out
+
+
+# ---- compare.md -------------------------------------------------------------------------------
+
+def _pct(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _mean_std(s: dict, scale: float = 100, digits: int = 1) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    std = "" if s["std"] is None else f" ± {scale * s['std']:.{digits}f}"
+    return f"{scale * s['mean']:.{digits}f}{std}"
+
+
+def _interval(ci) -> str:
+    return "n/a" if ci is None else f"{100 * ci[0]:.1f} to {100 * ci[1]:.1f}"
+
+
+def _delta(d: dict) -> str:
+    return f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+
+def _seconds(s: dict) -> str:
+    return "n/a" if s["mean"] is None else (f"{s['mean']:.1f}" if s["mean"] >= 1 else f"{s['mean']:.2f}")
+
+
+HEADER = ("| method | test accuracy % (mean ± std) | 95% interval % (test images) | Δ vs parent head, points [95%] "
+          "| accepted accuracy % | coverage % | AURC | trainable parameters | training s (own) "
+          "| training s (with parent) | inference MFLOPs/image |")
+
+
+def branch_table(rows: dict) -> list[str]:
+    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    for key, row in rows.items():
+        lines.append("| " + " | ".join([
+            row["label"], _mean_std(row["test_accuracy"]), _interval(row["test_accuracy"]["ci95_test"]),
+            "(baseline)" if key == "parent_head" else _delta(row["delta_vs_parent_head"]),
+            _mean_std(row["accepted_accuracy"]), _mean_std(row["coverage"]),
+            _mean_std(row["aurc"], scale=1, digits=3), f"{row['trainable_parameters']:,}",
+            _seconds(row["train_s"]), _seconds(row["total_train_s"]), f"{row['inference_flops'] / 1e6:.3f}"]) + " |")
+    return lines
+
+
+def _timing(t: dict) -> str:
+    text = f"{t['total_s'] / 60:.1f} min wall-clock"
+    if "cpu_s" in t:
+        text += (f" ({t['cpu_s'] / 60:.1f} min of CPU; load average {t['load_average_start']:.1f} at the start, "
+                 f"{t['load_average_end']:.1f} at the end)")
+    return text
+
+
+def render_markdown(result: dict) -> str:
+    s, setup = result["summary"], result["setup"]
+    parent = s["parent"]
+    lines = [f"# Does branching pay? `compare` on {setup['data']}", "",
+             f"Command: `{setup['command']}`  ", f"Config: `{setup['config']}`; seeds {setup['seeds']}; "
+             f"total time {_timing(result['timings'])} on {setup['machine']}.", "",
+             f"Parent (default recipe, trained once per seed and shared by every method that needs it): "
+             f"{_mean_std(parent['test_accuracy'])}% test accuracy on its {len(setup['parent_classes'])} classes, "
+             f"{_seconds(parent['train_s'])} s to train.", ""]
+    lines += ["## What differs from the original study", ""] + [f"- {note}" for note in result["notes"]] + [""]
+    for name, rows in s["branches"].items():
+        info = setup["branches"][name]
+        lines += [f"## {name}", "", f"Classes {', '.join(info['classes'])}; the branch reads {info['source']} "
+                  f"layer {info['layer']} ({info['where']}); {info['test_samples']} test images.", ""]
+        lines += branch_table(rows) + [""]
+    lines += ["## How to read this", ""] + [f"- {d}" for d in DEFINITIONS]
+    return "\n".join(lines) + "\n"
+
+
+DEFINITIONS = (
+    "Test accuracy: mean ± sample standard deviation over the seeds (training randomness only). The 95% "
+    "interval is the Wilson interval of that accuracy over the test images, the larger uncertainty: with "
+    "100 test images per class it is about ±5 points.",
+    "Δ vs parent head: accuracy minus that of the parent's own head restricted to the branch's classes, on "
+    "the same test images, averaged over seeds, with a 95% bootstrap interval over the images (paired, so "
+    "much narrower than the difference of two unpaired intervals). An interval that contains 0 is no "
+    "evidence either way.",
+    "Accepted accuracy and coverage: under the branch's acceptance rule (max softmax probability after "
+    "temperature scaling at least the threshold). Each method's temperature (and any threshold a rule "
+    "chooses) is fit on its own validation images, never on the test split; n/a where a method has no "
+    "reject option or accepts nothing. AURC: area under the risk-coverage curve (lower is better).",
+    "Trainable parameters: what the method itself trains (0 for the parent's head; the parent's are not "
+    "counted for methods that reuse it). Training s (own): wall-clock seconds of the method's own "
+    "training (fine-tuning includes the branch it starts from); (with parent): plus the parent it needs. "
+    "The machine was shared, so times are indicative to about ±30%.",
+    "Inference MFLOPs/image: 2 x fan-in x fan-out per Linear layer on the path from the pixels to the "
+    "prediction (the trunk of the parent included for branches and probes), biases and activations "
+    "left out.",
+    "The parent's head on all classes: the parent's own prediction over every class of the tree, "
+    "wrong whenever it names a class outside the branch's; it needs no router. Every other row, the branch "
+    "included, is told which group the image belongs to.",
+)
+
+
+# ---- compare.png -------------------------------------------------------------------------------
+
+MARKERS = "osD^vP*XhpH<>"
+
+
+def render_plot(result: dict) -> bytes:
+    """Accuracy against training cost (with the parent it needs), one marker per method, one panel per branch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    branches = result["summary"]["branches"]
+    keys = list(dict.fromkeys(k for rows in branches.values() for k in rows))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(branches), figsize=(6.2 * len(branches), 5.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], branches.items()):
+        for i, key in enumerate(keys):
+            if key not in rows:
+                continue
+            row = rows[key]
+            x, y = row["total_train_s"], row["test_accuracy"]
+            ax.errorbar(x["mean"], 100 * y["mean"], yerr=100 * (y["std"] or 0),
+                        marker=MARKERS[i % len(MARKERS)], color=colors(i % 10), markersize=8, capsize=3,
+                        linestyle="none", label=row["label"])
+        parent_s = result["summary"]["parent"]["train_s"]["mean"]
+        ax.axvline(parent_s, color="grey", linestyle=":", linewidth=1)
+        ax.text(parent_s, ax.get_ylim()[0], " parent alone", color="grey", fontsize=8, va="bottom")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training time incl. the parent it needs (s, log scale)")
+        ax.set_ylabel("test accuracy on the branch's classes (%)")
+        ax.set_title(f"{name}: {', '.join(result['setup']['branches'][name]['classes'])}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
+    fig.suptitle(f"Branch vs baselines: test accuracy, mean ± std over seeds {result['setup']['seeds']}; "
+                 f"mean training time (test-set intervals are wider, see compare.md)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 0.95))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(out_dir, result: dict) -> list[Path]:
+    """Render everything first, then write compare.json, compare.md and compare.png atomically."""
+    out = Path(out_dir)
+    files = {"compare.json": (json.dumps(result, indent=2) + "\n").encode(),
+             "compare.md": render_markdown(result).encode(), "compare.png": render_plot(result)}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        _write_bytes(out / name, data)
+    return [out / name for name in files]

@@ -1,0 +1,160 @@
+"""`python -m branching predict`: answer your own PNG/JPEG images, or a CIFAR-format split, with the
+routed tree. One line per image; `--out FILE.csv|.json` writes the same rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_config
+from .data import N_PIXELS, load_label_names, load_split
+from .errors import ConfigError, DataError
+from .routing import BATCH, TreePredictor
+
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG variant many cameras write
+SIDE = 32
+COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
+    p.add_argument("files", nargs="*", metavar="FILE", help="PNG or JPEG images (any size; resized to 32x32 RGB)")
+    p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
+    p.add_argument("--config", default=None, help="tree TOML the models must match (default: the tree the "
+                                                  "model files record)")
+    p.add_argument("--data", default=None, help="CIFAR-100 folder: predict a whole split instead of files")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
+    p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
+    p.add_argument("--batch-size", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
+
+
+def load_image(path) -> np.ndarray:
+    """A PNG or JPEG file as uint8 (3072,) in the CIFAR layout (1024 R, 1024 G, 1024 B), resized to 32x32."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file; pass a PNG or JPEG image")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format not in IMAGE_FORMATS:
+                    raise DataError(f"{path}: a {image.format} image; pass a PNG or JPEG image")
+                image.draft("RGB", (SIDE, SIDE))  # JPEG: decode at a reduced scale when much larger
+                rgb = image.convert("RGB")
+                if rgb.size != (SIDE, SIDE):
+                    rgb = rgb.resize((SIDE, SIDE), Image.Resampling.BICUBIC, reducing_gap=3.0)
+                pixels = np.asarray(rgb, dtype=np.uint8)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; pass image files") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image (Pillow cannot identify it); pass a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: unreadable image ({message}); pass an intact PNG or JPEG image") from None
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)).reshape(N_PIXELS)
+
+
+def load_images(paths) -> tuple[list[str], np.ndarray, list[str]]:
+    """(names of the files read, their pixels (N, 3072), one-line errors for the files that failed)."""
+    names, rows, errors = [], [], []
+    for path in paths:
+        try:
+            rows.append(load_image(path))
+            names.append(str(path))
+        except DataError as e:
+            errors.append(str(e))
+    pixels = np.stack(rows) if rows else np.zeros((0, N_PIXELS), np.uint8)
+    return names, pixels, errors
+
+
+def load_split_inputs(data_dir, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Every image of a CIFAR-format split: (file names, pixels, true class names)."""
+    data = load_split(data_dir, split)
+    label_names = load_label_names(data_dir)
+    return data.filenames, data.images, [label_names[i] for i in data.fine_labels]
+
+
+def prediction_table(names, predictions, true_classes=None) -> list[dict]:
+    rows = predictions.rows()
+    for i, (name, row) in enumerate(zip(names, rows)):
+        row["input"] = name
+        row["true_class"] = true_classes[i] if true_classes is not None else ""
+    return [{k: row[k] for k in COLUMNS} for row in rows]
+
+
+def format_line(row: dict) -> str:
+    verdict = "accepted" if row["accepted"] else f"rejected at {row['rejected_at']}"
+    truth = f"  (true: {row['true_class']})" if row["true_class"] else ""
+    return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}  "
+            f"path {row['path']}  {verdict}{truth}")
+
+
+def write_rows(path, rows: list[dict], errors: list[str]) -> None:
+    from .pipeline import write_atomic
+
+    path = Path(path)
+    if path.suffix == ".json":
+        write_atomic(path, json.dumps({"predictions": rows, "errors": errors}, indent=2) + "\n")
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({**r, "confidence": repr(r["confidence"])} for r in rows)
+        write_atomic(path, buffer.getvalue())
+
+
+def cmd_predict(args) -> int:
+    if bool(args.files) == bool(args.data):
+        raise ConfigError("pass image files or --data DIR (with --split), not both and not neither")
+    if args.out is not None and Path(args.out).suffix not in (".csv", ".json"):
+        raise ConfigError(f"--out {args.out}: the file name must end in .csv or .json")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    config = load_config(args.config) if args.config else None
+    predictor = TreePredictor.load(args.models, config)
+    if args.data:
+        names, pixels, truth = load_split_inputs(args.data, args.split)
+        errors: list[str] = []
+    else:
+        names, pixels, errors = load_images(args.files)
+        truth = None
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    predictions = predictor.predict(pixels, batch_size=args.batch_size)
+    rows = prediction_table(names, predictions, truth)
+    for row in rows:
+        print(format_line(row))
+    if truth is not None:
+        print(summary_line(rows, predictor.classes), file=sys.stderr)
+    if args.out:
+        write_rows(args.out, rows, errors)
+    if errors:
+        print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+def summary_line(rows: list[dict], classes) -> str:
+    """Accuracy and coverage over the images whose true class is one of the tree's."""
+    known = [r for r in rows if r["true_class"] in classes]
+    if not known:
+        return f"none of the {len(rows)} images is of a class of this tree ({', '.join(classes)})"
+    correct = sum(r["predicted_class"] == r["true_class"] for r in known)
+    accepted = [r for r in known if r["accepted"]]
+    right = sum(r["predicted_class"] == r["true_class"] for r in accepted)
+    accepted_acc = f"{100 * right / len(accepted):.2f}%" if accepted else "n/a"
+    return (f"{len(known)} images of the tree's classes: accuracy {100 * correct / len(known):.2f}%, "
+            f"accepted {len(accepted)} ({100 * len(accepted) / len(known):.1f}%), accuracy on accepted "
+            f"{accepted_acc}")

@@ -1,0 +1,389 @@
+"""One predictor for the whole tree: pixels in, a leaf class, its confidence and the path out.
+
+Each node's softmax (after its fitted temperature) puts probability mass on the classes of each
+of its children; an image goes to the child with the most mass, or is answered by the node itself
+when a class that no child covers gets more mass than any child. An image is rejected at the
+first node where that mass (routing) or the final class probability falls below the node's
+threshold. The argmax path is followed to the end either way, so one pass gives both the
+selective answer and the tree's answer at full coverage.
+
+Each node's trunk is computed once per batch and feeds every child that reads it; a child only
+sees the images routed to it. The parent's normalisation is folded into its first layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+from torch import nn
+
+from torchly import Model
+
+from .checkpoint import check_lineage, check_node
+from .config import TreeConfig
+from .data import N_PIXELS, Normalizer
+from .errors import CheckpointError, ConfigError
+from .metrics import classification_summary, format_report, selective_summary
+
+DEFAULT_THRESHOLD = 0.96  # for parents saved before routing rules were recorded
+BATCH = 1024
+MIN_FOLD_STD = 1e-3  # below this, dividing weights by the pixel std loses too much precision
+
+
+def node_rule(model: Model) -> dict:
+    """Temperature and threshold a node routes and accepts with, both chosen on validation data.
+
+    The temperature is the node's fitted one (1 if it has none). The threshold is that of the
+    node's acceptance rule; a parent without one uses its recipe's threshold (0.96 in both recipes),
+    i.e. it routes by the same rule the branches accept by. A threshold of None accepts nothing.
+    """
+    meta = model.meta
+    acceptance = meta.get("acceptance")
+    temperature = (meta.get("calibration") or acceptance or {}).get("temperature") or 1.0
+    if acceptance is not None:
+        threshold, source = acceptance.get("threshold"), f"acceptance rule {acceptance.get('rule', 'threshold')!r}"
+    else:
+        threshold = ((meta.get("recipe") or {}).get("parent") or {}).get("threshold", DEFAULT_THRESHOLD)
+        source = "recipe threshold"
+    return {"temperature": float(temperature), "threshold": None if threshold is None else float(threshold),
+            "from": source}
+
+
+class _Node:
+    """A node's weights, laid out for x @ W, and what its routing needs."""
+
+    def __init__(self, index: int, spec, model: Model, tree_classes, normalizer: Normalizer | None):
+        self.index, self.name, self.spec = index, spec.name, spec
+        linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().clone()) for m in linears]
+        self.fold_normalizer = normalizer is not None and float(normalizer.std.min()) >= MIN_FOLD_STD
+        self.normalizer = normalizer
+        if self.fold_normalizer:  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
+            w, b = self.weights[0]
+            w = w / torch.from_numpy(normalizer.std)[:, None]
+            self.weights[0] = (w.contiguous(), b - torch.from_numpy(normalizer.mean) @ w)
+        self.where = None if spec.source is None else model.meta["where"]
+        self.activation = model.activation
+        self.act = model.net[1] if len(linears) > 1 else None
+        rule = node_rule(model)
+        self.rule = rule
+        self.inverse_temperature = 1.0 / rule["temperature"]
+        # float32, as the confidences it is compared with (the same decision in every code path)
+        self.threshold = float("inf") if rule["threshold"] is None else float(np.float32(rule["threshold"]))
+        self.leaf_ids = torch.tensor([tree_classes.index(c) for c in spec.classes], dtype=torch.int64)
+        self.taps: set[tuple[int, str]] = set()
+        self.children: list[tuple[_Node, int]] = []   # (child, its group)
+        self.group_matrix: torch.Tensor | None = None  # classes x groups, 1 where a class is in a group
+        self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
+        self.flops = sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights)
+
+    def add_children(self, children: list[_Node]) -> None:
+        if not children:
+            return
+        covered = {c for child in children for c in child.spec.classes}
+        own = [i for i, c in enumerate(self.spec.classes) if c not in covered]
+        groups = torch.zeros(len(self.spec.classes), len(children) + len(own))
+        for g, child in enumerate(children):
+            for c in child.spec.classes:
+                groups[self.spec.classes.index(c), g] = 1.0
+            self.children.append((child, g))
+            self.taps.add((child.spec.layer, child.where))
+        for g, i in enumerate(own, start=len(children)):
+            groups[i, g] = 1.0
+        self.group_matrix = groups
+        self.group_leaf = torch.tensor([-1] * len(children) + [int(self.leaf_ids[i]) for i in own],
+                                       dtype=torch.int64)
+
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Logits, and the hidden layers the children read."""
+        taps: dict[tuple[int, str], torch.Tensor] = {}
+        h = x
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(self.weights):
+            h = torch.addmm(b, h, w)
+            if i == last:
+                break
+            if (i, "pre") in self.taps:
+                taps[(i, "pre")] = h
+                h = self.act(h)
+            elif self.activation == "relu":
+                h = h.relu_()
+            else:
+                h = self.act(h)
+            if (i, "post") in self.taps:
+                taps[(i, "post")] = h
+        return h, taps
+
+
+@dataclass
+class TreePredictions:
+    """Per image: leaf class id (into `classes`), confidence, the node that answered, the node where
+    it was first rejected (-1: accepted), and the parent's own flat prediction."""
+
+    classes: tuple[str, ...]
+    nodes: tuple[str, ...]
+    chains: tuple[tuple[str, ...], ...]
+    predicted: np.ndarray
+    confidence: np.ndarray
+    final_node: np.ndarray
+    rejected_at: np.ndarray
+    parent_predicted: np.ndarray
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return self.rejected_at < 0
+
+    def path(self, i: int) -> str:
+        return " > ".join(self.chains[self.final_node[i]])
+
+    def rejected_level(self, i: int) -> str:
+        return "" if self.rejected_at[i] < 0 else self.nodes[self.rejected_at[i]]
+
+    def reached(self) -> dict[str, int]:
+        """How many images each node saw (a node sees every image routed through it)."""
+        counts = dict.fromkeys(self.nodes, 0)
+        for node, n in zip(*np.unique(self.final_node, return_counts=True)):
+            for name in self.chains[node]:
+                counts[name] += int(n)
+        return counts
+
+    def rows(self) -> list[dict]:
+        """One dict per image: predicted_class, confidence, path, accepted (0/1), rejected_at."""
+        return [{"predicted_class": self.classes[p], "confidence": float(c), "path": self.path(i),
+                 "accepted": int(r < 0), "rejected_at": self.rejected_level(i)}
+                for i, (p, c, r) in enumerate(zip(self.predicted, self.confidence, self.rejected_at))]
+
+
+class TreePredictor:
+    """Batched end-to-end inference through a loaded tree (see the module docstring)."""
+
+    def __init__(self, config: TreeConfig, models: dict[str, Model]):
+        missing = [spec.name for spec in config.nodes() if spec.name not in models]
+        if missing:
+            raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")
+        self.config = config
+        self.classes = tuple(config.parent.classes)
+        parent = models["parent"]
+        normalizer = Normalizer.from_dict(parent.meta["normalization"])
+        self.nodes: list[_Node] = []
+        by_name: dict[str, _Node] = {}
+        for i, spec in enumerate(config.nodes()):
+            node = _Node(i, spec, models[spec.name], self.classes, normalizer if spec.source is None else None)
+            self.nodes.append(node)
+            by_name[spec.name] = node
+        for node in self.nodes:
+            node.add_children([by_name[c.name] for c in config.children(node.name)])
+        self.root = self.nodes[0]
+        self.chains = tuple(tuple(config.chain(n.name)) for n in self.nodes)
+
+    @classmethod
+    def load(cls, models_dir, config: TreeConfig | None = None) -> TreePredictor:
+        """Load every model in a folder (or in its models/ subfolder), checking their lineage."""
+        config, models = load_models(models_dir, config)
+        return cls(config, models)
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.nodes)
+
+    def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
+        """Route raw pixel images (N, 3072), uint8 or float in 0..255, through the tree."""
+        images = np.asarray(images)
+        if images.ndim == 1:
+            images = images[None]
+        if images.ndim != 2 or images.shape[1] != N_PIXELS:
+            raise ConfigError(f"images must have shape (N, {N_PIXELS}); got {images.shape}")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        n = len(images)
+        arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
+                  "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
+                  "parent_predicted": np.empty(n, np.int64)}
+        out = {k: torch.from_numpy(v) for k, v in arrays.items()}  # views: writes land in arrays
+        source = torch.from_numpy(images if images.flags.writeable else images.copy())
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                x = self._input(source[start:start + batch_size])
+                if len(x) == 1:
+                    for key, value in zip(arrays, self._route_one(x)):
+                        arrays[key][start] = value
+                else:
+                    self._route(self.root, x, None, {k: v[start:start + batch_size] for k, v in out.items()})
+        return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
+
+    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(torch.float32)
+        if self.root.fold_normalizer:
+            return x
+        norm = self.root.normalizer
+        return (x - torch.from_numpy(norm.mean)) / torch.from_numpy(norm.std)
+
+    def _route_one(self, x: torch.Tensor) -> tuple:
+        """_route for a single image, deciding in Python: far fewer tensor operations."""
+        node, rejected, parent_predicted = self.root, -1, -1
+        while True:
+            logits, taps = node.trunk(x)
+            probs = torch.softmax(logits.mul_(node.inverse_temperature), dim=1)
+            if node is self.root:
+                parent_predicted = int(node.leaf_ids[int(probs.argmax())])
+            mass = (probs if node.group_matrix is None else probs @ node.group_matrix)[0].tolist()
+            group = mass.index(max(mass))  # the first maximum, as torch.max
+            if rejected < 0 and mass[group] < node.threshold:
+                rejected = node.index
+            leaf = int(node.group_leaf[group])
+            if leaf >= 0:
+                return leaf, mass[group], node.index, rejected, parent_predicted
+            child = next(c for c, g in node.children if g == group)
+            x, node = taps[(child.spec.layer, child.where)], child
+
+    def _route(self, node: _Node, x: torch.Tensor, rows: torch.Tensor | None, out: dict) -> None:
+        logits, taps = node.trunk(x)
+        probs = torch.softmax(logits.mul_(node.inverse_temperature), dim=1)
+        mass = probs if node.group_matrix is None else probs @ node.group_matrix
+        confidence, group = mass.max(dim=1)
+        low = confidence < node.threshold
+        if rows is None:  # the root: every image of the batch
+            out["parent_predicted"].copy_(node.leaf_ids[probs.argmax(dim=1)])
+            out["predicted"].copy_(node.group_leaf[group])
+            out["confidence"].copy_(confidence)
+            out["final_node"].fill_(node.index)
+            out["rejected_at"].copy_(torch.where(low, node.index, -1))
+        else:
+            out["predicted"][rows] = node.group_leaf[group]
+            out["confidence"][rows] = confidence
+            out["final_node"][rows] = node.index
+            before = out["rejected_at"][rows]
+            out["rejected_at"][rows] = torch.where(low & (before < 0), node.index, before)
+        for child, g in node.children:
+            chosen = (group == g).nonzero().squeeze(1)
+            if len(chosen):
+                tap = taps[(child.spec.layer, child.where)].index_select(0, chosen)
+                self._route(child, tap, chosen if rows is None else rows[chosen], out)
+
+    def flops_per_image(self, reached: dict[str, int], n: int) -> float:
+        """Mean forward FLOPs per image (2 per multiply-add of every Linear) for these routing counts."""
+        return sum(node.flops * reached[node.name] for node in self.nodes) / max(n, 1)
+
+    def layer_shapes(self) -> dict[str, list[tuple[int, int]]]:
+        """(fan_in, fan_out) of every Linear of each node, in order."""
+        return {node.name: [tuple(w.shape) for w, _ in node.weights] for node in self.nodes}
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def load_models(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfig, dict[str, Model]]:
+    """Every node model in a folder, keyed by the name recorded in it, and the tree they form.
+
+    Without a config the tree is rebuilt from what each file records (classes, source, layer);
+    with one, the files must match it. Either way each branch must sit on the exact models it was
+    trained on.
+    """
+    directory = Path(models_dir)
+    if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
+        directory = directory / "models"
+    files = sorted(directory.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"no model files (*.pt) in {models_dir}; pass the models folder of a run "
+                              f"(e.g. runs/latest/models)")
+    models: dict[str, Model] = {}
+    for path in files:
+        try:
+            model = Model.load(path)
+        except ValueError as e:
+            raise CheckpointError(f"{e}; remove it from {directory} or train it again") from None
+        if model.meta.get("fingerprint") != model.fingerprint():
+            raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); train it again")
+        name = model.meta.get("name")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path} records no node name; it was not written by branching")
+        if name in models:
+            raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
+        model.meta["path"] = str(path)
+        models[name] = model
+    if config is None:
+        config = _config_from_models(models, directory)
+    for spec in config.nodes():
+        if spec.name not in models:
+            raise CheckpointError(f"no model for node {spec.name!r} in {directory}; train it first")
+        check_node(models[spec.name], spec)
+        if spec.source is not None:
+            check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])
+    return config, {spec.name: models[spec.name] for spec in config.nodes()}
+
+
+def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
+    if "parent" not in models:
+        raise CheckpointError(f"no parent model in {directory}; train the parent first")
+    tree: dict = {"parent": None, "branches": {}, "path": str(directory)}
+    for name, model in models.items():
+        meta = model.meta
+        node = {"classes": list(meta.get("classes", [])), "hidden": list(model.architecture[1:-1]),
+                "activation": model.activation}
+        if name == "parent":
+            tree["parent"] = node
+        else:
+            tree["branches"][name] = {"from": meta.get("source"), "layer": meta.get("layer"),
+                                      "where": meta.get("where"), **node}
+    try:
+        return TreeConfig.from_dict(tree)
+    except ConfigError as e:
+        raise CheckpointError(f"the models in {directory} do not form a valid tree ({e})") from None
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+def evaluate_tree(config: TreeConfig, models: dict[str, Model], data) -> tuple[dict, list[dict]]:
+    """End-to-end test metrics of the routed tree over all its classes, beside the parent's flat
+    accuracy on the same images; and one row per test image (for OUT/tree.csv)."""
+    images, labels, rows = data.node_rows("test", config.parent)
+    predictor = TreePredictor(config, models)
+    result = predictor.predict(images)
+    classes = predictor.classes
+    metrics = classification_summary(labels, result.predicted, classes)
+    metrics.update(selective_summary(labels, result.predicted, result.accepted))
+    tree_right, parent_right = result.predicted == labels, result.parent_predicted == labels
+    only_tree, only_parent = int((tree_right & ~parent_right).sum()), int((parent_right & ~tree_right).sum())
+    metrics.update(
+        test_accuracy_ci=_wilson(int(tree_right.sum()), len(labels)),
+        parent_accuracy=float(parent_right.mean()) if len(labels) else None,
+        parent_accuracy_ci=_wilson(int(parent_right.sum()), len(labels)),
+        tree_only_correct=only_tree, parent_only_correct=only_parent,
+        # exact McNemar test: is the tree's accuracy different from the parent's on these images?
+        mcnemar_p=float(binomtest(only_tree, only_tree + only_parent).pvalue) if only_tree + only_parent else 1.0,
+        reached=result.reached(),
+        rejected_at={name: int((result.rejected_at == i).sum()) for i, name in enumerate(result.nodes)},
+        rules={node.name: node.rule for node in predictor.nodes},
+        flops_per_image=predictor.flops_per_image(result.reached(), len(labels)))
+    predictions = [{"index": int(row), "true_class": classes[t], **r}
+                   for row, t, r in zip(rows, labels, result.rows())]
+    return metrics, predictions
+
+
+def _wilson(successes: int, n: int) -> list[float] | None:
+    """95% Wilson score interval of a proportion (None when n == 0)."""
+    if n == 0:
+        return None
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def format_tree_report(metrics: dict, classes) -> str:
+    """The usual table for the routed tree, plus the parent's flat accuracy and where images went."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    ci = lambda v: "" if not v else f" [{100 * v[0]:.1f}%, {100 * v[1]:.1f}%]"  # noqa: E731
+    lines = [format_report("tree (routed, end to end)", metrics, classes),
+             f"Tree accuracy at full coverage: {pct(metrics['test_accuracy'])}{ci(metrics['test_accuracy_ci'])}; "
+             f"parent's flat accuracy on the same images: {pct(metrics['parent_accuracy'])}"
+             f"{ci(metrics['parent_accuracy_ci'])} (95% Wilson)",
+             f"Only the tree right: {metrics['tree_only_correct']}, only the parent right: "
+             f"{metrics['parent_only_correct']} (exact McNemar p = {metrics['mcnemar_p']:.3g})",
+             "Reached: " + ", ".join(f"{k} {v}" for k, v in metrics["reached"].items()),
+             "Rejected at: " + ", ".join(f"{k} {v}" for k, v in metrics["rejected_at"].items()),
+             "Rules: " + ", ".join(f"{k} T={r['temperature']:.3f} threshold "
+                                   f"{'none' if r['threshold'] is None else format(r['threshold'], '.4f')}"
+                                   for k, r in metrics["rules"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""Several seeds of one run: each seed's full run in OUT/seed-<n>/, and in OUT/ the mean and standard
+deviation of every headline figure (metrics.json, the printed table, report.md/.html with the seeds'
+risk-coverage curves overlaid)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .metrics import describe_rule
+from .pipeline import write_atomic
+
+# Dotted paths into a node's metrics; the parent has no reject option or parent head unless configured.
+HEADLINE = ("test_accuracy", "coverage", "accepted_accuracy", "selective_risk", "aurc", "eaurc", "ece_raw", "ece",
+            "nll_raw", "nll", "brier_raw", "brier", "temperature", "acceptance.threshold",
+            "acceptance.validation.coverage", "parent_head.test_accuracy", "parent_head.aurc",
+            "parent_head.eaurc", "parent_head.risk_at_branch_coverage")
+PERCENT = {"test_accuracy", "coverage", "accepted_accuracy", "selective_risk", "ece_raw", "ece",
+           "acceptance.validation.coverage", "parent_head.test_accuracy", "parent_head.risk_at_branch_coverage"}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]; distinct integers >= 0."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = [-1]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be distinct integers >= 0 separated by commas, e.g. 0,1,2; got {text!r}")
+    return seeds
+
+
+def lookup(metrics: dict, path: str):
+    for key in path.split("."):
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def stats(values: list) -> dict:
+    """Mean and sample standard deviation (ddof 1) of the values that are not None."""
+    present = [float(v) for v in values if v is not None]
+    mean = float(np.mean(present)) if present else None
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return {"mean": mean, "std": std, "n": len(present), "values": values}
+
+
+def summarise(runs: dict[int, dict]) -> dict:
+    """{"parent": {figure: stats}, "branches": {name: {figure: stats}}, "timings": {...: stats}}."""
+    first = next(iter(runs.values()))
+    def node(get):
+        out = {}
+        for path in HEADLINE:
+            values = [lookup(get(m), path) for m in runs.values()]
+            if any(v is not None for v in values):
+                out[path] = stats(values)
+        return out
+    return {"parent": node(lambda m: m["parent"]),
+            "branches": {name: node(lambda m, name=name: m["branches"][name]) for name in first["branches"]},
+            "timings": {k: stats([m["timings"].get(k) for m in runs.values()]) for k in first["timings"]}}
+
+
+def run_seeds(config, data_dir, out_dir, recipe, seeds: list[int], download: bool = False, progress: bool = True,
+              echo=print, report: bool = True) -> dict:
+    """pipeline.run for each seed into OUT/seed-<n>/, then OUT/metrics.json with mean and std."""
+    from .pipeline import run
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    runs = {}
+    for seed in seeds:
+        echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")
+        runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, download=download,
+                         progress=progress, echo=echo, report=report)
+    first = runs[seeds[0]]
+    summary = summarise(runs)
+    metrics = {"seeds": seeds, "recipe": recipe.name, "config": first["config"], "data": first["data"],
+               "std": "sample standard deviation over seeds (ddof 1)",
+               "runs": {str(s): f"seed-{s}/metrics.json" for s in seeds},
+               "rules": {n: describe_rule(m["acceptance"]) for n, m in [("parent", first["parent"]),
+                                                                         *first["branches"].items()]
+                         if "acceptance" in m},
+               "parent": summary["parent"], "branches": summary["branches"],
+               "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    echo(format_summary(metrics))
+    if report:
+        from .report import write_seeds_report
+        write_seeds_report(out)
+    return metrics
+
+
+def mean_std(s: dict | None, percent: bool) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    scale, unit, digits = (100, "%", 1) if percent else (1, "", 4)
+    std = "" if s["std"] is None or math.isnan(s["std"]) else f" ± {scale * s['std']:.{digits}f}"
+    return f"{scale * s['mean']:.{digits}f}{std}{unit}"
+
+
+TABLE = (("accuracy", "test_accuracy"), ("coverage", "coverage"), ("accepted acc.", "accepted_accuracy"),
+         ("AURC", "aurc"), ("ECE", "ece"), ("threshold", "acceptance.threshold"))
+
+
+def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["node", "rule", *(label for label, _ in TABLE), "parent head acc.", "parent head AURC"]
+    rows = []
+    for name, node in [("parent", metrics["parent"]), *metrics["branches"].items()]:
+        rows.append([name, metrics.get("rules", {}).get(name, "accept all"),
+                     *(mean_std(node.get(key), key in PERCENT) for _, key in TABLE),
+                     mean_std(node.get("parent_head.test_accuracy"), True),
+                     mean_std(node.get("parent_head.aurc"), False)])
+    return header, rows
+
+
+def format_summary(metrics: dict) -> str:
+    """The printed table: mean ± std over seeds of the headline figures of every node."""
+    header, rows = summary_rows(metrics)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    seeds = ", ".join(map(str, metrics["seeds"]))
+    lines = [f"== mean ± std over seeds {seeds} (recipe {metrics['recipe']}; sample std; test split) =="]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    total = metrics["timings"].get("total_s")
+    if total:
+        std = f" ± {total['std']:.1f}" if total["std"] is not None else ""
+        lines.append(f"time per seed: {total['mean']:.1f}{std} s")
+    return "\n".join(lines)

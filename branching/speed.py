@@ -1,0 +1,156 @@
+"""Inference speed: the original study's style, batched extraction and the routed tree, measured alike.
+
+Used by benchmarks/bench_inference.py. Every mode answers the same question (which class, how
+sure) so that their outputs can be checked against each other before they are timed.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchly import Model
+
+from .data import N_PIXELS, Normalizer
+from .routing import TreePredictor
+
+
+def chain_models(models: dict[str, Model], leaf: str) -> list[Model]:
+    """The models from the parent down to `leaf`."""
+    chain = [models[leaf]]
+    while chain[0].meta.get("source") is not None:
+        chain.insert(0, models[chain[0].meta["source"]])
+    return chain
+
+
+def _read_module(source: Model, layer: int, where: str) -> nn.Module:
+    """The module of `source` whose output is hidden layer `layer` at `where`."""
+    linears = [i for i, m in enumerate(source.net) if isinstance(m, nn.Linear)]
+    return source.net[linears[layer] + (0 if where == "pre" else 1)]
+
+
+def original_style(chain: list[Model], normalizer: Normalizer, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As the original's test scripts: one image at a time, each model on the way run whole with a
+    forward hook catching the layer the next one reads, then the branch. Returns (classes, confidences)."""
+    predicted, confidence = np.empty(len(images), np.int64), np.empty(len(images), np.float32)
+    for i, image in enumerate(images):
+        x = torch.tensor(((image.astype(np.float32) - normalizer.mean) / normalizer.std)[None])
+        with torch.no_grad():
+            for source, reader in zip(chain[:-1], chain[1:]):
+                caught = {}
+                hook = _read_module(source, reader.meta["layer"], reader.meta["where"]).register_forward_hook(
+                    lambda module, inputs, output: caught.__setitem__("x", output))
+                source.net(x)
+                hook.remove()
+                x = caught["x"]
+            probabilities = torch.softmax(chain[-1].net(x), dim=1)[0].numpy()
+        predicted[i], confidence[i] = probabilities.argmax(), probabilities.max()
+    return predicted, confidence
+
+
+def batched_extraction(chain: list[Model], normalizer: Normalizer, images: np.ndarray,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """torchly's batched get_activations along the chain (each model only up to the layer read), then the branch."""
+    x = normalizer.transform(images)
+    for source, reader in zip(chain[:-1], chain[1:]):
+        x = source.get_activations(x, layer=reader.meta["layer"], where=reader.meta["where"], batch_size=batch_size)
+    probabilities = chain[-1].predict_proba(x)
+    return probabilities.argmax(axis=1), probabilities.max(axis=1)
+
+
+def chain_flops(chain: list[Model], full: bool) -> int:
+    """Forward FLOPs per image along a chain: every model whole (full) or only up to the layer read."""
+    total = 0
+    for i, model in enumerate(chain):
+        widths = model.architecture
+        if not full and i + 1 < len(chain):
+            widths = widths[:chain[i + 1].meta["layer"] + 2]
+        total += sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+    return total
+
+
+def seconds_per_call(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls (the least disturbed by other work on the machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_pass(shapes: list[tuple[int, int, int]]):
+    """A function that runs torch.matmul once on each shape (rows x fan_in) @ (fan_in x fan_out), on
+    inputs made here; timing it gives what plain matrix products need for those shapes."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(rows, fan_in, generator=generator), torch.randn(fan_in, fan_out, generator=generator))
+             for rows, fan_in, fan_out in shapes if rows]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for a, b in pairs:
+                torch.matmul(a, b)
+    run()
+    return run
+
+
+def routed_shapes(predictor: TreePredictor, reached: dict[str, int], n: int, batch_size: int):
+    """The matmul shapes of one batch of the routed tree: each node's Linears on the share of images it sees."""
+    shapes = []
+    for name, layers in predictor.layer_shapes().items():
+        rows = round(batch_size * reached[name] / n)
+        shapes += [(rows, fan_in, fan_out) for fan_in, fan_out in layers]
+    return shapes
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def peak_memory(fn) -> tuple[object, float | None, float]:
+    """(fn(), peak resident memory above the start while fn ran (MiB; None where it cannot be reset),
+    peak resident memory of the process so far (MiB))."""
+    start = _status_kib("VmRSS")
+    try:
+        _CLEAR_REFS.write_text("5")  # resets the high-water mark (Linux)
+        resettable = start is not None
+    except OSError:
+        resettable = False
+    result = fn()
+    high = _status_kib("VmHWM") if resettable else None
+    rusage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    extra = (high - start) / 1024 if high is not None else None
+    return result, extra, rusage
+
+
+def random_tree(config, seed: int = 0) -> dict[str, Model]:
+    """Untrained models of a config's shapes (for timing when no trained tree is at hand)."""
+    rng = np.random.default_rng(seed)
+    norm = Normalizer(rng.uniform(100, 150, N_PIXELS), rng.uniform(40, 70, N_PIXELS))
+    models: dict[str, Model] = {}
+    for i, spec in enumerate(config.nodes()):
+        width = N_PIXELS if spec.source is None else models[spec.source].width(spec.layer)
+        model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, seed=seed + i)
+        model.meta = {"name": spec.name, "classes": list(spec.classes)}
+        if spec.source is None:
+            model.meta["normalization"] = norm.to_dict()
+        else:
+            model.meta.update(source=spec.source, layer=spec.layer, where=spec.where or "pre")
+        models[spec.name] = model.freeze()
+    return models

@@ -1,0 +1,228 @@
+"""`compare`: every method on a small synthetic tree, checked against hand counts and manual computations."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from branching import cost
+from branching.baselines import (EndToEnd, Outcome, Recipes, count_parameters, restricted_logits, run_finetune,
+                                 run_parent_head, unrestricted_logits)
+from branching.cli import main
+from branching.compare import compare_seed, make_context, score
+from branching.compare_report import paired_delta, summarise, t_interval
+from branching.config import parse_config
+from branching.data import make_synthetic
+from branching.pipeline import load_tree_data, node_inputs, parent_normalizer
+from torchly import Model
+
+CLASSES = ["beaver", "whale", "wolf", "sunflower"]
+TREE = """
+[parent]
+classes = ["beaver", "whale", "wolf", "sunflower"]
+hidden = [16, 8]
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+layer = 1
+hidden = [6]
+
+[branches.water]
+from = "mammals"
+classes = ["beaver", "whale"]
+layer = 0
+hidden = [3]
+"""
+N_TEST = 10
+
+
+def lin(a, b):
+    """Weights and biases of one Linear layer, by hand."""
+    return a * b + b
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("cmp") / "c100", CLASSES, n_train=40, n_test=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def tree_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tree.toml"
+    path.write_text(TREE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def config():
+    return parse_config(TREE)
+
+
+@pytest.fixture(scope="module")
+def data(config, data_dir):
+    return load_tree_data(config, data_dir)
+
+
+@pytest.fixture(scope="module")
+def result(config, data):
+    return compare_seed(config, data, seed=0, recipes=Recipes.capped(1), progress=False)
+
+
+@pytest.fixture(scope="module")
+def context(config, data):
+    return make_context(config, data, seed=0, recipes=Recipes.capped(1), progress=False)
+
+
+def test_every_method_runs_on_every_branch(result):
+    assert list(result["branches"]["mammals"]) == [
+        "branch", "branch_original", "parent_head", "parent_unrestricted", "linear_probe",
+        "layer0_pre", "layer0_post", "layer1_post", "scratch_mlp", "finetune"]
+    # water reads mammals, whose one hidden layer gives a single other reading: post
+    assert list(result["branches"]["water"]) == [
+        "branch", "branch_original", "parent_head", "parent_unrestricted", "linear_probe", "layer0_post",
+        "scratch_mlp", "finetune"]
+    for name, n_classes in (("mammals", 3), ("water", 2)):
+        for key, r in result["branches"][name].items():
+            assert r["test_samples"] == n_classes * N_TEST, key
+            assert r["correct"].shape == (n_classes * N_TEST,), key
+            assert 0 <= r["test_accuracy"] <= 1 and r["test_accuracy"] == r["correct"].mean()
+            if key != "parent_unrestricted":
+                assert r["acceptance"] is not None and 0 <= r["coverage"] <= 1 and r["aurc"] is not None, key
+
+
+def test_parameter_counts_by_hand(result):
+    m = {k: r["trainable_parameters"] for k, r in result["branches"]["mammals"].items()}
+    trunk = lin(3072, 16) + lin(16, 8)
+    assert m["branch"] == m["branch_original"] == m["layer1_post"] == lin(8, 6) + lin(6, 3) == 75
+    assert m["layer0_pre"] == m["layer0_post"] == lin(16, 6) + lin(6, 3)
+    assert m["linear_probe"] == 8 * 3 + 3
+    assert m["parent_head"] == m["parent_unrestricted"] == 0
+    assert m["scratch_mlp"] == m["finetune"] == trunk + lin(8, 6) + lin(6, 3) == 49379
+    w = {k: r["trainable_parameters"] for k, r in result["branches"]["water"].items()}
+    assert w["branch"] == lin(6, 3) + lin(3, 2)
+    # fine-tuning trains the parent's trunk, the mammals branch up to its layer 0, and water
+    assert w["finetune"] == w["scratch_mlp"] == trunk + lin(8, 6) + lin(6, 3) + lin(3, 2)
+
+
+def test_flops_by_hand(result, config):
+    m = {k: r["inference_flops"] for k, r in result["branches"]["mammals"].items()}
+    assert m["branch"] == 2 * (3072 * 16 + 16 * 8 + 8 * 6 + 6 * 3)
+    assert m["parent_head"] == 2 * (3072 * 16 + 16 * 8 + 8 * 4)
+    assert m["linear_probe"] == 2 * (3072 * 16 + 16 * 8 + 8 * 3)
+    assert m["layer0_pre"] == 2 * (3072 * 16 + 16 * 6 + 6 * 3)
+    assert cost.linear_params(cost.path_widths(config, "mammals")) == count_parameters(
+        Model(cost.path_widths(config, "mammals")).net)
+
+
+def test_restricted_parent_head_is_the_argmax_over_the_branch_classes(context, config, data):
+    outcome = run_parent_head(context, config.node("mammals"))
+    parent = context.models["parent"]
+    images, labels, _ = data.node_rows("test", config.node("mammals"))
+    logits = parent.logits(parent_normalizer(parent).transform(images))
+    branch_classes = ["beaver", "whale", "wolf"]
+    manual = [max(range(3), key=lambda j: logits[i, CLASSES.index(branch_classes[j])]) for i in range(len(logits))]
+    np.testing.assert_array_equal(outcome.logits.argmax(axis=1), manual)
+    assert outcome.trainable_parameters == 0
+    # unrestricted: the parent's own 4-way prediction, "other" when it is sunflower
+    own = logits.argmax(axis=1)
+    expected = np.where(own == 3, 3, own)
+    np.testing.assert_array_equal(unrestricted_logits(logits, CLASSES, branch_classes).argmax(axis=1), expected)
+    # the order of the branch's classes is the order of the columns
+    np.testing.assert_array_equal(restricted_logits(logits, CLASSES, ["wolf", "beaver"]), logits[:, [2, 0]])
+
+
+def test_end_to_end_starts_as_trunk_plus_branch_and_leaves_the_parent_alone(context, config, data):
+    spec = config.node("mammals")
+    from branching.baselines import run_branch
+    run_branch(context, spec)
+    parent, branch = context.models["parent"], context.models["mammals"]
+    fingerprint = parent.fingerprint()
+    X = parent_normalizer(parent).transform(data.node_rows("test", spec)[0])
+    net = EndToEnd(context.models, "mammals")
+    with torch.no_grad():
+        combined = net(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(combined, branch.logits(node_inputs(context.models, "mammals", X)), atol=1e-5)
+    # the parent's last hidden-to-output layer is not on the path: frozen, not counted
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == lin(3072, 16) + lin(16, 8) + 75
+    run_finetune(context, spec)
+    assert parent.fingerprint() == fingerprint and parent.frozen
+
+
+def test_score_against_a_hand_computation():
+    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
+    labels = np.array([0, 0, 0, 1])  # correct, wrong, correct, correct
+    outcome = Outcome(logits, {"temperature": 1.0, "threshold": 0.75}, 10, 100, 1.0, 2.0)
+    r = score(outcome, labels)
+    assert r["test_accuracy"] == 0.75
+    assert r["coverage"] == 0.5 and r["accepted_accuracy"] == 0.5  # 0.9 (right) and 0.8 (wrong) accepted
+    # confidences 0.9 R, 0.8 W, 0.7 R, 0.6 R: risks 0, 1/2, 1/3, 1/4
+    assert r["aurc"] == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    assert r["total_train_s"] == 3.0
+    nothing = score(Outcome(logits, {"temperature": 1.0, "threshold": None}, 0, 0, 0.0, 0.0), labels)
+    assert nothing["coverage"] == 0 and nothing["accepted_accuracy"] is None
+
+
+def test_intervals_against_scipy_and_a_normal_approximation():
+    values = [0.8, 0.83, 0.78]
+    expected = scipy_stats.t.interval(0.95, 2, loc=np.mean(values), scale=scipy_stats.sem(values))
+    np.testing.assert_allclose(t_interval(values), expected)
+    assert t_interval([0.8]) is None
+    rng = np.random.default_rng(1)
+    a = [rng.random(400) < 0.8 for _ in range(3)]
+    b = [rng.random(400) < 0.7 for _ in range(3)]
+    d = paired_delta(a, b)
+    diff = np.mean(a, axis=0) - np.mean(b, axis=0)
+    assert d["mean"] == pytest.approx(np.mean(a) - np.mean(b))
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert d["ci95"][0] == pytest.approx(diff.mean() - half, abs=0.01)
+    assert d["ci95"][1] == pytest.approx(diff.mean() + half, abs=0.01)
+
+
+def test_summary_over_seeds(result):
+    summary = summarise([result, result])
+    branch = summary["branches"]["mammals"]["branch"]
+    accuracy = result["branches"]["mammals"]["branch"]["test_accuracy"]
+    assert branch["test_accuracy"]["n"] == 2 and branch["test_accuracy"]["mean"] == pytest.approx(accuracy)
+    assert branch["test_accuracy"]["std"] == 0 and len(branch["per_seed"]) == 2
+    assert summary["branches"]["mammals"]["parent_head"]["delta_vs_parent_head"]["mean"] == 0
+    assert "correct" not in json.dumps(summary)
+
+
+def test_compare_command_writes_its_three_files(data_dir, tmp_path, capsys):
+    tree = tmp_path / "tree.toml"
+    tree.write_text(TREE.split("[branches.water]")[0])
+    out = tmp_path / "out"
+    code = main(["compare", "--config", str(tree), "--data", str(data_dir), "--out", str(out),
+                 "--seeds", "3", "--max-epochs", "1", "--quiet", "--no-download"])
+    assert code == 0
+    result = json.loads((out / "compare.json").read_text())
+    mammals = result["summary"]["branches"]["mammals"]
+    assert result["setup"]["seeds"] == [3] and mammals["branch"]["per_seed"][0]["trainable_parameters"] == 75
+    assert "--seeds 3" in result["setup"]["command"]
+    text = (out / "compare.md").read_text()
+    assert "## mammals" in text and "MLP from scratch, same size" in text
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "compare.md" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0,x"], "--seeds"),
+    (["--max-epochs", "0"], "--max-epochs"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tree_file, data_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code = main(["compare", "--config", str(tree_file), "--data", str(data_dir), "--out", str(out), "--quiet",
+                 "--no-download", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_tree_without_branches_is_an_error(data_dir, tmp_path, capsys):
+    path = tmp_path / "flat.toml"
+    path.write_text('[parent]\nclasses = ["beaver", "whale"]\nhidden = [8]\n')
+    code = main(["compare", "--config", str(path), "--data", str(data_dir), "--out", str(tmp_path / "o"),
+                 "--quiet", "--no-download"])
+    assert code == 2 and "nothing to compare" in capsys.readouterr().err

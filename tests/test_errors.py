@@ -1,0 +1,102 @@
+"""Bad input through `python -m branching run` and the scripts: exit status 2, one line on stderr
+starting with "error:", no traceback, and nothing written."""
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from branching.checkpoint import ModelStore
+from reference import ORIGINAL_CLASSES, REPO_ROOT, run_command, script
+from torchly import Model
+
+ORIGINAL_TOML = (REPO_ROOT / "configs" / "original.toml").read_text()
+
+
+def edited_config(old, new):
+    assert old in ORIGINAL_TOML
+    return ORIGINAL_TOML.replace(old, new, 1)
+
+
+def truncate_train(root):
+    train = root / "c10" / "train"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+
+
+def wrong_shape_train(root):
+    images = np.zeros((10, 1024), dtype=np.uint8)  # one channel instead of three
+    with open(root / "c10" / "train", "wb") as f:
+        pickle.dump({b"data": images, b"fine_labels": [82] * 10, b"filenames": [b"x.png"] * 10}, f, protocol=4)
+
+
+def parent_only(root):
+    """A (tiny, untrained) parent in models/ as parent_branch.py names it, and no branch."""
+    meta = {"kind": "parent", "classes": ORIGINAL_CLASSES}
+    ModelStore(root / "models", script_names=True).save("parent", Model([3072, 8, 8, 6], seed=0), meta)
+
+
+# (id, command, extra arguments, config text or None, preparation of the folder, substrings of the message)
+RUN = ["-m", "branching", "run"]
+CASES = [
+    ("missing-data-dir", RUN, ["--data", "absent"], None, None, ["no CIFAR-100 files", "absent"]),
+    ("missing-data-dir-script", [script("parent_branch.py")], ["--data", "absent"], None, None,
+     ["no CIFAR-100 files", "absent"]),
+    ("truncated-file", RUN, [], None, truncate_train, ["train", "truncated or corrupt"]),
+    ("wrong-shapes", RUN, [], None, wrong_shape_train, ["train", "(10, 1024)", "(N, 3072)"]),
+    ("unknown-class", RUN, [], ORIGINAL_TOML.replace('"sunflower"', '"sunflowr"'), None,
+     ["'sunflowr'", "did you mean 'sunflower'"]),
+    ("branch-outside-parent", RUN, [], edited_config('["crab", "aquarium_fish", "shark"]', '["crab", "lobster"]'),
+     None, ["[branches.fish] classes", "'lobster'", "sunflower, poppy"]),
+    ("threshold-above-one", RUN, [], ORIGINAL_TOML + "\n[branches.flower.accept]\nthreshold = 1.5\n", None,
+     ["[branches.flower.accept] threshold", "(0, 1]"]),
+    ("threshold-zero-script", [script("flower_branch.py")], [],
+     ORIGINAL_TOML + "\n[branches.flower.accept]\nthreshold = 0\n", None, ["threshold", "(0, 1]"]),
+    ("unknown-config-key", RUN, [], edited_config("layer = 1", "layers = 1"), None,
+     ["unknown key 'layers'", "[branches.fish]"]),
+    ("missing-config", RUN, ["--config", "absent.toml"], None, None, ["config file not found", "absent.toml"]),
+    ("unknown-recipe", RUN, ["--recipe", "fancy"], None, None, ["'fancy'", "original"]),
+    ("unknown-recipe-script", [script("parent_branch.py")], ["--recipe", "fancy"], None, None, ["'fancy'"]),
+    ("missing-models", [script("fishtest.py")], [], None, None, ["no model", "parent_2.pt", "parent_branch.py"]),
+    ("missing-branch-model", [script("fishtest.py")], [], None, parent_only,
+     ["no model", "fishnet_2.pt", "fish_branch.py"]),
+    ("missing-parent-for-branch", [script("flower_branch.py")], [], None, None,
+     ["no model", "parent_2.pt", "parent_branch.py"]),
+]
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes (what must not change)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command, extra, config, prepare, expected",
+                         [pytest.param(*case[1:], id=case[0]) for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, synthetic_c10, command, extra, config, prepare,
+                                                         expected):
+    shutil.copytree(synthetic_c10, tmp_path / "c10")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "earlier.pt").write_bytes(b"an earlier file that must stay as it is")
+    if prepare is not None:
+        prepare(tmp_path)
+    models_before = sorted(p.name for p in (tmp_path / "models").iterdir())
+    trains = command == RUN or str(command[0]).endswith("_branch.py")
+    args = [*command, *(["--no-download"] if trains else []), *extra]  # test scripts never download
+    if config is not None:
+        (tmp_path / "tree.toml").write_text(config)
+        args += ["--config", "tree.toml"]
+    if command == RUN:
+        args += ["--out", "out", "--quiet"]
+    before = snapshot(tmp_path)
+
+    result = run_command(args, cwd=tmp_path, timeout=120)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for part in expected:
+        assert part in lines[0]
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c10", "models", *(["tree.toml"] if config else [])])
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == models_before

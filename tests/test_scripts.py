@@ -1,0 +1,167 @@
+"""The original's six scripts, run in order as subprocesses on a synthetic `c10/` in the official
+format, checked against an independent recomputation from the files they wrote."""
+
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix
+
+from branching.data import make_synthetic
+from reference import (FISH, FLOWER, ORIGINAL_CLASSES, branch_logits, file_mode_ok, forward, linear_layers,
+                       load_checkpoint, normalise, parse_report, read_split, run_command, script, softmax)
+
+TRAINING = ("parent_branch.py", "fish_branch.py", "flower_branch.py")
+TESTING = ("parent_test.py", "fishtest.py", "flowertest.py")
+MAX_EPOCHS = 2
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A folder with c10/ in which the six scripts ran in order: (folder, {script: completed process})."""
+    root = tmp_path_factory.mktemp("scripts")
+    make_synthetic(root / "c10", ORIGINAL_CLASSES, n_train=50, n_test=20, seed=3)
+    results = {}
+    for name in TRAINING:
+        results[name] = run_command([script(name), "--max-epochs", MAX_EPOCHS, "--quiet"], cwd=root)
+        assert results[name].returncode == 0, f"{name} failed:\n{results[name].stderr}"
+    for name in TESTING:  # as in the original: no arguments at all
+        results[name] = run_command([script(name)], cwd=root)
+        assert results[name].returncode == 0, f"{name} failed:\n{results[name].stderr}"
+    return root, results
+
+
+@pytest.fixture(scope="session")
+def checkpoints(workdir):
+    root, _ = workdir
+    return {node: load_checkpoint(root / "models" / f) for node, f in
+            (("parent", "parent_2.pt"), ("fish", "fishnet_2.pt"), ("flower", "flowernet_2.pt"))}
+
+
+def normaliser_files(root):
+    return np.load(root / "parent_X_mean.npy"), np.load(root / "parent_X_std.npy")
+
+
+def test_scripts_write_the_original_files(workdir):
+    root, results = workdir
+    written = ["models/parent_2.pt", "models/fishnet_2.pt", "models/flowernet_2.pt", "parent_X_mean.npy",
+               "parent_X_std.npy"]
+    for name in written:
+        assert (root / name).is_file(), name
+        assert file_mode_ok(root / name), f"{name} has mode {oct((root / name).stat().st_mode & 0o777)}"
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["fishnet_2.pt", "flowernet_2.pt", "parent_2.pt"]
+    for name in TRAINING:
+        assert "Traceback" not in results[name].stderr
+    mean, std = normaliser_files(root)
+    assert mean.shape == std.shape == (3072,) and mean.dtype == std.dtype == np.float32
+
+
+def test_checkpoints_are_self_describing(checkpoints, workdir):
+    root, _ = workdir
+    parent, fish, flower = checkpoints["parent"], checkpoints["fish"], checkpoints["flower"]
+    assert parent["architecture"] == [3072, 1024, 512, 6]
+    assert [w.shape for w, _ in linear_layers(parent)] == [(1024, 3072), (512, 1024), (6, 512)]
+    assert parent["meta"]["kind"] == "parent" and parent["meta"]["classes"] == ORIGINAL_CLASSES
+    for branch, classes in ((fish, FISH), (flower, FLOWER)):
+        assert branch["architecture"] == [512, 256, 3]
+        meta = branch["meta"]
+        assert meta["kind"] == "branch" and meta["classes"] == classes
+        assert (meta["source"], meta["layer"], meta["where"]) == ("parent", 1, "pre")
+        assert meta["parent_fingerprint"] == parent["meta"]["fingerprint"]
+        assert meta["acceptance"]["threshold"] == pytest.approx(0.96)
+    for ckpt in checkpoints.values():
+        meta = ckpt["meta"]
+        assert meta["seed"] == 0 and meta["recipe"]["name"] == "default"
+        # the training settings record the --max-epochs cap that was used
+        assert meta["recipe"]["parent"]["epochs"] == meta["recipe"]["branch"]["epochs"] == MAX_EPOCHS
+        assert 1 <= meta["history"]["epochs_run"] <= MAX_EPOCHS
+        assert ckpt["dropout"] == {"parent": 0.3}.get(meta["kind"], 0.5)
+
+    # normalisation: in the checkpoint, equal to the .npy files and to numpy over the parent's training rows
+    mean, std = normaliser_files(root)
+    np.testing.assert_array_equal(parent["meta"]["normalization"]["mean"].numpy(), mean)
+    np.testing.assert_array_equal(parent["meta"]["normalization"]["std"].numpy(), std)
+    images, labels, rows = read_split(root / "c10", "train", ORIGINAL_CLASSES)
+    train_rows = parent["meta"]["train_rows"].numpy()
+    training = images[np.searchsorted(rows, train_rows)].astype(np.float64)
+    np.testing.assert_allclose(mean, training.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(std, training.std(axis=0), rtol=1e-5)
+
+
+def test_default_recipe_validates_on_images_the_parent_never_trained_on(checkpoints, workdir):
+    root, _ = workdir
+    _, labels, rows = read_split(root / "c10", "train", ORIGINAL_CLASSES)
+    parent = checkpoints["parent"]["meta"]
+    parent_train, parent_val = set(parent["train_rows"].tolist()), set(parent["val_rows"].tolist())
+    assert not parent_train & parent_val and parent_train | parent_val == set(rows.tolist())
+    val_per_class = np.bincount(labels[np.isin(rows, list(parent_val))], minlength=6)
+    assert np.all(np.abs(val_per_class - 0.15 * 50) <= 1)  # stratified 15%
+    for name, classes in (("fish", FISH), ("flower", FLOWER)):
+        meta = checkpoints[name]["meta"]
+        branch_rows = set(read_split(root / "c10", "train", classes)[2].tolist())
+        assert set(meta["val_rows"].tolist()) == parent_val & branch_rows
+        assert set(meta["train_rows"].tolist()) == parent_train & branch_rows
+
+
+def test_parent_test_prints_what_an_independent_forward_pass_gives(workdir, checkpoints):
+    root, results = workdir
+    report = parse_report(results["parent_test.py"].stdout, ORIGINAL_CLASSES)
+    images, labels, _ = read_split(root / "c10", "test", ORIGINAL_CLASSES)
+    mean, std = normaliser_files(root)
+    predicted = forward(normalise(images, mean, std), linear_layers(checkpoints["parent"])).argmax(axis=1)
+    assert report["samples"] == len(labels) == 120
+    assert report["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=5e-5)
+    assert report["accuracy"] > 0.3  # well above chance (1/6) even after two epochs
+    expected = confusion_matrix(labels, predicted, labels=range(6))
+    np.testing.assert_array_equal(report["confusion_matrix"], expected)
+    for i, name in enumerate(ORIGINAL_CLASSES):
+        assert report["per_class"][name] == pytest.approx(expected[i, i] / expected[i].sum(), abs=5e-5)
+    header = report["matrix_header"]  # columns: the class names (long ones shortened)
+    assert len(header) == 6
+    assert all(h == c or (len(h) >= 6 and c.startswith(h)) for c, h in zip(ORIGINAL_CLASSES, header))
+
+
+@pytest.mark.parametrize("name, test_script, classes", [("fish", "fishtest.py", FISH),
+                                                        ("flower", "flowertest.py", FLOWER)])
+def test_branch_test_prints_what_an_independent_forward_pass_gives(workdir, checkpoints, name, test_script,
+                                                                   classes):
+    root, results = workdir
+    report = parse_report(results[test_script].stdout, classes)
+    images, labels, _ = read_split(root / "c10", "test", classes)
+    mean, std = normaliser_files(root)
+    logits = branch_logits(images, checkpoints["parent"], checkpoints[name], mean, std)
+    acceptance = checkpoints[name]["meta"]["acceptance"]
+    confidence = softmax(logits, acceptance["temperature"]).max(axis=1)
+    predicted, accepted = logits.argmax(axis=1), confidence >= acceptance["threshold"]
+    correct = predicted == labels
+    assert report["samples"] == len(labels) == 60
+    assert report["accuracy"] == pytest.approx(correct.mean(), abs=5e-5)
+    assert report["accepted"] == accepted.sum()
+    assert report["coverage"] == pytest.approx(accepted.mean(), abs=5e-4)
+    if accepted.any():
+        assert report["accepted_accuracy"] == pytest.approx(correct[accepted].mean(), abs=5e-5)
+    else:
+        assert report["accepted_accuracy"] is None
+    expected = confusion_matrix(labels, predicted, labels=range(3))
+    np.testing.assert_array_equal(report["confusion_matrix"], expected)
+    for i, c in enumerate(classes):
+        assert report["per_class"][c] == pytest.approx(expected[i, i] / expected[i].sum(), abs=5e-5)
+
+
+def test_branch_with_another_parent_is_refused(workdir, tmp_path):
+    root, _ = workdir
+    (tmp_path / "models").mkdir()
+    shutil.copy(root / "models" / "fishnet_2.pt", tmp_path / "models")
+    data = ["--data", root / "c10"]
+    retrain = run_command([script("parent_branch.py"), *data, "--seed", 1, "--max-epochs", 1, "--quiet"],
+                          cwd=tmp_path)
+    assert retrain.returncode == 0, retrain.stderr
+    before = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()}
+    result = run_command([script("fishtest.py"), *data], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "retrain the branch" in lines[0] and "fish_branch.py" in lines[0]
+    assert "Total Test Samples" not in result.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()} == before
