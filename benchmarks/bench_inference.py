@@ -11,6 +11,7 @@ shared: every figure is the best of --repeats interleaved rounds, and ratios are
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,8 +39,12 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=8192, help="images per throughput measurement")
     p.add_argument("--single", type=int, default=200, help="images answered one at a time per measurement")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.models:
         config, models = load_models(args.models)
         source = f"trained models in {args.models}"
@@ -72,9 +77,9 @@ def main(argv=None) -> int:
     assert np.array_equal(predictor.predict(single, 1).predicted, predictor.predict(single, bs).predicted)
     reached = routed.reached()
 
-    timings = {k: float("inf") for k in ("orig", "extract", "extract1", "tree", "tree1", "matmul")}
+    timings = {k: float("inf") for k in ("orig", "extract", "extract1", "tree", "tree1", "matmul", "bf16")}
     shapes = routed_shapes(predictor, reached, len(test), bs)
-    matmuls = matmul_pass(shapes)
+    matmuls, matmuls_bf16 = matmul_pass(shapes), matmul_pass(shapes, torch.bfloat16)
     for _ in range(args.repeats):  # interleaved rounds: every mode sees the same load
         timings["orig"] = min(timings["orig"], seconds_per_call(lambda: original_style(chain, normalizer, single), 1)
                               / len(single))
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
         timings["tree1"] = min(timings["tree1"], seconds_per_call(
             lambda: [predictor.predict(x[None], 1) for x in single], 1) / len(single))
         timings["matmul"] = min(timings["matmul"], seconds_per_call(matmuls, 3) / bs)
+        timings["bf16"] = min(timings["bf16"], seconds_per_call(matmuls_bf16, 3) / bs)
 
     _, mem_orig, _ = peak_memory(lambda: original_style(chain, normalizer, single))
     _, mem_extract, _ = peak_memory(lambda: batched_extraction(chain, normalizer, images, bs))
@@ -108,13 +114,17 @@ def main(argv=None) -> int:
     print(f"\nlatency, one image per call: original style {1e3 * timings['orig']:.3f} ms, batched extraction "
           f"{1e3 * timings['extract1']:.3f} ms, routed tree {1e3 * timings['tree1']:.3f} ms "
           f"(target < {TARGET_LATENCY_MS:g} ms)")
-    print(f"arithmetic limit: torch.matmul reaches {matmul_rate / 1e9:.2f} GFLOP/s on the routed tree's shapes at batch "
-          f"{bs}; at {tree_flops / 1e6:.2f} MFLOP/image that is {limit:.0f} images/s")
+    print(f"arithmetic limit: torch.matmul reaches {matmul_rate / 1e9:.2f} GFLOP/s on the routed tree's shapes at "
+          f"batch {bs}; at {tree_flops / 1e6:.2f} MFLOP/image that is {limit:.0f} images/s")
     print(f"routed tree / original style: {timings['orig'] / timings['tree']:.1f}x (target >= {TARGET_SPEEDUP:g}x); "
-          f"routed tree / arithmetic limit: {1 / timings['tree'] / limit:.2f} (target >= {TARGET_LIMIT_SHARE:g})")
+          f"routed tree / arithmetic limit: {1 / timings['tree'] / limit:.2f} (target >= {TARGET_LIMIT_SHARE:g}); "
+          f"the limit itself is {limit * timings['orig']:.1f}x the original style")
     print(f"memory: routed tree over {args.images} images {mib(mem_tree)} above its start, over {10 * args.images} "
           f"{mib(mem_tree_many)} (inputs excluded; outputs are 37 bytes/image); process peak {peak_rss:.0f} MiB")
-    print(f"routing on the test images: " + ", ".join(f"{k} {v}" for k, v in reached.items()))
+    print(f"not used: torch.matmul in bfloat16 on the same shapes reaches {matmul_flops / timings['bf16'] / 1e9:.2f} "
+          f"GFLOP/s ({timings['matmul'] / timings['bf16']:.1f}x float32), at the cost of rounding every weight")
+    print("routing on the test images: " + ", ".join(f"{k} {v}" for k, v in reached.items()))
+    print(f"load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     return 0
 
 

@@ -24,7 +24,7 @@ from .checkpoint import ModelStore
 from .config import NodeSpec, TreeConfig
 from .data import (FINE_LABEL_NAMES, Normalizer, Split, ensure_cifar100, load_label_names, load_split,
                    resolve_classes, select)
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .metrics import format_report
 from .recipes import Recipe
 

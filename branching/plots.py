@@ -34,8 +34,8 @@ def training_curves(history: dict, title: str, path: Path) -> Path:
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, key, label in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("cross-entropy loss", "accuracy (%)")):
         scale = 100 if key == "accuracy" else 1
-        ax.plot(epochs, scale * np.asarray(history[key]), label="training (train mode: dropout, augmentation)",
-                color=BRANCH_COLOUR)
+        ax.plot(epochs, scale * np.asarray(history[key]), color=BRANCH_COLOUR,
+                label="training (train mode: with dropout and any augmentation)")
         if history.get(f"val_{key}"):
             ax.plot(epochs, scale * np.asarray(history[f"val_{key}"]), label="validation (eval mode)",
                     color=PARENT_COLOUR)
@@ -63,10 +63,12 @@ def risk_coverage(curves: list[dict], title: str, path: Path, operating_points: 
                   target_risk: float | None = None) -> Path:
     """Selective risk against coverage; curves are {"confidence", "correct", "label", "colour", "style"},
     operating points {"coverage", "risk", "label", "colour"}."""
-    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
+    highest = 0.0
     for c in curves:
         coverage, risk, _ = selective.risk_coverage_curve(c["confidence"], c["correct"])
+        highest = max(highest, float(risk.max(initial=0)))
         value = selective.aurc(c["confidence"], c["correct"])
         label = c["label"] + ("" if value is None else f" (AURC {value:.4f})")
         ax.step(100 * coverage, 100 * risk, where="post", color=c.get("colour"), linestyle=c.get("style", "-"),
@@ -80,7 +82,8 @@ def risk_coverage(curves: list[dict], title: str, path: Path, operating_points: 
                     markerfacecolor="none", markeredgewidth=2, color=point.get("colour", "black"),
                     linestyle="none", label=point["label"])
     _pct_axes(ax, "coverage (% of test images accepted)", "selective risk (% errors among accepted)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, 100 * max(highest, target_risk or 0) * (1.25 + 0.06 * len(ax.get_legend_handles_labels()[0])))
+    ax.legend(fontsize=8, loc="upper left")  # the headroom above keeps it off the curves
     ax.set_title(title)
     return _save(fig, path)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -134,12 +135,16 @@ def cmd_predict(args) -> int:
         print(f"error: {message}", file=sys.stderr)
     predictions = predictor.predict(pixels, batch_size=args.batch_size)
     rows = prediction_table(names, predictions, truth)
-    for row in rows:
-        print(format_line(row))
-    if truth is not None:
-        print(summary_line(rows, predictor.classes), file=sys.stderr)
     if args.out:
         write_rows(args.out, rows, errors)
+    try:
+        for row in rows:
+            print(format_line(row))
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: stop printing quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if truth is not None:
+        print(summary_line(rows, predictor.classes), file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images pe
         "are chosen on validation data only. AURC is the mean selective risk over all coverages (lower is "
         "better); E-AURC subtracts the AURC of a perfect ranking of the same predictions. ECE uses 15 "
         "equal-width bins. \"raw -> calibrated\" gives a figure at temperature 1 and at the fitted "
-        "temperature.")
+        "temperature. A risk-coverage curve starts at the coverage of its most confident group of equal "
+        "confidences (often exactly 1.0 for an overconfident model): no threshold separates them.")
 
 
 # ---- reading a run -----------------------------------------------------------------------------
@@ -260,10 +261,11 @@ def write_seeds_report(out_dir) -> Path:
                 curves.append({"confidence": data["parent_confidence"], "correct": data["parent_correct"],
                                "colour": colour, "style": "--", "width": 1.0,
                                "label": f"seed {seed}: parent's own head"})
+            threshold = num(run["acceptance"]["threshold"], 3)
             points.append({"coverage": run.get("coverage"), "risk": run.get("selective_risk"), "colour": colour,
-                           "label": f"seed {seed}: operating point (threshold {num(run['acceptance']['threshold'], 3)})"})
-        path = plots.risk_coverage(curves, f"{name}: risk-coverage, recipe {metrics['recipe']} "
-                                           f"(solid: branch, dashed: parent's own head)",
+                           "label": f"seed {seed}: operating point (threshold {threshold})"})
+        path = plots.risk_coverage(curves, f"{name}: risk-coverage on the test split, recipe {metrics['recipe']}\n"
+                                           f"(solid: branch, dashed: parent's own head on the same classes)",
                                    out / "plots" / f"risk-coverage-{name}.png", points)
         blocks += [("h2", f"{name}: risk-coverage over seeds ({rules.get(name, '')})"),
                    ("img", str(path.relative_to(out)), path.stem)]

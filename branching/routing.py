@@ -8,7 +8,9 @@ threshold. The argmax path is followed to the end either way, so one pass gives 
 selective answer and the tree's answer at full coverage.
 
 Each node's trunk is computed once per batch and feeds every child that reads it; a child only
-sees the images routed to it. The parent's normalisation is folded into its first layer.
+sees the images routed to it. The parent's normalisation is folded into its first layer. Only the
+matrix products run in torch; the small element-wise steps run in NumPy on the same memory, which
+keeps them out of torch's thread pool (whose start-up dominates such steps on a busy machine).
 """
 
 from __future__ import annotations
@@ -59,25 +61,25 @@ class _Node:
     def __init__(self, index: int, spec, model: Model, tree_classes, normalizer: Normalizer | None):
         self.index, self.name, self.spec = index, spec.name, spec
         linears = [m for m in model.net if isinstance(m, nn.Linear)]
-        self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().clone()) for m in linears]
+        self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().numpy().copy()) for m in linears]
         self.fold_normalizer = normalizer is not None and float(normalizer.std.min()) >= MIN_FOLD_STD
         self.normalizer = normalizer
         if self.fold_normalizer:  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
             w, b = self.weights[0]
             w = w / torch.from_numpy(normalizer.std)[:, None]
-            self.weights[0] = (w.contiguous(), b - torch.from_numpy(normalizer.mean) @ w)
+            self.weights[0] = (w.contiguous(), b - (torch.from_numpy(normalizer.mean) @ w).numpy())
         self.where = None if spec.source is None else model.meta["where"]
         self.activation = model.activation
         self.act = model.net[1] if len(linears) > 1 else None
         rule = node_rule(model)
         self.rule = rule
-        self.inverse_temperature = 1.0 / rule["temperature"]
+        self.inverse_temperature = np.float32(1.0 / rule["temperature"])
         # float32, as the confidences it is compared with (the same decision in every code path)
         self.threshold = float("inf") if rule["threshold"] is None else float(np.float32(rule["threshold"]))
-        self.leaf_ids = torch.tensor([tree_classes.index(c) for c in spec.classes], dtype=torch.int64)
+        self.leaf_ids = np.array([tree_classes.index(c) for c in spec.classes], dtype=np.int64)
         self.taps: set[tuple[int, str]] = set()
         self.children: list[tuple[_Node, int]] = []   # (child, its group)
-        self.group_matrix: torch.Tensor | None = None  # classes x groups, 1 where a class is in a group
+        self.group_matrix: np.ndarray | None = None    # classes x groups, 1 where a class is in a group
         self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
         self.flops = sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights)
 
@@ -94,29 +96,38 @@ class _Node:
             self.taps.add((child.spec.layer, child.where))
         for g, i in enumerate(own, start=len(children)):
             groups[i, g] = 1.0
-        self.group_matrix = groups
-        self.group_leaf = torch.tensor([-1] * len(children) + [int(self.leaf_ids[i]) for i in own],
-                                       dtype=torch.int64)
+        self.group_matrix = groups.numpy()
+        self.group_leaf = np.array([-1] * len(children) + [int(self.leaf_ids[i]) for i in own], dtype=np.int64)
 
-    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Logits, and the hidden layers the children read."""
-        taps: dict[tuple[int, str], torch.Tensor] = {}
+    def trunk(self, x: torch.Tensor) -> tuple[np.ndarray, dict]:
+        """Logits, and the hidden layers the children read (NumPy views of torch's results)."""
+        taps: dict[tuple[int, str], np.ndarray] = {}
         h = x
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(self.weights):
-            h = torch.addmm(b, h, w)
+            a = torch.mm(h, w).numpy()
+            a += b  # not addmm: its bias broadcast is a separate threaded copy
             if i == last:
-                break
+                return a, taps
             if (i, "pre") in self.taps:
-                taps[(i, "pre")] = h
-                h = self.act(h)
-            elif self.activation == "relu":
-                h = h.relu_()
+                taps[(i, "pre")] = a
+                a = a.copy()
+            if self.activation == "relu":
+                np.maximum(a, 0, out=a)
             else:
-                h = self.act(h)
+                a = self.act(torch.from_numpy(a)).numpy()
             if (i, "post") in self.taps:
-                taps[(i, "post")] = h
-        return h, taps
+                taps[(i, "post")] = a
+            h = torch.from_numpy(a)
+        raise AssertionError("unreachable: a model ends with its output layer")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    """Row softmax in place (float32)."""
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 @dataclass
@@ -203,65 +214,44 @@ class TreePredictor:
         arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
                   "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
                   "parent_predicted": np.empty(n, np.int64)}
-        out = {k: torch.from_numpy(v) for k, v in arrays.items()}  # views: writes land in arrays
-        source = torch.from_numpy(images if images.flags.writeable else images.copy())
         with torch.inference_mode():
             for start in range(0, n, batch_size):
-                x = self._input(source[start:start + batch_size])
-                if len(x) == 1:
-                    for key, value in zip(arrays, self._route_one(x)):
-                        arrays[key][start] = value
-                else:
-                    self._route(self.root, x, None, {k: v[start:start + batch_size] for k, v in out.items()})
+                chunk = images[start:start + batch_size]
+                x = self._input(chunk)
+                self._route(self.root, x, None, {k: v[start:start + batch_size] for k, v in arrays.items()})
         return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
 
-    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(torch.float32)
-        if self.root.fold_normalizer:
-            return x
-        norm = self.root.normalizer
-        return (x - torch.from_numpy(norm.mean)) / torch.from_numpy(norm.std)
+    def _input(self, pixels: np.ndarray) -> torch.Tensor:
+        x = np.array(pixels, dtype=np.float32, order="C")  # one batch at a time: memory stays bounded
+        if not self.root.fold_normalizer:
+            x -= self.root.normalizer.mean
+            x /= self.root.normalizer.std
+        return torch.from_numpy(x)
 
-    def _route_one(self, x: torch.Tensor) -> tuple:
-        """_route for a single image, deciding in Python: far fewer tensor operations."""
-        node, rejected, parent_predicted = self.root, -1, -1
-        while True:
-            logits, taps = node.trunk(x)
-            probs = torch.softmax(logits.mul_(node.inverse_temperature), dim=1)
-            if node is self.root:
-                parent_predicted = int(node.leaf_ids[int(probs.argmax())])
-            mass = (probs if node.group_matrix is None else probs @ node.group_matrix)[0].tolist()
-            group = mass.index(max(mass))  # the first maximum, as torch.max
-            if rejected < 0 and mass[group] < node.threshold:
-                rejected = node.index
-            leaf = int(node.group_leaf[group])
-            if leaf >= 0:
-                return leaf, mass[group], node.index, rejected, parent_predicted
-            child = next(c for c, g in node.children if g == group)
-            x, node = taps[(child.spec.layer, child.where)], child
-
-    def _route(self, node: _Node, x: torch.Tensor, rows: torch.Tensor | None, out: dict) -> None:
+    def _route(self, node: _Node, x: torch.Tensor, rows: np.ndarray | None, out: dict) -> None:
         logits, taps = node.trunk(x)
-        probs = torch.softmax(logits.mul_(node.inverse_temperature), dim=1)
+        logits *= node.inverse_temperature
+        probs = _softmax(logits)
         mass = probs if node.group_matrix is None else probs @ node.group_matrix
-        confidence, group = mass.max(dim=1)
+        group = mass.argmax(axis=1)  # the first maximum on ties
+        confidence = mass[np.arange(len(group)), group]
         low = confidence < node.threshold
         if rows is None:  # the root: every image of the batch
-            out["parent_predicted"].copy_(node.leaf_ids[probs.argmax(dim=1)])
-            out["predicted"].copy_(node.group_leaf[group])
-            out["confidence"].copy_(confidence)
-            out["final_node"].fill_(node.index)
-            out["rejected_at"].copy_(torch.where(low, node.index, -1))
+            out["parent_predicted"][:] = node.leaf_ids[probs.argmax(axis=1)]
+            out["predicted"][:] = node.group_leaf[group]
+            out["confidence"][:] = confidence
+            out["final_node"][:] = node.index
+            out["rejected_at"][:] = np.where(low, node.index, -1)
         else:
             out["predicted"][rows] = node.group_leaf[group]
             out["confidence"][rows] = confidence
             out["final_node"][rows] = node.index
             before = out["rejected_at"][rows]
-            out["rejected_at"][rows] = torch.where(low & (before < 0), node.index, before)
+            out["rejected_at"][rows] = np.where(low & (before < 0), node.index, before)
         for child, g in node.children:
-            chosen = (group == g).nonzero().squeeze(1)
+            chosen = np.flatnonzero(group == g)
             if len(chosen):
-                tap = taps[(child.spec.layer, child.where)].index_select(0, chosen)
+                tap = torch.from_numpy(taps[(child.spec.layer, child.where)][chosen])
                 self._route(child, tap, chosen if rows is None else rows[chosen], out)
 
     def flops_per_image(self, reached: dict[str, int], n: int) -> float:

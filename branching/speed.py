@@ -6,6 +6,7 @@ sure) so that their outputs can be checked against each other before they are ti
 
 from __future__ import annotations
 
+import ctypes
 import re
 import resource
 import time
@@ -85,11 +86,12 @@ def seconds_per_call(fn, repeats: int) -> float:
     return best
 
 
-def matmul_pass(shapes: list[tuple[int, int, int]]):
+def matmul_pass(shapes: list[tuple[int, int, int]], dtype=torch.float32):
     """A function that runs torch.matmul once on each shape (rows x fan_in) @ (fan_in x fan_out), on
     inputs made here; timing it gives what plain matrix products need for those shapes."""
     generator = torch.Generator().manual_seed(0)
-    pairs = [(torch.randn(rows, fan_in, generator=generator), torch.randn(fan_in, fan_out, generator=generator))
+    pairs = [(torch.randn(rows, fan_in, generator=generator).to(dtype),
+              torch.randn(fan_in, fan_out, generator=generator).to(dtype))
              for rows, fan_in, fan_out in shapes if rows]
 
     def run() -> None:
@@ -123,9 +125,18 @@ def _status_kib(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _release_free_memory() -> None:
+    """Hand memory freed earlier back to the system (glibc keeps it), so the next peak is the next call's own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(fn) -> tuple[object, float | None, float]:
     """(fn(), peak resident memory above the start while fn ran (MiB; None where it cannot be reset),
     peak resident memory of the process so far (MiB))."""
+    _release_free_memory()
     start = _status_kib("VmRSS")
     try:
         _CLEAR_REFS.write_text("5")  # resets the high-water mark (Linux)

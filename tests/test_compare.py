@@ -226,3 +226,20 @@ def test_a_tree_without_branches_is_an_error(data_dir, tmp_path, capsys):
     code = main(["compare", "--config", str(path), "--data", str(data_dir), "--out", str(tmp_path / "o"),
                  "--quiet", "--no-download"])
     assert code == 2 and "nothing to compare" in capsys.readouterr().err
+
+
+def test_cached_activations_train_the_same_branch(config, data, tmp_path):
+    """compare trains the branches on other layers from the feature cache: same coin flips, same branch
+    (up to the rounding of the features)."""
+    from branching.pipeline import train_branch, train_parent
+    from branching.recipes import get_recipe
+
+    recipe = get_recipe("default", 2)
+    parent, meta, _ = train_parent(config, data, recipe, 0, progress=False)
+    parent.meta = meta
+    plain, plain_meta = train_branch(config, "mammals", {"parent": parent}, data, recipe, 0, False)
+    plain.meta = plain_meta
+    cached, _ = train_branch(config, "mammals", {"parent": parent}, data, recipe, 0, False, tmp_path)
+    X = parent_normalizer(parent).transform(data.node_rows("test", config.node("mammals"))[0])
+    features = node_inputs({"parent": parent, "mammals": plain}, "mammals", X)
+    np.testing.assert_allclose(cached.logits(features), plain.logits(features), atol=1e-4)

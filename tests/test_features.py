@@ -15,7 +15,7 @@ DATA = {"dir": "/somewhere", "train_sha256": "aa", "test_sha256": "bb", "meta_sh
 
 
 def tiny_tree(seed=0):
-    """parent [3072 -> 16 -> 8 -> 4]; "a" reads parent layer 1 (pre) [8 -> 6 -> 5 -> 2]; "b" reads a's layer 0 (post)."""
+    """parent [3072 -> 16 -> 8 -> 4]; "a" [8 -> 6 -> 5 -> 2] reads parent layer 1 (pre); "b", a's layer 0 (post)."""
     rng = np.random.default_rng(seed)
     norm = Normalizer(rng.uniform(100, 150, N_PIXELS), rng.uniform(40, 70, N_PIXELS))
     parent = Model([N_PIXELS, 16, 8, 4], dropout=0.3, seed=seed)

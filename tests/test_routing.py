@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from branching.checkpoint import script_filename
 from branching.config import parse_config
 from branching.data import N_PIXELS, Normalizer
 from branching.errors import ConfigError
@@ -91,6 +92,17 @@ def test_threshold_none_accepts_nothing_and_bad_shapes_are_errors():
     assert result.rejected_level(0) == "animals" and result.accepted[1]
     with pytest.raises(ConfigError, match="shape"):
         TreePredictor(config, models).predict(np.zeros((2, 10)))
+
+
+def test_read_only_and_strided_inputs_give_the_same_answers():
+    config, models = hand_tree()
+    images = np.stack([image(0, 0), image(100, 0), image(0, 100), image(0, 25)])
+    predictor = TreePredictor(config, models)
+    expected = predictor.predict(images).predicted
+    frozen = images.copy()
+    frozen.flags.writeable = False
+    assert np.array_equal(predictor.predict(frozen, batch_size=3).predicted, expected)
+    assert np.array_equal(predictor.predict(images[::-1].astype(np.float64), batch_size=2).predicted, expected[::-1])
 
 
 def _random_deep_tree(tmp_path):
@@ -181,6 +193,11 @@ def test_deep_tree_matches_a_dense_reference_and_loads_from_its_folder(tmp_path)
     assert {"parent > animals > water", "parent > plants"} <= paths  # the tree is exercised
     loaded_config, _ = load_models(tmp_path)  # the tree rebuilt from the files alone
     assert {n.name: n for n in loaded_config.nodes()} == {n.name: n for n in config.nodes()}
+    scripts = tmp_path / "scripts" / "models"  # the original scripts' file names, found from a run-like folder
+    scripts.mkdir(parents=True)
+    for name in ("parent", "animals", "water", "plants"):
+        (scripts / script_filename(name)).write_bytes((tmp_path / f"{name}.pt").read_bytes())
+    assert {n.name for n in load_models(scripts.parent)[0].nodes()} == {"parent", "animals", "water", "plants"}
     for predictor in (TreePredictor(config, models), TreePredictor.load(tmp_path)):
         for batch_size in (1, 7, 1024):
             result = predictor.predict(images, batch_size=batch_size)
