@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench-recipes")
     p.add_argument("--original-seeds", default=None,
                    help="seeds for the original recipe, if fewer than --seeds (it is about 10x slower)")
+    p.add_argument("--max-epochs", type=int, default=None, help="cap every node's epochs (smoke runs only)")
     p.add_argument("--summarize", action="store_true",
                    help="train nothing: summarise the runs already in --out")
     args = p.parse_args(argv)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                     results[name].append(json.loads((folder / "metrics.json").read_text()))
                 continue
             print(f"-- recipe {name}, seed {seed}", file=sys.stderr, flush=True)
-            metrics = run(config, args.data, folder, get_recipe(name), seed=seed, progress=False,
+            metrics = run(config, args.data, folder, get_recipe(name, args.max_epochs), seed=seed, progress=False, report=False,
                           echo=lambda _: None)
             results[name].append(metrics)
             print(f"   parent {metrics['parent']['test_accuracy']:.4f}, "
