@@ -151,8 +151,9 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
         "Linear probe: scikit-learn LogisticRegression on standardised activations of the branch's layer, "
         "C chosen on validation log-loss; no flips.",
         f"Fine-tuning: the trained branch and a copy of the trunk below it (the parent itself is untouched), "
-        f"AdamW lr {f.lr:g}, batch {f.batch_size}, up to {f.epochs} epochs, patience {f.patience}, flips and label smoothing as "
-        f"the default branch recipe. The fine-tuned trunk no longer serves the parent's other outputs.",
+        f"AdamW lr {f.lr:g}, batch {f.batch_size}, up to {f.epochs} epochs, patience {f.patience}, flips and "
+        f"label smoothing as the default branch recipe. The fine-tuned trunk no longer serves the parent's "
+        f"other outputs.",
         "MLP from scratch: the widths of the branch's whole inference path (pixels, the source layers up "
         "to the one the branch reads, the branch's layers), so it has the same parameters and FLOPs as "
         "trunk plus branch; the default parent recipe, on the branch's classes only.",
@@ -184,7 +185,7 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
              "max_epochs": max_epochs, "original_parent": original_parent,
              "parent_classes": list(config.parent.classes), "branches": branches,
              "machine": f"{os.cpu_count()} CPU cores shared with other work, torch {torch.__version__} "
-                        f"({torch.get_num_threads()} threads)"}
+                        f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"}
     result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
               "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
                           "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}

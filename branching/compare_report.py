@@ -181,11 +181,14 @@ def render_plot(result: dict) -> bytes:
         parent_s = result["summary"]["parent"]["train_s"]["mean"]
         ax.axvline(parent_s, color="grey", linestyle=":", linewidth=1)
         ax.text(parent_s, ax.get_ylim()[0], " parent alone", color="grey", fontsize=8, va="bottom")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("training time incl. the parent it needs (s, log scale)")
+        times = [row["total_train_s"]["mean"] for row in rows.values() if row["total_train_s"]["mean"]]
+        scale = "log" if times and max(times) > 10 * min(times) else "linear"  # log only for wide ranges
+        if scale == "log":
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"training time incl. the parent it needs (s{', log scale' if scale == 'log' else ''})")
         ax.set_ylabel("test accuracy on the branch's classes (%)")
         ax.set_title(f"{name}: {', '.join(result['setup']['branches'][name]['classes'])}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)

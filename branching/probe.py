@@ -153,6 +153,7 @@ def format_probe_table(table: list[dict], best: dict[str, dict]) -> str:
         lines.append(f"{row['branch']:<12} {row['source']:<10} {row['layer']:>5} {row['where']:<5} "
                      f"{row['width']:>6} {row['flops_to_layer'] / 1e6:>7.2f} {100 * row['val_accuracy']:>7.1f}% "
                      f"{row['val_log_loss']:>8.3f} {row['C']:>5g}{mark}")
+    lines.append("MFLOPs: per image, from the pixels to that layer; val: the images named below, never the test split.")
     lines.append("")
     for name, row in best.items():
         noise = 100 * wilson_half_width(row["val_accuracy"], row["val_samples"])

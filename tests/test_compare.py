@@ -8,14 +8,15 @@ import torch
 from scipy import stats as scipy_stats
 
 from branching import cost
-from branching.baselines import (EndToEnd, Outcome, Recipes, count_parameters, restricted_logits, run_finetune,
-                                 run_parent_head, unrestricted_logits)
+from branching.baselines import (EndToEnd, Outcome, Recipes, count_parameters, restricted_logits, run_branch,
+                                 run_finetune, run_parent_head, unrestricted_logits)
 from branching.cli import main
 from branching.compare import compare_seed, make_context, score
 from branching.compare_report import paired_delta, summarise, t_interval
 from branching.config import parse_config
 from branching.data import make_synthetic
-from branching.pipeline import load_tree_data, node_inputs, parent_normalizer
+from branching.pipeline import load_tree_data, node_inputs, parent_normalizer, train_branch, train_parent
+from branching.recipes import get_recipe
 from torchly import Model
 
 CLASSES = ["beaver", "whale", "wolf", "sunflower"]
@@ -135,7 +136,6 @@ def test_restricted_parent_head_is_the_argmax_over_the_branch_classes(context, c
 
 def test_end_to_end_starts_as_trunk_plus_branch_and_leaves_the_parent_alone(context, config, data):
     spec = config.node("mammals")
-    from branching.baselines import run_branch
     run_branch(context, spec)
     parent, branch = context.models["parent"], context.models["mammals"]
     fingerprint = parent.fingerprint()
@@ -231,8 +231,6 @@ def test_a_tree_without_branches_is_an_error(data_dir, tmp_path, capsys):
 def test_cached_activations_train_the_same_branch(config, data, tmp_path):
     """compare trains the branches on other layers from the feature cache: same coin flips, same branch
     (up to the rounding of the features)."""
-    from branching.pipeline import train_branch, train_parent
-    from branching.recipes import get_recipe
 
     recipe = get_recipe("default", 2)
     parent, meta, _ = train_parent(config, data, recipe, 0, progress=False)
