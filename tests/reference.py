@@ -133,3 +133,23 @@ def parse_report(text: str, classes) -> dict:
         matrix.append([int(v) for v in cells[1:]])
     out["confusion_matrix"] = np.array(matrix)
     return out
+
+
+# A small two-level tree (a branch of a branch) for the compare and probe-layers tests.
+SMALL_TREE_CLASSES = ["beaver", "whale", "wolf", "sunflower"]
+SMALL_TREE = """
+[parent]
+classes = ["beaver", "whale", "wolf", "sunflower"]
+hidden = [16, 8]
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+layer = 1
+hidden = [6]
+
+[branches.water]
+from = "mammals"
+classes = ["beaver", "whale"]
+layer = 0
+hidden = [3]
+"""

@@ -19,23 +19,7 @@ from branching.pipeline import load_tree_data, node_inputs, parent_normalizer, t
 from branching.recipes import get_recipe
 from torchly import Model
 
-CLASSES = ["beaver", "whale", "wolf", "sunflower"]
-TREE = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [16, 8]
-
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [6]
-
-[branches.water]
-from = "mammals"
-classes = ["beaver", "whale"]
-layer = 0
-hidden = [3]
-"""
+from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES
 N_TEST = 10
 
 

@@ -12,23 +12,7 @@ from branching.probe import fit_linear_probe, held_out_split, probe_layers, reco
 from branching.recipes import get_recipe
 from torchly import Model
 
-CLASSES = ["beaver", "whale", "wolf", "sunflower"]
-TREE = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [16, 8]
-
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [6]
-
-[branches.water]
-from = "mammals"
-classes = ["beaver", "whale"]
-layer = 0
-hidden = [3]
-"""
+from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES
 
 
 @pytest.fixture(scope="module")
