@@ -11,15 +11,17 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from itertools import islice
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from torch import nn
 from tqdm import tqdm
+
+from branching.fileio import atomic_path
 
 __all__ = ["ACTIVATIONS", "FORMAT", "Model", "as_2d_float"]
 
@@ -107,9 +109,7 @@ class Model:
     def predict_proba(self, X, temperature=1.0) -> np.ndarray:
         """softmax(logits / temperature), float32 (N, out)."""
         temperature = _real(temperature, "temperature", lambda v: 0 < v < math.inf, "a positive number")
-        z = self.logits(X).astype(np.float64) / temperature
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(self.logits(X).astype(np.float64) / temperature, axis=1).astype(np.float32)
 
     def predict(self, X) -> np.ndarray:
         """Predicted class ids, int64 (N,)."""
@@ -120,24 +120,52 @@ class Model:
         X = as_2d_float(X, self.architecture[0])
         return self._loss_accuracy(X, _as_labels(y, len(X), self.architecture[-1], "y"))
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """The points that can be tapped, in forward order (as timm's `feature_info`): for each hidden
+        layer its output before ("pre") and after ("post") the activation, with
+        {"name", "layer", "where", "width", "module"}; `module` indexes the layer of .net producing it."""
+        stride = 3 if self.dropout else 2
+        return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "width": self.architecture[1 + i],
+                 "module": i * stride + (0 if where == "pre" else 1)}
+                for i in range(self.n_hidden) for where in WHERE]
+
+    def tap(self, layer, where="post") -> dict:
+        """The feature_info entry of hidden layer `layer` (negative counts from the end) at `where`."""
+        if where not in WHERE:
+            raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
+        return self.feature_info[2 * self._resolve_layer(layer) + WHERE.index(where)]
+
+    def forward_intermediates(self, x: torch.Tensor, taps, stop_early: bool = True):
+        """(output, [tensor per tap]) for a batch x; taps are (layer, where) pairs.
+
+        With stop_early only the layers up to the deepest tap run and the output is None; otherwise
+        the output is the logits. No conversion, no mode change, gradients as the caller has them.
+        """
+        stops = [self.tap(layer, where)["module"] + 1 for layer, where in taps]
+        end = max(stops, default=0) if stop_early else len(self.net)
+        found: dict[int, torch.Tensor] = {}
+        for i, module in enumerate(islice(self.net, end), start=1):
+            x = module(x)
+            found[i] = x
+        return (None if end < len(self.net) else x), [found[s] for s in stops]
+
+    def hidden_forward(self, x: torch.Tensor, layer, where="post") -> torch.Tensor:
+        """One tap's tensor for a batch x (forward_intermediates with one tap, stopping there)."""
+        return self.forward_intermediates(x, [(layer, where)])[1][0]
+
     def get_activations(self, X, layer=-1, where="post", batch_size=4096) -> np.ndarray:
         """Hidden layer `layer`'s activations, float32 (N, width), computing only the layers needed.
 
         Runs in eval mode without gradients, then restores the model's previous train/eval mode.
         """
-        self._stop_index(layer, where)  # validate before converting the input
+        self.tap(layer, where)  # validate before converting the input
         X = as_2d_float(X, self.architecture[0])
         return self._map_batches(X, lambda xb: self.hidden_forward(xb, layer, where), batch_size)
 
-    def hidden_forward(self, x: torch.Tensor, layer, where="post") -> torch.Tensor:
-        """Like get_activations on a tensor: no conversion, no mode change, gradients as the caller has them."""
-        for module in islice(self.net, self._stop_index(layer, where)):
-            x = module(x)
-        return x
-
     def width(self, layer) -> int:
         """Width of hidden layer `layer`."""
-        return self.architecture[1 + self._resolve_layer(layer)]
+        return self.tap(layer)["width"]
 
     def _resolve_layer(self, layer) -> int:
         n = self.n_hidden
@@ -148,13 +176,6 @@ class Model:
         if not -n <= layer < n:
             raise ValueError(f"layer {layer} out of range: valid hidden layers are {-n}..{n - 1}")
         return int(layer) % n
-
-    def _stop_index(self, layer, where) -> int:
-        """Number of leading modules of .net that produce hidden layer `layer` at `where`."""
-        if where not in WHERE:
-            raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
-        stride = 3 if self.dropout else 2
-        return self._resolve_layer(layer) * stride + (1 if where == "pre" else 2)
 
     @contextlib.contextmanager
     def _inference(self):
@@ -311,20 +332,8 @@ class Model:
         payload = {"format": FORMAT, "architecture": list(self.architecture), "activation": self.activation,
                    "dropout": self.dropout, "state_dict": dict(self.net.state_dict()),
                    "meta": _clean_meta(meta or {}, "meta")}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, _new_file_mode())  # mkstemp makes the file private
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path, "wb") as f:
+            torch.save(payload, f)
 
     @classmethod
     def load(cls, path) -> "Model":
@@ -348,13 +357,6 @@ class Model:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _new_file_mode() -> int:
-    """0o666 less the process umask: the mode open() would give a new file."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()

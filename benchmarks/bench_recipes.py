@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from branching.config import load_config  # noqa: E402
-from branching.pipeline import run, write_atomic  # noqa: E402
+from branching.fileio import write_json  # noqa: E402
+from branching.pipeline import run  # noqa: E402
 from branching.recipes import get_recipe  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         ratio = times["default"][0] / times["original"][0]
         print(f"\ndefault / original total time: {ratio:.3f}")
         summary["time_ratio_default_over_original"] = ratio
-    write_atomic(Path(args.out) / "summary.json", json.dumps({"seeds": used, "summary": summary}, indent=2) + "\n")
+    write_json(Path(args.out) / "summary.json", {"seeds": used, "summary": summary})
     return 0
 
 

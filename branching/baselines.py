@@ -21,8 +21,9 @@ from torchly import Model
 from . import cost
 from .config import NodeSpec, TreeConfig
 from .data import N_PIXELS
-from .pipeline import (TreeData, batched, fit_acceptance, flip_images, log, node_input, node_inputs,
-                       parent_normalizer, read_layer, train_branch, train_parent)
+from .acceptance import Acceptance
+from .forward import chain, extract, node_input, node_inputs, random_flip_transform
+from .pipeline import TreeData, fit_acceptance, log, parent_normalizer, train_branch, train_parent
 from .probe import fit_linear_probe, held_out_split
 from .recipes import DEFAULT, ORIGINAL, Recipe, get_recipe
 
@@ -53,7 +54,7 @@ class Outcome:
     """One method's output for one branch and seed, before scoring."""
 
     logits: np.ndarray            # test logits (N, classes) over the branch's test images
-    acceptance: dict | None       # temperature and threshold fit on validation; None: accuracy only
+    acceptance: Acceptance | None  # temperature and threshold fit on validation; None: accuracy only
     trainable_parameters: int     # parameters this method trains (0: none)
     inference_flops: int          # per image, from the pixels to the prediction
     train_s: float                # own training time, including any branch it starts from
@@ -115,7 +116,7 @@ def run_branch(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     ctx.models[spec.name] = model
     ctx.branch_s[spec.name] = seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test")
-    return Outcome(model.logits(node_inputs(ctx.models, spec.name, X)), meta["acceptance"],
+    return Outcome(model.logits(node_inputs(ctx.models, spec.name, X)), Acceptance.of(meta),
                    count_parameters(model.net), cost.linear_flops(cost.path_widths(ctx.config, spec.name)),
                    seconds, ctx.parent_s, {"layer": spec.layer, "where": meta["where"],
                                            "epochs_run": meta["history"]["epochs_run"]})
@@ -129,7 +130,7 @@ def run_branch_original(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     models[spec.name] = model
     seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test", models["parent"])
-    return Outcome(model.logits(node_inputs(models, spec.name, X)), meta["acceptance"], count_parameters(model.net),
+    return Outcome(model.logits(node_inputs(models, spec.name, X)), Acceptance.of(meta), count_parameters(model.net),
                    cost.linear_flops(cost.path_widths(ctx.config, spec.name)), seconds, ctx.original_parent_s,
                    {"validation": meta["validation"], "epochs_run": meta["history"]["epochs_run"]})
 
@@ -162,7 +163,7 @@ def run_linear_probe(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     start = time.perf_counter()
     where = spec.where or ctx.recipes.default.branch.where
     def features(X):
-        return batched(lambda x: read_layer(ctx.models, spec.source, spec.layer, where, x), X, ctx.models)
+        return extract(ctx.models, [(spec.source, spec.layer, where)], X)[0]
 
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
@@ -185,8 +186,8 @@ def run_layer(ctx: SeedContext, spec: NodeSpec, layer: int, where: str) -> Outco
                                ctx.cache_dir)
     seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test")
-    inputs = batched(lambda x: read_layer(ctx.models, spec.source, layer, where, x), X, ctx.models)
-    return Outcome(model.logits(inputs), meta["acceptance"], count_parameters(model.net),
+    inputs = extract(ctx.models, [(spec.source, layer, where)], X)[0]
+    return Outcome(model.logits(inputs), Acceptance.of(meta), count_parameters(model.net),
                    cost.linear_flops(cost.path_widths(config, spec.name)), seconds, ctx.parent_s,
                    {"layer": layer, "where": where, "epochs_run": meta["history"]["epochs_run"]})
 
@@ -225,10 +226,7 @@ class EndToEnd(nn.Module):
 
     def __init__(self, models: dict[str, Model], name: str):
         super().__init__()
-        chain = [name]
-        while chain[0] != "parent":
-            chain.insert(0, models[chain[0]].meta["source"])
-        self.copies = {n: copy.deepcopy(models[n]) for n in chain}
+        self.copies = {n: copy.deepcopy(models[n]) for n in chain(models, name)}
         self.nets = nn.ModuleList(m.net for m in self.copies.values())
         self.name = name
         for p in self.nets.parameters():
@@ -250,8 +248,7 @@ def run_finetune(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     model.net = EndToEnd(ctx.models, spec.name)
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
-    normalizer = parent_normalizer(ctx.models["parent"])
-    transform = (lambda xb, g: flip_images(xb, normalizer, g)) if r.flip else None
+    transform = random_flip_transform(parent_normalizer(ctx.models["parent"])) if r.flip else None
     start = time.perf_counter()
     history = model.fit(X[train_idx], labels[train_idx], validation_data=(X[val_idx], labels[val_idx]),
                         epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
+from scipy.special import softmax as scipy_softmax
 
 MIN_LOG_T, MAX_LOG_T = np.log(0.05), np.log(20.0)
 ECE_BINS = 15
@@ -16,10 +17,7 @@ ECE_BINS = 15
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / temperature) in float64, (N, K)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return scipy_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 def nll(logits, labels, temperature: float = 1.0) -> float:

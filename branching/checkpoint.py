@@ -11,7 +11,20 @@ from pathlib import Path
 
 from torchly import Model
 
-from .errors import CheckpointError
+from .config import TreeConfig
+from .errors import CheckpointError, ConfigError
+
+def read_model(path, fix: str) -> Model:
+    """One model file, checked against the fingerprint it records; `fix` says what to do otherwise."""
+    try:
+        model = Model.load(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{e}; {fix}") from None
+    if model.meta.get("fingerprint") != model.fingerprint():
+        raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); {fix}")
+    model.meta["path"] = str(path)
+    return model
+
 
 # File names of the original scripts; `run` uses "<node>.pt".
 SCRIPT_FILENAMES = {"parent": "parent_2.pt"}
@@ -41,16 +54,9 @@ class ModelStore:
     def load(self, node: str, hint: str = "") -> Model:
         """Load one node's model and check that the file is intact."""
         path = self.path(node)
-        try:
-            model = Model.load(path)
-        except FileNotFoundError:
-            raise CheckpointError(f"no model for {node!r} at {path}; train it first{hint}") from None
-        except ValueError as e:
-            raise CheckpointError(f"{e}; train {node!r} again{hint}") from None
-        if model.meta.get("fingerprint") != model.fingerprint():
-            raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); train {node!r} again{hint}")
-        model.meta["path"] = str(path)
-        return model
+        if not path.exists():
+            raise CheckpointError(f"no model for {node!r} at {path}; train it first{hint}")
+        return read_model(path, f"train {node!r} again{hint}")
 
     def load_tree(self, config, nodes=None, hints: dict | None = None) -> dict[str, Model]:
         """Load the parent and the given branches (default all) with their sources, checking lineage."""
@@ -97,3 +103,56 @@ def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: 
             raise CheckpointError(
                 f"branch {name!r} ({path}) was trained on a different {role} ({branch.meta.get(key)}) than "
                 f"{model.meta.get('path', role)} ({model.fingerprint()}); retrain the branch{hint}")
+
+
+def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfig, dict[str, Model]]:
+    """Every node model in a folder, keyed by the name recorded in it, and the tree they form.
+
+    Without a config the tree is rebuilt from what each file records (classes, source, layer);
+    with one, the files must match it. Either way each branch must sit on the exact models it was
+    trained on.
+    """
+    directory = Path(models_dir)
+    if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
+        directory = directory / "models"
+    files = sorted(directory.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"no model files (*.pt) in {models_dir}; pass the models folder of a run "
+                              f"(e.g. runs/latest/models)")
+    models: dict[str, Model] = {}
+    for path in files:
+        model = read_model(path, f"remove it from {directory} or train it again")
+        name = model.meta.get("name")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path} records no node name; it was not written by branching")
+        if name in models:
+            raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
+        models[name] = model
+    if config is None:
+        config = _config_from_models(models, directory)
+    for spec in config.nodes():
+        if spec.name not in models:
+            raise CheckpointError(f"no model for node {spec.name!r} in {directory}; train it first")
+        check_node(models[spec.name], spec)
+        if spec.source is not None:
+            check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])
+    return config, {spec.name: models[spec.name] for spec in config.nodes()}
+
+
+def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
+    if "parent" not in models:
+        raise CheckpointError(f"no parent model in {directory}; train the parent first")
+    tree: dict = {"parent": None, "branches": {}, "path": str(directory)}
+    for name, model in models.items():
+        meta = model.meta
+        node = {"classes": list(meta.get("classes", [])), "hidden": list(model.architecture[1:-1]),
+                "activation": model.activation}
+        if name == "parent":
+            tree["parent"] = node
+        else:
+            tree["branches"][name] = {"from": meta.get("source"), "layer": meta.get("layer"),
+                                      "where": meta.get("where"), **node}
+    try:
+        return TreeConfig.from_dict(tree)
+    except ConfigError as e:
+        raise CheckpointError(f"the models in {directory} do not form a valid tree ({e})") from None

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from . import calibration, selective
+from . import selective
 from .baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
                         run_layer, run_linear_probe, run_parent_head, run_parent_unrestricted, run_scratch_mlp)
 from .compare_report import summarise, write_outputs
@@ -72,13 +72,12 @@ def score(outcome: Outcome, labels: np.ndarray) -> dict:
               "coverage": None, "accepted_accuracy": None, "aurc": None, "acceptance": None, **outcome.detail}
     if outcome.acceptance is not None:
         a = outcome.acceptance
-        confidence = calibration.softmax(outcome.logits, a["temperature"]).max(axis=1)
-        accepted = selective.accept_mask(confidence, a["threshold"])
+        confidence = a.confidence(outcome.logits)
+        accepted = a.accepts(confidence)
         right = int(correct[accepted].sum())
         result.update(coverage=float(accepted.mean()), accepted_accuracy=right / int(accepted.sum())
                       if accepted.any() else None, aurc=selective.aurc(confidence, correct),
-                      acceptance={"temperature": float(a["temperature"]),
-                                  "threshold": None if a["threshold"] is None else float(a["threshold"])})
+                      acceptance={"temperature": a.temperature, "threshold": a.threshold})
     result["correct"] = correct  # per test image, for paired comparisons; not written to JSON
     return result
 

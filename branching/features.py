@@ -1,7 +1,4 @@
-"""Hidden-layer features for branch training: several layers in one pass, and a cache on disk.
-
-`extract` computes each node's trunk once per batch for every requested (node, layer, where) and
-runs each model only as deep as the deepest layer any request (or any reader downstream) needs.
+"""A cache on disk of hidden-layer features for branch training.
 
 `FeatureCache` keeps the features of a set of training rows, and of the same images flipped
 left-right (for training with flips), beside a manifest of everything they depend on: the
@@ -13,109 +10,25 @@ differs in anything is rebuilt, never reused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from torchly import Model
 
 from .data import Normalizer
+from .fileio import write_bytes, write_json
+from .forward import chain, extract, mirror_all, random_flips, tap
 
 FORMAT = "branching-features/1"
 MANIFEST = "manifest.json"
-BATCH = 4096
-
-
-# ---- extraction ------------------------------------------------------------------------------
-
-def _chain(models: dict[str, Model], node: str) -> list[str]:
-    names = [node]
-    while names[0] != "parent":
-        names.insert(0, models[names[0]].meta["source"])
-    return names
-
-
-def _stop(model: Model, layer: int, where: str) -> int:
-    """How many leading modules of model.net produce hidden layer `layer` at `where`."""
-    linears = [i for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
-    return linears[layer] + (1 if where == "pre" else 2)
-
-
-def plan(models: dict[str, Model], requests) -> dict[str, set[tuple[int, str]]]:
-    """For each node that must run: the (layer, where) outputs wanted of it, by requests or readers."""
-    need: dict[str, set[tuple[int, str]]] = {}
-    pending = [(node, int(layer) % models[node].n_hidden, where) for node, layer, where in requests]
-    while pending:
-        node, layer, where = pending.pop()
-        need.setdefault(node, set()).add((layer, where))
-        if node != "parent":
-            meta = models[node].meta
-            pending.append((meta["source"], meta["layer"], meta["where"]))
-    return need
-
-
-def forward_taps(models: dict[str, Model], need: dict, x: torch.Tensor) -> dict[tuple, torch.Tensor]:
-    """The outputs in `need` for normalised images x, keyed (node, layer, where)."""
-    out: dict[tuple, torch.Tensor] = {}
-    for node in sorted(need, key=lambda n: len(_chain(models, n))):
-        model = models[node]
-        if node == "parent":
-            h = x
-        else:
-            meta = model.meta
-            h = out[(meta["source"], meta["layer"], meta["where"])]
-        stops = {_stop(model, layer, where): (layer, where) for layer, where in need[node]}
-        for i, module in enumerate(model.net[:max(stops)], start=1):
-            h = module(h)
-            if i in stops:
-                out[(node, *stops[i])] = h
-    return out
-
-
-def extract(models: dict[str, Model], requests, X: np.ndarray, batch_size: int = BATCH) -> list[np.ndarray]:
-    """Features (float32) of normalised images X for each (node, layer, where) in requests, in order."""
-    need = plan(models, requests)
-    keys = [(node, int(layer) % models[node].n_hidden, where) for node, layer, where in requests]
-    for m in models.values():
-        m.net.eval()
-    parts: list[list[torch.Tensor]] = [[] for _ in keys]
-    with torch.inference_mode():
-        for start in range(0, len(X), batch_size):
-            taps = forward_taps(models, need, torch.from_numpy(np.ascontiguousarray(X[start:start + batch_size])))
-            for part, key in zip(parts, keys):
-                part.append(taps[key])
-    if not len(X):
-        return [np.zeros((0, models[k[0]].width(k[1])), np.float32) for k in keys]
-    return [torch.cat(part).numpy() for part in parts]
-
-
-def flip_all(X: np.ndarray, normalizer: Normalizer) -> np.ndarray:
-    """Normalised images mirrored left-right (in pixel space, then normalised again)."""
-    mean, std = normalizer.mean, normalizer.std
-    images = (X * std + mean).reshape(-1, 3, 32, 32)[..., ::-1]
-    return ((images.reshape(len(X), -1) - mean) / std).astype(np.float32)
 
 
 # ---- the cache -------------------------------------------------------------------------------
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FeatureCache:
@@ -131,10 +44,10 @@ class FeatureCache:
         parent = models["parent"]
         norm = Normalizer.from_dict(parent.meta["normalization"])
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        return {"format": FORMAT, "source": source, "layer": int(layer) % models[source].n_hidden,
+        return {"format": FORMAT, "source": source, "layer": tap(models, source, layer, where)[1],
                 "where": where, "dtype": "float32", "width": models[source].width(layer),
                 "parent_fingerprint": parent.fingerprint(),
-                "chain": {name: models[name].fingerprint() for name in _chain(models, source)},
+                "chain": {name: models[name].fingerprint() for name in chain(models, source)},
                 "normalization_sha256": _sha256(norm.mean.tobytes() + norm.std.tobytes()),
                 "data": {k: v for k, v in sorted(data_hashes.items()) if k != "dir"},
                 "rows": {"count": len(rows), "sha256": _sha256(rows.tobytes())},
@@ -179,13 +92,12 @@ class FeatureCache:
         files = {}
         for variant, array in arrays.items():
             path = folder / f"{variant}.npy"
-            with tempfile.TemporaryFile() as f:
-                np.save(f, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-                f.seek(0)
-                data = f.read()
-            _write_atomic(path, data)
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+            data = buffer.getvalue()
+            write_bytes(path, data)
             files[path.name] = _sha256(data)
-        _write_atomic(folder / MANIFEST, (json.dumps({**manifest, "files": files}, indent=2) + "\n").encode())
+        write_json(folder / MANIFEST, {**manifest, "files": files})
 
     def features(self, models, source: str, layer: int, where: str, X: np.ndarray, rows: np.ndarray,
                  data_hashes: dict, flips: bool = False) -> dict[str, np.ndarray]:
@@ -197,21 +109,22 @@ class FeatureCache:
             self.log(f"feature cache {self.entry(manifest)}: reusing")
             return arrays
         normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
-        inputs = {"plain": X, "flipped": flip_all(X, normalizer) if flips else None}
+        inputs = {"plain": X, "flipped": mirror_all(X, normalizer) if flips else None}
         arrays = {v: extract(models, [(source, layer, where)], inputs[v])[0] for v in variants}
         self.store(manifest, arrays)
         self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} images, {', '.join(variants)})")
         return arrays
 
 
-def branch_inputs(cache: FeatureCache, models, data_hashes: dict, source: str, layer: int, where: str,
-                  X: np.ndarray, rows: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, flips: bool):
-    """(train inputs, train transform or None, validation features) for Model.fit, from the cache.
+def branch_inputs(cache: FeatureCache, models, data_hashes: dict, tap_: tuple, X: np.ndarray, rows: np.ndarray,
+                  train_idx: np.ndarray, val_idx: np.ndarray, flips: bool):
+    """(train inputs, train transform or None, validation features) for Model.fit, from the cache;
+    tap_ is the (source, layer, where) the branch reads.
 
     With flips the training inputs are row positions and the transform looks up the plain or the
-    flipped features, drawing the same coin per image as pipeline.flip_images does.
+    flipped features, drawing the same coin per image as forward.random_flip_transform does.
     """
-    arrays = cache.features(models, source, layer, where, X, rows, data_hashes, flips)
+    arrays = cache.features(models, *tap_, X, rows, data_hashes, flips)
     features_val = arrays["plain"][val_idx]
     if not flips:
         return arrays["plain"][train_idx], None, features_val
@@ -220,7 +133,7 @@ def branch_inputs(cache: FeatureCache, models, data_hashes: dict, source: str, l
 
     def transform(positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         index = positions[:, 0].long()
-        flip = torch.rand(len(index), generator=generator) < 0.5
+        flip = random_flips(len(index), generator)
         return torch.where(flip[:, None], flipped[index], plain[index])
 
     positions = np.arange(len(train_idx), dtype=np.float32)[:, None]

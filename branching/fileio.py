@@ -58,10 +58,11 @@ def write_json(path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_csv(path, rows: list[dict], columns=None) -> None:
-    """A header and one line per dict; floats written with repr, so they read back exactly."""
+def write_csv(path, rows: list[dict], empty_columns=()) -> None:
+    """A header (the first row's keys; `empty_columns` when there are no rows) and one line per dict;
+    floats written with repr, so that they read back exactly."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns) if columns is not None else list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(empty_columns))
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})

@@ -3,9 +3,6 @@ routed tree. One line per image; `--out FILE.csv|.json` writes the same rows."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 import warnings
@@ -16,6 +13,7 @@ import numpy as np
 from .config import load_config
 from .data import N_PIXELS, load_label_names, load_split
 from .errors import ConfigError, DataError
+from .fileio import write_csv, write_json
 from .routing import BATCH, TreePredictor
 
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG variant many cameras write
@@ -103,17 +101,10 @@ def format_line(row: dict) -> str:
 
 
 def write_rows(path, rows: list[dict], errors: list[str]) -> None:
-    from .pipeline import write_atomic
-
-    path = Path(path)
-    if path.suffix == ".json":
-        write_atomic(path, json.dumps({"predictions": rows, "errors": errors}, indent=2) + "\n")
+    if Path(path).suffix == ".json":
+        write_json(path, {"predictions": rows, "errors": errors})
     else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({**r, "confidence": repr(r["confidence"])} for r in rows)
-        write_atomic(path, buffer.getvalue())
+        write_csv(path, rows, COLUMNS)
 
 
 def cmd_predict(args) -> int:

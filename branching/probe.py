@@ -23,8 +23,8 @@ from torchly import Model
 
 from . import cost
 from .config import TreeConfig
-from .pipeline import (ORIGINAL_BRANCH_SPLIT_SEED, TreeData, batched, log, parent_normalizer, read_layer,
-                       train_branch, train_parent)
+from .forward import extract
+from .pipeline import ORIGINAL_BRANCH_SPLIT_SEED, TreeData, log, parent_normalizer, train_branch, train_parent
 from .recipes import Recipe
 
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1)   # inverse regularisation strengths tried; the best on validation wins
@@ -112,7 +112,7 @@ def probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -
         for layer in range(source.n_hidden):
             for where in WHERE:
                 start = time.perf_counter()
-                features = batched(lambda x: read_layer(models, spec.source, layer, where, x), X, models)
+                features = extract(models, [(spec.source, layer, where)], X)[0]
                 _, val = fit_linear_probe(features[train_idx], labels[train_idx], features[val_idx],
                                           labels[val_idx])
                 table.append({"branch": spec.name, "source": spec.source, "layer": layer, "where": where,

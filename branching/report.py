@@ -18,7 +18,7 @@ from torchly import Model
 
 from . import plots
 from .metrics import describe_rule
-from .pipeline import write_atomic
+from .fileio import write_text
 
 NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images per class they span roughly "
         "+-5 to +-10 points, so differences smaller than that are not evidence. Confidence is the max softmax "
@@ -126,8 +126,8 @@ def render_html(blocks: list[tuple], base: Path, title: str) -> str:
 
 
 def write_documents(out: Path, blocks: list[tuple], title: str) -> Path:
-    write_atomic(out / "report.html", render_html(blocks, out, title))
-    write_atomic(out / "report.md", render_markdown(blocks))
+    write_text(out / "report.html", render_html(blocks, out, title))
+    write_text(out / "report.md", render_markdown(blocks))
     return out / "report.md"
 
 

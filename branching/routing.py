@@ -25,34 +25,15 @@ from torch import nn
 
 from torchly import Model
 
-from .checkpoint import check_lineage, check_node
+from .acceptance import Acceptance
+from .checkpoint import load_folder
 from .config import TreeConfig
 from .data import N_PIXELS, Normalizer
 from .errors import CheckpointError, ConfigError
 from .metrics import classification_summary, format_report, selective_summary
 
-DEFAULT_THRESHOLD = 0.96  # for parents saved before routing rules were recorded
 BATCH = 1024
 MIN_FOLD_STD = 1e-3  # below this, dividing weights by the pixel std loses too much precision
-
-
-def node_rule(model: Model) -> dict:
-    """Temperature and threshold a node routes and accepts with, both chosen on validation data.
-
-    The temperature is the node's fitted one (1 if it has none). The threshold is that of the
-    node's acceptance rule; a parent without one uses its recipe's threshold (0.96 in both recipes),
-    i.e. it routes by the same rule the branches accept by. A threshold of None accepts nothing.
-    """
-    meta = model.meta
-    acceptance = meta.get("acceptance")
-    temperature = (meta.get("calibration") or acceptance or {}).get("temperature") or 1.0
-    if acceptance is not None:
-        threshold, source = acceptance.get("threshold"), f"acceptance rule {acceptance.get('rule', 'threshold')!r}"
-    else:
-        threshold = ((meta.get("recipe") or {}).get("parent") or {}).get("threshold", DEFAULT_THRESHOLD)
-        source = "recipe threshold"
-    return {"temperature": float(temperature), "threshold": None if threshold is None else float(threshold),
-            "from": source}
 
 
 class _Node:
@@ -71,7 +52,9 @@ class _Node:
         self.where = None if spec.source is None else model.meta["where"]
         self.activation = model.activation
         self.act = model.net[1] if len(linears) > 1 else None
-        rule = node_rule(model)
+        # the node's temperature, and the threshold of its rule (for a parent without one, its recipe's:
+        # it routes by the same rule the branches accept by); a threshold of None accepts nothing
+        rule = Acceptance.of(model.meta).routing()
         self.rule = rule
         self.inverse_temperature = np.float32(1.0 / rule["temperature"])
         # float32, as the confidences it is compared with (the same decision in every code path)
@@ -194,7 +177,7 @@ class TreePredictor:
     @classmethod
     def load(cls, models_dir, config: TreeConfig | None = None) -> TreePredictor:
         """Load every model in a folder (or in its models/ subfolder), checking their lineage."""
-        config, models = load_models(models_dir, config)
+        config, models = load_folder(models_dir, config)
         return cls(config, models)
 
     @property
@@ -261,67 +244,6 @@ class TreePredictor:
     def layer_shapes(self) -> dict[str, list[tuple[int, int]]]:
         """(fan_in, fan_out) of every Linear of each node, in order."""
         return {node.name: [tuple(w.shape) for w, _ in node.weights] for node in self.nodes}
-
-
-# ---- loading ---------------------------------------------------------------------------------
-
-def load_models(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfig, dict[str, Model]]:
-    """Every node model in a folder, keyed by the name recorded in it, and the tree they form.
-
-    Without a config the tree is rebuilt from what each file records (classes, source, layer);
-    with one, the files must match it. Either way each branch must sit on the exact models it was
-    trained on.
-    """
-    directory = Path(models_dir)
-    if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
-        directory = directory / "models"
-    files = sorted(directory.glob("*.pt"))
-    if not files:
-        raise CheckpointError(f"no model files (*.pt) in {models_dir}; pass the models folder of a run "
-                              f"(e.g. runs/latest/models)")
-    models: dict[str, Model] = {}
-    for path in files:
-        try:
-            model = Model.load(path)
-        except ValueError as e:
-            raise CheckpointError(f"{e}; remove it from {directory} or train it again") from None
-        if model.meta.get("fingerprint") != model.fingerprint():
-            raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); train it again")
-        name = model.meta.get("name")
-        if not isinstance(name, str):
-            raise CheckpointError(f"{path} records no node name; it was not written by branching")
-        if name in models:
-            raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
-        model.meta["path"] = str(path)
-        models[name] = model
-    if config is None:
-        config = _config_from_models(models, directory)
-    for spec in config.nodes():
-        if spec.name not in models:
-            raise CheckpointError(f"no model for node {spec.name!r} in {directory}; train it first")
-        check_node(models[spec.name], spec)
-        if spec.source is not None:
-            check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])
-    return config, {spec.name: models[spec.name] for spec in config.nodes()}
-
-
-def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
-    if "parent" not in models:
-        raise CheckpointError(f"no parent model in {directory}; train the parent first")
-    tree: dict = {"parent": None, "branches": {}, "path": str(directory)}
-    for name, model in models.items():
-        meta = model.meta
-        node = {"classes": list(meta.get("classes", [])), "hidden": list(model.architecture[1:-1]),
-                "activation": model.activation}
-        if name == "parent":
-            tree["parent"] = node
-        else:
-            tree["branches"][name] = {"from": meta.get("source"), "layer": meta.get("layer"),
-                                      "where": meta.get("where"), **node}
-    try:
-        return TreeConfig.from_dict(tree)
-    except ConfigError as e:
-        raise CheckpointError(f"the models in {directory} do not form a valid tree ({e})") from None
 
 
 # ---- evaluation ------------------------------------------------------------------------------

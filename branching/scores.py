@@ -31,34 +31,32 @@ def parent_head(parent_logits, parent_classes, classes, temperature: float) -> t
     return restricted.argmax(axis=1), calibration.softmax(restricted, temperature).max(axis=1)
 
 
-def score_node(classes, labels, logits, temperature: float = 1.0, acceptance: dict | None = None,
-               parent: tuple | None = None) -> tuple[dict, dict]:
+def score_node(classes, labels, logits, acceptance, parent: tuple | None = None) -> tuple[dict, dict]:
     """Metrics of a node on the test images and the per-image columns for its CSV.
 
-    `acceptance` is the rule fit on validation (None: the node accepts everything, as the parent by
-    default); `parent` is (predicted ids, confidence) of the parent's restricted head, for branches.
+    `acceptance` is the node's acceptance.Acceptance, fit on validation (a node without a reject option
+    accepts everything, as the parent by default); `parent` is (predicted ids, confidence) of the
+    parent's restricted head, for branches.
     """
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
     predicted = logits.argmax(axis=1)
     correct = predicted == labels
     raw_confidence = calibration.softmax(logits).max(axis=1)
-    confidence = calibration.softmax(logits, temperature).max(axis=1)
+    confidence = acceptance.confidence(logits)
     metrics = classification_summary(labels, predicted, classes)
     metrics["test_accuracy_ci"] = selective.wilson_interval(int(correct.sum()), len(labels))
     metrics["per_class"] = per_class_scores(labels, predicted, classes)
-    metrics["temperature"] = float(temperature)
-    metrics.update(calibration.calibration_summary(logits, labels, temperature))
+    metrics["temperature"] = float(acceptance.temperature)
+    metrics.update(calibration.calibration_summary(logits, labels, acceptance.temperature))
     metrics.update(aurc=selective.aurc(confidence, correct), eaurc=selective.eaurc(confidence, correct))
-    if acceptance is None:
-        accepted = np.ones(len(labels), dtype=bool)
-    else:
-        accepted = selective.accept_mask(confidence, acceptance["threshold"])
+    accepted = acceptance.accepts(confidence)
+    if acceptance.rejects:
         summary = selective.selective_summary(correct, accepted)
         metrics.update(summary, accuracy=metrics["test_accuracy"])
-        metrics["acceptance"] = {**acceptance, "test": {"samples": len(labels), "accepted": summary["accepted"],
-                                                        "coverage": summary["coverage"],
-                                                        "risk": summary["selective_risk"]}}
+        metrics["acceptance"] = {**acceptance.summary(), "test": {"samples": len(labels), "accepted": summary["accepted"],
+                                                                  "coverage": summary["coverage"],
+                                                                  "risk": summary["selective_risk"]}}
     columns = {"true": labels, "predicted": predicted, "confidence": confidence, "accepted": accepted,
                "raw_confidence": raw_confidence}
     if parent is not None:

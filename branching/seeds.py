@@ -4,7 +4,6 @@ risk-coverage curves overlaid)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .metrics import describe_rule
-from .pipeline import write_atomic
+from .fileio import write_json
 
 # Dotted paths into a node's metrics; the parent has no reject option or parent head unless configured.
 HEADLINE = ("test_accuracy", "coverage", "accepted_accuracy", "selective_risk", "aurc", "eaurc", "ece_raw", "ece",
@@ -88,7 +87,7 @@ def run_seeds(config, data_dir, out_dir, recipe, seeds: list[int], download: boo
                          if "acceptance" in m},
                "parent": summary["parent"], "branches": summary["branches"],
                "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     echo(format_summary(metrics))
     if report:
         from .report import write_seeds_report

@@ -14,26 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from torchly import Model
 
 from .data import N_PIXELS, Normalizer
+from .forward import chain
 from .routing import TreePredictor
 
 
 def chain_models(models: dict[str, Model], leaf: str) -> list[Model]:
     """The models from the parent down to `leaf`."""
-    chain = [models[leaf]]
-    while chain[0].meta.get("source") is not None:
-        chain.insert(0, models[chain[0].meta["source"]])
-    return chain
-
-
-def _read_module(source: Model, layer: int, where: str) -> nn.Module:
-    """The module of `source` whose output is hidden layer `layer` at `where`."""
-    linears = [i for i, m in enumerate(source.net) if isinstance(m, nn.Linear)]
-    return source.net[linears[layer] + (0 if where == "pre" else 1)]
+    return [models[name] for name in chain(models, leaf)]
 
 
 def original_style(chain: list[Model], normalizer: Normalizer, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +36,8 @@ def original_style(chain: list[Model], normalizer: Normalizer, images: np.ndarra
         with torch.no_grad():
             for source, reader in zip(chain[:-1], chain[1:]):
                 caught = {}
-                hook = _read_module(source, reader.meta["layer"], reader.meta["where"]).register_forward_hook(
+                module = source.net[source.tap(reader.meta["layer"], reader.meta["where"])["module"]]
+                hook = module.register_forward_hook(
                     lambda module, inputs, output: caught.__setitem__("x", output))
                 source.net(x)
                 hook.remove()

@@ -15,7 +15,9 @@ from branching.compare import compare_seed, make_context, score
 from branching.compare_report import paired_delta, summarise, t_interval
 from branching.config import parse_config
 from branching.data import make_synthetic
-from branching.pipeline import load_tree_data, node_inputs, parent_normalizer, train_branch, train_parent
+from branching.acceptance import Acceptance
+from branching.forward import node_inputs
+from branching.pipeline import load_tree_data, parent_normalizer, train_branch, train_parent
 from branching.recipes import get_recipe
 from torchly import Model
 
@@ -137,14 +139,14 @@ def test_end_to_end_starts_as_trunk_plus_branch_and_leaves_the_parent_alone(cont
 def test_score_against_a_hand_computation():
     logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
     labels = np.array([0, 0, 0, 1])  # correct, wrong, correct, correct
-    outcome = Outcome(logits, {"temperature": 1.0, "threshold": 0.75}, 10, 100, 1.0, 2.0)
+    outcome = Outcome(logits, Acceptance(1.0, rule="threshold", threshold=0.75), 10, 100, 1.0, 2.0)
     r = score(outcome, labels)
     assert r["test_accuracy"] == 0.75
     assert r["coverage"] == 0.5 and r["accepted_accuracy"] == 0.5  # 0.9 (right) and 0.8 (wrong) accepted
     # confidences 0.9 R, 0.8 W, 0.7 R, 0.6 R: risks 0, 1/2, 1/3, 1/4
     assert r["aurc"] == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
     assert r["total_train_s"] == 3.0
-    nothing = score(Outcome(logits, {"temperature": 1.0, "threshold": None}, 0, 0, 0.0, 0.0), labels)
+    nothing = score(Outcome(logits, Acceptance(1.0, rule="threshold", threshold=None), 0, 0, 0.0, 0.0), labels)
     assert nothing["coverage"] == 0 and nothing["accepted_accuracy"] is None
 
 

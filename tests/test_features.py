@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from branching.data import N_PIXELS, Normalizer
-from branching.features import FeatureCache, branch_inputs, extract, flip_all
-from branching.pipeline import flip_images
+from branching.features import FeatureCache, branch_inputs
+from branching.forward import extract, flip_images, mirror_all, random_flips
 from torchly import Model
 
 DATA = {"dir": "/somewhere", "train_sha256": "aa", "test_sha256": "bb", "meta_sha256": "cc"}
@@ -106,21 +106,21 @@ def test_cached_training_inputs_match_flipping_on_the_fly(tmp_path):
     pixels = np.random.default_rng(5).integers(0, 256, (40, N_PIXELS))
     X = norm.transform(pixels)
     rows, train_idx, val_idx = np.arange(40), np.arange(0, 40, 2), np.arange(1, 40, 2)
-    train_X, transform, features_val = branch_inputs(FeatureCache(tmp_path), models, DATA, "parent", 1, "pre", X,
+    train_X, transform, features_val = branch_inputs(FeatureCache(tmp_path), models, DATA, ("parent", 1, "pre"), X,
                                                      rows, train_idx, val_idx, flips=True)
     np.testing.assert_allclose(features_val, manual_hidden(models["parent"], X[val_idx], 1, "pre"), atol=1e-4)
     positions = torch.from_numpy(train_X[[3, 0, 7, 7, 12]])
     got = transform(positions, torch.Generator().manual_seed(11))
     images = torch.from_numpy(X[train_idx][[3, 0, 7, 7, 12]])
     with torch.no_grad():
-        on_the_fly = models["parent"].hidden_forward(flip_images(images, norm, torch.Generator().manual_seed(11)),
+        on_the_fly = models["parent"].hidden_forward(flip_images(images, norm, random_flips(5, torch.Generator().manual_seed(11))),
                                                      1, "pre")
     np.testing.assert_allclose(got.numpy(), on_the_fly.numpy(), rtol=1e-4, atol=1e-4)
-    # flip_all mirrors every image: twice is the identity
-    np.testing.assert_allclose(flip_all(flip_all(X[:3], norm), norm), X[:3], atol=1e-4)
+    # mirror_all mirrors every image: twice is the identity
+    np.testing.assert_allclose(mirror_all(mirror_all(X[:3], norm), norm), X[:3], atol=1e-4)
     mirrored = pixels[:2].reshape(2, 3, 32, 32)[..., ::-1].reshape(2, -1)  # columns reversed in each channel
-    np.testing.assert_allclose(flip_all(X[:2], norm), norm.transform(mirrored), atol=1e-4)
-    no_flip_X, none, _ = branch_inputs(FeatureCache(tmp_path), models, DATA, "parent", 1, "pre", X, rows,
+    np.testing.assert_allclose(mirror_all(X[:2], norm), norm.transform(mirrored), atol=1e-4)
+    no_flip_X, none, _ = branch_inputs(FeatureCache(tmp_path), models, DATA, ("parent", 1, "pre"), X, rows,
                                        train_idx, val_idx, flips=False)
     assert none is None and no_flip_X.shape == (20, 8)
 

@@ -10,7 +10,8 @@ from branching.checkpoint import script_filename
 from branching.config import parse_config
 from branching.data import N_PIXELS, Normalizer
 from branching.errors import ConfigError
-from branching.routing import TreePredictor, load_models
+from branching.checkpoint import load_folder
+from branching.routing import TreePredictor
 from torchly import Model
 
 HAND_TREE = """
@@ -141,7 +142,8 @@ hidden = [5]
             p.data.mul_(3.0)  # confident enough that routing varies
         meta = {"name": spec.name, "classes": list(spec.classes), "hidden": list(spec.hidden)}
         if spec.source is None:
-            meta.update(kind="parent", normalization=norm.to_dict(), calibration={"temperature": 1.3})
+            meta.update(kind="parent", normalization=norm.to_dict(),
+                        acceptance={"rule": None, "threshold": 0.96, "temperature": 1.3})
         else:
             meta.update(kind="branch", source=spec.source, layer=spec.layer, where=spec.where,
                         source_fingerprint=models[spec.source].fingerprint(),
@@ -154,13 +156,13 @@ hidden = [5]
 
 def _reference(config, models, norm, images):
     """Dense, image by image: every node's softmax through torchly, routing decided in numpy."""
-    from branching.pipeline import node_inputs
+    from branching.forward import node_inputs
 
     X = norm.transform(images)
     probs = {}
     for spec in config.nodes():
         meta = models[spec.name].meta
-        t = (meta.get("acceptance") or meta.get("calibration"))["temperature"]
+        t = meta["acceptance"]["temperature"]
         probs[spec.name] = models[spec.name].predict_proba(node_inputs(models, spec.name, X), temperature=t)
     thresholds = {s.name: models[s.name].meta.get("acceptance", {}).get("threshold", 0.96) for s in config.nodes()}
     out = []
@@ -191,13 +193,13 @@ def test_deep_tree_matches_a_dense_reference_and_loads_from_its_folder(tmp_path)
     expected = _reference(config, models, norm, images)
     paths = {e[2] for e in expected}
     assert {"parent > animals > water", "parent > plants"} <= paths  # the tree is exercised
-    loaded_config, _ = load_models(tmp_path)  # the tree rebuilt from the files alone
+    loaded_config, _ = load_folder(tmp_path)  # the tree rebuilt from the files alone
     assert {n.name: n for n in loaded_config.nodes()} == {n.name: n for n in config.nodes()}
     scripts = tmp_path / "scripts" / "models"  # the original scripts' file names, found from a run-like folder
     scripts.mkdir(parents=True)
     for name in ("parent", "animals", "water", "plants"):
         (scripts / script_filename(name)).write_bytes((tmp_path / f"{name}.pt").read_bytes())
-    assert {n.name for n in load_models(scripts.parent)[0].nodes()} == {"parent", "animals", "water", "plants"}
+    assert {n.name for n in load_folder(scripts.parent)[0].nodes()} == {"parent", "animals", "water", "plants"}
     for predictor in (TreePredictor(config, models), TreePredictor.load(tmp_path)):
         for batch_size in (1, 7, 1024):
             result = predictor.predict(images, batch_size=batch_size)

@@ -107,6 +107,38 @@ def test_hidden_forward_keeps_gradients_and_mode():
     np.testing.assert_allclose(out.detach().numpy(), numpy_hidden(model, x.numpy(), 0, "pre"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropout", [None, 0.2])
+def test_feature_info_and_forward_intermediates_agree_with_hooks_and_a_plain_forward(dropout):
+    model = Model([5, 7, 6, 4, 3], activation="tanh", dropout=dropout, seed=1)
+    info = model.feature_info
+    assert [(i["layer"], i["where"], i["width"]) for i in info] == [
+        (0, "pre", 7), (0, "post", 7), (1, "pre", 6), (1, "post", 6), (2, "pre", 4), (2, "post", 4)]
+    assert len({i["name"] for i in info}) == len(info)
+    x = torch.randn(8, 5)
+    caught = {}
+    hooks = [model.net[i["module"]].register_forward_hook(
+        lambda module, inputs, output, name=i["name"]: caught.__setitem__(name, output)) for i in info]
+    with torch.no_grad():
+        logits = model.net(x)
+    for h in hooks:
+        h.remove()
+    taps = [(i["layer"], i["where"]) for i in info]
+    with torch.no_grad():
+        out, found = model.forward_intermediates(x, taps, stop_early=False)
+        assert torch.equal(out, logits)
+        for i, tensor in zip(info, found):
+            assert torch.equal(tensor, caught[i["name"]]), i["name"]
+            np.testing.assert_allclose(tensor.numpy(), numpy_hidden(model, x.numpy(), i["layer"], i["where"]),
+                                       rtol=1e-5, atol=1e-6)
+        early, [only] = model.forward_intermediates(x, [(-2, "post")])  # negative layers count from the end
+    assert early is None and torch.equal(only, caught["hidden1.post"])
+    ran = []
+    hook = model.net[-1].register_forward_hook(lambda *args: ran.append(1))
+    model.forward_intermediates(x, [(0, "pre")])
+    hook.remove()
+    assert not ran  # stop_early: the layers after the deepest tap do not run
+
+
 def test_layer_and_where_are_validated():
     model = Model([4, 6, 5, 3])
     with pytest.raises(ValueError, match=r"-2\.\.1"):

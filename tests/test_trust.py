@@ -13,6 +13,8 @@ from PIL import Image
 from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss, precision_recall_fscore_support
 
 from branching import pipeline
+from branching.acceptance import Acceptance, rejects
+from branching.forward import node_inputs
 from branching.checkpoint import ModelStore
 from branching.cli import main
 from branching.config import load_config, parse_config
@@ -145,7 +147,7 @@ def node_logits(out, config, data_dir, node, split, rows=None):
         keep = np.isin(file_rows, rows)
         images, labels = images[keep], labels[keep]
     X = pipeline.parent_normalizer(models["parent"]).transform(images)
-    logits = models[node].logits(pipeline.node_inputs(models, node, X)).astype(np.float64)
+    logits = models[node].logits(node_inputs(models, node, X)).astype(np.float64)
     return logits, labels, models, models["parent"].logits(X).astype(np.float64)
 
 
@@ -155,19 +157,19 @@ def test_temperature_is_the_nll_minimum_on_validation_logits(run_dir, synthetic_
     models = ModelStore(out / "models").load_tree(config)
     meta = models[node].meta
     logits, labels, _, _ = node_logits(out, config, synthetic_c10, node, "train", meta["val_rows"].numpy())
-    assert len(labels) == meta["calibration"]["validation_samples"] > 0
+    assert len(labels) == meta["acceptance"]["calibration"]["validation_samples"] > 0
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 20001))
     log_p = scipy.special.log_softmax(logits[None] / grid[:, None, None], axis=2)
     nll = -log_p[:, np.arange(len(labels)), labels].mean(axis=1)
     best = grid[int(np.argmin(nll))]
     assert 0.06 < best < 19, "the NLL minimum should be inside the search range for this test to mean much"
-    assert meta["calibration"]["temperature"] == pytest.approx(best, rel=1e-3)
-    t = meta["calibration"]["temperature"]  # and sklearn agrees on the NLL there
-    assert meta["calibration"]["val_nll"] == pytest.approx(
+    assert meta["acceptance"]["temperature"] == pytest.approx(best, rel=1e-3)
+    t = meta["acceptance"]["temperature"]  # and sklearn agrees on the NLL there
+    assert meta["acceptance"]["calibration"]["val_nll"] == pytest.approx(
         log_loss(labels, scipy.special.softmax(logits / t, axis=1), labels=range(logits.shape[1])), rel=1e-6)
-    assert meta["calibration"]["calibrated"]
+    assert meta["acceptance"]["calibrated"]
     m = metrics["parent"] if node == "parent" else metrics["branches"][node]
-    assert m["temperature"] == meta["calibration"]["temperature"]
+    assert m["temperature"] == meta["acceptance"]["temperature"]
     if node == "fish":  # coverage rule: the most confident half of the validation images
         confidence = np.sort(scipy.special.softmax(logits / m["temperature"], axis=1).max(axis=1))[::-1]
         assert m["acceptance"]["threshold"] == pytest.approx(confidence[math.ceil(0.5 * len(labels)) - 1])
@@ -288,21 +290,25 @@ def test_fixed_temperature_contradicting_calibrate_is_a_config_error():
 def test_parent_rejects_only_when_configured_and_rules_work_without_validation_images():
     base = '[parent]\nclasses = ["a", "b", "c"]\n[branches.x]\nclasses = ["a", "b"]\n'
     plain = parse_config(base)
-    assert not pipeline.has_rule(plain.parent) and pipeline.has_rule(plain.node("x"))
+    assert not rejects(plain.parent) and rejects(plain.node("x"))
     ruled = parse_config(base + '[parent.accept]\nthreshold = 0.5\n')
-    assert pipeline.has_rule(ruled.parent)
+    assert rejects(ruled.parent)
     original = get_recipe("original").parent  # no validation images, no calibration
     empty = np.zeros((0, 3), dtype=np.float32)
-    fitted = pipeline.fit_calibration(ruled.parent, original, empty, np.zeros(0, dtype=np.int64))
-    assert fitted == {"temperature": 1.0, "calibrated": False, "validation_samples": 0}
+    fitted = Acceptance.fit(ruled.parent.accept, original, empty, np.zeros(0, dtype=np.int64), rejects=False)
+    assert (fitted.temperature, fitted.calibrated, fitted.calibration) == (1.0, False, {"validation_samples": 0})
+    assert not fitted.rejects and fitted.accepts(np.array([0.1, 0.9])).all()
     rule = pipeline.fit_acceptance(ruled.parent, original, empty, np.zeros(0, dtype=np.int64))
-    assert rule["threshold"] == 0.5 and rule["validation"]["samples"] == 0
+    assert rule.threshold == 0.5 and rule.validation["samples"] == 0
     covered = parse_config(base + '[parent.accept]\nrule = "coverage"\ncoverage = 0.9\n')
     rule = pipeline.fit_acceptance(covered.parent, original, empty, np.zeros(0, dtype=np.int64))
-    assert rule["threshold"] is None and "no validation images" in rule["reason"]
+    assert rule.threshold is None and "no validation images" in rule.reason
+    assert not rule.accepts(np.array([0.99, 1.0])).any()
+    assert Acceptance.from_dict(rule.to_dict()) == rule
     fixed = parse_config(base + '[parent.accept]\ntemperature = 2.5\n')
     logits = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
-    fitted = pipeline.fit_calibration(fixed.parent, get_recipe("default").parent, logits, np.array([0, 1]))
-    assert (fitted["temperature"], fitted["calibrated"]) == (2.5, False)
-    assert fitted["val_nll"] == pytest.approx(log_loss([0, 1], scipy.special.softmax(logits / 2.5, axis=1),
+    fitted = Acceptance.fit(fixed.parent.accept, get_recipe("default").parent, logits, np.array([0, 1]), rejects=False)
+    assert (fitted.temperature, fitted.calibrated) == (2.5, False)
+    np.testing.assert_allclose(fitted.confidence(logits), scipy.special.softmax(logits / 2.5, axis=1).max(axis=1))
+    assert fitted.calibration["val_nll"] == pytest.approx(log_loss([0, 1], scipy.special.softmax(logits / 2.5, axis=1),
                                                        labels=[0, 1, 2]))
