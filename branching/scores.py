@@ -10,9 +10,8 @@ from sklearn.metrics import precision_recall_fscore_support
 from . import calibration, selective
 from .metrics import classification_summary
 
-# Columns of OUT/predictions/<node>.csv; a branch adds PARENT_HEAD_COLUMNS.
+# Columns of OUT/predictions/<node>.csv; a branch adds the parent head's (parent_predicted_class, parent_confidence).
 PREDICTION_COLUMNS = ("index", "true_class", "predicted_class", "confidence", "accepted", "raw_confidence")
-PARENT_HEAD_COLUMNS = ("parent_predicted_class", "parent_confidence")
 
 
 def per_class_scores(labels, predicted, classes) -> dict:
