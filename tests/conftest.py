@@ -1,14 +1,21 @@
-"""Shared fixtures: the real six-class CIFAR-100 folder and a synthetic one."""
+"""Shared fixtures: the real six-class CIFAR-100 folder, synthetic ones, and a small trained tree.
+
+The session-scoped ones are built once for the whole run and shared between test files, so the tests
+that use them only read them: nothing may write into these folders or change these models.
+"""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from branching.data import make_synthetic
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ORIGINAL_CLASSES = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"]
+from branching.config import parse_config
+from branching.pipeline import load_tree_data
+from branching.probe import train_sources
+from branching.recipes import get_recipe
+from reference import (ORIGINAL_CLASSES, REPO_ROOT, SMALL_TREE, SMALL_TREE_CLASSES, SMALL_TREE_N_TEST,
+                       SMALL_TREE_N_TRAIN)
+from synthetic import make_synthetic
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +34,35 @@ def real_data_dir() -> Path:
 def synthetic_c10(tmp_path_factory) -> Path:
     """Synthetic data in the official format for the original study's six classes."""
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "cifar-100-python", ORIGINAL_CLASSES)
+
+
+# ---- the small two-level tree of reference.SMALL_TREE ----------------------------------------------
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory) -> Path:
+    """Synthetic data of the small tree's four classes (SMALL_TREE_N_TRAIN and _N_TEST images a class)."""
+    return make_synthetic(tmp_path_factory.mktemp("small") / "c100", SMALL_TREE_CLASSES,
+                          n_train=SMALL_TREE_N_TRAIN, n_test=SMALL_TREE_N_TEST)
+
+
+@pytest.fixture(scope="session")
+def small_tree_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("small-config") / "tree.toml"
+    path.write_text(SMALL_TREE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_config():
+    return parse_config(SMALL_TREE)
+
+
+@pytest.fixture(scope="session")
+def small_data(small_config, small_data_dir):
+    return load_tree_data(small_config, small_data_dir)
+
+
+@pytest.fixture(scope="session")
+def small_trained(small_config, small_data) -> dict:
+    """The small tree's parent and mammals (the branch water reads), one epoch each, seed 0; both frozen."""
+    return train_sources(small_config, small_data, get_recipe("default", 1), seed=0, progress=False)

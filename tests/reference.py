@@ -135,21 +135,24 @@ def parse_report(text: str, classes) -> dict:
     return out
 
 
-# A small two-level tree (a branch of a branch) for the compare and probe-layers tests.
+# ---- trees shared by several test files -------------------------------------------------------
+# Written in TOML's compact form, one node a line (an inline table each), to keep them short.
+
+# Two levels (a branch of a branch): compare, probe-layers and the shared trained tree of conftest.py.
 SMALL_TREE_CLASSES = ["beaver", "whale", "wolf", "sunflower"]
+SMALL_TREE_N_TRAIN, SMALL_TREE_N_TEST = 40, 10  # images per class in conftest.py's small_data_dir
 SMALL_TREE = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [16, 8]
+parent = { classes = ["beaver", "whale", "wolf", "sunflower"], hidden = [16, 8] }
+branches.mammals = { classes = ["beaver", "whale", "wolf"], layer = 1, hidden = [6] }
+branches.water = { from = "mammals", classes = ["beaver", "whale"], layer = 0, hidden = [3] }
+"""
 
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [6]
-
-[branches.water]
-from = "mammals"
-classes = ["beaver", "whale"]
-layer = 0
-hidden = [3]
+# Three levels with mixed pre/post readings, and a class (oak_tree) that no branch takes: routing, the
+# inference benchmark, and the trained end-to-end tree of test_deep_tree.py.
+DEEP_TREE_CLASSES = ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"]
+DEEP_TREE = """
+parent = { classes = ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"], hidden = [32, 16] }
+branches.animals = { classes = ["beaver", "whale", "wolf"], layer = 1, where = "pre", hidden = [12, 8] }
+branches.water = { from = "animals", classes = ["beaver", "whale"], layer = 0, where = "post", hidden = [6] }
+branches.plants = { classes = ["sunflower", "forest"], layer = 0, where = "post", hidden = [5] }
 """

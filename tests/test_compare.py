@@ -13,16 +13,13 @@ from branching.baselines import (EndToEnd, Outcome, Recipes, count_parameters, r
 from branching.cli import main
 from branching.compare import compare_seed, make_context, score
 from branching.compare_report import paired_delta, summarise, t_interval
-from branching.config import parse_config
-from branching.data import make_synthetic
 from branching.acceptance import Acceptance
 from branching.forward import node_inputs
-from branching.pipeline import load_tree_data, parent_normalizer, train_branch, train_parent
+from branching.pipeline import parent_normalizer, train_branch
 from branching.recipes import get_recipe
 from torchly import Model
 
-from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES
-N_TEST = 10
+from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES, SMALL_TREE_N_TEST as N_TEST
 
 
 def lin(a, b):
@@ -31,35 +28,13 @@ def lin(a, b):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("cmp") / "c100", CLASSES, n_train=40, n_test=N_TEST)
+def result(small_config, small_data):
+    return compare_seed(small_config, small_data, seed=0, recipes=Recipes.capped(1), progress=False)
 
 
 @pytest.fixture(scope="module")
-def tree_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tree.toml"
-    path.write_text(TREE)
-    return path
-
-
-@pytest.fixture(scope="module")
-def config():
-    return parse_config(TREE)
-
-
-@pytest.fixture(scope="module")
-def data(config, data_dir):
-    return load_tree_data(config, data_dir)
-
-
-@pytest.fixture(scope="module")
-def result(config, data):
-    return compare_seed(config, data, seed=0, recipes=Recipes.capped(1), progress=False)
-
-
-@pytest.fixture(scope="module")
-def context(config, data):
-    return make_context(config, data, seed=0, recipes=Recipes.capped(1), progress=False)
+def context(small_config, small_data):
+    return make_context(small_config, small_data, seed=0, recipes=Recipes.capped(1), progress=False)
 
 
 def test_every_method_runs_on_every_branch(result):
@@ -93,20 +68,20 @@ def test_parameter_counts_by_hand(result):
     assert w["finetune"] == w["scratch_mlp"] == trunk + lin(8, 6) + lin(6, 3) + lin(3, 2)
 
 
-def test_flops_by_hand(result, config):
+def test_flops_by_hand(result, small_config):
     m = {k: r["inference_flops"] for k, r in result["branches"]["mammals"].items()}
     assert m["branch"] == 2 * (3072 * 16 + 16 * 8 + 8 * 6 + 6 * 3)
     assert m["parent_head"] == 2 * (3072 * 16 + 16 * 8 + 8 * 4)
     assert m["linear_probe"] == 2 * (3072 * 16 + 16 * 8 + 8 * 3)
     assert m["layer0_pre"] == 2 * (3072 * 16 + 16 * 6 + 6 * 3)
-    assert cost.linear_params(cost.path_widths(config, "mammals")) == count_parameters(
-        Model(cost.path_widths(config, "mammals")).net)
+    assert cost.linear_params(cost.path_widths(small_config, "mammals")) == count_parameters(
+        Model(cost.path_widths(small_config, "mammals")).net)
 
 
-def test_restricted_parent_head_is_the_argmax_over_the_branch_classes(context, config, data):
-    outcome = run_parent_head(context, config.node("mammals"))
+def test_restricted_parent_head_is_the_argmax_over_the_branch_classes(context, small_config, small_data):
+    outcome = run_parent_head(context, small_config.node("mammals"))
     parent = context.models["parent"]
-    images, labels, _ = data.node_rows("test", config.node("mammals"))
+    images, labels, _ = small_data.node_rows("test", small_config.node("mammals"))
     logits = parent.logits(parent_normalizer(parent).transform(images))
     branch_classes = ["beaver", "whale", "wolf"]
     manual = [max(range(3), key=lambda j: logits[i, CLASSES.index(branch_classes[j])]) for i in range(len(logits))]
@@ -120,12 +95,12 @@ def test_restricted_parent_head_is_the_argmax_over_the_branch_classes(context, c
     np.testing.assert_array_equal(restricted_logits(logits, CLASSES, ["wolf", "beaver"]), logits[:, [2, 0]])
 
 
-def test_end_to_end_starts_as_trunk_plus_branch_and_leaves_the_parent_alone(context, config, data):
-    spec = config.node("mammals")
+def test_end_to_end_starts_as_trunk_plus_branch_and_leaves_the_parent_alone(context, small_config, small_data):
+    spec = small_config.node("mammals")
     run_branch(context, spec)
     parent, branch = context.models["parent"], context.models["mammals"]
     fingerprint = parent.fingerprint()
-    X = parent_normalizer(parent).transform(data.node_rows("test", spec)[0])
+    X = parent_normalizer(parent).transform(small_data.node_rows("test", spec)[0])
     net = EndToEnd(context.models, "mammals")
     with torch.no_grad():
         combined = net(torch.from_numpy(X)).numpy()
@@ -176,11 +151,11 @@ def test_summary_over_seeds(result):
     assert "correct" not in json.dumps(summary)
 
 
-def test_compare_command_writes_its_three_files(data_dir, tmp_path, capsys):
+def test_compare_command_writes_its_three_files(small_data_dir, tmp_path, capsys):
     tree = tmp_path / "tree.toml"
-    tree.write_text(TREE.split("[branches.water]")[0])
+    tree.write_text(TREE.split("branches.water")[0])
     out = tmp_path / "out"
-    code = main(["compare", "--config", str(tree), "--data", str(data_dir), "--out", str(out),
+    code = main(["compare", "--config", str(tree), "--data", str(small_data_dir), "--out", str(out),
                  "--seeds", "3", "--max-epochs", "1", "--quiet", "--no-download"])
     assert code == 0
     result = json.loads((out / "compare.json").read_text())
@@ -197,33 +172,32 @@ def test_compare_command_writes_its_three_files(data_dir, tmp_path, capsys):
     (["--seeds", "0,x"], "--seeds"),
     (["--max-epochs", "0"], "--max-epochs"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tree_file, data_dir, tmp_path, capsys, args, message):
+def test_bad_input_is_one_line_and_writes_nothing(small_tree_file, small_data_dir, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    code = main(["compare", "--config", str(tree_file), "--data", str(data_dir), "--out", str(out), "--quiet",
-                 "--no-download", *args])
+    code = main(["compare", "--config", str(small_tree_file), "--data", str(small_data_dir), "--out", str(out),
+                 "--quiet", "--no-download", *args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_a_tree_without_branches_is_an_error(data_dir, tmp_path, capsys):
+def test_a_tree_without_branches_is_an_error(small_data_dir, tmp_path, capsys):
     path = tmp_path / "flat.toml"
     path.write_text('[parent]\nclasses = ["beaver", "whale"]\nhidden = [8]\n')
-    code = main(["compare", "--config", str(path), "--data", str(data_dir), "--out", str(tmp_path / "o"),
-                 "--quiet", "--no-download"])
+    code = main(["compare", "--config", str(path), "--data", str(small_data_dir), "--out",
+                 str(tmp_path / "o"), "--quiet", "--no-download"])
     assert code == 2 and "nothing to compare" in capsys.readouterr().err
 
 
-def test_cached_activations_train_the_same_branch(config, data, tmp_path):
+def test_cached_activations_train_the_same_branch(small_config, small_data, small_trained, tmp_path):
     """compare trains the branches on other layers from the feature cache: same coin flips, same branch
     (up to the rounding of the features)."""
 
     recipe = get_recipe("default", 2)
-    parent, meta, _ = train_parent(config, data, recipe, 0, progress=False)
-    parent.meta = meta
-    plain, plain_meta = train_branch(config, "mammals", {"parent": parent}, data, recipe, 0, False)
+    parent = small_trained["parent"]
+    plain, plain_meta = train_branch(small_config, "mammals", {"parent": parent}, small_data, recipe, 0, False)
     plain.meta = plain_meta
-    cached, _ = train_branch(config, "mammals", {"parent": parent}, data, recipe, 0, False, tmp_path)
-    X = parent_normalizer(parent).transform(data.node_rows("test", config.node("mammals"))[0])
+    cached, _ = train_branch(small_config, "mammals", {"parent": parent}, small_data, recipe, 0, False, tmp_path)
+    X = parent_normalizer(parent).transform(small_data.node_rows("test", small_config.node("mammals"))[0])
     features = node_inputs({"parent": parent, "mammals": plain}, "mammals", X)
     np.testing.assert_allclose(cached.logits(features), plain.logits(features), atol=1e-4)

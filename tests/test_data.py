@@ -17,14 +17,13 @@ from branching.data import (
     Split,
     load_label_names,
     load_split,
-    make_synthetic,
     resolve_classes,
     safe_load,
     select,
-    write_meta,
-    write_split,
 )
 from branching.errors import DataError
+
+from synthetic import make_synthetic, write_meta, write_split
 
 ORIGINAL_CLASSES = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"]
 REAL_COUNTS = {"beaver": 4, "forest": 33, "oak_tree": 52, "sunflower": 82, "whale": 95, "wolf": 97}

@@ -11,43 +11,22 @@ from PIL import Image
 from branching.checkpoint import ModelStore
 from branching.cli import main
 from branching.config import parse_config
-from branching.data import load_label_names, load_split, make_synthetic
+from branching.data import load_label_names, load_split
 from branching.errors import CheckpointError
 from branching.pipeline import load_tree_data, run, train_branch
 from branching.predict import load_image
 from branching.recipes import get_recipe
 from branching.routing import TreePredictor
 
-CLASSES = ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"]
-DEEP = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"]
-hidden = [96, 48]
-
-[branches.animals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [32, 16]
-
-[branches.water]
-from = "animals"
-classes = ["beaver", "whale"]
-layer = 0
-hidden = [8]
-
-[branches.plants]
-classes = ["sunflower", "forest", "oak_tree"]
-layer = 1
-where = "post"
-hidden = [16]
-"""
+from reference import DEEP_TREE, DEEP_TREE_CLASSES
+from synthetic import make_synthetic
 
 
 @pytest.fixture(scope="module")
 def deep_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("deep")
-    data_dir = make_synthetic(root / "data", CLASSES, n_train=40, n_test=15)
-    config = parse_config(DEEP)
+    data_dir = make_synthetic(root / "data", DEEP_TREE_CLASSES, n_train=40, n_test=15)
+    config = parse_config(DEEP_TREE)
     metrics = run(config, data_dir, root / "out", get_recipe("default", 2), seed=0, progress=False,
                   echo=lambda text: None, report=False)
     return config, data_dir, root / "out", metrics
@@ -65,7 +44,9 @@ def test_tree_metrics_are_recomputable_and_beside_the_parent(deep_run):
     assert tree["coverage"] == pytest.approx(np.mean(accepted))
     assert tree["accepted"] == sum(accepted)
     assert all(r["path"].startswith("parent") for r in rows)
-    assert {r["path"] for r in rows} <= {"parent > animals > water", "parent > animals", "parent > plants"}
+    assert {r["path"] for r in rows} <= {"parent > animals > water", "parent > animals", "parent > plants", "parent"}
+    # oak_tree is in no branch: the parent answers it itself, and only it
+    assert all((r["path"] == "parent") == (r["predicted_class"] == "oak_tree") for r in rows)
     assert all((r["accepted"] == "1") == (r["rejected_at"] == "") for r in rows)
     # the parent's flat accuracy on the same images, as evaluated node by node through torchly
     assert tree["parent_accuracy"] == pytest.approx(metrics["parent"]["test_accuracy"], abs=1 / 90 + 1e-9)

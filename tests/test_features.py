@@ -131,9 +131,9 @@ def test_run_with_a_cache_reuses_it_on_the_same_parent(tmp_path, flip, monkeypat
     from dataclasses import replace
 
     from branching.config import parse_config
-    from branching.data import make_synthetic
     from branching.pipeline import load_tree_data, train_branch, train_parent
     from branching.recipes import get_recipe
+    from synthetic import make_synthetic
 
     data_dir = make_synthetic(tmp_path / "data", ["beaver", "whale", "wolf", "sunflower"], n_train=20, n_test=5)
     config = parse_config('[parent]\nclasses = ["beaver", "whale", "wolf", "sunflower"]\nhidden = [32, 16]\n'

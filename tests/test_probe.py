@@ -5,38 +5,12 @@ import pytest
 from scipy.special import softmax
 
 from branching.cli import main
-from branching.config import parse_config
-from branching.data import make_synthetic
-from branching.pipeline import load_tree_data
-from branching.probe import fit_linear_probe, held_out_split, probe_layers, recommend, train_sources
-from branching.recipes import get_recipe
+from branching.probe import fit_linear_probe, held_out_split, probe_layers, recommend
 from torchly import Model
 
-from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("probe") / "c100", CLASSES, n_train=40, n_test=10)
-
-
-@pytest.fixture(scope="module")
-def tree_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tree.toml"
-    path.write_text(TREE)
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(data_dir):
-    config = parse_config(TREE)
-    data = load_tree_data(config, data_dir)
-    models = train_sources(config, data, get_recipe("default", 1), seed=0, progress=False)
-    return config, data, models
-
-
-def test_one_row_per_layer_and_reading_validated_on_held_out_images(trained):
-    config, data, models = trained
+def test_one_row_per_layer_and_reading_validated_on_held_out_images(small_config, small_data, small_trained):
+    config, data, models = small_config, small_data, small_trained
     table = probe_layers(config, models, data)
     assert [(r["branch"], r["layer"], r["where"]) for r in table] == [
         ("mammals", 0, "pre"), ("mammals", 0, "post"), ("mammals", 1, "pre"), ("mammals", 1, "post"),
@@ -76,15 +50,15 @@ def test_without_held_out_images_an_80_20_split_of_the_branch_images():
     assert sorted([*train_idx, *val_idx]) == list(range(100))
 
 
-def test_probe_layers_command_trains_a_parent_or_reads_a_run(tree_file, data_dir, tmp_path, capsys):
-    args = ["probe-layers", "--config", str(tree_file), "--data", str(data_dir), "--quiet", "--no-download"]
+def test_probe_layers_command_trains_a_parent_or_reads_a_run(small_tree_file, small_data_dir, tmp_path, capsys):
+    common = ["--config", str(small_tree_file), "--data", str(small_data_dir), "--quiet", "--no-download"]
+    args = ["probe-layers", *common]
     assert main([*args, "--max-epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "a parent trained here" in out and out.count("<- recommended") == 2
     assert "mammals: read parent layer" in out and "water: read mammals layer" in out
     run = tmp_path / "run"
-    assert main(["run", "--config", str(tree_file), "--data", str(data_dir), "--out", str(run), "--max-epochs", "1",
-                 "--quiet", "--no-download", "--no-report"]) == 0
+    assert main(["run", *common, "--out", str(run), "--max-epochs", "1", "--no-report"]) == 0
     capsys.readouterr()
     assert main([*args, "--models", str(run / "models")]) == 0
     assert f"models from {run / 'models'}" in capsys.readouterr().out

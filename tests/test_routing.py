@@ -14,16 +14,11 @@ from branching.checkpoint import load_folder
 from branching.routing import TreePredictor
 from torchly import Model
 
-HAND_TREE = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [2]
+from reference import DEEP_TREE
 
-[branches.animals]
-classes = ["beaver", "whale"]
-layer = 0
-where = "post"
-hidden = []
+HAND_TREE = """
+parent = { classes = ["beaver", "whale", "wolf", "sunflower"], hidden = [2] }
+branches.animals = { classes = ["beaver", "whale"], layer = 0, where = "post", hidden = [] }
 """
 
 
@@ -110,27 +105,7 @@ def _random_deep_tree(tmp_path):
     """A three-level tree with random weights, mixed pre/post taps and fitted-looking rules, saved to disk."""
     from branching.checkpoint import ModelStore
 
-    config = parse_config("""
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"]
-hidden = [32, 16]
-[branches.animals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-where = "pre"
-hidden = [12, 8]
-[branches.water]
-from = "animals"
-classes = ["beaver", "whale"]
-layer = 0
-where = "post"
-hidden = [6]
-[branches.plants]
-classes = ["sunflower", "forest"]
-layer = 0
-where = "post"
-hidden = [5]
-""")
+    config = parse_config(DEEP_TREE)
     rng = np.random.default_rng(0)
     norm = Normalizer(rng.uniform(100, 150, N_PIXELS), rng.uniform(40, 70, N_PIXELS))
     store = ModelStore(tmp_path)

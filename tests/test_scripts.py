@@ -1,5 +1,6 @@
 """The original's six scripts, run in order as subprocesses on a synthetic `c10/` in the official
-format, checked against an independent recomputation from the files they wrote."""
+format, checked against an independent recomputation from the files they wrote (and one refusal,
+in-process)."""
 
 import shutil
 
@@ -7,9 +8,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix
 
-from branching.data import make_synthetic
+from branching import cli  # not `import test_script`: pytest would collect it as a test
+
 from reference import (FISH, FLOWER, ORIGINAL_CLASSES, branch_logits, file_mode_ok, forward, linear_layers,
                        load_checkpoint, normalise, parse_report, read_split, run_command, script, softmax)
+from synthetic import make_synthetic
 
 TRAINING = ("parent_branch.py", "fish_branch.py", "flower_branch.py")
 TESTING = ("parent_test.py", "fishtest.py", "flowertest.py")
@@ -148,20 +151,23 @@ def test_branch_test_prints_what_an_independent_forward_pass_gives(workdir, chec
         assert report["per_class"][c] == pytest.approx(expected[i, i] / expected[i].sum(), abs=5e-5)
 
 
-def test_branch_with_another_parent_is_refused(workdir, tmp_path):
+def test_branch_with_another_parent_is_refused(workdir, tmp_path, monkeypatch, capsys):
+    """In-process, through the scripts' entry points: a parent retrained with another seed, then fishtest.py."""
     root, _ = workdir
     (tmp_path / "models").mkdir()
     shutil.copy(root / "models" / "fishnet_2.pt", tmp_path / "models")
-    data = ["--data", root / "c10"]
-    retrain = run_command([script("parent_branch.py"), *data, "--seed", 1, "--max-epochs", 1, "--quiet"],
-                          cwd=tmp_path)
-    assert retrain.returncode == 0, retrain.stderr
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", str(root / "c10")]
+    assert cli.train_script("parent", [*data, "--seed", "1", "--max-epochs", "1", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
     before = {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()}
-    result = run_command([script("fishtest.py"), *data], cwd=tmp_path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    status = cli.test_script("fish", data)
+    result = capsys.readouterr()
+    assert status == 2
+    assert "Traceback" not in result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.err
     assert "retrain the branch" in lines[0] and "fish_branch.py" in lines[0]
-    assert "Total Test Samples" not in result.stdout
+    assert "Total Test Samples" not in result.out
     assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()} == before

@@ -12,21 +12,9 @@ from branching.routing import TreePredictor
 from branching.speed import (batched_extraction, chain_flops, chain_models, original_style, peak_memory, random_tree,
                              routed_shapes)
 
-CONFIG = parse_config("""
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [20, 10]
-[branches.animals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [8, 6]
-[branches.water]
-from = "animals"
-classes = ["beaver", "whale"]
-layer = 0
-where = "post"
-hidden = [4]
-""")
+from reference import DEEP_TREE
+
+CONFIG = parse_config(DEEP_TREE)  # water reads animals layer 0 post, animals reads parent layer 1 pre
 
 
 def test_original_style_and_batched_extraction_give_torchly_answers():
@@ -44,16 +32,18 @@ def test_original_style_and_batched_extraction_give_torchly_answers():
 def test_flops_and_matmul_shapes_by_hand():
     models = random_tree(CONFIG)
     chain = chain_models(models, "water")
-    parent = 2 * (3072 * 20 + 20 * 10 + 10 * 4)
-    animals = 2 * (10 * 8 + 8 * 6 + 6 * 3)
-    water = 2 * (8 * 4 + 4 * 2)
+    parent = 2 * (3072 * 32 + 32 * 16 + 16 * 6)
+    animals = 2 * (16 * 12 + 12 * 8 + 8 * 3)
+    water = 2 * (12 * 6 + 6 * 2)
+    plants = 2 * (32 * 5 + 5 * 2)
     assert chain_flops(chain, full=True) == parent + animals + water
-    assert chain_flops(chain, full=False) == 2 * (3072 * 20 + 20 * 10) + 2 * (10 * 8) + water
+    assert chain_flops(chain, full=False) == 2 * (3072 * 32 + 32 * 16) + 2 * (16 * 12) + water
     predictor = TreePredictor(CONFIG, models)
-    reached = {"parent": 100, "animals": 50, "water": 25}
-    assert predictor.flops_per_image(reached, 100) == pytest.approx(parent + animals / 2 + water / 4)
+    reached = {"parent": 100, "animals": 50, "water": 25, "plants": 75}
+    assert predictor.flops_per_image(reached, 100) == pytest.approx(parent + animals / 2 + water / 4 + plants * 3 / 4)
     assert routed_shapes(predictor, reached, 100, 64) == [
-        (64, 3072, 20), (64, 20, 10), (64, 10, 4), (32, 10, 8), (32, 8, 6), (32, 6, 3), (16, 8, 4), (16, 4, 2)]
+        (64, 3072, 32), (64, 32, 16), (64, 16, 6), (32, 16, 12), (32, 12, 8), (32, 8, 3), (16, 12, 6), (16, 6, 2),
+        (48, 32, 5), (48, 5, 2)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

@@ -26,26 +26,19 @@ from branching.scores import recompute_selective
 from branching.seeds import parse_seeds, run_seeds
 
 TREE = """
-[parent]
-classes = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"]
-hidden = [64, 32]
+parent = { classes = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"], hidden = [64, 32] }
 
 [branches.fish]
 classes = ["crab", "aquarium_fish", "shark"]
 layer = 1
 hidden = [16]
-[branches.fish.accept]
-rule = "coverage"
-coverage = 0.5
+accept = { rule = "coverage", coverage = 0.5 }
 
 [branches.flower]
 classes = ["sunflower", "poppy", "tulip"]
 layer = 1
 hidden = [16]
-[branches.flower.accept]
-rule = "risk"
-risk = 0.001
-delta = 0.1
+accept = { rule = "risk", risk = 0.001, delta = 0.1 }
 """
 
 
