@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from itertools import islice
@@ -26,6 +27,7 @@ from branching.fileio import atomic_path
 __all__ = ["ACTIVATIONS", "FORMAT", "Model", "as_2d_float"]
 
 FORMAT = "torchly/1"
+MAX_PARAMETERS = 1_000_000_000  # 4 GiB of float32 weights: far beyond any MLP this is meant for
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                "leaky_relu": nn.LeakyReLU}
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -343,11 +345,15 @@ class Model:
             raise FileNotFoundError(f"model file not found: {path}")
         try:
             payload = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: the unsafe way
+            raise ValueError(f"{path} is refused: it holds objects other than tensors and plain data, which a "
+                             f"torchly model file never does, and loading them could run code") from e
         except Exception as e:
             raise ValueError(f"{path} is not a readable torchly model file ({_first_line(e)})") from e
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a torchly model file (expected format {FORMAT!r})")
         try:
+            _check_state_dict(payload["architecture"], payload["dropout"], payload["state_dict"])
             model = cls(payload["architecture"], payload["activation"], payload["dropout"], seed=0)
             model.net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -386,7 +392,38 @@ def _check_architecture(architecture) -> list:
     arch = list(architecture)
     if len(arch) < 2 or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in arch):
         raise ValueError(f"architecture must be at least 2 ints, all >= 1; got {arch!r}")
-    return [int(w) for w in arch]
+    arch = [int(w) for w in arch]
+    n = parameter_count(arch)
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"architecture {arch} has {n:,} parameters ({4 * n / 2**30:.1f} GiB of float32), more "
+                         f"than the limit of {MAX_PARAMETERS:,}; use narrower layers")
+    return arch
+
+
+def parameter_count(architecture) -> int:
+    """Weights and biases of the MLP [in, hidden..., out]."""
+    return sum(a * b + b for a, b in zip(architecture[:-1], architecture[1:]))
+
+
+def _check_state_dict(architecture, dropout, state_dict) -> None:
+    """The stored tensors must be exactly those the declared architecture builds, before it is built
+    (a file that declares huge layers and stores small tensors would otherwise allocate the huge ones)."""
+    arch = _check_architecture(architecture)
+    stride = 3 if dropout else 2
+    expected = {}
+    for i, (fan_in, fan_out) in enumerate(zip(arch[:-1], arch[1:])):
+        expected[f"{i * stride}.weight"] = (fan_out, fan_in)
+        expected[f"{i * stride}.bias"] = (fan_out,)
+    if not isinstance(state_dict, dict):
+        raise ValueError("state_dict is not a dict")
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state_dict.items()}
+    if got != expected:
+        wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))[:1]
+        detail = ", ".join(f"{k}: stored {got.get(k, 'nothing')}, declared {expected.get(k, 'nothing')}" for k in wrong)
+        raise ValueError(f"the stored tensors do not match the declared architecture {arch} ({detail})")
+    bad = [k for k, v in state_dict.items() if v.dtype != torch.float32]
+    if bad:
+        raise ValueError(f"tensor {bad[0]} is {state_dict[bad[0]].dtype}, not float32")
 
 
 def _as_labels(y, n, n_classes, name) -> np.ndarray:
