@@ -4,42 +4,29 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as scipy_stats
 
-from . import selective
-from .seeds import stats
+from .fileio import write_bytes
+from .stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
+from .tables import MARKDOWN, interval, mean_std, num, pct, table
 
-BOOTSTRAP = 2000
 SEED_FIGURES = ("test_accuracy", "coverage", "accepted_accuracy", "aurc", "train_s", "total_train_s")
-
-
-def t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
-    """Student-t interval of the mean of the values (None with fewer than two)."""
-    if len(values) < 2:
-        return None
-    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
-    half = float(scipy_stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
-    return [mean - half, mean + half]
 
 
 def paired_delta(correct: list[np.ndarray], baseline: list[np.ndarray], n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
     """Accuracy of a method minus a baseline's on the same test images, averaged over seeds, with a 95%
     percentile bootstrap interval over the images (the images are the main source of uncertainty)."""
     d = np.mean(np.asarray(correct, dtype=np.float64), axis=0) - np.mean(np.asarray(baseline, dtype=np.float64), axis=0)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    return {"mean": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+    return {"mean": float(d.mean()), "ci95": bootstrap_interval(d, 0.95, n_boot, seed)}
 
 
 def summarise(seed_results: list[dict]) -> dict:
     """Per branch and method: mean, std and intervals of every figure over the seeds."""
     first = seed_results[0]
-    out = {"parent": {k: stats([r["parent"][k] for r in seed_results]) for k in first["parent"]}, "branches": {}}
+    out = {"parent": {k: sample_summary([r["parent"][k] for r in seed_results]) for k in first["parent"]},
+           "branches": {}}
     for name, methods in first["branches"].items():
         baseline = [r["branches"][name]["parent_head"]["correct"] for r in seed_results]
         rows = out["branches"][name] = {}
@@ -48,11 +35,11 @@ def summarise(seed_results: list[dict]) -> dict:
             row = {"label": runs[0]["label"], "trainable_parameters": runs[0]["trainable_parameters"],
                    "inference_flops": runs[0]["inference_flops"], "test_samples": runs[0]["test_samples"]}
             for figure in SEED_FIGURES:
-                row[figure] = stats([run[figure] for run in runs])
+                row[figure] = sample_summary([run[figure] for run in runs])
             accuracy = row["test_accuracy"]
             accuracy["ci95_seeds"] = t_interval(accuracy["values"])
             n = row["test_samples"]
-            accuracy["ci95_test"] = selective.wilson_interval(int(round(accuracy["mean"] * n)), n)
+            accuracy["ci95_test"] = wilson_interval(int(round(accuracy["mean"] * n)), n)
             row["delta_vs_parent_head"] = paired_delta([run["correct"] for run in runs], baseline)
             row["per_seed"] = [{k: v for k, v in run.items() if k not in ("correct", "label")} for run in runs]
             rows[key] = row
@@ -61,51 +48,35 @@ def summarise(seed_results: list[dict]) -> dict:
 
 # ---- compare.md -------------------------------------------------------------------------------
 
-def _pct(value, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}"
-
-
-def _mean_std(s: dict, scale: float = 100, digits: int = 1) -> str:
-    if s["mean"] is None:
-        return "n/a"
-    std = "" if s["std"] is None else f" ± {scale * s['std']:.{digits}f}"
-    return f"{scale * s['mean']:.{digits}f}{std}"
-
-
-def _interval(ci) -> str:
-    return "n/a" if ci is None else f"{100 * ci[0]:.1f} to {100 * ci[1]:.1f}"
-
-
-def _delta(d: dict) -> str:
-    return f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
-
-
 def _seconds(s: dict) -> str:
-    return "n/a" if s["mean"] is None else (f"{s['mean']:.1f}" if s["mean"] >= 1 else f"{s['mean']:.2f}")
+    return num(s["mean"], 1 if s["mean"] is not None and s["mean"] >= 1 else 2)
 
 
-HEADER = ("| method | test accuracy % (mean ± std) | 95% interval % (test images) | Δ vs parent head, points [95%] "
-          "| accepted accuracy % | coverage % | AURC | trainable parameters | training s (own) "
-          "| training s (with parent) | inference MFLOPs/image |")
+HEADER = ("method", "test accuracy % (mean ± std)", "95% interval % (test images)", "Δ vs parent head, points [95%]",
+          "accepted accuracy %", "coverage %", "AURC", "trainable parameters", "training s (own)",
+          "training s (with parent)", "inference MFLOPs/image")
 
 
 def branch_table(rows: dict) -> list[str]:
-    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    cells = []
     for key, row in rows.items():
-        lines.append("| " + " | ".join([
-            row["label"], _mean_std(row["test_accuracy"]), _interval(row["test_accuracy"]["ci95_test"]),
-            "(baseline)" if key == "parent_head" else _delta(row["delta_vs_parent_head"]),
-            _mean_std(row["accepted_accuracy"]), _mean_std(row["coverage"]),
-            _mean_std(row["aurc"], scale=1, digits=3), f"{row['trainable_parameters']:,}",
-            _seconds(row["train_s"]), _seconds(row["total_train_s"]), f"{row['inference_flops'] / 1e6:.3f}"]) + " |")
-    return lines
+        delta = row["delta_vs_parent_head"]
+        cells.append([
+            row["label"], mean_std(row["test_accuracy"], scale=100, digits=1),
+            interval(row["test_accuracy"]["ci95_test"], unit="").strip() or "n/a",
+            "(baseline)" if key == "parent_head" else pct(delta["mean"], 1, unit="", sign=True)
+            + interval(delta["ci95"], unit="", sign=True),
+            mean_std(row["accepted_accuracy"], scale=100, digits=1), mean_std(row["coverage"], scale=100, digits=1),
+            mean_std(row["aurc"], digits=3), f"{row['trainable_parameters']:,}",
+            _seconds(row["train_s"]), _seconds(row["total_train_s"]), num(row["inference_flops"] / 1e6, 3)])
+    return table(HEADER, cells, MARKDOWN).splitlines()
 
 
 def _timing(t: dict) -> str:
-    text = f"{t['total_s'] / 60:.1f} min wall-clock"
+    text = f"{num(t['total_s'] / 60, 1)} min wall-clock"
     if "cpu_s" in t:
-        text += (f" ({t['cpu_s'] / 60:.1f} min of CPU; load average {t['load_average_start']:.1f} at the start, "
-                 f"{t['load_average_end']:.1f} at the end)")
+        text += (f" ({num(t['cpu_s'] / 60, 1)} min of CPU; load average {num(t['load_average_start'], 1)} at the "
+                 f"start, {num(t['load_average_end'], 1)} at the end)")
     return text
 
 
@@ -116,7 +87,8 @@ def render_markdown(result: dict) -> str:
              f"Command: `{setup['command']}`  ", f"Config: `{setup['config']}`; seeds {setup['seeds']}; "
              f"total time {_timing(result['timings'])} on {setup['machine']}.", "",
              f"Parent (default recipe, trained once per seed and shared by every method that needs it): "
-             f"{_mean_std(parent['test_accuracy'])}% test accuracy on its {len(setup['parent_classes'])} classes, "
+             f"{mean_std(parent['test_accuracy'], scale=100, digits=1, unit='%')} test accuracy on its "
+             f"{len(setup['parent_classes'])} classes, "
              f"{_seconds(parent['train_s'])} s to train.", ""]
     lines += ["## What differs from the original study", ""] + [f"- {note}" for note in result["notes"]] + [""]
     for name, rows in s["branches"].items():
@@ -209,18 +181,6 @@ def render_plot(result: dict) -> bytes:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write compare.json, compare.md and compare.png atomically."""
     out = Path(out_dir)
@@ -228,5 +188,5 @@ def write_outputs(out_dir, result: dict) -> list[Path]:
              "compare.md": render_markdown(result).encode(), "compare.png": render_plot(result)}
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        _write_bytes(out / name, data)
+        write_bytes(out / name, data)
     return [out / name for name in files]

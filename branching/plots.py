@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import calibration, selective
+from .tables import num, pct
 
 DPI = 110
 BRANCH_COLOUR, PARENT_COLOUR = "#1f77b4", "#d62728"
@@ -70,7 +71,7 @@ def risk_coverage(curves: list[dict], title: str, path: Path, operating_points: 
         coverage, risk, _ = selective.risk_coverage_curve(c["confidence"], c["correct"])
         highest = max(highest, float(risk.max(initial=0)))
         value = selective.aurc(c["confidence"], c["correct"])
-        label = c["label"] + ("" if value is None else f" (AURC {value:.4f})")
+        label = c["label"] + ("" if value is None else f" (AURC {num(value)})")
         ax.step(100 * coverage, 100 * risk, where="post", color=c.get("colour"), linestyle=c.get("style", "-"),
                 linewidth=c.get("width", 1.6), label=label)
     if target_risk is not None:
@@ -92,7 +93,7 @@ def reliability(raw_confidence, confidence, correct, temperature: float, title: 
     """Reliability diagrams (15 equal-width bins) before and after temperature scaling."""
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     for ax, conf, name in zip(fig.subplots(1, 2, sharey=True), (raw_confidence, confidence),
-                              ("before: temperature 1", f"after: temperature {temperature:.3f}")):
+                              ("before: temperature 1", f"after: temperature {num(temperature, 3)}")):
         bins = calibration.reliability_bins(conf, correct)
         edges = np.asarray(bins["edges"])
         width = edges[1] - edges[0]
@@ -109,7 +110,7 @@ def reliability(raw_confidence, confidence, correct, temperature: float, title: 
         for x, top, n in zip(left, np.maximum(acc, mean_conf), (bins["count"][i] for i in filled)):
             ax.text(100 * (x + width / 2), 100 * top + 1, str(n), ha="center", va="bottom", fontsize=7)
         value = calibration.ece(conf, correct)
-        ax.set_title(f"{name} (ECE {100 * value:.2f}%)" if value is not None else name, fontsize=10)
+        ax.set_title(f"{name} (ECE {pct(value)})" if value is not None else name, fontsize=10)
         _pct_axes(ax, "confidence: max softmax probability (%)", "accuracy (%)")
         ax.set_ylim(0, 108)
         ax.legend(fontsize=8, loc="upper left")

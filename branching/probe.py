@@ -21,11 +21,12 @@ from threadpoolctl import threadpool_limits
 
 from torchly import Model
 
-from . import cost
+from . import cost, tables
 from .config import TreeConfig
 from .forward import extract
 from .pipeline import ORIGINAL_BRANCH_SPLIT_SEED, TreeData, log, parent_normalizer, train_branch, train_parent
 from .recipes import Recipe
+from .stats import wilson_interval
 
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1)   # inverse regularisation strengths tried; the best on validation wins
 WHERE = ("pre", "post")
@@ -136,31 +137,25 @@ def recommend(table: list[dict]) -> dict[str, dict]:
     return best
 
 
-def wilson_half_width(p: float, n: int, z: float = 1.959964) -> float:
-    """Half the width of the 95% Wilson interval of a proportion p over n trials."""
-    if n == 0:
-        return float("nan")
-    return z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-
-
 def format_probe_table(table: list[dict], best: dict[str, dict]) -> str:
     """The table the recommendation was decided from, then one line per branch."""
-    lines = [f"{'branch':<12} {'source':<10} {'layer':>5} {'where':<5} {'width':>6} {'MFLOPs':>7} "
-             f"{'val acc':>8} {'val NLL':>8} {'C':>5}"]
-    for row in table:
-        mark = " <- recommended" if best[row["branch"]] is row else ""
-        mark += " (configured)" if row["configured"] else ""
-        lines.append(f"{row['branch']:<12} {row['source']:<10} {row['layer']:>5} {row['where']:<5} "
-                     f"{row['width']:>6} {row['flops_to_layer'] / 1e6:>7.2f} {100 * row['val_accuracy']:>7.1f}% "
-                     f"{row['val_log_loss']:>8.3f} {row['C']:>5g}{mark}")
-    lines.append("MFLOPs: per image, from the pixels to that layer; val: the images named below, never the test split.")
-    lines.append("")
+    header = ["branch", "source", "layer", "where", "width", "MFLOPs", "val acc", "val NLL", "C", ""]
+    rows = [[row["branch"], row["source"], row["layer"], row["where"], row["width"],
+             tables.num(row["flops_to_layer"] / 1e6, 2), tables.pct(row["val_accuracy"], 1),
+             tables.num(row["val_log_loss"], 3), f"{row['C']:g}",
+             " ".join(note for note, on in (("<- recommended", best[row["branch"]] is row),
+                                            ("(configured)", row["configured"])) if on)] for row in table]
+    align = ("left", "left", "right", "left", "right", "right", "right", "right", "right", "left")
+    lines = [tables.table(header, rows, tables.PLAIN, align=align),
+             "MFLOPs: per image, from the pixels to that layer; val: the images named below, never the test split.",
+             ""]
     for name, row in best.items():
-        noise = 100 * wilson_half_width(row["val_accuracy"], row["val_samples"])
+        ci = wilson_interval(round(row["val_accuracy"] * row["val_samples"]), row["val_samples"])
+        noise = tables.num(None if ci is None else 100 * (ci[1] - ci[0]) / 2, 1)
         where = ("the parent's held-out images" if row["validation"] == "parent"
                  else "an 80/20 split of images the parent trained on (optimistic)")
         lines.append(f"{name}: read {row['source']} layer {row['layer']} ({row['where']}); validated on "
-                     f"{row['val_samples']} images, {where}; differences under about {noise:.1f} points are "
+                     f"{row['val_samples']} images, {where}; differences under about {noise} points are "
                      f"within noise (95% interval)")
     return "\n".join(lines)
 

@@ -17,8 +17,9 @@ import numpy as np
 from torchly import Model
 
 from . import plots
-from .metrics import describe_rule
 from .fileio import write_text
+from .metrics import describe_rule
+from .tables import HTML, MARKDOWN, interval, num, pct, table
 
 NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images per class they span roughly "
         "+-5 to +-10 points, so differences smaller than that are not evidence. Confidence is the max softmax "
@@ -59,21 +60,9 @@ def node_metrics(metrics: dict, name: str) -> dict:
 
 # ---- text helpers ------------------------------------------------------------------------------
 
-def pct(value, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
-
-
-def with_ci(value, interval) -> str:
-    if value is None:
-        return "n/a"
-    return pct(value) + ("" if not interval else f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]")
-
-
-def num(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def arrow(m: dict, key: str, fmt=num) -> str:
+def arrow(m: dict, key: str, percent: bool = False) -> str:
+    """"raw -> calibrated" of a figure: m[key + "_raw"] and m[key]."""
+    fmt = (lambda v: pct(v, 1)) if percent else num
     return f"{fmt(m.get(f'{key}_raw'))} -> {fmt(m.get(key))}"
 
 
@@ -82,8 +71,8 @@ def operating_label(rule: dict) -> str:
     if rule.get("threshold") is None:
         return f"{describe_rule(rule)}: cannot be met, accepts nothing"
     asked = "" if rule.get("rule", "threshold") == "threshold" else f"{describe_rule(rule)}, "
-    return (f"operating point ({asked}threshold {rule['threshold']:.3f}): "
-            f"test coverage {pct(test.get('coverage'))}, risk {pct(test.get('risk'))}")
+    return (f"operating point ({asked}threshold {num(rule['threshold'], 3)}): "
+            f"test coverage {pct(test.get('coverage'), 1)}, risk {pct(test.get('risk'), 1)}")
 
 
 # ---- documents: blocks rendered as Markdown and as HTML ---------------------------------------
@@ -96,9 +85,7 @@ def render_markdown(blocks: list[tuple]) -> str:
         elif kind == "p":
             out.append(rest[0])
         elif kind == "table":
-            header, rows = rest
-            out.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                                  *("| " + " | ".join(map(str, r)) + " |" for r in rows)]))
+            out.append(table(*rest, MARKDOWN))
         elif kind == "img":
             out.append(f"![{rest[1]}]({rest[0]})")
     return "\n\n".join(out) + "\n"
@@ -115,10 +102,7 @@ def render_html(blocks: list[tuple], base: Path, title: str) -> str:
         elif kind == "p":
             out.append(f"<p>{html.escape(rest[0])}</p>")
         elif kind == "table":
-            header, rows = rest
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-                                 for r in rows) + "</table>")
+            out.append(table(*rest, HTML))
         elif kind == "img":
             data = base64.b64encode((base / rest[0]).read_bytes()).decode()
             out.append(f"<p><img alt='{html.escape(rest[1])}' src='data:image/png;base64,{data}'></p>")
@@ -139,19 +123,20 @@ SUMMARY_HEADER = ["node", "test images", "accuracy [95% CI]", "coverage [95% CI]
 
 
 def summary_row(name: str, m: dict) -> list[str]:
-    return [name, str(m["test_samples"]), with_ci(m["test_accuracy"], m.get("test_accuracy_ci")),
-            with_ci(m.get("coverage", 1.0), m.get("coverage_ci")) if "coverage" in m else "100% (no reject option)",
-            with_ci(m.get("accepted_accuracy"), m.get("accepted_accuracy_ci")) if "coverage" in m else "-",
-            num(m.get("aurc")), num(m.get("eaurc")), arrow(m, "ece", pct), arrow(m, "nll"), arrow(m, "brier"),
-            num(m.get("temperature"), 3)]
+    return [name, str(m["test_samples"]), pct(m["test_accuracy"], 1) + interval(m.get("test_accuracy_ci")),
+            pct(m["coverage"], 1) + interval(m.get("coverage_ci")) if "coverage" in m else "100% (no reject option)",
+            pct(m.get("accepted_accuracy"), 1) + interval(m.get("accepted_accuracy_ci")) if "coverage" in m else "-",
+            num(m.get("aurc")), num(m.get("eaurc")), arrow(m, "ece", percent=True), arrow(m, "nll"),
+            arrow(m, "brier"), num(m.get("temperature"), 3)]
 
 
 def acceptance_row(name: str, rule: dict) -> list[str]:
     val, test = rule.get("validation") or {}, rule.get("test") or {}
-    bound = f", bound {pct(rule['risk_bound'])}" if rule.get("risk_bound") is not None else ""
+    bound = f", bound {pct(rule['risk_bound'], 1)}" if rule.get("risk_bound") is not None else ""
     return [name, f"{rule.get('rule')}: {describe_rule(rule)}", num(rule.get("threshold")),
-            f"{val.get('samples', 'n/a')} images: coverage {pct(val.get('coverage'))}, risk {pct(val.get('risk'))}"
-            f"{bound}", f"coverage {pct(test.get('coverage'))}, risk {pct(test.get('risk'))}",
+            f"{val.get('samples', 'n/a')} images: coverage {pct(val.get('coverage'), 1)}, "
+            f"risk {pct(val.get('risk'), 1)}{bound}", f"coverage {pct(test.get('coverage'), 1)}, "
+            f"risk {pct(test.get('risk'), 1)}",
             f"cannot be met, accepts nothing: {rule.get('reason')}" if rule.get("threshold") is None else ""]
 
 
@@ -164,7 +149,7 @@ def write_report(out_dir, title: str | None = None) -> Path:
     run = f"recipe {metrics['recipe']}, seed {metrics['seed']}"
     blocks: list[tuple] = [("h1", title or f"Neural Branching run ({run})"),
                            ("p", f"Config {metrics['config'].get('path')}, data {metrics['data']['dir']}; "
-                                 f"total time {metrics['timings']['total_s']:.1f} s."),
+                                 f"total time {num(metrics['timings']['total_s'], 1)} s."),
                            ("h2", "Summary on the test split"),
                            ("table", SUMMARY_HEADER, [summary_row(n, node_metrics(metrics, n)) for n in names]),
                            ("p", NOTE)]
@@ -181,10 +166,10 @@ def write_report(out_dir, title: str | None = None) -> Path:
                          "images."),
                    ("table", ["branch", "accuracy: branch / parent head", "AURC: branch / parent head",
                               "E-AURC: branch / parent head", "risk at the branch's test coverage: branch / parent"],
-                    [[n, f"{pct(m['test_accuracy'])} / {pct(m['parent_head']['test_accuracy'])}",
+                    [[n, f"{pct(m['test_accuracy'], 1)} / {pct(m['parent_head']['test_accuracy'], 1)}",
                       f"{num(m['aurc'])} / {num(m['parent_head']['aurc'])}",
                       f"{num(m['eaurc'])} / {num(m['parent_head']['eaurc'])}",
-                      f"{pct(m.get('selective_risk'))} / {pct(m['parent_head']['risk_at_branch_coverage'])}"]
+                      f"{pct(m.get('selective_risk'), 1)} / {pct(m['parent_head']['risk_at_branch_coverage'], 1)}"]
                      for n, m in heads])]
     for name in names:
         blocks += node_section(out, metrics, name, classes, run)
@@ -200,7 +185,7 @@ def node_section(out: Path, metrics: dict, name: str, classes: dict, run: str) -
         figures.append(plots.training_curves(history, f"{name}: training curves ({run})",
                                              out / "plots" / f"training-{name}.png"))
     curves = [{"confidence": data["confidence"], "correct": data["correct"], "colour": plots.BRANCH_COLOUR,
-               "label": f"{name} (temperature {m.get('temperature', 1):.2f})"}]
+               "label": f"{name} (temperature {num(m.get('temperature', 1), 2)})"}]
     if "parent_confidence" in data:
         curves.append({"confidence": data["parent_confidence"], "correct": data["parent_correct"],
                        "colour": plots.PARENT_COLOUR, "style": "--",
@@ -234,7 +219,7 @@ SEEDS_TABLE = (("accuracy", "test_accuracy"), ("coverage", "coverage"), ("accept
 
 def write_seeds_report(out_dir) -> Path:
     """OUT/report.md + .html for a multi-seed run: mean ± std table, the seeds' risk-coverage curves."""
-    from .seeds import PERCENT, mean_std
+    from .seeds import PERCENT, format_figure
 
     out = Path(out_dir)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -247,7 +232,8 @@ def write_seeds_report(out_dir) -> Path:
               f"deviation over {len(seeds)} seeds, on the test split. Each seed's own report: "
               + ", ".join(f"seed-{s}/report.md" for s in seeds) + "."),
         ("table", ["node", "rule", *(label for label, _ in SEEDS_TABLE)],
-         [[name, rules.get(name, "accept all"), *(mean_std(node.get(key), key in PERCENT) for _, key in SEEDS_TABLE)]
+         [[name, rules.get(name, "accept all"),
+           *(format_figure(node.get(key), key in PERCENT) for _, key in SEEDS_TABLE)]
           for name, node in nodes]),
         ("p", NOTE)]
     for name in metrics["branches"]:

@@ -276,26 +276,24 @@ def evaluate_tree(config: TreeConfig, models: dict[str, Model], data) -> tuple[d
 
 
 def _wilson(successes: int, n: int) -> list[float] | None:
-    """95% Wilson score interval of a proportion (None when n == 0)."""
-    if n == 0:
-        return None
-    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
+    """95% Wilson interval, computed by stats.wilson_interval; kept only for evaluate_tree's calls (call
+    stats.wilson_interval directly when evaluate_tree is next edited)."""
+    from .stats import wilson_interval
+    return wilson_interval(successes, n)
 
 
 def format_tree_report(metrics: dict, classes) -> str:
     """The usual table for the routed tree, plus the parent's flat accuracy and where images went."""
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    ci = lambda v: "" if not v else f" [{100 * v[0]:.1f}%, {100 * v[1]:.1f}%]"  # noqa: E731
+    from .tables import interval, num, pct
     lines = [format_report("tree (routed, end to end)", metrics, classes),
-             f"Tree accuracy at full coverage: {pct(metrics['test_accuracy'])}{ci(metrics['test_accuracy_ci'])}; "
+             f"Tree accuracy at full coverage: {pct(metrics['test_accuracy'])}"
+             f"{interval(metrics['test_accuracy_ci'])}; "
              f"parent's flat accuracy on the same images: {pct(metrics['parent_accuracy'])}"
-             f"{ci(metrics['parent_accuracy_ci'])} (95% Wilson)",
+             f"{interval(metrics['parent_accuracy_ci'])} (95% Wilson)",
              f"Only the tree right: {metrics['tree_only_correct']}, only the parent right: "
              f"{metrics['parent_only_correct']} (exact McNemar p = {metrics['mcnemar_p']:.3g})",
              "Reached: " + ", ".join(f"{k} {v}" for k, v in metrics["reached"].items()),
              "Rejected at: " + ", ".join(f"{k} {v}" for k, v in metrics["rejected_at"].items()),
-             "Rules: " + ", ".join(f"{k} T={r['temperature']:.3f} threshold "
-                                   f"{'none' if r['threshold'] is None else format(r['threshold'], '.4f')}"
+             "Rules: " + ", ".join(f"{k} T={num(r['temperature'], 3)} threshold {num(r['threshold'], na='none')}"
                                    for k, r in metrics["rules"].items())]
     return "\n".join(lines)

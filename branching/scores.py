@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
 from . import calibration, selective
+from .stats import wilson_interval
 from .metrics import classification_summary
 
 # Columns of OUT/predictions/<node>.csv; a branch adds the parent head's (parent_predicted_class, parent_confidence).
@@ -44,7 +45,7 @@ def score_node(classes, labels, logits, acceptance, parent: tuple | None = None)
     raw_confidence = calibration.softmax(logits).max(axis=1)
     confidence = acceptance.confidence(logits)
     metrics = classification_summary(labels, predicted, classes)
-    metrics["test_accuracy_ci"] = selective.wilson_interval(int(correct.sum()), len(labels))
+    metrics["test_accuracy_ci"] = wilson_interval(int(correct.sum()), len(labels))
     metrics["per_class"] = per_class_scores(labels, predicted, classes)
     metrics["temperature"] = float(acceptance.temperature)
     metrics.update(calibration.calibration_summary(logits, labels, acceptance.temperature))
@@ -64,7 +65,7 @@ def score_node(classes, labels, logits, acceptance, parent: tuple | None = None)
         coverage = metrics.get("coverage")
         metrics["parent_head"] = {
             "test_accuracy": float(parent_correct.mean()) if len(labels) else None,
-            "test_accuracy_ci": selective.wilson_interval(int(parent_correct.sum()), len(labels)),
+            "test_accuracy_ci": wilson_interval(int(parent_correct.sum()), len(labels)),
             "aurc": selective.aurc(parent_confidence, parent_correct),
             "eaurc": selective.eaurc(parent_confidence, parent_correct),
             "risk_at_branch_coverage": (selective.risk_at_coverage(parent_confidence, parent_correct, coverage)
@@ -94,7 +95,7 @@ def recompute_selective(rows: list[dict]) -> dict:
     raw = np.array([float(r["raw_confidence"]) for r in rows])
     accepted = np.array([r["accepted"] == "1" for r in rows], dtype=bool)
     out = {"test_samples": len(rows), "test_accuracy": float(correct.mean()) if len(rows) else None,
-           "test_accuracy_ci": selective.wilson_interval(int(correct.sum()), len(rows)),
+           "test_accuracy_ci": wilson_interval(int(correct.sum()), len(rows)),
            "aurc": selective.aurc(confidence, correct), "eaurc": selective.eaurc(confidence, correct),
            "ece": calibration.ece(confidence, correct), "ece_raw": calibration.ece(raw, correct),
            **selective.selective_summary(correct, accepted)}

@@ -4,15 +4,14 @@ risk-coverage curves overlaid)."""
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .errors import ConfigError
-from .metrics import describe_rule
 from .fileio import write_json
+from .metrics import describe_rule
+from .stats import sample_summary
+from .tables import TEXT, mean_std, table
 
 # Dotted paths into a node's metrics; the parent has no reject option or parent head unless configured.
 HEADLINE = ("test_accuracy", "coverage", "accepted_accuracy", "selective_risk", "aurc", "eaurc", "ece_raw", "ece",
@@ -42,14 +41,6 @@ def lookup(metrics: dict, path: str):
     return metrics
 
 
-def stats(values: list) -> dict:
-    """Mean and sample standard deviation (ddof 1) of the values that are not None."""
-    present = [float(v) for v in values if v is not None]
-    mean = float(np.mean(present)) if present else None
-    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
-    return {"mean": mean, "std": std, "n": len(present), "values": values}
-
-
 def summarise(runs: dict[int, dict]) -> dict:
     """{"parent": {figure: stats}, "branches": {name: {figure: stats}}, "timings": {...: stats}}."""
     first = next(iter(runs.values()))
@@ -58,11 +49,11 @@ def summarise(runs: dict[int, dict]) -> dict:
         for path in HEADLINE:
             values = [lookup(get(m), path) for m in runs.values()]
             if any(v is not None for v in values):
-                out[path] = stats(values)
+                out[path] = sample_summary(values)
         return out
     return {"parent": node(lambda m: m["parent"]),
             "branches": {name: node(lambda m, name=name: m["branches"][name]) for name in first["branches"]},
-            "timings": {k: stats([m["timings"].get(k) for m in runs.values()]) for k in first["timings"]}}
+            "timings": {k: sample_summary([m["timings"].get(k) for m in runs.values()]) for k in first["timings"]}}
 
 
 def run_seeds(config, data_dir, out_dir, recipe, seeds: list[int], download: bool = False, progress: bool = True,
@@ -95,12 +86,11 @@ def run_seeds(config, data_dir, out_dir, recipe, seeds: list[int], download: boo
     return metrics
 
 
-def mean_std(s: dict | None, percent: bool) -> str:
-    if not s or s["mean"] is None:
-        return "-"
-    scale, unit, digits = (100, "%", 1) if percent else (1, "", 4)
-    std = "" if s["std"] is None or math.isnan(s["std"]) else f" ± {scale * s['std']:.{digits}f}"
-    return f"{scale * s['mean']:.{digits}f}{std}{unit}"
+def format_figure(summary: dict | None, percent: bool) -> str:
+    """Mean ± std of one headline figure: "81.2 ± 1.3%" for a percentage, "0.0412 ± 0.0031" otherwise."""
+    if percent:
+        return mean_std(summary, scale=100, digits=1, unit="%", na="-")
+    return mean_std(summary, digits=4, na="-")
 
 
 TABLE = (("accuracy", "test_accuracy"), ("coverage", "coverage"), ("accepted acc.", "accepted_accuracy"),
@@ -112,21 +102,19 @@ def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, node in [("parent", metrics["parent"]), *metrics["branches"].items()]:
         rows.append([name, metrics.get("rules", {}).get(name, "accept all"),
-                     *(mean_std(node.get(key), key in PERCENT) for _, key in TABLE),
-                     mean_std(node.get("parent_head.test_accuracy"), True),
-                     mean_std(node.get("parent_head.aurc"), False)])
+                     *(format_figure(node.get(key), key in PERCENT) for _, key in TABLE),
+                     format_figure(node.get("parent_head.test_accuracy"), True),
+                     format_figure(node.get("parent_head.aurc"), False)])
     return header, rows
 
 
 def format_summary(metrics: dict) -> str:
     """The printed table: mean ± std over seeds of the headline figures of every node."""
     header, rows = summary_rows(metrics)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     seeds = ", ".join(map(str, metrics["seeds"]))
-    lines = [f"== mean ± std over seeds {seeds} (recipe {metrics['recipe']}; sample std; test split) =="]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines = [f"== mean ± std over seeds {seeds} (recipe {metrics['recipe']}; sample std; test split) ==",
+             table(header, rows, TEXT)]
     total = metrics["timings"].get("total_s")
     if total:
-        std = f" ± {total['std']:.1f}" if total["std"] is not None else ""
-        lines.append(f"time per seed: {total['mean']:.1f}{std} s")
+        lines.append(f"time per seed: {mean_std(total, digits=1)} s")
     return "\n".join(lines)

@@ -17,24 +17,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import beta, norm
+from scipy.stats import beta
+
+from .stats import wilson_interval
 
 RULES = ("threshold", "coverage", "risk")
 
 
-# ---- intervals and bounds --------------------------------------------------------------------
-
-def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float] | None:
-    """Wilson score interval for a binomial proportion; None when n == 0."""
-    if n == 0:
-        return None
-    z = float(norm.ppf(0.5 + level / 2))
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
+# ---- the risk bound --------------------------------------------------------------------------
 
 def risk_upper_bound(errors: int, n: int, delta: float) -> float:
     """The b with P(Binomial(n, b) <= errors) = delta: an upper bound on the true risk that holds with

@@ -12,11 +12,12 @@ from branching.baselines import (EndToEnd, Outcome, Recipes, count_parameters, r
                                  run_finetune, run_parent_head, unrestricted_logits)
 from branching.cli import main
 from branching.compare import compare_seed, make_context, score
-from branching.compare_report import paired_delta, summarise, t_interval
+from branching.compare_report import paired_delta, summarise
 from branching.acceptance import Acceptance
 from branching.forward import node_inputs
 from branching.pipeline import parent_normalizer, train_branch
 from branching.recipes import get_recipe
+from branching.stats import bootstrap_interval, t_interval
 from torchly import Model
 
 from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES, SMALL_TREE_N_TEST as N_TEST
@@ -139,6 +140,14 @@ def test_intervals_against_scipy_and_a_normal_approximation():
     half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff))
     assert d["ci95"][0] == pytest.approx(diff.mean() - half, abs=0.01)
     assert d["ci95"][1] == pytest.approx(diff.mean() + half, abs=0.01)
+    # the same resampling written out: 2000 resamples of the images by default_rng(0), 2.5 and 97.5 percentiles
+    means = diff[np.random.default_rng(0).integers(0, len(diff), size=(2000, len(diff)))].mean(axis=1)
+    np.testing.assert_allclose(d["ci95"], np.percentile(means, [2.5, 97.5]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(bootstrap_interval(diff, 0.9, 500, seed=3),
+                               np.percentile(diff[np.random.default_rng(3).integers(0, 400, size=(500, 400))]
+                                             .mean(axis=1), [5, 95]), rtol=0, atol=1e-12)
+    assert bootstrap_interval([0.25]) == [0.25, 0.25]
+    assert t_interval([0.5, 0.5, 0.5]) == [0.5, 0.5]  # scipy alone would give nan
 
 
 def test_summary_over_seeds(result):

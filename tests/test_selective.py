@@ -8,23 +8,37 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
-from branching import selective
+from branching import selective, stats
 
 
 # ---- Wilson intervals and the binomial bound --------------------------------------------------
 
 def test_wilson_interval_hand_value_and_defining_equation():
-    lo, hi = selective.wilson_interval(8, 10)
+    lo, hi = stats.wilson_interval(8, 10)
     assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # textbook value
     z = norm.ppf(0.975)
     for k, n in ((0, 20), (3, 20), (17, 20), (20, 20), (250, 300)):
-        lo, hi = selective.wilson_interval(k, n)
+        lo, hi = stats.wilson_interval(k, n)
         # the endpoints are the p in [0, 1] where |k/n - p| = z * sqrt(p (1 - p) / n)
         f = lambda p: (k / n - p) ** 2 - z * z * p * (1 - p) / n  # noqa: E731
         expected_lo = 0.0 if k == 0 else brentq(f, 1e-12, k / n - 1e-9, xtol=1e-14)
         expected_hi = 1.0 if k == n else brentq(f, k / n + 1e-9, 1 - 1e-12, xtol=1e-14)
         assert (lo, hi) == pytest.approx((expected_lo, expected_hi), abs=1e-9)
-    assert selective.wilson_interval(0, 0) is None
+    assert stats.wilson_interval(0, 0) is None
+
+
+def test_wilson_interval_equals_the_closed_form():
+    """scipy's Wilson interval against the textbook formula, clamped to [0, 1], over every k of many n."""
+    for level in (0.9, 0.95, 0.99):
+        z = norm.ppf(0.5 + level / 2)
+        for n in (*range(1, 61), 100, 299, 1000):
+            for k in range(0, n + 1, max(1, n // 50)):
+                p = k / n
+                denominator = 1 + z * z / n
+                centre = (p + z * z / (2 * n)) / denominator
+                half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+                expected = (max(0.0, centre - half), min(1.0, centre + half))
+                assert stats.wilson_interval(k, n, level) == pytest.approx(expected, abs=1e-14)
 
 
 def test_risk_upper_bound_solves_the_binomial_tail_equation():
@@ -156,6 +170,6 @@ def test_selective_summary_by_hand():
     s = selective.selective_summary(RIGHT, CONF >= 0.75)
     assert (s["accepted"], s["coverage"], s["accepted_accuracy"]) == (3, 0.5, pytest.approx(2 / 3))
     assert s["selective_risk"] == pytest.approx(1 / 3)
-    assert s["coverage_ci"] == pytest.approx(selective.wilson_interval(3, 6))
+    assert s["coverage_ci"] == pytest.approx(stats.wilson_interval(3, 6))
     none = selective.selective_summary(RIGHT, np.zeros(6, bool))
     assert none["coverage"] == 0 and none["accepted_accuracy"] is None and none["accepted_accuracy_ci"] is None

@@ -24,6 +24,7 @@ from branching.recipes import get_recipe
 from branching.report import write_seeds_report
 from branching.scores import recompute_selective
 from branching.seeds import parse_seeds, run_seeds
+from branching.tables import HTML, MARKDOWN, interval, mean_std, num, pct, table
 
 TREE = """
 parent = { classes = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"], hidden = [64, 32] }
@@ -218,6 +219,16 @@ def test_printed_tables_show_the_calibrated_view(run_dir):
         assert needle in text
     assert text in printed
     assert "AURC" in format_report("parent", metrics["parent"], config.parent.classes)
+
+
+def test_one_way_to_write_figures():
+    assert (pct(0.81234), pct(None), pct(0.5, 1), pct(0.012, 1, unit="", sign=True)) == ("81.23%", "n/a", "50.0%", "+1.2")
+    assert interval([0.8012, 0.8234]) == " [80.1%, 82.3%]" and interval(None) == ""
+    assert (num(0.123456), num(None), num(2.5, 1)) == ("0.1235", "n/a", "2.5")
+    assert mean_std({"mean": 0.8123, "std": 0.0132}, scale=100, digits=1, unit="%") == "81.2 ± 1.3%"
+    assert mean_std({"mean": 0.5, "std": None}) == "0.5000" and mean_std(None, na="-") == "-"
+    assert table(["a", "b"], [["x", "0.9600"]], MARKDOWN).splitlines()[2] == "| x   | 0.9600 |"
+    assert "<td>a&lt;b</td>" in table(["h"], [["a<b"]], HTML)
 
 
 def test_report_has_tables_and_readable_pngs(run_dir):
