@@ -15,11 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from branching.config import load_config  # noqa: E402
-from branching.pipeline import run, write_atomic  # noqa: E402
-from branching.recipes import get_recipe  # noqa: E402
+from branching.config import load_config
+from branching.pipeline import run, write_atomic
+from branching.recipes import get_recipe
 
 
 def mean_std(values):

@@ -24,7 +24,7 @@ from torch import nn
 
 from torchly import Model
 
-from .data import Normalizer
+from .normalization import Normalizer
 
 FORMAT = "branching-features/1"
 MANIFEST = "manifest.json"

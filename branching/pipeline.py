@@ -22,10 +22,11 @@ from torchly import Model
 from . import calibration, scores, selective
 from .checkpoint import ModelStore
 from .config import NodeSpec, TreeConfig
-from .data import (FINE_LABEL_NAMES, Normalizer, Split, ensure_cifar100, load_label_names, load_split,
-                   resolve_classes, select)
+from .data import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select
+from .download import ensure_cifar100
 from .errors import DataError
 from .metrics import format_report
+from .normalization import Normalizer
 from .recipes import Recipe
 
 ORIGINAL_BRANCH_SPLIT_SEED = 42  # the original's random_state for a branch's 80/20 split

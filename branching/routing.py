@@ -27,9 +27,10 @@ from torchly import Model
 
 from .checkpoint import check_lineage, check_node
 from .config import TreeConfig
-from .data import N_PIXELS, Normalizer
+from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
 from .metrics import classification_summary, format_report, selective_summary
+from .normalization import Normalizer
 
 DEFAULT_THRESHOLD = 0.96  # for parents saved before routing rules were recorded
 BATCH = 1024

@@ -18,7 +18,8 @@ from torch import nn
 
 from torchly import Model
 
-from .data import N_PIXELS, Normalizer
+from .data import N_PIXELS
+from .normalization import Normalizer
 from .routing import TreePredictor
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from branching.data import N_PIXELS, Normalizer
+from branching.data import N_PIXELS
 from branching.features import FeatureCache, branch_inputs, extract, flip_all
+from branching.normalization import Normalizer
 from branching.pipeline import flip_images
 from torchly import Model
 
