@@ -1,4 +1,5 @@
-"""Train the fish branch on the frozen parent's hidden activations (models/fishnet_2.pt)."""
+"""Train a branch on the frozen parent's hidden activations: the fish branch (models/fishnet_2.pt), or
+any branch of --config with --branch NAME (models/NAMEnet_2.pt)."""
 import sys
 
 from branching.cli import train_script

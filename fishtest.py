@@ -1,4 +1,5 @@
-"""Evaluate the fish branch on the test split, with its reject option."""
+"""Evaluate a branch on the test split, with its reject option: the fish branch, or any branch of
+--config with --branch NAME."""
 import sys
 
 from branching.cli import test_script

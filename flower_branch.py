@@ -1,4 +1,5 @@
-"""Train the flower branch on the frozen parent's hidden activations (models/flowernet_2.pt)."""
+"""Train a branch on the frozen parent's hidden activations: the flower branch (models/flowernet_2.pt), or
+any branch of --config with --branch NAME (models/NAMEnet_2.pt)."""
 import sys
 
 from branching.cli import train_script

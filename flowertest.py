@@ -1,4 +1,5 @@
-"""Evaluate the flower branch on the test split, with its reject option."""
+"""Evaluate a branch on the test split, with its reject option: the flower branch, or any branch of
+--config with --branch NAME."""
 import sys
 
 from branching.cli import test_script

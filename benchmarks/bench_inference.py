@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from branching.config import load_config  # noqa: E402
-from branching.data import Normalizer, load_split  # noqa: E402
-from branching.routing import TreePredictor, load_models  # noqa: E402
-from branching.speed import (batched_extraction, chain_flops, chain_models, matmul_pass,  # noqa: E402
+from branching.config import load_config
+from branching.data import load_split
+from branching.normalization import Normalizer
+from branching.routing import TreePredictor, load_models
+from branching.speed import (batched_extraction, chain_flops, chain_models, matmul_pass,
                              original_style, peak_memory, random_tree, routed_shapes, seconds_per_call)
 
 TARGET_SPEEDUP, TARGET_LIMIT_SHARE, TARGET_LATENCY_MS = 50.0, 0.5, 1.0

@@ -15,12 +15,10 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from branching.config import load_config  # noqa: E402
-from branching.fileio import write_json  # noqa: E402
-from branching.pipeline import run  # noqa: E402
-from branching.recipes import get_recipe  # noqa: E402
+from branching.config import load_config
+from branching.fileio import write_json
+from branching.pipeline import run
+from branching.recipes import get_recipe
 
 
 def mean_std(values):

@@ -1,64 +1,31 @@
-"""Command line: `python -m branching run ...` and the entry points of the original's scripts."""
+"""Command line: `branching run ...` (or `python -m branching run ...`) and the entry points of the
+original's scripts."""
 
 from __future__ import annotations
 
-import argparse
-import sys
+import shlex
 from pathlib import Path
 
+from .args import TRAINING, TREE, ArgumentParser, flags, guarded, prog_name
 from .checkpoint import ModelStore, script_filename
+from .compare_cli import add_parsers as add_compare
 from .config import DEFAULT_CONFIG, load_config
-from .errors import BranchingError, ConfigError
+from .errors import ConfigError
 from .metrics import format_report
-from .pipeline import evaluate_node, load_tree_data, log, train_branch, train_parent
-from .recipes import RECIPES, get_recipe
+from .pipeline import evaluate_node, load_tree_data, log, run, run_seeds, train_branch, train_parent
+from .predict import add_parser as add_predict
+from .recipes import get_recipe
+from .seeds import parse_seeds
 
 
-def guarded(main):
-    """Run main(argv); a BranchingError becomes `error: ...` on stderr and exit status 2, no traceback."""
-    def wrapper(argv=None) -> int:
-        try:
-            return main(argv) or 0
-        except BranchingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-    return wrapper
+# ---- branching -------------------------------------------------------------------------------
 
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
-def add_common(p: argparse.ArgumentParser, models_flag: bool = True) -> None:
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's)")
-    p.add_argument("--data", default="c10", help="folder with the CIFAR-100 python files train, test, meta")
-    if models_flag:
-        p.add_argument("--models", default="models", help="folder of the model files")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
-                   help="'original' reproduces the original study; 'default' is ours (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-epochs", type=int, default=None, help="cap every node's epochs (quick runs)")
-    p.add_argument("--no-download", action="store_true", help="never download CIFAR-100; fail if it is missing")
-
-
-# ---- python -m branching ---------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m branching", description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=prog_name(), description="Neural Branching: train a tree of a parent network and "
+                            "its branches, evaluate it, compare it with baselines, and classify images with it.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train and evaluate the whole tree; writes OUT/metrics.json")
-    add_common(run, models_flag=False)
-    add_training(run)
+    run = sub.add_parser("run", parents=[flags(*TREE, *TRAINING)],
+                         help="train and evaluate the whole tree; writes OUT/metrics.json")
     run.add_argument("--out", default="runs/latest", help="output folder (metrics.json, predictions/, models/)")
     run.add_argument("--seeds", default=None, metavar="LIST",
                      help="several seeds, e.g. 0,1,2: each seed's run in OUT/seed-<n>/, mean and std in OUT/ "
@@ -66,9 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip OUT/report.md, report.html and plots/")
     run.add_argument("--cache", default=None, metavar="DIR",
                      help="keep branch-training activations in DIR (rebuilt whenever anything they depend on changes)")
-    from .predict import add_parser as add_predict
+    run.set_defaults(func=cmd_run)
     add_predict(sub)
-    from .compare_cli import add_parsers as add_compare
     add_compare(sub)
     return parser
 
@@ -76,27 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 @guarded
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command in ("compare", "probe-layers"):
-        from . import compare_cli
-        return compare_cli.cmd_compare(args) if args.command == "compare" else compare_cli.cmd_probe_layers(args)
-    if args.command == "predict":
-        from .predict import cmd_predict
-        return cmd_predict(args)
-    return 0
+    return args.func(args)
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run
-
     config = load_config(args.config)
     recipe = get_recipe(args.recipe, args.max_epochs)
     if args.seeds is not None and args.cache is not None:
         raise ConfigError("--cache goes with a single --seed: each seed trains its own parent, so nothing is shared")
     if args.seeds is not None:
-        from .seeds import parse_seeds, run_seeds
-
         metrics = run_seeds(config, args.data, args.out, recipe, parse_seeds(args.seeds),
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
@@ -109,64 +63,81 @@ def cmd_run(args) -> int:
 
 # ---- the original's scripts ------------------------------------------------------------------
 
-def _script_parser(description: str, training: bool) -> argparse.ArgumentParser:
-    p = ArgumentParser(description=description)
-    add_common(p)
-    if training:
-        add_training(p)
-    return p
+SCRIPT_BRANCHES = ("fish", "flower")  # fish_branch.py, fishtest.py, flower_branch.py, flowertest.py
 
 
-def _retrain_hint(node: str) -> str:
-    return ": python parent_branch.py" if node == "parent" else f": python {node}_branch.py"
+def _retrain_hint(node: str, script_branch: str, config_path: str) -> str:
+    """`: python <script> ...`, the command that trains `node` again."""
+    if node == "parent":
+        words = ["python", "parent_branch.py"]
+    elif node in SCRIPT_BRANCHES:
+        words = ["python", f"{node}_branch.py"]
+    else:
+        words = ["python", f"{script_branch}_branch.py", "--branch", node]
+    if config_path != str(DEFAULT_CONFIG):
+        words += ["--config", config_path]
+    return ": " + shlex.join(words)
 
 
-def _node(config, node: str):
-    if node != "parent" and node not in config.branches:
-        raise ConfigError(f"{config.path}: no branch {node!r}; branches are: {', '.join(config.branches) or 'none'}")
-    return config.node(node)
+class _Script:
+    """What a script knows once its arguments are read: args, config, its node, the model folder, hints."""
+
+    def __init__(self, default: str, training: bool, argv):
+        branch = default != "parent"
+        task = "Train" if training else "Evaluate"
+        what = f"a branch of the tree (default {default!r})" if branch else "the parent of the tree"
+        parser = ArgumentParser(
+            description=f"{task} {what}{'' if training else ' on the test split'}.",
+            parents=[flags(*TREE, "--models", *(TRAINING if training else ()))])
+        if branch:
+            parser.add_argument("--branch", default=default, metavar="NAME",
+                                help=f"the branch of --config to {task.lower()} (default {default}); its model "
+                                     f"file is NAMEnet_2.pt in --models")
+        self.args = parser.parse_args(argv)
+        self.config = load_config(self.args.config)
+        self.node = self.args.branch if branch else "parent"
+        if branch and self.node not in self.config.branches:
+            known = ", ".join(self.config.branches)
+            raise ConfigError(f"{self.config.path}: no branch {self.node!r}; "
+                              + (f"its branches are {known}; pass --branch NAME with one of them" if known
+                                 else "it has no branches"))
+        self.spec = self.config.node(self.node)
+        self.store = ModelStore(self.args.models, script_names=True)
+        script_branch = default if branch else SCRIPT_BRANCHES[0]
+        self.hints = {n: _retrain_hint(n, script_branch, self.args.config) for n in ["parent", *self.config.branches]}
 
 
+@guarded
 def train_script(node: str, argv=None) -> int:
-    """parent_branch.py / <name>_branch.py: train one node and save it as the original scripts did."""
-    @guarded
-    def main(argv):
-        args = _script_parser(f"Train the {node} of the tree.", training=True).parse_args(argv)
-        config = load_config(args.config)
-        spec = _node(config, node)
-        recipe = get_recipe(args.recipe, args.max_epochs)
-        data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
-        store = ModelStore(args.models, script_names=True)
-        hints = {n: _retrain_hint(n) for n in config.branches} | {"parent": _retrain_hint("parent")}
-        if spec.source is None:
-            model, meta, normalizer = train_parent(config, data, recipe, args.seed, not args.quiet)
-            path = store.save(node, model, meta)
-            norm_dir = Path(args.models).resolve().parent
-            normalizer.save_npy(norm_dir / "parent_X_mean.npy", norm_dir / "parent_X_std.npy")
-            log(f"wrote {norm_dir / 'parent_X_mean.npy'} and parent_X_std.npy")
-        else:
-            models = store.load_tree(config, nodes=[spec.source], hints=hints)
-            model, meta = train_branch(config, node, models, data, recipe, args.seed, not args.quiet)
-            path = store.save(node, model, meta)
-        history = meta["history"]
-        print(f"trained {node}: {history['epochs_run']} epochs (best {history['best_epoch']}), "
-              f"{history['seconds']:.1f} s; wrote {path}")
-        return 0
-    return main(argv)
+    """parent_branch.py / fish_branch.py / flower_branch.py: train one node and save it as the original
+    scripts did; `node` is the parent or the default of --branch."""
+    script = _Script(node, training=True, argv=argv)
+    args, config, node = script.args, script.config, script.node
+    recipe = get_recipe(args.recipe, args.max_epochs)
+    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
+    if script.spec.source is None:
+        model, meta, normalizer = train_parent(config, data, recipe, args.seed, not args.quiet)
+        path = script.store.save(node, model, meta)
+        norm_dir = Path(args.models).resolve().parent
+        normalizer.save_npy(norm_dir / "parent_X_mean.npy", norm_dir / "parent_X_std.npy")
+        log(f"wrote {norm_dir / 'parent_X_mean.npy'} and parent_X_std.npy")
+    else:
+        models = script.store.load_tree(config, nodes=[script.spec.source], hints=script.hints)
+        model, meta = train_branch(config, node, models, data, recipe, args.seed, not args.quiet)
+        path = script.store.save(node, model, meta)
+    history = meta["history"]
+    print(f"trained {node}: {history['epochs_run']} epochs (best {history['best_epoch']}), "
+          f"{history['seconds']:.1f} s; wrote {path}")
+    return 0
 
 
+@guarded
 def test_script(node: str, argv=None) -> int:
-    """parent_test.py / <name>test.py: evaluate one node on the test split and print the original's table."""
-    @guarded
-    def main(argv):
-        args = _script_parser(f"Evaluate the {node} on the test split.", training=False).parse_args(argv)
-        config = load_config(args.config)
-        spec = _node(config, node)
-        store = ModelStore(args.models, script_names=True)
-        hints = {n: _retrain_hint(n) for n in [*config.branches, "parent"]}
-        models = store.load_tree(config, nodes=[node], hints=hints)
-        data = load_tree_data(config, args.data, download=False)
-        metrics, _ = evaluate_node(config, node, models, data)
-        print(format_report(f"{node} ({script_filename(node)})", metrics, spec.classes))
-        return 0
-    return main(argv)
+    """parent_test.py / fishtest.py / flowertest.py: evaluate one node on the test split and print the
+    original's table; `node` is the parent or the default of --branch."""
+    script = _Script(node, training=False, argv=argv)
+    models = script.store.load_tree(script.config, nodes=[script.node], hints=script.hints)
+    data = load_tree_data(script.config, script.args.data, download=False)
+    metrics, _ = evaluate_node(script.config, script.node, models, data)
+    print(format_report(f"{script.node} ({script_filename(script.node)})", metrics, script.spec.classes))
+    return 0

@@ -1,39 +1,35 @@
-"""Command line of `python -m branching compare` and `python -m branching probe-layers`."""
+"""Command line of `branching compare` and `branching probe-layers`."""
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, load_config
+from .args import TREE, flags
+from .config import load_config
 from .errors import CheckpointError, ConfigError
 
 
 def add_parsers(sub) -> None:
-    compare = sub.add_parser("compare", help="every branch against its baselines and ablations; writes "
-                                             "OUT/compare.md, compare.json, compare.png")
-    _common(compare)
+    compare = sub.add_parser("compare", parents=[flags(*TREE, "--no-download", "--max-epochs")],
+                             help="every branch against its baselines and ablations; writes OUT/compare.md, "
+                                  "compare.json, compare.png")
     compare.add_argument("--out", default="runs/compare", help="output folder")
     compare.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
-    compare.add_argument("--max-epochs", type=int, default=None, help="cap every node's epochs (quick runs)")
     compare.add_argument("--original-parent", action="store_true",
                          help="train a parent with the original recipe for the original-recipe branches "
                               "(about 9 minutes per seed); default: they use the default-recipe parent")
-    probe = sub.add_parser("probe-layers", help="linear probe on every hidden layer of the parent for each "
-                                                "branch's classes; recommends the layer to branch from")
-    _common(probe)
+    compare.set_defaults(func=cmd_compare)
+    probe = sub.add_parser("probe-layers",
+                           parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs",
+                                          seed="seed of the parent trained without --models",
+                                          max_epochs="cap the epochs of that parent")],
+                           help="linear probe on every hidden layer of the parent for each branch's classes; "
+                                "recommends the layer to branch from")
     probe.add_argument("--models", default=None, metavar="DIR",
                        help="trained models of a run (OUT/models) or of the scripts (models/); default: "
                             "train a parent (and any branch that others read) with the default recipe")
-    probe.add_argument("--seed", type=int, default=0, help="seed of the parent trained without --models")
-    probe.add_argument("--max-epochs", type=int, default=None, help="cap the epochs of that parent")
-
-
-def _common(p) -> None:
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's)")
-    p.add_argument("--data", default="c10", help="folder with the CIFAR-100 python files train, test, meta")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-download", action="store_true", help="never download CIFAR-100; fail if it is missing")
+    probe.set_defaults(func=cmd_probe_layers)
 
 
 def cmd_compare(args) -> int:
@@ -42,8 +38,6 @@ def cmd_compare(args) -> int:
 
     config = load_config(args.config)
     seeds = parse_seeds(args.seeds)
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise ConfigError(f"--max-epochs must be at least 1, got {args.max_epochs}")
     result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
                          original_parent=args.original_parent, download=not args.no_download,
                          progress=not args.quiet, command=_command(args))

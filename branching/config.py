@@ -12,13 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchly import ACTIVATIONS, WHERE
+
 from .errors import ConfigError
+from .selective import RULES
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "original.toml"
 
-ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid", "leaky_relu")
-WHERE_CHOICES = ("pre", "post")
-RULES = ("threshold", "coverage", "risk")
+def _installed(name: str) -> Path:
+    """A config of configs/: beside the package in a source checkout, inside it once installed."""
+    checkout = Path(__file__).resolve().parents[1] / "configs" / name
+    return checkout if checkout.is_file() else Path(__file__).resolve().parent / "configs" / name
+
+
+DEFAULT_CONFIG = _installed("original.toml")
+
 DEFAULT_PARENT_HIDDEN = (1024, 512)
 DEFAULT_BRANCH_HIDDEN = (256,)
 DEFAULT_DELTA = 0.05
@@ -287,7 +294,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         hidden=t.hidden(DEFAULT_PARENT_HIDDEN if is_parent else DEFAULT_BRANCH_HIDDEN,
                         allow_empty=not is_parent),
         source=None, layer=None, where=None,
-        activation=t.choice("activation", ACTIVATIONS, "relu"),
+        activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
         accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})))
     if not is_parent:
@@ -298,7 +305,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         if not _is_int(layer):
             raise t.error("layer", "must be an integer (hidden-layer index of the source)",
                           "write e.g. layer = 1 or layer = -1")
-        fields.update(source=source, layer=layer, where=t.choice("where", WHERE_CHOICES, None))
+        fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None))
     return fields
 
 

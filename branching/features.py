@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Normalizer
 from .fileio import write_bytes, write_json
 from .forward import chain, extract, mirror_all, random_flips, tap
+from .normalization import Normalizer
 
 FORMAT = "branching-features/1"
 MANIFEST = "manifest.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
+from .acceptance import describe_rule
 from .tables import PLAIN, interval, num, pct, table
 
 
@@ -51,16 +52,6 @@ def format_report(title: str, metrics: dict, classes) -> str:
                                                            zip(classes, metrics["confusion_matrix"])], PLAIN,
                        align=("left",) + ("right",) * len(classes), indent="  "))
     return "\n".join(lines)
-
-
-def describe_rule(rule: dict) -> str:
-    """What an acceptance rule asked for, e.g. "risk <= 2% with confidence 95%"."""
-    asked = rule.get("asked") or {"threshold": rule.get("threshold")}
-    if rule.get("rule") == "coverage":
-        return f"coverage {100 * asked['coverage']:g}%"
-    if rule.get("rule") == "risk":
-        return f"risk <= {100 * asked['risk']:g}% with confidence {100 * (1 - asked['delta']):g}%"
-    return f"threshold {asked['threshold']:g}"
 
 
 def acceptance_lines(rule: dict) -> list[str]:

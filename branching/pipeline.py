@@ -15,16 +15,18 @@ from sklearn.model_selection import train_test_split
 from torchly import Model
 
 from . import scores
-from .acceptance import Acceptance, rejects
+from . import seeds as seeds_summary
+from .acceptance import Acceptance, describe_rule, rejects
 from .checkpoint import ModelStore
 from .config import NodeSpec, TreeConfig
-from .data import (FINE_LABEL_NAMES, Normalizer, Split, ensure_cifar100, load_label_names, load_split,
-                   resolve_classes, select)
+from .data import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select
+from .download import ensure_cifar100
 from .errors import DataError
 from .features import FeatureCache, branch_inputs
 from .fileio import write_csv, write_json
 from .forward import extract, node_inputs, random_flip_transform, read_tap
 from .metrics import format_report
+from .normalization import Normalizer
 from .recipes import Recipe
 from .routing import evaluate_tree, format_tree_report
 
@@ -247,4 +249,33 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
     if report:
         from .report import write_report  # matplotlib is only loaded when a report is written
         write_report(out)
+    return metrics
+
+
+def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list[int], download: bool = False,
+              progress: bool = True, echo=print, report: bool = True) -> dict:
+    """run for each seed into OUT/seed-<n>/, then OUT/metrics.json with the mean and std of every headline
+    figure (branching.seeds); returns that summary."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    runs = {}
+    for seed in seeds:
+        echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")
+        runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, download=download,
+                         progress=progress, echo=echo, report=report)
+    first = runs[seeds[0]]
+    summary = seeds_summary.summarise(runs)
+    metrics = {"seeds": seeds, "recipe": recipe.name, "config": first["config"], "data": first["data"],
+               "std": "sample standard deviation over seeds (ddof 1)",
+               "runs": {str(s): f"seed-{s}/metrics.json" for s in seeds},
+               "rules": {n: describe_rule(m["acceptance"]) for n, m in [("parent", first["parent"]),
+                                                                         *first["branches"].items()]
+                         if "acceptance" in m},
+               "parent": summary["parent"], "branches": summary["branches"],
+               "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
+    write_json(out / "metrics.json", metrics)
+    echo(seeds_summary.format_summary(metrics))
+    if report:
+        from .report import write_seeds_report  # matplotlib is only loaded when a report is written
+        write_seeds_report(out)
     return metrics

@@ -1,4 +1,4 @@
-"""`python -m branching predict`: answer your own PNG/JPEG images, or a CIFAR-format split, with the
+"""`branching predict`: answer your own PNG/JPEG images, or a CIFAR-format split, with the
 routed tree. One line per image; `--out FILE.csv|.json` writes the same rows."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .args import positive_int
 from .config import load_config
 from .data import N_PIXELS, load_label_names, load_split
 from .errors import ConfigError, DataError
@@ -30,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="CIFAR-100 folder: predict a whole split instead of files")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
     p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
-    p.add_argument("--batch-size", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH, help=f"images per batch (default {BATCH})")
+    p.set_defaults(func=cmd_predict)
 
 
 def load_image(path) -> np.ndarray:
@@ -112,8 +114,6 @@ def cmd_predict(args) -> int:
         raise ConfigError("pass image files or --data DIR (with --split), not both and not neither")
     if args.out is not None and Path(args.out).suffix not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: the file name must end in .csv or .json")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     config = load_config(args.config) if args.config else None
     predictor = TreePredictor.load(args.models, config)
     if args.data:

@@ -18,7 +18,7 @@ from torchly import Model
 
 from . import plots
 from .fileio import write_text
-from .metrics import describe_rule
+from .acceptance import describe_rule
 from .tables import HTML, MARKDOWN, interval, num, pct, table
 
 NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images per class they span roughly "

@@ -28,9 +28,10 @@ from torchly import Model
 from .acceptance import Acceptance
 from .checkpoint import load_folder
 from .config import TreeConfig
-from .data import N_PIXELS, Normalizer
+from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
 from .metrics import classification_summary, format_report, selective_summary
+from .normalization import Normalizer
 
 BATCH = 1024
 MIN_FOLD_STD = 1e-3  # below this, dividing weights by the pixel std loses too much precision

@@ -4,12 +4,7 @@ risk-coverage curves overlaid)."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from .errors import ConfigError
-from .fileio import write_json
-from .metrics import describe_rule
 from .stats import sample_summary
 from .tables import TEXT, mean_std, table
 
@@ -54,36 +49,6 @@ def summarise(runs: dict[int, dict]) -> dict:
     return {"parent": node(lambda m: m["parent"]),
             "branches": {name: node(lambda m, name=name: m["branches"][name]) for name in first["branches"]},
             "timings": {k: sample_summary([m["timings"].get(k) for m in runs.values()]) for k in first["timings"]}}
-
-
-def run_seeds(config, data_dir, out_dir, recipe, seeds: list[int], download: bool = False, progress: bool = True,
-              echo=print, report: bool = True) -> dict:
-    """pipeline.run for each seed into OUT/seed-<n>/, then OUT/metrics.json with mean and std."""
-    from .pipeline import run
-
-    start = time.perf_counter()
-    out = Path(out_dir)
-    runs = {}
-    for seed in seeds:
-        echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")
-        runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, download=download,
-                         progress=progress, echo=echo, report=report)
-    first = runs[seeds[0]]
-    summary = summarise(runs)
-    metrics = {"seeds": seeds, "recipe": recipe.name, "config": first["config"], "data": first["data"],
-               "std": "sample standard deviation over seeds (ddof 1)",
-               "runs": {str(s): f"seed-{s}/metrics.json" for s in seeds},
-               "rules": {n: describe_rule(m["acceptance"]) for n, m in [("parent", first["parent"]),
-                                                                         *first["branches"].items()]
-                         if "acceptance" in m},
-               "parent": summary["parent"], "branches": summary["branches"],
-               "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
-    write_json(out / "metrics.json", metrics)
-    echo(format_summary(metrics))
-    if report:
-        from .report import write_seeds_report
-        write_seeds_report(out)
-    return metrics
 
 
 def format_figure(summary: dict | None, percent: bool) -> str:

@@ -17,8 +17,9 @@ import torch
 
 from torchly import Model
 
-from .data import N_PIXELS, Normalizer
+from .data import N_PIXELS
 from .forward import chain
+from .normalization import Normalizer
 from .routing import TreePredictor
 
 

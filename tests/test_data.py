@@ -8,12 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from branching import data
+from branching import download
 from branching.data import (
     COARSE_LABEL_NAMES,
     COARSE_OF_FINE,
     FINE_LABEL_NAMES,
-    Normalizer,
     Split,
     load_label_names,
     load_split,
@@ -22,6 +21,7 @@ from branching.data import (
     select,
 )
 from branching.errors import DataError
+from branching.normalization import Normalizer
 
 from synthetic import make_synthetic, write_meta, write_split
 
@@ -246,4 +246,4 @@ def test_errors_are_one_line(tmp_path, synthetic_c10):
         with pytest.raises(DataError) as info:
             call()
         assert "\n" not in str(info.value)
-    assert data.CIFAR100_MD5 == "eb9058c3a382ffc7106e4002c42a8d85"
+    assert download.CIFAR100_MD5 == "eb9058c3a382ffc7106e4002c42a8d85"

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from branching import data
-from branching.data import ensure_cifar100, load_label_names, load_split
+from branching import download
+from branching.data import load_label_names, load_split
+from branching.download import ensure_cifar100
 from branching.errors import DataError
 
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -168,7 +169,7 @@ def test_interrupt_cleans_up(server, tmp_path, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_extract", interrupted)
+    monkeypatch.setattr(download, "_extract", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ensure_cifar100(tmp_path / "cifar", url=f"{base}/{ARCHIVE}", md5=_md5(root / ARCHIVE), progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from branching.data import N_PIXELS, Normalizer
+from branching.data import N_PIXELS
 from branching.features import FeatureCache, branch_inputs
 from branching.forward import extract, flip_images, mirror_all, random_flips
+from branching.normalization import Normalizer
 from torchly import Model
 
 DATA = {"dir": "/somewhere", "train_sha256": "aa", "test_sha256": "bb", "meta_sha256": "cc"}

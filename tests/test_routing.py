@@ -8,9 +8,10 @@ import torch
 
 from branching.checkpoint import script_filename
 from branching.config import parse_config
-from branching.data import N_PIXELS, Normalizer
+from branching.data import N_PIXELS
 from branching.errors import ConfigError
 from branching.checkpoint import load_folder
+from branching.normalization import Normalizer
 from branching.routing import TreePredictor
 from torchly import Model
 

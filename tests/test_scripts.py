@@ -3,13 +3,13 @@ format, checked against an independent recomputation from the files they wrote (
 in-process)."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix
 
 from branching import cli  # not `import test_script`: pytest would collect it as a test
-
 from reference import (FISH, FLOWER, ORIGINAL_CLASSES, branch_logits, file_mode_ok, forward, linear_layers,
                        load_checkpoint, normalise, parse_report, read_split, run_command, script, softmax)
 from synthetic import make_synthetic
@@ -171,3 +171,92 @@ def test_branch_with_another_parent_is_refused(workdir, tmp_path, monkeypatch, c
     assert "retrain the branch" in lines[0] and "fish_branch.py" in lines[0]
     assert "Total Test Samples" not in result.out
     assert {p.name: p.read_bytes() for p in (tmp_path / "models").iterdir()} == before
+
+
+# ---- any tree: --branch ------------------------------------------------------------------------
+# Branches that are neither fish nor flower, one of them a branch of a branch, over the synthetic six
+# classes; the scripts run in-process (cli.train_script / cli.test_script are what they call).
+OTHER_TREE = """
+[parent]
+classes = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"]
+hidden = [16, 8]
+
+[branches.sea]
+classes = ["crab", "aquarium_fish", "shark"]
+layer = 1
+hidden = [6]
+
+[branches.blooms]
+classes = ["sunflower", "poppy", "tulip"]
+layer = 1
+hidden = [6]
+
+[branches.fins]
+from = "sea"
+classes = ["aquarium_fish", "shark"]
+layer = 0
+hidden = [4]
+"""
+
+
+@pytest.fixture
+def other_tree(tmp_path, monkeypatch, synthetic_c10):
+    """tmp_path as the working folder, with tree.toml (OTHER_TREE); returns the shared arguments."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tree.toml").write_text(OTHER_TREE)
+    return ["--config", "tree.toml", "--data", str(synthetic_c10)]
+
+
+def test_branch_scripts_train_and_test_any_branch(other_tree, tmp_path, capsys):
+    training = [*other_tree, "--max-epochs", "1", "--quiet", "--no-download"]
+    assert cli.train_script("parent", training) == 0
+    assert cli.train_script("fish", [*training, "--branch", "sea"]) == 0
+    assert cli.train_script("flower", [*training, "--branch", "fins"]) == 0  # reads sea's layer 0
+    assert cli.train_script("flower", [*training, "--branch", "blooms", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("seanet_2.pt", "finsnet_2.pt", "bloomsnet_2.pt"):
+        assert f"wrote {Path('models') / name}" in printed
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "bloomsnet_2.pt", "finsnet_2.pt", "parent_2.pt", "seanet_2.pt"]
+    fins = load_checkpoint(tmp_path / "models" / "finsnet_2.pt")["meta"]
+    assert (fins["kind"], fins["classes"], fins["source"], fins["layer"]) == (
+        "branch", ["aquarium_fish", "shark"], "sea", 0)
+
+    for script_default, branch, classes in (("fish", "fins", ["aquarium_fish", "shark"]),
+                                            ("flower", "sea", ["crab", "aquarium_fish", "shark"])):
+        assert cli.test_script(script_default, [*other_tree, "--branch", branch]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"== {branch} ({branch}net_2.pt) ==")
+        report = parse_report(out, classes)
+        assert report["samples"] == 20 * len(classes) and "accepted" in report
+
+
+def test_missing_source_model_names_the_script_and_branch_to_train(other_tree, tmp_path, capsys):
+    training = [*other_tree, "--max-epochs", "1", "--quiet", "--no-download"]
+    assert cli.train_script("parent", training) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert cli.train_script("flower", [*training, "--branch", "fins"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no model for 'sea'"), err
+    assert "seanet_2.pt" in err and "python flower_branch.py --branch sea --config tree.toml" in err
+    assert cli.test_script("fish", [*other_tree, "--branch", "sea"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python fish_branch.py --branch sea --config tree.toml" in err
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == before
+
+
+@pytest.mark.parametrize("run, default", [(cli.train_script, "fish"), (cli.train_script, "flower"),
+                                          (cli.test_script, "fish"), (cli.test_script, "flower")])
+def test_default_branch_missing_from_the_tree_says_which_exist(other_tree, tmp_path, capsys, run, default):
+    assert run(default, [*other_tree, "--no-download"] if run is cli.train_script else other_tree) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert f"no branch '{default}'" in err and "sea, blooms, fins" in err and "--branch NAME" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree.toml"]
+
+
+def test_unknown_branch_is_a_one_line_error(other_tree, capsys):
+    assert cli.test_script("fish", [*other_tree, "--branch", "shells"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no branch 'shells'" in err and "sea, blooms, fins" in err

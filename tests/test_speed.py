@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from branching.config import parse_config
-from branching.data import N_PIXELS, Normalizer
+from branching.data import N_PIXELS
 from branching.forward import node_inputs
+from branching.normalization import Normalizer
 from branching.routing import TreePredictor
 from branching.speed import (batched_extraction, chain_flops, chain_models, original_style, peak_memory, random_tree,
                              routed_shapes)

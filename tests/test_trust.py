@@ -23,7 +23,8 @@ from branching.metrics import format_report
 from branching.recipes import get_recipe
 from branching.report import write_seeds_report
 from branching.scores import recompute_selective
-from branching.seeds import parse_seeds, run_seeds
+from branching.pipeline import run_seeds
+from branching.seeds import parse_seeds
 from branching.tables import HTML, MARKDOWN, interval, mean_std, num, pct, table
 
 TREE = """

@@ -1,0 +1,99 @@
+"""Command-line plumbing shared by every command: one-line errors, the shared flags, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from .config import DEFAULT_CONFIG
+from .errors import BranchingError
+from .recipes import RECIPES
+
+
+def guarded(main):
+    """Run main; a BranchingError becomes `error: ...` on stderr and exit status 2, no traceback.
+
+    Usage errors and --help (argparse's SystemExit) become the status they carry, so that main can be
+    called in-process and always returns an int.
+    """
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except BranchingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except SystemExit as e:  # argparse has already printed the help or the `error: ...` line
+            return e.code if isinstance(e.code, int) else 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+# ---- flags that several commands take --------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+# Each shared flag is declared here once; `flags` makes parent parsers of them for `parents=[...]`.
+SHARED_FLAGS = {
+    "--config": dict(default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's)"),
+    "--data": dict(default="c10", help="folder with the CIFAR-100 python files train, test, meta"),
+    "--models": dict(default="models", help="folder of the model files"),
+    "--quiet": dict(action="store_true", help="no progress bars"),
+    "--recipe": dict(default="default", choices=sorted(RECIPES),
+                     help="'original' reproduces the original study; 'default' is ours (default)"),
+    "--seed": dict(type=seed_int, default=0, help="seed of the training (default 0)"),
+    "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs (quick runs)"),
+    "--no-download": dict(action="store_true", help="never download CIFAR-100; fail if it is missing"),
+}
+TREE = ("--config", "--data", "--quiet")
+TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download")
+
+
+def flags(*names: str, **help_texts: str) -> ArgumentParser:
+    """A parent parser holding the shared flags `names`, in that order; `seed="..."` (the flag's dest)
+    gives a command its own help text for a flag."""
+    parent = ArgumentParser(add_help=False)
+    for name in names:
+        options = dict(SHARED_FLAGS[name])
+        dest = name.lstrip("-").replace("-", "_")
+        if dest in help_texts:
+            options["help"] = help_texts[dest]
+        parent.add_argument(name, **options)
+    return parent
+
+
+def prog_name() -> str:
+    """How this command was started: `python -m branching` or the installed `branching`."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "python -m branching" if main_spec is not None and main_spec.name == "branching.__main__" else "branching"

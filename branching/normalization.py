@@ -1,0 +1,64 @@
+"""Per-pixel standardisation of CIFAR images, fitted on the parent's training rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import N_PIXELS
+from .errors import DataError
+from .fileio import atomic_path
+
+
+class Normalizer:
+    """Per-pixel standardisation: (x - mean) / std, both float32 (3072,)."""
+
+    MIN_STD = 1e-6
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1)
+        if self.mean.shape != (N_PIXELS,) or self.std.shape != (N_PIXELS,):
+            got = f"{self.mean.size} and {self.std.size}"
+            raise DataError(f"normaliser mean and std must have {N_PIXELS} values each, got {got}")
+
+    @classmethod
+    def fit(cls, images) -> "Normalizer":
+        images = np.asarray(images, dtype=np.float64)
+        if images.ndim != 2 or images.shape[0] == 0:
+            raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need (N, 3072) with N > 0")
+        return cls(images.mean(axis=0), np.maximum(images.std(axis=0), cls.MIN_STD))
+
+    def transform(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 2 or images.shape[1] != N_PIXELS:
+            raise DataError(f"expected images of shape (N, 3072), got {images.shape}")
+        return ((images.astype(np.float32) - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict:
+        import torch  # only the checkpoint format needs tensors
+
+        return {"mean": torch.from_numpy(self.mean.copy()), "std": torch.from_numpy(self.std.copy())}
+
+    @classmethod
+    def from_dict(cls, d) -> "Normalizer":
+        def as_array(v):
+            return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+
+        return cls(as_array(d["mean"]), as_array(d["std"]))
+
+    def save_npy(self, mean_path, std_path) -> None:
+        for path, values in ((mean_path, self.mean), (std_path, self.std)):
+            with atomic_path(path, "wb") as f:
+                np.save(f, values)
+
+    @classmethod
+    def load_npy(cls, mean_path, std_path) -> "Normalizer":
+        arrays = []
+        for path in (mean_path, std_path):
+            try:
+                arrays.append(np.load(path, allow_pickle=False))
+            except FileNotFoundError:
+                raise DataError(f"missing normaliser file {path}; train the parent again to recreate it") from None
+            except (OSError, ValueError, EOFError) as e:
+                raise DataError(f"{path} is not a valid .npy file ({e}); train the parent again") from None
+        return cls(*arrays)
