@@ -20,17 +20,6 @@ def classification_summary(y_true, y_pred, classes) -> dict:
             "confusion_matrix": cm.tolist()}
 
 
-def selective_summary(y_true, y_pred, accepted) -> dict:
-    """Coverage and accuracy among the accepted predictions, as the original reported them."""
-    y_true, y_pred, accepted = np.asarray(y_true), np.asarray(y_pred), np.asarray(accepted, dtype=bool)
-    n_accepted = int(accepted.sum())
-    correct = y_true == y_pred
-    return {"accepted": n_accepted,
-            "coverage": float(n_accepted / len(y_true)) if len(y_true) else None,
-            "accuracy": float(correct.mean()) if len(y_true) else None,
-            "accepted_accuracy": float(correct[accepted].mean()) if n_accepted else None}
-
-
 def format_report(title: str, metrics: dict, classes) -> str:
     """The original's lines (samples, accepted, accuracy, accuracy on accepted), per-class accuracy and
     a confusion matrix labelled with class names."""

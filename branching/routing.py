@@ -16,7 +16,6 @@ keeps them out of torch's thread pool (whose start-up dominates such steps on a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +29,10 @@ from .checkpoint import load_folder
 from .config import TreeConfig
 from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
-from .metrics import classification_summary, format_report, selective_summary
+from .metrics import classification_summary, format_report
+from .selective import selective_summary
 from .normalization import Normalizer
+from .stats import wilson_interval
 
 BATCH = 1024
 MIN_FOLD_STD = 1e-3  # below this, dividing weights by the pixel std loses too much precision
@@ -257,13 +258,13 @@ def evaluate_tree(config: TreeConfig, models: dict[str, Model], data) -> tuple[d
     result = predictor.predict(images)
     classes = predictor.classes
     metrics = classification_summary(labels, result.predicted, classes)
-    metrics.update(selective_summary(labels, result.predicted, result.accepted))
+    metrics.update(selective_summary(result.predicted == labels, result.accepted), accuracy=metrics["test_accuracy"])
     tree_right, parent_right = result.predicted == labels, result.parent_predicted == labels
     only_tree, only_parent = int((tree_right & ~parent_right).sum()), int((parent_right & ~tree_right).sum())
     metrics.update(
-        test_accuracy_ci=_wilson(int(tree_right.sum()), len(labels)),
+        test_accuracy_ci=wilson_interval(int(tree_right.sum()), len(labels)),
         parent_accuracy=float(parent_right.mean()) if len(labels) else None,
-        parent_accuracy_ci=_wilson(int(parent_right.sum()), len(labels)),
+        parent_accuracy_ci=wilson_interval(int(parent_right.sum()), len(labels)),
         tree_only_correct=only_tree, parent_only_correct=only_parent,
         # exact McNemar test: is the tree's accuracy different from the parent's on these images?
         mcnemar_p=float(binomtest(only_tree, only_tree + only_parent).pvalue) if only_tree + only_parent else 1.0,
@@ -274,13 +275,6 @@ def evaluate_tree(config: TreeConfig, models: dict[str, Model], data) -> tuple[d
     predictions = [{"index": int(row), "true_class": classes[t], **r}
                    for row, t, r in zip(rows, labels, result.rows())]
     return metrics, predictions
-
-
-def _wilson(successes: int, n: int) -> list[float] | None:
-    """95% Wilson interval, computed by stats.wilson_interval; kept only for evaluate_tree's calls (call
-    stats.wilson_interval directly when evaluate_tree is next edited)."""
-    from .stats import wilson_interval
-    return wilson_interval(successes, n)
 
 
 def format_tree_report(metrics: dict, classes) -> str:

@@ -60,7 +60,6 @@ def fit_rule(rule: str, val_confidence, val_correct, threshold: float | None = N
     """
     confidence = np.asarray(val_confidence, dtype=np.float64)
     correct = np.asarray(val_correct, dtype=bool)
-    m = len(confidence)
     if rule == "threshold":
         asked = {"threshold": threshold}
         chosen, reason, extra = threshold, None, {}

@@ -99,7 +99,6 @@ def test_real_metrics_recompute_from_the_csv(real_run, node):
     assert m["per_class_accuracy"] == pytest.approx({c: matrix[i, i] / matrix[i].sum() for i, c in enumerate(classes)})
     if node == "parent":
         return
-    correct = np.array(true) == np.array(predicted)
     assert m["accepted"] == accepted.sum()
     assert m["coverage"] == pytest.approx(accepted.mean(), abs=1e-12)
     assert m["accuracy"] == pytest.approx(accuracy_score(true, predicted), abs=1e-12)
