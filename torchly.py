@@ -27,7 +27,7 @@ from branching.fileio import atomic_path
 __all__ = ["ACTIVATIONS", "FORMAT", "Model", "as_2d_float"]
 
 FORMAT = "torchly/1"
-MAX_PARAMETERS = 1_000_000_000  # 4 GiB of float32 weights: far beyond any MLP this is meant for
+MAX_PARAMETERS = 250_000_000  # 1 GiB of float32 weights (4 GiB while training with Adam): far beyond this MLP's uses
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
                "leaky_relu": nn.LeakyReLU}
 OPTIMIZERS = ("adam", "adamw", "sgd")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
+import threading
 
 from .config import DEFAULT_CONFIG
 from .errors import BranchingError
 from .recipes import RECIPES
+from .seeds import MAX_SEED
 
 
 def guarded(main):
@@ -19,6 +22,7 @@ def guarded(main):
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        previous = _on_sigterm(_terminate)
         try:
             return main(*args, **kwargs) or 0
         except BranchingError as e:
@@ -26,10 +30,30 @@ def guarded(main):
             return 2
         except SystemExit as e:  # argparse has already printed the help or the `error: ...` line
             return e.code if isinstance(e.code, int) else 2
+        except Terminated:
+            print("terminated; nothing was left half-written", file=sys.stderr)
+            return 128 + signal.SIGTERM
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted; nothing was left half-written", file=sys.stderr)
             return 130
+        finally:
+            _on_sigterm(previous)
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as on Ctrl-C (temporary files removed)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -50,10 +74,10 @@ def positive_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
+    """argparse type: a seed, 0 <= seed <= MAX_SEED."""
     value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {value}")
     return value
 
 

@@ -129,14 +129,33 @@ def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfi
             raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
         models[name] = model
     if config is None:
-        config = _config_from_models(models, directory)
+        config = _recorded_tree(models, directory) or _config_from_models(models, directory)
     for spec in config.nodes():
         if spec.name not in models:
-            raise CheckpointError(f"no model for node {spec.name!r} in {directory}; train it first")
+            raise CheckpointError(f"no model for node {spec.name!r} in {directory}, but the tree "
+                                  f"{', '.join(n.name for n in config.nodes())} needs it; train it, or pass the "
+                                  f"folder of a complete run")
         check_node(models[spec.name], spec)
         if spec.source is not None:
             check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])
     return config, {spec.name: models[spec.name] for spec in config.nodes()}
+
+
+def _recorded_tree(models: dict[str, Model], directory) -> TreeConfig | None:
+    """The tree the models were trained as, recorded in each of them (None for files written before)."""
+    recorded = {name: m.meta["tree"] for name, m in models.items() if m.meta.get("tree") is not None}
+    if not recorded:
+        return None
+    trees = {name: {k: v for k, v in tree.items() if k != "path"} for name, tree in recorded.items()}
+    first = next(iter(trees))
+    other = next((name for name, tree in trees.items() if tree != trees[first]), None)
+    if other is not None:
+        raise CheckpointError(f"the models {first!r} and {other!r} in {directory} were trained as different trees; "
+                              f"keep the models of one run per folder")
+    try:
+        return TreeConfig.from_dict(recorded[first])
+    except ConfigError as e:
+        raise CheckpointError(f"{models[first].meta['path']} records an invalid tree ({e})") from None
 
 
 def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:

@@ -24,6 +24,7 @@ from .baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_or
 from .compare_report import summarise, write_outputs
 from .config import NodeSpec, TreeConfig
 from .errors import ConfigError
+from .fileio import staged_dir
 from .pipeline import TreeData, load_tree_data, log, parent_normalizer, train_parent
 
 METHODS = {
@@ -166,6 +167,11 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
     """compare_seed for each seed, then summaries and OUT/compare.{json,md,png}; returns the result."""
     if not config.branches:
         raise ConfigError(f"{config.path or '<config>'} has no branches: nothing to compare")
+    with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
+        return _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, download, progress, command)
+
+
+def _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, download, progress, command) -> dict:
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     data = load_tree_data(config, data_dir, download=download, progress=progress)
     recipes = Recipes.capped(max_epochs)
@@ -188,5 +194,5 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
     result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
               "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
                           "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}
-    write_outputs(out_dir, result)
+    write_outputs(out, result)
     return result

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchly import ACTIVATIONS, WHERE
+from torchly import ACTIVATIONS, MAX_PARAMETERS, WHERE, parameter_count
 
+from .data import N_PIXELS
 from .errors import ConfigError
 from .selective import RULES
 
@@ -349,6 +350,13 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
                               f"the classes of source {source['name']!r}; use classes from: "
                               f"{', '.join(source['classes'])}")
+    for name, node in nodes.items():
+        fan_in = N_PIXELS if name == "parent" else nodes[node["source"]]["hidden"][node["layer"]]
+        widths = [fan_in, *node["hidden"], len(node["classes"])]
+        if parameter_count(widths) > MAX_PARAMETERS:
+            table = "[parent]" if name == "parent" else f"[branches.{name}]"
+            raise ConfigError(f"{origin}: {table} hidden: the network {widths} has {parameter_count(widths):,} "
+                              f"parameters, more than the limit of {MAX_PARAMETERS:,}; use narrower layers")
     specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
     parent = specs.pop("parent")
     return TreeConfig(parent=parent, branches=specs, path=path)

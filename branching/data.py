@@ -162,7 +162,12 @@ def load_label_names(data_dir) -> list[str]:
     names = raw.get(b"fine_label_names") if isinstance(raw, dict) else None
     if names is None or len(names) != 100:
         raise DataError(f"{path} does not list the 100 CIFAR-100 fine label names; {how_to_get(data_dir)}")
-    return [_decode(n) for n in names]
+    names = [_decode(n) for n in names]
+    if names != list(FINE_LABEL_NAMES):  # a changed order would silently relabel every image
+        i = next(i for i, (a, b) in enumerate(zip(names, FINE_LABEL_NAMES)) if a != b)
+        raise DataError(f"{path} names fine label {i} {names[i]!r}, but the official CIFAR-100 name is "
+                        f"{FINE_LABEL_NAMES[i]!r}: labels would be misread; {how_to_get(data_dir)}")
+    return names
 
 
 def resolve_classes(names, label_names) -> list[int]:

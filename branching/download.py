@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import shutil
 import sys
 import tarfile
@@ -16,7 +17,6 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from .errors import DataError
-from .fileio import atomic_path
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -48,8 +48,8 @@ def _download(url, dest: Path, progress: bool) -> str:
     return md5.hexdigest()
 
 
-def _extract(archive: Path, data_dir: Path) -> None:
-    """Write the three official members of archive into data_dir, each atomically.
+def _extract(archive: Path, dest: Path, data_dir: Path) -> None:
+    """Write the three official members of archive into dest (a scratch folder).
 
     Every member is checked first, so that nothing is written from an unsafe or incomplete archive.
     """
@@ -71,21 +71,24 @@ def _extract(archive: Path, data_dir: Path) -> None:
             if missing:
                 raise DataError(f"the downloaded archive lacks {', '.join(missing)}; {how_to_get(data_dir)}")
             for key, member in found.items():
-                with tar.extractfile(member) as source, atomic_path(data_dir / wanted[key]) as out:
+                with tar.extractfile(member) as source, open(dest / wanted[key], "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"the downloaded archive is not a valid tar.gz ({e}); run the command again to retry") from None
 
 
 def ensure_cifar100(data_dir, url=CIFAR100_URL, md5=CIFAR100_MD5, progress=True) -> Path:
-    """Return data_dir holding train, test and meta, downloading and extracting the archive if needed."""
+    """Return data_dir holding train, test and meta, downloading and extracting the archive if needed.
+
+    All or nothing: the archive and its files go to a scratch folder beside data_dir (in its nearest
+    existing parent), which is always removed; data_dir is created and filled only once all three
+    files are extracted. A failed or interrupted download leaves no folder and no file behind.
+    """
     data_dir = Path(data_dir)
     if _has_all(data_dir):
         return data_dir
-    parent = data_dir.parent.resolve()
-    parent.mkdir(parents=True, exist_ok=True)
-    # The archive is scratch: it lives beside data_dir (not in a possibly small /tmp) and is always removed.
-    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{data_dir.name}.", suffix=".download") as scratch:
+    anchor = next(p for p in (data_dir.absolute().parent, *data_dir.absolute().parents) if p.is_dir())
+    with tempfile.TemporaryDirectory(dir=anchor, prefix=f".{data_dir.name}.", suffix=".download") as scratch:
         archive = Path(scratch) / "cifar-100-python.tar.gz"
         try:
             digest = _download(url, archive, progress)
@@ -99,5 +102,10 @@ def ensure_cifar100(data_dir, url=CIFAR100_URL, md5=CIFAR100_MD5, progress=True)
             ) from None
         if md5 is not None and digest != md5:
             raise DataError(f"the download from {url} is corrupt (md5 {digest}, not {md5}); run the command again to retry")
-        _extract(archive, data_dir)
+        files = Path(scratch) / "files"
+        files.mkdir()
+        _extract(archive, files, data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for name in SPLIT_FILES:
+            os.replace(files / name, data_dir / name)
     return data_dir

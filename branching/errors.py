@@ -15,3 +15,7 @@ class DataError(BranchingError):
 
 class CheckpointError(BranchingError):
     """A model file is missing, corrupt, or does not belong with the models it is used with."""
+
+
+class OutputError(BranchingError):
+    """An output path cannot be written, or is not a folder this project may replace."""

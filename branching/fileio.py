@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_path", "new_file_mode", "write_bytes", "write_csv", "write_json", "write_text"]
+from .errors import OutputError
+
+__all__ = ["atomic_path", "check_new_file", "new_file_mode", "staged_dir", "write_bytes", "write_csv",
+           "write_json", "write_text"]
+
+RUN_MARKERS = ("metrics.json", "compare.json")  # a folder holding one of these is an earlier run's output
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def new_file_mode() -> int:
     """0o666 less the process umask: the mode open() gives a new file."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -67,3 +78,78 @@ def write_csv(path, rows: list[dict], empty_columns=()) -> None:
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     write_text(path, buffer.getvalue())
+
+
+# ---- whole output folders ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def staged_dir(path, what: str = "--out"):
+    """Build a folder's new content in a temporary sibling, then swap it in whole.
+
+    Yields the sibling (empty). On success it replaces `path`; on any error or interrupt it is removed
+    and `path` is left as it was, so a folder never holds files of two runs. An existing `path` must be
+    empty or an earlier run's output (it holds metrics.json or compare.json): nothing else is replaced.
+    Everything that can be checked is checked on entry, before any work.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is a file; give a folder (it is replaced by the run's output)")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in RUN_MARKERS):
+        raise OutputError(f"{what} {path} holds files that are not a run's output, and the run would replace "
+                          f"the folder whole; choose a new or empty folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new"))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot write in {path.parent} ({e.strerror or e}); choose a folder "
+                          f"you can write to") from None
+    try:
+        yield staging
+        _swap(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap(new: Path, path: Path) -> None:
+    """Put folder `new` at `path` and remove the folder that was there: in one atomic exchange where
+    the system has one (Linux renameat2), else by two renames."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new)  # now the previous folder
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    os.rename(path, old / "previous")
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old / "previous", path)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def check_new_file(path, what: str) -> Path:
+    """A file that is about to be written must not be a folder and its folder must be writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: cannot write in {existing}; choose a folder you can write to")
+    return path

@@ -21,9 +21,9 @@ from .checkpoint import ModelStore
 from .config import NodeSpec, TreeConfig
 from .data import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select
 from .download import ensure_cifar100
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .features import FeatureCache, branch_inputs
-from .fileio import write_csv, write_json
+from .fileio import staged_dir, write_csv, write_json
 from .forward import extract, node_inputs, random_flip_transform, read_tap
 from .metrics import format_report
 from .normalization import Normalizer
@@ -107,7 +107,7 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": history, "acceptance": acceptance.to_dict()}
+            "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict()}
     return model, meta, normalizer
 
 
@@ -167,7 +167,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
             "recipe": recipe.to_dict(), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "acceptance": acceptance.to_dict(), "history": history}
+            "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict()}
     return model, meta
 
 
@@ -208,10 +208,20 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
         progress: bool = True, echo=print, report: bool = True, cache_dir=None) -> dict:
     """Train the parent and every branch, evaluate all on the test split, write OUT/metrics.json,
     OUT/predictions/<node>.csv, OUT/models/<node>.pt and (with report) OUT/report.md, OUT/report.html and
-    OUT/plots/; returns the metrics."""
+    OUT/plots/; returns the metrics. OUT is replaced whole at the end (fileio.staged_dir): an error or an
+    interrupt leaves it as it was."""
+    if cache_dir is not None and Path(out_dir).resolve() in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents):
+        raise ConfigError(f"--cache {cache_dir} is inside --out {out_dir}, which a run replaces whole; keep the "
+                          f"cache elsewhere")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ConfigError(f"--cache {cache_dir} is a file; give a folder for the activation cache")
+    with staged_dir(out_dir) as out:
+        return _run(config, data_dir, out, recipe, seed, download, progress, echo, report, cache_dir)
+
+
+def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir) -> dict:
     start = time.perf_counter()
     data = load_tree_data(config, data_dir, download=download, progress=progress)
-    out = Path(out_dir)
     store = ModelStore(out / "models")
     timings: dict[str, float] = {}
     models: dict[str, Model] = {}
@@ -256,8 +266,12 @@ def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list
               progress: bool = True, echo=print, report: bool = True) -> dict:
     """run for each seed into OUT/seed-<n>/, then OUT/metrics.json with the mean and std of every headline
     figure (branching.seeds); returns that summary."""
+    with staged_dir(out_dir) as out:
+        return _run_seeds(config, data_dir, out, recipe, seeds, download, progress, echo, report)
+
+
+def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, echo, report) -> dict:
     start = time.perf_counter()
-    out = Path(out_dir)
     runs = {}
     for seed in seeds:
         echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")

@@ -14,11 +14,12 @@ from .args import positive_int
 from .config import load_config
 from .data import N_PIXELS, load_label_names, load_split
 from .errors import ConfigError, DataError
-from .fileio import write_csv, write_json
+from .fileio import check_new_file, write_csv, write_json
 from .routing import BATCH, TreePredictor
 
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG variant many cameras write
 SIDE = 32
+MAX_PIXELS = 89_478_485  # Pillow's bomb limit; larger images are refused before they are decoded
 COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at")
 
 
@@ -48,11 +49,12 @@ def load_image(path) -> np.ndarray:
             with Image.open(path) as image:
                 if image.format not in IMAGE_FORMATS:
                     raise DataError(f"{path}: a {image.format} image; pass a PNG or JPEG image")
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(f"{path}: {width}x{height} pixels, more than the limit of {MAX_PIXELS:,}; "
+                                    f"downscale it first")
                 image.draft("RGB", (SIDE, SIDE))  # JPEG: decode at a reduced scale when much larger
-                rgb = image.convert("RGB")
-                if rgb.size != (SIDE, SIDE):
-                    rgb = rgb.resize((SIDE, SIDE), Image.Resampling.BICUBIC, reducing_gap=3.0)
-                pixels = np.asarray(rgb, dtype=np.uint8)
+                pixels = np.asarray(_to_small_rgb(image), dtype=np.uint8)
     except DataError:
         raise
     except FileNotFoundError:
@@ -65,6 +67,23 @@ def load_image(path) -> np.ndarray:
         message = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: unreadable image ({message}); pass an intact PNG or JPEG image") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)).reshape(N_PIXELS)
+
+
+def _to_small_rgb(image):
+    """A decoded image upright (EXIF orientation), 8 bits per channel, RGB, 32x32."""
+    from PIL import Image, ImageOps
+
+    factor = min(image.size) // (3 * SIDE)
+    if factor >= 2:  # shrink by whole factors first: the steps below then copy a small image
+        image = image.reduce(factor)
+    image = ImageOps.exif_transpose(image)  # after reduce: it copies the whole image
+    if image.mode.startswith("I"):  # 16- or 32-bit grey (e.g. a 16-bit PNG): scale to 8 bits, not clip
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    rgb = image.convert("RGB")
+    if rgb.size != (SIDE, SIDE):
+        rgb = rgb.resize((SIDE, SIDE), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return rgb
 
 
 def load_images(paths) -> tuple[list[str], np.ndarray, list[str]]:
@@ -114,6 +133,8 @@ def cmd_predict(args) -> int:
         raise ConfigError("pass image files or --data DIR (with --split), not both and not neither")
     if args.out is not None and Path(args.out).suffix not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: the file name must end in .csv or .json")
+    if args.out is not None:
+        check_new_file(args.out, "--out")
     config = load_config(args.config) if args.config else None
     predictor = TreePredictor.load(args.models, config)
     if args.data:

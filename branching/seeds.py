@@ -8,6 +8,8 @@ from .errors import ConfigError
 from .stats import sample_summary
 from .tables import TEXT, mean_std, table
 
+MAX_SEED = 2**32 - 1  # numpy and scikit-learn take seeds below 2**32
+
 # Dotted paths into a node's metrics; the parent has no reject option or parent head unless configured.
 HEADLINE = ("test_accuracy", "coverage", "accepted_accuracy", "selective_risk", "aurc", "eaurc", "ece_raw", "ece",
             "nll_raw", "nll", "brier_raw", "brier", "temperature", "acceptance.threshold",
@@ -23,8 +25,9 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
         seeds = [-1]
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds must be distinct integers >= 0 separated by commas, e.g. 0,1,2; got {text!r}")
+    if not seeds or min(seeds) < 0 or max(seeds) > MAX_SEED or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be distinct integers from 0 to {MAX_SEED} separated by commas, e.g. "
+                          f"0,1,2; got {text!r}")
     return seeds
 
 

@@ -42,7 +42,7 @@ def test_negative_seed_is_a_usage_error(command, capsys, tmp_path, monkeypatch):
     main, words = COMMANDS[command]
     assert main([*words, "--seed", "-1", "--data", "absent", "--no-download"]) == 2
     err = one_line_error(capsys)
-    assert "argument --seed: must be a whole number >= 0, got -1" in err and "--help" in err
+    assert "argument --seed: must be a whole number from 0 to 4294967295, got -1" in err and "--help" in err
     assert list(tmp_path.iterdir()) == []
 
 
