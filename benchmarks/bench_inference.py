@@ -20,7 +20,8 @@ import torch
 from branching.config import load_config
 from branching.data import load_split
 from branching.normalization import Normalizer
-from branching.routing import TreePredictor, load_models
+from branching.checkpoint import load_folder
+from branching.routing import TreePredictor
 from branching.speed import (batched_extraction, chain_flops, chain_models, matmul_pass,
                              original_style, peak_memory, random_tree, routed_shapes, seconds_per_call)
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.models:
-        config, models = load_models(args.models)
+        config, models = load_folder(args.models)
         source = f"trained models in {args.models}"
     else:
         config = load_config(args.config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,21 +18,8 @@ from branching.config import load_config
 from branching.fileio import write_json
 from branching.pipeline import run
 from branching.recipes import get_recipe
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values, pct=True):
-    m, s = mean_std(values)
-    if m is None:
-        return "n/a"
-    k = 100 if pct else 1
-    return f"{k * m:.2f} ± {k * s:.2f}" if pct else f"{m:.1f} ± {s:.1f}"
+from branching.stats import sample_summary
+from branching.tables import MARKDOWN, mean_std, table
 
 
 def main(argv=None) -> int:
@@ -81,16 +67,13 @@ def main(argv=None) -> int:
     rows += [("total time (s)", lambda m: m["timings"]["total_s"], False)]
     used = {r: [m["seed"] for m in results[r]] for r in recipes}
     print(f"\nseeds {used}, data {args.data}, config {args.config}")
-    print(f"| {'figure (mean ± std over seeds)':<34} | " + " | ".join(f"{r:>16}" for r in recipes) + " |")
-    print(f"|{'-' * 36}|" + "|".join("-" * 18 for _ in recipes) + "|")
-    summary = {}
-    for label, get, pct in rows:
-        cells = [fmt([get(m) for m in results[r]], pct) for r in recipes]
-        summary[label] = {r: mean_std([get(m) for m in results[r]]) for r in recipes}
-        print(f"| {label:<34} | " + " | ".join(f"{c:>16}" for c in cells) + " |")
+    summary = {label: {r: sample_summary([get(m) for m in results[r]]) for r in recipes} for label, get, _ in rows}
+    cells = [[label, *(mean_std(summary[label][r], 100 if pct else 1, 2 if pct else 1) for r in recipes)]
+             for label, _, pct in rows]
+    print(table(["figure (mean ± std over seeds; % or s)", *recipes], cells, MARKDOWN))
     times = summary["total time (s)"]
-    if "original" in recipes and "default" in recipes and times["original"][0] and times["default"][0]:
-        ratio = times["default"][0] / times["original"][0]
+    if "original" in recipes and "default" in recipes and times["original"]["mean"] and times["default"]["mean"]:
+        ratio = times["default"]["mean"] / times["original"]["mean"]
         print(f"\ndefault / original total time: {ratio:.3f}")
         summary["time_ratio_default_over_original"] = ratio
     write_json(Path(args.out) / "summary.json", {"seeds": used, "summary": summary})

@@ -57,7 +57,12 @@ def _on_sigterm(handler):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2."""
+    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2; flags are
+    never abbreviated (`--max-ep` is an error, not --max-epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
@@ -96,7 +101,7 @@ SHARED_FLAGS = {
     "--quiet": dict(action="store_true", help="no progress bars"),
     "--recipe": dict(default="default", choices=sorted(RECIPES),
                      help="'original' reproduces the original study; 'default' is ours (default)"),
-    "--seed": dict(type=seed_int, default=0, help="seed of the training (default 0)"),
+    "--seed": dict(type=seed_int, default=None, help="seed of the training (default 0)"),
     "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs (quick runs)"),
     "--no-download": dict(action="store_true", help="never download CIFAR-100; fail if it is missing"),
 }

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
 def cmd_run(args) -> int:
     config = load_config(args.config)
     recipe = get_recipe(args.recipe, args.max_epochs)
+    if args.seeds is not None and args.seed is not None:
+        raise ConfigError("--seed and --seeds: give one (--seeds runs each of its seeds)")
     if args.seeds is not None and args.cache is not None:
         raise ConfigError("--cache goes with a single --seed: each seed trains its own parent, so nothing is shared")
     if args.seeds is not None:
@@ -55,7 +57,7 @@ def cmd_run(args) -> int:
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
         return 0
-    metrics = run(config, args.data, args.out, recipe, seed=args.seed, download=not args.no_download,
+    metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
                   progress=not args.quiet, report=not args.no_report, cache_dir=args.cache)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
     return 0
@@ -116,14 +118,14 @@ def train_script(node: str, argv=None) -> int:
     recipe = get_recipe(args.recipe, args.max_epochs)
     data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
     if script.spec.source is None:
-        model, meta, normalizer = train_parent(config, data, recipe, args.seed, not args.quiet)
+        model, meta, normalizer = train_parent(config, data, recipe, args.seed or 0, not args.quiet)
         path = script.store.save(node, model, meta)
         norm_dir = Path(args.models).resolve().parent
         normalizer.save_npy(norm_dir / "parent_X_mean.npy", norm_dir / "parent_X_std.npy")
         log(f"wrote {norm_dir / 'parent_X_mean.npy'} and parent_X_std.npy")
     else:
         models = script.store.load_tree(config, nodes=[script.spec.source], hints=script.hints)
-        model, meta = train_branch(config, node, models, data, recipe, args.seed, not args.quiet)
+        model, meta = train_branch(config, node, models, data, recipe, args.seed or 0, not args.quiet)
         path = script.store.save(node, model, meta)
     history = meta["history"]
     print(f"trained {node}: {history['epochs_run']} epochs (best {history['best_epoch']}), "

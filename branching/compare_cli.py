@@ -62,6 +62,8 @@ def _load_models(config, directory):
     from .checkpoint import ModelStore
 
     directory = Path(directory)
+    if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
+        directory = directory / "models"  # a run folder, as predict takes it
     store = ModelStore(directory, script_names=not (directory / "parent.pt").exists())
     sources = ["parent", *sorted({b.source for b in config.branches.values()} - {"parent"})]
     try:
@@ -84,9 +86,9 @@ def cmd_probe_layers(args) -> int:
         origin = f"models from {args.models}"
     else:
         recipe = get_recipe("default", args.max_epochs)
-        models = train_sources(config, data, recipe, args.seed, progress=not args.quiet)
+        models = train_sources(config, data, recipe, args.seed or 0, progress=not args.quiet)
         epochs = models["parent"].meta["history"]["epochs_run"]
-        origin = (f"a parent trained here with the default recipe, seed {args.seed}, {epochs} epochs, "
+        origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
                   f"{models['parent'].meta['history']['seconds']:.0f} s")
     table, best, seconds = run_probe_layers(config, models, data)
     print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")

@@ -350,6 +350,14 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
                               f"the classes of source {source['name']!r}; use classes from: "
                               f"{', '.join(source['classes'])}")
+    for source in nodes:
+        children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:] if node["source"] == source]
+        for i, (a, classes_a) in enumerate(children):
+            for b, classes_b in children[i + 1:]:
+                if classes_a & classes_b:
+                    raise ConfigError(f"{origin}: [branches.{a}] and [branches.{b}] both read {source!r} and share "
+                                      f"{', '.join(map(repr, sorted(classes_a & classes_b)))}; routing sends each image "
+                                      f"to one child, so siblings must not share classes")
     for name, node in nodes.items():
         fan_in = N_PIXELS if name == "parent" else nodes[node["source"]]["hidden"][node["layer"]]
         widths = [fan_in, *node["hidden"], len(node["classes"])]

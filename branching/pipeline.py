@@ -60,15 +60,24 @@ class TreeData:
 def load_tree_data(config: TreeConfig, data_dir, download: bool = False, progress: bool = True) -> TreeData:
     """Load (and, if asked, download) the data, checking that every class of the tree exists in it."""
     data_dir = Path(data_dir)
-    resolve_classes(config.parent.classes, list(FINE_LABEL_NAMES))  # before any download
+    try:
+        fine_ids = resolve_classes(config.parent.classes, list(FINE_LABEL_NAMES))  # before any download
+    except DataError as e:
+        raise ConfigError(f"{config.path or '<config>'}: [parent] classes: {e}") from None
     if download:
         ensure_cifar100(data_dir, progress=progress)
     elif not all((data_dir / n).is_file() for n in ("train", "test", "meta")):
         raise DataError(f"no CIFAR-100 files (train, test, meta) in {data_dir}; put the official cifar-100-python "
                         f"files there, or run a training command without --no-download to fetch them")
-    label_names = load_label_names(data_dir)
-    resolve_classes(config.parent.classes, label_names)
-    return TreeData(data_dir, label_names, load_split(data_dir, "train"), load_split(data_dir, "test"))
+    data = TreeData(data_dir, load_label_names(data_dir), load_split(data_dir, "train"), load_split(data_dir, "test"))
+    for split in ("train", "test"):
+        present = set(np.unique(getattr(data, split).fine_labels).tolist())
+        missing = [name for name, i in zip(config.parent.classes, fine_ids) if i not in present]
+        if missing:
+            raise DataError(f"{data_dir / split} has no images of {', '.join(map(repr, missing))}, classes of the tree "
+                            f"in {config.path or '<config>'}; pass --config with a tree of the data's classes (the "
+                            f"default is the original study's fish and flower tree)")
+    return data
 
 
 def _split(n_or_labels, test_size, seed):
@@ -285,7 +294,7 @@ def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, e
                "rules": {n: describe_rule(m["acceptance"]) for n, m in [("parent", first["parent"]),
                                                                          *first["branches"].items()]
                          if "acceptance" in m},
-               "parent": summary["parent"], "branches": summary["branches"],
+               "parent": summary["parent"], "branches": summary["branches"], "tree": summary["tree"],
                "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
     write_json(out / "metrics.json", metrics)
     echo(seeds_summary.format_summary(metrics))

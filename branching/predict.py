@@ -20,7 +20,8 @@ from .routing import BATCH, TreePredictor
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG variant many cameras write
 SIDE = 32
 MAX_PIXELS = 89_478_485  # Pillow's bomb limit (Image.MAX_IMAGE_PIXELS); larger images are refused undecoded
-COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at")
+COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at",
+           "rejected_confidence")
 
 
 def add_parser(sub) -> None:
@@ -113,11 +114,14 @@ def prediction_table(names, predictions, true_classes=None) -> list[dict]:
     for i, (name, row) in enumerate(zip(names, rows)):
         row["input"] = name
         row["true_class"] = true_classes[i] if true_classes is not None else ""
+        low = float(predictions.rejected_confidence[i])
+        row["rejected_confidence"] = None if np.isnan(low) else low
     return [{k: row[k] for k in COLUMNS} for row in rows]
 
 
 def format_line(row: dict) -> str:
-    verdict = "accepted" if row["accepted"] else f"rejected at {row['rejected_at']}"
+    verdict = ("accepted" if row["accepted"] else
+               f"rejected at {row['rejected_at']} (its confidence {row['rejected_confidence']:.4f} is below its threshold)")
     truth = f"  (true: {row['true_class']})" if row["true_class"] else ""
     return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}  "
             f"path {row['path']}  {verdict}{truth}")

@@ -171,9 +171,34 @@ def write_report(out_dir, title: str | None = None) -> Path:
                       f"{num(m['eaurc'])} / {num(m['parent_head']['eaurc'])}",
                       f"{pct(m.get('selective_risk'), 1)} / {pct(m['parent_head']['risk_at_branch_coverage'], 1)}"]
                      for n, m in heads])]
+    if metrics.get("tree"):
+        blocks += tree_section(metrics["tree"])
     for name in names:
         blocks += node_section(out, metrics, name, classes, run)
     return write_documents(out, blocks, title or f"Neural Branching run ({run})")
+
+
+def tree_section(tree: dict) -> list[tuple]:
+    """The routed tree end to end (OUT/tree.csv): against the parent's flat accuracy, and where images
+    went and were rejected."""
+    rules = ", ".join(f"{name} T={num(r['temperature'], 3)} threshold {num(r['threshold'])} ({r['from']})"
+                      for name, r in tree["rules"].items())
+    return [("h2", "The routed tree, end to end"),
+            ("p", "Each image goes down the tree to the child with the most probability mass and is rejected at "
+                  "the first node where that mass, or the final class probability, is below the node's threshold: "
+                  "a branch's acceptance rule, and for the parent its [parent.accept] rule or its recipe's "
+                  f"threshold. Rules: {rules}."),
+            ("table", ["figure", "value"],
+             [["accuracy at full coverage", pct(tree["test_accuracy"]) + interval(tree.get("test_accuracy_ci"))],
+              ["parent's flat accuracy, same images", pct(tree["parent_accuracy"]) +
+               interval(tree.get("parent_accuracy_ci"))],
+              ["only the tree right / only the parent right", f"{tree['tree_only_correct']} / "
+                                                                f"{tree['parent_only_correct']}"],
+              ["exact McNemar p", num(tree["mcnemar_p"], 3)],
+              ["coverage", pct(tree.get("coverage")) + interval(tree.get("coverage_ci"))],
+              ["accuracy on accepted", pct(tree.get("accepted_accuracy")) + interval(tree.get("accepted_accuracy_ci"))],
+              ["reached", ", ".join(f"{k} {v}" for k, v in tree["reached"].items())],
+              ["rejected at", ", ".join(f"{k} {v}" for k, v in tree["rejected_at"].items())]])]
 
 
 def node_section(out: Path, metrics: dict, name: str, classes: dict, run: str) -> list[tuple]:
@@ -236,6 +261,13 @@ def write_seeds_report(out_dir) -> Path:
            *(format_figure(node.get(key), key in PERCENT) for _, key in SEEDS_TABLE)]
           for name, node in nodes]),
         ("p", NOTE)]
+    tree = metrics.get("tree")
+    if tree:
+        blocks += [("h2", "The routed tree, end to end"),
+                   ("table", ["accuracy", "parent's flat accuracy", "coverage", "accepted accuracy", "McNemar p"],
+                    [[format_figure(tree.get("test_accuracy"), True), format_figure(tree.get("parent_accuracy"), True),
+                      format_figure(tree.get("coverage"), True), format_figure(tree.get("accepted_accuracy"), True),
+                      format_figure(tree.get("mcnemar_p"), False)]])]
     for name in metrics["branches"]:
         curves, points = [], []
         for seed, colour in zip(seeds, plots.SEED_COLOURS * 4):

@@ -127,6 +127,7 @@ class TreePredictions:
     confidence: np.ndarray
     final_node: np.ndarray
     rejected_at: np.ndarray
+    rejected_confidence: np.ndarray  # the confidence below threshold where an image was rejected (nan: accepted)
     parent_predicted: np.ndarray
 
     @property
@@ -198,6 +199,7 @@ class TreePredictor:
         n = len(images)
         arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
                   "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
+                  "rejected_confidence": np.empty(n, np.float32),
                   "parent_predicted": np.empty(n, np.int64)}
         with torch.inference_mode():
             for start in range(0, n, batch_size):
@@ -227,12 +229,15 @@ class TreePredictor:
             out["confidence"][:] = confidence
             out["final_node"][:] = node.index
             out["rejected_at"][:] = np.where(low, node.index, -1)
+            out["rejected_confidence"][:] = np.where(low, confidence, np.nan)
         else:
             out["predicted"][rows] = node.group_leaf[group]
             out["confidence"][rows] = confidence
             out["final_node"][rows] = node.index
             before = out["rejected_at"][rows]
-            out["rejected_at"][rows] = np.where(low & (before < 0), node.index, before)
+            first = low & (before < 0)
+            out["rejected_at"][rows] = np.where(first, node.index, before)
+            out["rejected_confidence"][rows] = np.where(first, confidence, out["rejected_confidence"][rows])
         for child, g in node.children:
             chosen = np.flatnonzero(group == g)
             if len(chosen):

@@ -15,8 +15,10 @@ HEADLINE = ("test_accuracy", "coverage", "accepted_accuracy", "selective_risk", 
             "nll_raw", "nll", "brier_raw", "brier", "temperature", "acceptance.threshold",
             "acceptance.validation.coverage", "parent_head.test_accuracy", "parent_head.aurc",
             "parent_head.eaurc", "parent_head.risk_at_branch_coverage")
+TREE_HEADLINE = ("test_accuracy", "parent_accuracy", "coverage", "accepted_accuracy", "mcnemar_p")
 PERCENT = {"test_accuracy", "coverage", "accepted_accuracy", "selective_risk", "ece_raw", "ece",
-           "acceptance.validation.coverage", "parent_head.test_accuracy", "parent_head.risk_at_branch_coverage"}
+           "acceptance.validation.coverage", "parent_head.test_accuracy", "parent_head.risk_at_branch_coverage",
+           "parent_accuracy"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -40,17 +42,19 @@ def lookup(metrics: dict, path: str):
 
 
 def summarise(runs: dict[int, dict]) -> dict:
-    """{"parent": {figure: stats}, "branches": {name: {figure: stats}}, "timings": {...: stats}}."""
+    """{"parent": {figure: stats}, "branches": {name: {figure: stats}}, "tree": {figure: stats} (the routed
+    tree end to end), "timings": {...: stats}}."""
     first = next(iter(runs.values()))
-    def node(get):
+    def node(get, figures=HEADLINE):
         out = {}
-        for path in HEADLINE:
+        for path in figures:
             values = [lookup(get(m), path) for m in runs.values()]
             if any(v is not None for v in values):
                 out[path] = sample_summary(values)
         return out
     return {"parent": node(lambda m: m["parent"]),
             "branches": {name: node(lambda m, name=name: m["branches"][name]) for name in first["branches"]},
+            "tree": node(lambda m: m.get("tree") or {}, TREE_HEADLINE),
             "timings": {k: sample_summary([m["timings"].get(k) for m in runs.values()]) for k in first["timings"]}}
 
 
@@ -82,7 +86,17 @@ def format_summary(metrics: dict) -> str:
     seeds = ", ".join(map(str, metrics["seeds"]))
     lines = [f"== mean ± std over seeds {seeds} (recipe {metrics['recipe']}; sample std; test split) ==",
              table(header, rows, TEXT)]
+    lines += tree_lines(metrics.get("tree"))
     total = metrics["timings"].get("total_s")
     if total:
         lines.append(f"time per seed: {mean_std(total, digits=1)} s")
     return "\n".join(lines)
+
+
+def tree_lines(tree: dict | None) -> list[str]:
+    """The routed tree's headline figures over seeds, beside the parent's flat accuracy."""
+    if not tree:
+        return []
+    f = lambda key: format_figure(tree.get(key), True)  # noqa: E731
+    return [f"routed tree, end to end: accuracy {f('test_accuracy')} (parent's flat accuracy on the same images "
+            f"{f('parent_accuracy')}); coverage {f('coverage')} at accepted accuracy {f('accepted_accuracy')}"]

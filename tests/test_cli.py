@@ -46,6 +46,14 @@ def test_negative_seed_is_a_usage_error(command, capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_flags_are_not_abbreviated_and_seed_goes_without_seeds(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--max-ep", "1"]) == 2
+    assert "unrecognized arguments: --max-ep" in capsys.readouterr().err
+    assert cli.main(["run", "--seed", "3", "--seeds", "0,1", "--config", str(REPO_ROOT / "configs" / "original.toml")]) == 2
+    assert "--seed and --seeds: give one" in capsys.readouterr().err
+
+
 def test_predict_batch_size_below_one_is_a_usage_error(capsys):
     assert cli.main(["predict", "--models", "absent", "x.png", "--batch-size", "0"]) == 2
     assert "argument --batch-size: must be at least 1, got 0; see branching predict --help" in one_line_error(capsys)

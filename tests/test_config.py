@@ -241,6 +241,8 @@ ERRORS = [
     (bad(branch(body='classes = ["a", "b"]\n[branches.x.accept]\nthreshold = 2')),
      ["[branches.x.accept] threshold"]),
     (bad("accept = 3\n"), ["[parent.accept]", "table"]),
+    (PARENT + '[branches.x]\nclasses = ["a", "b"]\n[branches.y]\nclasses = ["b", "c"]\n',
+     ["[branches.x] and [branches.y]", "share 'b'", "siblings must not share classes"]),
     (PARENT + "classes = [\n", ["invalid TOML"]),
 ]
 

@@ -62,6 +62,8 @@ def test_probe_layers_command_trains_a_parent_or_reads_a_run(small_tree_file, sm
     capsys.readouterr()
     assert main([*args, "--models", str(run / "models")]) == 0
     assert f"models from {run / 'models'}" in capsys.readouterr().out
+    assert main([*args, "--models", str(run)]) == 0  # a run folder, as predict takes it
+    capsys.readouterr()
     assert main([*args, "--models", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no model for 'parent'") and len(err.strip().splitlines()) == 1

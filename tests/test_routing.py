@@ -77,6 +77,9 @@ def test_hand_built_tree_routes_as_computed_by_hand():
         assert result.confidence == pytest.approx(expected_conf, abs=1e-6)
         assert [result.path(i) for i in range(4)] == expected_path
         assert [result.rejected_level(i) for i in range(4)] == expected_rejected
+        # the confidence where each rejected image was stopped: C's animals mass 6/14, D's .634 at animals
+        assert result.rejected_confidence[2:] == pytest.approx([6 / 14, 3 / (3 + math.sqrt(3))], abs=1e-6)
+        assert np.isnan(result.rejected_confidence[:2]).all()
         assert result.accepted.tolist() == [True, True, False, False]
         assert [result.classes[i] for i in result.parent_predicted] == expected_parent
         assert result.reached() == {"parent": 4, "animals": 3}

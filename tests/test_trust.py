@@ -235,7 +235,8 @@ def test_one_way_to_write_figures():
 def test_report_has_tables_and_readable_pngs(run_dir):
     out, config, _, _ = run_dir
     report = (out / "report.md").read_text()
-    for name in ("parent", "fish", "flower", "aquarium_fish", "precision", "AURC", "ECE"):
+    for name in ("parent", "fish", "flower", "aquarium_fish", "precision", "AURC", "ECE", "The routed tree",
+                 "exact McNemar p"):
         assert name in report
     images = [line[line.index("](") + 2:-1] for line in report.splitlines() if line.startswith("![")]
     expected = {f"plots/{kind}-{node}.png" for kind in ("training", "risk-coverage", "reliability", "confusion")
@@ -271,6 +272,10 @@ def test_seeds_give_mean_and_std_of_the_headline_figures(tmp_path, synthetic_c10
         assert got["mean"] == pytest.approx(statistics.mean(values))
         assert got["std"] == pytest.approx(statistics.stdev(values))
     assert "mean ± std over seeds 0, 1" in printed[-1] and "fish" in printed[-1]
+    tree = [r["tree"]["test_accuracy"] for r in runs]  # the routed tree is summarised over seeds too
+    assert on_disk["tree"]["test_accuracy"]["mean"] == pytest.approx(statistics.mean(tree))
+    assert "routed tree, end to end" in printed[-1]
+    assert "The routed tree, end to end" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "report.md").is_file()
     assert (tmp_path / "out" / "plots" / "risk-coverage-fish.png").is_file()
 

@@ -1,0 +1,21 @@
+"""The two benchmark scripts run end to end on tiny inputs (their figures are measured elsewhere)."""
+
+from reference import REPO_ROOT, SMALL_TREE, run_command
+
+
+def test_bench_inference_runs_on_untrained_models_of_a_config(tmp_path):
+    done = run_command([REPO_ROOT / "benchmarks" / "bench_inference.py", "--config", REPO_ROOT / "configs" /
+                        "cifar100-6-deep.toml", "--images", "64", "--single", "4", "--repeats", "1",
+                        "--batch-size", "32"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "routed tree" in done.stdout
+
+
+def test_bench_recipes_runs_and_summarises(tmp_path, small_data_dir):
+    (tmp_path / "tree.toml").write_text(SMALL_TREE)
+    done = run_command([REPO_ROOT / "benchmarks" / "bench_recipes.py", "--config", tmp_path / "tree.toml",
+                        "--data", small_data_dir, "--seeds", "0", "--max-epochs", "1", "--out", tmp_path / "b"],
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "default / original total time:" in done.stdout and (tmp_path / "b" / "summary.json").is_file()
+    assert "parent accuracy" in done.stdout and "± " not in done.stdout.split("parent accuracy")[1].splitlines()[0]
