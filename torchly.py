@@ -13,7 +13,6 @@ import os
 import pickle
 import sys
 import time
-from itertools import islice
 
 import numpy as np
 import torch
@@ -22,18 +21,17 @@ from scipy.special import softmax
 from torch import nn
 from tqdm import tqdm
 
+from branching import nets
 from branching.fileio import atomic_path
+from branching.nets import ACTIVATIONS, KINDS, WHERE
 
-__all__ = ["ACTIVATIONS", "FORMAT", "Model", "as_2d_float"]
+__all__ = ["ACTIVATIONS", "FORMAT", "KINDS", "Model", "as_2d_float"]
 
 FORMAT = "torchly/1"
 MAX_PARAMETERS = 250_000_000  # 1 GiB of float32 weights (4 GiB while training with Adam): far beyond this MLP's uses
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid,
-               "leaky_relu": nn.LeakyReLU}
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = (None, "cosine", "onecycle")
 MONITORS = ("val_loss", "val_accuracy")
-WHERE = ("pre", "post")
 
 
 def as_2d_float(X, width=None) -> np.ndarray:
@@ -57,10 +55,20 @@ def as_2d_float(X, width=None) -> np.ndarray:
 
 
 class Model:
-    """An MLP: per hidden layer Linear -> activation [-> Dropout], then a final Linear."""
+    """A network (an MLP by default; see branching.nets for the CNN and the ViT) with Keras-like
+    training and inference on flat float32 inputs (N, architecture[0]).
 
-    def __init__(self, architecture, activation="relu", dropout=None, seed=None):
-        self.architecture = _check_architecture(architecture)
+    An MLP is given by its `architecture` [in, hidden..., out], `activation` and `dropout`; a CNN or a
+    ViT by `kind`, `architecture` [in, classes], `dropout` (before the head) and `shape` (its keys in
+    branching.nets.SHAPES, defaults filled in).
+    """
+
+    def __init__(self, architecture, activation="relu", dropout=None, seed=None, kind="mlp", shape=None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        self.kind = kind
+        self.shape = nets.check_shape(kind, shape or {})
+        self.architecture = _check_architecture(architecture, kind)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
         self.activation = activation
@@ -68,6 +76,7 @@ class Model:
                                                           "None or a float in [0, 1)")
         self.meta: dict = {}
         self.history: dict | None = None
+        _check_size(self._describe(), _count_on_meta(self._build))
         if seed is None:
             self.net = self._build()
         else:
@@ -77,20 +86,20 @@ class Model:
                 self.net = self._build()
         self.net.eval()
 
-    def _build(self) -> nn.Sequential:
-        layers = []
-        for fan_in, fan_out in zip(self.architecture[:-2], self.architecture[1:-1]):
-            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[self.activation]()]
-            if self.dropout:
-                layers.append(nn.Dropout(self.dropout))
-        layers.append(nn.Linear(self.architecture[-2], self.architecture[-1]))
-        return nn.Sequential(*layers)
+    def _build(self) -> nn.Module:
+        return nets.build(self.kind, self.architecture, self.activation, self.dropout, self.shape)
+
+    def _describe(self) -> str:
+        return str(self.architecture) if self.kind == "mlp" else f"{self.kind} {self.shape} -> {self.architecture[-1]}"
 
     def __repr__(self) -> str:
-        return f"Model({self.architecture}, activation={self.activation!r}, dropout={self.dropout!r})"
+        if self.kind == "mlp":
+            return f"Model({self.architecture}, activation={self.activation!r}, dropout={self.dropout!r})"
+        return f"Model(kind={self.kind!r}, {self.shape}, classes={self.architecture[-1]}, dropout={self.dropout!r})"
 
     @property
     def n_hidden(self) -> int:
+        """Hidden layers of an MLP (0 for other kinds: their taps are in feature_info)."""
         return len(self.architecture) - 2
 
     @property
@@ -124,59 +133,70 @@ class Model:
 
     @property
     def feature_info(self) -> list[dict]:
-        """The points that can be tapped, in forward order (as timm's `feature_info`): for each hidden
-        layer its output before ("pre") and after ("post") the activation, with
-        {"name", "layer", "where", "width", "module"}; `module` indexes the layer of .net producing it."""
-        stride = 3 if self.dropout else 2
-        return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "width": self.architecture[1 + i],
-                 "module": i * stride + (0 if where == "pre" else 1)}
-                for i in range(self.n_hidden) for where in WHERE]
+        """The points that can be tapped, in forward order (as timm's `feature_info`), each
+        {"name", "layer", "where", "shape", "module", ...}: for an MLP every hidden layer before ("pre") and
+        after ("post") its activation, for a CNN every stage, for a ViT every block; `shape` is one image's
+        tensor there and `module` names the submodule of .net producing it."""
+        return self.net.feature_info
 
-    def tap(self, layer, where="post") -> dict:
-        """The feature_info entry of hidden layer `layer` (negative counts from the end) at `where`."""
-        if where not in WHERE:
-            raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
-        return self.feature_info[2 * self._resolve_layer(layer) + WHERE.index(where)]
+    def tap(self, layer, where=None) -> dict:
+        """A feature_info entry: by name, or by index (negative counts from the end) with, for an MLP,
+        `layer` a hidden layer and `where` "pre" or "post" (default "post")."""
+        info = self.feature_info
+        if isinstance(layer, str):
+            found = [i for i in info if i["name"] == layer]
+            if not found:
+                raise ValueError(f"no tap named {layer!r}; taps are {', '.join(i['name'] for i in info)}")
+            if where is not None and where != found[0]["where"]:
+                raise ValueError(f"tap {layer!r} is {found[0]['where']!r}, not {where!r}")
+            return found[0]
+        if self.kind == "mlp":
+            where = "post" if where is None else where
+            if where not in WHERE:
+                raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
+            return info[2 * self._resolve_layer(layer, self.n_hidden) + WHERE.index(where)]
+        if where is not None:
+            raise ValueError(f"where is for MLP layers; a {self.kind}'s taps are {', '.join(i['name'] for i in info)}")
+        return info[self._resolve_layer(layer, len(info))]
 
     def forward_intermediates(self, x: torch.Tensor, taps, stop_early: bool = True):
-        """(output, [tensor per tap]) for a batch x; taps are (layer, where) pairs.
+        """(output, [tensor per tap]) for a batch x; taps are (layer, where) pairs as `tap` takes them.
 
         With stop_early only the layers up to the deepest tap run and the output is None; otherwise
         the output is the logits. No conversion, no mode change, gradients as the caller has them.
         """
-        stops = [self.tap(layer, where)["module"] + 1 for layer, where in taps]
-        end = max(stops, default=0) if stop_early else len(self.net)
-        found: dict[int, torch.Tensor] = {}
-        for i, module in enumerate(islice(self.net, end), start=1):
-            x = module(x)
-            found[i] = x
-        return (None if end < len(self.net) else x), [found[s] for s in stops]
+        info = self.feature_info
+        indices = [info.index(self.tap(layer, where)) for layer, where in taps]
+        return self.net.forward_intermediates(x, indices, stop_early)
 
-    def hidden_forward(self, x: torch.Tensor, layer, where="post") -> torch.Tensor:
+    def hidden_forward(self, x: torch.Tensor, layer, where=None) -> torch.Tensor:
         """One tap's tensor for a batch x (forward_intermediates with one tap, stopping there)."""
         return self.forward_intermediates(x, [(layer, where)])[1][0]
 
-    def get_activations(self, X, layer=-1, where="post", batch_size=4096) -> np.ndarray:
-        """Hidden layer `layer`'s activations, float32 (N, width), computing only the layers needed.
+    def get_activations(self, X, layer=-1, where=None, pool=None, batch_size=4096) -> np.ndarray:
+        """A tap's activations as vectors, float32 (N, width), computing only the layers needed; `pool`
+        (default: branching.nets.default_pool) turns a feature map or token sequence into a vector.
 
         Runs in eval mode without gradients, then restores the model's previous train/eval mode.
         """
-        self.tap(layer, where)  # validate before converting the input
+        shape = self.tap(layer, where)["shape"]  # validate before converting the input
+        how = nets.check_pool(shape, pool or nets.default_pool(shape))
         X = as_2d_float(X, self.architecture[0])
-        return self._map_batches(X, lambda xb: self.hidden_forward(xb, layer, where), batch_size)
+        return self._map_batches(X, lambda xb: nets.pool(self.hidden_forward(xb, layer, where), how), batch_size)
 
-    def width(self, layer) -> int:
-        """Width of hidden layer `layer`."""
-        return self.tap(layer)["width"]
+    def width(self, layer, where=None, pool=None) -> int:
+        """Width of the vector a tap gives (pooled as get_activations pools it)."""
+        shape = self.tap(layer, where)["shape"]
+        return nets.pooled_width(shape, pool or nets.default_pool(shape))
 
-    def _resolve_layer(self, layer) -> int:
-        n = self.n_hidden
+    @staticmethod
+    def _resolve_layer(layer, n) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layer must be an int; got {layer!r}")
+            raise ValueError(f"layer must be an int or a tap name; got {layer!r}")
         if n == 0:
             raise ValueError("model has no hidden layers")
         if not -n <= layer < n:
-            raise ValueError(f"layer {layer} out of range: valid hidden layers are {-n}..{n - 1}")
+            raise ValueError(f"layer {layer} out of range: valid layers are {-n}..{n - 1}")
         return int(layer) % n
 
     @contextlib.contextmanager
@@ -319,8 +339,10 @@ class Model:
         return self
 
     def fingerprint(self) -> str:
-        """16 hex chars of sha256 over architecture, activation and every state_dict tensor."""
-        digest = hashlib.sha256(json.dumps([self.architecture, self.activation]).encode())
+        """16 hex chars of sha256 over architecture, activation (and kind and shape) and every state_dict
+        tensor."""
+        described = [self.architecture, self.activation] + ([] if self.kind == "mlp" else [self.kind, self.shape])
+        digest = hashlib.sha256(json.dumps(described).encode())
         for name, tensor in self.net.state_dict().items():
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -334,6 +356,8 @@ class Model:
         payload = {"format": FORMAT, "architecture": list(self.architecture), "activation": self.activation,
                    "dropout": self.dropout, "state_dict": dict(self.net.state_dict()),
                    "meta": _clean_meta(meta or {}, "meta")}
+        if self.kind != "mlp":
+            payload.update(kind=self.kind, shape=dict(self.shape))
         with atomic_path(path, "wb") as f:
             torch.save(payload, f)
 
@@ -353,8 +377,10 @@ class Model:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a torchly model file (expected format {FORMAT!r})")
         try:
-            _check_state_dict(payload["architecture"], payload["dropout"], payload["state_dict"])
-            model = cls(payload["architecture"], payload["activation"], payload["dropout"], seed=0)
+            args = (payload["architecture"], payload["activation"], payload["dropout"])
+            kind, shape = payload.get("kind", "mlp"), payload.get("shape")
+            _check_state_dict(*args, kind, shape, payload["state_dict"])
+            model = cls(*args, seed=0, kind=kind, shape=shape)
             model.net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} is a corrupt torchly model file ({_first_line(e)})") from e
@@ -386,18 +412,15 @@ def _check_choice(value, choices, name) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _check_architecture(architecture) -> list:
+def _check_architecture(architecture, kind="mlp") -> list:
     if isinstance(architecture, (str, bytes)) or not isinstance(architecture, (list, tuple, np.ndarray)):
         raise ValueError(f"architecture must be a list of ints [in, hidden..., out]; got {architecture!r}")
     arch = list(architecture)
     if len(arch) < 2 or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in arch):
         raise ValueError(f"architecture must be at least 2 ints, all >= 1; got {arch!r}")
-    arch = [int(w) for w in arch]
-    n = parameter_count(arch)
-    if n > MAX_PARAMETERS:
-        raise ValueError(f"architecture {arch} has {n:,} parameters ({4 * n / 2**30:.1f} GiB of float32), more "
-                         f"than the limit of {MAX_PARAMETERS:,}; use narrower layers")
-    return arch
+    if kind != "mlp" and (len(arch) != 2 or arch[0] != math.prod(nets.IMAGE)):
+        raise ValueError(f"a {kind}'s architecture is [{math.prod(nets.IMAGE)}, classes]; got {arch!r}")
+    return [int(w) for w in arch]
 
 
 def parameter_count(architecture) -> int:
@@ -405,23 +428,37 @@ def parameter_count(architecture) -> int:
     return sum(a * b + b for a, b in zip(architecture[:-1], architecture[1:]))
 
 
-def _check_state_dict(architecture, dropout, state_dict) -> None:
-    """The stored tensors must be exactly those the declared architecture builds, before it is built
-    (a file that declares huge layers and stores small tensors would otherwise allocate the huge ones)."""
-    arch = _check_architecture(architecture)
-    stride = 3 if dropout else 2
-    expected = {}
-    for i, (fan_in, fan_out) in enumerate(zip(arch[:-1], arch[1:])):
-        expected[f"{i * stride}.weight"] = (fan_out, fan_in)
-        expected[f"{i * stride}.bias"] = (fan_out,)
+def _count_on_meta(build) -> int:
+    """Parameters of the network `build` makes, counted without allocating its weights."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def _check_size(described: str, n: int) -> None:
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"architecture {described} has {n:,} parameters ({4 * n / 2**30:.1f} GiB of float32), more "
+                         f"than the limit of {MAX_PARAMETERS:,}; use narrower layers")
+
+
+def _check_state_dict(architecture, activation, dropout, kind, shape, state_dict) -> None:
+    """The stored tensors must be exactly those the declared network has, checked on a copy built on
+    torch's meta device: a file that declares huge layers and stores small tensors would otherwise
+    allocate the huge ones before loading fails."""
+    shape = nets.check_shape(kind, shape or {})
+    arch = _check_architecture(architecture, kind)
+    with torch.device("meta"):
+        declared = nets.build(kind, arch, activation, dropout, shape)
+    described = str(arch) if kind == "mlp" else f"{kind} {shape}"
+    _check_size(described, sum(p.numel() for p in declared.parameters()))
+    expected = {k: tuple(v.shape) for k, v in declared.state_dict().items()}
     if not isinstance(state_dict, dict):
         raise ValueError("state_dict is not a dict")
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state_dict.items()}
     if got != expected:
         wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))[:1]
         detail = ", ".join(f"{k}: stored {got.get(k, 'nothing')}, declared {expected.get(k, 'nothing')}" for k in wrong)
-        raise ValueError(f"the stored tensors do not match the declared architecture {arch} ({detail})")
-    bad = [k for k, v in state_dict.items() if v.dtype != torch.float32]
+        raise ValueError(f"the stored tensors do not match the declared architecture {described} ({detail})")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and v.dtype != torch.float32]
     if bad:
         raise ValueError(f"tensor {bad[0]} is {state_dict[bad[0]].dtype}, not float32")
 

@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchly import ACTIVATIONS, MAX_PARAMETERS, WHERE, parameter_count
+import torch
+
+from torchly import ACTIVATIONS, MAX_PARAMETERS, WHERE, Model, parameter_count
+
+from . import nets
 
 from .data import N_PIXELS
+from .nets import KINDS, SHAPES
 from .errors import ConfigError
 from .selective import RULES
 
@@ -33,8 +38,10 @@ DEFAULT_DELTA = 0.05
 BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 TOP_KEYS = ("parent", "branches")
-PARENT_KEYS = ("classes", "hidden", "activation", "dropout", "accept")
-BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "activation", "dropout", "accept")
+MLP_KEYS = ("hidden", "activation")
+SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, "dropout", "accept")
+BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature")
 RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
 
@@ -65,6 +72,22 @@ class NodeSpec:
     activation: str
     dropout: float | None
     accept: Acceptance
+    kind: str = "mlp"              # the parent's kind; branches are MLPs
+    shape: tuple = ()              # a CNN's or ViT's shape keys, as (key, value) pairs
+    pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
+
+    @property
+    def shape_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.shape}
+
+    def taps(self) -> list[dict]:
+        """The points a branch can read this node at (its model's feature_info, without building it)."""
+        if self.kind == "mlp":
+            return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "shape": (width,)}
+                    for i, width in enumerate(self.hidden) for where in WHERE]
+        with torch.device("meta"):
+            return nets.build(self.kind, [N_PIXELS, len(self.classes)], dropout=self.dropout,
+                              shape=self.shape_dict).feature_info
 
     def class_index(self, name: str) -> int:
         """Label id of class `name` in this node."""
@@ -290,23 +313,36 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     is_parent = name == "parent"
     table = "parent" if is_parent else f"branches.{name}"
     t = _Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
+    kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
+    for key in t.data:
+        owners = ["mlp"] if key in MLP_KEYS else [k for k, keys in SHAPES.items() if key in keys]
+        if owners and kind not in owners:
+            raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",
+                          f"remove it, or set kind = \"{owners[0]}\"")
     fields = dict(
         name=name, classes=t.classes(),
         hidden=t.hidden(DEFAULT_PARENT_HIDDEN if is_parent else DEFAULT_BRANCH_HIDDEN,
-                        allow_empty=not is_parent),
+                        allow_empty=not is_parent) if kind == "mlp" else (),
         source=None, layer=None, where=None,
         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
-        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})))
+        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind)
+    if kind != "mlp":
+        try:
+            shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
+        except ValueError as e:
+            raise ConfigError(f"{origin}: [{table}] {e}; see the {kind} keys in the README") from None
+        fields["shape"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in shape.items())
     if not is_parent:
         source = t.data.get("from", "parent")
         if not isinstance(source, str):
             raise t.error("from", "must be a node name", 'write from = "parent" or another branch name')
         layer = t.data.get("layer", -1)
-        if not _is_int(layer):
-            raise t.error("layer", "must be an integer (hidden-layer index of the source)",
-                          "write e.g. layer = 1 or layer = -1")
-        fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None))
+        if not (_is_int(layer) or isinstance(layer, str)):
+            raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
+                          "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
+        fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None),
+                      pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None))
     return fields
 
 
@@ -338,13 +374,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                                   f"change 'from' of branch {cycle[0]!r} so the chain ends at parent")
     for name, node in list(nodes.items())[1:]:
         source = nodes[node["source"]]
-        table, n_layers = f"[branches.{name}]", len(source["hidden"])
-        if not -n_layers <= node["layer"] < n_layers:
-            valid = f"0..{n_layers - 1} or -{n_layers}..-1" if n_layers else "none"
-            raise ConfigError(f"{origin}: {table} layer: {node['layer']} is out of range for "
-                              f"{source['name']!r}, which has {n_layers} hidden layer(s) "
-                              f"(valid: {valid}); pick a valid layer or another source")
-        node["layer"] %= n_layers
+        table = f"[branches.{name}]"
+        _resolve_tap(origin, table, node, source)
         outside = [c for c in node["classes"] if c not in source["classes"]]
         if outside:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
@@ -359,25 +390,68 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                                       f"{', '.join(map(repr, sorted(classes_a & classes_b)))}; routing sends each image "
                                       f"to one child, so siblings must not share classes")
     for name, node in nodes.items():
-        fan_in = N_PIXELS if name == "parent" else nodes[node["source"]]["hidden"][node["layer"]]
+        table = "[parent]" if name == "parent" else f"[branches.{name}]"
+        if node["kind"] != "mlp":
+            try:  # counted on torch's meta device: nothing is allocated
+                Model([N_PIXELS, len(node["classes"])], kind=node["kind"], shape=NodeSpec(**node).shape_dict)
+            except ValueError as e:
+                raise ConfigError(f"{origin}: {table} {e}") from None
+            continue
+        fan_in = N_PIXELS if name == "parent" else node["width"]
         widths = [fan_in, *node["hidden"], len(node["classes"])]
         if parameter_count(widths) > MAX_PARAMETERS:
-            table = "[parent]" if name == "parent" else f"[branches.{name}]"
             raise ConfigError(f"{origin}: {table} hidden: the network {widths} has {parameter_count(widths):,} "
                               f"parameters, more than the limit of {MAX_PARAMETERS:,}; use narrower layers")
+    for node in nodes.values():
+        node.pop("width", None)
     specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
     parent = specs.pop("parent")
     return TreeConfig(parent=parent, branches=specs, path=path)
+
+
+def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
+    """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
+    "post"), checked with its pool; node["width"] is the width the branch reads."""
+    taps = NodeSpec(**{k: v for k, v in source.items() if k != "width"}).taps()
+    layer, mlp = node["layer"], source["kind"] == "mlp"
+    if not mlp and node["where"] is not None:
+        raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
+                          f"{source['kind']} whose taps are {', '.join(t['name'] for t in taps)}; remove it")
+    if isinstance(layer, str):
+        found = [t for t in taps if t["name"] == layer]
+        if not found:
+            raise ConfigError(f"{origin}: {table} layer: {source['name']!r} has no tap {layer!r}; its taps are "
+                              f"{', '.join(t['name'] for t in taps)}")
+        if mlp and node["where"] not in (None, found[0]["where"]):
+            raise ConfigError(f"{origin}: {table} where: contradicts layer {layer!r}; remove one of the two")
+        node["layer"], node["where"] = found[0]["layer"], found[0]["where"] if mlp else None
+    else:
+        n = len(taps) // 2 if mlp else len(taps)
+        if not -n <= layer < n:
+            what = "hidden layer(s)" if mlp else f"taps ({', '.join(t['name'] for t in taps)})"
+            valid = f"0..{n - 1} or -{n}..-1" if n else "none"
+            raise ConfigError(f"{origin}: {table} layer: {layer} is out of range for {source['name']!r}, which has "
+                              f"{n} {what} (valid: {valid}); pick a valid layer or another source")
+        node["layer"] = layer % n
+    tap = taps[2 * node["layer"] if mlp else node["layer"]]  # pre and post have the same width
+    try:
+        node["width"] = nets.pooled_width(tap["shape"], node["pool"] or nets.default_pool(tap["shape"]))
+    except ValueError as e:
+        raise ConfigError(f"{origin}: {table} pool: {e}") from None
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 def _node_to_dict(node: NodeSpec) -> dict:
     d: dict[str, Any] = {"classes": list(node.classes)}
+    if node.kind != "mlp":
+        d.update(kind=node.kind, **node.shape_dict)
     if node.source is not None:
         d.update({"from": node.source, "layer": node.layer})
-    d["hidden"] = list(node.hidden)
-    extra = {"where": node.where, "activation": node.activation, "dropout": node.dropout}
+    if node.kind == "mlp":
+        d["hidden"] = list(node.hidden)
+    extra = {"where": node.where, "pool": node.pool, "activation": node.activation if node.kind == "mlp" else None,
+             "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})
     if node.accept != Acceptance():
         d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None}

@@ -37,7 +37,7 @@ def original_style(chain: list[Model], normalizer: Normalizer, images: np.ndarra
         with torch.no_grad():
             for source, reader in zip(chain[:-1], chain[1:]):
                 caught = {}
-                module = source.net[source.tap(reader.meta["layer"], reader.meta["where"])["module"]]
+                module = source.net.get_submodule(source.tap(reader.meta["layer"], reader.meta["where"])["module"])
                 hook = module.register_forward_hook(
                     lambda module, inputs, output: caught.__setitem__("x", output))
                 source.net(x)

@@ -111,12 +111,12 @@ def test_hidden_forward_keeps_gradients_and_mode():
 def test_feature_info_and_forward_intermediates_agree_with_hooks_and_a_plain_forward(dropout):
     model = Model([5, 7, 6, 4, 3], activation="tanh", dropout=dropout, seed=1)
     info = model.feature_info
-    assert [(i["layer"], i["where"], i["width"]) for i in info] == [
+    assert [(i["layer"], i["where"], i["shape"][0]) for i in info] == [
         (0, "pre", 7), (0, "post", 7), (1, "pre", 6), (1, "post", 6), (2, "pre", 4), (2, "post", 4)]
     assert len({i["name"] for i in info}) == len(info)
     x = torch.randn(8, 5)
     caught = {}
-    hooks = [model.net[i["module"]].register_forward_hook(
+    hooks = [model.net.get_submodule(i["module"]).register_forward_hook(
         lambda module, inputs, output, name=i["name"]: caught.__setitem__(name, output)) for i in info]
     with torch.no_grad():
         logits = model.net(x)
