@@ -22,7 +22,7 @@ from . import cost
 from .config import NodeSpec, TreeConfig
 from .data import N_PIXELS
 from .acceptance import Acceptance
-from .forward import chain, extract, node_input, node_inputs, random_flip_transform
+from .forward import augment_transform, chain, extract, node_input, node_inputs
 from .pipeline import TreeData, fit_acceptance, log, parent_normalizer, train_branch, train_parent
 from .probe import fit_linear_probe, held_out_split
 from .recipes import DEFAULT, ORIGINAL, Recipe, get_recipe
@@ -248,7 +248,7 @@ def run_finetune(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     model.net = EndToEnd(ctx.models, spec.name)
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
-    transform = random_flip_transform(parent_normalizer(ctx.models["parent"])) if r.flip else None
+    transform = augment_transform(parent_normalizer(ctx.models["parent"])) if r.flip else None
     start = time.perf_counter()
     history = model.fit(X[train_idx], labels[train_idx], validation_data=(X[val_idx], labels[val_idx]),
                         epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,

@@ -84,6 +84,9 @@ def check_node(model: Model, spec, hint: str = "") -> None:
     kind = "parent" if spec.source is None else "branch"
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
+    if (model.kind, model.shape) != (spec.kind, spec.shape_dict if spec.kind != "mlp" else {}):
+        raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
+                              f"{spec.shape_dict or ''} for {spec.name!r}; train it again{hint}")
     if list(meta.get("classes", [])) != list(spec.classes):
         raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
                               f"{list(spec.classes)} for {spec.name!r}; train it again{hint}")
@@ -164,13 +167,16 @@ def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
     tree: dict = {"parent": None, "branches": {}, "path": str(directory)}
     for name, model in models.items():
         meta = model.meta
-        node = {"classes": list(meta.get("classes", [])), "hidden": list(model.architecture[1:-1]),
-                "activation": model.activation}
+        node = {"classes": list(meta.get("classes", []))}
+        if model.kind == "mlp":
+            node.update(hidden=list(model.architecture[1:-1]), activation=model.activation)
+        else:
+            node.update(kind=model.kind, **model.shape)
         if name == "parent":
             tree["parent"] = node
         else:
             tree["branches"][name] = {"from": meta.get("source"), "layer": meta.get("layer"),
-                                      "where": meta.get("where"), **node}
+                                      "where": meta.get("where"), "pool": meta.get("pool"), **node}
     try:
         return TreeConfig.from_dict(tree)
     except ConfigError as e:

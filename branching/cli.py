@@ -116,6 +116,7 @@ def train_script(node: str, argv=None) -> int:
     script = _Script(node, training=True, argv=argv)
     args, config, node = script.args, script.config, script.node
     recipe = get_recipe(args.recipe, args.max_epochs)
+    recipe.parent_for(config.parent.kind)
     data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
     if script.spec.source is None:
         model, meta, normalizer = train_parent(config, data, recipe, args.seed or 0, not args.quiet)

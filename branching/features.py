@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .fileio import write_bytes, write_json
-from .forward import chain, extract, mirror_all, random_flips, tap
+from .forward import chain, extract, mirror_all, random_flips, read
 from .normalization import Normalizer
 
 FORMAT = "branching-features/1"
@@ -38,14 +38,14 @@ class FeatureCache:
         self.directory = Path(directory)
         self.log = log or (lambda message: None)
 
-    def manifest(self, models, source: str, layer: int, where: str, rows: np.ndarray, data_hashes: dict,
-                 variants) -> dict:
-        """Everything the features depend on."""
+    def manifest(self, models, r: tuple, rows: np.ndarray, data_hashes: dict, variants) -> dict:
+        """Everything the features of read r (source, layer, where, pool) depend on."""
+        source, layer, where, pool = read(models, *r)
         parent = models["parent"]
         norm = Normalizer.from_dict(parent.meta["normalization"])
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        return {"format": FORMAT, "source": source, "layer": tap(models, source, layer, where)[1],
-                "where": where, "dtype": "float32", "width": models[source].width(layer),
+        return {"format": FORMAT, "source": source, "kind": models[source].kind, "layer": layer, "where": where,
+                "pool": pool, "dtype": "float32", "width": models[source].width(layer, where, pool),
                 "parent_fingerprint": parent.fingerprint(),
                 "chain": {name: models[name].fingerprint() for name in chain(models, source)},
                 "normalization_sha256": _sha256(norm.mean.tobytes() + norm.std.tobytes()),
@@ -55,7 +55,7 @@ class FeatureCache:
 
     def entry(self, manifest: dict) -> Path:
         return self.directory / (f"{manifest['source']}-layer{manifest['layer']}-{manifest['where']}-"
-                                 f"{manifest['rows']['sha256'][:12]}")
+                                 f"{manifest['pool']}-{manifest['rows']['sha256'][:12]}")
 
     def load(self, manifest: dict) -> dict[str, np.ndarray] | None:
         """The cached arrays if the entry's manifest and files match exactly; else None (and why, in the log)."""
@@ -99,32 +99,33 @@ class FeatureCache:
             files[path.name] = _sha256(data)
         write_json(folder / MANIFEST, {**manifest, "files": files})
 
-    def features(self, models, source: str, layer: int, where: str, X: np.ndarray, rows: np.ndarray,
-                 data_hashes: dict, flips: bool = False) -> dict[str, np.ndarray]:
-        """{"plain": features of X[i] (image rows[i])} and, with flips, {"flipped": of X[i] mirrored}."""
+    def features(self, models, r: tuple, X: np.ndarray, rows: np.ndarray, data_hashes: dict,
+                 flips: bool = False) -> dict[str, np.ndarray]:
+        """{"plain": read r (source, layer, where[, pool]) of X[i] (image rows[i])} and, with flips,
+        {"flipped": of X[i] mirrored}."""
         variants = ("plain", "flipped") if flips else ("plain",)
-        manifest = self.manifest(models, source, layer, where, rows, data_hashes, variants)
+        manifest = self.manifest(models, r, rows, data_hashes, variants)
         arrays = self.load(manifest)
         if arrays is not None:
             self.log(f"feature cache {self.entry(manifest)}: reusing")
             return arrays
         normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
         inputs = {"plain": X, "flipped": mirror_all(X, normalizer) if flips else None}
-        arrays = {v: extract(models, [(source, layer, where)], inputs[v])[0] for v in variants}
+        arrays = {v: extract(models, [r], inputs[v])[0] for v in variants}
         self.store(manifest, arrays)
         self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} images, {', '.join(variants)})")
         return arrays
 
 
-def branch_inputs(cache: FeatureCache, models, data_hashes: dict, tap_: tuple, X: np.ndarray, rows: np.ndarray,
+def branch_inputs(cache: FeatureCache, models, data_hashes: dict, r: tuple, X: np.ndarray, rows: np.ndarray,
                   train_idx: np.ndarray, val_idx: np.ndarray, flips: bool):
     """(train inputs, train transform or None, validation features) for Model.fit, from the cache;
-    tap_ is the (source, layer, where) the branch reads.
+    r is the read (source, layer, where[, pool]) of the branch.
 
     With flips the training inputs are row positions and the transform looks up the plain or the
-    flipped features, drawing the same coin per image as forward.random_flip_transform does.
+    flipped features, drawing the same coin per image as forward.augment_transform does.
     """
-    arrays = cache.features(models, *tap_, X, rows, data_hashes, flips)
+    arrays = cache.features(models, r, X, rows, data_hashes, flips)
     features_val = arrays["plain"][val_idx]
     if not flips:
         return arrays["plain"][train_idx], None, features_val

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from torchly import Model
 
+from . import nets
+
 BATCH = 4096
-Tap = tuple  # (node, layer >= 0, where)
+Tap = tuple   # (node, layer >= 0, where): a point of one model (where is None but for MLPs)
+Read = tuple  # (node, layer, where, pool): a tap made a vector, as a branch reads it
 
 
 def chain(models: dict[str, Model], node: str) -> list[str]:
@@ -29,23 +33,26 @@ def chain(models: dict[str, Model], node: str) -> list[str]:
     return names
 
 
-def tap(models: dict[str, Model], node: str, layer: int, where: str) -> Tap:
-    """A tap of `node`, its layer counted from 0 (validated by the model)."""
-    return node, models[node].tap(layer, where)["layer"], where
+def read(models: dict[str, Model], node: str, layer, where=None, pool=None) -> Read:
+    """A tap of `node` (validated by its model, the layer counted from 0) and the pooling that makes it a
+    vector (default: nets.default_pool of the tap)."""
+    info = models[node].tap(layer, where)
+    return node, info["layer"], info["where"], nets.check_pool(info["shape"], pool or nets.default_pool(info["shape"]))
 
 
-def reads(models: dict[str, Model], node: str) -> Tap:
-    """The tap a branch reads."""
+def reads(models: dict[str, Model], node: str) -> Read:
+    """What a branch reads (as its checkpoint records it)."""
     meta = models[node].meta
-    return tap(models, meta["source"], meta["layer"], meta["where"])
+    return read(models, meta["source"], meta["layer"], meta["where"], meta.get("pool"))
 
 
-def plan(models: dict[str, Model], taps) -> dict[str, set[tuple[int, str]]]:
-    """For each node that must run: the (layer, where) taps wanted of it, by `taps` or by its readers."""
-    need: dict[str, set[tuple[int, str]]] = {}
-    pending = [tap(models, *t) for t in taps]
+def plan(models: dict[str, Model], wanted) -> dict[str, set[tuple]]:
+    """For each node that must run: the (layer, where) taps wanted of it, by `wanted` (reads) or by its
+    readers."""
+    need: dict[str, set[tuple]] = {}
+    pending = [read(models, *r) for r in wanted]
     while pending:
-        node, layer, where = pending.pop()
+        node, layer, where, _ = pending.pop()
         need.setdefault(node, set()).add((layer, where))
         if node != "parent":
             pending.append(reads(models, node))
@@ -58,17 +65,22 @@ def forward_taps(models: dict[str, Model], need: dict, x: torch.Tensor) -> dict[
     Gradients flow as the caller has them (fine-tuning a trunk goes through here too)."""
     out: dict[Tap, torch.Tensor] = {}
     for node in sorted(need, key=lambda n: len(chain(models, n))):
-        h = x if node == "parent" else out[reads(models, node)]
-        wanted = sorted(need[node])
+        h = x if node == "parent" else pooled(out, reads(models, node))
+        wanted = sorted(need[node], key=lambda t: (t[0], t[1] or ""))
         _, tensors = models[node].forward_intermediates(h, wanted, stop_early=True)
         out.update({(node, *t): value for t, value in zip(wanted, tensors)})
     return out
 
 
-def read_tap(models: dict[str, Model], tap_: Tap, x: torch.Tensor) -> torch.Tensor:
-    """One tap (node, layer, where) for a batch of normalised images."""
-    key = tap(models, *tap_)
-    return forward_taps(models, plan(models, [key]), x)[key]
+def pooled(found: dict[Tap, torch.Tensor], r: Read) -> torch.Tensor:
+    """A read's vectors from the taps forward_taps found."""
+    return nets.pool(found[r[:3]], r[3])
+
+
+def read_tap(models: dict[str, Model], r, x: torch.Tensor) -> torch.Tensor:
+    """One read (node, layer, where[, pool]) for a batch of normalised images."""
+    r = read(models, *r)
+    return pooled(forward_taps(models, plan(models, [r]), x), r)
 
 
 def node_input(models: dict[str, Model], node: str, x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +88,12 @@ def node_input(models: dict[str, Model], node: str, x: torch.Tensor) -> torch.Te
     return x if node == "parent" else read_tap(models, reads(models, node), x)
 
 
-def extract(models: dict[str, Model], taps, X: np.ndarray, batch_size: int = BATCH) -> list[np.ndarray]:
-    """Features (float32) of normalised images X for each (node, layer, where) in taps, in order;
-    every model in eval mode, no gradients."""
-    keys = [tap(models, *t) for t in taps]
+def extract(models: dict[str, Model], wanted, X: np.ndarray, batch_size: int = BATCH) -> list[np.ndarray]:
+    """Vectors (float32) of normalised images X for each read (node, layer, where[, pool]) in `wanted`, in
+    order; every model in eval mode, no gradients."""
+    keys = [read(models, *r) for r in wanted]
     if not len(X):
-        return [np.zeros((0, models[node].width(layer)), np.float32) for node, layer, _ in keys]
+        return [np.zeros((0, models[node].width(layer, where, how)), np.float32) for node, layer, where, how in keys]
     need = plan(models, keys)
     for m in models.values():
         m.net.eval()
@@ -90,7 +102,7 @@ def extract(models: dict[str, Model], taps, X: np.ndarray, batch_size: int = BAT
         for start in range(0, len(X), batch_size):
             found = forward_taps(models, need, torch.from_numpy(np.ascontiguousarray(X[start:start + batch_size])))
             for part, key in zip(parts, keys):
-                part.append(found[key])
+                part.append(pooled(found, key))
     return [torch.cat(part).numpy() for part in parts]
 
 
@@ -114,9 +126,26 @@ def flip_images(x: torch.Tensor, normalizer, flip: torch.Tensor) -> torch.Tensor
     return (images.reshape(len(x), -1) - mean) / std
 
 
-def random_flip_transform(normalizer):
-    """A Model.fit train_transform that mirrors a random half of each batch of normalised images."""
-    return lambda xb, generator: flip_images(xb, normalizer, random_flips(len(xb), generator))
+def augment_transform(normalizer, flip: bool = True, crop: int = 0):
+    """A Model.fit train_transform for batches of normalised images: mirror a random half (flip), then
+    shift each image by up to `crop` pixels (random crops of the image padded with zeros, the mean colour
+    of per-channel normalised images)."""
+    def transform(xb, generator):
+        if flip:
+            xb = flip_images(xb, normalizer, random_flips(len(xb), generator))
+        return random_crops(xb, crop, generator) if crop else xb
+    return transform
+
+
+def random_crops(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Each flat image (N, 3072) padded by `pad` zeros on every side and cropped back to 32x32 at a random
+    offset."""
+    n, (channels, side, _) = len(x), nets.IMAGE
+    padded = F.pad(x.reshape(n, channels, side, side), (pad,) * 4)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(side))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(side))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols].reshape(n, -1)
 
 
 def mirror_all(X: np.ndarray, normalizer) -> np.ndarray:

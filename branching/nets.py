@@ -104,9 +104,7 @@ class ViTNet(nn.Module):
         self.embed = nn.Conv2d(IMAGE[0], dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout or 0.0, activation="gelu",
-                                       batch_first=True, norm_first=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout or 0.0) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
         self.feature_info = [{"name": f"block{i}", "layer": i, "where": None, "shape": (tokens, dim),
@@ -124,6 +122,25 @@ class ViTNet(nn.Module):
             x = block(x)
             found.append(x)
         return (None if stop_early else self.head(self.norm(x)[:, 0])), [found[i] for i in indices]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)) (GELU)."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        n, tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(attended.transpose(1, 2).reshape(n, tokens, dim))
+        return x + self.mlp(self.norm2(x))
 
 
 def build(kind: str, architecture, activation="relu", dropout=None, shape=None) -> nn.Module:

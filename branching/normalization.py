@@ -10,7 +10,8 @@ from .fileio import atomic_path
 
 
 class Normalizer:
-    """Per-pixel standardisation: (x - mean) / std, both float32 (3072,)."""
+    """Standardisation (x - mean) / std with mean and std float32 (3072,): per pixel, or per colour
+    channel (each channel's value repeated over its pixels)."""
 
     MIN_STD = 1e-6
 
@@ -22,10 +23,16 @@ class Normalizer:
             raise DataError(f"normaliser mean and std must have {N_PIXELS} values each, got {got}")
 
     @classmethod
-    def fit(cls, images) -> "Normalizer":
+    def fit(cls, images, per_channel: bool = False) -> "Normalizer":
+        """Mean and std of every pixel over the images, or (per_channel) of every colour channel over all
+        its pixels, repeated for each of them."""
         images = np.asarray(images, dtype=np.float64)
         if images.ndim != 2 or images.shape[0] == 0:
             raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need (N, 3072) with N > 0")
+        if per_channel:
+            channels = images.reshape(len(images), 3, -1)
+            mean, std = channels.mean(axis=(0, 2)), channels.std(axis=(0, 2))
+            return cls(np.repeat(mean, N_PIXELS // 3), np.maximum(np.repeat(std, N_PIXELS // 3), cls.MIN_STD))
         return cls(images.mean(axis=0), np.maximum(images.std(axis=0), cls.MIN_STD))
 
     def transform(self, images) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .download import ensure_cifar100
 from .errors import ConfigError, DataError
 from .features import FeatureCache, branch_inputs
 from .fileio import staged_dir, write_csv, write_json
-from .forward import extract, node_inputs, random_flip_transform, read_tap
+from .forward import augment_transform, extract, node_inputs, read, read_tap
 from .metrics import format_report
 from .normalization import Normalizer
 from .recipes import Recipe
@@ -95,26 +96,31 @@ def _fit_kwargs(r, seed, progress, desc) -> dict:
 
 def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True):
     """Train the parent; returns (model, checkpoint meta, normaliser)."""
-    spec, r = config.parent, recipe.parent
+    spec, r = config.parent, recipe.parent_for(config.parent.kind)
     images, labels, rows = data.node_rows("train", spec)
     if r.validation:
         train_idx, val_idx = _split(labels, r.validation, seed)
     else:
         train_idx, val_idx = np.arange(len(labels)), np.arange(0)
-    normalizer = Normalizer.fit(images[train_idx])
+    # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
+    normalizer = Normalizer.fit(images[train_idx], per_channel=spec.kind != "mlp")
     X = normalizer.transform(images)
     dropout = spec.dropout if spec.dropout is not None else r.dropout
-    model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
-    transform = random_flip_transform(normalizer) if r.flip else None
+    if spec.kind == "mlp":
+        model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout,
+                      seed=seed)
+    else:
+        model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind=spec.kind, shape=spec.shape_dict)
+    transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
     validation = (X[val_idx], labels[val_idx]) if len(val_idx) else None
-    log(f"parent: {len(train_idx)} training images, {len(val_idx)} validation, {len(spec.classes)} classes, "
-        f"recipe {recipe.name}")
+    log(f"parent ({spec.kind}, {model.num_parameters:,} parameters): {len(train_idx)} training images, "
+        f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}")
     history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
                         restore_best_weights=validation is not None, **_fit_kwargs(r, seed, progress, "parent"))
     model.freeze()
     acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
-            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(), "seed": seed,
+            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict()}
     return model, meta, normalizer
@@ -144,16 +150,19 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
         train_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
     else:
         train_idx, val_idx = _split(labels, 0.2, ORIGINAL_BRANCH_SPLIT_SEED)
-    where = spec.where or r.where
     source = models[spec.source]
-    tap = (spec.source, spec.layer, where)
+    where = (spec.where or r.where) if source.kind == "mlp" else None
+    tap = read(models, spec.source, spec.layer, where, spec.pool)
+    if cache_dir is None and parent.kind != "mlp":  # a trunk costlier than the branch: its features once
+        with tempfile.TemporaryDirectory(prefix="branch-features-") as scratch:
+            return train_branch(config, name, models, data, recipe, seed, progress, scratch)
     if cache_dir is not None:  # features (and their mirror images) computed once, kept on disk
         train_X, transform, features_val = branch_inputs(
             FeatureCache(cache_dir, log), models, data.fingerprint(), tap, X, rows, train_idx, val_idx, r.flip)
     else:
         features_val = extract(models, [tap], X[val_idx])[0]
         if r.flip:
-            flip = random_flip_transform(normalizer)
+            flip = augment_transform(normalizer)
 
             def transform(xb, g):
                 with torch.no_grad():
@@ -161,18 +170,18 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             train_X = X[train_idx]
         else:
             transform, train_X = None, extract(models, [tap], X[train_idx])[0]
-    width = source.width(spec.layer)
+    width = source.width(*tap[1:])
     dropout = spec.dropout if spec.dropout is not None else r.dropout
     model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
-    log(f"{name}: reads {spec.source} layer {spec.layer} ({where}, width {width}); {len(train_idx)} training "
-        f"images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
+    log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {tap[3]}, width {width}); "
+        f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
     history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
                         train_transform=transform, restore_best_weights=True,
                         **_fit_kwargs(r, seed, progress, name))
     model.freeze()
     acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
-            "source": spec.source, "layer": spec.layer, "where": where,
+            "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
             "recipe": recipe.to_dict(), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
@@ -219,6 +228,7 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
     OUT/predictions/<node>.csv, OUT/models/<node>.pt and (with report) OUT/report.md, OUT/report.html and
     OUT/plots/; returns the metrics. OUT is replaced whole at the end (fileio.staged_dir): an error or an
     interrupt leaves it as it was."""
+    recipe.parent_for(config.parent.kind)  # a recipe for this kind of parent, before any work
     if cache_dir is not None and Path(out_dir).resolve() in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents):
         raise ConfigError(f"--cache {cache_dir} is inside --out {out_dir}, which a run replaces whole; keep the "
                           f"cache elsewhere")
@@ -275,6 +285,7 @@ def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list
               progress: bool = True, echo=print, report: bool = True) -> dict:
     """run for each seed into OUT/seed-<n>/, then OUT/metrics.json with the mean and std of every headline
     figure (branching.seeds); returns that summary."""
+    recipe.parent_for(config.parent.kind)
     with staged_dir(out_dir) as out:
         return _run_seeds(config, data_dir, out, recipe, seeds, download, progress, echo, report)
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
@@ -21,15 +22,14 @@ from threadpoolctl import threadpool_limits
 
 from torchly import Model
 
-from . import cost, tables
+from . import tables
 from .config import TreeConfig
-from .forward import extract
+from .forward import extract, read, read_tap
 from .pipeline import ORIGINAL_BRANCH_SPLIT_SEED, TreeData, log, parent_normalizer, train_branch, train_parent
-from .recipes import Recipe
+from .recipes import Recipe, get_recipe
 from .stats import wilson_interval
 
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1)   # inverse regularisation strengths tried; the best on validation wins
-WHERE = ("pre", "post")
 
 
 @dataclass
@@ -101,29 +101,43 @@ def train_sources(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int,
 
 
 def probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -> list[dict]:
-    """One row per (branch, hidden layer of its source, pre/post): validation accuracy and log-loss
-    of a linear probe on the branch's classes, with the layer's width and the FLOPs to reach it."""
+    """One row per (branch, tap of its source): validation accuracy and log-loss of a linear probe on the
+    branch's classes, with the tap's shape, the width of the vector its pooling gives, and the FLOPs from
+    the pixels to it."""
     table = []
     normalizer = parent_normalizer(models["parent"])
+    default_where = get_recipe("default").branch.where
     for spec in config.nodes()[1:]:
         images, labels, rows = data.node_rows("train", spec)
         X = normalizer.transform(images)
         train_idx, val_idx, kind = held_out_split(models["parent"], rows, labels)
         source = models[spec.source]
-        for layer in range(source.n_hidden):
-            for where in WHERE:
-                start = time.perf_counter()
-                features = extract(models, [(spec.source, layer, where)], X)[0]
-                _, val = fit_linear_probe(features[train_idx], labels[train_idx], features[val_idx],
-                                          labels[val_idx])
-                table.append({"branch": spec.name, "source": spec.source, "layer": layer, "where": where,
-                              "width": source.width(layer),
-                              "flops_to_layer": cost.linear_flops(cost.reading_widths(config, spec.source, layer)),
-                              "val_accuracy": val["accuracy"], "val_log_loss": val["log_loss"], "C": val["C"],
-                              "train_samples": int(len(train_idx)), "val_samples": int(len(val_idx)),
-                              "validation": kind, "seconds": time.perf_counter() - start,
-                              "configured": layer == spec.layer and where == (spec.where or "pre")})
+        configured = read(models, spec.source, spec.layer,
+                          (spec.where or default_where) if source.kind == "mlp" else None, spec.pool)
+        candidates = [read(models, spec.source, info["layer"], info["where"]) for info in source.feature_info]
+        if configured not in candidates:
+            candidates.append(configured)
+        for r in candidates:
+            start = time.perf_counter()
+            features = extract(models, [r], X)[0]
+            _, val = fit_linear_probe(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx])
+            info = source.tap(*r[1:3])
+            table.append({"branch": spec.name, "source": spec.source, "tap": info["name"], "layer": r[1],
+                          "where": r[2], "pool": r[3], "shape": list(info["shape"]), "width": features.shape[1],
+                          "flops_to_layer": flops_to(models, r), "val_accuracy": val["accuracy"],
+                          "val_log_loss": val["log_loss"], "C": val["C"], "train_samples": int(len(train_idx)),
+                          "val_samples": int(len(val_idx)), "validation": kind,
+                          "seconds": time.perf_counter() - start, "configured": r == configured})
     return table
+
+
+def flops_to(models: dict[str, Model], r) -> int:
+    """FLOPs of one image from the pixels to a read (torch's count: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        read_tap(models, r, torch.zeros(1, models["parent"].architecture[0]))
+    return int(counter.get_total_flops())
 
 
 def recommend(table: list[dict]) -> dict[str, dict]:
@@ -139,22 +153,23 @@ def recommend(table: list[dict]) -> dict[str, dict]:
 
 def format_probe_table(table: list[dict], best: dict[str, dict]) -> str:
     """The table the recommendation was decided from, then one line per branch."""
-    header = ["branch", "source", "layer", "where", "width", "MFLOPs", "val acc", "val NLL", "C", ""]
-    rows = [[row["branch"], row["source"], row["layer"], row["where"], row["width"],
+    header = ["branch", "source", "tap", "shape", "pool", "width", "MFLOPs", "val acc", "val NLL", "C", ""]
+    rows = [[row["branch"], row["source"], row["tap"], "x".join(map(str, row["shape"])), row["pool"], row["width"],
              tables.num(row["flops_to_layer"] / 1e6, 2), tables.pct(row["val_accuracy"], 1),
              tables.num(row["val_log_loss"], 3), f"{row['C']:g}",
              " ".join(note for note, on in (("<- recommended", best[row["branch"]] is row),
                                             ("(configured)", row["configured"])) if on)] for row in table]
-    align = ("left", "left", "right", "left", "right", "right", "right", "right", "right", "left")
+    align = ("left", "left", "left", "right", "left", "right", "right", "right", "right", "right", "left")
     lines = [tables.table(header, rows, tables.PLAIN, align=align),
-             "MFLOPs: per image, from the pixels to that layer; val: the images named below, never the test split.",
+             "width: of the vector the pooling makes of the tap; MFLOPs: per image, from the pixels to the tap; "
+             "val: the images named below, never the test split.",
              ""]
     for name, row in best.items():
         ci = wilson_interval(round(row["val_accuracy"] * row["val_samples"]), row["val_samples"])
         noise = tables.num(None if ci is None else 100 * (ci[1] - ci[0]) / 2, 1)
         where = ("the parent's held-out images" if row["validation"] == "parent"
                  else "an 80/20 split of images the parent trained on (optimistic)")
-        lines.append(f"{name}: read {row['source']} layer {row['layer']} ({row['where']}); validated on "
+        lines.append(f"{name}: read {row['source']} {row['tap']} (pool {row['pool']}); validated on "
                      f"{row['val_samples']} images, {where}; differences under about {noise} points are "
                      f"within noise (95% interval)")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ class NodeRecipe:
     # Branch: "own" = an 80/20 stratified split of its own training images (the original's);
     #         "parent" = the parent's held-out images, which the parent never trained on.
     validation: float | str = 0.0
+    crop: int = 0                      # random shifts of the training images by up to this many pixels
     where: str = "pre"                 # branches: read the source layer before/after its activation
     threshold: float = 0.96            # acceptance threshold on the max softmax probability
     calibrate: bool = False            # fit a temperature on validation logits before the threshold
@@ -33,11 +34,23 @@ class NodeRecipe:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    parent: NodeRecipe
+    parent: NodeRecipe             # an MLP parent's
     branch: NodeRecipe
+    kinds: tuple = ()              # (kind, NodeRecipe): the parents of the other kinds
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "parent": asdict(self.parent), "branch": asdict(self.branch)}
+    def parent_for(self, kind: str) -> NodeRecipe:
+        """How a parent of `kind` is trained; a recipe without one for the kind is a ConfigError."""
+        if kind == "mlp":
+            return self.parent
+        found = dict(self.kinds).get(kind)
+        if found is None:
+            raise ConfigError(f"recipe {self.name!r} trains MLP parents only (the original study's); a {kind} "
+                              f"parent needs --recipe default")
+        return found
+
+    def to_dict(self, kind: str = "mlp") -> dict:
+        """The recipe as a checkpoint records it: with the parent recipe of `kind`."""
+        return {"name": self.name, "parent": asdict(self.parent_for(kind)), "branch": asdict(self.branch)}
 
 
 ORIGINAL = Recipe(
@@ -59,6 +72,15 @@ DEFAULT = Recipe(
                       label_smoothing=0.1, patience=20, flip=True, validation="parent", calibrate=True),
 )
 
+# Parents of the other kinds (branching.nets): flips and shifts of up to 4 pixels, one-cycle AdamW.
+DEFAULT = replace(DEFAULT, kinds=(
+    ("cnn", NodeRecipe(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.05, optimizer="adamw", dropout=0.1,
+                       label_smoothing=0.1, lr_schedule="onecycle", flip=True, crop=4, validation=0.15,
+                       calibrate=True)),
+    ("vit", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.05, optimizer="adamw", dropout=0.0,
+                       label_smoothing=0.1, lr_schedule="onecycle", flip=True, crop=4, validation=0.15,
+                       calibrate=True))))
+
 RECIPES = {r.name: r for r in (ORIGINAL, DEFAULT)}
 
 
@@ -72,4 +94,5 @@ def get_recipe(name: str, max_epochs: int | None = None) -> Recipe:
     if max_epochs < 1:
         raise ConfigError(f"--max-epochs must be at least 1, got {max_epochs}")
     cap = lambda node: replace(node, epochs=min(node.epochs, max_epochs))  # noqa: E731
-    return replace(recipe, parent=cap(recipe.parent), branch=cap(recipe.branch))
+    return replace(recipe, parent=cap(recipe.parent), branch=cap(recipe.branch),
+                   kinds=tuple((kind, cap(node)) for kind, node in recipe.kinds))

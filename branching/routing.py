@@ -24,11 +24,14 @@ from torch import nn
 
 from torchly import Model
 
+from . import nets
+
 from .acceptance import Acceptance
 from .checkpoint import load_folder
 from .config import TreeConfig
 from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
+from .forward import reads
 from .metrics import classification_summary, format_report
 from .selective import selective_summary
 from .normalization import Normalizer
@@ -41,17 +44,19 @@ MIN_FOLD_STD = 1e-3  # below this, dividing weights by the pixel std loses too m
 class _Node:
     """A node's weights, laid out for x @ W, and what its routing needs."""
 
-    def __init__(self, index: int, spec, model: Model, tree_classes, normalizer: Normalizer | None):
+    def __init__(self, index: int, spec, model: Model, tree_classes, normalizer: Normalizer | None, reads=None):
         self.index, self.name, self.spec = index, spec.name, spec
-        linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        self.reads = reads  # (layer, where, pool) of its source that this node reads
+        self.model = model if model.kind != "mlp" else None  # a CNN or ViT runs through its own forward pass
+        linears = [m for m in model.net if isinstance(m, nn.Linear)] if self.model is None else []
         self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().numpy().copy()) for m in linears]
-        self.fold_normalizer = normalizer is not None and float(normalizer.std.min()) >= MIN_FOLD_STD
+        self.fold_normalizer = (self.model is None and normalizer is not None
+                                and float(normalizer.std.min()) >= MIN_FOLD_STD)
         self.normalizer = normalizer
         if self.fold_normalizer:  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
             w, b = self.weights[0]
             w = w / torch.from_numpy(normalizer.std)[:, None]
             self.weights[0] = (w.contiguous(), b - (torch.from_numpy(normalizer.mean) @ w).numpy())
-        self.where = None if spec.source is None else model.meta["where"]
         self.activation = model.activation
         self.act = model.net[1] if len(linears) > 1 else None
         # the node's temperature, and the threshold of its rule (for a parent without one, its recipe's:
@@ -62,11 +67,12 @@ class _Node:
         # float32, as the confidences it is compared with (the same decision in every code path)
         self.threshold = float("inf") if rule["threshold"] is None else float(np.float32(rule["threshold"]))
         self.leaf_ids = np.array([tree_classes.index(c) for c in spec.classes], dtype=np.int64)
-        self.taps: set[tuple[int, str]] = set()
+        self.taps: set[tuple] = set()                 # (layer, where, pool) its children read
         self.children: list[tuple[_Node, int]] = []   # (child, its group)
         self.group_matrix: np.ndarray | None = None    # classes x groups, 1 where a class is in a group
         self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
-        self.flops = sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights)
+        self.flops = (sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights) if self.model is None
+                      else forward_flops(model))
 
     def add_children(self, children: list[_Node]) -> None:
         if not children:
@@ -78,7 +84,7 @@ class _Node:
             for c in child.spec.classes:
                 groups[self.spec.classes.index(c), g] = 1.0
             self.children.append((child, g))
-            self.taps.add((child.spec.layer, child.where))
+            self.taps.add(child.reads)
         for g, i in enumerate(own, start=len(children)):
             groups[i, g] = 1.0
         self.group_matrix = groups.numpy()
@@ -86,7 +92,11 @@ class _Node:
 
     def trunk(self, x: torch.Tensor) -> tuple[np.ndarray, dict]:
         """Logits, and the hidden layers the children read (NumPy views of torch's results)."""
-        taps: dict[tuple[int, str], np.ndarray] = {}
+        if self.model is not None:
+            wanted = sorted(self.taps, key=str)
+            out, found = self.model.forward_intermediates(x, [t[:2] for t in wanted], stop_early=False)
+            return out.numpy(), {t: nets.pool(f, t[2]).numpy() for t, f in zip(wanted, found)}
+        taps: dict[tuple, np.ndarray] = {}
         h = x
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(self.weights):
@@ -94,15 +104,15 @@ class _Node:
             a += b  # not addmm: its bias broadcast is a separate threaded copy
             if i == last:
                 return a, taps
-            if (i, "pre") in self.taps:
-                taps[(i, "pre")] = a
+            if (i, "pre", "flat") in self.taps:
+                taps[(i, "pre", "flat")] = a
                 a = a.copy()
             if self.activation == "relu":
                 np.maximum(a, 0, out=a)
             else:
                 a = self.act(torch.from_numpy(a)).numpy()
-            if (i, "post") in self.taps:
-                taps[(i, "post")] = a
+            if (i, "post", "flat") in self.taps:
+                taps[(i, "post", "flat")] = a
             h = torch.from_numpy(a)
         raise AssertionError("unreachable: a model ends with its output layer")
 
@@ -169,7 +179,8 @@ class TreePredictor:
         self.nodes: list[_Node] = []
         by_name: dict[str, _Node] = {}
         for i, spec in enumerate(config.nodes()):
-            node = _Node(i, spec, models[spec.name], self.classes, normalizer if spec.source is None else None)
+            node = _Node(i, spec, models[spec.name], self.classes, normalizer if spec.source is None else None,
+                         None if spec.source is None else reads(models, spec.name)[1:])
             self.nodes.append(node)
             by_name[spec.name] = node
         for node in self.nodes:
@@ -241,7 +252,7 @@ class TreePredictor:
         for child, g in node.children:
             chosen = np.flatnonzero(group == g)
             if len(chosen):
-                tap = torch.from_numpy(taps[(child.spec.layer, child.where)][chosen])
+                tap = torch.from_numpy(np.ascontiguousarray(taps[child.reads][chosen]))
                 self._route(child, tap, chosen if rows is None else rows[chosen], out)
 
     def flops_per_image(self, reached: dict[str, int], n: int) -> float:
@@ -297,3 +308,13 @@ def format_tree_report(metrics: dict, classes) -> str:
              "Rules: " + ", ".join(f"{k} T={num(r['temperature'], 3)} threshold {num(r['threshold'], na='none')}"
                                    for k, r in metrics["rules"].items())]
     return "\n".join(lines)
+
+
+def forward_flops(model: Model) -> int:
+    """FLOPs of one image through a model (torch's count: 2 per multiply-add of every matrix product and
+    convolution)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.net(torch.zeros(1, model.architecture[0]))
+    return int(counter.get_total_flops())

@@ -59,46 +59,46 @@ def test_cache_reuses_only_an_exact_match_and_rebuilds_otherwise(tmp_path):
     rows = np.arange(100, 130)
     messages = []
     cache = FeatureCache(tmp_path, messages.append)
-    first = cache.features(models, "a", 0, "post", X, rows, DATA, flips=True)
+    first = cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
     assert messages[-1].endswith("built (30 images, plain, flipped)")
     expected = manual_hidden(models["a"], manual_hidden(models["parent"], X, 1, "pre"), 0, "post")
     np.testing.assert_allclose(first["plain"], expected, rtol=1e-4, atol=1e-4)
-    entry = cache.entry(cache.manifest(models, "a", 0, "post", rows, DATA, ("plain", "flipped")))
+    entry = cache.entry(cache.manifest(models, ("a", 0, "post"), rows, DATA, ("plain", "flipped")))
     manifest = json.loads((entry / "manifest.json").read_text())
     assert manifest["chain"] == {"parent": models["parent"].fingerprint(), "a": models["a"].fingerprint()}
     assert manifest["where"] == "post" and manifest["dtype"] == "float32" and manifest["rows"]["count"] == 30
 
-    again = cache.features(models, "a", 0, "post", X, rows, {**DATA, "dir": "/moved"}, flips=True)
+    again = cache.features(models, ("a", 0, "post"), X, rows, {**DATA, "dir": "/moved"}, flips=True)
     assert messages[-1].endswith("reusing")
     assert np.array_equal(again["plain"], first["plain"]) and np.array_equal(again["flipped"], first["flipped"])
 
     # anything the features depend on changes -> rebuilt (and the new values are right)
     other, _ = tiny_tree(seed=7)
     changed = {**models, "parent": other["parent"]}
-    rebuilt = cache.features(changed, "a", 0, "post", X, rows, DATA, flips=True)
+    rebuilt = cache.features(changed, ("a", 0, "post"), X, rows, DATA, flips=True)
     assert "parent_fingerprint changed; rebuilding" in messages[-2] and "chain" in messages[-2]
     assert not np.allclose(rebuilt["plain"], first["plain"])
-    cache.features(models, "a", 0, "post", X, rows, DATA, flips=True)
+    cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
     assert "rebuilding" in messages[-2]
-    cache.features(models, "a", 0, "post", X, rows, {**DATA, "train_sha256": "zz"}, flips=True)
+    cache.features(models, ("a", 0, "post"), X, rows, {**DATA, "train_sha256": "zz"}, flips=True)
     assert "data changed; rebuilding" in messages[-2]
 
-    cache.features(models, "a", 0, "post", X, rows, DATA, flips=True)
+    cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
     stored = json.loads((entry / "manifest.json").read_text())
     stored["dtype"] = "float16"
     (entry / "manifest.json").write_text(json.dumps(stored))
-    cache.features(models, "a", 0, "post", X, rows, DATA, flips=True)
+    cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
     assert "dtype changed; rebuilding" in messages[-2]
 
     data = bytearray((entry / "plain.npy").read_bytes())
     data[-1] ^= 0xFF
     (entry / "plain.npy").write_bytes(bytes(data))
-    healed = cache.features(models, "a", 0, "post", X, rows, DATA, flips=True)
+    healed = cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
     assert "plain.npy is missing or altered; rebuilding" in messages[-2]
     np.testing.assert_array_equal(healed["plain"], first["plain"])
 
     (entry / "manifest.json").write_text("{not json")
-    cache.features(models, "a", 0, "post", X, rows, DATA, flips=True)
+    cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
     assert "unreadable manifest; rebuilding" in messages[-2]
 
 

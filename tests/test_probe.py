@@ -16,6 +16,10 @@ def test_one_row_per_layer_and_reading_validated_on_held_out_images(small_config
         ("mammals", 0, "pre"), ("mammals", 0, "post"), ("mammals", 1, "pre"), ("mammals", 1, "post"),
         ("water", 0, "pre"), ("water", 0, "post")]
     assert [r["width"] for r in table] == [16, 16, 8, 8, 6, 6]
+    assert [r["tap"] for r in table] == ["hidden0.pre", "hidden0.post", "hidden1.pre", "hidden1.post",
+                                         "hidden0.pre", "hidden0.post"]
+    to_parent_1 = 2 * (3072 * 16 + 16 * 8)  # by hand: 2 FLOPs per weight of every Linear on the way
+    assert [r["flops_to_layer"] for r in table] == [2 * 3072 * 16] * 2 + [to_parent_1] * 2 + [to_parent_1 + 2 * 8 * 6] * 2
     assert [r["configured"] for r in table] == [False, False, True, False, True, False]
     parent_val = set(models["parent"].meta["val_rows"].tolist())
     for row in table:
@@ -56,7 +60,7 @@ def test_probe_layers_command_trains_a_parent_or_reads_a_run(small_tree_file, sm
     assert main([*args, "--max-epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "a parent trained here" in out and out.count("<- recommended") == 2
-    assert "mammals: read parent layer" in out and "water: read mammals layer" in out
+    assert "mammals: read parent hidden" in out and "water: read mammals hidden0" in out
     run = tmp_path / "run"
     assert main(["run", *common, "--out", str(run), "--max-epochs", "1", "--no-report"]) == 0
     capsys.readouterr()
