@@ -23,7 +23,7 @@ from .config import NodeSpec, TreeConfig
 from .data import N_PIXELS
 from .acceptance import Acceptance
 from .forward import augment_transform, chain, extract, node_input, node_inputs
-from .pipeline import TreeData, fit_acceptance, log, parent_normalizer, train_branch, train_parent
+from .pipeline import TreeData, branch_read, fit_acceptance, log, parent_normalizer, train_branch, train_parent
 from .probe import fit_linear_probe, held_out_split
 from .recipes import DEFAULT, ORIGINAL, Recipe, get_recipe
 
@@ -117,8 +117,8 @@ def run_branch(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     ctx.branch_s[spec.name] = seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test")
     return Outcome(model.logits(node_inputs(ctx.models, spec.name, X)), Acceptance.of(meta),
-                   count_parameters(model.net), cost.linear_flops(cost.path_widths(ctx.config, spec.name)),
-                   seconds, ctx.parent_s, {"layer": spec.layer, "where": meta["where"],
+                   count_parameters(model.net), cost.path_flops(ctx.models, spec.name),
+                   seconds, ctx.parent_s, {"layer": spec.layer, "where": meta["where"], "pool": meta["pool"],
                                            "epochs_run": meta["history"]["epochs_run"]})
 
 
@@ -131,13 +131,13 @@ def run_branch_original(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test", models["parent"])
     return Outcome(model.logits(node_inputs(models, spec.name, X)), Acceptance.of(meta), count_parameters(model.net),
-                   cost.linear_flops(cost.path_widths(ctx.config, spec.name)), seconds, ctx.original_parent_s,
+                   cost.path_flops(models, spec.name), seconds, ctx.original_parent_s,
                    {"validation": meta["validation"], "epochs_run": meta["history"]["epochs_run"]})
 
 
 def _parent_head(ctx: SeedContext, spec: NodeSpec, restrict: bool) -> Outcome:
     parent, classes = ctx.models["parent"], ctx.config.parent.classes
-    flops = cost.linear_flops(cost.path_widths(ctx.config, "parent"))
+    flops = cost.path_flops(ctx.models, "parent")
     X_test, _, _ = node_split(ctx, spec, "test")
     if not restrict:
         return Outcome(unrestricted_logits(parent.logits(X_test), classes, spec.classes), None, 0, flops, 0.0,
@@ -161,35 +161,34 @@ def run_parent_unrestricted(ctx: SeedContext, spec: NodeSpec) -> Outcome:
 
 def run_linear_probe(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     start = time.perf_counter()
-    where = spec.where or ctx.recipes.default.branch.where
-    def features(X):
-        return extract(ctx.models, [(spec.source, spec.layer, where)], X)[0]
-
+    r = branch_read(ctx.models, spec, ctx.recipes.default.branch)
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
-    F = features(X)
+    F = extract(ctx.models, [r], X)[0]
     probe, val = fit_linear_probe(F[train_idx], labels[train_idx], F[val_idx], labels[val_idx])
     acceptance = fit_acceptance(spec, ctx.recipes.default.branch, probe.logits(F[val_idx]), labels[val_idx])
     seconds = time.perf_counter() - start
     X_test, _, _ = node_split(ctx, spec, "test")
-    widths = cost.reading_widths(ctx.config, spec.source, spec.layer) + [len(spec.classes)]
-    return Outcome(probe.logits(features(X_test)), acceptance, probe.num_parameters, cost.linear_flops(widths),
-                   seconds, ctx.parent_s, {"layer": spec.layer, "where": where, "C": val["C"], "validation": kind})
+    flops = cost.flops_to(ctx.models, r) + cost.linear_flops([F.shape[1], len(spec.classes)])
+    return Outcome(probe.logits(extract(ctx.models, [r], X_test)[0]), acceptance, probe.num_parameters, flops,
+                   seconds, ctx.parent_s, {"layer": r[1], "where": r[2], "pool": r[3], "C": val["C"],
+                                           "validation": kind})
 
 
-def run_layer(ctx: SeedContext, spec: NodeSpec, layer: int, where: str) -> Outcome:
-    """The branch, default recipe, reading another hidden layer of its source."""
-    variant = replace(spec, layer=layer, where=where)
+def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
+    """The branch, default recipe, reading another tap of its source: r = (source, layer, where, pool)."""
+    variant = replace(spec, layer=r[1], where=r[2], pool=r[3])
     config = replace(ctx.config, branches={**ctx.config.branches, spec.name: variant})
     start = time.perf_counter()
     model, meta = train_branch(config, spec.name, ctx.models, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress,
                                ctx.cache_dir)
     seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test")
-    inputs = extract(ctx.models, [(spec.source, layer, where)], X)[0]
-    return Outcome(model.logits(inputs), Acceptance.of(meta), count_parameters(model.net),
-                   cost.linear_flops(cost.path_widths(config, spec.name)), seconds, ctx.parent_s,
-                   {"layer": layer, "where": where, "epochs_run": meta["history"]["epochs_run"]})
+    model.meta = meta
+    reading = {**ctx.models, spec.name: model}
+    return Outcome(model.logits(extract(ctx.models, [r], X)[0]), Acceptance.of(meta), count_parameters(model.net),
+                   cost.path_flops(reading, spec.name), seconds, ctx.parent_s,
+                   {"layer": r[1], "where": r[2], "pool": r[3], "epochs_run": meta["history"]["epochs_run"]})
 
 
 def scratch_widths(config: TreeConfig, name: str) -> list[int]:
@@ -215,6 +214,21 @@ def run_scratch_mlp(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     return Outcome(model.logits(normalizer.transform(test_images)), acceptance, count_parameters(model.net),
                    cost.linear_flops(widths), seconds, 0.0,
                    {"widths": widths, "epochs_run": meta["history"]["epochs_run"]})
+
+
+def run_scratch(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    """The branch's whole inference path (trunk of the parent's kind up to the tap, then the branch) with
+    fresh weights, trained end to end on the pixels of the branch's classes with the parent's recipe."""
+    kind = ctx.models["parent"].kind
+    r = ctx.recipes.default.parent_for(kind)
+    fresh = {}
+    for i, name in enumerate(chain(ctx.models, spec.name)):
+        old = ctx.models[name]
+        fresh[name] = Model(old.architecture, old.activation, old.dropout, seed=ctx.seed + i, kind=old.kind,
+                            shape=old.shape)
+        fresh[name].meta = old.meta
+    log(f"{spec.name}: the same {kind} trunk and branch from scratch on the pixels of its classes")
+    return _train_end_to_end(ctx, spec, EndToEnd(fresh, spec.name), r, "from scratch", branch_s=0.0, parent_s=0.0)
 
 
 class EndToEnd(nn.Module):
@@ -243,21 +257,26 @@ class EndToEnd(nn.Module):
 
 def run_finetune(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     """Trunk and trained branch fine-tuned together on the branch's classes (the parent stays as it was)."""
-    r = ctx.recipes.finetune
+    return _train_end_to_end(ctx, spec, EndToEnd(ctx.models, spec.name), ctx.recipes.finetune, "fine-tune",
+                             branch_s=ctx.branch_s[spec.name], parent_s=ctx.parent_s)
+
+
+def _train_end_to_end(ctx: SeedContext, spec: NodeSpec, net: EndToEnd, r, what: str, branch_s: float,
+                      parent_s: float) -> Outcome:
     model = Model([N_PIXELS, len(spec.classes)], seed=ctx.seed)
-    model.net = EndToEnd(ctx.models, spec.name)
+    model.net = net
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
-    transform = augment_transform(parent_normalizer(ctx.models["parent"])) if r.flip else None
+    normalizer = parent_normalizer(ctx.models["parent"])
+    transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
     start = time.perf_counter()
     history = model.fit(X[train_idx], labels[train_idx], validation_data=(X[val_idx], labels[val_idx]),
                         epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,
                         optimizer=r.optimizer, label_smoothing=r.label_smoothing, lr_schedule=r.lr_schedule,
                         early_stopping_patience=r.patience, restore_best_weights=True, train_transform=transform,
-                        seed=ctx.seed, progress=ctx.progress, desc=f"{spec.name} fine-tune")
+                        seed=ctx.seed, progress=ctx.progress, desc=f"{spec.name} {what}")
     acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
-    seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
+    seconds = time.perf_counter() - start + branch_s
     X_test, _, _ = node_split(ctx, spec, "test")
-    return Outcome(model.logits(X_test), acceptance, model.num_parameters,
-                   cost.linear_flops(cost.path_widths(ctx.config, spec.name)), seconds, ctx.parent_s,
-                   {"epochs_run": history["epochs_run"], "validation": kind})
+    return Outcome(model.logits(X_test), acceptance, model.num_parameters, cost.path_flops(net.copies, spec.name),
+                   seconds, parent_s, {"epochs_run": history["epochs_run"], "validation": kind})

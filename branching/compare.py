@@ -20,12 +20,13 @@ import torch
 
 from . import selective
 from .baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
-                        run_layer, run_linear_probe, run_parent_head, run_parent_unrestricted, run_scratch_mlp)
+                        run_linear_probe, run_read, run_parent_head, run_parent_unrestricted, run_scratch, run_scratch_mlp)
 from .compare_report import summarise, write_outputs
 from .config import NodeSpec, TreeConfig
 from .errors import ConfigError
 from .fileio import staged_dir
-from .pipeline import TreeData, load_tree_data, log, parent_normalizer, train_parent
+from .forward import read
+from .pipeline import TreeData, branch_read, load_tree_data, log, parent_normalizer, train_parent
 
 METHODS = {
     "branch": "branch, as configured",
@@ -34,30 +35,36 @@ METHODS = {
     "parent_unrestricted": "parent head, all classes",
     "linear_probe": "linear probe",
     "scratch_mlp": "MLP from scratch, same size",
+    "scratch": "same network from scratch",
     "finetune": "trunk + branch fine-tuned",
 }
 
 
-def layer_key(layer: int, where: str) -> str:
-    return f"layer{layer}_{where}"
+def read_key(models, r: tuple) -> str:
+    """The method key of the branch reading another tap: "layer1_post" (an MLP source), "stage1_avg"."""
+    source = models[r[0]]
+    return f"layer{r[1]}_{r[2]}" if source.kind == "mlp" else f"{source.tap(r[1])['name']}_{r[3]}"
 
 
 def method_label(key: str) -> str:
-    if key.startswith("layer"):
-        layer, where = key[len("layer"):].split("_")
-        return f"branch reading layer {layer} {where}"
-    return METHODS[key]
+    if key in METHODS:
+        return METHODS[key]
+    tap, how = key.rsplit("_", 1)
+    if tap.startswith("layer"):
+        return f"branch reading layer {tap[len('layer'):]} {how}"
+    return f"branch reading {tap} ({how})"
 
 
 def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     """(key, function) of every method for one branch, in report order."""
-    where = spec.where or ctx.recipes.default.branch.where
-    layers = [(layer_key(layer, w), lambda c, s, layer=layer, w=w: run_layer(c, s, layer, w))
-              for layer in range(ctx.models[spec.source].n_hidden) for w in ("pre", "post")
-              if (layer, w) != (spec.layer, where)]
+    configured = branch_read(ctx.models, spec, ctx.recipes.default.branch)
+    source = ctx.models[spec.source]
+    others = [read(ctx.models, spec.source, info["layer"], info["where"]) for info in source.feature_info]
+    taps = [(read_key(ctx.models, r), lambda c, s, r=r: run_read(c, s, r)) for r in others if r != configured]
     return [("branch", run_branch), ("branch_original", run_branch_original), ("parent_head", run_parent_head),
-            ("parent_unrestricted", run_parent_unrestricted), ("linear_probe", run_linear_probe), *layers,
-            ("scratch_mlp", run_scratch_mlp), ("finetune", run_finetune)]
+            ("parent_unrestricted", run_parent_unrestricted), ("linear_probe", run_linear_probe), *taps,
+            ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
+            else ("scratch", run_scratch), ("finetune", run_finetune)]
 
 
 # ---- scoring and one seed -------------------------------------------------------------------
@@ -183,9 +190,12 @@ def _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, down
     summary = summarise(seed_results)
     branches = {}
     for spec in config.nodes()[1:]:
+        mlp_source = spec.source != "parent" or config.parent.kind == "mlp"
         branches[spec.name] = {"classes": list(spec.classes), "source": spec.source, "layer": spec.layer,
-                               "where": spec.where or recipes.default.branch.where,
+                               "where": (spec.where or recipes.default.branch.where) if mlp_source else None,
                                "test_samples": len(data.node_rows("test", spec)[1])}
+        if spec.pool is not None:
+            branches[spec.name]["pool"] = spec.pool
     setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
              "max_epochs": max_epochs, "original_parent": original_parent,
              "parent_classes": list(config.parent.classes), "branches": branches,

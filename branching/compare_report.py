@@ -94,7 +94,8 @@ def render_markdown(result: dict) -> str:
     for name, rows in s["branches"].items():
         info = setup["branches"][name]
         lines += [f"## {name}", "", f"Classes {', '.join(info['classes'])}; the branch reads {info['source']} "
-                  f"layer {info['layer']} ({info['where']}); {info['test_samples']} test images.", ""]
+                  f"layer {info['layer']} ({info['where'] or info.get('pool') or 'default pooling'}); "
+                  f"{info['test_samples']} test images.", ""]
         lines += branch_table(rows) + [""]
     lines += ["## How to read this", ""] + [f"- {d}" for d in DEFINITIONS]
     return "\n".join(lines) + "\n"
@@ -116,9 +117,9 @@ DEFINITIONS = (
     "counted for methods that reuse it). Training s (own): wall-clock seconds of the method's own "
     "training (fine-tuning includes the branch it starts from); (with parent): plus the parent it needs. "
     "The machine was shared, so times are indicative to about ±30%.",
-    "Inference MFLOPs/image: 2 x fan-in x fan-out per Linear layer on the path from the pixels to the "
-    "prediction (the trunk of the parent included for branches and probes), biases and activations "
-    "left out.",
+    "Inference MFLOPs/image: 2 per multiply-add (2 x fan-in x fan-out per Linear layer; convolutions and "
+    "attention alike) on the path from the pixels to the prediction (the trunk of the parent included for "
+    "branches and probes), as torch counts them; biases, activations and normalisation left out.",
     "The parent's head on all classes: the parent's own prediction over every class of the tree, "
     "wrong whenever it names a class outside the branch's; it needs no router. Every other row, the branch "
     "included, is told which group the image belongs to.",

@@ -1,13 +1,19 @@
-"""Size and inference cost of the dense paths through a tree, from the config alone.
+"""Size and inference cost of the paths through a tree.
 
-FLOPs count 2 * fan_in * fan_out per Linear layer (one multiply and one add per weight); biases,
-activations and the softmax are left out, as is usual for MLPs.
+FLOPs count 2 per multiply-add (2 * fan_in * fan_out per Linear layer, the same for convolutions and
+attention); biases, activations, normalisation and the softmax are left out. An MLP tree's are computed
+from the config alone (`path_widths`); any tree's are counted by torch on the models themselves
+(`path_flops`, `flops_to`), which gives the same figures for MLPs.
 """
 
 from __future__ import annotations
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from .config import TreeConfig
 from .data import N_PIXELS
+from .forward import node_input, read_tap
 
 
 def input_widths(config: TreeConfig, name: str) -> list[int]:
@@ -38,3 +44,20 @@ def linear_flops(widths) -> int:
 def linear_params(widths) -> int:
     """Weights and biases of a chain of Linear layers with these widths."""
     return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def counted(fn) -> int:
+    """FLOPs that torch counts while fn() runs."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def flops_to(models, r) -> int:
+    """FLOPs of one image from the pixels to read r (node, layer, where[, pool])."""
+    return counted(lambda: read_tap(models, r, torch.zeros(1, N_PIXELS)))
+
+
+def path_flops(models, name: str) -> int:
+    """FLOPs of one image from the pixels to node `name`'s outputs."""
+    return counted(lambda: models[name].net(node_input(models, name, torch.zeros(1, N_PIXELS))))

@@ -151,8 +151,8 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     else:
         train_idx, val_idx = _split(labels, 0.2, ORIGINAL_BRANCH_SPLIT_SEED)
     source = models[spec.source]
-    where = (spec.where or r.where) if source.kind == "mlp" else None
-    tap = read(models, spec.source, spec.layer, where, spec.pool)
+    tap = branch_read(models, spec, r)
+    where = tap[2]
     if cache_dir is None and parent.kind != "mlp":  # a trunk costlier than the branch: its features once
         with tempfile.TemporaryDirectory(prefix="branch-features-") as scratch:
             return train_branch(config, name, models, data, recipe, seed, progress, scratch)
@@ -187,6 +187,13 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict()}
     return model, meta
+
+
+def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
+    """What branch `spec` reads, trained with recipe node r: (source, layer, where, pool); an MLP source's
+    layer is read before or after its activation (`where`, else the recipe's)."""
+    where = (spec.where or r.where) if models[spec.source].kind == "mlp" else None
+    return read(models, spec.source, spec.layer, where, spec.pool)
 
 
 def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray) -> Acceptance:

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
@@ -22,9 +21,9 @@ from threadpoolctl import threadpool_limits
 
 from torchly import Model
 
-from . import tables
+from . import cost, tables
 from .config import TreeConfig
-from .forward import extract, read, read_tap
+from .forward import extract, read
 from .pipeline import ORIGINAL_BRANCH_SPLIT_SEED, TreeData, log, parent_normalizer, train_branch, train_parent
 from .recipes import Recipe, get_recipe
 from .stats import wilson_interval
@@ -124,20 +123,11 @@ def probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -
             info = source.tap(*r[1:3])
             table.append({"branch": spec.name, "source": spec.source, "tap": info["name"], "layer": r[1],
                           "where": r[2], "pool": r[3], "shape": list(info["shape"]), "width": features.shape[1],
-                          "flops_to_layer": flops_to(models, r), "val_accuracy": val["accuracy"],
+                          "flops_to_layer": cost.flops_to(models, r), "val_accuracy": val["accuracy"],
                           "val_log_loss": val["log_loss"], "C": val["C"], "train_samples": int(len(train_idx)),
                           "val_samples": int(len(val_idx)), "validation": kind,
                           "seconds": time.perf_counter() - start, "configured": r == configured})
     return table
-
-
-def flops_to(models: dict[str, Model], r) -> int:
-    """FLOPs of one image from the pixels to a read (torch's count: 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        read_tap(models, r, torch.zeros(1, models["parent"].architecture[0]))
-    return int(counter.get_total_flops())
 
 
 def recommend(table: list[dict]) -> dict[str, dict]:

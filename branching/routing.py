@@ -24,7 +24,7 @@ from torch import nn
 
 from torchly import Model
 
-from . import nets
+from . import cost, nets
 
 from .acceptance import Acceptance
 from .checkpoint import load_folder
@@ -72,7 +72,7 @@ class _Node:
         self.group_matrix: np.ndarray | None = None    # classes x groups, 1 where a class is in a group
         self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
         self.flops = (sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights) if self.model is None
-                      else forward_flops(model))
+                      else cost.counted(lambda: model.net(torch.zeros(1, model.architecture[0]))))
 
     def add_children(self, children: list[_Node]) -> None:
         if not children:
@@ -308,13 +308,3 @@ def format_tree_report(metrics: dict, classes) -> str:
              "Rules: " + ", ".join(f"{k} T={num(r['temperature'], 3)} threshold {num(r['threshold'], na='none')}"
                                    for k, r in metrics["rules"].items())]
     return "\n".join(lines)
-
-
-def forward_flops(model: Model) -> int:
-    """FLOPs of one image through a model (torch's count: 2 per multiply-add of every matrix product and
-    convolution)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.net(torch.zeros(1, model.architecture[0]))
-    return int(counter.get_total_flops())
