@@ -34,6 +34,25 @@ LR_SCHEDULES = (None, "cosine", "onecycle")
 MONITORS = ("val_loss", "val_accuracy")
 
 
+DEVICE = torch.device("cpu")  # where Model.fit trains (use_device sets it); inference runs on the CPU
+
+
+def use_device(name: str = "auto") -> torch.device:
+    """Make `name` ("auto": CUDA when available, "cpu", "cuda", "cuda:N") where Model.fit trains; on CUDA
+    with mixed precision (bfloat16 autocast) where the GPU supports it. Returns the device."""
+    global DEVICE
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"no CUDA device here (torch {torch.__version__}, built for "
+                         f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'the CPU only'}); use cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda; got {name!r}")
+    DEVICE = device
+    return device
+
+
 def as_2d_float(X, width=None) -> np.ndarray:
     """Array, tensor or [array] -> float32 (N, width); (1, N, w) drops its first axis, (w,) becomes (1, w)."""
     if isinstance(X, (list, tuple)) and len(X) == 1 and isinstance(X[0], (np.ndarray, torch.Tensor)):
@@ -209,18 +228,24 @@ class Model:
         finally:
             self.net.train(was_training)
 
+    def _device(self) -> torch.device:
+        return next(self.net.parameters(), torch.empty(0)).device
+
     def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
         batch_size = _int(batch_size, "batch_size", minimum=1)
+        device = self._device()
         with self._inference():
-            outputs = [fn(xb) for xb in torch.split(torch.from_numpy(_writable(X)), batch_size)]
+            outputs = [fn(xb.to(device)).cpu() for xb in torch.split(torch.from_numpy(_writable(X)), batch_size)]
         return torch.cat(outputs).numpy()
 
     def _loss_accuracy(self, X: np.ndarray, y: np.ndarray, batch_size=4096) -> dict:
         loss_sum, correct = 0.0, 0
+        device = self._device()
         with self._inference():
             for xb, yb in zip(torch.split(torch.from_numpy(_writable(X)), batch_size),
                               torch.split(torch.from_numpy(y), batch_size)):
-                out = self.net(xb)
+                xb, yb = xb.to(device), yb.to(device)
+                out = self.net(xb).float()
                 loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
                 correct += (out.argmax(dim=1) == yb).sum().item()
         n = len(y)
@@ -254,6 +279,7 @@ class Model:
         lr = _real(lr, "lr", lambda v: 0 < v < math.inf, "a positive number")
         weight_decay = _real(weight_decay, "weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
         label_smoothing = _real(label_smoothing, "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
+        self.net.to(DEVICE)  # and back to the CPU when fit ends
         params = [p for p in self.net.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model is frozen: it has no trainable parameters")
@@ -297,6 +323,7 @@ class Model:
         finally:
             bar.close()
             self.net.eval()
+            self.net.to("cpu")
         if best_state is not None:
             self.net.load_state_dict(best_state)
         epochs_run = len(history["loss"])
@@ -309,6 +336,9 @@ class Model:
         """One shuffled pass in train mode; returns the epoch's mean training loss and accuracy."""
         self.net.train()
         loss_sum, correct = 0.0, 0
+        device = self._device()
+        mixed = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                 else contextlib.nullcontext())
         for idx in torch.randperm(len(Xt), generator=generator).split(batch_size):
             xb, yb = Xt[idx], yt[idx]
             if transform is not None:
@@ -318,8 +348,10 @@ class Model:
                     raise ValueError(f"train_transform must return a tensor of shape "
                                      f"({len(idx)}, {self.architecture[0]}); got {got}")
                 xb = xb.to(torch.float32)
-            out = self.net(xb)
-            loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with mixed:
+                out = self.net(xb)
+                loss = F.cross_entropy(out.float(), yb, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

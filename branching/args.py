@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import signal
 import sys
 import threading
+
+import torchly
 
 from .config import DEFAULT_CONFIG
 from .errors import BranchingError
@@ -86,6 +89,18 @@ def seed_int(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    """argparse type: auto, cpu, cuda or cuda:N, and it must exist here; the device becomes where models
+    train (torchly.use_device)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda; got {text!r}")
+    try:
+        torchly.use_device(text)
+    except (ValueError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -104,9 +119,12 @@ SHARED_FLAGS = {
     "--seed": dict(type=seed_int, default=None, help="seed of the training (default 0)"),
     "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs (quick runs)"),
     "--no-download": dict(action="store_true", help="never download CIFAR-100; fail if it is missing"),
+    "--device": dict(type=device_name, default="auto",
+                     help="where models train: auto (CUDA when available, with mixed precision), cpu or cuda; "
+                          "evaluation runs on the CPU (default auto)"),
 }
 TREE = ("--config", "--data", "--quiet")
-TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download")
+TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download", "--device")
 
 
 def flags(*names: str, **help_texts: str) -> ArgumentParser:

@@ -11,7 +11,7 @@ from .errors import CheckpointError, ConfigError
 
 
 def add_parsers(sub) -> None:
-    compare = sub.add_parser("compare", parents=[flags(*TREE, "--no-download", "--max-epochs")],
+    compare = sub.add_parser("compare", parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")],
                              help="every branch against its baselines and ablations; writes OUT/compare.md, "
                                   "compare.json, compare.png")
     compare.add_argument("--out", default="runs/compare", help="output folder")
@@ -21,7 +21,7 @@ def add_parsers(sub) -> None:
                               "(about 9 minutes per seed); default: they use the default-recipe parent")
     compare.set_defaults(func=cmd_compare)
     probe = sub.add_parser("probe-layers",
-                           parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs",
+                           parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs", "--device",
                                           seed="seed of the parent trained without --models",
                                           max_epochs="cap the epochs of that parent")],
                            help="linear probe on every hidden layer of the parent for each branch's classes; "

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+import torchly
 from torchly import Model
 
 from . import scores
@@ -263,7 +264,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
 
     t = time.perf_counter()
     metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.fingerprint(),
-               "parent": None, "branches": {}}
+               "device": str(torchly.DEVICE), "parent": None, "branches": {}}
     for spec in config.nodes():
         node_metrics, predictions = evaluate_node(config, spec.name, models, data)
         node_metrics.update(train_samples=len(models[spec.name].meta["train_rows"]),

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from branching.config import parse_config
 from branching.pipeline import load_tree_data
@@ -66,3 +67,12 @@ def small_data(small_config, small_data_dir):
 def small_trained(small_config, small_data) -> dict:
     """The small tree's parent and mammals (the branch water reads), one epoch each, seed 0; both frozen."""
     return train_sources(small_config, small_data, get_recipe("default", 1), seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: a torch thread pool only contends with other work on shared CPUs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

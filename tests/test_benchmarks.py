@@ -19,3 +19,16 @@ def test_bench_recipes_runs_and_summarises(tmp_path, small_data_dir):
     assert done.returncode == 0, done.stderr
     assert "default / original total time:" in done.stdout and (tmp_path / "b" / "summary.json").is_file()
     assert "parent accuracy" in done.stdout and "± " not in done.stdout.split("parent accuracy")[1].splitlines()[0]
+
+
+def test_bench_kinds_runs_and_summarises(tmp_path):
+    from synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"],
+                          n_train=12, n_test=4)
+    done = run_command([REPO_ROOT / "benchmarks" / "bench_kinds.py", "--data", data, "--seeds", "0", "--kinds",
+                        "mlp,cnn", "--max-epochs", "1", "--out", tmp_path / "b"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "cnn / mlp time per seed:" in done.stdout and "parent MFLOPs per image" in done.stdout
+    summary = (tmp_path / "b" / "summary.json").read_text()
+    assert '"mlp"' in summary and '"cnn"' in summary

@@ -54,6 +54,19 @@ def test_flags_are_not_abbreviated_and_seed_goes_without_seeds(capsys, tmp_path,
     assert "--seed and --seeds: give one" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_usage_error_and_cpu_is_fine(capsys, tmp_path, monkeypatch):
+    import torchly
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--device", "cuda", "--data", "absent"]) == 2
+    err = one_line_error(capsys)
+    assert "argument --device: no CUDA device here" in err and "use cpu or auto" in err
+    assert cli.main(["run", "--device", "tpu", "--data", "absent"]) == 2
+    assert "must be auto, cpu or cuda" in one_line_error(capsys)
+    assert str(torchly.use_device("auto")) == "cpu" and str(torchly.DEVICE) == "cpu"
+
+
 def test_predict_batch_size_below_one_is_a_usage_error(capsys):
     assert cli.main(["predict", "--models", "absent", "x.png", "--batch-size", "0"]) == 2
     assert "argument --batch-size: must be at least 1, got 0; see branching predict --help" in one_line_error(capsys)

@@ -16,6 +16,8 @@ from branching.normalization import Normalizer
 from branching.routing import TreePredictor
 from torchly import Model
 
+from reference import REPO_ROOT
+
 CLASSES = ["beaver", "whale", "wolf", "sunflower"]
 PARENTS = {
     "cnn": 'parent = { classes = ["beaver", "whale", "wolf", "sunflower"], kind = "cnn", widths = [4, 8], depth = 1 }',
@@ -170,3 +172,17 @@ def test_a_cnn_parent_model_checks_its_config_shape(tmp_path):
     assert config.parent.kind == "cnn" and config.parent.shape_dict == {"widths": [4, 8], "depth": 1}
     model = Model([3072, 4], kind="cnn", shape=config.parent.shape_dict)
     assert [t["name"] for t in config.parent.taps()] == [t["name"] for t in model.feature_info]
+
+
+def test_a_cnn_parent_on_the_real_six_classes_learns_in_a_few_epochs(real_data_dir, tmp_path, capsys):
+    """Three epochs of the default CNN recipe (the full recipe's figures are in docs/kinds.md)."""
+    config = REPO_ROOT / "configs" / "cifar100-6-cnn.toml"
+    argv = ["run", "--config", str(config), "--data", str(real_data_dir), "--out", str(tmp_path / "out"),
+            "--max-epochs", "3", "--quiet", "--no-report", "--no-download", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["parent"]["test_samples"] == 600 and metrics["device"] == "cpu"
+    assert metrics["parent"]["test_accuracy"] > 0.5  # chance: 1/6
+    for branch in metrics["branches"].values():
+        assert branch["test_accuracy"] > 0.55  # chance: 1/3
+    assert "== tree (routed, end to end) ==" in capsys.readouterr().out

@@ -13,12 +13,7 @@ SMALL = {"mlp": dict(architecture=[3072, 12, 8, 4]),
          "vit": dict(architecture=[3072, 4], kind="vit", shape={"dim": 16, "depth": 3, "heads": 2, "patch": 8})}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def images(n=5, seed=0):

@@ -18,13 +18,7 @@ NUMPY_ACTIVATIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: a torch thread pool only contends with other work on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def numpy_hidden(model, X, layer, where):
