@@ -1,4 +1,5 @@
-"""torchly: a small Keras-like MLP on PyTorch (build, fit, predict, activations, save/load).
+"""torchly: small Keras-like networks on PyTorch (build, fit, predict, activations, save/load): the
+original's MLP, and the CNN and ViT of branching.nets.
 
 Every method that takes inputs follows the convention of `as_2d_float`. The model is in eval
 mode except while `fit` runs.
@@ -49,6 +50,8 @@ def use_device(name: str = "auto") -> torch.device:
                          f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'the CPU only'}); use cpu or auto")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda; got {name!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"no {device} here: {torch.cuda.device_count()} CUDA device(s); use cuda, cpu or auto")
     DEVICE = device
     return device
 
@@ -279,10 +282,10 @@ class Model:
         lr = _real(lr, "lr", lambda v: 0 < v < math.inf, "a positive number")
         weight_decay = _real(weight_decay, "weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
         label_smoothing = _real(label_smoothing, "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
-        self.net.to(DEVICE)  # and back to the CPU when fit ends
         params = [p for p in self.net.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model is frozen: it has no trainable parameters")
+        self.net.to(DEVICE)  # the parameters move in place; back to the CPU when fit ends
 
         if seed is not None:
             torch.manual_seed(_int(seed, "seed", minimum=0))  # dropout uses the global RNG

@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     print(f"\nlatency, one image per call: original style {1e3 * timings['orig']:.3f} ms, batched extraction "
           f"{1e3 * timings['extract1']:.3f} ms, routed tree {1e3 * timings['tree1']:.3f} ms "
           f"(target < {TARGET_LATENCY_MS:g} ms)")
+    if models["parent"].kind != "mlp":
+        print(f"arithmetic limit: not measured for a {models['parent'].kind} parent (it counts matrix products "
+              f"of Linear layers only; the figures below use the branches' alone)")
     print(f"arithmetic limit: torch.matmul reaches {matmul_rate / 1e9:.2f} GFLOP/s on the routed tree's shapes at "
           f"batch {bs}; at {tree_flops / 1e6:.2f} MFLOP/image that is {limit:.0f} images/s")
     print(f"routed tree / original style: {timings['orig'] / timings['tree']:.1f}x (target >= {TARGET_SPEEDUP:g}x); "

@@ -25,7 +25,7 @@ def guarded(main):
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
-        previous = _on_sigterm(_terminate)
+        previous, device = _on_sigterm(_terminate), torchly.DEVICE
         try:
             return main(*args, **kwargs) or 0
         except BranchingError as e:
@@ -41,6 +41,7 @@ def guarded(main):
             return 130
         finally:
             _on_sigterm(previous)
+            torchly.DEVICE = device  # --device holds for this command only
     return wrapper
 
 

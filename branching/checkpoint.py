@@ -91,11 +91,13 @@ def check_node(model: Model, spec, hint: str = "") -> None:
         raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
                               f"{list(spec.classes)} for {spec.name!r}; train it again{hint}")
     if kind == "branch":
-        wanted = (spec.source, spec.layer)
-        got = (meta.get("source"), meta.get("layer"))
+        wanted = (spec.source, spec.layer, spec.where, spec.pool)
+        got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
+        # where and pool unset in the config: the recipe's and the tap's defaults, whatever they were
+        got = tuple(g if w is not None or i < 2 else None for i, (g, w) in enumerate(zip(got, wanted)))
         if wanted != got:
-            raise CheckpointError(f"{path} reads {got[0]!r} layer {got[1]}, but the config says {wanted[0]!r} "
-                                  f"layer {wanted[1]}; train {spec.name!r} again{hint}")
+            raise CheckpointError(f"{path} reads (source, layer, where, pool) {got}, but the config says {wanted}; "
+                                  f"train {spec.name!r} again{hint}")
 
 
 def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:

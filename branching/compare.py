@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+import torchly
+
 from . import selective
 from .baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
                         run_linear_probe, run_read, run_parent_head, run_parent_unrestricted, run_scratch, run_scratch_mlp)
@@ -136,6 +138,7 @@ def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
 
 def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> list[str]:
     """What the methods do differently from the original study, for compare.md."""
+    mlp = config.parent.kind == "mlp"
     o, f = recipes.original.branch, recipes.finetune
     notes = [f"'{METHODS['branch_original']}': the original's branch recipe (Adam lr {o.lr:g}, weight decay "
              f"{o.weight_decay:g}, batch {o.batch_size}, dropout {o.dropout:g}, up to {o.epochs} epochs, early "
@@ -149,12 +152,14 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
                      "Pass --original-parent to train it.")
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
-        "branch's classes (images the parent never trained on), except the MLP from scratch, which holds "
-        "out its own stratified 15% of its classes' training images.",
+        "branch's classes (images the parent never trained on)" + (", except the MLP from scratch, which holds "
+        "out its own stratified 15% of its classes' training images." if mlp else "."),
         "Branches reading other layers train from activations computed once (plain and flipped, "
         "features.FeatureCache) instead of once per epoch as `run` does for the configured branch: the "
         "same coin flips and results up to rounding, but their training times are several times lower for "
-        "that reason alone.",
+        "that reason alone." if mlp else
+        "Every branch trains from activations computed once (plain and flipped, features.FeatureCache), as "
+        "`run` does on a CNN or ViT parent.",
         "Linear probe: scikit-learn LogisticRegression on standardised activations of the branch's layer, "
         "C chosen on validation log-loss; no flips.",
         f"Fine-tuning: the trained branch and a copy of the trunk below it (the parent itself is untouched), "
@@ -163,7 +168,11 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
         f"other outputs.",
         "MLP from scratch: the widths of the branch's whole inference path (pixels, the source layers up "
         "to the one the branch reads, the branch's layers), so it has the same parameters and FLOPs as "
-        "trunk plus branch; the default parent recipe, on the branch's classes only.",
+        "trunk plus branch; the default parent recipe, on the branch's classes only." if mlp else
+        f"Same network from scratch: the parent's {config.parent.kind} up to the tap the branch reads, then "
+        f"the branch's layers, with fresh weights (the same parameters and FLOPs as trunk plus branch), "
+        f"trained end to end on the pixels of the branch's classes with the default {config.parent.kind} "
+        f"recipe, validated as the fine-tuning.",
     ]
     return notes
 
@@ -174,6 +183,10 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
     """compare_seed for each seed, then summaries and OUT/compare.{json,md,png}; returns the result."""
     if not config.branches:
         raise ConfigError(f"{config.path or '<config>'} has no branches: nothing to compare")
+    recipes = Recipes.capped(max_epochs)
+    recipes.default.parent_for(config.parent.kind)  # recipes for this kind of parent, before any work
+    if original_parent:
+        recipes.original.parent_for(config.parent.kind)
     with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
         return _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, download, progress, command)
 
@@ -200,7 +213,8 @@ def _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, down
              "max_epochs": max_epochs, "original_parent": original_parent,
              "parent_classes": list(config.parent.classes), "branches": branches,
              "machine": f"{os.cpu_count()} CPU cores shared with other work, torch {torch.__version__} "
-                        f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"}
+                        f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}), "
+                        f"training on {torchly.DEVICE}"}
     result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
               "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
                           "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}

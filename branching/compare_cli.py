@@ -55,6 +55,7 @@ def _command(args) -> str:
         words += ["--max-epochs", str(args.max_epochs)]
     if args.original_parent:
         words.append("--original-parent")
+    words += ["--device", args.device]
     return shlex.join(words)
 
 

@@ -92,6 +92,8 @@ def staged_dir(path, what: str = "--out"):
     Everything that can be checked is checked on entry, before any work.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{what} {path} is a symbolic link; give the folder it points to ({path.resolve()})")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file; give a folder (it is replaced by the run's output)")
     if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in RUN_MARKERS):

@@ -18,6 +18,7 @@ KINDS = ("mlp", "cnn", "vit")
 WHERE = ("pre", "post")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
 IMAGE = (3, 32, 32)
+MAX_STAGES = 6  # a CNN stage halves the side: 32, 16, 8, 4, 2, 1
 # shape keys of each kind and their defaults (the MLP's are its architecture, activation and dropout)
 SHAPES = {"cnn": {"widths": [32, 64, 128], "depth": 2},
           "vit": {"dim": 96, "depth": 4, "heads": 4, "patch": 4, "mlp_ratio": 2}}
@@ -164,10 +165,15 @@ def check_shape(kind: str, shape) -> dict:
         raise ValueError(f"unknown {kind} shape keys {unknown}; {kind} takes {', '.join(SHAPES[kind])}")
     out = {**SHAPES[kind], **shape}
     for key, value in out.items():
-        values = value if isinstance(value, list) else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ValueError(f"{kind} {key} must be {'a list of ' if key == 'widths' else ''}positive integers; "
+        listed = key == "widths"
+        values = value if listed and isinstance(value, (list, tuple)) else [value]
+        if (listed and not isinstance(value, (list, tuple))) or not values or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{kind} {key} must be {'a list of positive integers' if listed else 'a positive integer'}; "
                              f"got {value!r}")
+    if kind == "cnn" and len(out["widths"]) > MAX_STAGES:
+        raise ValueError(f"cnn widths: at most {MAX_STAGES} stages (each halves the 32-pixel side); got "
+                         f"{len(out['widths'])}")
     return out
 
 

@@ -184,7 +184,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
-            "recipe": recipe.to_dict(), "seed": seed, "validation": validation,
+            "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict()}
     return model, meta

@@ -49,8 +49,10 @@ class Recipe:
         return found
 
     def to_dict(self, kind: str = "mlp") -> dict:
-        """The recipe as a checkpoint records it: with the parent recipe of `kind`."""
-        return {"name": self.name, "parent": asdict(self.parent_for(kind)), "branch": asdict(self.branch)}
+        """The recipe as a checkpoint records it: with the parent recipe of `kind` (None where it has none,
+        as the original's for a branch of a CNN parent)."""
+        parent = self.parent if kind == "mlp" else dict(self.kinds).get(kind)
+        return {"name": self.name, "parent": None if parent is None else asdict(parent), "branch": asdict(self.branch)}
 
 
 ORIGINAL = Recipe(

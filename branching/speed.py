@@ -18,6 +18,7 @@ import torch
 from torchly import Model
 
 from .data import N_PIXELS
+from . import cost, nets
 from .forward import chain
 from .normalization import Normalizer
 from .routing import TreePredictor
@@ -42,7 +43,7 @@ def original_style(chain: list[Model], normalizer: Normalizer, images: np.ndarra
                     lambda module, inputs, output: caught.__setitem__("x", output))
                 source.net(x)
                 hook.remove()
-                x = caught["x"]
+                x = nets.pool(caught["x"], reader.meta.get("pool") or "flat")
             probabilities = torch.softmax(chain[-1].net(x), dim=1)[0].numpy()
         predicted[i], confidence[i] = probabilities.argmax(), probabilities.max()
     return predicted, confidence
@@ -53,20 +54,21 @@ def batched_extraction(chain: list[Model], normalizer: Normalizer, images: np.nd
     """torchly's batched get_activations along the chain (each model only up to the layer read), then the branch."""
     x = normalizer.transform(images)
     for source, reader in zip(chain[:-1], chain[1:]):
-        x = source.get_activations(x, layer=reader.meta["layer"], where=reader.meta["where"], batch_size=batch_size)
+        x = source.get_activations(x, layer=reader.meta["layer"], where=reader.meta["where"],
+                                   pool=reader.meta.get("pool"), batch_size=batch_size)
     probabilities = chain[-1].predict_proba(x)
     return probabilities.argmax(axis=1), probabilities.max(axis=1)
 
 
 def chain_flops(chain: list[Model], full: bool) -> int:
-    """Forward FLOPs per image along a chain: every model whole (full) or only up to the layer read."""
+    """Forward FLOPs per image along a chain (as torch counts them): every model whole (full) or only up
+    to the layer the next one reads."""
     total = 0
-    for i, model in enumerate(chain):
-        widths = model.architecture
-        if not full and i + 1 < len(chain):
-            widths = widths[:chain[i + 1].meta["layer"] + 2]
-        total += sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
-    return total
+    for source, reader in zip(chain[:-1], chain[1:]):
+        x = torch.zeros(1, source.architecture[0])
+        total += cost.counted(lambda: source.net(x) if full else
+                              source.hidden_forward(x, reader.meta["layer"], reader.meta["where"]))
+    return total + cost.counted(lambda: chain[-1].net(torch.zeros(1, chain[-1].architecture[0])))
 
 
 def seconds_per_call(fn, repeats: int) -> float:
@@ -149,12 +151,16 @@ def random_tree(config, seed: int = 0) -> dict[str, Model]:
     norm = Normalizer(rng.uniform(100, 150, N_PIXELS), rng.uniform(40, 70, N_PIXELS))
     models: dict[str, Model] = {}
     for i, spec in enumerate(config.nodes()):
-        width = N_PIXELS if spec.source is None else models[spec.source].width(spec.layer)
-        model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, seed=seed + i)
+        if spec.kind != "mlp":
+            model = Model([N_PIXELS, len(spec.classes)], seed=seed + i, kind=spec.kind, shape=spec.shape_dict)
+        else:
+            where = None if spec.source is None else (spec.where or "pre") if models[spec.source].kind == "mlp" else None
+            width = N_PIXELS if spec.source is None else models[spec.source].width(spec.layer, where, spec.pool)
+            model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, seed=seed + i)
         model.meta = {"name": spec.name, "classes": list(spec.classes)}
         if spec.source is None:
             model.meta["normalization"] = norm.to_dict()
         else:
-            model.meta.update(source=spec.source, layer=spec.layer, where=spec.where or "pre")
+            model.meta.update(source=spec.source, layer=spec.layer, where=where, pool=spec.pool)
         models[spec.name] = model.freeze()
     return models

@@ -173,6 +173,12 @@ def bad_out_under_file(tmp_path):
     return ["--out", str(tmp_path / "taken" / "OUT")], "cannot write in"
 
 
+def bad_out_symlink(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    return ["--out", str(tmp_path / "link")], "is a symbolic link"
+
+
 def bad_cache_file(tmp_path):
     (tmp_path / "cache").write_text("x")
     return ["--cache", str(tmp_path / "cache")], "is a file"
@@ -186,7 +192,8 @@ def bad_cache_inside_out(tmp_path):
     (["--seed", "-1"], "must be a whole number from 0 to 4294967295"),
     (["--seed", str(2**32)], "must be a whole number from 0 to 4294967295"),
     (["--seeds", "0,4294967296"], "distinct integers from 0 to 4294967295"),
-    (bad_out_file, None), (bad_out_under_file, None), (bad_cache_file, None), (bad_cache_inside_out, None),
+    (bad_out_file, None), (bad_out_under_file, None), (bad_out_symlink, None), (bad_cache_file, None),
+    (bad_cache_inside_out, None),
 ])
 def test_bad_paths_and_values_fail_before_any_work(workspace, capsys, no_training, extra, expected):
     tmp_path, data = workspace

@@ -120,6 +120,9 @@ BAD = [
     ('parent = { classes = ["beaver", "whale"], kind = "vit", widths = [4] }', "widths: is a key of cnn parents"),
     ('parent = { classes = ["beaver", "whale"], kind = "cnn", hidden = [4] }', "hidden: is a key of mlp parents"),
     ('parent = { classes = ["beaver", "whale"], kind = "vit", patch = 5 }', "patch 5 must divide 32"),
+    ('parent = { classes = ["beaver", "whale"], kind = "cnn", widths = 64 }', "widths must be a list"),
+    ('parent = { classes = ["beaver", "whale"], kind = "cnn", depth = [2] }', "depth must be a positive integer"),
+    ('parent = { classes = ["beaver", "whale"], kind = "cnn", widths = [4, 4, 4, 4, 4, 4, 4] }', "at most 6 stages"),
 ]
 
 
@@ -135,13 +138,19 @@ def test_bad_kinds_taps_pools_and_keys_are_config_errors(text, expected, tmp_pat
 
 
 def test_the_original_recipe_is_for_mlp_parents_only(tmp_path, small_data_dir, capsys, monkeypatch):
+    import branching.compare as compare
+
     monkeypatch.setattr(pipeline, "load_tree_data", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.setattr(compare, "load_tree_data", lambda *a, **k: pytest.fail("data read before the check"))
     (tmp_path / "cnn.toml").write_text(PARENTS["cnn"] + BRANCHES)
     for argv in (["run", "--out", str(tmp_path / "out")], []):
         command = cli.main if argv else (lambda a: cli.train_script("parent", a))
         assert command([*argv, "--config", str(tmp_path / "cnn.toml"), "--data", str(small_data_dir),
                         "--recipe", "original", "--no-download"]) == 2
         assert "trains MLP parents only" in capsys.readouterr().err
+    assert cli.main(["compare", "--config", str(tmp_path / "cnn.toml"), "--data", str(small_data_dir), "--out",
+                     str(tmp_path / "cmp"), "--original-parent", "--no-download"]) == 2
+    assert "trains MLP parents only" in capsys.readouterr().err
 
 
 def test_per_channel_normalisation_against_numpy():
