@@ -98,7 +98,7 @@ class Model:
                                                           "None or a float in [0, 1)")
         self.meta: dict = {}
         self.history: dict | None = None
-        _check_size(self._describe(), _count_on_meta(self._build))
+        declared_network(kind, self.architecture, activation, self.dropout, self.shape)  # its size, on meta
         if seed is None:
             self.net = self._build()
         else:
@@ -110,9 +110,6 @@ class Model:
 
     def _build(self) -> nn.Module:
         return nets.build(self.kind, self.architecture, self.activation, self.dropout, self.shape)
-
-    def _describe(self) -> str:
-        return str(self.architecture) if self.kind == "mlp" else f"{self.kind} {self.shape} -> {self.architecture[-1]}"
 
     def __repr__(self) -> str:
         if self.kind == "mlp":
@@ -458,33 +455,30 @@ def _check_architecture(architecture, kind="mlp") -> list:
     return [int(w) for w in arch]
 
 
-def parameter_count(architecture) -> int:
-    """Weights and biases of the MLP [in, hidden..., out]."""
-    return sum(a * b + b for a, b in zip(architecture[:-1], architecture[1:]))
-
-
-def _count_on_meta(build) -> int:
-    """Parameters of the network `build` makes, counted without allocating its weights."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build().parameters())
-
-
-def _check_size(described: str, n: int) -> None:
-    if n > MAX_PARAMETERS:
-        raise ValueError(f"architecture {described} has {n:,} parameters ({4 * n / 2**30:.1f} GiB of float32), more "
-                         f"than the limit of {MAX_PARAMETERS:,}; use narrower layers")
-
-
-def _check_state_dict(architecture, activation, dropout, kind, shape, state_dict) -> None:
-    """The stored tensors must be exactly those the declared network has, checked on a copy built on
-    torch's meta device: a file that declares huge layers and stores small tensors would otherwise
-    allocate the huge ones before loading fails."""
+def declared_network(kind, architecture, activation="relu", dropout=None, shape=None) -> nn.Module:
+    """The network these arguments declare, checked, built on torch's meta device (no weights are
+    allocated), and refused if it has more than MAX_PARAMETERS parameters."""
     shape = nets.check_shape(kind, shape or {})
     arch = _check_architecture(architecture, kind)
     with torch.device("meta"):
-        declared = nets.build(kind, arch, activation, dropout, shape)
-    described = str(arch) if kind == "mlp" else f"{kind} {shape}"
-    _check_size(described, sum(p.numel() for p in declared.parameters()))
+        net = nets.build(kind, arch, activation, dropout, shape)
+    n = sum(p.numel() for p in net.parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"architecture {_describe(kind, arch, shape)} has {n:,} parameters ({4 * n / 2**30:.1f} GiB "
+                         f"of float32), more than the limit of {MAX_PARAMETERS:,}; use narrower layers")
+    return net
+
+
+def _describe(kind, architecture, shape) -> str:
+    return str(architecture) if kind == "mlp" else f"{kind} {shape}"
+
+
+def _check_state_dict(architecture, activation, dropout, kind, shape, state_dict) -> None:
+    """The stored tensors must be exactly those the declared network has (compared on its meta-device
+    copy): a file that declares huge layers and stores small tensors would otherwise allocate the huge
+    ones before loading fails."""
+    declared = declared_network(kind, architecture, activation, dropout, shape)
+    described = _describe(kind, _check_architecture(architecture, kind), nets.check_shape(kind, shape or {}))
     expected = {k: tuple(v.shape) for k, v in declared.state_dict().items()}
     if not isinstance(state_dict, dict):
         raise ValueError("state_dict is not a dict")

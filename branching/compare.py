@@ -188,13 +188,14 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
     if original_parent:
         recipes.original.parent_for(config.parent.kind)
     with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
-        return _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, download, progress, command)
+        return _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
+                            command)
 
 
-def _run_compare(config, data_dir, out, seeds, max_epochs, original_parent, download, progress, command) -> dict:
+def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
+                 command) -> dict:
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     data = load_tree_data(config, data_dir, download=download, progress=progress)
-    recipes = Recipes.capped(max_epochs)
     seed_results = []
     with tempfile.TemporaryDirectory(prefix="compare-features-") as cache_dir:
         for seed in seeds:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchly import ACTIVATIONS, MAX_PARAMETERS, WHERE, Model, parameter_count
+from torchly import ACTIVATIONS, WHERE, declared_network
 
 from . import nets
 
@@ -391,17 +391,13 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                                       f"to one child, so siblings must not share classes")
     for name, node in nodes.items():
         table = "[parent]" if name == "parent" else f"[branches.{name}]"
-        if node["kind"] != "mlp":
-            try:  # counted on torch's meta device: nothing is allocated
-                Model([N_PIXELS, len(node["classes"])], kind=node["kind"], shape=NodeSpec(**node).shape_dict)
-            except ValueError as e:
-                raise ConfigError(f"{origin}: {table} {e}") from None
-            continue
-        fan_in = N_PIXELS if name == "parent" else node["width"]
-        widths = [fan_in, *node["hidden"], len(node["classes"])]
-        if parameter_count(widths) > MAX_PARAMETERS:
-            raise ConfigError(f"{origin}: {table} hidden: the network {widths} has {parameter_count(widths):,} "
-                              f"parameters, more than the limit of {MAX_PARAMETERS:,}; use narrower layers")
+        mlp = node["kind"] == "mlp"
+        widths = [N_PIXELS if name == "parent" else node["width"], *node["hidden"], len(node["classes"])]
+        try:  # built on torch's meta device: nothing is allocated
+            declared_network(node["kind"], widths if mlp else [N_PIXELS, len(node["classes"])],
+                             shape=NodeSpec(**{k: v for k, v in node.items() if k != "width"}).shape_dict)
+        except ValueError as e:
+            raise ConfigError(f"{origin}: {table} {'hidden: ' if mlp else ''}{e}") from None
     for node in nodes.values():
         node.pop("width", None)
     specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
