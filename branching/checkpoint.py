@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torchly import Model
 
+from . import nets
 from .config import TreeConfig
 from .errors import CheckpointError, ConfigError
 
@@ -84,7 +85,12 @@ def check_node(model: Model, spec, hint: str = "") -> None:
     kind = "parent" if spec.source is None else "branch"
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
-    if (model.kind, model.shape) != (spec.kind, spec.shape_dict if spec.kind != "mlp" else {}):
+    if spec.kind == "module" and model.kind == "module" and \
+            model.shape["weights_sha256"] != spec.shape_dict["weights_sha256"]:
+        raise CheckpointError(f"{path} was built from weights with sha256 {model.shape['weights_sha256'][:16]}..., but "
+                              f"{spec.shape_dict['weights']} now has sha256 {spec.shape_dict['weights_sha256'][:16]}...; "
+                              f"restore that file, or run the tree again on the new weights{hint}")
+    if (model.kind, model.shape) != (spec.kind, nets.check_shape(spec.kind, spec.shape_dict)):
         raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
                               f"{spec.shape_dict or ''} for {spec.name!r}; train it again{hint}")
     if list(meta.get("classes", [])) != list(spec.classes):

@@ -37,6 +37,9 @@ def cmd_compare(args) -> int:
     from .seeds import parse_seeds
 
     config = load_config(args.config)
+    if config.parent.kind == "module":
+        raise ConfigError(f"{config.path}: compare is not built for a module parent (kind = \"module\"): its "
+                          f"baselines train or fine-tune the parent; use run and probe-layers")
     seeds = parse_seeds(args.seeds)
     result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
                          original_parent=args.original_parent, download=not args.no_download,

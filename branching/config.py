@@ -16,7 +16,7 @@ import torch
 
 from torchly import ACTIVATIONS, WHERE, declared_network
 
-from . import nets
+from . import module_parent, nets
 
 from .data import N_PIXELS
 from .nets import KINDS, SHAPES
@@ -40,7 +40,8 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 TOP_KEYS = ("parent", "branches")
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
-PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, "dropout", "accept")
+MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, "dropout", "accept")
 BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature")
 RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
@@ -87,7 +88,7 @@ class NodeSpec:
                     for i, width in enumerate(self.hidden) for where in WHERE]
         with torch.device("meta"):
             return nets.build(self.kind, [N_PIXELS, len(self.classes)], dropout=self.dropout,
-                              shape=self.shape_dict).feature_info
+                              shape=nets.check_shape(self.kind, self.shape_dict)).feature_info
 
     def class_index(self, name: str) -> int:
         """Label id of class `name` in this node."""
@@ -315,7 +316,8 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     t = _Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
     kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
     for key in t.data:
-        owners = ["mlp"] if key in MLP_KEYS else [k for k, keys in SHAPES.items() if key in keys]
+        owners = (["mlp"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
+                  else [k for k, keys in SHAPES.items() if key in keys])
         if owners and kind not in owners:
             raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",
                           f"remove it, or set kind = \"{owners[0]}\"")
@@ -327,7 +329,12 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
         accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind)
-    if kind != "mlp":
+    if kind == "module":
+        if "accept" in t.data and not t.data.get("head"):
+            raise t.error("accept", "needs the parent's head, which a module parent only has with head = true",
+                          "remove [parent.accept], or set head = true")
+        fields["shape"] = tuple(module_parent.parse_keys(t, fields["classes"]).items())
+    elif kind != "mlp":
         try:
             shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
         except ValueError as e:
@@ -405,6 +412,12 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     return TreeConfig(parent=parent, branches=specs, path=path)
 
 
+def _names(taps, n=12) -> str:
+    names = [t["name"] for t in taps]
+    more = f" (+{len(names) - n} more; branching probe-layers lists them)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
 def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
     """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
     "post"), checked with its pool; node["width"] is the width the branch reads."""
@@ -417,7 +430,7 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
         found = [t for t in taps if t["name"] == layer]
         if not found:
             raise ConfigError(f"{origin}: {table} layer: {source['name']!r} has no tap {layer!r}; its taps are "
-                              f"{', '.join(t['name'] for t in taps)}")
+                              f"{_names(taps)}")
         if mlp and node["where"] not in (None, found[0]["where"]):
             raise ConfigError(f"{origin}: {table} where: contradicts layer {layer!r}; remove one of the two")
         node["layer"], node["where"] = found[0]["layer"], found[0]["where"] if mlp else None
@@ -440,8 +453,8 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
 
 def _node_to_dict(node: NodeSpec) -> dict:
     d: dict[str, Any] = {"classes": list(node.classes)}
-    if node.kind != "mlp":
-        d.update(kind=node.kind, **node.shape_dict)
+    if node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
+        d.update(kind=node.kind, **{k: v for k, v in node.shape_dict.items() if k != "weights_sha256"})
     if node.source is not None:
         d.update({"from": node.source, "layer": node.layer})
     if node.kind == "mlp":

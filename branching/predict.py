@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="CIFAR-100 folder: predict a whole split instead of files")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
     p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
+    p.add_argument("--branch", default=None, metavar="NAME",
+                   help="send every image straight to this branch instead of routing from the parent (needed for a "
+                        "module parent without a head and several branches)")
     p.add_argument("--batch-size", type=positive_int, default=BATCH, help=f"images per batch (default {BATCH})")
     p.set_defaults(func=cmd_predict)
 
@@ -142,7 +145,7 @@ def cmd_predict(args) -> int:
     if args.out is not None:
         check_new_file(args.out, "--out")
     config = load_config(args.config) if args.config else None
-    predictor = TreePredictor.load(args.models, config)
+    predictor = TreePredictor.load(args.models, config, args.branch)
     if args.data:
         names, pixels, truth = load_split_inputs(args.data, args.split)
         errors: list[str] = []

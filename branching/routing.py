@@ -31,7 +31,7 @@ from .checkpoint import load_folder
 from .config import TreeConfig
 from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
-from .forward import reads
+from .forward import node_input, reads
 from .metrics import classification_summary, format_report
 from .selective import selective_summary
 from .normalization import Normalizer
@@ -168,7 +168,7 @@ class TreePredictions:
 class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
-    def __init__(self, config: TreeConfig, models: dict[str, Model]):
+    def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None):
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
             raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")
@@ -187,12 +187,14 @@ class TreePredictor:
             node.add_children([by_name[c.name] for c in config.children(node.name)])
         self.root = self.nodes[0]
         self.chains = tuple(tuple(config.chain(n.name)) for n in self.nodes)
+        self.models = models
+        self.entry = None if entry is None and parent.has_head else by_name[entry_branch(config, parent, entry)]
 
     @classmethod
-    def load(cls, models_dir, config: TreeConfig | None = None) -> TreePredictor:
+    def load(cls, models_dir, config: TreeConfig | None = None, entry: str | None = None) -> TreePredictor:
         """Load every model in a folder (or in its models/ subfolder), checking their lineage."""
         config, models = load_folder(models_dir, config)
-        return cls(config, models)
+        return cls(config, models, entry)
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -215,8 +217,13 @@ class TreePredictor:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
-                x = self._input(chunk)
-                self._route(self.root, x, None, {k: v[start:start + batch_size] for k, v in arrays.items()})
+                batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+                if self.entry is None:
+                    self._route(self.root, self._input(chunk), None, batch)
+                else:  # straight to the entry branch: its chain's trunks run, nothing routes above it
+                    x = torch.from_numpy(self.root.normalizer.transform(chunk.astype(np.float32)))
+                    self._route(self.entry, node_input(self.models, self.entry.name, x), None, batch)
+                    batch["parent_predicted"][:] = -1
         return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
 
     def _input(self, pixels: np.ndarray) -> torch.Tensor:
@@ -262,6 +269,21 @@ class TreePredictor:
     def layer_shapes(self) -> dict[str, list[tuple[int, int]]]:
         """(fan_in, fan_out) of every Linear of each node, in order."""
         return {node.name: [tuple(w.shape) for w, _ in node.weights] for node in self.nodes}
+
+
+def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
+    """The branch every image goes to without routing: `entry` (any branch), or for a parent without a head
+    (a module parent) its only branch; a parent without a head and several branches needs `entry`."""
+    if entry is not None:
+        if entry not in config.branches:
+            raise ConfigError(f"--branch {entry}: no such branch; use one of {', '.join(config.branches)}")
+        return entry
+    children = [c.name for c in config.children("parent")]
+    if len(children) == 1:
+        return children[0]
+    raise ConfigError(f"the parent ({parent.shape.get('module', parent.kind)}) has no head, so it cannot route "
+                      f"between its branches {', '.join(children)}; pass --branch NAME, or set head = true in "
+                      f"[parent] if the module's outputs are the classes in order")
 
 
 # ---- evaluation ------------------------------------------------------------------------------
