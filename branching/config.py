@@ -425,7 +425,7 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
     layer, mlp = node["layer"], source["kind"] == "mlp"
     if not mlp and node["where"] is not None:
         raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
-                          f"{source['kind']} whose taps are {', '.join(t['name'] for t in taps)}; remove it")
+                          f"{source['kind']} whose taps are {_names(taps)}; remove it")
     if isinstance(layer, str):
         found = [t for t in taps if t["name"] == layer]
         if not found:

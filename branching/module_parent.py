@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 SIDE = 32                       # the CIFAR images every model receives, as flat (N, 3 * 32 * 32)
 INPUT_SIZES = (8, 1024)         # the range of input_size
 TAP_DEPTH = 2                   # taps: submodules at most this many levels below the root
@@ -226,15 +228,15 @@ def read_weights(path, mmap: bool = False) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format: no mmap
     except pickle.UnpicklingError:
-        raise ValueError(f"weights {path} holds objects other than tensors and plain data, which loading could "
+        raise ValueError(f"{path} holds objects other than tensors and plain data, which loading could "
                          f"run code from; save only the module's state_dict (torch.save(net.state_dict(), path))") \
             from None
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"weights {path} is not a readable torch file ({_first_line(e)}); save the module's "
+        raise ValueError(f"{path} is not a readable torch file ({_first_line(e)}); save the module's "
                          f"state_dict with torch.save") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise ValueError(f"weights {path} is not a state_dict (a dict of tensors); save "
+        raise ValueError(f"{path} is not a state_dict (a dict of tensors); save "
                          f"torch.save(net.state_dict(), path)")
     return state
 
@@ -248,7 +250,7 @@ def match_weights(state_shapes: dict, wanted: dict, path) -> None:
         parts = [f"{label} {_some(keys)}" for label, keys in (("missing keys", missing),
                                                               ("unexpected keys", unexpected)) if keys]
         parts += [f"{k}: file {tuple(state_shapes[k])}, module {tuple(wanted[k])}" for k in wrong[:2]]
-        raise ValueError(f"weights {path} do not match the module ({'; '.join(parts)}); pass the state_dict saved "
+        raise ValueError(f"{path} does not match the module ({'; '.join(parts)}); pass the state_dict saved "
                          f"from this module with these kwargs")
 
 
@@ -297,8 +299,8 @@ def parse_keys(table, classes) -> dict:
                           "never downloads weights)")
     try:
         found = describe(path, kwargs, size)
-    except ValueError as e:
-        raise table.error("module", str(e), "see [parent] module and kwargs") from None
+    except ValueError as e:  # the message names the module and the fix
+        raise ConfigError(f"{table.origin}: [{table.name}] {e}") from None
     if head and found["output"] != (len(classes),):
         raise table.error("head", f"the module's output is {found['output']}, not ({len(classes)},) (one logit per "
                                   f"class, in the order of classes)", "remove head = true, or set kwargs so that "
@@ -306,8 +308,8 @@ def parse_keys(table, classes) -> dict:
     try:
         match_weights({k: tuple(v.shape) for k, v in read_weights(weights, mmap=True).items()}, found["state"],
                       weights)
-    except ValueError as e:
-        raise table.error("weights", str(e), "see the README, \"Bring your own parent\"") from None
+    except ValueError as e:  # the message names the file and the fix
+        raise ConfigError(f"{table.origin}: [{table.name}] weights: {e}") from None
     weights = str(Path(weights).resolve())
     return {"module": path, "kwargs": kwargs, "weights": weights, "input_size": size, **stats, "head": head,
             "weights_sha256": weights_sha256(weights)}

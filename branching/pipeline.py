@@ -148,7 +148,7 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     try:
         load_weights(model.net, shape["weights"])
     except ValueError as e:
-        raise ConfigError(f"{config.path or '<config>'}: [parent] {e}") from None
+        raise ConfigError(f"{config.path or '<config>'}: [parent] weights: {e}") from None
     model.freeze()
     log(f"parent (module {shape['module']}, {sum(p.numel() for p in model.net.parameters()):,} parameters, frozen, "
         f"{'its head used' if model.has_head else 'no head'}): {len(train_idx)} training images, {len(val_idx)} "
