@@ -227,7 +227,10 @@ def read_weights(path, mmap: bool = False) -> dict:
             if not mmap:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format: no mmap
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of objects: not a torch file at all
+            raise ValueError(f"{path} is not a readable torch file; save the module's state_dict with torch.save") \
+                from None
         raise ValueError(f"{path} holds objects other than tensors and plain data, which loading could "
                          f"run code from; save only the module's state_dict (torch.save(net.state_dict(), path))") \
             from None
