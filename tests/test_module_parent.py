@@ -357,3 +357,14 @@ def test_compare_and_the_original_recipe_refuse_a_module_parent(tmp_path, weight
     assert "compare is not built for a module parent" in capsys.readouterr().err
     assert cli.main(["run", *base, "--recipe", "original"]) == 2
     assert "needs --recipe default" in capsys.readouterr().err
+
+
+def test_several_seeds_with_a_parent_without_a_head(tmp_path, small_data_dir, weights, capsys):
+    (tmp_path / "tree.toml").write_text(parent_table(weights) + TWO_LEVELS.split("[branches.water]")[0])
+    argv = ["run", "--config", str(tmp_path / "tree.toml"), "--data", str(small_data_dir), "--out",
+            str(tmp_path / "out"), "--seeds", "0,1", "--max-epochs", "1", "--quiet", "--no-download"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["parent"] == {} and metrics["branches"]["mammals"]["test_accuracy"]["n"] == 2
+    assert (tmp_path / "out" / "report.md").is_file()
