@@ -94,6 +94,9 @@ def cmd_probe_layers(args) -> int:
         epochs = models["parent"].meta["history"]["epochs_run"]
         origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
                   f"{models['parent'].meta['history']['seconds']:.0f} s")
+        if models["parent"].kind == "module":
+            origin = (f"the module parent {models['parent'].shape['module']} loaded here (frozen), its hold-out "
+                      f"drawn with seed {args.seed or 0}")
     table, best, seconds = run_probe_layers(config, models, data)
     print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")
     print(format_probe_table(table, best))

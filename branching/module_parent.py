@@ -34,6 +34,7 @@ INPUT_SIZES = (8, 1024)         # the range of input_size
 TAP_DEPTH = 2                   # taps: submodules at most this many levels below the root
 SPEC_KEYS = ("module", "kwargs", "weights", "input_size", "mean", "std", "head")
 MODEL_KEYS = ("module", "kwargs", "input_size", "head", "weights_sha256")  # what the network's shape records
+MAX_PARAMETERS = 250_000_000  # torchly.MAX_PARAMETERS (which imports this module): no real build beyond it
 CALLABLE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
@@ -83,16 +84,21 @@ def _described(path: str, kwargs_json: str, input_size: int) -> dict:
     """One build and one dummy forward pass (meta device where possible): taps, output and state_dict
     shapes, parameter count."""
     kwargs = json.loads(kwargs_json)
+    load_callable(path)  # a path that does not import fails here, on either device
+    size = None
     try:
         with torch.device("meta"):
             net = build_module(path, kwargs)
+        size = sum(p.numel() for p in net.parameters())
         return _trace(net, torch.empty(1, 3, input_size, input_size, device="meta"))
-    except ValueError:
-        raise
-    except Exception:  # noqa: BLE001 - the module does not run on the meta device: a real zero image
-        net = build_module(path, kwargs)
-        with torch.no_grad():
-            return _trace(net, torch.zeros(1, 3, input_size, input_size))
+    except Exception:  # noqa: BLE001 - it does not build or run on the meta device: again for real, on zeros
+        pass
+    if size is not None and size > MAX_PARAMETERS:
+        raise ValueError(f"module {path!r} has {size:,} parameters, more than the limit of {MAX_PARAMETERS:,}; "
+                         f"use a smaller module")
+    net = build_module(path, kwargs)
+    with torch.no_grad():
+        return _trace(net, torch.zeros(1, 3, input_size, input_size))
 
 
 def _trace(net: nn.Module, x: torch.Tensor) -> dict:
@@ -137,7 +143,7 @@ class ModuleNet(nn.Module):
     def __init__(self, classes, module, kwargs=None, input_size=SIDE, head=False, weights_sha256=""):
         super().__init__()
         kwargs = dict(kwargs or {})
-        self.module = build_module(module, kwargs)
+        self.module = build_module(module, kwargs).float()  # float32, as every model here
         self.input_size, self.head = int(input_size), bool(head)
         found = describe(module, kwargs, input_size)
         if self.head and found["output"] != (classes,):
@@ -167,9 +173,10 @@ class ModuleNet(nn.Module):
 
         def hook(i):
             def record(module, inputs, output):
-                found[i] = output
                 if i == last:
+                    found[i] = output
                     raise _StopForward
+                found[i] = output.clone()  # a later in-place operation (ReLU(inplace=True)) would change it
             return record
 
         handles = [self.module.get_submodule(self.feature_info[i]["name"]).register_forward_hook(hook(i))
@@ -304,6 +311,9 @@ def parse_keys(table, classes) -> dict:
         found = describe(path, kwargs, size)
     except ValueError as e:  # the message names the module and the fix
         raise ConfigError(f"{table.origin}: [{table.name}] {e}") from None
+    if found["parameters"] > MAX_PARAMETERS:
+        raise table.error("module", f"has {found['parameters']:,} parameters, more than the limit of "
+                                    f"{MAX_PARAMETERS:,}", "use a smaller module or other kwargs")
     if head and found["output"] != (len(classes),):
         raise table.error("head", f"the module's output is {found['output']}, not ({len(classes)},) (one logit per "
                                   f"class, in the order of classes)", "remove head = true, or set kwargs so that "

@@ -58,7 +58,8 @@ def by_hand(net, x, input_size=32):
     images = x.reshape(-1, 3, 32, 32)
     if input_size != 32:
         images = F.interpolate(images, size=(input_size, input_size), mode="bilinear", antialias=True)
-    out = {"stem": net.stem(images)}
+    out = {"stem.0": net.stem[0](images)}
+    out["stem"] = net.stem[1](out["stem.0"].clone())
     out["layer1"] = net.layer1(out["stem"])
     out["layer2"] = net.layer2(out["layer1"])
     out["pool"] = net.pool(out["layer2"])
@@ -86,7 +87,7 @@ def test_taps_equal_plain_calls_of_the_submodules(weights, input_size):
     reference.load_state_dict(torch.load(weights, weights_only=True))
     reference.eval()
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 3072)).astype(np.float32))
-    names = ["stem", "layer1", "layer2", "pool", "head"]
+    names = ["stem.0", "stem", "layer1", "layer2", "pool", "head"]  # stem.0 is followed by an in-place ReLU
     with torch.no_grad():
         expected = by_hand(reference, x, input_size)
         output, found = model.forward_intermediates(x, [(n, None) for n in names], stop_early=False)
@@ -113,6 +114,17 @@ def test_stop_early_does_not_run_the_modules_after_the_deepest_tap(weights):
     with torch.no_grad():
         model.forward_intermediates(x, [("layer1", None)], stop_early=False)
     assert calls == ["layer1", "layer2", "head"]
+
+
+def test_a_module_that_cannot_run_on_the_meta_device_is_described_on_zeros(weights):
+    from branching import module_parent
+
+    with pytest.raises(Exception):
+        with torch.device("meta"):
+            tiny_backbone.build_needs_values()(torch.empty(1, 3, 32, 32))
+    found = module_parent.describe("tiny_backbone:build_needs_values", {}, 24)
+    assert found["output"] == (4,) and {"name": "layer1", "shape": (8, 12, 12)} in found["taps"]
+    assert found["parameters"] == sum(p.numel() for p in tiny_backbone.build().parameters())
 
 
 def test_a_module_parent_is_never_trained_and_has_no_logits_without_its_head(weights):
@@ -205,6 +217,19 @@ def test_probe_layers_lists_the_module_taps(headless, capsys):
     printed = capsys.readouterr().out
     assert all(f"mammals   parent    {t} " in printed for t in ("stem", "layer1", "layer2", "head")), printed
     assert "(configured)" in printed and "<- recommended" in printed
+    assert cli.main(argv[:5] + ["--quiet", "--no-download"]) == 0  # without --models: the parent is loaded here
+    assert f"the module parent {MODULE} loaded here (frozen)" in capsys.readouterr().out
+
+
+def test_check_torchvision_exits_cleanly_without_torchvision(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed here: the script would run in earnest")
+    except Exception:  # noqa: BLE001
+        pass
+    from reference import REPO_ROOT, run_command
+    done = run_command([REPO_ROOT / "benchmarks" / "check_torchvision.py", "--data", tmp_path], cwd=tmp_path)
+    assert done.returncode == 0 and "torchvision is not importable here" in done.stdout
 
 
 def test_with_its_head_the_parent_is_evaluated_and_routes(tmp_path, small_data_dir, weights, capsys):
@@ -319,6 +344,7 @@ def bad_inputs(tmp_path, weights):
         (good.replace(str(weights), str(pickled)), "holds objects other than tensors"),
         (good.replace(str(weights), str(listed)), "is not a state_dict"),
         (good.replace(str(weights), str(garbage)), "is not a readable torch file"),
+        (good + "kwargs = { width = 6000 }", "has 1,944,264,004 parameters, more than the limit of 250,000,000"),
         (good + "input_size = 4", "input_size: must be an integer in 8..1024"),
         (good + "input_size = 4000", "input_size: must be an integer in 8..1024"),
         (good + "mean = [0.5, 0.5]\nstd = [0.2, 0.2, 0.2]", "mean: must be 3 numbers"),
