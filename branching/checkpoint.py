@@ -109,6 +109,11 @@ def check_node(model: Model, spec, hint: str = "") -> None:
 def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:
     """A branch may only run on the exact source (and parent) it was trained on."""
     path = branch.meta.get("path", "?")
+    tap = branch.meta.get("tap")  # its name when trained: the index must still name it (a module's code may change)
+    if tap is not None and source.tap(branch.meta["layer"], branch.meta.get("where"))["name"] != tap:
+        raise CheckpointError(f"branch {name!r} ({path}) was trained on tap {tap!r} of its source, which is now tap "
+                              f"{source.tap(branch.meta['layer'], branch.meta.get('where'))['name']!r} (the source's "
+                              f"module changed); retrain the branch{hint}")
     for role, model, key in (("source", source, "source_fingerprint"), ("parent", parent, "parent_fingerprint")):
         if branch.meta.get(key) != model.fingerprint():
             raise CheckpointError(

@@ -54,7 +54,7 @@ def load_callable(path: str):
         found = importlib.import_module(name)
     except Exception as e:  # noqa: BLE001 - any failure of the user's import is reported in one line
         raise ValueError(f"module {path!r}: cannot import {name!r} ({type(e).__name__}: {_first_line(e)}); "
-                         f"install it or fix the module path") from None
+                         f"install it, put its folder on PYTHONPATH, or fix the module path") from None
     for part in attribute.split("."):
         if not hasattr(found, part):
             raise ValueError(f"module {path!r}: {name!r} has no attribute {attribute!r}; fix the module path")

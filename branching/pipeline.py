@@ -223,6 +223,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
+            "tap": source.tap(*tap[1:3])["name"],
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
             "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),

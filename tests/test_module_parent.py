@@ -394,3 +394,27 @@ def test_several_seeds_with_a_parent_without_a_head(tmp_path, small_data_dir, we
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["parent"] == {} and metrics["branches"]["mammals"]["test_accuracy"]["n"] == 2
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_a_branch_refuses_a_tap_index_that_now_names_another_module(tmp_path, small_data_dir, weights, capsys,
+                                                                   monkeypatch):
+    from branching import module_parent
+    from branching.errors import CheckpointError
+
+    text = parent_table(weights) + '[branches.mammals]\nclasses = ["beaver", "whale", "wolf"]\nlayer = "layer1.0"\n'
+    assert run_tree(tmp_path, small_data_dir, text) == 0
+    assert load_folder(tmp_path / "out")[1]["mammals"].meta["tap"] == "layer1.0"
+    monkeypatch.setattr(module_parent, "TAP_DEPTH", 1)  # as if the module's code had changed: its tap 3 is "pool",
+    module_parent._described.cache_clear()              # of the same width (8) as layer1.0 averaged
+    try:
+        with pytest.raises(CheckpointError, match="trained on tap 'layer1.0' of its source, which is now tap 'pool'"):
+            load_folder(tmp_path / "out")
+    finally:
+        module_parent._described.cache_clear()
+
+
+def test_the_size_limit_is_torchlys():
+    import torchly
+    from branching import module_parent
+
+    assert module_parent.MAX_PARAMETERS == torchly.MAX_PARAMETERS
