@@ -279,6 +279,9 @@ def parse_keys(table, classes) -> dict:
     builds, the weights file is a state_dict of exactly its tensors, the head (if used) gives one logit per
     class. Returns the parent's shape keys, the weights path made absolute and its sha256 added."""
     data = table.data
+    for key in ("dropout", "activation"):
+        if key in data:
+            raise table.error(key, "is not used by a module parent (it is never trained)", "remove it")
     path = table.require("module", 'write e.g. module = "torchvision.models:resnet18"')
     kwargs = data.get("kwargs", {})
     if not isinstance(kwargs, dict):

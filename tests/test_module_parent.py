@@ -294,6 +294,9 @@ def test_changed_weights_change_the_fingerprint_and_predict_refuses_them(tmp_pat
         "module": MODULE, "weights_sha256": parse_config(text).parent.shape_dict["weights_sha256"]})
     other.net.module.load_state_dict(torch.load(weights, weights_only=True))
     assert other.fingerprint() != before
+    hashes = [Model([3072, 4], kind="module", seed=0, shape={"module": MODULE, "weights_sha256": h}).fingerprint()
+              for h in ("a" * 64, "b" * 64)]  # the same tensors: the recorded hash alone changes the fingerprint
+    assert hashes[0] != hashes[1]
     moved = Model([3072, 4], kind="module", seed=0, shape={"module": "tiny_backbone:TinyBackbone"})
     assert moved.fingerprint() != Model([3072, 4], kind="module", seed=0, shape={"module": MODULE}).fingerprint()
 
@@ -353,6 +356,7 @@ def bad_inputs(tmp_path, weights):
         (good + 'head = true\nkwargs = { num_classes = 3 }', "head: the module's output is (3,), not (4,)"),
         (good + "[parent.accept]\nthreshold = 0.9", "accept: needs the parent's head"),
         (good + "widths = [4]", "widths: is a key of cnn parents"),
+        (good + "dropout = 0.1", "dropout: is not used by a module parent"),
         (good + branch + 'layer = "layer9"', "has no tap 'layer9'; its taps are stem.0, stem.1, stem, layer1.0"),
         (good + branch + 'layer = "layer1"\npool = "cls"', "pool 'cls' does not fit a feature map"),
         (good + branch + 'layer = "layer1"\nwhere = "pre"', "where: is for branches of MLPs"),
