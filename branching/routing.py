@@ -169,6 +169,7 @@ class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
     def __init__(self, config: TreeConfig, models: dict[str, Model]):
+        config = config.routed()  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
             raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")
