@@ -169,6 +169,7 @@ class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
     def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None):
+        config = config.routed()  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
             raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")
@@ -282,7 +283,8 @@ def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
     if len(children) == 1:
         return children[0]
     raise ConfigError(f"the parent ({parent.shape.get('module', parent.kind)}) has no head, so it cannot route "
-                      f"between its branches {', '.join(children)}; pass --branch NAME, or set head = true in "
+                      f"between its branches {', '.join(children)}; pass --branch NAME (routing from it) or --node "
+                      f"NAME (it alone), or set head = true in "
                       f"[parent] if the module's outputs are the classes in order")
 
 

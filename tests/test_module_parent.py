@@ -272,6 +272,11 @@ hidden = []
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot route between its branches mammals, plants; pass --branch NAME" in err and err.count("\n") == 1
+    assert cli.main([*argv, "--node", "parent"]) == 2
+    assert "a module parent without head = true has no classes" in capsys.readouterr().err
+    assert cli.main([*argv, "--node", "mammals"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("path parent > mammals" in line for line in lines)
     assert cli.main([*argv, "--branch", "plants"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all("path parent > plants" in line for line in lines)
@@ -422,3 +427,25 @@ def test_the_size_limit_is_torchlys():
     from branching import module_parent
 
     assert module_parent.MAX_PARAMETERS == torchly.MAX_PARAMETERS
+
+
+def test_a_branch_of_new_classes_on_a_module_parent(tmp_path, small_data_dir, weights, capsys):
+    text = parent_table(weights).replace(CLASSES, '["beaver", "whale", "wolf"]') + """
+[branches.mammals]
+classes = ["beaver", "whale"]
+layer = "layer1"
+
+[branches.newcomers]
+classes = ["sunflower", "wolf"]
+new_classes = true
+layer = "layer2"
+"""
+    assert run_tree(tmp_path, small_data_dir, text) == 0
+    parent = load_folder(tmp_path / "out")[1]["parent"]
+    assert len(parent.meta["new_class_val_rows"]) > 0
+    capsys.readouterr()
+    argv = ["predict", "--models", str(tmp_path / "out"), "--data", str(small_data_dir)]
+    assert cli.main(argv) == 0  # routing leaves the new classes out: the only routed branch is mammals
+    assert all("path parent > mammals" in line for line in capsys.readouterr().out.splitlines())
+    assert cli.main([*argv, "--node", "newcomers"]) == 0
+    assert all("path parent > newcomers" in line for line in capsys.readouterr().out.splitlines())
