@@ -147,9 +147,10 @@ class TreeConfig:
         cannot send an image there by probability mass, so it answers only when asked by name."""
         return any(self.node(n).new_classes for n in self.chain(name))
 
-    def routed(self) -> TreeConfig:
-        """The tree that routing walks: every node but the standalone ones (see `standalone`)."""
-        kept = {n: b for n, b in self.branches.items() if not self.standalone(n)}
+    def routed(self, entry: str | None = None) -> TreeConfig:
+        """The tree that routing walks: every node but the standalone ones (see `standalone`), except those
+        at or below `entry`, the branch that routing starts from when asked to."""
+        kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n)}
         return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path)
 
     def classes(self) -> tuple[str, ...]:

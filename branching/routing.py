@@ -169,12 +169,12 @@ class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
     def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None):
-        config = config.routed()  # standalone branches (new classes) answer only when asked by name
+        config = config.routed(entry)  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
             raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")
         self.config = config
-        self.classes = tuple(config.parent.classes)
+        self.classes = config.classes()  # the parent's, and any new classes of an entry branch's subtree
         parent = models["parent"]
         normalizer = Normalizer.from_dict(parent.meta["normalization"])
         self.nodes: list[_Node] = []
@@ -185,7 +185,7 @@ class TreePredictor:
             self.nodes.append(node)
             by_name[spec.name] = node
         for node in self.nodes:
-            node.add_children([by_name[c.name] for c in config.children(node.name)])
+            node.add_children([by_name[c.name] for c in config.children(node.name) if not c.new_classes])
         self.root = self.nodes[0]
         self.chains = tuple(tuple(config.chain(n.name)) for n in self.nodes)
         self.models = models
