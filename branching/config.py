@@ -22,6 +22,7 @@ from .data import N_PIXELS
 from .nets import KINDS, SHAPES
 from .errors import ConfigError
 from .selective import RULES
+from .confidence import PROBABILITY_SCORES, SCORES
 
 
 def _installed(name: str) -> Path:
@@ -40,9 +41,9 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 TOP_KEYS = ("parent", "branches")
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
-PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, "dropout", "accept")
-BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept")
-ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature")
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, "dropout", "accept", "selfeval")
+BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept", "selfeval")
+ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
 RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
 
 
@@ -57,6 +58,7 @@ class Acceptance:
     delta: float | None = None
     calibrate: bool | None = None
     temperature: float | None = None
+    score: str = "msp"              # the confidence the rule thresholds (branching.confidence.SCORES)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class NodeSpec:
     kind: str = "mlp"              # the parent's kind; branches are MLPs
     shape: tuple = ()              # a CNN's or ViT's shape keys, as (key, value) pairs
     pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
+    selfeval: SelfEvalSpec | None = None  # the self-evaluation branch that judges this node, if declared
 
     @property
     def shape_dict(self) -> dict:
@@ -287,6 +290,7 @@ def _is_int(value: Any) -> bool:
 def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
     t = _Table(origin, name, data, ACCEPT_KEYS)
     rule = t.choice("rule", RULES, "threshold")
+    score = t.choice("score", SCORES, "msp")
     for key in t.data:
         owner = next((r for r, keys in RULE_KEYS.items() if key in keys), rule)
         if owner != rule:
@@ -298,9 +302,14 @@ def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
     if t.data.get("calibrate") is True and "temperature" in t.data:
         raise t.error("temperature", "contradicts calibrate = true (a fixed temperature is not fitted)",
                       "remove one of the two")
+    if score not in PROBABILITY_SCORES and rule == "threshold" and "threshold" not in t.data:
+        raise t.error("threshold", f"is required with score {score!r}, which is not a probability",
+                      'set threshold = <a value of that score>, or use rule = "coverage" or "risk"')
+    probability = score in PROBABILITY_SCORES  # other scores are any real number
     return Acceptance(
-        rule=rule,
-        threshold=t.number("threshold", 0, 1, lo_open=True, hi_open=False),
+        rule=rule, score=score,
+        threshold=(t.number("threshold", 0, 1, lo_open=True, hi_open=False) if probability
+                   else t.number("threshold", -math.inf, math.inf, lo_open=True, hi_open=True)),
         coverage=t.number("coverage", 0, 1, lo_open=True, hi_open=False),
         risk=t.number("risk", 0, 1, lo_open=True, hi_open=True),
         delta=t.number("delta", 0, 1, True, True, DEFAULT_DELTA) if rule == "risk" else None,
@@ -326,7 +335,11 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         source=None, layer=None, where=None,
         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
-        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind)
+        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind,
+        selfeval=_parse_selfeval(origin, table, t.data.get("selfeval")))
+    if fields["accept"].score == "selfeval" and fields["selfeval"] is None:
+        raise ConfigError(f"{origin}: [{table}.accept] score = \"selfeval\" needs a self-evaluation branch; add a "
+                          f"[{table}.selfeval] table (e.g. layer = -1, hidden = [64]) or choose another score")
     if kind != "mlp":
         try:
             shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
@@ -381,6 +394,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
                               f"the classes of source {source['name']!r}; use classes from: "
                               f"{', '.join(source['classes'])}")
+    for node in nodes.values():
+        _resolve_selfeval(origin, node, nodes)
     for source in nodes:
         children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:] if node["source"] == source]
         for i, (a, classes_a) in enumerate(children):
@@ -450,7 +465,9 @@ def _node_to_dict(node: NodeSpec) -> dict:
              "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})
     if node.accept != Acceptance():
-        d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None}
+        d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None and (k, v) != ("score", "msp")}
+    if node.selfeval is not None:
+        d["selfeval"] = node.selfeval.to_dict()
     return d
 
 
@@ -473,3 +490,74 @@ def _write_table(lines: list[str], header: str, table: dict) -> None:
     for key, sub in table.items():
         if isinstance(sub, dict):
             _write_table(lines, f"{header}.{key}", sub)
+
+
+# --- self-evaluation branches ([parent.selfeval], [branches.NAME.selfeval]) ---------------------
+
+SELFEVAL_KEYS = ("layer", "layers", "where", "pool", "hidden", "activation", "dropout", "logits", "folds")
+DEFAULT_SELFEVAL_HIDDEN = (64,)
+DEFAULT_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class SelfEvalSpec:
+    """A small MLP that predicts whether its node's answer is right. It reads taps of what the node reads
+    (the parent's own taps for the parent, its source's for a branch), concatenated, plus the node's
+    logits (`logits`), and learns from `folds`-fold cross-fitted correctness (branching.selfeval)."""
+
+    layers: tuple                  # indices into the taps (resolved; strings until _resolve_selfeval)
+    where: str | None = None       # MLP taps: before or after the activation (None: the recipe's)
+    pool: str | None = None
+    hidden: tuple[int, ...] = DEFAULT_SELFEVAL_HIDDEN
+    activation: str = "relu"
+    dropout: float | None = None
+    logits: bool = True
+    folds: int = DEFAULT_FOLDS
+
+    def to_dict(self) -> dict:
+        d = {"layers": list(self.layers), "where": self.where, "pool": self.pool, "hidden": list(self.hidden),
+             "activation": self.activation, "dropout": self.dropout, "logits": self.logits, "folds": self.folds}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
+    if data is None:
+        return None
+    t = _Table(origin, f"{table}.selfeval", data, SELFEVAL_KEYS)
+    if "layer" in t.data and "layers" in t.data:
+        raise t.error("layers", "contradicts layer", "give one tap with layer = ... or several with layers = [...]")
+    layers = t.data.get("layers", [t.data.get("layer", -1)])
+    fix = 'write e.g. layer = -1, layers = [0, 1] or layers = ["stage1", "stage2"]'
+    if not isinstance(layers, list) or not layers or not all(_is_int(v) or isinstance(v, str) for v in layers):
+        raise t.error("layers" if "layers" in t.data else "layer", "must be tap indices or names", fix)
+    folds = t.data.get("folds", DEFAULT_FOLDS)
+    if not _is_int(folds) or not 2 <= folds <= 20:
+        raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
+    return SelfEvalSpec(layers=tuple(layers), where=t.choice("where", WHERE, None),
+                        pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None),
+                        hidden=t.hidden(DEFAULT_SELFEVAL_HIDDEN, allow_empty=True),
+                        activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
+                        dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
+                        logits=bool(t.flag("logits") if t.flag("logits") is not None else True), folds=folds)
+
+
+def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
+    """A self-evaluation branch's layers as indices into the taps of what its node reads (its source's, or
+    the parent's own for the parent), each checked as a branch's layer is."""
+    spec = node.get("selfeval")
+    if spec is None:
+        return
+    table = f"[{'parent' if node['name'] == 'parent' else 'branches.' + node['name']}.selfeval]"
+    source = nodes[node["source"] or "parent"]
+    layers, wheres = [], set()
+    for layer in spec.layers:
+        tap = {"layer": layer, "where": spec.where, "pool": spec.pool}
+        _resolve_tap(origin, table, tap, source)
+        layers.append(tap["layer"])
+        wheres.add(tap["where"])
+    if len(wheres) > 1:
+        raise ConfigError(f"{origin}: {table} layers: name taps both before and after an activation; set where "
+                          f"and give the layers as indices")
+    if len(set(layers)) < len(layers):
+        raise ConfigError(f"{origin}: {table} layers: lists a tap more than once; list each tap once")
+    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": wheres.pop()})
