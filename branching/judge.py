@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from torchly import Model
 
-from . import calibration
 from .acceptance import Acceptance
 from .checkpoint import read_model
 from .errors import CheckpointError
@@ -25,6 +25,7 @@ from .forward import extract, node_inputs, read
 
 SUFFIX = ".selfeval.pt"
 MIN_STD = 1e-6  # features constant on the training rows are only centred
+MIN_FOLD_STD = 1e-3  # below this, dividing weights by the std loses too much precision
 
 
 def path_of(models_dir, node: str) -> Path:
@@ -47,7 +48,10 @@ def inputs(taps: list[np.ndarray], logits, use_logits: bool) -> np.ndarray:
     parts = [np.asarray(t, dtype=np.float32) for t in taps]
     if use_logits:
         logits = np.asarray(logits, dtype=np.float32)
-        parts += [logits, -np.sort(-calibration.softmax(logits).astype(np.float32), axis=1)]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p.sort(axis=1)
+        parts += [logits, p[:, ::-1]]
     return np.concatenate(parts, axis=1)
 
 
@@ -68,12 +72,34 @@ class Judge:
         self.mean = np.asarray(meta["feature_mean"], dtype=np.float32)
         self.std = np.asarray(meta["feature_std"], dtype=np.float32)
         self.flops = 2 * sum(a * b for a, b in zip(model.architecture[:-1], model.architecture[1:]))
+        # laid out for x @ W, the standardisation folded into the first layer where that keeps precision
+        # (as routing does with the parent's normalisation): the judge costs a few matrix products
+        linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().numpy().astype(np.float32))
+                        for m in linears]
+        self.folded = float(self.std.min()) >= MIN_FOLD_STD
+        if self.folded:  # W (x - m) / s + b == (W / s) x + (b - (W / s) m)
+            w, b = self.weights[0]
+            w = w / torch.from_numpy(self.std)[:, None]
+            self.weights[0] = (w.contiguous(), b - (torch.from_numpy(self.mean) @ w).numpy())
+        self.act = model.net[1] if len(linears) > 1 else None
 
     def probability(self, features: np.ndarray) -> np.ndarray:
-        x = (np.asarray(features, dtype=np.float32) - self.mean) / self.std
+        """P(right) for judge input rows (see inputs), float32 (N,)."""
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        if not self.folded:
+            x = (x - self.mean) / self.std
         with torch.inference_mode():
-            out = self.model.net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-            return torch.softmax(out, dim=1)[:, 1].numpy()
+            h = torch.from_numpy(x)
+            for i, (w, b) in enumerate(self.weights):
+                a = torch.mm(h, w).numpy()
+                a += b
+                if i == len(self.weights) - 1:
+                    break
+                a = np.maximum(a, 0, out=a) if self.model.activation == "relu" else self.act(torch.from_numpy(a)).numpy()
+                h = torch.from_numpy(a)
+        # softmax of two logits: the second's probability is a logistic function of their difference
+        return (1.0 / (1.0 + np.exp(a[:, 0] - a[:, 1]))).astype(np.float32)
 
     def probability_of(self, taps: list[np.ndarray], logits) -> np.ndarray:
         return self.probability(inputs(taps, logits, self.use_logits))

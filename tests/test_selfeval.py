@@ -269,3 +269,56 @@ def test_a_missing_or_foreign_judge_is_refused(judged_run, tmp_path):
     (copy / "water.selfeval.pt").write_bytes((out / "models" / "water.selfeval.pt").read_bytes())
     (copy / "mammals.selfeval.pt").write_bytes((out / "models" / "water.selfeval.pt").read_bytes())
     TreePredictor.load(copy)  # an unused judge file is ignored
+
+
+# ---- the comparison and the speed benchmark ----------------------------------------------------------
+
+def test_fast_auroc_is_scikit_learns():
+    from branching.selfeval_compare import fast_auroc
+    rng = np.random.default_rng(3)
+    values = np.round(rng.normal(size=300), 1)
+    correct = rng.random(300) < 0.6
+    assert fast_auroc(values, correct) == pytest.approx(confidence.auroc(values, correct), abs=1e-12)
+
+
+def test_paired_difference_by_hand():
+    from branching.selfeval_compare import paired_difference
+    correct = np.array([1, 1, 0, 1, 0, 1], dtype=bool)
+    good, bad = correct.astype(float), np.arange(6, dtype=float)  # a perfect ranking and an arbitrary one
+    run = {"correct": correct.tolist(), "scores": {
+        "msp_t": {"values": bad.tolist(), "aurc": selective.aurc(bad, correct)},
+        "x": {"values": good.tolist(), "aurc": selective.aurc(good, correct)}}}
+    d = paired_difference([run, run], "x", "aurc", n_boot=200)
+    expected = selective.aurc(good, correct) - selective.aurc(bad, correct)
+    assert d["mean"] == pytest.approx(expected) and d["values"] == pytest.approx([expected, expected])
+    assert d["ci95_seeds"] == pytest.approx([expected, expected])
+    low, high = d["ci95_images"]
+    assert low <= 0 and high <= 0 and low < high  # a perfect ranking is never worse on any resample
+
+
+def test_selfeval_command_writes_every_score(small_data_dir, tmp_path, single_thread):
+    config = tmp_path / "tree.toml"
+    config.write_text(BASE + "[branches.mammals.selfeval]\nhidden = [4]\nfolds = 2\n")
+    out = tmp_path / "cmp"
+    assert main(["selfeval", "--config", str(config), "--data", str(small_data_dir), "--seeds", "0",
+                 "--max-epochs", "1", "--out", str(out), "--no-download", "--quiet", "--bootstrap", "20"]) == 0
+    import json
+    result = json.loads((out / "selfeval.json").read_text())
+    mammals = result["summary"]["mammals"]
+    assert set(mammals) == {"_node", "msp_1", "msp_t", "doctor", "energy", "margin", "selfeval_0", "selfeval_1",
+                            "selfeval_all", "selfeval_logits", "oracle"}
+    assert mammals["oracle"]["eaurc"]["mean"] == pytest.approx(0.0) and mammals["oracle"]["auroc"]["mean"] == 1.0
+    seed = result["seeds"][0]["nodes"]["mammals"]
+    assert seed["crossfit"]["folds"] == 2 and result["seeds"][0]["nodes"]["parent"]["crossfit"]["folds"] == 5
+    assert max(seed["scores"]["msp_1"]["values"]) <= 1 and max(seed["scores"]["doctor"]["values"]) <= 0
+    assert "## Verdicts" in (out / "selfeval.md").read_text()
+    assert (out / "selfeval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_selfeval_times_each_judged_node(tmp_path):
+    from reference import REPO_ROOT, run_command
+    done = run_command([REPO_ROOT / "benchmarks" / "bench_selfeval.py", "--config", REPO_ROOT / "configs" /
+                        "cifar100-6.toml", "--images", "64", "--single", "3", "--repeats", "1", "--batch-size", "32"],
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "parent > mammals" in done.stdout and "largest batched overhead" in done.stdout
