@@ -93,3 +93,15 @@ def separation(confidence, correct) -> dict:
     """AURC, E-AURC, AUROC and FPR at 95% TPR of one score on one set of answers."""
     return {"aurc": selective.aurc(confidence, correct), "eaurc": selective.eaurc(confidence, correct),
             "auroc": auroc(confidence, correct), "fpr95": fpr_at_tpr(confidence, correct)}
+
+
+def every_score(logits, correct, temperature: float, judge=None) -> dict:
+    """{score: separation} of one node's answers for max softmax at T = 1 and at `temperature`, DOCTOR,
+    energy, margin, its self-evaluation branch (when `judge` holds its probabilities) and the oracle
+    (the correctness itself: the best any score can do)."""
+    found = {"msp_1": msp(logits), "msp_t": msp(logits, temperature), "doctor": doctor(logits, temperature),
+             "energy": energy(logits, temperature), "margin": margin(logits)}
+    if judge is not None:
+        found["selfeval"] = np.asarray(judge, dtype=np.float64)
+    found["oracle"] = np.asarray(correct, dtype=np.float64)
+    return {name: separation(values, correct) for name, values in found.items()}

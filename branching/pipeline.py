@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 import torchly
 from torchly import Model
 
-from . import judge, scores, selfeval
+from . import confidence, judge, scores, selfeval
 from . import seeds as seeds_summary
 from .acceptance import Acceptance, describe_rule, rejects
 from .checkpoint import ModelStore
@@ -225,7 +225,10 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
                                   Acceptance.of(parent.meta).temperature)
     judged = judge.load_for(models, name)
     probability = None if judged is None else judged.score_images(models, X, logits)
-    metrics, columns = scores.score_node(spec.classes, labels, logits, Acceptance.of(model.meta), head, probability)
+    acceptance = Acceptance.of(model.meta)
+    metrics, columns = scores.score_node(spec.classes, labels, logits, acceptance, head, probability)
+    metrics["confidence_scores"] = confidence.every_score(logits, logits.argmax(axis=1) == labels,
+                                                          acceptance.temperature, probability)
     return metrics, scores.prediction_rows(rows, spec.classes, columns)
 
 

@@ -182,7 +182,7 @@ def run_selfeval_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int]
             seed_results.append(seed_scores(config, data, recipe, seed, progress))
         setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
                  "max_epochs": max_epochs, "recipe": recipe.name, "parent_kind": config.parent.kind,
-                 "bootstrap_resamples": n_boot,
+                 "bootstrap_resamples": n_boot, "coverage_grid": COVERAGE_GRID.tolist(),
                  "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} "
                             f"threads), training on {torchly.DEVICE}"}
         result = {"setup": setup, "summary": summarise(seed_results, n_boot),

@@ -109,8 +109,6 @@ def render_plot(result: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .selfeval_compare import COVERAGE_GRID
-
     summary = result["summary"]
     fig, axes = plt.subplots(1, len(summary), figsize=(5.6 * len(summary), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
@@ -120,7 +118,7 @@ def render_plot(result: dict) -> bytes:
                 "color": colors(i % 10), "linestyle": "-" if key.startswith("selfeval") else "--",
                 "linewidth": 2.2 if key == BASELINE else 1.3}
             risk = [100 * r if r is not None else float("nan") for r in row["risk_at_coverage"]]
-            ax.plot(100 * COVERAGE_GRID, risk, label=row["label"], **style)
+            ax.plot([100 * c for c in result["setup"]["coverage_grid"]], risk, label=row["label"], **style)
         ax.set_xlabel("coverage (%)")
         ax.set_ylabel("selective risk (%)")
         ax.set_title(f"{name} (mean over seeds {result['setup']['seeds']})", fontsize=10)
