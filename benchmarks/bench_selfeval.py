@@ -91,12 +91,14 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}")
     print(f"\n{'judged node (path)':<32} {'judge MFLOP':>11} {'path MFLOP':>10} {'us/image msp':>13} "
           f"{'us/image judge':>15} {'overhead':>9} {'1-image ms msp':>15} {'judge':>7} {'overhead':>9}")
-    worst = 0.0
+    worst = -float("inf")
     for node, found in judges.items():
         sub = path_config(config, node)
         plain = TreePredictor(sub, with_score(models, node, "msp"))
         judged = TreePredictor(sub, with_score(models, node, "selfeval"), judges={node: found})
         best = {k: float("inf") for k in ("plain", "judged", "plain1", "judged1")}
+        plain.predict(images[:args.batch_size], args.batch_size)  # warm-up: first calls allocate
+        judged.predict(images[:args.batch_size], args.batch_size)
         for _ in range(args.repeats):  # interleaved: both see the same load
             best["plain"] = min(best["plain"], seconds_per_call(lambda: plain.predict(images, args.batch_size), 1))
             best["judged"] = min(best["judged"], seconds_per_call(lambda: judged.predict(images, args.batch_size), 1))

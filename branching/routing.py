@@ -339,5 +339,6 @@ def format_tree_report(metrics: dict, classes) -> str:
              "Reached: " + ", ".join(f"{k} {v}" for k, v in metrics["reached"].items()),
              "Rejected at: " + ", ".join(f"{k} {v}" for k, v in metrics["rejected_at"].items()),
              "Rules: " + ", ".join(f"{k} T={num(r['temperature'], 3)} threshold {num(r['threshold'], na='none')}"
+                                   + (f" on score {r['score']}" if "score" in r else "")
                                    for k, r in metrics["rules"].items())]
     return "\n".join(lines)
