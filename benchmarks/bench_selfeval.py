@@ -15,6 +15,7 @@ import argparse
 import copy
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.models:
         config, models = load_folder(args.models)
-        directory = os_path_models(args.models)
+        directory = models_dir(args.models)
         judges = {s.name: judge.load(directory, s.name, models[s.name]) for s in config.nodes() if s.selfeval}
     else:
         config = load_config(args.config)
@@ -117,9 +118,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def os_path_models(path) -> str:
+def models_dir(path) -> str:
     """A run folder or its models/ subfolder, as load_folder takes it."""
-    from pathlib import Path
     path = Path(path)
     return str(path / "models") if not any(path.glob("*.pt")) and (path / "models").is_dir() else str(path)
 
