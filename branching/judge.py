@@ -90,19 +90,32 @@ class Judge:
         if not self.folded:
             x = (x - self.mean) / self.std
         with torch.inference_mode():
-            h = torch.from_numpy(x)
-            for i, (w, b) in enumerate(self.weights):
-                a = torch.mm(h, w).numpy()
-                a += b
-                if i == len(self.weights) - 1:
-                    break
-                a = np.maximum(a, 0, out=a) if self.model.activation == "relu" else self.act(torch.from_numpy(a)).numpy()
-                h = torch.from_numpy(a)
-        # softmax of two logits: the second's probability is a logistic function of their difference
-        return (1.0 / (1.0 + np.exp(a[:, 0] - a[:, 1]))).astype(np.float32)
+            return self._rest(torch.mm(torch.from_numpy(x), self.weights[0][0]).numpy())
 
     def probability_of(self, taps: list[np.ndarray], logits) -> np.ndarray:
-        return self.probability(inputs(taps, logits, self.use_logits))
+        """probability(inputs(taps, logits)) without building the inputs: the first layer is a sum of one
+        product per tap (the same arithmetic up to float rounding; it spares copying wide taps)."""
+        if not self.folded:
+            return self.probability(inputs(taps, logits, self.use_logits))
+        w = self.weights[0][0]
+        with torch.inference_mode():
+            a, start = None, 0
+            for part in [*taps, inputs([], logits, True)] if self.use_logits else taps:
+                part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+                product = torch.mm(part, w[start:start + part.shape[1]])
+                a = product if a is None else a.add_(product)
+                start += part.shape[1]
+            return self._rest(a.numpy())
+
+    def _rest(self, a: np.ndarray) -> np.ndarray:
+        """From the first layer's products (without bias) to P(right)."""
+        a += self.weights[0][1]
+        for w, b in self.weights[1:]:
+            a = np.maximum(a, 0, out=a) if self.model.activation == "relu" else self.act(torch.from_numpy(a)).numpy()
+            a = torch.mm(torch.from_numpy(a), w).numpy()
+            a += b
+        # softmax of two logits: the second's probability is a logistic function of their difference
+        return (1.0 / (1.0 + np.exp(a[:, 0] - a[:, 1]))).astype(np.float32)
 
     def score_images(self, models: dict[str, Model], X: np.ndarray, logits=None) -> np.ndarray:
         """Probabilities for normalised images X through the generic forward path (branching.forward)."""

@@ -215,7 +215,7 @@ def attach_judge(config: TreeConfig, name: str, models: dict[str, Model], data, 
     path = judge.save(models_dir, name, model, model.meta)
     size = sum(p.numel() for p in model.net.parameters())
     log(f"{name}: self-evaluation branch ({size:,} parameters) on {len(cf.rows)} cross-fitted "
-        f"rows ({spec.selfeval.folds} copies, {100 * cf.correct.mean():.1f}% right, {cf.seconds:.0f} s); wrote {path}")
+        f"rows ({spec.selfeval.folds} copies, {100 * cf.correct.mean():.1f}% right, {cf.seconds:.0f} s); saved as {path.name}")
     meta = {k: v for k, v in models[name].meta.items() if k not in ("path", "fingerprint")}
     if spec.accept.score != "selfeval":
         return meta

@@ -322,3 +322,46 @@ def test_bench_selfeval_times_each_judged_node(tmp_path):
                        cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "parent > mammals" in done.stdout and "largest batched overhead" in done.stdout
+
+
+CNN_JUDGED = """
+[parent]
+classes = ["beaver", "whale", "wolf", "sunflower"]
+kind = "cnn"
+widths = [8, 16]
+depth = 1
+
+[parent.selfeval]
+layers = ["stage0", "stage1"]
+hidden = [8]
+folds = 2
+
+[parent.accept]
+score = "selfeval"
+rule = "coverage"
+coverage = 0.6
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+hidden = [6]
+"""
+
+
+def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_data_dir, tmp_path, single_thread):
+    out = tmp_path / "run"
+    run(parse_config(CNN_JUDGED), small_data_dir, out, get_recipe("default", 1), seed=0, progress=False,
+        report=False, echo=lambda *a: None)
+    config, models = load_folder(out / "models")
+    from branching import judge
+    found = judge.load_for(models, "parent")
+    assert [r[1] for r in found.reads] == [0, 1] and found.reads[0][3] == "avg"
+    images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)
+    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    generic = found.score_images(models, X)  # forward.extract: the taps pooled by nets.pool
+    acceptance = Acceptance.of(models["parent"].meta)
+    assert acceptance.score == "selfeval" and 0 < acceptance.accepts(generic).mean() < 1
+    result = TreePredictor.load(out).predict(images, batch_size=16)
+    clear = np.abs(generic - acceptance.threshold) > 1e-5
+    assert np.array_equal((result.rejected_at == 0)[clear], (generic < acceptance.threshold)[clear])
+    at_parent = result.rejected_at == 0
+    assert result.rejected_confidence[at_parent] == pytest.approx(generic[at_parent], abs=1e-5)
