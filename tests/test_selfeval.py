@@ -124,6 +124,15 @@ def test_rules_on_unbounded_scores_only_depend_on_the_order(rule, kwargs):
         assert moved["threshold"] == pytest.approx(10 * base["threshold"] - 1000)
 
 
+def test_threshold_rule_on_energy_counts_by_hand():
+    logits = np.log(np.array([[1.0, 1.0], [3.0, 1.0], [6.0, 2.0], [0.5, 0.5]]))
+    energy = confidence.energy(logits)  # log of the row sums: log 2, log 4, log 8, log 1
+    assert energy == pytest.approx(np.log([2.0, 4.0, 8.0, 1.0]))
+    correct = np.array([0, 1, 1, 0], dtype=bool)
+    chosen = selective.fit_rule("threshold", energy, correct, threshold=float(np.log(3.0)))
+    assert chosen["validation"] == {"samples": 4, "accepted": 2, "coverage": 0.5, "risk": 0.0}
+
+
 def test_acceptance_fit_on_margin_by_hand():
     logits = np.array([[3.0, 0.0], [1.0, 0.5], [0.0, 2.0], [4.0, 3.5]])
     labels = np.array([0, 1, 1, 0])
