@@ -9,6 +9,7 @@ threshold are fit on validation images, never on the test split.
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 
@@ -22,8 +23,10 @@ from . import cost
 from .config import NodeSpec, TreeConfig
 from .data import N_PIXELS
 from .acceptance import Acceptance
-from .forward import augment_transform, chain, extract, node_input, node_inputs
-from .pipeline import TreeData, branch_read, fit_acceptance, log, parent_normalizer, train_branch, train_parent
+from .features import FeatureCache, flip_lookup
+from .forward import augment_transform, chain, extract, node_input, node_inputs, read
+from .pipeline import (TreeData, branch_read, fit_acceptance, fit_kwargs, log, parent_normalizer, train_branch,
+                       train_parent)
 from .probe import fit_linear_probe, held_out_split
 from .recipes import DEFAULT, ORIGINAL, Recipe, get_recipe
 
@@ -189,6 +192,52 @@ def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
     return Outcome(model.logits(extract(ctx.models, [r], X)[0]), Acceptance.of(meta), count_parameters(model.net),
                    cost.path_flops(reading, spec.name), seconds, ctx.parent_s,
                    {"layer": r[1], "where": r[2], "pool": r[3], "epochs_run": meta["history"]["epochs_run"]})
+
+
+def concat_reads(ctx: SeedContext, spec: NodeSpec) -> list[tuple]:
+    """Every tap of the branch's source once: each hidden layer of an MLP where the branch reads its own
+    (before or after the activation), each stage or block of a CNN or ViT with its default pooling."""
+    where = branch_read(ctx.models, spec, ctx.recipes.default.branch)[2]
+    source = ctx.models[spec.source]
+    taps = [info for info in source.feature_info if source.kind != "mlp" or info["where"] == where]
+    return [read(ctx.models, spec.source, info["layer"], info["where"]) for info in taps]
+
+
+def run_taps_concat(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    """The branch (default recipe, its own hidden layers) reading every tap of its source at once, each
+    standardised on the training images and concatenated, as Head2Toe reads a frozen network from head to
+    toe (without its feature selection)."""
+    start = time.perf_counter()
+    r = ctx.recipes.default.branch
+    wanted = concat_reads(ctx, spec)
+    X, labels, rows = node_split(ctx, spec, "train")
+    train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
+    with tempfile.TemporaryDirectory(prefix="concat-features-") as scratch:
+        cache = FeatureCache(ctx.cache_dir or scratch)
+        parts = [cache.features(ctx.models, w, X, rows, ctx.data.fingerprint(), r.flip) for w in wanted]
+    plain = np.concatenate([p["plain"] for p in parts], axis=1)
+    mean, std = plain[train_idx].mean(axis=0), plain[train_idx].std(axis=0) + 1e-6
+    standard = lambda F: ((F - mean) / std).astype(np.float32)  # noqa: E731
+    if r.flip:
+        flipped = np.concatenate([p["flipped"] for p in parts], axis=1)
+        inputs, transform = flip_lookup(standard(plain[train_idx]), standard(flipped[train_idx]))
+    else:
+        inputs, transform = standard(plain[train_idx]), None
+    dropout = spec.dropout if spec.dropout is not None else r.dropout
+    model = Model([plain.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout,
+                  seed=ctx.seed)
+    val = (standard(plain[val_idx]), labels[val_idx])
+    history = model.fit(inputs, labels[train_idx], validation_data=val, train_transform=transform,
+                        restore_best_weights=True, **fit_kwargs(r, ctx.seed, ctx.progress, f"{spec.name} all taps"))
+    model.freeze()
+    acceptance = fit_acceptance(spec, r, model.logits(val[0]), val[1])
+    seconds = time.perf_counter() - start
+    X_test, _, _ = node_split(ctx, spec, "test")
+    test = standard(np.concatenate(extract(ctx.models, wanted, X_test), axis=1))
+    flops = max(cost.flops_to(ctx.models, w) for w in wanted) + cost.linear_flops(model.architecture)
+    return Outcome(model.logits(test), acceptance, count_parameters(model.net), flops, seconds, ctx.parent_s,
+                   {"taps": [ctx.models[w[0]].tap(*w[1:3])["name"] for w in wanted], "width": plain.shape[1],
+                    "epochs_run": history["epochs_run"], "validation": kind})
 
 
 def scratch_widths(config: TreeConfig, name: str) -> list[int]:

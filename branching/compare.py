@@ -22,12 +22,14 @@ import torchly
 
 from . import selective
 from .baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
-                        run_linear_probe, run_read, run_parent_head, run_parent_unrestricted, run_scratch, run_scratch_mlp)
+                        run_linear_probe, run_read, run_parent_head, run_parent_unrestricted, run_scratch, run_scratch_mlp,
+                        run_taps_concat)
 from .compare_report import summarise, write_outputs
 from .config import NodeSpec, TreeConfig
 from .errors import ConfigError
 from .fileio import staged_dir
 from .forward import read
+from .kshot import SKIPPED, kshot_seed, label, summarise_kshot
 from .pipeline import TreeData, branch_read, load_tree_data, log, parent_normalizer, train_parent
 
 METHODS = {
@@ -36,6 +38,7 @@ METHODS = {
     "parent_head": "parent head on the branch's classes",
     "parent_unrestricted": "parent head, all classes",
     "linear_probe": "linear probe",
+    "taps_concat": "branch reading every tap, concatenated",
     "scratch_mlp": "MLP from scratch, same size",
     "scratch": "same network from scratch",
     "finetune": "trunk + branch fine-tuned",
@@ -63,10 +66,17 @@ def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     source = ctx.models[spec.source]
     others = [read(ctx.models, spec.source, info["layer"], info["where"]) for info in source.feature_info]
     taps = [(read_key(ctx.models, r), lambda c, s, r=r: run_read(c, s, r)) for r in others if r != configured]
-    return [("branch", run_branch), ("branch_original", run_branch_original), ("parent_head", run_parent_head),
-            ("parent_unrestricted", run_parent_unrestricted), ("linear_probe", run_linear_probe), *taps,
+    heads = [("parent_head", run_parent_head), ("parent_unrestricted", run_parent_unrestricted)]
+    return [("branch", run_branch), ("branch_original", run_branch_original),
+            *(heads if has_parent_head(ctx.config, spec) else []), ("linear_probe", run_linear_probe), *taps,
+            ("taps_concat", run_taps_concat),
             ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
             else ("scratch", run_scratch), ("finetune", run_finetune)]
+
+
+def has_parent_head(config: TreeConfig, spec: NodeSpec) -> bool:
+    """Whether the parent's head covers every class of the branch (not so for new classes)."""
+    return set(spec.classes) <= set(config.parent.classes)
 
 
 # ---- scoring and one seed -------------------------------------------------------------------
@@ -109,8 +119,15 @@ def make_context(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
                        original_parent_s, cache_dir=cache_dir)
 
 
+def kshot_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
+    """The methods of the k-shot curves: compare's, less kshot.SKIPPED, with the same network from scratch
+    for every kind of parent (it validates on the held-out images as every other method does)."""
+    return [("scratch", run_scratch) if key == "scratch_mlp" else (key, fn) for key, fn in method_plan(ctx, spec)
+            if key not in SKIPPED]
+
+
 def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
-                 original_parent: bool = False, cache_dir=None) -> dict:
+                 original_parent: bool = False, cache_dir=None, kshot: list | None = None) -> dict:
     """Train the parent(s) once, then every method for every branch; returns scored results.
 
     With cache_dir the branches on other layers read their activations (plain and flipped) from a
@@ -131,6 +148,8 @@ def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
             scored[key] = {**score(outcome, labels), "label": method_label(key)}
             log(f"seed {seed} {spec.name} {method_label(key)}: test accuracy "
                 f"{100 * scored[key]['test_accuracy']:.1f}%, {outcome.train_s:.1f} s")
+    if kshot:
+        result["kshot"] = kshot_seed(ctx, kshot, result["branches"], kshot_plan, score)
     return result
 
 
@@ -152,7 +171,8 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
                      "Pass --original-parent to train it.")
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
-        "branch's classes (images the parent never trained on)" + (", except the MLP from scratch, which holds "
+        "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "
+        "training images that no node trains on)" + (", except the MLP from scratch, which holds "
         "out its own stratified 15% of its classes' training images." if mlp else "."),
         "Branches reading other layers train from activations computed once (plain and flipped, "
         "features.FeatureCache) instead of once per epoch as `run` does for the configured branch: the "
@@ -162,6 +182,10 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
         "`run` does on a CNN or ViT parent.",
         "Linear probe: scikit-learn LogisticRegression on standardised activations of the branch's layer, "
         "C chosen on validation log-loss; no flips.",
+        "Every tap, concatenated: the branch's own layers reading every tap of its source at once (each hidden "
+        "layer of an MLP where the branch reads its own, each stage or block of a CNN or ViT at its default "
+        "pooling), every feature standardised on the training images: Head2Toe's multi-layer input without its "
+        "feature selection; flips and validation as the branch.",
         f"Fine-tuning: the trained branch and a copy of the trunk below it (the parent itself is untouched), "
         f"AdamW lr {f.lr:g}, batch {f.batch_size}, up to {f.epochs} epochs, patience {f.patience}, flips and "
         f"label smoothing as the default branch recipe. The fine-tuned trunk no longer serves the parent's "
@@ -179,7 +203,7 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
 
 def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epochs: int | None = None,
                 original_parent: bool = False, download: bool = False, progress: bool = True,
-                command: str = "") -> dict:
+                command: str = "", kshot: list | None = None) -> dict:
     """compare_seed for each seed, then summaries and OUT/compare.{json,md,png}; returns the result."""
     if not config.branches:
         raise ConfigError(f"{config.path or '<config>'} has no branches: nothing to compare")
@@ -189,18 +213,18 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
         recipes.original.parent_for(config.parent.kind)
     with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
         return _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
-                            command)
+                            command, kshot)
 
 
 def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
-                 command) -> dict:
+                 command, kshot) -> dict:
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     data = load_tree_data(config, data_dir, download=download, progress=progress)
     seed_results = []
     with tempfile.TemporaryDirectory(prefix="compare-features-") as cache_dir:
         for seed in seeds:
             log(f"#### compare: seed {seed}")
-            seed_results.append(compare_seed(config, data, seed, recipes, progress, original_parent, cache_dir))
+            seed_results.append(compare_seed(config, data, seed, recipes, progress, original_parent, cache_dir, kshot))
     summary = summarise(seed_results)
     branches = {}
     for spec in config.nodes()[1:]:
@@ -216,8 +240,14 @@ def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_par
              "machine": f"{os.cpu_count()} CPU cores shared with other work, torch {torch.__version__} "
                         f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}), "
                         f"training on {torchly.DEVICE}"}
+    if kshot:
+        setup["kshot"] = [label(k) for k in kshot]
+        labels = {name: {key: method_label(key) for key in rows} for name, rows in seed_results[0]["kshot"].items()}
+        samples = {name: info["test_samples"] for name, info in branches.items()}
     result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
               "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
                           "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}
+    if kshot:
+        result["kshot"] = summarise_kshot(seed_results, kshot, samples, labels)
     write_outputs(out, result)
     return result

@@ -19,6 +19,9 @@ def add_parsers(sub) -> None:
     compare.add_argument("--original-parent", action="store_true",
                          help="train a parent with the original recipe for the original-recipe branches "
                               "(about 9 minutes per seed); default: they use the default-recipe parent")
+    compare.add_argument("--kshot", default=None, metavar="LIST",
+                         help="also train every method on k images per class of each branch, e.g. "
+                              "5,10,25,50,100,all; writes a k-shot table and compare-kshot.png")
     compare.set_defaults(func=cmd_compare)
     probe = sub.add_parser("probe-layers",
                            parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs", "--device",
@@ -34,13 +37,15 @@ def add_parsers(sub) -> None:
 
 def cmd_compare(args) -> int:
     from .compare import run_compare
+    from .kshot import parse_kshot
     from .seeds import parse_seeds
 
-    config = load_config(args.config)
     seeds = parse_seeds(args.seeds)
+    kshot = parse_kshot(args.kshot) if args.kshot is not None else None
+    config = load_config(args.config)
     result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
                          original_parent=args.original_parent, download=not args.no_download,
-                         progress=not args.quiet, command=_command(args))
+                         progress=not args.quiet, command=_command(args), kshot=kshot)
     print(Path(args.out, "compare.md").read_text(), end="")
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.json, compare.png "
           f"(total {result['timings']['total_s'] / 60:.1f} min)")
@@ -55,6 +60,8 @@ def _command(args) -> str:
         words += ["--max-epochs", str(args.max_epochs)]
     if args.original_parent:
         words.append("--original-parent")
+    if args.kshot is not None:
+        words += ["--kshot", args.kshot]
     words += ["--device", args.device]
     return shlex.join(words)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import write_bytes
+from .kshot import kshot_markdown, render_kshot_plot
 from .stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
 from .tables import MARKDOWN, interval, mean_std, num, pct, table
 
@@ -22,13 +23,20 @@ def paired_delta(correct: list[np.ndarray], baseline: list[np.ndarray], n_boot: 
     return {"mean": float(d.mean()), "ci95": bootstrap_interval(d, 0.95, n_boot, seed)}
 
 
+def baseline_method(methods) -> str:
+    """What a branch's methods are measured against: the parent's restricted head, or where the parent has
+    no head for the branch's classes (new classes), the linear probe on the branch's tap."""
+    return "parent_head" if "parent_head" in methods else "linear_probe"
+
+
 def summarise(seed_results: list[dict]) -> dict:
     """Per branch and method: mean, std and intervals of every figure over the seeds."""
     first = seed_results[0]
     out = {"parent": {k: sample_summary([r["parent"][k] for r in seed_results]) for k in first["parent"]},
            "branches": {}}
     for name, methods in first["branches"].items():
-        baseline = [r["branches"][name]["parent_head"]["correct"] for r in seed_results]
+        base = baseline_method(methods)
+        baseline = [r["branches"][name][base]["correct"] for r in seed_results]
         rows = out["branches"][name] = {}
         for key in methods:
             runs = [r["branches"][name][key] for r in seed_results]
@@ -40,7 +48,7 @@ def summarise(seed_results: list[dict]) -> dict:
             accuracy["ci95_seeds"] = t_interval(accuracy["values"])
             n = row["test_samples"]
             accuracy["ci95_test"] = wilson_interval(int(round(accuracy["mean"] * n)), n)
-            row["delta_vs_parent_head"] = paired_delta([run["correct"] for run in runs], baseline)
+            row[f"delta_vs_{base}"] = paired_delta([run["correct"] for run in runs], baseline)
             row["per_seed"] = [{k: v for k, v in run.items() if k not in ("correct", "label")} for run in runs]
             rows[key] = row
     return out
@@ -52,19 +60,20 @@ def _seconds(s: dict) -> str:
     return num(s["mean"], 1 if s["mean"] is not None and s["mean"] >= 1 else 2)
 
 
-HEADER = ("method", "test accuracy % (mean ± std)", "95% interval % (test images)", "Δ vs parent head, points [95%]",
+HEADER = ("method", "test accuracy % (mean ± std)", "95% interval % (test images)", "Δ vs baseline, points [95%]",
           "accepted accuracy %", "coverage %", "AURC", "trainable parameters", "training s (own)",
           "training s (with parent)", "inference MFLOPs/image")
 
 
 def branch_table(rows: dict) -> list[str]:
     cells = []
+    base = baseline_method(rows)
     for key, row in rows.items():
-        delta = row["delta_vs_parent_head"]
+        delta = row[f"delta_vs_{base}"]
         cells.append([
             row["label"], mean_std(row["test_accuracy"], scale=100, digits=1),
             interval(row["test_accuracy"]["ci95_test"], unit="").strip() or "n/a",
-            "(baseline)" if key == "parent_head" else pct(delta["mean"], 1, unit="", sign=True)
+            "(baseline)" if key == base else pct(delta["mean"], 1, unit="", sign=True)
             + interval(delta["ci95"], unit="", sign=True),
             mean_std(row["accepted_accuracy"], scale=100, digits=1), mean_std(row["coverage"], scale=100, digits=1),
             mean_std(row["aurc"], digits=3), f"{row['trainable_parameters']:,}",
@@ -93,10 +102,15 @@ def render_markdown(result: dict) -> str:
     lines += ["## What differs from the original study", ""] + [f"- {note}" for note in result["notes"]] + [""]
     for name, rows in s["branches"].items():
         info = setup["branches"][name]
+        new = [c for c in info["classes"] if c not in setup["parent_classes"]]
         lines += [f"## {name}", "", f"Classes {', '.join(info['classes'])}; the branch reads {info['source']} "
                   f"layer {info['layer']} ({info['where'] or info.get('pool') or 'default pooling'}); "
-                  f"{info['test_samples']} test images.", ""]
+                  f"{info['test_samples']} test images. Baseline: "
+                  + ("the parent's head on the branch's classes." if not new else
+                     f"the linear probe ({', '.join(new)} never seen by the parent, whose head cannot answer them)."), ""]
         lines += branch_table(rows) + [""]
+    if "kshot" in result:
+        lines += kshot_markdown(result["kshot"])
     lines += ["## How to read this", ""] + [f"- {d}" for d in DEFINITIONS]
     return "\n".join(lines) + "\n"
 
@@ -105,8 +119,8 @@ DEFINITIONS = (
     "Test accuracy: mean ± sample standard deviation over the seeds (training randomness only). The 95% "
     "interval is the Wilson interval of that accuracy over the test images, the larger uncertainty: with "
     "100 test images per class it is about ±5 points.",
-    "Δ vs parent head: accuracy minus that of the parent's own head restricted to the branch's classes, on "
-    "the same test images, averaged over seeds, with a 95% bootstrap interval over the images (paired, so "
+    "Δ vs baseline: accuracy minus that of the parent's own head restricted to the branch's classes (for a "
+    "branch of new classes, the linear probe's), on the same test images, averaged over seeds, with a 95% bootstrap interval over the images (paired, so "
     "much narrower than the difference of two unpaired intervals). An interval that contains 0 is no "
     "evidence either way.",
     "Accepted accuracy and coverage: under the branch's acceptance rule (max softmax probability after "
@@ -187,6 +201,8 @@ def write_outputs(out_dir, result: dict) -> list[Path]:
     out = Path(out_dir)
     files = {"compare.json": (json.dumps(result, indent=2) + "\n").encode(),
              "compare.md": render_markdown(result).encode(), "compare.png": render_plot(result)}
+    if "kshot" in result:
+        files["compare-kshot.png"] = render_kshot_plot(result)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         write_bytes(out / name, data)

@@ -42,7 +42,8 @@ TOP_KEYS = ("parent", "branches")
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
 PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, "dropout", "accept", "selfeval")
-BRANCH_KEYS = ("classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept", "selfeval")
+BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
+               "selfeval")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
 RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
 
@@ -77,6 +78,7 @@ class NodeSpec:
     kind: str = "mlp"              # the parent's kind; branches are MLPs
     shape: tuple = ()              # a CNN's or ViT's shape keys, as (key, value) pairs
     pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
+    new_classes: bool = False      # a branch with classes its source never trained on (a standalone specialist)
     selfeval: SelfEvalSpec | None = None  # the self-evaluation branch that judges this node, if declared
 
     @property
@@ -142,6 +144,20 @@ class TreeConfig:
         while names[0] != "parent":
             names.insert(0, self.node(names[0]).source)
         return names
+
+    def standalone(self, name: str) -> bool:
+        """Whether node `name` or a node on its chain has classes its source never trained on: routing
+        cannot send an image there by probability mass, so it answers only when asked by name."""
+        return any(self.node(n).new_classes for n in self.chain(name))
+
+    def routed(self) -> TreeConfig:
+        """The tree that routing walks: every node but the standalone ones (see `standalone`)."""
+        kept = {n: b for n, b in self.branches.items() if not self.standalone(n)}
+        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path)
+
+    def classes(self) -> tuple[str, ...]:
+        """Every class of the tree: the parent's, then the new classes of its branches, in file order."""
+        return tuple(dict.fromkeys(c for spec in (self.parent, *self.branches.values()) for c in spec.classes))
 
     def depth(self, name: str) -> int:
         """0 for the parent, 1 for its branches, and so on."""
@@ -354,7 +370,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         if not (_is_int(layer) or isinstance(layer, str)):
             raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
                           "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
-        fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None),
+        fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None), new_classes=bool(t.flag("new_classes")),
                       pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None))
     return fields
 
@@ -390,14 +406,19 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         table = f"[branches.{name}]"
         _resolve_tap(origin, table, node, source)
         outside = [c for c in node["classes"] if c not in source["classes"]]
-        if outside:
+        if outside and not node["new_classes"]:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
                               f"the classes of source {source['name']!r}; use classes from: "
-                              f"{', '.join(source['classes'])}")
+                              f"{', '.join(source['classes'])}, or set new_classes = true for a branch that learns "
+                              f"classes its source never saw")
+        if node["new_classes"] and not outside:
+            raise ConfigError(f"{origin}: {table} new_classes: is true but every class is one of source "
+                              f"{source['name']!r}'s; remove new_classes (or add the new classes)")
     for node in nodes.values():
         _resolve_selfeval(origin, node, nodes)
     for source in nodes:
-        children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:] if node["source"] == source]
+        children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
+                    if node["source"] == source and not node["new_classes"]]
         for i, (a, classes_a) in enumerate(children):
             for b, classes_b in children[i + 1:]:
                 if classes_a & classes_b:
@@ -461,6 +482,8 @@ def _node_to_dict(node: NodeSpec) -> dict:
         d.update({"from": node.source, "layer": node.layer})
     if node.kind == "mlp":
         d["hidden"] = list(node.hidden)
+    if node.new_classes:
+        d["new_classes"] = True
     extra = {"where": node.where, "pool": node.pool, "activation": node.activation if node.kind == "mlp" else None,
              "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})

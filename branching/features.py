@@ -129,13 +129,19 @@ def branch_inputs(cache: FeatureCache, models, data_hashes: dict, r: tuple, X: n
     features_val = arrays["plain"][val_idx]
     if not flips:
         return arrays["plain"][train_idx], None, features_val
-    plain = torch.from_numpy(np.ascontiguousarray(arrays["plain"][train_idx]))
-    flipped = torch.from_numpy(np.ascontiguousarray(arrays["flipped"][train_idx]))
+    return (*flip_lookup(arrays["plain"][train_idx], arrays["flipped"][train_idx]), features_val)
+
+
+def flip_lookup(plain: np.ndarray, flipped: np.ndarray):
+    """(training inputs, transform) for Model.fit when the features of every image and of its mirror image
+    are known: the inputs are row positions, and the transform looks up the plain or the flipped features,
+    drawing the same coin per image as forward.augment_transform does."""
+    plain = torch.from_numpy(np.ascontiguousarray(plain, dtype=np.float32))
+    flipped = torch.from_numpy(np.ascontiguousarray(flipped, dtype=np.float32))
 
     def transform(positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         index = positions[:, 0].long()
         flip = random_flips(len(index), generator)
         return torch.where(flip[:, None], flipped[index], plain[index])
 
-    positions = np.arange(len(train_idx), dtype=np.float32)[:, None]
-    return positions, transform, features_val
+    return np.arange(len(plain), dtype=np.float32)[:, None], transform

@@ -50,9 +50,23 @@ class TreeData:
     train: Split
     test: Split
 
+    train_keep: np.ndarray | None = None  # training rows a k-shot comparison may use (None: all)
+
     def node_rows(self, split: str, spec: NodeSpec):
         """(uint8 images, labels as positions in spec.classes, row numbers in the split file)."""
-        return select(getattr(self, split), resolve_classes(spec.classes, self.label_names))
+        images, labels, rows = select(getattr(self, split), resolve_classes(spec.classes, self.label_names))
+        if split == "train" and self.train_keep is not None:
+            keep = self.train_keep[rows]
+            return images[keep], labels[keep], rows[keep]
+        return images, labels, rows
+
+    def limited(self, keep: np.ndarray) -> "TreeData":
+        """The same data with only the training rows where `keep` (a mask over the training split) is true."""
+        return replace(self, train_keep=np.asarray(keep, dtype=bool))
+
+    def class_rows(self, name: str) -> np.ndarray:
+        """Row numbers of class `name` in the whole training split."""
+        return select(self.train, resolve_classes([name], self.label_names))[2]
 
     def fingerprint(self) -> dict:
         digest = lambda name: hashlib.sha256((self.data_dir / name).read_bytes()).hexdigest()[:16]  # noqa: E731
@@ -62,10 +76,14 @@ class TreeData:
 def load_tree_data(config: TreeConfig, data_dir, download: bool = False, progress: bool = True) -> TreeData:
     """Load (and, if asked, download) the data, checking that every class of the tree exists in it."""
     data_dir = Path(data_dir)
-    try:
-        fine_ids = resolve_classes(config.parent.classes, list(FINE_LABEL_NAMES))  # before any download
-    except DataError as e:
-        raise ConfigError(f"{config.path or '<config>'}: [parent] classes: {e}") from None
+    for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):
+        try:  # before any download
+            resolve_classes(spec.classes, list(FINE_LABEL_NAMES))
+        except DataError as e:
+            table = "[parent]" if spec.source is None else f"[branches.{spec.name}]"
+            raise ConfigError(f"{config.path or '<config>'}: {table} classes: {e}") from None
+    classes = config.classes()
+    fine_ids = resolve_classes(classes, list(FINE_LABEL_NAMES))
     if download:
         ensure_cifar100(data_dir, progress=progress)
     elif not all((data_dir / n).is_file() for n in ("train", "test", "meta")):
@@ -74,7 +92,7 @@ def load_tree_data(config: TreeConfig, data_dir, download: bool = False, progres
     data = TreeData(data_dir, load_label_names(data_dir), load_split(data_dir, "train"), load_split(data_dir, "test"))
     for split in ("train", "test"):
         present = set(np.unique(getattr(data, split).fine_labels).tolist())
-        missing = [name for name, i in zip(config.parent.classes, fine_ids) if i not in present]
+        missing = [name for name, i in zip(classes, fine_ids) if i not in present]
         if missing:
             raise DataError(f"{data_dir / split} has no images of {', '.join(map(repr, missing))}, classes of the tree "
                             f"in {config.path or '<config>'}; pass --config with a tree of the data's classes (the "
@@ -89,10 +107,30 @@ def _split(n_or_labels, test_size, seed):
 
 # ---- training --------------------------------------------------------------------------------
 
-def _fit_kwargs(r, seed, progress, desc) -> dict:
+def fit_kwargs(r, seed, progress, desc) -> dict:
     return dict(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,
                 optimizer=r.optimizer, label_smoothing=r.label_smoothing, lr_schedule=r.lr_schedule,
                 early_stopping_patience=r.patience, seed=seed, progress=progress, desc=desc)
+
+
+def new_class_hold_out(config: TreeConfig, data: TreeData, seed: int, fraction: float) -> np.ndarray:
+    """Training rows that no node trains on, of the classes the parent never sees: per class, a `fraction`
+    drawn with the seed and the class (so every branch learning a class holds out the same images).
+    The branches that learn those classes validate on them."""
+    held = [np.zeros(0, dtype=np.int64)]
+    for name in config.classes():
+        if name in config.parent.classes or not fraction:
+            continue
+        rows = data.class_rows(name)
+        rng = np.random.default_rng([seed, data.label_names.index(name)])
+        held.append(rng.choice(rows, size=int(round(fraction * len(rows))), replace=False))
+    return np.sort(np.concatenate(held))
+
+
+def held_out_rows(parent: Model) -> np.ndarray:
+    """Training rows no node trains on: the parent's validation images and the new classes' hold-out."""
+    return np.concatenate([np.asarray(parent.meta.get("val_rows", []), dtype=np.int64),
+                           np.asarray(parent.meta.get("new_class_val_rows", []), dtype=np.int64)])
 
 
 def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True):
@@ -117,13 +155,16 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     log(f"parent ({spec.kind}, {model.num_parameters:,} parameters): {len(train_idx)} training images, "
         f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}")
     history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
-                        restore_best_weights=validation is not None, **_fit_kwargs(r, seed, progress, "parent"))
+                        restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent"))
     model.freeze()
     acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict()}
+    held = new_class_hold_out(config, data, seed, r.validation)
+    if len(held):
+        meta["new_class_val_rows"] = torch.from_numpy(held)
     return model, meta, normalizer
 
 
@@ -141,7 +182,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     images, labels, rows = data.node_rows("train", spec)
     X = normalizer.transform(images)
     validation = r.validation
-    parent_val = set(parent.meta["val_rows"].tolist())
+    parent_val = set(held_out_rows(parent).tolist())
     if validation == "parent" and not parent_val:
         log(f"{name}: the parent holds out no images (trained with the original recipe); "
             f"validating on an 80/20 split of the branch's training images instead")
@@ -178,7 +219,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
         f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
     history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
                         train_transform=transform, restore_best_weights=True,
-                        **_fit_kwargs(r, seed, progress, name))
+                        **fit_kwargs(r, seed, progress, name))
     model.freeze()
     acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
@@ -219,7 +260,7 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
     X = parent_normalizer(models["parent"]).transform(images)
     logits = model.logits(node_inputs(models, name, X))
     head = None
-    if spec.source is not None:
+    if spec.source is not None and set(spec.classes) <= set(config.parent.classes):
         parent = models["parent"]
         head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
                                   Acceptance.of(parent.meta).temperature)

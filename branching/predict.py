@@ -10,12 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
+from . import judge
+from .acceptance import Acceptance
 from .args import positive_int
-from .config import load_config
+from .checkpoint import load_folder
+from .config import TreeConfig, load_config
 from .data import N_PIXELS, load_label_names, load_split
 from .errors import ConfigError, DataError
 from .fileio import check_new_file, write_csv, write_json
-from .routing import BATCH, TreePredictor
+from .forward import node_inputs
+from .normalization import Normalizer
+from .routing import BATCH, TreePredictions, TreePredictor
 
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG variant many cameras write
 SIDE = 32
@@ -34,7 +39,38 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
     p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=positive_int, default=BATCH, help=f"images per batch (default {BATCH})")
+    p.add_argument("--node", default=None, metavar="NAME",
+                   help="answer with this node alone, over its own classes (default: the routed tree); the way "
+                        "to ask a branch of new classes, which routing never reaches")
     p.set_defaults(func=cmd_predict)
+
+
+class NodePredictor:
+    """One node of a tree on its own: the chain from the pixels to it, its classes, its acceptance rule.
+    Gives the routed tree's TreePredictions, with the chain as the path."""
+
+    def __init__(self, config: TreeConfig, models: dict, name: str):
+        config.node(name)
+        self.models, self.name = models, name
+        self.chain = tuple(config.chain(name))
+        self.classes = tuple(config.node(name).classes)
+        self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+        self.acceptance = Acceptance.of(models[name].meta)
+        self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
+
+    def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
+        X = self.normalizer.transform(np.asarray(images).reshape(-1, N_PIXELS))
+        logits = np.concatenate([self.models[self.name].logits(node_inputs(self.models, self.name, X[i:i + batch_size]))
+                                 for i in range(0, len(X), batch_size)] or [np.zeros((0, len(self.classes)))])
+        predicted = logits.argmax(axis=1)
+        probability = None if self.judge is None else self.judge.score_images(self.models, X, logits)
+        confidence = self.acceptance.confidence(logits, probability)
+        low = ~self.acceptance.accepts(confidence)
+        last = len(self.chain) - 1
+        return TreePredictions(self.classes, self.chain, tuple(self.chain[:i + 1] for i in range(len(self.chain))),
+                               predicted, confidence.astype(np.float32), np.full(len(X), last),
+                               np.where(low, last, -1), np.where(low, confidence, np.nan).astype(np.float32),
+                               predicted)
 
 
 def load_image(path) -> np.ndarray:
@@ -142,7 +178,10 @@ def cmd_predict(args) -> int:
     if args.out is not None:
         check_new_file(args.out, "--out")
     config = load_config(args.config) if args.config else None
-    predictor = TreePredictor.load(args.models, config)
+    if args.node is None:
+        predictor = TreePredictor.load(args.models, config)
+    else:
+        predictor = NodePredictor(*load_folder(args.models, config), args.node)
     if args.data:
         names, pixels, truth = load_split_inputs(args.data, args.split)
         errors: list[str] = []

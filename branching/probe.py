@@ -24,7 +24,8 @@ from torchly import Model
 from . import cost, tables
 from .config import TreeConfig
 from .forward import extract, read
-from .pipeline import ORIGINAL_BRANCH_SPLIT_SEED, TreeData, log, parent_normalizer, train_branch, train_parent
+from .pipeline import (ORIGINAL_BRANCH_SPLIT_SEED, TreeData, held_out_rows, log, parent_normalizer, train_branch,
+                       train_parent)
 from .recipes import Recipe, get_recipe
 from .stats import wilson_interval
 
@@ -76,7 +77,7 @@ def held_out_split(parent: Model, rows: np.ndarray, labels: np.ndarray) -> tuple
     recipe's branches use). kind "own": the parent held nothing out (original recipe), so an 80/20
     split of images the parent trained on; probe accuracies then look better than they are.
     """
-    parent_val = np.asarray(parent.meta.get("val_rows", []), dtype=np.int64)
+    parent_val = held_out_rows(parent)
     if len(parent_val):
         in_val = np.isin(rows, parent_val)
         return np.flatnonzero(~in_val), np.flatnonzero(in_val), "parent"
@@ -157,7 +158,7 @@ def format_probe_table(table: list[dict], best: dict[str, dict]) -> str:
     for name, row in best.items():
         ci = wilson_interval(round(row["val_accuracy"] * row["val_samples"]), row["val_samples"])
         noise = tables.num(None if ci is None else 100 * (ci[1] - ci[0]) / 2, 1)
-        where = ("the parent's held-out images" if row["validation"] == "parent"
+        where = ("held-out images no node trains on" if row["validation"] == "parent"
                  else "an 80/20 split of images the parent trained on (optimistic)")
         lines.append(f"{name}: read {row['source']} {row['tap']} (pool {row['pool']}); validated on "
                      f"{row['val_samples']} images, {where}; differences under about {noise} points are "

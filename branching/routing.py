@@ -192,6 +192,7 @@ class TreePredictor:
     def __init__(self, config: TreeConfig, models: dict[str, Model], judges: dict | None = None):
         """`judges`: {node: judge.Judge} for the nodes whose score is "selfeval" (default: loaded from the
         folder beside each such node's model file)."""
+        config = config.routed()  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
             raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")

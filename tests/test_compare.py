@@ -41,11 +41,11 @@ def context(small_config, small_data):
 def test_every_method_runs_on_every_branch(result):
     assert list(result["branches"]["mammals"]) == [
         "branch", "branch_original", "parent_head", "parent_unrestricted", "linear_probe",
-        "layer0_pre", "layer0_post", "layer1_post", "scratch_mlp", "finetune"]
+        "layer0_pre", "layer0_post", "layer1_post", "taps_concat", "scratch_mlp", "finetune"]
     # water reads mammals, whose one hidden layer gives a single other reading: post
     assert list(result["branches"]["water"]) == [
         "branch", "branch_original", "parent_head", "parent_unrestricted", "linear_probe", "layer0_post",
-        "scratch_mlp", "finetune"]
+        "taps_concat", "scratch_mlp", "finetune"]
     for name, n_classes in (("mammals", 3), ("water", 2)):
         for key, r in result["branches"][name].items():
             assert r["test_samples"] == n_classes * N_TEST, key
@@ -61,10 +61,11 @@ def test_parameter_counts_by_hand(result):
     assert m["branch"] == m["branch_original"] == m["layer1_post"] == lin(8, 6) + lin(6, 3) == 75
     assert m["layer0_pre"] == m["layer0_post"] == lin(16, 6) + lin(6, 3)
     assert m["linear_probe"] == 8 * 3 + 3
+    assert m["taps_concat"] == lin(16 + 8, 6) + lin(6, 3)  # both hidden layers, before their ReLU as the branch
     assert m["parent_head"] == m["parent_unrestricted"] == 0
     assert m["scratch_mlp"] == m["finetune"] == trunk + lin(8, 6) + lin(6, 3) == 49379
     w = {k: r["trainable_parameters"] for k, r in result["branches"]["water"].items()}
-    assert w["branch"] == lin(6, 3) + lin(3, 2)
+    assert w["branch"] == w["taps_concat"] == lin(6, 3) + lin(3, 2)
     # fine-tuning trains the parent's trunk, the mammals branch up to its layer 0, and water
     assert w["finetune"] == w["scratch_mlp"] == trunk + lin(8, 6) + lin(6, 3) + lin(3, 2)
 
@@ -75,6 +76,7 @@ def test_flops_by_hand(result, small_config):
     assert m["parent_head"] == 2 * (3072 * 16 + 16 * 8 + 8 * 4)
     assert m["linear_probe"] == 2 * (3072 * 16 + 16 * 8 + 8 * 3)
     assert m["layer0_pre"] == 2 * (3072 * 16 + 16 * 6 + 6 * 3)
+    assert m["taps_concat"] == 2 * (3072 * 16 + 16 * 8 + 24 * 6 + 6 * 3)
     assert cost.linear_params(cost.path_widths(small_config, "mammals")) == count_parameters(
         Model(cost.path_widths(small_config, "mammals")).net)
 
