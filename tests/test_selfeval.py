@@ -374,3 +374,16 @@ def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_
     assert np.array_equal((result.rejected_at == 0)[clear], (generic < acceptance.threshold)[clear])
     at_parent = result.rejected_at == 0
     assert result.rejected_confidence[at_parent] == pytest.approx(generic[at_parent], abs=1e-5)
+
+
+def test_predict_one_node_uses_its_judge(judged_run, small_data_dir, tmp_path):
+    out, _ = judged_run
+    csv_path = tmp_path / "water.csv"
+    assert main(["predict", "--models", str(out), "--node", "water", "--data", str(small_data_dir), "--split", "test",
+                 "--out", str(csv_path)]) == 0
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    _, _, file_rows = read_split(small_data_dir, "test", ["beaver", "whale", "wolf", "sunflower"])
+    assert len(rows) == len(file_rows)
+    expected = _reference_judge(out, small_data_dir, file_rows)
+    assert np.array([float(r["confidence"]) for r in rows]) == pytest.approx(expected, abs=1e-5)
