@@ -1,5 +1,5 @@
 """torchly: small Keras-like networks on PyTorch (build, fit, predict, activations, save/load): the
-original's MLP, and the CNN and ViT of branching.nets.
+original's MLP, the CNN and ViT of branching.nets, and any torch module (kind "module", frozen).
 
 Every method that takes inputs follows the convention of `as_2d_float`. The model is in eval
 mode except while `fit` runs.
@@ -117,6 +117,12 @@ class Model:
         return f"Model(kind={self.kind!r}, {self.shape}, classes={self.architecture[-1]}, dropout={self.dropout!r})"
 
     @property
+    def has_head(self) -> bool:
+        """Whether the network's output is class logits: always, but for a module parent (kind "module")
+        without head = true."""
+        return self.kind != "module" or self.shape["head"]
+
+    @property
     def n_hidden(self) -> int:
         """Hidden layers of an MLP (0 for other kinds: their taps are in feature_info)."""
         return len(self.architecture) - 2
@@ -134,6 +140,9 @@ class Model:
 
     def logits(self, X, batch_size=4096) -> np.ndarray:
         """Raw outputs, float32 (N, out)."""
+        if not self.has_head:
+            raise ValueError(f"this {self.shape['module']} parent has no head (its outputs are not the classes); "
+                             f"read its taps, or set head = true where its outputs are the classes in order")
         return self._map_batches(as_2d_float(X, self.architecture[0]), self.net, batch_size)
 
     def predict_proba(self, X, temperature=1.0) -> np.ndarray:
@@ -258,6 +267,8 @@ class Model:
             restore_best_weights=True, lr_schedule=None, train_transform=None, seed=None,
             progress=True, desc="train") -> dict:
         """Mini-batch training on cross-entropy; returns the history (also kept as .history)."""
+        if self.kind == "module":
+            raise ValueError("a module parent is never trained here: it is loaded from its weights file")
         n_in, n_out = self.architecture[0], self.architecture[-1]
         X = as_2d_float(X, None if train_transform is not None else n_in)
         if len(X) == 0:

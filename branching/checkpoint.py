@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torchly import Model
 
+from . import nets
 from .config import TreeConfig
 from .errors import CheckpointError, ConfigError
 
@@ -84,7 +85,12 @@ def check_node(model: Model, spec, hint: str = "") -> None:
     kind = "parent" if spec.source is None else "branch"
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
-    if (model.kind, model.shape) != (spec.kind, spec.shape_dict if spec.kind != "mlp" else {}):
+    if spec.kind == "module" and model.kind == "module" and \
+            model.shape["weights_sha256"] != spec.shape_dict["weights_sha256"]:
+        raise CheckpointError(f"{path} was built from weights with sha256 {model.shape['weights_sha256'][:16]}..., but "
+                              f"{spec.shape_dict['weights']} now has sha256 {spec.shape_dict['weights_sha256'][:16]}...; "
+                              f"restore that file, or run the tree again on the new weights{hint}")
+    if (model.kind, model.shape) != (spec.kind, nets.check_shape(spec.kind, spec.shape_dict)):
         raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
                               f"{spec.shape_dict or ''} for {spec.name!r}; train it again{hint}")
     if list(meta.get("classes", [])) != list(spec.classes):
@@ -103,6 +109,11 @@ def check_node(model: Model, spec, hint: str = "") -> None:
 def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:
     """A branch may only run on the exact source (and parent) it was trained on."""
     path = branch.meta.get("path", "?")
+    tap = branch.meta.get("tap")  # its name when trained: the index must still name it (a module's code may change)
+    if tap is not None and source.tap(branch.meta["layer"], branch.meta.get("where"))["name"] != tap:
+        raise CheckpointError(f"branch {name!r} ({path}) was trained on tap {tap!r} of its source, which is now tap "
+                              f"{source.tap(branch.meta['layer'], branch.meta.get('where'))['name']!r} (the source's "
+                              f"module changed); retrain the branch{hint}")
     for role, model, key in (("source", source, "source_fingerprint"), ("parent", parent, "parent_fingerprint")):
         if branch.meta.get(key) != model.fingerprint():
             raise CheckpointError(

@@ -43,6 +43,9 @@ def cmd_compare(args) -> int:
     seeds = parse_seeds(args.seeds)
     kshot = parse_kshot(args.kshot) if args.kshot is not None else None
     config = load_config(args.config)
+    if config.parent.kind == "module":
+        raise ConfigError(f"{config.path}: compare is not built for a module parent (kind = \"module\"): its "
+                          f"baselines train or fine-tune the parent; use run and probe-layers")
     result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
                          original_parent=args.original_parent, download=not args.no_download,
                          progress=not args.quiet, command=_command(args), kshot=kshot)
@@ -98,6 +101,9 @@ def cmd_probe_layers(args) -> int:
         epochs = models["parent"].meta["history"]["epochs_run"]
         origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
                   f"{models['parent'].meta['history']['seconds']:.0f} s")
+        if models["parent"].kind == "module":
+            origin = (f"the module parent {models['parent'].shape['module']} loaded here (frozen), its hold-out "
+                      f"drawn with seed {args.seed or 0}")
     table, best, seconds = run_probe_layers(config, models, data)
     print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")
     print(format_probe_table(table, best))

@@ -16,7 +16,7 @@ import torch
 
 from torchly import ACTIVATIONS, WHERE, declared_network
 
-from . import nets
+from . import module_parent, nets
 
 from .data import N_PIXELS
 from .nets import KINDS, SHAPES
@@ -41,7 +41,8 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 TOP_KEYS = ("parent", "branches")
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
-PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, "dropout", "accept", "selfeval")
+MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, "dropout", "accept", "selfeval")
 BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
                "selfeval")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
@@ -92,7 +93,7 @@ class NodeSpec:
                     for i, width in enumerate(self.hidden) for where in WHERE]
         with torch.device("meta"):
             return nets.build(self.kind, [N_PIXELS, len(self.classes)], dropout=self.dropout,
-                              shape=self.shape_dict).feature_info
+                              shape=nets.check_shape(self.kind, self.shape_dict)).feature_info
 
     def class_index(self, name: str) -> int:
         """Label id of class `name` in this node."""
@@ -150,9 +151,10 @@ class TreeConfig:
         cannot send an image there by probability mass, so it answers only when asked by name."""
         return any(self.node(n).new_classes for n in self.chain(name))
 
-    def routed(self) -> TreeConfig:
-        """The tree that routing walks: every node but the standalone ones (see `standalone`)."""
-        kept = {n: b for n, b in self.branches.items() if not self.standalone(n)}
+    def routed(self, entry: str | None = None) -> TreeConfig:
+        """The tree that routing walks: every node but the standalone ones (see `standalone`), except those
+        at or below `entry`, the branch that routing starts from when asked to."""
+        kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n)}
         return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path)
 
     def classes(self) -> tuple[str, ...]:
@@ -340,7 +342,8 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     t = _Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
     kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
     for key in t.data:
-        owners = ["mlp"] if key in MLP_KEYS else [k for k, keys in SHAPES.items() if key in keys]
+        owners = (["mlp"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
+                  else [k for k, keys in SHAPES.items() if key in keys])
         if owners and kind not in owners:
             raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",
                           f"remove it, or set kind = \"{owners[0]}\"")
@@ -356,7 +359,15 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     if fields["accept"].score == "selfeval" and fields["selfeval"] is None:
         raise ConfigError(f"{origin}: [{table}.accept] score = \"selfeval\" needs a self-evaluation branch; add a "
                           f"[{table}.selfeval] table (e.g. layer = -1, hidden = [64]) or choose another score")
-    if kind != "mlp":
+    if kind == "module":
+        if "selfeval" in t.data and not t.data.get("head"):
+            raise t.error("selfeval", "judges the parent's answers, which a module parent only gives with head = true",
+                          "remove [parent.selfeval], or set head = true")
+        if "accept" in t.data and not t.data.get("head"):
+            raise t.error("accept", "needs the parent's head, which a module parent only has with head = true",
+                          "remove [parent.accept], or set head = true")
+        fields["shape"] = tuple(module_parent.parse_keys(t, fields["classes"]).items())
+    elif kind != "mlp":
         try:
             shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
         except ValueError as e:
@@ -441,6 +452,12 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     return TreeConfig(parent=parent, branches=specs, path=path)
 
 
+def _names(taps, n=12) -> str:
+    names = [t["name"] for t in taps]
+    more = f" (+{len(names) - n} more; branching probe-layers lists them)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
 def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
     """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
     "post"), checked with its pool; node["width"] is the width the branch reads."""
@@ -448,12 +465,12 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
     layer, mlp = node["layer"], source["kind"] == "mlp"
     if not mlp and node["where"] is not None:
         raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
-                          f"{source['kind']} whose taps are {', '.join(t['name'] for t in taps)}; remove it")
+                          f"{source['kind']} whose taps are {_names(taps)}; remove it")
     if isinstance(layer, str):
         found = [t for t in taps if t["name"] == layer]
         if not found:
             raise ConfigError(f"{origin}: {table} layer: {source['name']!r} has no tap {layer!r}; its taps are "
-                              f"{', '.join(t['name'] for t in taps)}")
+                              f"{_names(taps)}")
         if mlp and node["where"] not in (None, found[0]["where"]):
             raise ConfigError(f"{origin}: {table} where: contradicts layer {layer!r}; remove one of the two")
         node["layer"], node["where"] = found[0]["layer"], found[0]["where"] if mlp else None
@@ -476,8 +493,8 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
 
 def _node_to_dict(node: NodeSpec) -> dict:
     d: dict[str, Any] = {"classes": list(node.classes)}
-    if node.kind != "mlp":
-        d.update(kind=node.kind, **node.shape_dict)
+    if node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
+        d.update(kind=node.kind, **{k: v for k, v in node.shape_dict.items() if k != "weights_sha256"})
     if node.source is not None:
         d.update({"from": node.source, "layer": node.layer})
     if node.kind == "mlp":

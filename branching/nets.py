@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KINDS = ("mlp", "cnn", "vit")
+from . import module_parent
+
+KINDS = ("mlp", "cnn", "vit", "module")  # module: any torch module (branching.module_parent)
 WHERE = ("pre", "post")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
 IMAGE = (3, 32, 32)
@@ -153,6 +155,8 @@ def build(kind: str, architecture, activation="relu", dropout=None, shape=None) 
         return ConvNet(architecture[-1], dropout=dropout, **shape)
     if kind == "vit":
         return ViTNet(architecture[-1], dropout=dropout, **shape)
+    if kind == "module":
+        return module_parent.ModuleNet(architecture[-1], **shape)
     raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
 
 
@@ -160,6 +164,8 @@ def check_shape(kind: str, shape) -> dict:
     """A kind's shape keys with defaults filled in; unknown keys or wrong values are ValueErrors."""
     if kind == "mlp":
         return {}
+    if kind == "module":
+        return module_parent.check_shape(shape)
     if not isinstance(shape, dict) or set(shape) - set(SHAPES[kind]):
         unknown = sorted(set(shape) - set(SHAPES[kind])) if isinstance(shape, dict) else shape
         raise ValueError(f"unknown {kind} shape keys {unknown}; {kind} takes {', '.join(SHAPES[kind])}")

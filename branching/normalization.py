@@ -35,6 +35,14 @@ class Normalizer:
             return cls(np.repeat(mean, N_PIXELS // 3), np.maximum(np.repeat(std, N_PIXELS // 3), cls.MIN_STD))
         return cls(images.mean(axis=0), np.maximum(images.std(axis=0), cls.MIN_STD))
 
+    @classmethod
+    def of_channels(cls, mean, std) -> "Normalizer":
+        """Given per-channel mean and std (3 values each, on the 0..255 scale), repeated over the pixels."""
+        mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+        if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():
+            raise DataError(f"per-channel mean and std must be 3 values each (std > 0); got {mean} and {std}")
+        return cls(np.repeat(mean, N_PIXELS // 3), np.repeat(std, N_PIXELS // 3))
+
     def transform(self, images) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim != 2 or images.shape[1] != N_PIXELS:

@@ -28,6 +28,7 @@ from .features import FeatureCache, branch_inputs
 from .fileio import staged_dir, write_csv, write_json
 from .forward import augment_transform, extract, node_inputs, read, read_tap
 from .metrics import format_report
+from .module_parent import load_weights
 from .normalization import Normalizer
 from .recipes import Recipe
 from .routing import evaluate_tree, format_tree_report
@@ -134,8 +135,10 @@ def held_out_rows(parent: Model) -> np.ndarray:
 
 
 def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True):
-    """Train the parent; returns (model, checkpoint meta, normaliser)."""
+    """Train the parent (a module parent is loaded instead); returns (model, checkpoint meta, normaliser)."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
+    if spec.kind == "module":
+        return load_module_parent(config, data, recipe, seed)
     images, labels, rows = data.node_rows("train", spec)
     if r.validation:
         train_idx, val_idx = _split(labels, r.validation, seed)
@@ -162,6 +165,46 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict()}
+    held = new_class_hold_out(config, data, seed, r.validation)
+    if len(held):
+        meta["new_class_val_rows"] = torch.from_numpy(held)
+    return model, meta, normalizer
+
+
+def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int):
+    """A module parent (kind "module"): built, loaded from its weights file and frozen, never trained. Like a
+    trained parent it holds out a stratified share of the training images per seed (recipe validation), on
+    which its branches validate and its head, if used, is calibrated. Normalised by the config's mean and std
+    (0..1 scale) or else by the per-channel statistics of the other training images."""
+    start = time.perf_counter()
+    spec, r = config.parent, recipe.parent_for("module")
+    shape = spec.shape_dict
+    images, labels, rows = data.node_rows("train", spec)
+    train_idx, val_idx = _split(labels, r.validation, seed)
+    if "mean" in shape:
+        normalizer = Normalizer.of_channels(255 * np.array(shape["mean"]), 255 * np.array(shape["std"]))
+    else:
+        normalizer = Normalizer.fit(images[train_idx], per_channel=True)
+    model = Model([images.shape[1], len(spec.classes)], seed=seed, kind="module", shape=shape)
+    try:
+        load_weights(model.net, shape["weights"])
+    except ValueError as e:
+        raise ConfigError(f"{config.path or '<config>'}: [parent] weights: {e}") from None
+    model.freeze()
+    log(f"parent (module {shape['module']}, {sum(p.numel() for p in model.net.parameters()):,} parameters, frozen, "
+        f"{'its head used' if model.has_head else 'no head'}): {len(train_idx)} training images, {len(val_idx)} "
+        f"held out for validation, {len(spec.classes)} classes")
+    acceptance = None
+    if model.has_head:
+        X_val = normalizer.transform(images[val_idx])
+        acceptance = fit_acceptance(spec, r, model.logits(X_val), labels[val_idx]).to_dict()
+    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
+            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("module"), "seed": seed,
+            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
+            "history": {"epochs_run": 0, "best_epoch": 0, "stopped_early": False,
+                        "seconds": time.perf_counter() - start}, "acceptance": acceptance,
+            "module": shape["module"], "weights": shape["weights"], "weights_sha256": shape["weights_sha256"],
+            "tree": config.to_dict()}
     held = new_class_hold_out(config, data, seed, r.validation)
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
@@ -224,6 +267,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
+            "tap": source.tap(*tap[1:3])["name"],
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
             "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
@@ -260,7 +304,7 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
     X = parent_normalizer(models["parent"]).transform(images)
     logits = model.logits(node_inputs(models, name, X))
     head = None
-    if spec.source is not None and set(spec.classes) <= set(config.parent.classes):
+    if spec.source is not None and models["parent"].has_head and set(spec.classes) <= set(config.parent.classes):
         parent = models["parent"]
         head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
                                   Acceptance.of(parent.meta).temperature)
@@ -319,6 +363,9 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.fingerprint(),
                "device": str(torchly.DEVICE), "parent": None, "branches": {}}
     for spec in config.nodes():
+        if not models[spec.name].has_head:  # a module parent without head = true: no class logits
+            echo("parent: a module without a head; it has no test accuracy (its branches are evaluated alone)")
+            continue
         node_metrics, predictions = evaluate_node(config, spec.name, models, data)
         node_metrics.update(train_samples=len(models[spec.name].meta["train_rows"]),
                             val_samples=len(models[spec.name].meta["val_rows"]),
@@ -329,9 +376,13 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
         else:
             metrics["branches"][spec.name] = node_metrics
         echo(format_report(spec.name, node_metrics, spec.classes))
-    metrics["tree"], tree_rows = evaluate_tree(config, models, data)
-    write_csv(out / "tree.csv", tree_rows, scores.PREDICTION_COLUMNS)
-    echo(format_tree_report(metrics["tree"], config.parent.classes))
+    if models["parent"].has_head:
+        metrics["tree"], tree_rows = evaluate_tree(config, models, data)
+        write_csv(out / "tree.csv", tree_rows, scores.PREDICTION_COLUMNS)
+        echo(format_tree_report(metrics["tree"], config.parent.classes))
+    else:
+        metrics["tree"] = None
+        echo("routed tree: not evaluated (the parent has no head to route by; predict --branch or --node NAME)")
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     metrics["timings"] = timings
@@ -365,7 +416,7 @@ def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, e
                "runs": {str(s): f"seed-{s}/metrics.json" for s in seeds},
                "rules": {n: describe_rule(m["acceptance"]) for n, m in [("parent", first["parent"]),
                                                                          *first["branches"].items()]
-                         if "acceptance" in m},
+                         if m and "acceptance" in m},
                "parent": summary["parent"], "branches": summary["branches"], "tree": summary["tree"],
                "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
     write_json(out / "metrics.json", metrics)

@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="CIFAR-100 folder: predict a whole split instead of files")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
     p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
+    p.add_argument("--branch", default=None, metavar="NAME",
+                   help="send every image straight to this branch instead of routing from the parent (needed for a "
+                        "module parent without a head and several branches)")
     p.add_argument("--batch-size", type=positive_int, default=BATCH, help=f"images per batch (default {BATCH})")
     p.add_argument("--node", default=None, metavar="NAME",
                    help="answer with this node alone, over its own classes (default: the routed tree); the way "
@@ -51,6 +54,9 @@ class NodePredictor:
 
     def __init__(self, config: TreeConfig, models: dict, name: str):
         config.node(name)
+        if not models[name].has_head:
+            raise ConfigError(f"--node {name}: a module parent without head = true has no classes to answer with; "
+                              f"ask one of its branches")
         self.models, self.name = models, name
         self.chain = tuple(config.chain(name))
         self.classes = tuple(config.node(name).classes)
@@ -178,8 +184,10 @@ def cmd_predict(args) -> int:
     if args.out is not None:
         check_new_file(args.out, "--out")
     config = load_config(args.config) if args.config else None
+    if args.node is not None and args.branch is not None:
+        raise ConfigError("pass --node NAME (that node alone) or --branch NAME (routing from that branch), not both")
     if args.node is None:
-        predictor = TreePredictor.load(args.models, config)
+        predictor = TreePredictor.load(args.models, config, args.branch)
     else:
         predictor = NodePredictor(*load_folder(args.models, config), args.node)
     if args.data:

@@ -81,7 +81,11 @@ DEFAULT = replace(DEFAULT, kinds=(
                        calibrate=True)),
     ("vit", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.05, optimizer="adamw", dropout=0.0,
                        label_smoothing=0.1, lr_schedule="onecycle", flip=True, crop=4, validation=0.15,
-                       calibrate=True))))
+                       calibrate=True)),
+    # a module parent is never trained: only its validation hold-out (on which its branches validate) and,
+    # where it has a head, its calibration and threshold apply; epochs and the rest are unused
+    ("module", NodeRecipe(epochs=1, batch_size=256, lr=1e-3, weight_decay=0.0, optimizer="adamw", dropout=0.0,
+                          validation=0.15, calibrate=True))))
 
 RECIPES = {r.name: r for r in (ORIGINAL, DEFAULT)}
 

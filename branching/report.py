@@ -146,7 +146,7 @@ def write_report(out_dir, title: str | None = None) -> Path:
     out = Path(out_dir)
     metrics = json.loads((out / "metrics.json").read_text())
     classes = node_classes(metrics)
-    names = ["parent", *metrics["branches"]]
+    names = ["parent"] * bool(metrics["parent"]) + list(metrics["branches"])  # a module parent may have no head
     run = f"recipe {metrics['recipe']}, seed {metrics['seed']}"
     blocks: list[tuple] = [("h1", title or f"Neural Branching run ({run})"),
                            ("p", f"Config {metrics['config'].get('path')}, data {metrics['data']['dir']}; "

@@ -35,7 +35,7 @@ from .checkpoint import load_folder
 from .config import TreeConfig
 from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
-from .forward import reads
+from .forward import node_input, read_tap, reads
 from .metrics import classification_summary, format_report
 from .selective import selective_summary
 from .normalization import Normalizer
@@ -189,15 +189,16 @@ class TreePredictions:
 class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
-    def __init__(self, config: TreeConfig, models: dict[str, Model], judges: dict | None = None):
+    def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None,
+                 judges: dict | None = None):
         """`judges`: {node: judge.Judge} for the nodes whose score is "selfeval" (default: loaded from the
         folder beside each such node's model file)."""
-        config = config.routed()  # standalone branches (new classes) answer only when asked by name
+        config = config.routed(entry)  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
             raise CheckpointError(f"no model for {', '.join(map(repr, missing))}; train the tree first")
         self.config = config
-        self.classes = tuple(config.parent.classes)
+        self.classes = config.classes()  # the parent's, and any new classes of an entry branch's subtree
         parent = models["parent"]
         normalizer = Normalizer.from_dict(parent.meta["normalization"])
         self.nodes: list[_Node] = []
@@ -208,19 +209,21 @@ class TreePredictor:
             self.nodes.append(node)
             by_name[spec.name] = node
         for node in self.nodes:
-            node.add_children([by_name[c.name] for c in config.children(node.name)])
+            node.add_children([by_name[c.name] for c in config.children(node.name) if not c.new_classes])
         for node in self.nodes:
             if node.score == "selfeval":
                 found = (judges or {}).get(node.name) or judge.load_for(models, node.name)
                 node.add_judge(found, by_name[node.spec.source or "parent"])
         self.root = self.nodes[0]
         self.chains = tuple(tuple(config.chain(n.name)) for n in self.nodes)
+        self.models = models
+        self.entry = None if entry is None and parent.has_head else by_name[entry_branch(config, parent, entry)]
 
     @classmethod
-    def load(cls, models_dir, config: TreeConfig | None = None) -> TreePredictor:
+    def load(cls, models_dir, config: TreeConfig | None = None, entry: str | None = None) -> TreePredictor:
         """Load every model in a folder (or in its models/ subfolder), checking their lineage."""
         config, models = load_folder(models_dir, config)
-        return cls(config, models)
+        return cls(config, models, entry)
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -243,8 +246,15 @@ class TreePredictor:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
-                x = self._input(chunk)
-                self._route(self.root, x, None, {k: v[start:start + batch_size] for k, v in arrays.items()})
+                batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+                if self.entry is None:
+                    self._route(self.root, self._input(chunk), None, batch)
+                else:  # straight to the entry branch: its chain's trunks run, nothing routes above it
+                    x = torch.from_numpy(self.root.normalizer.transform(chunk.astype(np.float32)))
+                    judged = (None if self.entry.judge is None
+                              else [read_tap(self.models, r, x).numpy() for r in self.entry.judge.reads])
+                    self._route(self.entry, node_input(self.models, self.entry.name, x), None, batch, judged)
+                    batch["parent_predicted"][:] = -1
         return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
 
     def _input(self, pixels: np.ndarray) -> torch.Tensor:
@@ -296,6 +306,22 @@ class TreePredictor:
     def layer_shapes(self) -> dict[str, list[tuple[int, int]]]:
         """(fan_in, fan_out) of every Linear of each node, in order."""
         return {node.name: [tuple(w.shape) for w, _ in node.weights] for node in self.nodes}
+
+
+def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
+    """The branch every image goes to without routing: `entry` (any branch), or for a parent without a head
+    (a module parent) its only branch; a parent without a head and several branches needs `entry`."""
+    if entry is not None:
+        if entry not in config.branches:
+            raise ConfigError(f"--branch {entry}: no such branch; use one of {', '.join(config.branches)}")
+        return entry
+    children = [c.name for c in config.children("parent")]
+    if len(children) == 1:
+        return children[0]
+    raise ConfigError(f"the parent ({parent.shape.get('module', parent.kind)}) has no head, so it cannot route "
+                      f"between its branches {', '.join(children)}; pass --branch NAME (routing from it) or --node "
+                      f"NAME (it alone), or set head = true in "
+                      f"[parent] if the module's outputs are the classes in order")
 
 
 # ---- evaluation ------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ answer of a model that never saw it. The judge trains on all rows (its early sto
 15% of them), never on validation or test images; the node's validation images then fit the
 acceptance threshold on the judge's probabilities, as they do for the max softmax probability.
 
+A module parent (kind = "module") is never trained on the data, so its own answers on its training rows
+are already out of sample: they are used as they are, with no copies.
+
 What the copies do not replace: a branch's copies read the real (frozen) source, which did train on
 those images, as the branch does; a parent judge reads the real parent's hidden layers on its training
 images, since copies' hidden units do not correspond to the parent's. See docs/selfeval.md.
@@ -77,6 +80,14 @@ def _fit_kwargs(r, seed, progress, desc) -> dict:  # as pipeline trains the node
                 early_stopping_patience=r.patience, seed=seed, progress=progress, desc=desc)
 
 
+def _module_parent_answers(models, images):
+    """A module parent is never trained here, so on every row it is already a model that did not see it:
+    its own answers stand in for the copies'."""
+    parent = models["parent"]
+    X = Normalizer.from_dict(parent.meta["normalization"]).transform(images)
+    return lambda keep, held, val, k: parent.logits(X[held])
+
+
 def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress):
     """A function training a copy of the parent on some rows and answering others, as train_parent does."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
@@ -142,15 +153,20 @@ def crossfit(config: TreeConfig, name: str, models: dict[str, Model], data, reci
         raise ConfigError(f"[{'parent' if name == 'parent' else 'branches.' + name}.selfeval] folds: {folds} folds "
                           f"need {folds} training images of every class, but {spec.classes[int(counts.argmin())]!r} "
                           f"has {int(counts.min())}; lower folds")
-    train = (_parent_copies(config, images, labels, recipe, seed, progress) if name == "parent"
-             else _branch_copies(config, name, models, images, labels, recipe, seed, progress))
+    module = name == "parent" and spec.kind == "module"
+    if module:
+        train = _module_parent_answers(models, images)
+    elif name == "parent":
+        train = _parent_copies(config, images, labels, recipe, seed, progress)
+    else:
+        train = _branch_copies(config, name, models, images, labels, recipe, seed, progress)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     order, logits, records = [], [], []
     for k, (a, b) in enumerate(splitter.split(train_pos, labels[train_pos])):
         keep, held = train_pos[a], train_pos[b]
         logits.append(train(keep, held, val_pos, k))
         order.append(held)
-        records.append(Fold(k, rows[keep], rows[held], rows[val_pos]))
+        records.append(Fold(k, rows[keep[:0] if module else keep], rows[held], rows[val_pos]))
     order = np.concatenate(order)
     return CrossFit(name, rows[order], labels[order], np.concatenate(logits).astype(np.float32), records,
                     time.perf_counter() - start)

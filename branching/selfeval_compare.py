@@ -107,7 +107,8 @@ def node_scores(config: TreeConfig, name: str, models: dict, data, recipe, seed:
 def seed_scores(config: TreeConfig, data, recipe, seed: int, progress: bool) -> dict:
     start = time.perf_counter()
     models = train_tree(config, data, recipe, seed, progress)
-    nodes = {spec.name: node_scores(config, spec.name, models, data, recipe, seed, progress) for spec in config.nodes()}
+    nodes = {spec.name: node_scores(config, spec.name, models, data, recipe, seed, progress) for spec in config.nodes()
+             if models[spec.name].has_head}  # a module parent without head = true gives no answers to score
     return {"seed": seed, "nodes": nodes, "seconds": time.perf_counter() - start}
 
 

@@ -124,3 +124,17 @@ def test_siblings_may_share_classes_when_one_is_standalone_and_it_round_trips():
     assert config.classes() == ("beaver", "whale", "wolf", "sunflower")
     from branching.config import TreeConfig
     assert TreeConfig.from_dict(config.to_dict()).branches == config.branches
+
+
+def test_predict_branch_routes_from_a_branch_of_new_classes(trained, tmp_path, capsys):
+    root, data_dir = trained
+    answers = {}
+    for flag in ("--node", "--branch"):
+        out = tmp_path / f"{flag[2:]}.csv"
+        assert cli.main(["predict", "--models", str(root / "out"), "--data", str(data_dir), flag, "newcomers",
+                         "--out", str(out)]) == 0
+        with open(out) as f:
+            answers[flag] = [(r["predicted_class"], r["path"], r["accepted"]) for r in csv.DictReader(f)]
+    capsys.readouterr()
+    assert answers["--branch"] == answers["--node"]  # newcomers has no branches: routing from it is it alone
+    assert {path for _, path, _ in answers["--branch"]} == {"parent > newcomers"}

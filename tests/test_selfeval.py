@@ -387,3 +387,26 @@ def test_predict_one_node_uses_its_judge(judged_run, small_data_dir, tmp_path):
     assert len(rows) == len(file_rows)
     expected = _reference_judge(out, small_data_dir, file_rows)
     assert np.array([float(r["confidence"]) for r in rows]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_module_parent_is_its_own_out_of_sample_copy(small_data_dir, tmp_path, single_thread):
+    import tiny_backbone
+    torch.manual_seed(0)
+    torch.save(tiny_backbone.build().state_dict(), tmp_path / "w.pt")
+    parent = (f'[parent]\nclasses = ["beaver", "whale", "wolf", "sunflower"]\nkind = "module"\n'
+              f'module = "tiny_backbone:build"\nweights = "{tmp_path / "w.pt"}"\n')
+    with pytest.raises(ConfigError, match="module parent only gives with head = true"):
+        parse_config(parent + "[parent.selfeval]\nlayer = -1\n")
+    config = parse_config(parent + 'head = true\n[parent.selfeval]\nlayers = ["layer1", "pool"]\nfolds = 3\n'
+                          '[parent.accept]\nscore = "selfeval"\nrule = "coverage"\ncoverage = 0.5\n'
+                          '[branches.mammals]\nclasses = ["beaver", "whale", "wolf"]\nlayer = "pool"\nhidden = [4]\n')
+    out = tmp_path / "run"
+    metrics = run(config, small_data_dir, out, get_recipe("default", 1), seed=0, progress=False, report=False,
+                  echo=lambda *a: None)
+    meta = load_checkpoint(out / "models" / "parent.selfeval.pt")["meta"]
+    assert all(len(f["trained_on"]) == 0 for f in meta["crossfit"]["folds"])  # no copy: the module never trains
+    parent_model = load_folder(out / "models")[1]["parent"]
+    held = np.concatenate([f["held_out"].numpy() for f in meta["crossfit"]["folds"]])
+    assert sorted(held.tolist()) == sorted(parent_model.meta["train_rows"].tolist())
+    assert metrics["parent"]["acceptance"]["score"] == "selfeval"
+    assert TreePredictor.load(out).predict(read_split(small_data_dir, "test", ["beaver"])[0]).confidence.shape == (10,)
