@@ -410,3 +410,11 @@ def test_a_module_parent_is_its_own_out_of_sample_copy(small_data_dir, tmp_path,
     assert sorted(held.tolist()) == sorted(parent_model.meta["train_rows"].tolist())
     assert metrics["parent"]["acceptance"]["score"] == "selfeval"
     assert TreePredictor.load(out).predict(read_split(small_data_dir, "test", ["beaver"])[0]).confidence.shape == (10,)
+
+
+def test_routing_from_a_judged_entry_branch(judged_run, small_data_dir, single_thread):
+    out, _ = judged_run
+    images, _, file_rows = read_split(small_data_dir, "test", ["beaver", "whale", "wolf", "sunflower"])
+    result = TreePredictor.load(out / "models", entry="water").predict(images, batch_size=9)
+    assert set(result.final_node.tolist()) == {result.nodes.index("water")}
+    assert result.confidence == pytest.approx(_reference_judge(out, small_data_dir, file_rows), abs=1e-5)
