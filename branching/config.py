@@ -191,12 +191,21 @@ def load_config(path: str | Path) -> TreeConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({_one_line(e)}); "
                           f"pass a readable UTF-8 .toml file") from None
-    return _build(_parse_toml(text, str(path)), origin=str(path), path=str(path))
+    return _build(_trusted(_parse_toml(text, str(path))), origin=str(path), path=str(path))
 
 
 def parse_config(text: str, origin: str = "<string>") -> TreeConfig:
     """Validate a tree TOML given as text; `origin` names it in error messages."""
-    return _build(_parse_toml(text, origin), origin=origin, path=None)
+    return _build(_trusted(_parse_toml(text, origin)), origin=origin, path=None)
+
+
+def _trusted(data: dict) -> dict:
+    """A config the user passes may name a module parent's code (TreeConfig.from_dict, which reads what a
+    model file records, may not: see module_parent.trust)."""
+    parent = data.get("parent")
+    if isinstance(parent, dict) and parent.get("kind") == "module":
+        module_parent.trust(parent.get("module"))
+    return data
 
 
 def dump_toml(config: TreeConfig) -> str:

@@ -44,11 +44,24 @@ class _StopForward(Exception):
 
 # ---- the user's module ------------------------------------------------------------------------
 
+_TRUSTED: set[str] = set()  # module paths named by a config the user passed (load_config, parse_config)
+
+
+def trust(path) -> None:
+    """Let `path` be imported and called in this process. Only configs the user passes do this: a module
+    path recorded in a model file may come from anyone, and loading it would run its code."""
+    if isinstance(path, str):
+        _TRUSTED.add(path)
+
+
 def load_callable(path: str):
     """The callable that "package.module:callable" names; ValueError (one line) if it cannot be had."""
     if not isinstance(path, str) or not CALLABLE.fullmatch(path):
         raise ValueError(f"module must be \"package.module:callable\" (e.g. \"torchvision.models:resnet18\"); "
                          f"got {path!r}")
+    if path not in _TRUSTED:
+        raise ValueError(f"module {path!r} is named by a model file, not by a config you passed, and loading it "
+                         f"would import and call that code; if you trust it, pass --config with the tree's TOML")
     name, attribute = path.split(":")
     try:
         found = importlib.import_module(name)

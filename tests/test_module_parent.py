@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny_backbone
-from branching import cli, pipeline
+from branching import cli, module_parent, pipeline
 from branching.checkpoint import load_folder
 from branching.config import TreeConfig, dump_toml, parse_config
 from branching.errors import ConfigError
@@ -19,7 +19,14 @@ from branching.forward import node_inputs
 from branching.routing import TreePredictor
 from torchly import Model
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "trusted")
+
+
+@pytest.fixture
+def trusted():
+    """The tests' own module paths, as a config naming them would allow (module_parent.trust)."""
+    for name in ("build", "build_needs_values", "TinyBackbone"):
+        module_parent.trust(f"tiny_backbone:{name}")
 
 CLASSES = '["beaver", "whale", "wolf", "sunflower"]'
 MODULE = "tiny_backbone:build"
@@ -449,3 +456,25 @@ layer = "layer2"
     assert all("path parent > mammals" in line for line in capsys.readouterr().out.splitlines())
     assert cli.main([*argv, "--node", "newcomers"]) == 0
     assert all("path parent > newcomers" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_model_folder_alone_never_imports_the_module_it_names(headless, tmp_path, monkeypatch, capsys):
+    """Loading a module parent runs its code: only a config the user passes may name it, never a model file."""
+    root, data_dir = headless
+    monkeypatch.setattr(module_parent, "_TRUSTED", set())  # a fresh process: no config read yet
+    argv = ["predict", "--models", str(root / "out"), "--data", str(data_dir)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "named by a model file" in err and "pass --config" in err and len(err.splitlines()) == 1
+    assert cli.main(argv + ["--config", str(root / "tree.toml"), "--out", str(tmp_path / "p.csv")]) == 0
+    capsys.readouterr()
+    # a crafted file naming other code: refused before anything is imported or called
+    monkeypatch.setattr(module_parent, "_TRUSTED", set())
+    payload = torch.load(root / "out" / "models" / "parent.pt", weights_only=True)
+    payload["shape"] = {**payload["shape"], "module": "os:system", "kwargs": {"command": f"touch {tmp_path}/ran"}}
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    torch.save(payload, crafted / "parent.pt")
+    with pytest.raises(Exception, match="named by a model file"):
+        Model.load(crafted / "parent.pt")
+    assert not (tmp_path / "ran").exists()
