@@ -1,7 +1,7 @@
 """A node's fitted acceptance: its temperature and the threshold of its rule, both chosen on validation.
 
-A prediction is accepted when its confidence, the max softmax probability of logits / temperature,
-is at least the threshold. `Acceptance.fit` chooses both on a node's validation logits (see
+A prediction is accepted when its confidence, by default the max softmax probability of logits /
+temperature (or another score of branching.confidence: `score`), is at least the threshold. `Acceptance.fit` chooses both on a node's validation logits (see
 branching.selective for the rules); training, evaluation, routing, predict, compare and the reports
 all use the same object, stored in each checkpoint's meta as `to_dict()`.
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import calibration, selective
+from . import calibration, confidence, selective
 
 DEFAULT_THRESHOLD = 0.96  # routing threshold of parents saved before their recipe's was recorded
 RULE_KEYS = ("rule", "asked", "threshold", "attained", "reason", "validation")
@@ -34,14 +34,16 @@ class Acceptance:
     reason: str | None = None
     validation: dict | None = None                   # samples, accepted, coverage, risk on validation
     extra: dict = field(default_factory=dict)
+    score: str = "msp"                               # the confidence the threshold applies to
 
     # ---- fitting --------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, accept, recipe_node, val_logits, val_labels, rejects: bool = True) -> "Acceptance":
+    def fit(cls, accept, recipe_node, val_logits, val_labels, rejects: bool = True, judge=None) -> "Acceptance":
         """Fit on validation logits: the temperature (fixed by the config, fit when calibrating, else 1),
-        then, if the node `rejects`, the threshold of `accept.rule`. `accept` is a config.Acceptance,
-        `recipe_node` a recipes.NodeRecipe (its calibrate and threshold are the defaults)."""
+        then, if the node `rejects`, the threshold of `accept.rule` on the score `accept.score`. `accept` is
+        a config.Acceptance, `recipe_node` a recipes.NodeRecipe (its calibrate and threshold are the
+        defaults); `judge` the self-evaluation branch's probabilities of the validation images."""
         val_logits = np.asarray(val_logits)
         val_labels = np.asarray(val_labels, dtype=np.int64)
         n = len(val_labels)
@@ -59,14 +61,17 @@ class Acceptance:
         elif calibrate and accept.temperature is None:
             info["reason"] = "no validation images to fit a temperature on; using 1"
         threshold = accept.threshold if accept.threshold is not None else recipe_node.threshold
+        score = getattr(accept, "score", "msp")
         fitted_rule = cls(float(temperature), fitted, info, threshold=float(threshold))
         if not rejects:
             return fitted_rule
         probabilities = calibration.softmax(val_logits, fitted_rule.temperature)
-        chosen = selective.fit_rule(accept.rule, probabilities.max(axis=1), probabilities.argmax(axis=1) == val_labels,
+        scores = (probabilities.max(axis=1) if score == "msp"
+                  else confidence.score(score, val_logits, fitted_rule.temperature, judge))
+        chosen = selective.fit_rule(accept.rule, scores, probabilities.argmax(axis=1) == val_labels,
                                     threshold=threshold, coverage=accept.coverage, risk=accept.risk,
                                     delta=accept.delta)
-        return cls(fitted_rule.temperature, fitted, info, **_rule_fields(chosen))
+        return cls(fitted_rule.temperature, fitted, info, **_rule_fields({**chosen, "score": score}))
 
     # ---- use ------------------------------------------------------------------------------
 
@@ -75,9 +80,10 @@ class Acceptance:
         """Whether this node has a reject option (a rule); without one it accepts every prediction."""
         return self.rule is not None
 
-    def confidence(self, logits) -> np.ndarray:
-        """Max softmax probability of logits / temperature, float64 (N,)."""
-        return calibration.softmax(logits, self.temperature).max(axis=1)
+    def confidence(self, logits, judge=None) -> np.ndarray:
+        """The node's score of its answers, float64 (N,): by default the max softmax probability of logits /
+        temperature; `judge` holds the self-evaluation branch's probabilities when the score is "selfeval"."""
+        return confidence.score(self.score, logits, self.temperature, judge)
 
     def accepts(self, confidence) -> np.ndarray:
         """Which confidences are accepted: all without a rule, none when the rule could not be met."""
@@ -90,7 +96,8 @@ class Acceptance:
         """Temperature and threshold the routed tree uses at this node, and where the threshold comes from
         (the node's rule, or for a node without one its recipe's threshold)."""
         source = f"acceptance rule {self.rule!r}" if self.rejects else "recipe threshold"
-        return {"temperature": self.temperature, "threshold": self.threshold, "from": source}
+        out = {"temperature": self.temperature, "threshold": self.threshold, "from": source}
+        return out if self.score == "msp" else {**out, "score": self.score}
 
     def describe(self) -> str:
         """What the rule asked for, e.g. "risk <= 2% with confidence 95%"."""
@@ -104,6 +111,8 @@ class Acceptance:
             return None
         out = {"rule": self.rule, "asked": self.asked, "threshold": self.threshold, "attained": self.attained,
                "reason": self.reason, "validation": self.validation, **self.extra}
+        if self.score != "msp":  # files of msp nodes stay as they were
+            out["score"] = self.score
         return {**out, "temperature": self.temperature, "calibrated": self.calibrated}
 
     def to_dict(self) -> dict:
@@ -132,9 +141,10 @@ class Acceptance:
 
 def rejects(spec) -> bool:
     """Whether a node (a config.NodeSpec) has a reject option: branches always; the parent only when
-    its [parent.accept] sets a threshold, a coverage or a risk."""
+    its [parent.accept] sets a threshold, a coverage, a risk or a score other than msp."""
     a = spec.accept
-    return spec.source is not None or any(v is not None for v in (a.threshold, a.coverage, a.risk))
+    return (spec.source is not None or any(v is not None for v in (a.threshold, a.coverage, a.risk))
+            or getattr(a, "score", "msp") != "msp")
 
 
 def _rule_fields(d: dict) -> dict:
@@ -142,7 +152,7 @@ def _rule_fields(d: dict) -> dict:
     threshold = d.get("threshold")
     return {"rule": rule, "threshold": None if threshold is None else float(threshold), "asked": d.get("asked"),
             "attained": d.get("attained", True), "reason": d.get("reason"), "validation": d.get("validation"),
-            "extra": {k: d[k] for k in EXTRA_KEYS if k in d}}
+            "extra": {k: d[k] for k in EXTRA_KEYS if k in d}, "score": d.get("score", "msp")}
 
 
 def _recipe_threshold(meta: dict) -> float:

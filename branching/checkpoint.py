@@ -131,7 +131,7 @@ def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfi
     directory = Path(models_dir)
     if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
         directory = directory / "models"
-    files = sorted(directory.glob("*.pt"))
+    files = sorted(p for p in directory.glob("*.pt") if not p.name.endswith(".selfeval.pt"))  # judges: branching.judge
     if not files:
         raise CheckpointError(f"no model files (*.pt) in {models_dir}; pass the models folder of a run "
                               f"(e.g. runs/latest/models)")

@@ -16,6 +16,7 @@ from .pipeline import evaluate_node, load_tree_data, log, run, run_seeds, train_
 from .predict import add_parser as add_predict
 from .recipes import get_recipe
 from .seeds import parse_seeds
+from .selfeval_cli import add_parser as add_selfeval
 
 
 # ---- branching -------------------------------------------------------------------------------
@@ -36,6 +37,7 @@ def build_parser() -> ArgumentParser:
     run.set_defaults(func=cmd_run)
     add_predict(sub)
     add_compare(sub)
+    add_selfeval(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ from .data import N_PIXELS
 from .nets import KINDS, SHAPES
 from .errors import ConfigError
 from .selective import RULES
+from .confidence import PROBABILITY_SCORES, SCORES
 
 
 def _installed(name: str) -> Path:
@@ -41,9 +42,10 @@ TOP_KEYS = ("parent", "branches")
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
 MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
-PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, "dropout", "accept")
-BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept")
-ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature")
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, "dropout", "accept", "selfeval")
+BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
+               "selfeval")
+ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
 RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
 
 
@@ -58,6 +60,7 @@ class Acceptance:
     delta: float | None = None
     calibrate: bool | None = None
     temperature: float | None = None
+    score: str = "msp"              # the confidence the rule thresholds (branching.confidence.SCORES)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class NodeSpec:
     shape: tuple = ()              # a CNN's or ViT's shape keys, as (key, value) pairs
     pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
     new_classes: bool = False      # a branch with classes its source never trained on (a standalone specialist)
+    selfeval: SelfEvalSpec | None = None  # the self-evaluation branch that judges this node, if declared
 
     @property
     def shape_dict(self) -> dict:
@@ -313,6 +317,7 @@ def _is_int(value: Any) -> bool:
 def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
     t = _Table(origin, name, data, ACCEPT_KEYS)
     rule = t.choice("rule", RULES, "threshold")
+    score = t.choice("score", SCORES, "msp")
     for key in t.data:
         owner = next((r for r, keys in RULE_KEYS.items() if key in keys), rule)
         if owner != rule:
@@ -324,9 +329,14 @@ def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
     if t.data.get("calibrate") is True and "temperature" in t.data:
         raise t.error("temperature", "contradicts calibrate = true (a fixed temperature is not fitted)",
                       "remove one of the two")
+    if score not in PROBABILITY_SCORES and rule == "threshold" and "threshold" not in t.data:
+        raise t.error("threshold", f"is required with score {score!r}, which is not a probability",
+                      'set threshold = <a value of that score>, or use rule = "coverage" or "risk"')
+    probability = score in PROBABILITY_SCORES  # other scores are any real number
     return Acceptance(
-        rule=rule,
-        threshold=t.number("threshold", 0, 1, lo_open=True, hi_open=False),
+        rule=rule, score=score,
+        threshold=(t.number("threshold", 0, 1, lo_open=True, hi_open=False) if probability
+                   else t.number("threshold", -math.inf, math.inf, lo_open=True, hi_open=True)),
         coverage=t.number("coverage", 0, 1, lo_open=True, hi_open=False),
         risk=t.number("risk", 0, 1, lo_open=True, hi_open=True),
         delta=t.number("delta", 0, 1, True, True, DEFAULT_DELTA) if rule == "risk" else None,
@@ -353,8 +363,15 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         source=None, layer=None, where=None,
         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
-        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind)
+        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind,
+        selfeval=_parse_selfeval(origin, table, t.data.get("selfeval")))
+    if fields["accept"].score == "selfeval" and fields["selfeval"] is None:
+        raise ConfigError(f"{origin}: [{table}.accept] score = \"selfeval\" needs a self-evaluation branch; add a "
+                          f"[{table}.selfeval] table (e.g. layer = -1, hidden = [64]) or choose another score")
     if kind == "module":
+        if "selfeval" in t.data and not t.data.get("head"):
+            raise t.error("selfeval", "judges the parent's answers, which a module parent only gives with head = true",
+                          "remove [parent.selfeval], or set head = true")
         if "accept" in t.data and not t.data.get("head"):
             raise t.error("accept", "needs the parent's head, which a module parent only has with head = true",
                           "remove [parent.accept], or set head = true")
@@ -417,6 +434,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         if node["new_classes"] and not outside:
             raise ConfigError(f"{origin}: {table} new_classes: is true but every class is one of source "
                               f"{source['name']!r}'s; remove new_classes (or add the new classes)")
+    for node in nodes.values():
+        _resolve_selfeval(origin, node, nodes)
     for source in nodes:
         children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
                     if node["source"] == source and not node["new_classes"]]
@@ -495,7 +514,9 @@ def _node_to_dict(node: NodeSpec) -> dict:
              "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})
     if node.accept != Acceptance():
-        d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None}
+        d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None and (k, v) != ("score", "msp")}
+    if node.selfeval is not None:
+        d["selfeval"] = node.selfeval.to_dict()
     return d
 
 
@@ -518,3 +539,74 @@ def _write_table(lines: list[str], header: str, table: dict) -> None:
     for key, sub in table.items():
         if isinstance(sub, dict):
             _write_table(lines, f"{header}.{key}", sub)
+
+
+# --- self-evaluation branches ([parent.selfeval], [branches.NAME.selfeval]) ---------------------
+
+SELFEVAL_KEYS = ("layer", "layers", "where", "pool", "hidden", "activation", "dropout", "logits", "folds")
+DEFAULT_SELFEVAL_HIDDEN = (64,)
+DEFAULT_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class SelfEvalSpec:
+    """A small MLP that predicts whether its node's answer is right. It reads taps of what the node reads
+    (the parent's own taps for the parent, its source's for a branch), concatenated, plus the node's
+    logits (`logits`), and learns from `folds`-fold cross-fitted correctness (branching.selfeval)."""
+
+    layers: tuple                  # indices into the taps (resolved; strings until _resolve_selfeval)
+    where: str | None = None       # MLP taps: before or after the activation (None: the recipe's)
+    pool: str | None = None
+    hidden: tuple[int, ...] = DEFAULT_SELFEVAL_HIDDEN
+    activation: str = "relu"
+    dropout: float | None = None
+    logits: bool = True
+    folds: int = DEFAULT_FOLDS
+
+    def to_dict(self) -> dict:
+        d = {"layers": list(self.layers), "where": self.where, "pool": self.pool, "hidden": list(self.hidden),
+             "activation": self.activation, "dropout": self.dropout, "logits": self.logits, "folds": self.folds}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
+    if data is None:
+        return None
+    t = _Table(origin, f"{table}.selfeval", data, SELFEVAL_KEYS)
+    if "layer" in t.data and "layers" in t.data:
+        raise t.error("layers", "contradicts layer", "give one tap with layer = ... or several with layers = [...]")
+    layers = t.data.get("layers", [t.data.get("layer", -1)])
+    fix = 'write e.g. layer = -1, layers = [0, 1] or layers = ["stage1", "stage2"]'
+    if not isinstance(layers, list) or not layers or not all(_is_int(v) or isinstance(v, str) for v in layers):
+        raise t.error("layers" if "layers" in t.data else "layer", "must be tap indices or names", fix)
+    folds = t.data.get("folds", DEFAULT_FOLDS)
+    if not _is_int(folds) or not 2 <= folds <= 20:
+        raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
+    return SelfEvalSpec(layers=tuple(layers), where=t.choice("where", WHERE, None),
+                        pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None),
+                        hidden=t.hidden(DEFAULT_SELFEVAL_HIDDEN, allow_empty=True),
+                        activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
+                        dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
+                        logits=bool(t.flag("logits") if t.flag("logits") is not None else True), folds=folds)
+
+
+def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
+    """A self-evaluation branch's layers as indices into the taps of what its node reads (its source's, or
+    the parent's own for the parent), each checked as a branch's layer is."""
+    spec = node.get("selfeval")
+    if spec is None:
+        return
+    table = f"[{'parent' if node['name'] == 'parent' else 'branches.' + node['name']}.selfeval]"
+    source = nodes[node["source"] or "parent"]
+    layers, wheres = [], set()
+    for layer in spec.layers:
+        tap = {"layer": layer, "where": spec.where, "pool": spec.pool}
+        _resolve_tap(origin, table, tap, source)
+        layers.append(tap["layer"])
+        wheres.add(tap["where"])
+    if len(wheres) > 1:
+        raise ConfigError(f"{origin}: {table} layers: name taps both before and after an activation; set where "
+                          f"and give the layers as indices")
+    if len(set(layers)) < len(layers):
+        raise ConfigError(f"{origin}: {table} layers: lists a tap more than once; list each tap once")
+    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": wheres.pop()})

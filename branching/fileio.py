@@ -22,7 +22,7 @@ from .errors import OutputError
 __all__ = ["atomic_path", "check_new_file", "new_file_mode", "staged_dir", "write_bytes", "write_csv",
            "write_json", "write_text"]
 
-RUN_MARKERS = ("metrics.json", "compare.json")  # a folder holding one of these is an earlier run's output
+RUN_MARKERS = ("metrics.json", "compare.json", "selfeval.json")  # a folder holding one of these is an earlier run's output
 
 
 def _umask() -> int:

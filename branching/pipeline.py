@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 import torchly
 from torchly import Model
 
-from . import scores
+from . import confidence, judge, scores, selfeval
 from . import seeds as seeds_summary
 from .acceptance import Acceptance, describe_rule, rejects
 from .checkpoint import ModelStore
@@ -285,7 +285,10 @@ def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
 def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray) -> Acceptance:
     """A node's temperature and, if it has a reject option, its rule's threshold, chosen on validation
     data only. A rule that cannot be met accepts nothing and says why."""
-    acceptance = Acceptance.fit(spec.accept, r, val_logits, val_labels, rejects=rejects(spec))
+    accept = spec.accept
+    if accept.score == "selfeval":  # until its judge is trained (selfeval.attach_judge fits it again)
+        accept = replace(accept, score="msp")
+    acceptance = Acceptance.fit(accept, r, val_logits, val_labels, rejects=rejects(spec))
     if not acceptance.attained:
         log(f"{spec.name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
     return acceptance
@@ -305,7 +308,12 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
         parent = models["parent"]
         head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
                                   Acceptance.of(parent.meta).temperature)
-    metrics, columns = scores.score_node(spec.classes, labels, logits, Acceptance.of(model.meta), head)
+    judged = judge.load_for(models, name)
+    probability = None if judged is None else judged.score_images(models, X, logits)
+    acceptance = Acceptance.of(model.meta)
+    metrics, columns = scores.score_node(spec.classes, labels, logits, acceptance, head, probability)
+    metrics["confidence_scores"] = confidence.every_score(logits, logits.argmax(axis=1) == labels,
+                                                          acceptance.temperature, probability)
     return metrics, scores.prediction_rows(rows, spec.classes, columns)
 
 
@@ -345,6 +353,10 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
             model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress, cache_dir)
         store.save(spec.name, model, meta)
         models[spec.name] = store.load(spec.name)
+        if spec.selfeval is not None:
+            meta = selfeval.attach_judge(config, spec.name, models, data, recipe, seed, store.directory, progress, log)
+            store.save(spec.name, model, meta)
+            models[spec.name] = store.load(spec.name)
         timings[f"train_{spec.name}_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

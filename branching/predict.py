@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import judge
 from .acceptance import Acceptance
 from .args import positive_int
 from .checkpoint import load_folder
@@ -61,13 +62,15 @@ class NodePredictor:
         self.classes = tuple(config.node(name).classes)
         self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
         self.acceptance = Acceptance.of(models[name].meta)
+        self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
         X = self.normalizer.transform(np.asarray(images).reshape(-1, N_PIXELS))
         logits = np.concatenate([self.models[self.name].logits(node_inputs(self.models, self.name, X[i:i + batch_size]))
                                  for i in range(0, len(X), batch_size)] or [np.zeros((0, len(self.classes)))])
         predicted = logits.argmax(axis=1)
-        confidence = self.acceptance.confidence(logits)
+        probability = None if self.judge is None else self.judge.score_images(self.models, X, logits)
+        confidence = self.acceptance.confidence(logits, probability)
         low = ~self.acceptance.accepts(confidence)
         last = len(self.chain) - 1
         return TreePredictions(self.classes, self.chain, tuple(self.chain[:i + 1] for i in range(len(self.chain))),

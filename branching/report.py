@@ -19,6 +19,7 @@ from torchly import Model
 from . import plots
 from .fileio import write_text
 from .acceptance import describe_rule
+from .confidence import PROBABILITY_SCORES
 from .tables import HTML, MARKDOWN, interval, num, pct, table
 
 NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images per class they span roughly "
@@ -171,6 +172,7 @@ def write_report(out_dir, title: str | None = None) -> Path:
                       f"{num(m['eaurc'])} / {num(m['parent_head']['eaurc'])}",
                       f"{pct(m.get('selective_risk'), 1)} / {pct(m['parent_head']['risk_at_branch_coverage'], 1)}"]
                      for n, m in heads])]
+    blocks += scores_section(metrics, names)
     if metrics.get("tree"):
         blocks += tree_section(metrics["tree"])
     for name in names:
@@ -201,6 +203,30 @@ def tree_section(tree: dict) -> list[tuple]:
               ["rejected at", ", ".join(f"{k} {v}" for k, v in tree["rejected_at"].items())]])]
 
 
+SCORE_LABELS = {"msp_1": "max softmax, T = 1", "msp_t": "max softmax, fitted T", "doctor": "DOCTOR",
+                "energy": "energy", "margin": "logit margin", "selfeval": "self-evaluation branch",
+                "oracle": "oracle"}
+
+
+def scores_section(metrics: dict, names: list[str]) -> list[tuple]:
+    """Every confidence score of every node on the test split (runs written before it have none)."""
+    rows = []
+    for name in names:
+        m = node_metrics(metrics, name)
+        chosen = (m.get("acceptance") or {}).get("score", "msp")
+        for key, s in (m.get("confidence_scores") or {}).items():
+            used = " (accepts by it)" if key == {"msp": "msp_t"}.get(chosen, chosen) and "acceptance" in m else ""
+            rows.append([name, SCORE_LABELS.get(key, key) + used, num(s["aurc"]), num(s["eaurc"]), num(s["auroc"], 3),
+                         num(s["fpr95"], 3)])
+    if not rows:
+        return []
+    return [("h2", "Confidence scores: right against wrong answers on the test split"),
+            ("p", "The same answers ranked by each score (AURC, E-AURC, FPR at 95% TPR: lower is better; AUROC "
+                  "of right against wrong answers: higher is better). One seed: see `branching selfeval` for "
+                  "intervals over seeds and test images."),
+            ("table", ["node", "score", "AURC", "E-AURC", "AUROC", "FPR at 95% TPR"], rows)]
+
+
 def node_section(out: Path, metrics: dict, name: str, classes: dict, run: str) -> list[tuple]:
     m = node_metrics(metrics, name)
     data = columns(read_predictions(out / "predictions" / f"{name}.csv"))
@@ -210,7 +236,8 @@ def node_section(out: Path, metrics: dict, name: str, classes: dict, run: str) -
         figures.append(plots.training_curves(history, f"{name}: training curves ({run})",
                                              out / "plots" / f"training-{name}.png"))
     curves = [{"confidence": data["confidence"], "correct": data["correct"], "colour": plots.BRANCH_COLOUR,
-               "label": f"{name} (temperature {num(m.get('temperature', 1), 2)})"}]
+               "label": f"{name} (temperature {num(m.get('temperature', 1), 2)})"
+                        + (f", score {m['acceptance']['score']}" if "score" in (m.get("acceptance") or {}) else "")}]
     if "parent_confidence" in data:
         curves.append({"confidence": data["parent_confidence"], "correct": data["parent_correct"],
                        "colour": plots.PARENT_COLOUR, "style": "--",
@@ -221,9 +248,11 @@ def node_section(out: Path, metrics: dict, name: str, classes: dict, run: str) -
     target = rule["asked"]["risk"] if rule and rule.get("rule") == "risk" else None
     figures.append(plots.risk_coverage(curves, f"{name}: risk-coverage on {m['test_samples']} test images ({run})",
                                        out / "plots" / f"risk-coverage-{name}.png", points, target))
-    figures.append(plots.reliability(data["raw_confidence"], data["confidence"], data["correct"],
-                                     m.get("temperature", 1.0), f"{name}: reliability on the test split",
-                                     out / "plots" / f"reliability-{name}.png"))
+    score = (rule or {}).get("score", "msp")
+    if score in PROBABILITY_SCORES:  # energy, margin and DOCTOR are not probabilities: no reliability diagram
+        figures.append(plots.reliability(data["raw_confidence"], data["confidence"], data["correct"],
+                                         m.get("temperature", 1.0), f"{name}: reliability on the test split",
+                                         out / "plots" / f"reliability-{name}.png"))
     figures.append(plots.confusion(m["confusion_matrix"], classes[name], f"{name}: confusion matrix (test)",
                                    out / "plots" / f"confusion-{name}.png"))
     per_class = [[c, num(s["precision"], 3), num(s["recall"], 3), num(s["f1"], 3), str(s["support"])]

@@ -11,6 +11,10 @@ Each node's trunk is computed once per batch and feeds every child that reads it
 sees the images routed to it. The parent's normalisation is folded into its first layer. Only the
 matrix products run in torch; the small element-wise steps run in NumPy on the same memory, which
 keeps them out of torch's thread pool (whose start-up dominates such steps on a busy machine).
+
+A node whose acceptance uses another score than the max softmax probability (branching.confidence)
+is rejected when that score, of its own answer, is below its threshold; routing still follows the
+probability mass. Its self-evaluation branch ("selfeval") reads taps its source computes anyway.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from torch import nn
 
 from torchly import Model
 
-from . import cost, nets
+from . import confidence as scores, cost, judge, nets
 
 from .acceptance import Acceptance
 from .checkpoint import load_folder
 from .config import TreeConfig
 from .data import N_PIXELS
 from .errors import CheckpointError, ConfigError
-from .forward import node_input, reads
+from .forward import node_input, read_tap, reads
 from .metrics import classification_summary, format_report
 from .selective import selective_summary
 from .normalization import Normalizer
@@ -61,8 +65,12 @@ class _Node:
         self.act = model.net[1] if len(linears) > 1 else None
         # the node's temperature, and the threshold of its rule (for a parent without one, its recipe's:
         # it routes by the same rule the branches accept by); a threshold of None accepts nothing
-        rule = Acceptance.of(model.meta).routing()
+        acceptance = Acceptance.of(model.meta)
+        rule = acceptance.routing()
         self.rule = rule
+        self.score, self.temperature = acceptance.score, acceptance.temperature
+        self.judge: judge.Judge | None = None
+        self.judge_reads: list[tuple] = []  # (layer, where, pool) of its source (itself for the parent)
         self.inverse_temperature = np.float32(1.0 / rule["temperature"])
         # float32, as the confidences it is compared with (the same decision in every code path)
         self.threshold = float("inf") if rule["threshold"] is None else float(np.float32(rule["threshold"]))
@@ -73,6 +81,19 @@ class _Node:
         self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
         self.flops = (sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights) if self.model is None
                       else cost.counted(lambda: model.net(torch.zeros(1, model.architecture[0]))))
+
+    def add_judge(self, judged: judge.Judge, source: _Node) -> None:
+        """Score this node's answers with its self-evaluation branch, which reads taps `source` computes."""
+        self.judge = judged
+        self.judge_reads = [tuple(r[1:]) for r in judged.reads]
+        source.taps.update(self.judge_reads)
+        self.flops += judged.flops
+
+    def score_of(self, logits: np.ndarray, judge_taps) -> np.ndarray:
+        """The node's non-msp score of its answers (float32), from its raw logits (and its judge's taps)."""
+        if self.score == "selfeval":
+            return self.judge.probability_of(judge_taps, logits)
+        return scores.score(self.score, logits, self.temperature).astype(np.float32)
 
     def add_children(self, children: list[_Node]) -> None:
         if not children:
@@ -168,7 +189,10 @@ class TreePredictions:
 class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
-    def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None):
+    def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None,
+                 judges: dict | None = None):
+        """`judges`: {node: judge.Judge} for the nodes whose score is "selfeval" (default: loaded from the
+        folder beside each such node's model file)."""
         config = config.routed(entry)  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
@@ -186,6 +210,10 @@ class TreePredictor:
             by_name[spec.name] = node
         for node in self.nodes:
             node.add_children([by_name[c.name] for c in config.children(node.name) if not c.new_classes])
+        for node in self.nodes:
+            if node.score == "selfeval":
+                found = (judges or {}).get(node.name) or judge.load_for(models, node.name)
+                node.add_judge(found, by_name[node.spec.source or "parent"])
         self.root = self.nodes[0]
         self.chains = tuple(tuple(config.chain(n.name)) for n in self.nodes)
         self.models = models
@@ -223,7 +251,9 @@ class TreePredictor:
                     self._route(self.root, self._input(chunk), None, batch)
                 else:  # straight to the entry branch: its chain's trunks run, nothing routes above it
                     x = torch.from_numpy(self.root.normalizer.transform(chunk.astype(np.float32)))
-                    self._route(self.entry, node_input(self.models, self.entry.name, x), None, batch)
+                    judged = (None if self.entry.judge is None
+                              else [read_tap(self.models, r, x).numpy() for r in self.entry.judge.reads])
+                    self._route(self.entry, node_input(self.models, self.entry.name, x), None, batch, judged)
                     batch["parent_predicted"][:] = -1
         return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
 
@@ -234,13 +264,18 @@ class TreePredictor:
             x /= self.root.normalizer.std
         return torch.from_numpy(x)
 
-    def _route(self, node: _Node, x: torch.Tensor, rows: np.ndarray | None, out: dict) -> None:
+    def _route(self, node: _Node, x: torch.Tensor, rows: np.ndarray | None, out: dict, judge_taps=None) -> None:
         logits, taps = node.trunk(x)
+        raw = None if node.score == "msp" else logits.copy()
         logits *= node.inverse_temperature
         probs = _softmax(logits)
         mass = probs if node.group_matrix is None else probs @ node.group_matrix
         group = mass.argmax(axis=1)  # the first maximum on ties
         confidence = mass[np.arange(len(group)), group]
+        if raw is not None:
+            if node.spec.source is None and node.judge is not None:  # the parent's judge reads its own taps
+                judge_taps = [taps[t] for t in node.judge_reads]
+            confidence = node.score_of(raw, judge_taps)
         low = confidence < node.threshold
         if rows is None:  # the root: every image of the batch
             out["parent_predicted"][:] = node.leaf_ids[probs.argmax(axis=1)]
@@ -261,7 +296,8 @@ class TreePredictor:
             chosen = np.flatnonzero(group == g)
             if len(chosen):
                 tap = torch.from_numpy(np.ascontiguousarray(taps[child.reads][chosen]))
-                self._route(child, tap, chosen if rows is None else rows[chosen], out)
+                judged = [taps[t][chosen] for t in child.judge_reads]
+                self._route(child, tap, chosen if rows is None else rows[chosen], out, judged)
 
     def flops_per_image(self, reached: dict[str, int], n: int) -> float:
         """Mean forward FLOPs per image (2 per multiply-add of every Linear) for these routing counts."""
@@ -330,5 +366,6 @@ def format_tree_report(metrics: dict, classes) -> str:
              "Reached: " + ", ".join(f"{k} {v}" for k, v in metrics["reached"].items()),
              "Rejected at: " + ", ".join(f"{k} {v}" for k, v in metrics["rejected_at"].items()),
              "Rules: " + ", ".join(f"{k} T={num(r['temperature'], 3)} threshold {num(r['threshold'], na='none')}"
+                                   + (f" on score {r['score']}" if "score" in r else "")
                                    for k, r in metrics["rules"].items())]
     return "\n".join(lines)

@@ -31,19 +31,20 @@ def parent_head(parent_logits, parent_classes, classes, temperature: float) -> t
     return restricted.argmax(axis=1), calibration.softmax(restricted, temperature).max(axis=1)
 
 
-def score_node(classes, labels, logits, acceptance, parent: tuple | None = None) -> tuple[dict, dict]:
+def score_node(classes, labels, logits, acceptance, parent: tuple | None = None, judge=None) -> tuple[dict, dict]:
     """Metrics of a node on the test images and the per-image columns for its CSV.
 
     `acceptance` is the node's acceptance.Acceptance, fit on validation (a node without a reject option
     accepts everything, as the parent by default); `parent` is (predicted ids, confidence) of the
-    parent's restricted head, for branches.
+    parent's restricted head, for branches; `judge` the self-evaluation branch's probabilities, for a
+    node whose acceptance score is "selfeval".
     """
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
     predicted = logits.argmax(axis=1)
     correct = predicted == labels
     raw_confidence = calibration.softmax(logits).max(axis=1)
-    confidence = acceptance.confidence(logits)
+    confidence = acceptance.confidence(logits, judge)
     metrics = classification_summary(labels, predicted, classes)
     metrics["test_accuracy_ci"] = wilson_interval(int(correct.sum()), len(labels))
     metrics["per_class"] = per_class_scores(labels, predicted, classes)

@@ -1,7 +1,9 @@
 """Selective classification: acceptance rules fit on validation data, risk-coverage curves, intervals.
 
-A prediction is accepted when its confidence (the max softmax probability after temperature scaling)
-is at least a threshold. Three rules choose the threshold, on validation data only:
+A prediction is accepted when its confidence (the max softmax probability after temperature scaling,
+or any other real-valued score where higher means more confident: branching.confidence) is at least a
+threshold. Nothing here assumes the score lies in [0, 1]: the rules only use its order. Three rules
+choose the threshold, on validation data only:
 
 - "threshold": a fixed threshold (the original study's 0.96);
 - "coverage": accept the most confident fraction `coverage` of the validation images;

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ["BOOTSTRAP", "bootstrap_interval", "sample_summary", "t_interval", "wilson_interval"]
+__all__ = ["BOOTSTRAP", "bootstrap_interval", "paired_bootstrap_interval", "sample_summary", "t_interval",
+           "wilson_interval"]
 
 BOOTSTRAP = 2000  # resamples of a bootstrap interval
 
@@ -58,3 +59,19 @@ def sample_summary(values: list) -> dict:
     mean = float(np.mean(present)) if present else None
     std = float(np.std(present, ddof=1)) if len(present) > 1 else None
     return {"mean": mean, "std": std, "n": len(present), "values": values}
+
+
+def paired_bootstrap_interval(statistic, n: int, level: float = 0.95, n_resamples: int = BOOTSTRAP,
+                              seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval [low, high] of statistic(indices) over n paired items (e.g. a
+    difference of two scores' AURC on the same test images): statistic is called with
+    numpy.random.default_rng(seed).integers(0, n, n) for each resample. None when n == 0."""
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_resamples)], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]

@@ -1,0 +1,128 @@
+"""What a self-evaluation branch adds to the inference time of the node it judges, in one run.
+
+    python benchmarks/bench_selfeval.py --models runs/judged/models --data ../shared/data/cifar100-6 --threads 1
+
+For each judged node (a [... .selfeval] table in the tree; without --models, untrained models and judges
+of --config's shapes, with a judge on the last tap of each node that declares none), the routed
+predictor of the path from the pixels to that node is timed answering by max softmax and answering by
+its judge, interleaved, best of --repeats rounds; the ratio is taken within the run. The target (issue
+12): at most +5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchly import Model
+
+from branching import judge
+from branching.checkpoint import load_folder
+from branching.config import SelfEvalSpec, TreeConfig, load_config
+from branching.data import load_split
+from branching.routing import TreePredictor
+from branching.speed import random_tree, seconds_per_call
+
+TARGET_OVERHEAD = 0.05
+
+
+def path_config(config: TreeConfig, node: str) -> TreeConfig:
+    """The tree cut down to the chain from the parent to `node`."""
+    chain = config.chain(node)[1:]
+    return TreeConfig(parent=config.parent, branches={n: config.branches[n] for n in chain}, path=config.path)
+
+
+def with_score(models: dict, node: str, score: str) -> dict:
+    """The same models, `node` answering by `score` (its meta copied, the weights shared)."""
+    out = dict(models)
+    model = copy.copy(models[node])
+    meta = dict(model.meta)
+    meta.pop("calibration", None)
+    meta["acceptance"] = {**(meta.get("acceptance") or {"rule": "threshold", "threshold": 0.5}), "score": score}
+    if meta["acceptance"].get("threshold") is None:
+        meta["acceptance"]["threshold"] = 0.5
+    model.meta = meta
+    out[node] = model
+    return out
+
+
+def untrained_judge(models: dict, node: str, spec: SelfEvalSpec) -> judge.Judge:
+    reads = judge.judge_reads(models, node, spec)
+    width = sum(models[r[0]].width(*r[1:]) for r in reads) + (2 * models[node].architecture[-1] if spec.logits else 0)
+    model = Model([width, *spec.hidden, 2], activation=spec.activation, seed=0).freeze()
+    model.meta = {"judges": node, "reads": [list(r) for r in reads], "logits": spec.logits,
+                  "feature_mean": np.zeros(width, np.float32), "feature_std": np.ones(width, np.float32)}
+    return judge.Judge(model)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None, help="models folder of a run with judges (default: untrained models)")
+    p.add_argument("--config", default="configs/cifar100-6.toml", help="tree of the untrained models")
+    p.add_argument("--data", default=None, help="CIFAR-100 folder whose test images to use (default: random pixels)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--images", type=int, default=8192)
+    p.add_argument("--single", type=int, default=200, help="images answered one at a time per measurement")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    if args.models:
+        config, models = load_folder(args.models)
+        directory = models_dir(args.models)
+        judges = {s.name: judge.load(directory, s.name, models[s.name]) for s in config.nodes() if s.selfeval}
+    else:
+        config = load_config(args.config)
+        models = random_tree(config)
+        judges = {s.name: untrained_judge(models, s.name, s.selfeval or SelfEvalSpec(layers=(-1,)))
+                  for s in config.nodes()}
+    test = (load_split(args.data, "test").images if args.data
+            else np.random.default_rng(0).integers(0, 256, (1000, 3072), dtype=np.uint8))
+    images = np.resize(test, (args.images, test.shape[1]))
+    single = images[:args.single]
+    print(f"{'trained models in ' + args.models if args.models else 'untrained models of ' + args.config}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}")
+    print(f"\n{'judged node (path)':<32} {'judge MFLOP':>11} {'path MFLOP':>10} {'us/image msp':>13} "
+          f"{'us/image judge':>15} {'overhead':>9} {'1-image ms msp':>15} {'judge':>7} {'overhead':>9}")
+    worst = -float("inf")
+    for node, found in judges.items():
+        sub = path_config(config, node)
+        plain = TreePredictor(sub, with_score(models, node, "msp"))
+        judged = TreePredictor(sub, with_score(models, node, "selfeval"), judges={node: found})
+        best = {k: float("inf") for k in ("plain", "judged", "plain1", "judged1")}
+        plain.predict(images[:args.batch_size], args.batch_size)  # warm-up: first calls allocate
+        judged.predict(images[:args.batch_size], args.batch_size)
+        for _ in range(args.repeats):  # interleaved: both see the same load
+            best["plain"] = min(best["plain"], seconds_per_call(lambda: plain.predict(images, args.batch_size), 1))
+            best["judged"] = min(best["judged"], seconds_per_call(lambda: judged.predict(images, args.batch_size), 1))
+            best["plain1"] = min(best["plain1"], seconds_per_call(lambda: [plain.predict(x[None], 1) for x in single], 1))
+            best["judged1"] = min(best["judged1"], seconds_per_call(lambda: [judged.predict(x[None], 1) for x in single], 1))
+        overhead, overhead1 = best["judged"] / best["plain"] - 1, best["judged1"] / best["plain1"] - 1
+        worst = max(worst, overhead)
+        path_flops = sum(n.flops for n in plain.nodes)
+        print(f"{' > '.join(config.chain(node)):<32} {found.flops / 1e6:>11.3f} {path_flops / 1e6:>10.2f} "
+              f"{1e6 * best['plain'] / len(images):>13.1f} {1e6 * best['judged'] / len(images):>15.1f} "
+              f"{100 * overhead:>+8.1f}% {1e3 * best['plain1'] / len(single):>15.3f} "
+              f"{1e3 * best['judged1'] / len(single):>7.3f} {100 * overhead1:>+8.1f}%")
+    print(f"\nlargest batched overhead {100 * worst:+.1f}% (target at most +{100 * TARGET_OVERHEAD:g}%); the path is "
+          f"the routed predictor of the chain from the pixels to the node, the whole trunk included")
+    print(f"load average (1 min) at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    return 0
+
+
+def models_dir(path) -> str:
+    """A run folder or its models/ subfolder, as load_folder takes it."""
+    path = Path(path)
+    return str(path / "models") if not any(path.glob("*.pt")) and (path / "models").is_dir() else str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""A self-evaluation branch ("judge"): a small MLP that gives the probability that its node's answer
+is right, and its checkpoint OUT/models/<node>.selfeval.pt.
+
+The judge reads taps of what its node reads (the parent's own taps for the parent, the source's taps
+for a branch: all computed anyway on the way to the node's answer, so judging costs one small MLP),
+concatenated, plus the node's logits and its softmax probabilities sorted from the largest (class-free
+summaries of how decided the answer is). Its inputs are standardised with statistics of its training
+rows, stored in the checkpoint. Training (cross-fitted correctness labels) is branching.selfeval's job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchly import Model
+
+from .acceptance import Acceptance
+from .checkpoint import read_model
+from .errors import CheckpointError
+from .forward import extract, node_inputs, read
+
+SUFFIX = ".selfeval.pt"
+MIN_STD = 1e-6  # features constant on the training rows are only centred
+MIN_FOLD_STD = 1e-3  # below this, dividing weights by the std loses too much precision
+
+
+def path_of(models_dir, node: str) -> Path:
+    return Path(models_dir) / f"{node}{SUFFIX}"
+
+
+def is_judge_file(path) -> bool:
+    return Path(path).name.endswith(SUFFIX)
+
+
+def judge_reads(models: dict[str, Model], node: str, spec, default_where: str = "pre") -> list[tuple]:
+    """(source, layer, where, pool) of each tap a judge of `node` (config.SelfEvalSpec `spec`) reads."""
+    source = "parent" if node == "parent" else models[node].meta["source"]
+    where = (spec.where or default_where) if models[source].kind == "mlp" else None
+    return [read(models, source, layer, where, spec.pool) for layer in spec.layers]
+
+
+def inputs(taps: list[np.ndarray], logits, use_logits: bool) -> np.ndarray:
+    """A judge's input rows: the taps side by side, then (use_logits) the logits and the sorted softmax."""
+    parts = [np.asarray(t, dtype=np.float32) for t in taps]
+    if use_logits:
+        logits = np.asarray(logits, dtype=np.float32)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p.sort(axis=1)
+        parts += [logits, p[:, ::-1]]
+    return np.concatenate(parts, axis=1)
+
+
+def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = X.mean(axis=0), X.std(axis=0)
+    return mean.astype(np.float32), np.where(std < MIN_STD, 1.0, std).astype(np.float32)
+
+
+class Judge:
+    """A trained judge: `probability(features)` of being right, float32 (N,)."""
+
+    def __init__(self, model: Model):
+        meta = model.meta
+        self.model = model
+        self.node = meta["judges"]
+        self.reads = [tuple(r) for r in meta["reads"]]
+        self.use_logits = bool(meta["logits"])
+        self.mean = np.asarray(meta["feature_mean"], dtype=np.float32)
+        self.std = np.asarray(meta["feature_std"], dtype=np.float32)
+        self.flops = 2 * sum(a * b for a, b in zip(model.architecture[:-1], model.architecture[1:]))
+        # laid out for x @ W, the standardisation folded into the first layer where that keeps precision
+        # (as routing does with the parent's normalisation): the judge costs a few matrix products
+        linears = [m for m in model.net if isinstance(m, nn.Linear)]
+        self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().numpy().astype(np.float32))
+                        for m in linears]
+        self.folded = float(self.std.min()) >= MIN_FOLD_STD
+        if self.folded:  # W (x - m) / s + b == (W / s) x + (b - (W / s) m)
+            w, b = self.weights[0]
+            w = w / torch.from_numpy(self.std)[:, None]
+            self.weights[0] = (w.contiguous(), b - (torch.from_numpy(self.mean) @ w).numpy())
+        self.act = model.net[1] if len(linears) > 1 else None
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """P(right) for judge input rows (see inputs), float32 (N,)."""
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        if not self.folded:
+            x = (x - self.mean) / self.std
+        with torch.inference_mode():
+            return self._rest(torch.mm(torch.from_numpy(x), self.weights[0][0]).numpy())
+
+    def probability_of(self, taps: list[np.ndarray], logits) -> np.ndarray:
+        """probability(inputs(taps, logits)) without building the inputs: the first layer is a sum of one
+        product per tap (the same arithmetic up to float rounding; it spares copying wide taps)."""
+        if not self.folded:
+            return self.probability(inputs(taps, logits, self.use_logits))
+        w = self.weights[0][0]
+        with torch.inference_mode():
+            a, start = None, 0
+            for part in [*taps, inputs([], logits, True)] if self.use_logits else taps:
+                part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
+                product = torch.mm(part, w[start:start + part.shape[1]])
+                a = product if a is None else a.add_(product)
+                start += part.shape[1]
+            return self._rest(a.numpy())
+
+    def _rest(self, a: np.ndarray) -> np.ndarray:
+        """From the first layer's products (without bias) to P(right)."""
+        a += self.weights[0][1]
+        for w, b in self.weights[1:]:
+            a = np.maximum(a, 0, out=a) if self.model.activation == "relu" else self.act(torch.from_numpy(a)).numpy()
+            a = torch.mm(torch.from_numpy(a), w).numpy()
+            a += b
+        # softmax of two logits: the second's probability is a logistic function of their difference
+        return (1.0 / (1.0 + np.exp(a[:, 0] - a[:, 1]))).astype(np.float32)
+
+    def score_images(self, models: dict[str, Model], X: np.ndarray, logits=None) -> np.ndarray:
+        """Probabilities for normalised images X through the generic forward path (branching.forward)."""
+        if logits is None:
+            logits = models[self.node].logits(node_inputs(models, self.node, X))
+        return self.probability_of(extract(models, self.reads, X), logits)
+
+
+def save(models_dir, node: str, model: Model, meta: dict) -> Path:
+    path = path_of(models_dir, node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path, meta={**meta, "fingerprint": model.fingerprint()})
+    return path
+
+
+def load(models_dir, node: str, judged: Model) -> Judge:
+    """The judge of `node` beside its model, checked to have been trained for exactly that model."""
+    path = path_of(models_dir, node)
+    fix = f"train the tree again with `branching run` (its [{_table(node)}.selfeval] table trains it)"
+    if not path.exists():
+        raise CheckpointError(f"no self-evaluation branch for {node!r} at {path}, which its acceptance score "
+                              f"needs; {fix}")
+    model = read_model(path, fix)
+    meta = model.meta
+    if meta.get("kind") != "selfeval" or meta.get("judges") != node:
+        raise CheckpointError(f"{path} is not the self-evaluation branch of {node!r}; {fix}")
+    if meta.get("node_fingerprint") != judged.fingerprint():
+        raise CheckpointError(f"{path} judges another model than {judged.meta.get('path', node)} (fingerprint "
+                              f"{meta.get('node_fingerprint')} against {judged.fingerprint()}); {fix}")
+    return Judge(model)
+
+
+def load_for(models: dict[str, Model], node: str) -> Judge | None:
+    """The judge a node's acceptance uses (None unless its score is "selfeval"), from its model's folder."""
+    model = models[node]
+    if Acceptance.of(model.meta).score != "selfeval":
+        return None
+    if "path" not in model.meta:
+        raise CheckpointError(f"the model of {node!r} was not loaded from a file, so its self-evaluation branch "
+                              f"cannot be found; load the tree from its models folder")
+    return load(Path(model.meta["path"]).parent, node, model)
+
+
+def _table(node: str) -> str:
+    return "parent" if node == "parent" else f"branches.{node}"

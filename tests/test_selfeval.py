@@ -1,0 +1,420 @@
+"""Self-evaluation branches: config errors before work, cross-fitting that never labels a fold with a
+model that saw it, acceptance on any score, and a judged tree through run, predict and routing, checked
+against an independent float64 forward pass."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from branching import confidence, selective, selfeval
+from branching.acceptance import Acceptance
+from branching.checkpoint import load_folder
+from branching.cli import main
+from branching.config import Acceptance as AcceptSpec
+from branching.config import parse_config
+from branching.errors import ConfigError
+from branching.normalization import Normalizer
+from branching.pipeline import load_tree_data, run
+from branching.recipes import get_recipe
+from branching.routing import TreePredictor
+from reference import forward, linear_layers, load_checkpoint, read_split
+
+JUDGED_TREE = """
+[parent]
+classes = ["beaver", "whale", "wolf", "sunflower"]
+hidden = [16, 8]
+
+[parent.accept]
+score = "energy"
+rule = "coverage"
+coverage = 0.9
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+layer = 1
+hidden = [6]
+
+[branches.water]
+from = "mammals"
+classes = ["beaver", "whale"]
+layer = 0
+hidden = [3]
+
+[branches.water.selfeval]
+layers = [0]
+hidden = [5]
+folds = 3
+
+[branches.water.accept]
+score = "selfeval"
+rule = "coverage"
+coverage = 0.7
+"""
+
+BASE = """
+[parent]
+classes = ["beaver", "whale", "wolf", "sunflower"]
+hidden = [16, 8]
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+layer = 1
+hidden = [6]
+"""
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    ('[branches.mammals.accept]\nscore = "selfeval"\n', "needs a self-evaluation branch; add a [branches.mammals.selfeval]"),
+    ('[parent.accept]\nscore = "selfeval"\n', "add a [parent.selfeval] table"),
+    ('[branches.mammals.selfeval]\nlayer = 2\n', "[branches.mammals.selfeval] layer: 2 is out of range for 'parent'"),
+    ('[branches.mammals.selfeval]\nlayers = [0, "stage1"]\n', "'parent' has no tap 'stage1'"),
+    ('[parent.selfeval]\nlayer = -3\n', "[parent.selfeval] layer: -3 is out of range"),
+    ('[branches.mammals.accept]\nscore = "entropy"\n', "score: is not a known choice"),
+    ('[branches.mammals.accept]\nscore = "margin"\n', "threshold: is required with score 'margin'"),
+    ('[branches.mammals.selfeval]\nlayer = 0\nlayers = [1]\n', "layers: contradicts layer"),
+    ('[branches.mammals.selfeval]\nfolds = 1\n', "folds: must be an integer from 2 to 20"),
+])
+def test_config_errors_are_one_line(extra, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE + extra, "tree.toml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_selfeval_config_stops_run_before_any_work(tmp_path, capsys, small_data_dir):
+    config = tmp_path / "tree.toml"
+    config.write_text(BASE + '[branches.mammals.accept]\nscore = "selfeval"\n')
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config), "--data", str(small_data_dir), "--out", str(out),
+                 "--no-download", "--quiet", "--max-epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "[branches.mammals.selfeval]" in err
+    assert not out.exists()
+
+
+def test_selfeval_table_round_trips_and_msp_files_keep_their_form():
+    config = parse_config(BASE + '[branches.mammals.selfeval]\nlayers = ["hidden0.post", "hidden1.post"]\n'
+                          '[branches.mammals.accept]\nscore = "energy"\nthreshold = -2.5\n')
+    spec = config.branches["mammals"]
+    assert spec.selfeval.layers == (0, 1) and spec.selfeval.where == "post"
+    assert spec.accept.score == "energy" and spec.accept.threshold == -2.5
+    assert parse_config(BASE).to_dict()["branches"]["mammals"].get("accept") is None
+    again = parse_config(__import__("branching.config", fromlist=["dump_toml"]).dump_toml(config))
+    assert again.branches["mammals"] == spec
+    assert "score" not in Acceptance(rule="threshold", threshold=0.9).to_dict()  # msp nodes: files unchanged
+    energy = Acceptance(rule="coverage", threshold=-1.5, score="energy")
+    assert energy.to_dict()["score"] == "energy" and Acceptance.from_dict(energy.to_dict()).score == "energy"
+
+
+# ---- rules on any score --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule, kwargs", [("coverage", {"coverage": 0.6}), ("risk", {"risk": 0.3, "delta": 0.1})])
+def test_rules_on_unbounded_scores_only_depend_on_the_order(rule, kwargs):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3, size=(400, 3))
+    correct = rng.random(400) < 0.5 + 0.15 * confidence.margin(logits).clip(0, 3)
+    for name in ("energy", "margin"):
+        score = confidence.score(name, logits)
+        base = selective.fit_rule(rule, score, correct, **kwargs)
+        moved = selective.fit_rule(rule, 10 * score - 1000, correct, **kwargs)  # far outside [0, 1], same order
+        assert base["attained"] and base["validation"] == moved["validation"]
+        assert moved["threshold"] == pytest.approx(10 * base["threshold"] - 1000)
+
+
+def test_threshold_rule_on_energy_counts_by_hand():
+    logits = np.log(np.array([[1.0, 1.0], [3.0, 1.0], [6.0, 2.0], [0.5, 0.5]]))
+    energy = confidence.energy(logits)  # log of the row sums: log 2, log 4, log 8, log 1
+    assert energy == pytest.approx(np.log([2.0, 4.0, 8.0, 1.0]))
+    correct = np.array([0, 1, 1, 0], dtype=bool)
+    chosen = selective.fit_rule("threshold", energy, correct, threshold=float(np.log(3.0)))
+    assert chosen["validation"] == {"samples": 4, "accepted": 2, "coverage": 0.5, "risk": 0.0}
+
+
+def test_acceptance_fit_on_margin_by_hand():
+    logits = np.array([[3.0, 0.0], [1.0, 0.5], [0.0, 2.0], [4.0, 3.5]])
+    labels = np.array([0, 1, 1, 0])
+    recipe = get_recipe("default").branch
+    fitted = Acceptance.fit(AcceptSpec(rule="coverage", coverage=0.5, score="margin", calibrate=False), recipe,
+                            logits, labels)
+    assert fitted.threshold == 2.0 and fitted.score == "margin"  # margins 3, 0.5, 2, 0.5: the top half
+    assert fitted.accepts(fitted.confidence(logits)).tolist() == [True, False, True, False]
+    threshold = Acceptance.fit(AcceptSpec(threshold=-0.1, score="doctor", calibrate=False), recipe, logits, labels)
+    g = lambda p: p * p + (1 - p) * (1 - p)  # noqa: E731
+    p = 1 / (1 + np.exp(-np.array([3.0, 0.5, 2.0, 0.5])))
+    assert threshold.confidence(logits) == pytest.approx(-(1 - g(p)) / g(p))
+
+
+# ---- cross-fitting -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("node", ["parent", "mammals"])
+def test_crossfit_labels_come_from_copies_that_never_saw_the_fold(small_config, small_data, small_trained, node,
+                                                                  monkeypatch, single_thread):
+    seen = []
+    original_fit = Normalizer.fit
+    monkeypatch.setattr(Normalizer, "fit", classmethod(lambda cls, images, **kw: (seen.append(images.copy()),
+                                                                                  original_fit(images, **kw))[1]))
+    cf = selfeval.crossfit(small_config, node, small_trained, small_data, get_recipe("default", 1), seed=0, folds=3)
+    meta = small_trained[node].meta
+    train_rows, val_rows = set(meta["train_rows"].tolist()), set(meta["val_rows"].tolist())
+    held = [set(f.held_out.tolist()) for f in cf.folds]
+    assert len(cf.folds) == 3 and sum(map(len, held)) == len(train_rows) and set().union(*held) == train_rows
+    for fold in cf.folds:
+        trained, out = set(fold.trained_on.tolist()), set(fold.held_out.tolist())
+        assert not trained & out and trained | out == train_rows
+        assert set(fold.validated_on.tolist()) == val_rows and not val_rows & out
+    assert np.array_equal(cf.rows, np.concatenate([f.held_out for f in cf.folds]))
+    record = cf.record()
+    assert [set(f["trained_on"].tolist()) for f in record["folds"]] == [set(f.trained_on.tolist()) for f in cf.folds]
+    if node == "parent":  # the images each copy was fit on: exactly its recorded rows, none of its fold
+        pixels = small_data.train.images
+        assert len(seen) == 3
+        for fold, images in zip(cf.folds, seen):
+            assert sorted(map(bytes, images)) == sorted(map(bytes, pixels[fold.trained_on]))
+            assert not {bytes(r) for r in images} & {bytes(r) for r in pixels[fold.held_out]}
+    labels = small_data.node_rows("train", small_config.node(node))
+    by_row = dict(zip(labels[2].tolist(), labels[1].tolist()))
+    assert cf.labels.tolist() == [by_row[r] for r in cf.rows.tolist()]
+
+
+# ---- a judged tree end to end ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def judged_run(tmp_path_factory, small_data_dir):
+    out = tmp_path_factory.mktemp("judged") / "run"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = run(parse_config(JUDGED_TREE), small_data_dir, out, get_recipe("default", 2), seed=0,
+                      progress=False, report=False, echo=lambda *a: None)
+    finally:
+        torch.set_num_threads(previous)
+    return out, metrics
+
+
+def _reference_judge(out, data_dir, rows):
+    """The water judge's probabilities in float64 numpy from the raw checkpoints: the mammals' hidden layer
+    0 before its ReLU (what water's judge reads), water's logits, its sorted softmax."""
+    parent, mammals, water = (load_checkpoint(out / "models" / f"{n}.pt") for n in ("parent", "mammals", "water"))
+    judged = load_checkpoint(out / "models" / "water.selfeval.pt")
+    images, _, file_rows = read_split(data_dir, "test", ["beaver", "whale", "wolf", "sunflower"])
+    images = images[np.searchsorted(file_rows, rows)].astype(np.float64)
+    norm = parent["meta"]["normalization"]
+    x = (images - np.asarray(norm["mean"], np.float64)) / np.asarray(norm["std"], np.float64)
+    h_parent = forward(x, linear_layers(parent), stop_layer=1, where="pre")
+    h_mammals = forward(h_parent, linear_layers(mammals), stop_layer=0, where="pre")
+    logits = forward(h_mammals, linear_layers(water))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    features = np.concatenate([h_mammals, logits, -np.sort(-p, axis=1)], axis=1)
+    meta = judged["meta"]
+    z = (features - meta["feature_mean"].double().numpy()) / meta["feature_std"].double().numpy()
+    out_logits = forward(z, linear_layers(judged))
+    return 1 / (1 + np.exp(out_logits[:, 0] - out_logits[:, 1]))
+
+
+def test_judged_run_writes_judges_and_uses_their_score(judged_run, small_data_dir):
+    out, metrics = judged_run
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["mammals.pt", "parent.pt", "water.pt",
+                                                                  "water.selfeval.pt"]
+    config, models = load_folder(out / "models")  # the judge file is not taken for a node
+    assert set(models) == {"parent", "mammals", "water"} and config.branches["water"].selfeval.folds == 3
+    water = metrics["branches"]["water"]["acceptance"]
+    assert water["score"] == "selfeval" and water["attained"] and metrics["parent"]["acceptance"]["score"] == "energy"
+    judge_meta = load_checkpoint(out / "models" / "water.selfeval.pt")["meta"]
+    assert judge_meta["node_fingerprint"] == models["water"].fingerprint()
+    for fold in judge_meta["crossfit"]["folds"]:
+        assert not set(fold["trained_on"].tolist()) & set(fold["held_out"].tolist())
+    with open(out / "predictions" / "water.csv") as f:
+        rows = list(csv.DictReader(f))
+    expected = _reference_judge(out, small_data_dir, np.array([int(r["index"]) for r in rows]))
+    got = np.array([float(r["confidence"]) for r in rows])
+    assert got == pytest.approx(expected, abs=1e-5)
+    threshold = water["threshold"]
+    clear = np.abs(got - threshold) > 1e-5
+    assert np.array_equal(np.array([r["accepted"] == "1" for r in rows])[clear], (got >= threshold)[clear])
+
+
+def test_routing_and_predict_use_the_scores_as_the_generic_path_does(judged_run, small_data_dir, tmp_path,
+                                                                     single_thread):
+    out, metrics = judged_run
+    config, models = load_folder(out / "models")
+    data = load_tree_data(config, small_data_dir)
+    images, labels, rows = data.node_rows("test", config.parent)
+    result = TreePredictor.load(out / "models").predict(images, batch_size=7)
+    # the parent rejects by energy at its fitted temperature, from the generic forward path
+    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    parent = Acceptance.of(models["parent"].meta)
+    energy = parent.confidence(models["parent"].logits(X))
+    at_parent = result.rejected_at == 0
+    assert np.array_equal(at_parent, energy < parent.threshold)
+    assert result.rejected_confidence[at_parent] == pytest.approx(energy[at_parent], abs=1e-4)
+    # images that end at water carry its judge's probability, as evaluate_node computes it
+    water = result.final_node == result.nodes.index("water")
+    assert water.sum() >= 5
+    expected = _reference_judge(out, small_data_dir, rows[water])
+    assert result.confidence[water] == pytest.approx(expected, abs=1e-5)
+    csv_path = tmp_path / "pred.csv"
+    assert main(["predict", "--models", str(out), "--data", str(small_data_dir), "--split", "test",
+                 "--out", str(csv_path)]) == 0
+    with open(csv_path) as f:
+        predicted = [r for r in csv.DictReader(f) if r["true_class"] in config.parent.classes]
+    assert [r["path"] for r in predicted] == [result.path(i) for i in range(len(rows))]
+    assert np.array([float(r["confidence"]) for r in predicted])[water] == pytest.approx(expected, abs=1e-5)
+    assert metrics["tree"]["rules"]["water"]["score"] == "selfeval"
+
+
+def test_a_missing_or_foreign_judge_is_refused(judged_run, tmp_path):
+    out, _ = judged_run
+    copy = tmp_path / "models"
+    copy.mkdir()
+    for name in ("parent", "mammals", "water"):
+        (copy / f"{name}.pt").write_bytes((out / "models" / f"{name}.pt").read_bytes())
+    from branching.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="no self-evaluation branch for 'water'"):
+        TreePredictor.load(copy)
+    (copy / "water.selfeval.pt").write_bytes((out / "models" / "water.selfeval.pt").read_bytes())
+    (copy / "mammals.selfeval.pt").write_bytes((out / "models" / "water.selfeval.pt").read_bytes())
+    TreePredictor.load(copy)  # an unused judge file is ignored
+
+
+# ---- the comparison and the speed benchmark ----------------------------------------------------------
+
+def test_fast_auroc_is_scikit_learns():
+    from branching.selfeval_compare import fast_auroc
+    rng = np.random.default_rng(3)
+    values = np.round(rng.normal(size=300), 1)
+    correct = rng.random(300) < 0.6
+    assert fast_auroc(values, correct) == pytest.approx(confidence.auroc(values, correct), abs=1e-12)
+
+
+def test_paired_difference_by_hand():
+    from branching.selfeval_compare import paired_difference
+    correct = np.array([1, 1, 0, 1, 0, 1], dtype=bool)
+    good, bad = correct.astype(float), np.arange(6, dtype=float)  # a perfect ranking and an arbitrary one
+    run = {"correct": correct.tolist(), "scores": {
+        "msp_t": {"values": bad.tolist(), "aurc": selective.aurc(bad, correct)},
+        "x": {"values": good.tolist(), "aurc": selective.aurc(good, correct)}}}
+    d = paired_difference([run, run], "x", "aurc", n_boot=200)
+    expected = selective.aurc(good, correct) - selective.aurc(bad, correct)
+    assert d["mean"] == pytest.approx(expected) and d["values"] == pytest.approx([expected, expected])
+    assert d["ci95_seeds"] == pytest.approx([expected, expected])
+    low, high = d["ci95_images"]
+    assert low <= 0 and high <= 0 and low < high  # a perfect ranking is never worse on any resample
+
+
+def test_selfeval_command_writes_every_score(small_data_dir, tmp_path, single_thread):
+    config = tmp_path / "tree.toml"
+    config.write_text(BASE + "[branches.mammals.selfeval]\nhidden = [4]\nfolds = 2\n")
+    out = tmp_path / "cmp"
+    assert main(["selfeval", "--config", str(config), "--data", str(small_data_dir), "--seeds", "0",
+                 "--max-epochs", "1", "--out", str(out), "--no-download", "--quiet", "--bootstrap", "20"]) == 0
+    import json
+    result = json.loads((out / "selfeval.json").read_text())
+    mammals = result["summary"]["mammals"]
+    assert set(mammals) == {"_node", "msp_1", "msp_t", "doctor", "energy", "margin", "selfeval_0", "selfeval_1",
+                            "selfeval_all", "selfeval_logits", "oracle"}
+    assert mammals["oracle"]["eaurc"]["mean"] == pytest.approx(0.0) and mammals["oracle"]["auroc"]["mean"] == 1.0
+    seed = result["seeds"][0]["nodes"]["mammals"]
+    assert seed["crossfit"]["folds"] == 2 and result["seeds"][0]["nodes"]["parent"]["crossfit"]["folds"] == 5
+    assert max(seed["scores"]["msp_1"]["values"]) <= 1 and max(seed["scores"]["doctor"]["values"]) <= 0
+    assert "## Verdicts" in (out / "selfeval.md").read_text()
+    assert (out / "selfeval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_selfeval_times_each_judged_node(tmp_path):
+    from reference import REPO_ROOT, run_command
+    done = run_command([REPO_ROOT / "benchmarks" / "bench_selfeval.py", "--config", REPO_ROOT / "configs" /
+                        "cifar100-6.toml", "--images", "64", "--single", "3", "--repeats", "1", "--batch-size", "32"],
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "parent > mammals" in done.stdout and "largest batched overhead" in done.stdout
+
+
+CNN_JUDGED = """
+[parent]
+classes = ["beaver", "whale", "wolf", "sunflower"]
+kind = "cnn"
+widths = [8, 16]
+depth = 1
+
+[parent.selfeval]
+layers = ["stage0", "stage1"]
+hidden = [8]
+folds = 2
+
+[parent.accept]
+score = "selfeval"
+rule = "coverage"
+coverage = 0.6
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+hidden = [6]
+"""
+
+
+def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_data_dir, tmp_path, single_thread):
+    out = tmp_path / "run"
+    run(parse_config(CNN_JUDGED), small_data_dir, out, get_recipe("default", 1), seed=0, progress=False,
+        report=False, echo=lambda *a: None)
+    config, models = load_folder(out / "models")
+    from branching import judge
+    found = judge.load_for(models, "parent")
+    assert [r[1] for r in found.reads] == [0, 1] and found.reads[0][3] == "avg"
+    images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)
+    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    generic = found.score_images(models, X)  # forward.extract: the taps pooled by nets.pool
+    acceptance = Acceptance.of(models["parent"].meta)
+    assert acceptance.score == "selfeval" and 0 < acceptance.accepts(generic).mean() < 1
+    result = TreePredictor.load(out).predict(images, batch_size=16)
+    clear = np.abs(generic - acceptance.threshold) > 1e-5
+    assert np.array_equal((result.rejected_at == 0)[clear], (generic < acceptance.threshold)[clear])
+    at_parent = result.rejected_at == 0
+    assert result.rejected_confidence[at_parent] == pytest.approx(generic[at_parent], abs=1e-5)
+
+
+def test_predict_one_node_uses_its_judge(judged_run, small_data_dir, tmp_path):
+    out, _ = judged_run
+    csv_path = tmp_path / "water.csv"
+    assert main(["predict", "--models", str(out), "--node", "water", "--data", str(small_data_dir), "--split", "test",
+                 "--out", str(csv_path)]) == 0
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    _, _, file_rows = read_split(small_data_dir, "test", ["beaver", "whale", "wolf", "sunflower"])
+    assert len(rows) == len(file_rows)
+    expected = _reference_judge(out, small_data_dir, file_rows)
+    assert np.array([float(r["confidence"]) for r in rows]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_module_parent_is_its_own_out_of_sample_copy(small_data_dir, tmp_path, single_thread):
+    import tiny_backbone
+    torch.manual_seed(0)
+    torch.save(tiny_backbone.build().state_dict(), tmp_path / "w.pt")
+    parent = (f'[parent]\nclasses = ["beaver", "whale", "wolf", "sunflower"]\nkind = "module"\n'
+              f'module = "tiny_backbone:build"\nweights = "{tmp_path / "w.pt"}"\n')
+    with pytest.raises(ConfigError, match="module parent only gives with head = true"):
+        parse_config(parent + "[parent.selfeval]\nlayer = -1\n")
+    config = parse_config(parent + 'head = true\n[parent.selfeval]\nlayers = ["layer1", "pool"]\nfolds = 3\n'
+                          '[parent.accept]\nscore = "selfeval"\nrule = "coverage"\ncoverage = 0.5\n'
+                          '[branches.mammals]\nclasses = ["beaver", "whale", "wolf"]\nlayer = "pool"\nhidden = [4]\n')
+    out = tmp_path / "run"
+    metrics = run(config, small_data_dir, out, get_recipe("default", 1), seed=0, progress=False, report=False,
+                  echo=lambda *a: None)
+    meta = load_checkpoint(out / "models" / "parent.selfeval.pt")["meta"]
+    assert all(len(f["trained_on"]) == 0 for f in meta["crossfit"]["folds"])  # no copy: the module never trains
+    parent_model = load_folder(out / "models")[1]["parent"]
+    held = np.concatenate([f["held_out"].numpy() for f in meta["crossfit"]["folds"]])
+    assert sorted(held.tolist()) == sorted(parent_model.meta["train_rows"].tolist())
+    assert metrics["parent"]["acceptance"]["score"] == "selfeval"
+    assert TreePredictor.load(out).predict(read_split(small_data_dir, "test", ["beaver"])[0]).confidence.shape == (10,)
+
+
+def test_routing_from_a_judged_entry_branch(judged_run, small_data_dir, single_thread):
+    out, _ = judged_run
+    images, _, file_rows = read_split(small_data_dir, "test", ["beaver", "whale", "wolf", "sunflower"])
+    result = TreePredictor.load(out / "models", entry="water").predict(images, batch_size=9)
+    assert set(result.final_node.tolist()) == {result.nodes.index("water")}
+    assert result.confidence == pytest.approx(_reference_judge(out, small_data_dir, file_rows), abs=1e-5)
