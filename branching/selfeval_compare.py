@@ -104,11 +104,13 @@ def node_scores(config: TreeConfig, name: str, models: dict, data, recipe, seed:
             "correct": correct.tolist(), "scores": out}
 
 
-def seed_scores(config: TreeConfig, data, recipe, seed: int, progress: bool) -> dict:
+def seed_scores(config: TreeConfig, data, recipe, seed: int, progress: bool, wanted=None) -> dict:
+    """Every score of every node (or of the `wanted` ones) for one seed."""
     start = time.perf_counter()
     models = train_tree(config, data, recipe, seed, progress)
     nodes = {spec.name: node_scores(config, spec.name, models, data, recipe, seed, progress) for spec in config.nodes()
-             if models[spec.name].has_head}  # a module parent without head = true gives no answers to score
+             if models[spec.name].has_head  # a module parent without head = true gives no answers to score
+             and (wanted is None or spec.name in wanted)}
     return {"seed": seed, "nodes": nodes, "seconds": time.perf_counter() - start}
 
 
@@ -169,8 +171,9 @@ def summarise(seed_results: list[dict], n_boot: int = BOOTSTRAP) -> dict:
 
 def run_selfeval_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epochs: int | None = None,
                          download: bool = False, progress: bool = False, command: str = "",
-                         n_boot: int = BOOTSTRAP) -> dict:
-    """seed_scores for each seed, the summary, and OUT/selfeval.{json,md,png} (OUT replaced whole)."""
+                         n_boot: int = BOOTSTRAP, nodes: list[str] | None = None) -> dict:
+    """seed_scores for each seed (of every node, or of `nodes`), the summary, and OUT/selfeval.{json,md,png}
+    (OUT replaced whole)."""
     from .selfeval_report import write_outputs  # matplotlib only when writing
     recipe = get_recipe("default", max_epochs)
     recipe.parent_for(config.parent.kind)  # before any work
@@ -180,7 +183,7 @@ def run_selfeval_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int]
         seed_results = []
         for seed in seeds:
             log(f"#### selfeval: seed {seed}")
-            seed_results.append(seed_scores(config, data, recipe, seed, progress))
+            seed_results.append(seed_scores(config, data, recipe, seed, progress, nodes))
         setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
                  "max_epochs": max_epochs, "recipe": recipe.name, "parent_kind": config.parent.kind,
                  "bootstrap_resamples": n_boot, "coverage_grid": COVERAGE_GRID.tolist(),

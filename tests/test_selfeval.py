@@ -418,3 +418,18 @@ def test_routing_from_a_judged_entry_branch(judged_run, small_data_dir, single_t
     result = TreePredictor.load(out / "models", entry="water").predict(images, batch_size=9)
     assert set(result.final_node.tolist()) == {result.nodes.index("water")}
     assert result.confidence == pytest.approx(_reference_judge(out, small_data_dir, file_rows), abs=1e-5)
+
+
+def test_selfeval_nodes_scores_only_the_nodes_named(small_data_dir, tmp_path, single_thread, capsys):
+    config = tmp_path / "tree.toml"
+    config.write_text(BASE + "[branches.mammals.selfeval]\nhidden = [4]\nfolds = 2\n")
+    argv = ["selfeval", "--config", str(config), "--data", str(small_data_dir), "--seeds", "0", "--max-epochs", "1",
+            "--no-download", "--quiet", "--bootstrap", "20"]
+    assert main(argv + ["--out", str(tmp_path / "cmp"), "--nodes", "mammals"]) == 0
+    import json
+    result = json.loads((tmp_path / "cmp" / "selfeval.json").read_text())
+    assert set(result["summary"]) == set(result["seeds"][0]["nodes"]) == {"mammals"}
+    assert "--nodes mammals" in result["setup"]["command"]
+    assert main(argv + ["--out", str(tmp_path / "bad"), "--nodes", "mammals,nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown node 'nope'" in err and not (tmp_path / "bad").exists()
