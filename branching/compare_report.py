@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import write_bytes
+from .fileio import write_files
 from .kshot import kshot_markdown, render_kshot_plot
 from .stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
 from .tables import MARKDOWN, interval, mean_std, num, pct, table
@@ -150,6 +149,8 @@ def render_plot(result: dict) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .plots import png_bytes
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     branches = result["summary"]["branches"]
@@ -188,22 +189,17 @@ def render_plot(result: dict) -> bytes:
     fig.suptitle(f"Branch vs baselines: test accuracy, mean ± std over seeds {result['setup']['seeds']}; "
                  f"mean training time (test-set intervals are wider, see compare.md)", fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 0.95))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    data = png_bytes(fig)
     plt.close(fig)
-    return buffer.getvalue()
+    return data
 
 
 # ---- writing -----------------------------------------------------------------------------------
 
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write compare.json, compare.md and compare.png atomically."""
-    out = Path(out_dir)
     files = {"compare.json": (json.dumps(result, indent=2) + "\n").encode(),
              "compare.md": render_markdown(result).encode(), "compare.png": render_plot(result)}
     if "kshot" in result:
         files["compare-kshot.png"] = render_kshot_plot(result)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        write_bytes(out / name, data)
-    return [out / name for name in files]
+    return write_files(out_dir, files)

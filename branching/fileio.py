@@ -59,6 +59,15 @@ def write_bytes(path, data: bytes) -> None:
         f.write(data)
 
 
+def write_files(folder, files: dict[str, bytes]) -> list[Path]:
+    """Each {name: bytes} written atomically into folder (made if need be); rendering comes first, so
+    that an error while rendering writes nothing."""
+    folder = Path(folder)
+    for name, data in files.items():
+        write_bytes(folder / name, data)
+    return [folder / name for name in files]
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path, "w") as f:
         f.write(text)

@@ -8,7 +8,6 @@ the same held-out images at every k, so that the curves differ in training image
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import numpy as np
@@ -128,6 +127,8 @@ def render_kshot_plot(result: dict) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .plots import png_bytes
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     kshot = result["kshot"]
@@ -159,7 +160,6 @@ def render_kshot_plot(result: dict) -> bytes:
     fig.suptitle(f"k-shot: mean over seeds {result['setup']['seeds']}, bars: 95% Wilson interval over the test "
                  f"images", fontsize=11)
     fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(names) - 1) // columns + 1), 1, 0.95))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    data = png_bytes(fig)
     plt.close(fig)
-    return buffer.getvalue()
+    return data

@@ -5,6 +5,7 @@ Uses matplotlib's object-oriented API with the Agg canvas (headless, no global p
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import calibration, selective
+from .fileio import write_bytes
 from .tables import num, pct
 
 DPI = 110
@@ -20,12 +22,17 @@ BRANCH_COLOUR, PARENT_COLOUR = "#1f77b4", "#d62728"
 SEED_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 
 
+def png_bytes(fig) -> bytes:
+    """A figure as PNG bytes, for fileio's writers."""
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    return buffer.getvalue()
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    tmp.replace(path)
+    write_bytes(path, png_bytes(fig))
     return path
 
 

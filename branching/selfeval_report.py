@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-from .fileio import write_bytes
+from .fileio import write_files
 from .tables import MARKDOWN, mean_std, num, table
 
 BASELINE = "msp_t"
@@ -109,6 +108,8 @@ def render_plot(result: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import png_bytes
+
     summary = result["summary"]
     fig, axes = plt.subplots(1, len(summary), figsize=(5.6 * len(summary), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
@@ -126,18 +127,13 @@ def render_plot(result: dict) -> bytes:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    data = png_bytes(fig)
     plt.close(fig)
-    return buffer.getvalue()
+    return data
 
 
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write selfeval.json, selfeval.md and selfeval.png atomically."""
-    out = Path(out_dir)
     files = {"selfeval.json": (json.dumps(result, indent=2) + "\n").encode(),
              "selfeval.md": render_markdown(result).encode(), "selfeval.png": render_plot(result)}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        write_bytes(out / name, data)
-    return [out / name for name in files]
+    return write_files(out_dir, files)
