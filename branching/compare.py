@@ -169,6 +169,9 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
         notes[0] += (", but on the default-recipe parent: the original parent recipe (200 epochs at batch 64, "
                      "about 9 minutes per seed on this machine) does not fit 3 seeds in 30 minutes. "
                      "Pass --original-parent to train it.")
+    if any(spec.accept.score == "selfeval" for spec in config.nodes()):
+        notes.append("A node that accepts by its self-evaluation branch is measured here by max softmax: `compare` "
+                     "trains no judges (`branching selfeval` compares the scores).")
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
         "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "

@@ -154,7 +154,8 @@ class TreeConfig:
     def routed(self, entry: str | None = None) -> TreeConfig:
         """The tree that routing walks: every node but the standalone ones (see `standalone`), except those
         at or below `entry`, the branch that routing starts from when asked to."""
-        kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n)}
+        above = set(self.chain(entry)) if entry is not None and entry in self.branches else set()
+        kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n) or n in above}
         return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path)
 
     def classes(self) -> tuple[str, ...]:

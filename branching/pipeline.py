@@ -309,6 +309,8 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
         head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
                                   Acceptance.of(parent.meta).temperature)
     judged = judge.load_for(models, name)
+    if judged is None and spec.selfeval is not None and "path" in model.meta:  # trained by run, shown beside MSP
+        judged = judge.load(Path(model.meta["path"]).parent, name, model)
     probability = None if judged is None else judged.score_images(models, X, logits)
     acceptance = Acceptance.of(model.meta)
     metrics, columns = scores.score_node(spec.classes, labels, logits, acceptance, head, probability)

@@ -59,7 +59,7 @@ class NodePredictor:
                               f"ask one of its branches")
         self.models, self.name = models, name
         self.chain = tuple(config.chain(name))
-        self.classes = tuple(config.node(name).classes)
+        self.classes = self.answerable = tuple(config.node(name).classes)
         self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
         self.acceptance = Acceptance.of(models[name].meta)
         self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
@@ -209,7 +209,7 @@ def cmd_predict(args) -> int:
     except BrokenPipeError:  # e.g. piped into `head`: stop printing quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if truth is not None:
-        print(summary_line(rows, predictor.classes), file=sys.stderr)
+        print(summary_line(rows, predictor.answerable), file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
         return 2

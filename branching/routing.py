@@ -226,6 +226,11 @@ class TreePredictor:
         return cls(config, models, entry)
 
     @property
+    def answerable(self) -> tuple[str, ...]:
+        """The classes an image can be answered with: the tree's, or from an entry branch that branch's."""
+        return self.classes if self.entry is None else tuple(self.entry.spec.classes)
+
+    @property
     def node_names(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.nodes)
 

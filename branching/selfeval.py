@@ -152,7 +152,7 @@ def crossfit(config: TreeConfig, name: str, models: dict[str, Model], data, reci
     if counts.min() < folds:
         raise ConfigError(f"[{'parent' if name == 'parent' else 'branches.' + name}.selfeval] folds: {folds} folds "
                           f"need {folds} training images of every class, but {spec.classes[int(counts.argmin())]!r} "
-                          f"has {int(counts.min())}; lower folds")
+                          f"has {int(counts.min())}; set a lower folds in that table (or give the class more images)")
     module = name == "parent" and spec.kind == "module"
     if module:
         train = _module_parent_answers(models, images)

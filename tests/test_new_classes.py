@@ -138,3 +138,18 @@ def test_predict_branch_routes_from_a_branch_of_new_classes(trained, tmp_path, c
     capsys.readouterr()
     assert answers["--branch"] == answers["--node"]  # newcomers has no branches: routing from it is it alone
     assert {path for _, path, _ in answers["--branch"]} == {"parent > newcomers"}
+
+
+def test_routing_from_a_branch_below_a_branch_of_new_classes_keeps_its_chain(trained):
+    config = parse_config(TREE + 'branches.wild = { from = "newcomers", classes = ["wolf", "sunflower"], '
+                                 'layer = 0, hidden = [3] }\n')
+    assert config.standalone("wild") and "wild" not in config.routed().branches
+    assert config.routed("wild").chain("wild") == ["parent", "newcomers", "wild"]
+    assert set(config.routed("newcomers").branches) == {"newcomers", "wild"}
+
+
+def test_from_an_entry_branch_only_its_classes_count_as_answerable(trained):
+    from branching.routing import TreePredictor
+    root, _ = trained
+    assert TreePredictor.load(root / "out", entry="newcomers").answerable == ("wolf", "sunflower")
+    assert TreePredictor.load(root / "out").answerable == ("beaver", "whale")

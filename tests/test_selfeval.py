@@ -433,3 +433,12 @@ def test_selfeval_nodes_scores_only_the_nodes_named(small_data_dir, tmp_path, si
     assert main(argv + ["--out", str(tmp_path / "bad"), "--nodes", "mammals,nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "unknown node 'nope'" in err and not (tmp_path / "bad").exists()
+
+
+def test_a_judge_declared_beside_another_score_still_shows_in_the_metrics(small_data_dir, tmp_path, single_thread):
+    text = BASE + "[branches.mammals.selfeval]\nhidden = [4]\nfolds = 2\n"  # mammals accepts by max softmax
+    metrics = run(parse_config(text), small_data_dir, tmp_path / "run", get_recipe("default", 1), seed=0,
+                  progress=False, report=False, echo=lambda *a: None)
+    mammals = metrics["branches"]["mammals"]
+    assert mammals["acceptance"].get("score", "msp") == "msp"
+    assert "selfeval" in mammals["confidence_scores"] and "selfeval" not in metrics["parent"]["confidence_scores"]
