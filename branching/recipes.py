@@ -75,8 +75,8 @@ DEFAULT = Recipe(
 )
 
 # Parents of the other kinds (branching.nets): flips and shifts of up to 4 pixels, one-cycle AdamW. The
-# CNN's epochs were chosen on validation accuracy (benchmarks/tune_kinds.py, docs/kinds.md); the module
-# parent is never trained, its recipe holds out the branches' validation images.
+# CNN's and the ViT's epochs were chosen on validation accuracy (benchmarks/tune_kinds.py, docs/kinds.md);
+# the module parent is never trained, its recipe holds out the branches' validation images.
 DEFAULT = replace(DEFAULT, kinds=(
     ("cnn", NodeRecipe(epochs=18, batch_size=128, lr=3e-3, weight_decay=0.05, optimizer="adamw", dropout=0.1,
                        label_smoothing=0.1, lr_schedule="onecycle", flip=True, crop=4, validation=0.15,
