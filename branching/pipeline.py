@@ -6,7 +6,7 @@ import hashlib
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +69,14 @@ class TreeData:
         """Row numbers of class `name` in the whole training split."""
         return select(self.train, resolve_classes([name], self.label_names))[2]
 
+    _fingerprint: dict | None = field(default=None, repr=False, compare=False)
+
     def fingerprint(self) -> dict:
-        digest = lambda name: hashlib.sha256((self.data_dir / name).read_bytes()).hexdigest()[:16]  # noqa: E731
-        return {"dir": str(self.data_dir), **{f"{n}_sha256": digest(n) for n in ("train", "test", "meta")}}
+        """The folder and the sha256 of its three files, hashed once (every branch and cache entry asks)."""
+        if self._fingerprint is None:
+            digest = lambda name: hashlib.sha256((self.data_dir / name).read_bytes()).hexdigest()[:16]  # noqa: E731
+            self._fingerprint = {"dir": str(self.data_dir), **{f"{n}_sha256": digest(n) for n in ("train", "test", "meta")}}
+        return dict(self._fingerprint)
 
 
 def load_tree_data(config: TreeConfig, data_dir, download: bool = False, progress: bool = True) -> TreeData:
