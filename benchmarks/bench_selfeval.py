@@ -3,10 +3,11 @@
     python benchmarks/bench_selfeval.py --models runs/judged/models --data ../shared/data/cifar100-6 --threads 1
 
 For each judged node (a [... .selfeval] table in the tree; without --models, untrained models and judges
-of --config's shapes, with a judge on the last tap of each node that declares none), the routed
+of --config's shapes, with a judge on the last tap of each node that declares none, or with
+--logits-only a judge of every node on its logits alone), the routed
 predictor of the path from the pixels to that node is timed answering by max softmax and answering by
 its judge, interleaved, best of --repeats rounds; the ratio is taken within the run. The target (issue
-12): at most +5%.
+12): at most +5%. "judge alone" is the judge's own arithmetic for one image, in microseconds, caches warm.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from branching import judge
 from branching.checkpoint import load_folder
 from branching.config import SelfEvalSpec, TreeConfig, load_config
 from branching.data import load_split
+from branching.forward import extract, node_inputs
 from branching.routing import TreePredictor
 from branching.speed import random_tree, seconds_per_call
 
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None, help="models folder of a run with judges (default: untrained models)")
     p.add_argument("--config", default="configs/cifar100-6.toml", help="tree of the untrained models")
+    p.add_argument("--logits-only", action="store_true",
+                   help="untrained models: every judge reads its node's logits alone (layers = [])")
     p.add_argument("--data", default=None, help="CIFAR-100 folder whose test images to use (default: random pixels)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--images", type=int, default=8192)
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    if args.logits_only and args.models:
+        p.error("--logits-only times untrained judges; drop --models, or train judges with layers = []")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -82,16 +88,19 @@ def main(argv=None) -> int:
     else:
         config = load_config(args.config)
         models = random_tree(config)
-        judges = {s.name: untrained_judge(models, s.name, s.selfeval or SelfEvalSpec(layers=(-1,)))
+        judges = {s.name: untrained_judge(models, s.name, SelfEvalSpec(layers=()) if args.logits_only
+                                          else s.selfeval or SelfEvalSpec(layers=(-1,)))
                   for s in config.nodes()}
     test = (load_split(args.data, "test").images if args.data
             else np.random.default_rng(0).integers(0, 256, (1000, 3072), dtype=np.uint8))
     images = np.resize(test, (args.images, test.shape[1]))
     single = images[:args.single]
-    print(f"{'trained models in ' + args.models if args.models else 'untrained models of ' + args.config}; "
+    judged_by = " (judges on the logits only)" if args.logits_only else ""
+    print(f"{'trained models in ' + args.models if args.models else 'untrained models of ' + args.config}{judged_by}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}")
     print(f"\n{'judged node (path)':<32} {'judge MFLOP':>11} {'path MFLOP':>10} {'us/image msp':>13} "
-          f"{'us/image judge':>15} {'overhead':>9} {'1-image ms msp':>15} {'judge':>7} {'overhead':>9}")
+          f"{'us/image judge':>15} {'overhead':>9} {'1-image ms msp':>15} {'judge':>7} {'overhead':>9} "
+          f"{'judge alone':>11}")
     worst = -float("inf")
     for node, found in judges.items():
         sub = path_config(config, node)
@@ -106,16 +115,27 @@ def main(argv=None) -> int:
             best["plain1"] = min(best["plain1"], seconds_per_call(lambda: [plain.predict(x[None], 1) for x in single], 1))
             best["judged1"] = min(best["judged1"], seconds_per_call(lambda: [judged.predict(x[None], 1) for x in single], 1))
         overhead, overhead1 = best["judged"] / best["plain"] - 1, best["judged1"] / best["plain1"] - 1
+        alone = judge_alone_seconds(models, found, judged.root.normalizer.transform(single[:1].astype(np.float32)))
         worst = max(worst, overhead)
         path_flops = sum(n.flops for n in plain.nodes)
         print(f"{' > '.join(config.chain(node)):<32} {found.flops / 1e6:>11.3f} {path_flops / 1e6:>10.2f} "
               f"{1e6 * best['plain'] / len(images):>13.1f} {1e6 * best['judged'] / len(images):>15.1f} "
               f"{100 * overhead:>+8.1f}% {1e3 * best['plain1'] / len(single):>15.3f} "
-              f"{1e3 * best['judged1'] / len(single):>7.3f} {100 * overhead1:>+8.1f}%")
+              f"{1e3 * best['judged1'] / len(single):>7.3f} {100 * overhead1:>+8.1f}% {1e6 * alone:>11.1f}")
     print(f"\nlargest batched overhead {100 * worst:+.1f}% (target at most +{100 * TARGET_OVERHEAD:g}%); the path is "
           f"the routed predictor of the chain from the pixels to the node, the whole trunk included")
     print(f"load average (1 min) at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     return 0
+
+
+def judge_alone_seconds(models: dict, found: judge.Judge, x: np.ndarray, calls: int = 200) -> float:
+    """Seconds of the judge's own arithmetic for one normalised image `x` (1, 3072), its taps and logits
+    computed beforehand: the fastest of several rounds of `calls` calls, caches warm (in the routed
+    path, after the trunk has streamed its weights through them, the same operations take longer)."""
+    taps = extract(models, found.reads, x)
+    logits = models[found.node].logits(node_inputs(models, found.node, x))
+    return min(seconds_per_call(lambda: [found.probability_of(taps, logits) for _ in range(calls)], 1)
+               for _ in range(10)) / calls
 
 
 def models_dir(path) -> str:

@@ -578,8 +578,11 @@ def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
         raise t.error("layers", "contradicts layer", "give one tap with layer = ... or several with layers = [...]")
     layers = t.data.get("layers", [t.data.get("layer", -1)])
     fix = 'write e.g. layer = -1, layers = [0, 1] or layers = ["stage1", "stage2"]'
-    if not isinstance(layers, list) or not layers or not all(_is_int(v) or isinstance(v, str) for v in layers):
+    if not isinstance(layers, list) or not all(_is_int(v) or isinstance(v, str) for v in layers):
         raise t.error("layers" if "layers" in t.data else "layer", "must be tap indices or names", fix)
+    if not layers and t.flag("logits") is False:
+        raise t.error("layers", "is empty and logits = false, so the judge would read nothing",
+                      "list taps, or drop logits = false (layers = [] reads the logits only)")
     folds = t.data.get("folds", DEFAULT_FOLDS)
     if not _is_int(folds) or not 2 <= folds <= 20:
         raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
@@ -610,4 +613,4 @@ def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
                           f"and give the layers as indices")
     if len(set(layers)) < len(layers):
         raise ConfigError(f"{origin}: {table} layers: lists a tap more than once; list each tap once")
-    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": wheres.pop()})
+    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": wheres.pop() if wheres else spec.where})

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 import torch
 from torch import nn
 
@@ -61,7 +62,7 @@ def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Judge:
-    """A trained judge: `probability(features)` of being right, float32 (N,)."""
+    """A trained judge: `probability_of(taps, logits)` of being right, float32 (N,)."""
 
     def __init__(self, model: Model):
         meta = model.meta
@@ -82,40 +83,52 @@ class Judge:
             w, b = self.weights[0]
             w = w / torch.from_numpy(self.std)[:, None]
             self.weights[0] = (w.contiguous(), b - (torch.from_numpy(self.mean) @ w).numpy())
-        self.act = model.net[1] if len(linears) > 1 else None
-
-    def probability(self, features: np.ndarray) -> np.ndarray:
-        """P(right) for judge input rows (see inputs), float32 (N,)."""
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if not self.folded:
-            x = (x - self.mean) / self.std
-        with torch.inference_mode():
-            return self._rest(torch.mm(torch.from_numpy(x), self.weights[0][0]).numpy())
+        # softmax of two logits: the second's probability is the logistic function of their difference,
+        # so the last layer keeps one column: the difference
+        w, b = self.weights[-1]
+        self.weights[-1] = ((w[:, 1:] - w[:, :1]).contiguous(), np.ascontiguousarray(b[1:] - b[:1]))
+        self.biases = [torch.from_numpy(b) for _, b in self.weights]
+        self.act = model.net[1] if len(linears) > 1 and model.activation != "relu" else None
+        self._blocks: dict[tuple, list[torch.Tensor]] = {}
 
     def probability_of(self, taps: list[np.ndarray], logits) -> np.ndarray:
-        """probability(inputs(taps, logits)) without building the inputs: the first layer is a sum of one
-        product per tap (the same arithmetic up to float rounding; it spares copying wide taps)."""
+        """P(right) from the judge's taps (N, width each) and the node's raw logits: the arithmetic of
+        `inputs` then the MLP, without building the inputs. The first layer is a sum of one product per
+        part (no copy of wide taps); the softmax is taken of the sorted logits (the same values in the
+        same order as sorting the softmax), ascending, against rows stored reversed. Few operations: one
+        image at a time, their count is the cost."""
         if not self.folded:
-            return self.probability(inputs(taps, logits, self.use_logits))
-        w = self.weights[0][0]
-        with torch.inference_mode():
-            a, start = None, 0
-            for part in [*taps, inputs([], logits, True)] if self.use_logits else taps:
-                part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))
-                product = torch.mm(part, w[start:start + part.shape[1]])
-                a = product if a is None else a.add_(product)
-                start += part.shape[1]
-            return self._rest(a.numpy())
+            parts = [(inputs(taps, logits, self.use_logits) - self.mean) / self.std]
+        else:
+            parts = [t if t.dtype == np.float32 and t.flags.c_contiguous else np.ascontiguousarray(t, np.float32)
+                     for t in taps]
+            if self.use_logits:
+                logits = np.ascontiguousarray(logits, dtype=np.float32)
+                p = np.sort(logits, axis=1)
+                p -= p[:, -1:]
+                np.exp(p, out=p)
+                p /= p.sum(axis=1, keepdims=True)
+                parts += [logits, p]
+        blocks = self._blocks.get(widths := tuple(part.shape[1] for part in parts)) or self._layout(widths)
+        a = torch.addmm(self.biases[0], torch.from_numpy(parts[0]), blocks[0])
+        for part, block in zip(parts[1:], blocks[1:]):
+            a.addmm_(torch.from_numpy(part), block)
+        for (w, _), b in zip(self.weights[1:], self.biases[1:]):
+            a = torch.relu_(a) if self.act is None else self.act(a)
+            a = torch.addmm(b, a, w)
+        return scipy.special.expit(a.numpy()[:, 0])
 
-    def _rest(self, a: np.ndarray) -> np.ndarray:
-        """From the first layer's products (without bias) to P(right)."""
-        a += self.weights[0][1]
-        for w, b in self.weights[1:]:
-            a = np.maximum(a, 0, out=a) if self.model.activation == "relu" else self.act(torch.from_numpy(a)).numpy()
-            a = torch.mm(torch.from_numpy(a), w).numpy()
-            a += b
-        # softmax of two logits: the second's probability is a logistic function of their difference
-        return (1.0 / (1.0 + np.exp(a[:, 0] - a[:, 1]))).astype(np.float32)
+    def _layout(self, widths: tuple) -> list[torch.Tensor]:
+        """The first layer's rows cut into one block per input part (the sorted softmax's reversed)."""
+        w = self.weights[0][0]
+        if sum(widths) != w.shape[0]:
+            raise ValueError(f"judge of {self.node!r} takes {w.shape[0]} inputs; got parts of widths {widths}")
+        ends = np.cumsum(widths)
+        blocks = [w[end - width:end].contiguous() for width, end in zip(widths, ends)]
+        if self.use_logits and self.folded:
+            blocks[-1] = blocks[-1].flip(0).contiguous()
+        self._blocks[widths] = blocks
+        return blocks
 
     def score_images(self, models: dict[str, Model], X: np.ndarray, logits=None) -> np.ndarray:
         """Probabilities for normalised images X through the generic forward path (branching.forward)."""

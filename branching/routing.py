@@ -125,11 +125,11 @@ class _Node:
             a += b  # not addmm: its bias broadcast is a separate threaded copy
             if i == last:
                 return a, taps
-            if (i, "pre", "flat") in self.taps:
+            keep = (i, "pre", "flat") in self.taps  # then the activation writes a new array, not over the tap
+            if keep:
                 taps[(i, "pre", "flat")] = a
-                a = a.copy()
             if self.activation == "relu":
-                np.maximum(a, 0, out=a)
+                a = np.maximum(a, 0, out=None if keep else a)
             else:
                 a = self.act(torch.from_numpy(a)).numpy()
             if (i, "post", "flat") in self.taps:

@@ -6,9 +6,10 @@ import csv
 
 import numpy as np
 import pytest
+import scipy.special
 import torch
 
-from branching import confidence, selective, selfeval
+from branching import confidence, judge, selective, selfeval
 from branching.acceptance import Acceptance
 from branching.checkpoint import load_folder
 from branching.cli import main
@@ -20,6 +21,7 @@ from branching.pipeline import load_tree_data, run
 from branching.recipes import get_recipe
 from branching.routing import TreePredictor
 from reference import forward, linear_layers, load_checkpoint, read_split
+from torchly import Model
 
 JUDGED_TREE = """
 [parent]
@@ -77,11 +79,57 @@ hidden = [6]
     ('[branches.mammals.accept]\nscore = "margin"\n', "threshold: is required with score 'margin'"),
     ('[branches.mammals.selfeval]\nlayer = 0\nlayers = [1]\n', "layers: contradicts layer"),
     ('[branches.mammals.selfeval]\nfolds = 1\n', "folds: must be an integer from 2 to 20"),
+    ('[branches.mammals.selfeval]\nlayers = []\nlogits = false\n', "the judge would read nothing"),
 ])
 def test_config_errors_are_one_line(extra, message):
     with pytest.raises(ConfigError) as e:
         parse_config(BASE + extra, "tree.toml")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_judge_of_the_logits_only_reads_no_tap():
+    spec = parse_config(BASE + '[parent.selfeval]\nlayers = []\n', "tree.toml").parent.selfeval
+    assert spec.layers == () and spec.logits
+
+
+def _judge_model(widths, hidden, activation, std_scale, seed):
+    """An untrained judge with random weights and standardisation (std_scale small: one input's std too
+    small to fold into the weights)."""
+    rng = np.random.default_rng(seed)
+    width = sum(widths)
+    model = Model([width, *hidden, 2], activation=activation, seed=seed).freeze()
+    model.meta = {"judges": "mammals", "reads": [["parent", i, "pre", "flat"] for i in range(len(widths) - 2)],
+                  "logits": True, "feature_mean": rng.normal(size=width).astype(np.float32),
+                  "feature_std": rng.uniform(0.5, 2, size=width).astype(np.float32)}
+    model.meta["feature_std"][0] *= std_scale
+    return model
+
+
+@pytest.mark.parametrize("hidden, activation, std_scale", [
+    ([7], "relu", 1.0), ([7, 5], "tanh", 1.0), ([], "relu", 1.0), ([7], "relu", 1e-4)])
+@pytest.mark.parametrize("n", [1, 33])
+def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_scale, n):
+    """The judge's fast arithmetic (folded standardisation, one product per part, ascending sort against
+    reversed rows, one logistic column) against the plain definition in float64 numpy."""
+    widths = (9, 4, 3, 3)  # two taps, then 3 logits and their sorted softmax
+    model = _judge_model(widths, hidden, activation, std_scale, seed=len(hidden) + n)
+    rng = np.random.default_rng(n)
+    taps = [rng.normal(size=(n, w)).astype(np.float32) for w in widths[:2]]
+    logits = (3 * rng.normal(size=(n, 3))).astype(np.float32)
+    x = np.concatenate([*taps, logits], axis=1).astype(np.float64)
+    p = np.exp(x[:, -3:] - x[:, -3:].max(axis=1, keepdims=True))
+    p = -np.sort(-(p / p.sum(axis=1, keepdims=True)), axis=1)  # largest first
+    a = (np.concatenate([x, p], axis=1) - model.meta["feature_mean"]) / model.meta["feature_std"]
+    layers = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy())
+              for m in model.net if isinstance(m, torch.nn.Linear)]
+    for i, (w, b) in enumerate(layers):
+        a = a @ w.T + b
+        if i < len(hidden):
+            a = np.maximum(a, 0) if activation == "relu" else np.tanh(a)
+    expected = scipy.special.softmax(a, axis=1)[:, 1]
+    found = judge.Judge(model).probability_of(taps, logits)
+    assert found.dtype == np.float32 and found.shape == (n,)
+    np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_bad_selfeval_config_stops_run_before_any_work(tmp_path, capsys, small_data_dir):
@@ -324,13 +372,17 @@ def test_selfeval_command_writes_every_score(small_data_dir, tmp_path, single_th
     assert (out / "selfeval.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_selfeval_times_each_judged_node(tmp_path):
+@pytest.mark.parametrize("extra, judge_mflop", [([], "0.067"), (["--logits-only"], "0.002")])
+def test_bench_selfeval_times_each_judged_node(tmp_path, extra, judge_mflop):
     from reference import REPO_ROOT, run_command
     done = run_command([REPO_ROOT / "benchmarks" / "bench_selfeval.py", "--config", REPO_ROOT / "configs" /
-                        "cifar100-6.toml", "--images", "64", "--single", "3", "--repeats", "1", "--batch-size", "32"],
-                       cwd=tmp_path)
+                        "cifar100-6.toml", "--images", "64", "--single", "3", "--repeats", "1", "--batch-size", "32",
+                        *extra], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "parent > mammals" in done.stdout and "largest batched overhead" in done.stdout
+    # a judge of [512 (+ 12 logits and sorted softmax) -> 64 -> 2]: 2 x (524 x 64 + 64 x 2) FLOPs; of 12 inputs alone
+    parent_row = next(line for line in done.stdout.splitlines() if line.startswith("parent "))
+    assert parent_row.split()[1] == judge_mflop and "judge alone" in done.stdout
 
 
 CNN_JUDGED = """
@@ -374,6 +426,24 @@ def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_
     assert np.array_equal((result.rejected_at == 0)[clear], (generic < acceptance.threshold)[clear])
     at_parent = result.rejected_at == 0
     assert result.rejected_confidence[at_parent] == pytest.approx(generic[at_parent], abs=1e-5)
+
+
+def test_a_judge_of_the_logits_alone_trains_and_routes_as_the_generic_path(small_data_dir, tmp_path, single_thread):
+    out = tmp_path / "run"
+    tree = BASE + ('[branches.mammals.selfeval]\nlayers = []\nhidden = [4]\nfolds = 2\n'
+                   '[branches.mammals.accept]\nscore = "selfeval"\nrule = "coverage"\ncoverage = 0.7\n')
+    run(parse_config(tree), small_data_dir, out, get_recipe("default", 1), seed=0, progress=False, report=False,
+        echo=lambda *a: None)
+    config, models = load_folder(out / "models")
+    found = judge.load_for(models, "mammals")
+    assert found.reads == [] and found.use_logits
+    images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)
+    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    generic = found.score_images(models, X)
+    result = TreePredictor.load(out).predict(images, batch_size=16)
+    at_mammals = result.final_node == result.nodes.index("mammals")
+    assert at_mammals.any()
+    assert result.confidence[at_mammals] == pytest.approx(generic[at_mammals], abs=1e-5)
 
 
 def test_predict_one_node_uses_its_judge(judged_run, small_data_dir, tmp_path):
