@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # One pass over what needs a CUDA machine, short enough for a borrowed one (about 8 minutes on an H100):
 #
-#     bash benchmarks/gpu_check.sh ../shared/data/cifar100-6 runs/gpu-check
+#     bash benchmarks/gpu_check.sh ../shared/data/cifar100-6 runs/gpu-check [STEP ...]
 #
-# 1. bench_kinds on the GPU (MLP, CNN, ViT; seed 0): training with --device cuda, evaluation on the CPU;
-# 2. the same MLP and CNN on the same machine's CPU, all its cores: the GPU's speed-up in one run;
-# 3. bench_selfeval on that machine's CPU, one thread (a quiet machine: judge overhead, batched and one
-#    image at a time, every-tap judges and logits-only judges, untrained weights);
-# 4. check_torchvision.py (resnet18 as a module parent), where torchvision is installed;
-# 5. the test suite with the GPU visible (--device auto trains there), on whatever torch is installed.
+# STEP: kinds-cuda, selfeval-speed, torchvision, tests, kinds-cpu (default: all, in this order):
+# - kinds-cuda: bench_kinds on the GPU (MLP, CNN, ViT; seed 0): training with --device cuda, evaluation
+#   on the CPU;
+# - selfeval-speed: bench_selfeval on that machine's CPU, one thread (nothing else running: the judges'
+#   overhead batched and one image at a time; every-tap and logits-only judges; untrained weights);
+# - torchvision: check_torchvision.py (resnet18 as a module parent), where torchvision is installed;
+# - tests: the test suite with the GPU visible (--device auto trains there), on the torch installed;
+# - kinds-cpu: the MLP and CNN of kinds-cuda on the same machine's CPU, all its cores: the GPU's
+#   speed-up, measured on one machine.
 # Each step has its own time limit and log in OUT; a step that fails does not stop the others.
 set -uo pipefail
-DATA=${1:?usage: gpu_check.sh DATA OUT}
-OUT=${2:?usage: gpu_check.sh DATA OUT}
+DATA=${1:?usage: gpu_check.sh DATA OUT [STEP ...]}
+OUT=${2:?usage: gpu_check.sh DATA OUT [STEP ...]}
+shift 2
+STEPS=" ${*:-kinds-cuda selfeval-speed torchvision tests kinds-cpu} "
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -20,6 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run it, keep its log, show its end
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    [[ $STEPS == *" $name "* ]] || return 0
     echo "== $name"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "   exit $? after $((SECONDS - start)) s"
@@ -34,7 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its log, show its end
 
 step kinds-cuda 150 python benchmarks/bench_kinds.py --data "$DATA" --kinds mlp,cnn,vit --seeds 0 --device cuda \
     --out "$WORK/kinds-cuda"
-TAIL=24 step selfeval-speed 120 bash -c "
+TAIL=24 step selfeval-speed 200 bash -c "
     python benchmarks/bench_selfeval.py --config configs/cifar100-6-selfeval.toml --data '$DATA' --threads 1 \
         --images 2048 --single 300 --repeats 7 &&
     python benchmarks/bench_selfeval.py --config configs/cifar100-6-selfeval.toml --data '$DATA' --threads 1 \
@@ -42,7 +48,7 @@ TAIL=24 step selfeval-speed 120 bash -c "
     python benchmarks/bench_selfeval.py --config configs/cifar100-6-cnn-selfeval.toml --data '$DATA' --threads 1 \
         --images 1024 --single 50 --repeats 5"
 step torchvision 60 python benchmarks/check_torchvision.py --data "$DATA" --device cuda
-step tests 150 env BRANCHING_REAL_DATA="$DATA" python -m pytest -q -x -n 8 -p no:cacheprovider
+step tests 180 env BRANCHING_REAL_DATA="$DATA" OMP_NUM_THREADS=1 python -m pytest -q -x -n 12 -p no:cacheprovider
 step kinds-cpu 100 python benchmarks/bench_kinds.py --data "$DATA" --kinds mlp,cnn --seeds 0 --device cpu \
     --out "$WORK/kinds-cpu"
 rm -rf "$WORK"
