@@ -48,7 +48,8 @@ TAIL=24 step selfeval-speed 200 bash -c "
     python benchmarks/bench_selfeval.py --config configs/cifar100-6-cnn-selfeval.toml --data '$DATA' --threads 1 \
         --images 1024 --single 50 --repeats 5"
 step torchvision 60 python benchmarks/check_torchvision.py --data "$DATA" --device cuda
-step tests 180 env BRANCHING_REAL_DATA="$DATA" OMP_NUM_THREADS=1 python -m pytest -q -x -n 12 -p no:cacheprovider
+PARALLEL=$(python -c "import xdist" 2>/dev/null && echo "-n 12")  # pytest-xdist, where installed
+step tests 180 env BRANCHING_REAL_DATA="$DATA" OMP_NUM_THREADS=1 python -m pytest -q -x $PARALLEL -p no:cacheprovider
 step kinds-cpu 100 python benchmarks/bench_kinds.py --data "$DATA" --kinds mlp,cnn --seeds 0 --device cpu \
     --out "$WORK/kinds-cpu"
 rm -rf "$WORK"

@@ -583,6 +583,9 @@ def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
     if not layers and t.flag("logits") is False:
         raise t.error("layers", "is empty and logits = false, so the judge would read nothing",
                       "list taps, or drop logits = false (layers = [] reads the logits only)")
+    for key in ("where", "pool"):
+        if not layers and key in t.data:
+            raise t.error(key, "is for taps, and layers = [] reads none", f"remove {key}, or list taps in layers")
     folds = t.data.get("folds", DEFAULT_FOLDS)
     if not _is_int(folds) or not 2 <= folds <= 20:
         raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
@@ -613,4 +616,5 @@ def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
                           f"and give the layers as indices")
     if len(set(layers)) < len(layers):
         raise ConfigError(f"{origin}: {table} layers: lists a tap more than once; list each tap once")
-    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": wheres.pop() if wheres else spec.where})
+    where = wheres.pop() if wheres else spec.where
+    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": where})

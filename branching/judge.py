@@ -69,6 +69,7 @@ class Judge:
         self.model = model
         self.node = meta["judges"]
         self.reads = [tuple(r) for r in meta["reads"]]
+        self.tap_widths = meta.get("tap_widths")  # recorded at training (absent in older judges)
         self.use_logits = bool(meta["logits"])
         self.mean = np.asarray(meta["feature_mean"], dtype=np.float32)
         self.std = np.asarray(meta["feature_std"], dtype=np.float32)
@@ -92,11 +93,11 @@ class Judge:
         self._blocks: dict[tuple, list[torch.Tensor]] = {}
 
     def probability_of(self, taps: list[np.ndarray], logits) -> np.ndarray:
-        """P(right) from the judge's taps (N, width each) and the node's raw logits: the arithmetic of
-        `inputs` then the MLP, without building the inputs. The first layer is a sum of one product per
-        part (no copy of wide taps); the softmax is taken of the sorted logits (the same values in the
-        same order as sorting the softmax), ascending, against rows stored reversed. Few operations: one
-        image at a time, their count is the cost."""
+        """P(right) from the judge's taps (N, width each) and the node's raw logits: `inputs` then the MLP.
+        A folded judge (standardisation folded into its first layer) does not build the inputs: its first
+        layer is a sum of one product per part (no copy of wide taps), and the softmax is taken of the
+        ascending-sorted logits (the same values as the sorted softmax) against its rows stored reversed.
+        Few operations: one image at a time, their count is the cost."""
         if not self.folded:
             parts = [(inputs(taps, logits, self.use_logits) - self.mean) / self.std]
         else:
@@ -119,10 +120,15 @@ class Judge:
         return scipy.special.expit(a.numpy()[:, 0])
 
     def _layout(self, widths: tuple) -> list[torch.Tensor]:
-        """The first layer's rows cut into one block per input part (the sorted softmax's reversed)."""
+        """The first layer's rows cut into one block per input part (a folded judge's sorted softmax
+        block reversed: it is given ascending)."""
         w = self.weights[0][0]
-        if sum(widths) != w.shape[0]:
-            raise ValueError(f"judge of {self.node!r} takes {w.shape[0]} inputs; got parts of widths {widths}")
+        parts = 1 if not self.folded else len(self.reads) + 2 * self.use_logits
+        taps_ok = not self.folded or self.tap_widths is None or list(widths[:len(self.reads)]) == self.tap_widths
+        if not (sum(widths) == w.shape[0] and len(widths) == parts and taps_ok
+                and (not (self.folded and self.use_logits) or widths[-1] == widths[-2])):
+            raise ValueError(f"judge of {self.node!r} takes {w.shape[0]} inputs from {len(self.reads)} taps"
+                             f"{' and the logits' if self.use_logits else ''}; got parts of widths {widths}")
         ends = np.cumsum(widths)
         blocks = [w[end - width:end].contiguous() for width, end in zip(widths, ends)]
         if self.use_logits and self.folded:

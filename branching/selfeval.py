@@ -189,7 +189,8 @@ def fit_judge(name: str, spec, judge_reads: list[tuple], taps: list[np.ndarray],
                         seed=seed, progress=progress, desc=f"{name} judge", **JUDGE_FIT)
     model.freeze()
     model.meta = {"kind": "selfeval", "judges": name, "reads": [list(r) for r in judge_reads], "logits": spec.logits,
-                  "feature_mean": mean, "feature_std": std, "seed": seed, "history": history}
+                  "tap_widths": [int(t.shape[1]) for t in taps], "feature_mean": mean, "feature_std": std,
+                  "seed": seed, "history": history}
     return model
 
 

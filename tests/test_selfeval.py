@@ -80,6 +80,7 @@ hidden = [6]
     ('[branches.mammals.selfeval]\nlayer = 0\nlayers = [1]\n', "layers: contradicts layer"),
     ('[branches.mammals.selfeval]\nfolds = 1\n', "folds: must be an integer from 2 to 20"),
     ('[branches.mammals.selfeval]\nlayers = []\nlogits = false\n', "the judge would read nothing"),
+    ('[branches.mammals.selfeval]\nlayers = []\nwhere = "post"\n', "where: is for taps, and layers = [] reads none"),
 ])
 def test_config_errors_are_one_line(extra, message):
     with pytest.raises(ConfigError) as e:
@@ -92,34 +93,38 @@ def test_a_judge_of_the_logits_only_reads_no_tap():
     assert spec.layers == () and spec.logits
 
 
-def _judge_model(widths, hidden, activation, std_scale, seed):
+def _judge_model(widths, hidden, activation, std_scale, use_logits, seed):
     """An untrained judge with random weights and standardisation (std_scale small: one input's std too
     small to fold into the weights)."""
     rng = np.random.default_rng(seed)
     width = sum(widths)
     model = Model([width, *hidden, 2], activation=activation, seed=seed).freeze()
-    model.meta = {"judges": "mammals", "reads": [["parent", i, "pre", "flat"] for i in range(len(widths) - 2)],
-                  "logits": True, "feature_mean": rng.normal(size=width).astype(np.float32),
+    taps = len(widths) - 2 * use_logits
+    model.meta = {"judges": "mammals", "reads": [["parent", i, "pre", "flat"] for i in range(taps)],
+                  "logits": use_logits, "feature_mean": rng.normal(size=width).astype(np.float32),
                   "feature_std": rng.uniform(0.5, 2, size=width).astype(np.float32)}
     model.meta["feature_std"][0] *= std_scale
     return model
 
 
-@pytest.mark.parametrize("hidden, activation, std_scale", [
-    ([7], "relu", 1.0), ([7, 5], "tanh", 1.0), ([], "relu", 1.0), ([7], "relu", 1e-4)])
-@pytest.mark.parametrize("n", [1, 33])
-def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_scale, n):
+@pytest.mark.parametrize("hidden, activation, std_scale, use_logits", [
+    ([7], "relu", 1.0, True), ([7, 5], "tanh", 1.0, True), ([], "relu", 1.0, True), ([7], "relu", 1e-4, True),
+    ([], "relu", 1e-4, True), ([7], "relu", 1.0, False), ([7], "relu", 1e-4, False)])
+@pytest.mark.parametrize("n, dtype", [(1, np.float32), (33, np.float32), (5, np.float64), (0, np.float32)])
+def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_scale, use_logits, n, dtype):
     """The judge's fast arithmetic (folded standardisation, one product per part, ascending sort against
-    reversed rows, one logistic column) against the plain definition in float64 numpy."""
-    widths = (9, 4, 3, 3)  # two taps, then 3 logits and their sorted softmax
-    model = _judge_model(widths, hidden, activation, std_scale, seed=len(hidden) + n)
+    reversed rows, one logistic column) against the plain definition in float64 numpy and scipy."""
+    widths = (9, 4, 3, 3) if use_logits else (9, 4)  # two taps, then 3 logits and their sorted softmax
+    model = _judge_model(widths, hidden, activation, std_scale, use_logits, seed=len(hidden) + n)
     rng = np.random.default_rng(n)
-    taps = [rng.normal(size=(n, w)).astype(np.float32) for w in widths[:2]]
-    logits = (3 * rng.normal(size=(n, 3))).astype(np.float32)
-    x = np.concatenate([*taps, logits], axis=1).astype(np.float64)
-    p = np.exp(x[:, -3:] - x[:, -3:].max(axis=1, keepdims=True))
-    p = -np.sort(-(p / p.sum(axis=1, keepdims=True)), axis=1)  # largest first
-    a = (np.concatenate([x, p], axis=1) - model.meta["feature_mean"]) / model.meta["feature_std"]
+    taps = [rng.normal(size=(n, w)).astype(dtype) for w in (9, 4)]
+    taps[0] = np.asfortranarray(taps[0])  # not C-contiguous
+    logits = (3 * rng.normal(size=(n, 3))).astype(dtype)
+    x = np.concatenate([*taps, logits] if use_logits else taps, axis=1).astype(np.float64)
+    if use_logits:
+        p = scipy.special.softmax(x[:, -3:], axis=1)
+        x = np.concatenate([x, -np.sort(-p, axis=1)], axis=1)  # largest first
+    a = (x - model.meta["feature_mean"]) / model.meta["feature_std"]
     layers = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy())
               for m in model.net if isinstance(m, torch.nn.Linear)]
     for i, (w, b) in enumerate(layers):
@@ -130,6 +135,15 @@ def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_sca
     found = judge.Judge(model).probability_of(taps, logits)
     assert found.dtype == np.float32 and found.shape == (n,)
     np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("widths", [(4, 9), (13,)])
+def test_a_judge_refuses_taps_of_other_widths(widths):
+    model = _judge_model((9, 4, 3, 3), [7], "relu", 1.0, True, seed=0)
+    model.meta["tap_widths"] = [9, 4]  # as training records them
+    taps = [np.zeros((2, w), np.float32) for w in widths]  # the same total width, cut otherwise
+    with pytest.raises(ValueError, match=r"takes 19 inputs from 2 taps and the logits; got parts of widths"):
+        judge.Judge(model).probability_of(taps, np.zeros((2, 3), np.float32))
 
 
 def test_a_bad_selfeval_config_stops_run_before_any_work(tmp_path, capsys, small_data_dir):
@@ -379,7 +393,7 @@ def test_bench_selfeval_times_each_judged_node(tmp_path, extra, judge_mflop):
                         "cifar100-6.toml", "--images", "64", "--single", "3", "--repeats", "1", "--batch-size", "32",
                         *extra], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "parent > mammals" in done.stdout and "largest batched overhead" in done.stdout
+    assert "parent > mammals" in done.stdout and "largest batched" in done.stdout
     # a judge of [512 (+ 12 logits and sorted softmax) -> 64 -> 2]: 2 x (524 x 64 + 64 x 2) FLOPs; of 12 inputs alone
     parent_row = next(line for line in done.stdout.splitlines() if line.startswith("parent "))
     assert parent_row.split()[1] == judge_mflop and "judge alone" in done.stdout
@@ -436,7 +450,7 @@ def test_a_judge_of_the_logits_alone_trains_and_routes_as_the_generic_path(small
         echo=lambda *a: None)
     config, models = load_folder(out / "models")
     found = judge.load_for(models, "mammals")
-    assert found.reads == [] and found.use_logits
+    assert found.reads == [] and found.tap_widths == [] and found.use_logits
     images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)
     X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
     generic = found.score_images(models, X)
