@@ -27,6 +27,12 @@ from .forward import extract, node_inputs, read
 SUFFIX = ".selfeval.pt"
 MIN_STD = 1e-6  # features constant on the training rows are only centred
 MIN_FOLD_STD = 1e-3  # below this, dividing weights by the std loses too much precision
+# A small judge on few rows multiplies with numpy, whose per-operation cost is a fraction of torch's (it
+# dominates one image at a time). numpy's BLAS (OpenBLAS in its wheels) keeps a product on one thread
+# below 9,216 matrix elements (matrix-vector) and 262,144 multiply-adds (matrix-matrix): the limits
+# below stay under both, so torch's thread setting is not bypassed.
+NUMPY_WEIGHTS = 8192   # elements of the judge's largest weight matrix
+NUMPY_PRODUCT = 65536  # rows times the judge's multiply-adds per row
 
 
 def path_of(models_dir, node: str) -> Path:
@@ -90,7 +96,11 @@ class Judge:
         self.weights[-1] = ((w[:, 1:] - w[:, :1]).contiguous(), np.ascontiguousarray(b[1:] - b[:1]))
         self.biases = [torch.from_numpy(b) for _, b in self.weights]
         self.act = model.net[1] if len(linears) > 1 and model.activation != "relu" else None
+        self.macs = sum(w.numel() for w, _ in self.weights)
+        self.numpy_rows = NUMPY_PRODUCT // self.macs if max(w.numel() for w, _ in self.weights) <= NUMPY_WEIGHTS else 0
+        self.numpy_weights = [(w.numpy(), b) for w, b in self.weights[1:]]  # views of the same memory
         self._blocks: dict[tuple, list[torch.Tensor]] = {}
+        self._numpy_blocks: dict[tuple, list[np.ndarray]] = {}
 
     def probability_of(self, taps: list[np.ndarray], logits) -> np.ndarray:
         """P(right) from the judge's taps (N, width each) and the node's raw logits: `inputs` then the MLP.
@@ -111,6 +121,17 @@ class Judge:
                 p /= p.sum(axis=1, keepdims=True)
                 parts += [logits, p]
         blocks = self._blocks.get(widths := tuple(part.shape[1] for part in parts)) or self._layout(widths)
+        if len(parts[0]) <= self.numpy_rows:  # the same products in numpy (see NUMPY_PRODUCT)
+            blocks = self._numpy_blocks[widths]
+            a = parts[0] @ blocks[0]
+            for part, block in zip(parts[1:], blocks[1:]):
+                a += part @ block
+            a += self.weights[0][1]
+            for w, b in self.numpy_weights:
+                a = np.maximum(a, 0, out=a) if self.act is None else self.act(torch.from_numpy(a)).numpy()
+                a = a @ w
+                a += b
+            return scipy.special.expit(a[:, 0])
         a = torch.addmm(self.biases[0], torch.from_numpy(parts[0]), blocks[0])
         for part, block in zip(parts[1:], blocks[1:]):
             a.addmm_(torch.from_numpy(part), block)
@@ -134,6 +155,7 @@ class Judge:
         if self.use_logits and self.folded:
             blocks[-1] = blocks[-1].flip(0).contiguous()
         self._blocks[widths] = blocks
+        self._numpy_blocks[widths] = [block.numpy() for block in blocks]
         return blocks
 
     def score_images(self, models: dict[str, Model], X: np.ndarray, logits=None) -> np.ndarray:

@@ -113,7 +113,8 @@ def _judge_model(widths, hidden, activation, std_scale, use_logits, seed):
 @pytest.mark.parametrize("n, dtype", [(1, np.float32), (33, np.float32), (5, np.float64), (0, np.float32)])
 def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_scale, use_logits, n, dtype):
     """The judge's fast arithmetic (folded standardisation, one product per part, ascending sort against
-    reversed rows, one logistic column) against the plain definition in float64 numpy and scipy."""
+    reversed rows, one logistic column; in torch and in numpy) against the plain definition in float64
+    numpy and scipy."""
     widths = (9, 4, 3, 3) if use_logits else (9, 4)  # two taps, then 3 logits and their sorted softmax
     model = _judge_model(widths, hidden, activation, std_scale, use_logits, seed=len(hidden) + n)
     rng = np.random.default_rng(n)
@@ -132,9 +133,20 @@ def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_sca
         if i < len(hidden):
             a = np.maximum(a, 0) if activation == "relu" else np.tanh(a)
     expected = scipy.special.softmax(a, axis=1)[:, 1]
-    found = judge.Judge(model).probability_of(taps, logits)
-    assert found.dtype == np.float32 and found.shape == (n,)
-    np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-5)
+    found = judge.Judge(model)
+    assert found.numpy_rows > 0  # a judge this small multiplies with numpy on few rows; force each engine:
+    for numpy_rows in (0, 10 ** 9):
+        found.numpy_rows = numpy_rows
+        p = found.probability_of(taps, logits)
+        assert p.dtype == np.float32 and p.shape == (n,)
+        np.testing.assert_allclose(p, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_only_a_small_judge_on_few_rows_multiplies_with_numpy():
+    small = judge.Judge(_judge_model((9, 4, 3, 3), [7], "relu", 1.0, True, seed=0))
+    assert small.numpy_rows == judge.NUMPY_PRODUCT // (19 * 7 + 7)
+    wide = judge.Judge(_judge_model((1024, 512, 6, 6), [64], "relu", 1.0, True, seed=0))
+    assert wide.numpy_rows == 0  # 1548 x 64 weights: numpy's BLAS could use threads torch was told not to
 
 
 @pytest.mark.parametrize("widths", [(4, 9), (13,)])
