@@ -51,15 +51,23 @@ def judge_reads(models: dict[str, Model], node: str, spec, default_where: str = 
 
 
 def inputs(taps: list[np.ndarray], logits, use_logits: bool) -> np.ndarray:
-    """A judge's input rows: the taps side by side, then (use_logits) the logits and the sorted softmax."""
+    """A judge's input rows: the taps side by side, then (use_logits) the logits and the softmax sorted
+    from the largest."""
     parts = [np.asarray(t, dtype=np.float32) for t in taps]
     if use_logits:
-        logits = np.asarray(logits, dtype=np.float32)
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        p.sort(axis=1)
-        parts += [logits, p[:, ::-1]]
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        parts += [logits, ascending_softmax(logits)[:, ::-1]]
     return np.concatenate(parts, axis=1)
+
+
+def ascending_softmax(logits: np.ndarray) -> np.ndarray:
+    """The softmax of float32 logits (N, K), each row sorted ascending: the softmax of the sorted logits,
+    whose largest is the last (the same values as sorting the softmax, in fewer operations)."""
+    p = np.sort(logits, axis=1)
+    p -= p[:, -1:]
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
 
 
 def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,11 +123,7 @@ class Judge:
                      for t in taps]
             if self.use_logits:
                 logits = np.ascontiguousarray(logits, dtype=np.float32)
-                p = np.sort(logits, axis=1)
-                p -= p[:, -1:]
-                np.exp(p, out=p)
-                p /= p.sum(axis=1, keepdims=True)
-                parts += [logits, p]
+                parts += [logits, ascending_softmax(logits)]
         blocks = self._blocks.get(widths := tuple(part.shape[1] for part in parts)) or self._layout(widths)
         if len(parts[0]) <= self.numpy_rows:  # the same products in numpy (see NUMPY_PRODUCT)
             blocks = self._numpy_blocks[widths]
