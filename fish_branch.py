@@ -2,7 +2,7 @@
 any branch of --config with --branch NAME (models/NAMEnet_2.pt)."""
 import sys
 
-from branching.cli import train_script
+from branching.cli.main import train_script
 
 if __name__ == "__main__":
     sys.exit(train_script("fish"))

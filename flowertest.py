@@ -2,7 +2,7 @@
 --config with --branch NAME."""
 import sys
 
-from branching.cli import test_script
+from branching.cli.main import test_script
 
 if __name__ == "__main__":
     sys.exit(test_script("flower"))

@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import torchly
-from branching import cost
-from branching.checkpoint import load_folder
-from branching.config import load_config
-from branching.data import load_split
+from branching.acceptance.stats import sample_summary, wilson_interval
+from branching.config.parse import load_config
+from branching.config.recipes import get_recipe
+from branching.data.cifar import load_split
 from branching.fileio import write_json
-from branching.pipeline import run
-from branching.recipes import get_recipe
-from branching.routing import TreePredictor
-from branching.stats import sample_summary, wilson_interval
+from branching.models.device import resolve_device
 from branching.tables import MARKDOWN, interval, mean_std, table
+from branching.train.run import run
+from branching.tree import cost
+from branching.tree.checkpoint import load_folder
+from branching.tree.routing import TreePredictor
 
 CONFIGS = {"mlp": "configs/cifar100-6.toml", "cnn": "configs/cifar100-6-cnn.toml", "vit": "configs/cifar100-6-vit.toml"}
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--summarize", action="store_true", help="train nothing: summarise the runs already in --out")
     args = p.parse_args(argv)
     seeds, kinds = [int(s) for s in args.seeds.split(",")], args.kinds.split(",")
-    device = torchly.use_device(args.device)
+    device = resolve_device(args.device)
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for seed in seeds:
         for kind in kinds:
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             if not args.summarize:
                 print(f"-- {kind}, seed {seed} ({device})", file=sys.stderr, flush=True)
                 run(load_config(REPO / CONFIGS[kind]), args.data, folder, get_recipe("default", args.max_epochs),
-                    seed=seed, progress=False, report=False, echo=lambda _: None)
+                    seed=seed, progress=False, report=False, echo=lambda _: None, device=device)
             if (folder / "metrics.json").is_file():
                 results[kind].append(measure(folder, args.data))
 

@@ -14,12 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-from branching.config import load_config
+from branching.acceptance.stats import sample_summary
+from branching.config.parse import load_config
+from branching.config.recipes import get_recipe
 from branching.fileio import write_json
-from branching.pipeline import run
-from branching.recipes import get_recipe
-from branching.stats import sample_summary
 from branching.tables import MARKDOWN, mean_std, table
+from branching.train.run import run
 
 
 def main(argv=None) -> int:

@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchly import Model
-
-from branching import judge
-from branching.checkpoint import load_folder
-from branching.config import SelfEvalSpec, TreeConfig, load_config
-from branching.data import load_split
-from branching.forward import extract, node_inputs
-from branching.routing import TreePredictor
-from branching.speed import random_tree, seconds_per_call
+from branching.config.parse import load_config
+from branching.config.tree import SelfEvalSpec, TreeConfig
+from branching.data.cifar import load_split
+from branching.models.forward import extract, node_inputs
+from branching.models.model import Model
+from branching.tree import judge
+from branching.tree.checkpoint import load_folder
+from branching.tree.routing import TreePredictor
+from branching.tree.speed import random_tree, seconds_per_call
 
 TARGET_OVERHEAD = 0.05
 

@@ -60,11 +60,12 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from branching import cli
-    from branching.config import load_config
-    from branching.forward import extract
-    from branching.pipeline import load_tree_data, train_parent
-    from branching.recipes import get_recipe
+    from branching.cli import main as cli
+    from branching.config.parse import load_config
+    from branching.config.recipes import get_recipe
+    from branching.data.tree_data import load_tree_data
+    from branching.models.forward import extract
+    from branching.train.nodes import train_parent
 
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}, "

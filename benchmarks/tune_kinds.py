@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from branching.config import load_config
+from branching.config.parse import load_config
+from branching.config.recipes import get_recipe
+from branching.data.normalization import Normalizer
+from branching.data.tree_data import load_tree_data
 from branching.fileio import write_json
-from branching.normalization import Normalizer
-from branching.pipeline import load_tree_data, train_parent
-from branching.recipes import get_recipe
 from branching.tables import MARKDOWN, table
+from branching.train.nodes import train_parent
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"epochs": int, "batch_size": int, "crop": int, "lr": float, "weight_decay": float, "dropout": float,

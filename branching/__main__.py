@@ -1,6 +1,6 @@
 """`python -m branching`: the same command line as the installed `branching`."""
 import sys
 
-from .cli import main
+from branching.cli.main import main
 
 sys.exit(main())

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from branching.errors import OutputError
 
 __all__ = ["atomic_path", "check_new_file", "new_file_mode", "staged_dir", "write_bytes", "write_csv",
            "write_json", "write_text"]

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from branching.config import parse_config
-from branching.pipeline import load_tree_data
-from branching.probe import train_sources
-from branching.recipes import get_recipe
-from reference import (ORIGINAL_CLASSES, REPO_ROOT, SMALL_TREE, SMALL_TREE_CLASSES, SMALL_TREE_N_TEST,
-                       SMALL_TREE_N_TRAIN)
+from reference import ORIGINAL_CLASSES, REPO_ROOT, SMALL_TREE, SMALL_TREE_CLASSES, SMALL_TREE_N_TEST, SMALL_TREE_N_TRAIN
 from synthetic import make_synthetic
+
+from branching.config.parse import parse_config
+from branching.config.recipes import get_recipe
+from branching.data.tree_data import load_tree_data
+from branching.studies.probe import train_sources
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from branching.data import COARSE_LABEL_NAMES, COARSE_OF_FINE, FINE_LABEL_NAMES, N_PIXELS, resolve_classes
+from branching.data.cifar import COARSE_LABEL_NAMES, COARSE_OF_FINE, FINE_LABEL_NAMES, N_PIXELS, resolve_classes
 from branching.errors import DataError
 from branching.fileio import write_bytes
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import scipy.special
 
-from branching.acceptance import Acceptance
-from branching.config import parse_config
-from branching.recipes import get_recipe
+from branching.acceptance.rule import Acceptance
+from branching.config.parse import parse_config
+from branching.config.recipes import get_recipe
 
 TREE = '[parent]\nclasses = ["a", "b", "c"]\n[branches.x]\nclasses = ["a", "b"]\n'
 

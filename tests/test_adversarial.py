@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from branching import cli, pipeline
-from branching.data import load_label_names
-from branching.download import ensure_cifar100
-from branching.errors import DataError
-from branching.predict import MAX_PIXELS, load_image
-from torchly import FORMAT, Model
-
 from reference import REPO_ROOT, SMALL_TREE
 from synthetic import make_synthetic, write_meta
+
+from branching.cli import main as cli
+from branching.data.cifar import load_label_names
+from branching.data.download import ensure_cifar100
+from branching.errors import DataError
+from branching.models.model import FORMAT, Model
+from branching.train import run as pipeline
+from branching.data.images import MAX_PIXELS, load_image
 
 OTHER_TREE = """
 parent = { classes = ["beaver", "whale", "wolf", "sunflower"], hidden = [16, 8] }
@@ -130,7 +130,7 @@ def test_an_interrupted_rerun_leaves_out_as_it_was(workspace, monkeypatch, capsy
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    import branching.compare as compare
+    import branching.studies.compare as compare
     target = (compare, "write_outputs") if command == "compare" else (pipeline, "evaluate_tree")
     real = getattr(*target)
     monkeypatch.setattr(*target, interrupt_late)

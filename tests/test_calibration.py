@@ -7,7 +7,7 @@ import torch
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, log_loss
 
-from branching import calibration
+from branching.acceptance import calibration
 
 
 def random_logits(n=400, k=4, scale=2.0, seed=0, true_temperature=1.5):

@@ -5,22 +5,32 @@ import json
 import numpy as np
 import pytest
 import torch
+from reference import SMALL_TREE as TREE
+from reference import SMALL_TREE_CLASSES as CLASSES
+from reference import SMALL_TREE_N_TEST as N_TEST
 from scipy import stats as scipy_stats
 
-from branching import cost
-from branching.baselines import (EndToEnd, Outcome, Recipes, count_parameters, restricted_logits, run_branch,
-                                 run_finetune, run_parent_head, unrestricted_logits)
-from branching.cli import main
-from branching.compare import compare_seed, make_context, score
-from branching.compare_report import paired_delta, summarise
-from branching.acceptance import Acceptance
-from branching.forward import node_inputs
-from branching.pipeline import parent_normalizer, train_branch
-from branching.recipes import get_recipe
-from branching.stats import bootstrap_interval, t_interval
-from torchly import Model
-
-from reference import SMALL_TREE as TREE, SMALL_TREE_CLASSES as CLASSES, SMALL_TREE_N_TEST as N_TEST
+from branching.acceptance.rule import Acceptance
+from branching.acceptance.stats import bootstrap_interval, t_interval
+from branching.cli.main import main
+from branching.config.recipes import get_recipe
+from branching.models.forward import node_inputs
+from branching.models.model import Model
+from branching.reports.compare import paired_delta, summarise
+from branching.studies.baselines import (
+    EndToEnd,
+    Outcome,
+    Recipes,
+    count_parameters,
+    restricted_logits,
+    run_branch,
+    run_finetune,
+    run_parent_head,
+    unrestricted_logits,
+)
+from branching.studies.compare import compare_seed, make_context, score
+from branching.train.nodes import parent_normalizer, train_branch
+from branching.tree import cost
 
 
 def lin(a, b):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from branching.config import (DEFAULT_CONFIG, Acceptance, NodeSpec, TreeConfig, dump_toml,
-                              load_config, parse_config)
+from branching.config.parse import config_from_dict, load_config, parse_config
+from branching.config.tree import DEFAULT_CONFIG, Acceptance, NodeSpec, dump_toml
 from branching.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -145,7 +145,7 @@ def test_unknown_node():
 def test_to_dict_round_trip(name):
     cfg = load_config(CONFIGS / name)
     d = json.loads(json.dumps(cfg.to_dict()))
-    back = TreeConfig.from_dict(d)
+    back = config_from_dict(d)
     assert back == cfg and list(back.branches) == list(cfg.branches)
 
 
@@ -157,7 +157,7 @@ def test_round_trips_with_every_option(tmp_path):
                             'temperature = 1.5')
             + branch("z", 'classes = ["b", "c"]\nfrom = "y-1"\nhidden = []\nlayer = 0'))
     cfg = parse_config(text)
-    assert TreeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert parse_config(dump_toml(cfg)) == cfg
     file = tmp_path / "dumped.toml"
     file.write_text(dump_toml(cfg))
@@ -282,4 +282,4 @@ def test_from_dict_validates():
     d = parse_config(ORIGINAL).to_dict()
     d["branches"]["fish"]["layer"] = 5
     with pytest.raises(ConfigError, match=r"\[branches.fish\] layer"):
-        TreeConfig.from_dict(d)
+        config_from_dict(d)

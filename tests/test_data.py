@@ -7,9 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+from synthetic import make_synthetic, write_meta, write_split
 
-from branching import download
-from branching.data import (
+from branching.data import download
+from branching.data.cifar import (
     COARSE_LABEL_NAMES,
     COARSE_OF_FINE,
     FINE_LABEL_NAMES,
@@ -20,10 +21,8 @@ from branching.data import (
     safe_load,
     select,
 )
+from branching.data.normalization import Normalizer
 from branching.errors import DataError
-from branching.normalization import Normalizer
-
-from synthetic import make_synthetic, write_meta, write_split
 
 ORIGINAL_CLASSES = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"]
 REAL_COUNTS = {"beaver": 4, "forest": 33, "oak_tree": 52, "sunflower": 82, "whale": 95, "wolf": 97}

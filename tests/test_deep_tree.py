@@ -7,19 +7,20 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-
-from branching.checkpoint import ModelStore
-from branching.cli import main
-from branching.config import parse_config
-from branching.data import load_label_names, load_split
-from branching.errors import CheckpointError
-from branching.pipeline import load_tree_data, run, train_branch
-from branching.predict import load_image
-from branching.recipes import get_recipe
-from branching.routing import TreePredictor
-
 from reference import DEEP_TREE, DEEP_TREE_CLASSES
 from synthetic import make_synthetic
+
+from branching.cli.main import main
+from branching.config.parse import parse_config
+from branching.config.recipes import get_recipe
+from branching.data.cifar import load_label_names, load_split
+from branching.data.tree_data import load_tree_data
+from branching.errors import CheckpointError
+from branching.train.nodes import train_branch
+from branching.train.run import run
+from branching.tree.checkpoint import ModelStore
+from branching.data.images import load_image
+from branching.tree.routing import TreePredictor
 
 
 @pytest.fixture(scope="module")

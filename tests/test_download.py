@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from branching import download
-from branching.data import load_label_names, load_split
-from branching.download import ensure_cifar100
+from branching.data import download
+from branching.data.cifar import load_label_names, load_split
+from branching.data.download import ensure_cifar100
 from branching.errors import DataError
 
 ARCHIVE = "cifar-100-python.tar.gz"

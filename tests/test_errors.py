@@ -1,7 +1,7 @@
 """Bad input through `python -m branching run` and the scripts: exit status 2, one line on stderr
 starting with "error:", no traceback, and nothing written.
 
-Each case runs in-process through the entry point the command calls (branching.cli's main, train_script
+Each case runs in-process through the entry point the command calls (branching.cli.main's main, train_script
 or test_script); a few also run as real subprocesses, so that `python -m branching` and the script files
 themselves are covered down to the exit status."""
 
@@ -10,12 +10,11 @@ import shutil
 
 import numpy as np
 import pytest
-
-from branching import cli  # not `import test_script`: pytest would collect it as a test
-from branching.checkpoint import ModelStore
-from torchly import Model
-
 from reference import ORIGINAL_CLASSES, REPO_ROOT, run_command, script
+
+from branching.cli import main as cli  # not `import test_script`: pytest would collect it as a test
+from branching.models.model import Model
+from branching.tree.checkpoint import ModelStore
 
 ORIGINAL_TOML = (REPO_ROOT / "configs" / "original.toml").read_text()
 
@@ -43,7 +42,7 @@ def parent_only(root):
 
 
 # What runs each command in-process: `python -m branching run ...` is main(["run", ...]), a script
-# is branching.cli's train_script or test_script for its node.
+# is branching.cli.main's train_script or test_script for its node.
 RUN = "-m branching run"
 IN_PROCESS = {
     RUN: lambda argv: cli.main(["run", *argv]),

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from branching.data import N_PIXELS
-from branching.features import FeatureCache, branch_inputs
-from branching.forward import extract, flip_images, mirror_all, random_flips
-from branching.normalization import Normalizer
-from torchly import Model
+from branching.data.cifar import N_PIXELS
+from branching.data.normalization import Normalizer
+from branching.models.forward import extract, flip_images, mirror_all, random_flips
+from branching.models.model import Model
+from branching.train.features import FeatureCache, branch_inputs
 
 DATA = {"dir": "/somewhere", "train_sha256": "aa", "test_sha256": "bb", "meta_sha256": "cc"}
 
@@ -131,10 +131,12 @@ def test_run_with_a_cache_reuses_it_on_the_same_parent(tmp_path, flip, monkeypat
     """Two branch trainings on the same parent: the second reuses the first's activations."""
     from dataclasses import replace
 
-    from branching.config import parse_config
-    from branching.pipeline import load_tree_data, train_branch, train_parent
-    from branching.recipes import get_recipe
     from synthetic import make_synthetic
+
+    from branching.config.parse import parse_config
+    from branching.config.recipes import get_recipe
+    from branching.data.tree_data import load_tree_data
+    from branching.train.nodes import train_branch, train_parent
 
     data_dir = make_synthetic(tmp_path / "data", ["beaver", "whale", "wolf", "sunflower"], n_train=20, n_test=5)
     config = parse_config('[parent]\nclasses = ["beaver", "whale", "wolf", "sunflower"]\nhidden = [32, 16]\n'
@@ -145,7 +147,7 @@ def test_run_with_a_cache_reuses_it_on_the_same_parent(tmp_path, flip, monkeypat
     parent, meta, _ = train_parent(config, data, recipe, 0, progress=False)
     parent.meta = meta
     logged = []
-    monkeypatch.setattr("branching.pipeline.log", logged.append)
+    monkeypatch.setattr("branching.train.nodes.log", logged.append)
     for _ in range(2):
         train_branch(config, "animals", {"parent": parent}, data, recipe, 0, progress=False, cache_dir=tmp_path / "c")
     cache_lines = [m for m in logged if m.startswith("feature cache")]

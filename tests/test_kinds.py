@@ -7,16 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from branching import cli, pipeline
-from branching.checkpoint import load_folder
-from branching.config import parse_config
-from branching.forward import augment_transform, node_inputs, random_crops
-from branching.normalization import Normalizer
-from branching.routing import TreePredictor
-from torchly import Model
-
 from reference import REPO_ROOT
+
+from branching.cli import main as cli
+from branching.config.parse import parse_config
+from branching.data.normalization import Normalizer
+from branching.models.forward import augment_transform, node_inputs, random_crops
+from branching.models.model import Model
+from branching.train import run as pipeline
+from branching.train.nodes import parent_normalizer
+from branching.tree.checkpoint import load_folder
+from branching.tree.routing import TreePredictor
 
 CLASSES = ["beaver", "whale", "wolf", "sunflower"]
 PARENTS = {
@@ -61,7 +62,7 @@ def test_the_routed_tree_agrees_with_a_dense_reference(trained):
     config, models = load_folder(root / "out")
     images = np.load(data_dir / "test", allow_pickle=True, encoding="bytes")[b"data"]
     result = TreePredictor(config, models).predict(images, batch_size=7)
-    X = pipeline.parent_normalizer(models["parent"]).transform(images)
+    X = parent_normalizer(models["parent"]).transform(images)
     # the reference: every node's softmax from its own input, the routing decided here by hand
     probs = {name: torch.softmax(torch.from_numpy(models[name].logits(node_inputs(models, name, X)))
                                  / models[name].meta["acceptance"]["temperature"], dim=1).numpy()
@@ -138,7 +139,7 @@ def test_bad_kinds_taps_pools_and_keys_are_config_errors(text, expected, tmp_pat
 
 
 def test_the_original_recipe_is_for_mlp_parents_only(tmp_path, small_data_dir, capsys, monkeypatch):
-    import branching.compare as compare
+    import branching.studies.compare as compare
 
     monkeypatch.setattr(pipeline, "load_tree_data", lambda *a, **k: pytest.fail("data read before the check"))
     monkeypatch.setattr(compare, "load_tree_data", lambda *a, **k: pytest.fail("data read before the check"))

@@ -4,15 +4,15 @@ import json
 
 import numpy as np
 import pytest
-
-from branching import cli
-from branching.config import parse_config
-from branching.errors import ConfigError
-from branching.kshot import kshot_mask, parse_kshot
-from branching.pipeline import held_out_rows, load_tree_data, train_branch, train_parent
-from branching.recipes import get_recipe
-
 from reference import read_split
+
+from branching.cli import main as cli
+from branching.config.parse import parse_config
+from branching.config.recipes import get_recipe
+from branching.data.tree_data import load_tree_data
+from branching.errors import ConfigError
+from branching.studies.kshot import kshot_mask, parse_kshot
+from branching.train.nodes import held_out_rows, train_branch, train_parent
 
 TREE = """
 parent = { classes = ["beaver", "whale"], hidden = [16, 8] }

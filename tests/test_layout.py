@@ -1,4 +1,5 @@
-"""The package's layout: no module imports, directly or through others, a module that imports it back."""
+"""The package's layout: no module imports, directly or through others, a module that imports it back; each
+subpackage imports only those below it (the order its __init__ states); no module is past the size guide."""
 
 import ast
 from pathlib import Path
@@ -24,10 +25,28 @@ def imports_of(path: Path, name: str) -> set[str]:
     return found
 
 
+# lowest first: a subpackage may import those before it, never those after; "base" is the package's own
+# top-level modules (errors, fileio, tables, console)
+LAYERS = ("base", "models", "acceptance", "data", "config", "reports", "tree", "train", "studies", "cli")
+MAX_LINES = 400
+
+
+def module_paths() -> dict[str, Path]:
+    paths = {}
+    for p in (REPO_ROOT / PACKAGE).rglob("*.py"):
+        parts = p.relative_to(REPO_ROOT).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return paths
+
+
 def project_graph() -> dict[str, set[str]]:
-    paths = {"torchly": REPO_ROOT / "torchly.py"}
-    paths.update({f"{PACKAGE}.{p.stem}": p for p in (REPO_ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"})
+    paths = {"torchly": REPO_ROOT / "torchly.py", **module_paths()}
     return {name: {m for m in imports_of(path, name) if m in paths and m != name} for name, path in paths.items()}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "base"
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -68,5 +87,32 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_module_imports_one_that_imports_it_back():
     graph = project_graph()
-    assert "branching.pipeline" in graph and "torchly" in graph["branching.pipeline"]
+    assert "branching.train.run" in graph and "branching.tree.routing" in graph["branching.train.run"]
     assert cycles(graph) == []
+
+
+def test_each_subpackage_imports_only_those_below_it():
+    assert layer("branching.tree.routing") == "tree" and layer("branching.fileio") == "base"
+    assert layer("branching.models") == "models"
+    wrong = []
+    for name, imported in project_graph().items():
+        if not name.startswith(PACKAGE + ".") or name == "branching.__main__":
+            continue
+        for other in imported:
+            if other.startswith(PACKAGE) and LAYERS.index(layer(other)) > LAYERS.index(layer(name)):
+                wrong.append(f"{name} ({layer(name)}) imports {other} ({layer(other)})")
+    assert wrong == []
+
+
+def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
+    for name in LAYERS[1:]:
+        doc = ast.get_docstring(ast.parse((REPO_ROOT / PACKAGE / name / "__init__.py").read_text()))
+        assert doc and "Imports:" in doc, name
+        allowed = doc.split("Imports:")[1]
+        for higher in LAYERS[LAYERS.index(name) + 1:]:
+            assert f" {higher}" not in allowed.replace("but cli", ""), (name, higher)
+
+
+def test_no_module_is_past_the_size_guide():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in module_paths().items()}
+    assert len(sizes) > 40 and max(sizes.values()) <= MAX_LINES, max(sizes.items(), key=lambda kv: kv[1])

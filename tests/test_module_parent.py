@@ -7,17 +7,21 @@ import json
 
 import numpy as np
 import pytest
+import tiny_backbone
 import torch
 import torch.nn.functional as F
 
-import tiny_backbone
-from branching import cli, module_parent, pipeline
-from branching.checkpoint import load_folder
-from branching.config import TreeConfig, dump_toml, parse_config
+from branching.cli import main as cli
+from branching.config.parse import config_from_dict, parse_config
+from branching.config.tree import dump_toml
+from branching.data.tree_data import load_tree_data
 from branching.errors import ConfigError
-from branching.forward import node_inputs
-from branching.routing import TreePredictor
-from torchly import Model
+from branching.models import module_parent
+from branching.models.forward import node_inputs
+from branching.models.model import Model
+from branching.train.nodes import parent_normalizer, train_parent
+from branching.tree.checkpoint import load_folder
+from branching.tree.routing import TreePredictor
 
 pytestmark = pytest.mark.usefixtures("single_thread", "trusted")
 
@@ -124,7 +128,7 @@ def test_stop_early_does_not_run_the_modules_after_the_deepest_tap(weights):
 
 
 def test_a_module_that_cannot_run_on_the_meta_device_is_described_on_zeros(weights):
-    from branching import module_parent
+    from branching.models import module_parent
 
     with pytest.raises(Exception):
         with torch.device("meta"):
@@ -181,7 +185,7 @@ def test_the_branch_reads_the_module_at_its_tap(headless, weights):
     root, data_dir = headless
     config, models = load_folder(root / "out")
     images = np.load(data_dir / "test", allow_pickle=True, encoding="bytes")[b"data"][:12]
-    X = pipeline.parent_normalizer(models["parent"]).transform(images)
+    X = parent_normalizer(models["parent"]).transform(images)
     channels = images.reshape(len(images), 3, -1).astype(np.float64)
     train = np.load(data_dir / "train", allow_pickle=True, encoding="bytes")
     rows = models["parent"].meta["train_rows"].numpy()
@@ -206,7 +210,7 @@ def test_predict_goes_to_the_only_branch_of_a_parent_without_a_head(headless, ca
     config, models = load_folder(root / "out")
     images = np.load(data_dir / "test", allow_pickle=True, encoding="bytes")[b"data"]
     result = TreePredictor(config, models).predict(images, batch_size=7)
-    X = pipeline.parent_normalizer(models["parent"]).transform(images)
+    X = parent_normalizer(models["parent"]).transform(images)
     probs = {name: torch.softmax(torch.from_numpy(models[name].logits(node_inputs(models, name, X)))
                                  / models[name].meta["acceptance"]["temperature"], dim=1).numpy()
              for name in ("mammals", "water")}
@@ -250,7 +254,7 @@ def test_with_its_head_the_parent_is_evaluated_and_routes(tmp_path, small_data_d
     meta = np.load(small_data_dir / "meta", allow_pickle=True, encoding="bytes")
     ids = [[n.decode() for n in meta[b"fine_label_names"]].index(c) for c in names]
     y = np.array([ids.index(label) for label in labels])
-    X = pipeline.parent_normalizer(models["parent"]).transform(images)
+    X = parent_normalizer(models["parent"]).transform(images)
     reference = tiny_backbone.build()
     reference.load_state_dict(torch.load(weights, weights_only=True))
     with torch.no_grad():
@@ -316,7 +320,7 @@ def test_changed_weights_change_the_fingerprint_and_predict_refuses_them(tmp_pat
 def test_the_config_round_trips(weights):
     config = parse_config(parent_table(weights, 'input_size = 24\nmean = [0.5, 0.4, 0.3]\nstd = [0.2, 0.2, 0.25]\n'
                                                 'kwargs = { width = 4 }') + TWO_LEVELS)
-    assert TreeConfig.from_dict(config.to_dict()) == config
+    assert config_from_dict(config.to_dict()) == config
     assert parse_config(dump_toml(config)) == config
     shape = config.parent.shape_dict
     assert shape["mean"] == [0.5, 0.4, 0.3] and shape["kwargs"] == {"width": 4} and shape["input_size"] == 24
@@ -325,9 +329,9 @@ def test_the_config_round_trips(weights):
 def test_given_mean_and_std_are_the_normalisation(tmp_path, small_data_dir, weights):
     text = parent_table(weights, "mean = [0.5, 0.25, 0.75]\nstd = [0.5, 0.125, 0.25]") + TWO_LEVELS
     config = parse_config(text)
-    data = pipeline.load_tree_data(config, small_data_dir)
-    from branching.recipes import get_recipe
-    model, meta, normalizer = pipeline.train_parent(config, data, get_recipe("default", 1), seed=0)
+    data = load_tree_data(config, small_data_dir)
+    from branching.config.recipes import get_recipe
+    model, meta, normalizer = train_parent(config, data, get_recipe("default", 1), seed=0)
     pixels = np.full((1, 3072), 255, np.uint8)
     np.testing.assert_allclose(normalizer.transform(pixels)[0, [0, 1024, 2048]], [1.0, 6.0, 1.0], rtol=1e-6)
     assert len(meta["val_rows"]) == round(0.15 * 160)  # the held-out share branches validate on
@@ -414,8 +418,8 @@ def test_several_seeds_with_a_parent_without_a_head(tmp_path, small_data_dir, we
 
 def test_a_branch_refuses_a_tap_index_that_now_names_another_module(tmp_path, small_data_dir, weights, capsys,
                                                                    monkeypatch):
-    from branching import module_parent
     from branching.errors import CheckpointError
+    from branching.models import module_parent
 
     text = parent_table(weights) + '[branches.mammals]\nclasses = ["beaver", "whale", "wolf"]\nlayer = "layer1.0"\n'
     assert run_tree(tmp_path, small_data_dir, text) == 0
@@ -431,7 +435,7 @@ def test_a_branch_refuses_a_tap_index_that_now_names_another_module(tmp_path, sm
 
 def test_the_size_limit_is_torchlys():
     import torchly
-    from branching import module_parent
+    from branching.models import module_parent
 
     assert module_parent.MAX_PARAMETERS == torchly.MAX_PARAMETERS
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from branching import nets
-from torchly import Model
+from branching.models import nets
+from branching.models.model import Model
 
 SMALL = {"mlp": dict(architecture=[3072, 12, 8, 4]),
          "cnn": dict(architecture=[3072, 4], kind="cnn", shape={"widths": [4, 6, 8], "depth": 2}),

@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-
-from branching import cli
-from branching.checkpoint import load_folder
-from branching.config import parse_config
-from branching.errors import ConfigError
-
 from reference import branch_logits, load_checkpoint, read_split, softmax
+
+from branching.cli import main as cli
+from branching.config.parse import config_from_dict, parse_config
+from branching.errors import ConfigError
+from branching.tree.checkpoint import load_folder
 
 # small_data_dir has beaver, whale, wolf, sunflower; the parent sees two of them
 TREE = """
@@ -122,8 +121,7 @@ def test_siblings_may_share_classes_when_one_is_standalone_and_it_round_trips():
     assert config.standalone("newcomers") and not config.standalone("parent")
     assert list(config.routed().branches) == []
     assert config.classes() == ("beaver", "whale", "wolf", "sunflower")
-    from branching.config import TreeConfig
-    assert TreeConfig.from_dict(config.to_dict()).branches == config.branches
+    assert config_from_dict(config.to_dict()).branches == config.branches
 
 
 def test_predict_branch_routes_from_a_branch_of_new_classes(trained, tmp_path, capsys):
@@ -149,7 +147,7 @@ def test_routing_from_a_branch_below_a_branch_of_new_classes_keeps_its_chain(tra
 
 
 def test_from_an_entry_branch_only_its_classes_count_as_answerable(trained):
-    from branching.routing import TreePredictor
+    from branching.tree.routing import TreePredictor
     root, _ = trained
     assert TreePredictor.load(root / "out", entry="newcomers").answerable == ("wolf", "sunflower")
     assert TreePredictor.load(root / "out").answerable == ("beaver", "whale")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from branching.cli import main
-from branching.probe import fit_linear_probe, held_out_split, probe_layers, recommend
-from torchly import Model
+from branching.cli.main import main
+from branching.models.model import Model
+from branching.studies.probe import fit_linear_probe, held_out_split, probe_layers, recommend
 
 
 def test_one_row_per_layer_and_reading_validated_on_held_out_images(small_config, small_data, small_trained):

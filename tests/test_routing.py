@@ -5,17 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from branching.checkpoint import script_filename
-from branching.config import parse_config
-from branching.data import N_PIXELS
-from branching.errors import ConfigError
-from branching.checkpoint import load_folder
-from branching.normalization import Normalizer
-from branching.routing import TreePredictor
-from torchly import Model
-
 from reference import DEEP_TREE
+
+from branching.config.parse import parse_config
+from branching.data.cifar import N_PIXELS
+from branching.data.normalization import Normalizer
+from branching.errors import ConfigError
+from branching.models.model import Model
+from branching.tree.checkpoint import load_folder, script_filename
+from branching.tree.routing import TreePredictor
 
 HAND_TREE = """
 parent = { classes = ["beaver", "whale", "wolf", "sunflower"], hidden = [2] }
@@ -107,7 +105,7 @@ def test_read_only_and_strided_inputs_give_the_same_answers():
 
 def _random_deep_tree(tmp_path):
     """A three-level tree with random weights, mixed pre/post taps and fitted-looking rules, saved to disk."""
-    from branching.checkpoint import ModelStore
+    from branching.tree.checkpoint import ModelStore
 
     config = parse_config(DEEP_TREE)
     rng = np.random.default_rng(0)
@@ -135,7 +133,7 @@ def _random_deep_tree(tmp_path):
 
 def _reference(config, models, norm, images):
     """Dense, image by image: every node's softmax through torchly, routing decided in numpy."""
-    from branching.forward import node_inputs
+    from branching.models.forward import node_inputs
 
     X = norm.transform(images)
     probs = {}

@@ -6,11 +6,24 @@ import json
 
 import numpy as np
 import pytest
+from reference import (
+    FISH,
+    FLOWER,
+    ORIGINAL_CLASSES,
+    REPO_ROOT,
+    branch_logits,
+    file_mode_ok,
+    forward,
+    linear_layers,
+    load_checkpoint,
+    normalise,
+    read_pickle,
+    read_split,
+    run_command,
+    softmax,
+)
 from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import train_test_split
-
-from reference import (FISH, FLOWER, ORIGINAL_CLASSES, REPO_ROOT, branch_logits, file_mode_ok, forward,
-                       linear_layers, load_checkpoint, normalise, read_pickle, read_split, run_command, softmax)
 
 REAL_CONFIG = REPO_ROOT / "configs" / "cifar100-6.toml"
 ORIGINAL_CONFIG = REPO_ROOT / "configs" / "original.toml"

@@ -7,12 +7,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import (
+    FISH,
+    FLOWER,
+    ORIGINAL_CLASSES,
+    branch_logits,
+    file_mode_ok,
+    forward,
+    linear_layers,
+    load_checkpoint,
+    normalise,
+    parse_report,
+    read_split,
+    run_command,
+    script,
+    softmax,
+)
 from sklearn.metrics import confusion_matrix
-
-from branching import cli  # not `import test_script`: pytest would collect it as a test
-from reference import (FISH, FLOWER, ORIGINAL_CLASSES, branch_logits, file_mode_ok, forward, linear_layers,
-                       load_checkpoint, normalise, parse_report, read_split, run_command, script, softmax)
 from synthetic import make_synthetic
+
+from branching.cli import main as cli  # not `import test_script`: pytest would collect it as a test
 
 TRAINING = ("parent_branch.py", "fish_branch.py", "flower_branch.py")
 TESTING = ("parent_test.py", "fishtest.py", "flowertest.py")

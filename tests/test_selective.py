@@ -8,8 +8,7 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
-from branching import selective, stats
-
+from branching.acceptance import selective, stats
 
 # ---- Wilson intervals and the binomial bound --------------------------------------------------
 

@@ -8,20 +8,23 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
-
-from branching import confidence, judge, selective, selfeval
-from branching.acceptance import Acceptance
-from branching.checkpoint import load_folder
-from branching.cli import main
-from branching.config import Acceptance as AcceptSpec
-from branching.config import parse_config
-from branching.errors import ConfigError
-from branching.normalization import Normalizer
-from branching.pipeline import load_tree_data, run
-from branching.recipes import get_recipe
-from branching.routing import TreePredictor
 from reference import forward, linear_layers, load_checkpoint, read_split
-from torchly import Model
+
+from branching.acceptance import confidence, selective
+from branching.acceptance.rule import Acceptance
+from branching.cli.main import main
+from branching.config.parse import parse_config
+from branching.config.recipes import get_recipe
+from branching.config.tree import Acceptance as AcceptSpec
+from branching.data.normalization import Normalizer
+from branching.data.tree_data import load_tree_data
+from branching.errors import ConfigError
+from branching.models.model import Model
+from branching.train import selfeval
+from branching.train.run import run
+from branching.tree import judge
+from branching.tree.checkpoint import load_folder
+from branching.tree.routing import TreePredictor
 
 JUDGED_TREE = """
 [parent]
@@ -176,7 +179,7 @@ def test_selfeval_table_round_trips_and_msp_files_keep_their_form():
     assert spec.selfeval.layers == (0, 1) and spec.selfeval.where == "post"
     assert spec.accept.score == "energy" and spec.accept.threshold == -2.5
     assert parse_config(BASE).to_dict()["branches"]["mammals"].get("accept") is None
-    again = parse_config(__import__("branching.config", fromlist=["dump_toml"]).dump_toml(config))
+    again = parse_config(__import__("branching.config.tree", fromlist=["dump_toml"]).dump_toml(config))
     assert again.branches["mammals"] == spec
     assert "score" not in Acceptance(rule="threshold", threshold=0.9).to_dict()  # msp nodes: files unchanged
     energy = Acceptance(rule="coverage", threshold=-1.5, score="energy")
@@ -357,7 +360,7 @@ def test_a_missing_or_foreign_judge_is_refused(judged_run, tmp_path):
 # ---- the comparison and the speed benchmark ----------------------------------------------------------
 
 def test_fast_auroc_is_scikit_learns():
-    from branching.selfeval_compare import fast_auroc
+    from branching.studies.selfeval import fast_auroc
     rng = np.random.default_rng(3)
     values = np.round(rng.normal(size=300), 1)
     correct = rng.random(300) < 0.6
@@ -365,7 +368,7 @@ def test_fast_auroc_is_scikit_learns():
 
 
 def test_paired_difference_by_hand():
-    from branching.selfeval_compare import paired_difference
+    from branching.studies.selfeval import paired_difference
     correct = np.array([1, 1, 0, 1, 0, 1], dtype=bool)
     good, bad = correct.astype(float), np.arange(6, dtype=float)  # a perfect ranking and an arbitrary one
     run = {"correct": correct.tolist(), "scores": {
@@ -439,7 +442,7 @@ def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_
     run(parse_config(CNN_JUDGED), small_data_dir, out, get_recipe("default", 1), seed=0, progress=False,
         report=False, echo=lambda *a: None)
     config, models = load_folder(out / "models")
-    from branching import judge
+    from branching.tree import judge
     found = judge.load_for(models, "parent")
     assert [r[1] for r in found.reads] == [0, 1] and found.reads[0][3] == "avg"
     images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)

@@ -4,16 +4,22 @@ import sys
 
 import numpy as np
 import pytest
-
-from branching.config import parse_config
-from branching.data import N_PIXELS
-from branching.forward import node_inputs
-from branching.normalization import Normalizer
-from branching.routing import TreePredictor
-from branching.speed import (batched_extraction, chain_flops, chain_models, original_style, peak_memory, random_tree,
-                             routed_shapes)
-
 from reference import DEEP_TREE
+
+from branching.config.parse import parse_config
+from branching.data.cifar import N_PIXELS
+from branching.data.normalization import Normalizer
+from branching.models.forward import node_inputs
+from branching.tree.routing import TreePredictor
+from branching.tree.speed import (
+    batched_extraction,
+    chain_flops,
+    chain_models,
+    original_style,
+    peak_memory,
+    random_tree,
+    routed_shapes,
+)
 
 CONFIG = parse_config(DEEP_TREE)  # water reads animals layer 0 post, animals reads parent layer 1 pre
 

@@ -7,7 +7,8 @@ import scipy.special
 import torch
 
 import torchly
-from torchly import Model, as_2d_float
+from branching.models.checks import as_2d_float
+from branching.models.model import Model
 
 NUMPY_ACTIVATIONS = {
     "relu": lambda z: np.maximum(z, 0.0),

@@ -12,20 +12,21 @@ import scipy.special
 from PIL import Image
 from sklearn.metrics import brier_score_loss, confusion_matrix, log_loss, precision_recall_fscore_support
 
-from branching import pipeline
-from branching.acceptance import Acceptance, rejects
-from branching.forward import node_inputs
-from branching.checkpoint import ModelStore
-from branching.cli import main
-from branching.config import load_config, parse_config
+from branching.acceptance.metrics import format_report
+from branching.acceptance.rule import Acceptance, rejects
+from branching.acceptance.scores import recompute_selective
+from branching.cli.main import main
+from branching.config.parse import load_config, parse_config
+from branching.config.recipes import get_recipe
+from branching.data.tree_data import load_tree_data
 from branching.errors import ConfigError
-from branching.metrics import format_report
-from branching.recipes import get_recipe
-from branching.report import write_seeds_report
-from branching.scores import recompute_selective
-from branching.pipeline import run_seeds
-from branching.seeds import parse_seeds
+from branching.models.forward import node_inputs
+from branching.reports.run import write_seeds_report
+from branching.reports.seeds import parse_seeds
 from branching.tables import HTML, MARKDOWN, interval, mean_std, num, pct, table
+from branching.train.nodes import fit_acceptance, parent_normalizer
+from branching.train.run import run, run_seeds
+from branching.tree.checkpoint import ModelStore
 
 TREE = """
 parent = { classes = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"], hidden = [64, 32] }
@@ -54,7 +55,7 @@ def run_dir(tmp_path_factory, synthetic_c10):
     (root / "tree.toml").write_text(TREE)
     printed = []
     config = load_config(root / "tree.toml")
-    metrics = pipeline.run(config, synthetic_c10, root / "out", get_recipe("default", EPOCHS), seed=0,
+    metrics = run(config, synthetic_c10, root / "out", get_recipe("default", EPOCHS), seed=0,
                            progress=False, echo=printed.append)
     return root / "out", config, metrics, "\n".join(printed)
 
@@ -135,13 +136,13 @@ def test_selective_figures_are_recomputable_from_the_csv(run_dir, node):
 def node_logits(out, config, data_dir, node, split, rows=None):
     """Logits of `node` (and of the parent) for its images of a split, through the saved models."""
     models = ModelStore(out / "models").load_tree(config)
-    data = pipeline.load_tree_data(config, data_dir)
+    data = load_tree_data(config, data_dir)
     spec = config.node(node)
     images, labels, file_rows = data.node_rows(split, spec)
     if rows is not None:
         keep = np.isin(file_rows, rows)
         images, labels = images[keep], labels[keep]
-    X = pipeline.parent_normalizer(models["parent"]).transform(images)
+    X = parent_normalizer(models["parent"]).transform(images)
     logits = models[node].logits(node_inputs(models, node, X)).astype(np.float64)
     return logits, labels, models, models["parent"].logits(X).astype(np.float64)
 
@@ -308,10 +309,10 @@ def test_parent_rejects_only_when_configured_and_rules_work_without_validation_i
     fitted = Acceptance.fit(ruled.parent.accept, original, empty, np.zeros(0, dtype=np.int64), rejects=False)
     assert (fitted.temperature, fitted.calibrated, fitted.calibration) == (1.0, False, {"validation_samples": 0})
     assert not fitted.rejects and fitted.accepts(np.array([0.1, 0.9])).all()
-    rule = pipeline.fit_acceptance(ruled.parent, original, empty, np.zeros(0, dtype=np.int64))
+    rule = fit_acceptance(ruled.parent, original, empty, np.zeros(0, dtype=np.int64))
     assert rule.threshold == 0.5 and rule.validation["samples"] == 0
     covered = parse_config(base + '[parent.accept]\nrule = "coverage"\ncoverage = 0.9\n')
-    rule = pipeline.fit_acceptance(covered.parent, original, empty, np.zeros(0, dtype=np.int64))
+    rule = fit_acceptance(covered.parent, original, empty, np.zeros(0, dtype=np.int64))
     assert rule.threshold is None and "no validation images" in rule.reason
     assert not rule.accepts(np.array([0.99, 1.0])).any()
     assert Acceptance.from_dict(rule.to_dict()) == rule

@@ -1,0 +1,146 @@
+"""Command-line plumbing shared by every command: one-line errors, the shared flags, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import signal
+import sys
+import threading
+
+import torch
+
+from branching.config.recipes import RECIPES
+from branching.config.tree import DEFAULT_CONFIG
+from branching.errors import BranchingError
+from branching.models.device import resolve_device
+from branching.reports.seeds import MAX_SEED
+
+
+def guarded(main):
+    """Run main; a BranchingError becomes `error: ...` on stderr and exit status 2, no traceback.
+
+    Usage errors and --help (argparse's SystemExit) become the status they carry, so that main can be
+    called in-process and always returns an int.
+    """
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        previous = _on_sigterm(_terminate)
+        try:
+            return main(*args, **kwargs) or 0
+        except BranchingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except SystemExit as e:  # argparse has already printed the help or the `error: ...` line
+            return e.code if isinstance(e.code, int) else 2
+        except Terminated:
+            print("terminated; nothing was left half-written", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        except KeyboardInterrupt:
+            print("interrupted; nothing was left half-written", file=sys.stderr)
+            return 130
+        finally:
+            _on_sigterm(previous)
+    return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as on Ctrl-C (temporary files removed)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2; flags are
+    never abbreviated (`--max-ep` is an error, not --max-epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+# ---- flags that several commands take --------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 <= seed <= MAX_SEED."""
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
+def device_name(text: str) -> torch.device:
+    """argparse type: auto, cpu, cuda or cuda:N, and it must exist here; the command passes the device to
+    whatever trains a model."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda; got {text!r}")
+    try:
+        return resolve_device(text)
+    except (ValueError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+# Each shared flag is declared here once; `flags` makes parent parsers of them for `parents=[...]`.
+SHARED_FLAGS = {
+    "--config": dict(default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's)"),
+    "--data": dict(default="c10", help="folder with the CIFAR-100 python files train, test, meta"),
+    "--models": dict(default="models", help="folder of the model files"),
+    "--quiet": dict(action="store_true", help="no progress bars"),
+    "--recipe": dict(default="default", choices=sorted(RECIPES),
+                     help="'original' reproduces the original study; 'default' is ours (default)"),
+    "--seed": dict(type=seed_int, default=None, help="seed of the training (default 0)"),
+    "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs (quick runs)"),
+    "--no-download": dict(action="store_true", help="never download CIFAR-100; fail if it is missing"),
+    "--device": dict(type=device_name, default="auto",
+                     help="where models train: auto (CUDA when available, with mixed precision), cpu or cuda; "
+                          "evaluation runs on the CPU (default auto)"),
+}
+TREE = ("--config", "--data", "--quiet")
+TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download", "--device")
+
+
+def flags(*names: str, **help_texts: str) -> ArgumentParser:
+    """A parent parser holding the shared flags `names`, in that order; `seed="..."` (the flag's dest)
+    gives a command its own help text for a flag."""
+    parent = ArgumentParser(add_help=False)
+    for name in names:
+        options = dict(SHARED_FLAGS[name])
+        dest = name.lstrip("-").replace("-", "_")
+        if dest in help_texts:
+            options["help"] = help_texts[dest]
+        parent.add_argument(name, **options)
+    return parent
+
+
+def prog_name() -> str:
+    """How this command was started: `python -m branching` or the installed `branching`."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "python -m branching" if main_spec is not None and main_spec.name == "branching.__main__" else "branching"

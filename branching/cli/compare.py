@@ -1,0 +1,110 @@
+"""Command line of `branching compare` and `branching probe-layers`."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from branching.cli.args import TREE, flags
+from branching.config.parse import load_config
+from branching.errors import CheckpointError, ConfigError
+
+
+def add_parsers(sub) -> None:
+    compare = sub.add_parser("compare", parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")],
+                             help="every branch against its baselines and ablations; writes OUT/compare.md, "
+                                  "compare.json, compare.png")
+    compare.add_argument("--out", default="runs/compare", help="output folder")
+    compare.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    compare.add_argument("--original-parent", action="store_true",
+                         help="train a parent with the original recipe for the original-recipe branches "
+                              "(about 9 minutes per seed); default: they use the default-recipe parent")
+    compare.add_argument("--kshot", default=None, metavar="LIST",
+                         help="also train every method on k images per class of each branch, e.g. "
+                              "5,10,25,50,100,all; writes a k-shot table and compare-kshot.png")
+    compare.set_defaults(func=cmd_compare)
+    probe = sub.add_parser("probe-layers",
+                           parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs", "--device",
+                                          seed="seed of the parent trained without --models",
+                                          max_epochs="cap the epochs of that parent")],
+                           help="linear probe on every hidden layer of the parent for each branch's classes; "
+                                "recommends the layer to branch from")
+    probe.add_argument("--models", default=None, metavar="DIR",
+                       help="trained models of a run (OUT/models) or of the scripts (models/); default: "
+                            "train a parent (and any branch that others read) with the default recipe")
+    probe.set_defaults(func=cmd_probe_layers)
+
+
+def cmd_compare(args) -> int:
+    from branching.reports.seeds import parse_seeds
+    from branching.studies.compare import run_compare
+    from branching.studies.kshot import parse_kshot
+
+    seeds = parse_seeds(args.seeds)
+    kshot = parse_kshot(args.kshot) if args.kshot is not None else None
+    config = load_config(args.config)
+    if config.parent.kind == "module":
+        raise ConfigError(f"{config.path}: compare is not built for a module parent (kind = \"module\"): its "
+                          f"baselines train or fine-tune the parent; use run and probe-layers")
+    result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
+                         original_parent=args.original_parent, download=not args.no_download,
+                         progress=not args.quiet, command=_command(args), kshot=kshot, device=args.device)
+    print(Path(args.out, "compare.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'compare.md'}, compare.json, compare.png "
+          f"(total {result['timings']['total_s'] / 60:.1f} min)")
+    return 0
+
+
+def _command(args) -> str:
+    """The command line that reproduces a compare run."""
+    words = ["python", "-m", "branching", "compare", "--config", args.config, "--data", args.data,
+             "--out", args.out, "--seeds", args.seeds]
+    if args.max_epochs is not None:
+        words += ["--max-epochs", str(args.max_epochs)]
+    if args.original_parent:
+        words.append("--original-parent")
+    if args.kshot is not None:
+        words += ["--kshot", args.kshot]
+    words += ["--device", str(args.device)]
+    return shlex.join(words)
+
+
+def _load_models(config, directory):
+    from branching.tree.checkpoint import ModelStore
+
+    directory = Path(directory)
+    if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
+        directory = directory / "models"  # a run folder, as predict takes it
+    store = ModelStore(directory, script_names=not (directory / "parent.pt").exists())
+    sources = ["parent", *sorted({b.source for b in config.branches.values()} - {"parent"})]
+    try:
+        return store.load_tree(config, nodes=sources)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (or leave out --models to train a parent here)") from None
+
+
+def cmd_probe_layers(args) -> int:
+    from branching.config.recipes import get_recipe
+    from branching.data.tree_data import load_tree_data
+    from branching.studies.probe import format_probe_table, run_probe_layers, train_sources
+
+    config = load_config(args.config)
+    if not config.branches:
+        raise ConfigError(f"{config.path}: no branches to probe for")
+    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
+    if args.models is not None:
+        models = _load_models(config, args.models)
+        origin = f"models from {args.models}"
+    else:
+        recipe = get_recipe("default", args.max_epochs)
+        models = train_sources(config, data, recipe, args.seed or 0, progress=not args.quiet, device=args.device)
+        epochs = models["parent"].meta["history"]["epochs_run"]
+        origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
+                  f"{models['parent'].meta['history']['seconds']:.0f} s")
+        if models["parent"].kind == "module":
+            origin = (f"the module parent {models['parent'].shape['module']} loaded here (frozen), its hold-out "
+                      f"drawn with seed {args.seed or 0}")
+    table, best, seconds = run_probe_layers(config, models, data)
+    print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")
+    print(format_probe_table(table, best))
+    return 0

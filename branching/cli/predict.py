@@ -1,0 +1,128 @@
+"""`branching predict`: answer your own PNG/JPEG images, or a CIFAR-format split, with the
+routed tree (or one node). One line per image; `--out FILE.csv|.json` writes the same rows."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from branching.cli.args import positive_int
+from branching.config.parse import load_config
+from branching.data.cifar import load_label_names, load_split
+from branching.data.images import load_images
+from branching.errors import ConfigError
+from branching.fileio import check_new_file, write_csv, write_json
+from branching.tree.checkpoint import load_folder
+from branching.tree.predict import NodePredictor
+from branching.tree.routing import BATCH, TreePredictor
+
+COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at",
+           "rejected_confidence")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
+    p.add_argument("files", nargs="*", metavar="FILE", help="PNG or JPEG images (any size; resized to 32x32 RGB)")
+    p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
+    p.add_argument("--config", default=None, help="tree TOML the models must match (default: the tree the "
+                                                  "model files record)")
+    p.add_argument("--data", default=None, help="CIFAR-100 folder: predict a whole split instead of files")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
+    p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
+    p.add_argument("--branch", default=None, metavar="NAME",
+                   help="send every image straight to this branch instead of routing from the parent (needed for a "
+                        "module parent without a head and several branches)")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH, help=f"images per batch (default {BATCH})")
+    p.add_argument("--node", default=None, metavar="NAME",
+                   help="answer with this node alone, over its own classes (default: the routed tree); the way "
+                        "to ask a branch of new classes, which routing never reaches")
+    p.set_defaults(func=cmd_predict)
+
+
+def load_split_inputs(data_dir, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Every image of a CIFAR-format split: (file names, pixels, true class names)."""
+    data = load_split(data_dir, split)
+    label_names = load_label_names(data_dir)
+    return data.filenames, data.images, [label_names[i] for i in data.fine_labels]
+
+
+def prediction_table(names, predictions, true_classes=None) -> list[dict]:
+    rows = predictions.rows()
+    for i, (name, row) in enumerate(zip(names, rows)):
+        row["input"] = name
+        row["true_class"] = true_classes[i] if true_classes is not None else ""
+        low = float(predictions.rejected_confidence[i])
+        row["rejected_confidence"] = None if np.isnan(low) else low
+    return [{k: row[k] for k in COLUMNS} for row in rows]
+
+
+def format_line(row: dict) -> str:
+    verdict = ("accepted" if row["accepted"] else
+               f"rejected at {row['rejected_at']} (its confidence {row['rejected_confidence']:.4f} is below its threshold)")
+    truth = f"  (true: {row['true_class']})" if row["true_class"] else ""
+    return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}  "
+            f"path {row['path']}  {verdict}{truth}")
+
+
+def write_rows(path, rows: list[dict], errors: list[str]) -> None:
+    if Path(path).suffix == ".json":
+        write_json(path, {"predictions": rows, "errors": errors})
+    else:
+        write_csv(path, rows, COLUMNS)
+
+
+def cmd_predict(args) -> int:
+    if bool(args.files) == bool(args.data):
+        raise ConfigError("pass image files or --data DIR (with --split), not both and not neither")
+    if args.out is not None and Path(args.out).suffix not in (".csv", ".json"):
+        raise ConfigError(f"--out {args.out}: the file name must end in .csv or .json")
+    if args.out is not None:
+        check_new_file(args.out, "--out")
+    config = load_config(args.config) if args.config else None
+    if args.node is not None and args.branch is not None:
+        raise ConfigError("pass --node NAME (that node alone) or --branch NAME (routing from that branch), not both")
+    if args.node is None:
+        predictor = TreePredictor.load(args.models, config, args.branch)
+    else:
+        predictor = NodePredictor(*load_folder(args.models, config), args.node)
+    if args.data:
+        names, pixels, truth = load_split_inputs(args.data, args.split)
+        errors: list[str] = []
+    else:
+        names, pixels, errors = load_images(args.files)
+        truth = None
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    predictions = predictor.predict(pixels, batch_size=args.batch_size)
+    rows = prediction_table(names, predictions, truth)
+    if args.out:
+        write_rows(args.out, rows, errors)
+    try:
+        for row in rows:
+            print(format_line(row))
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: stop printing quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if truth is not None:
+        print(summary_line(rows, predictor.answerable), file=sys.stderr)
+    if errors:
+        print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+def summary_line(rows: list[dict], classes) -> str:
+    """Accuracy and coverage over the images whose true class is one of the tree's."""
+    known = [r for r in rows if r["true_class"] in classes]
+    if not known:
+        return f"none of the {len(rows)} images is of a class of this tree ({', '.join(classes)})"
+    correct = sum(r["predicted_class"] == r["true_class"] for r in known)
+    accepted = [r for r in known if r["accepted"]]
+    right = sum(r["predicted_class"] == r["true_class"] for r in accepted)
+    accepted_acc = f"{100 * right / len(accepted):.2f}%" if accepted else "n/a"
+    return (f"{len(known)} images of the tree's classes: accuracy {100 * correct / len(known):.2f}%, "
+            f"accepted {len(accepted)} ({100 * len(accepted) / len(known):.1f}%), accuracy on accepted "
+            f"{accepted_acc}")

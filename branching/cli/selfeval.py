@@ -1,0 +1,45 @@
+"""Command line of `branching selfeval`."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from branching.acceptance.stats import BOOTSTRAP
+from branching.cli.args import TREE, flags, positive_int
+from branching.config.parse import load_config
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("selfeval", parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")],
+                       help="every confidence score of every node (max softmax, DOCTOR, energy, margin, "
+                            "self-evaluation branches, oracle); writes OUT/selfeval.md, .json, .png")
+    p.add_argument("--out", default="runs/selfeval", help="output folder (replaced whole at the end)")
+    p.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    p.add_argument("--nodes", default=None, metavar="LIST",
+                   help="the nodes to score, e.g. mammals,plants (default: every node; a parent's five "
+                        "cross-fitted copies are the bulk of the time)")
+    p.add_argument("--bootstrap", type=positive_int, default=BOOTSTRAP,
+                   help=f"resamples of the paired bootstrap intervals (default {BOOTSTRAP})")
+    p.set_defaults(func=cmd_selfeval)
+
+
+def cmd_selfeval(args) -> int:
+    from branching.reports.seeds import parse_seeds
+    from branching.studies.selfeval import run_selfeval_compare
+
+    config = load_config(args.config)
+    seeds = parse_seeds(args.seeds)
+    nodes = None if args.nodes is None else [config.node(name).name for name in args.nodes.split(",")]
+    words = ["python", "-m", "branching", "selfeval", "--config", args.config, "--data", args.data,
+             "--seeds", args.seeds, "--out", args.out] + ([] if nodes is None else ["--nodes", args.nodes])
+    if args.max_epochs is not None:
+        words += ["--max-epochs", str(args.max_epochs)]
+    result = run_selfeval_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
+                                  download=not args.no_download, progress=not args.quiet,
+                                  command=shlex.join(words), n_boot=args.bootstrap, nodes=nodes,
+                                  device=args.device)
+    print(Path(args.out, "selfeval.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'selfeval.md'}, selfeval.json, selfeval.png "
+          f"(total {result['timings']['total_s'] / 60:.1f} min)")
+    return 0

@@ -1,0 +1,387 @@
+"""Reading a tree TOML: every key checked, with a one-line error that names the file, the table and
+the fix; taps resolved against the source node's feature_info."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from branching.acceptance.confidence import PROBABILITY_SCORES, SCORES
+from branching.acceptance.selective import RULES
+from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAULT_BRANCH_HIDDEN, DEFAULT_CONFIG,
+                                   DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_PARENT_HIDDEN, DEFAULT_SELFEVAL_HIDDEN,
+                                   MLP_KEYS, MODULE_KEYS, PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
+                                   Acceptance, NodeSpec, SelfEvalSpec, TreeConfig)
+from branching.data.cifar import N_PIXELS
+from branching.errors import ConfigError
+from branching.models import module_parent, nets
+from branching.models.checks import declared_network
+from branching.models.nets import ACTIVATIONS, KINDS, SHAPES, WHERE
+
+
+def load_config(path: str | Path) -> TreeConfig:
+    """Read and validate a tree TOML file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; pass the path of an existing .toml file "
+                          f"(e.g. {DEFAULT_CONFIG})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({_one_line(e)}); "
+                          f"pass a readable UTF-8 .toml file") from None
+    return _build(_trusted(_parse_toml(text, str(path))), origin=str(path), path=str(path))
+
+
+def parse_config(text: str, origin: str = "<string>") -> TreeConfig:
+    """Validate a tree TOML given as text; `origin` names it in error messages."""
+    return _build(_trusted(_parse_toml(text, origin)), origin=origin, path=None)
+
+
+def _trusted(data: dict) -> dict:
+    """A config the user passes may name a module parent's code (TreeConfig.from_dict, which reads what a
+    model file records, may not: see module_parent.trust)."""
+    parent = data.get("parent")
+    if isinstance(parent, dict) and parent.get("kind") == "module":
+        module_parent.trust(parent.get("module"))
+    return data
+
+
+def config_from_dict(d: dict) -> TreeConfig:
+    """Inverse of TreeConfig.to_dict; validates like `load_config`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"<dict>: expected a dict from TreeConfig.to_dict, got {type(d).__name__}")
+    data = {k: v for k, v in d.items() if k != "path"}
+    path = d.get("path")
+    return _build(data, origin=path or "<dict>", path=path)
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+def _parse_toml(text: str, origin: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{origin}: invalid TOML: {_one_line(e)}; fix the syntax there") from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _show(value: Any) -> str:
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Table:
+    """One TOML table with its name, for lookups and one-line error messages."""
+
+    def __init__(self, origin: str, name: str, data: Any, allowed: tuple[str, ...]):
+        self.origin, self.name = origin, name
+        if not isinstance(data, dict):
+            raise ConfigError(f"{origin}: [{name}] must be a table, got {_show(data)}; "
+                              f"write it as a [{name}] section")
+        self.data = {k: v for k, v in data.items() if v is not None}
+        for key in self.data:
+            if key not in allowed:
+                where = "at the top level" if name == "top level" else f"in [{name}]"
+                raise ConfigError(f"{origin}: unknown key {key!r} {where}; "
+                                  f"allowed: {', '.join(allowed)}")
+
+    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+        value = f", got {_show(self.data[key])}" if key in self.data else ""
+        return ConfigError(f"{self.origin}: [{self.name}] {key}: {problem}{value}; {fix}")
+
+    def require(self, key: str, fix: str) -> Any:
+        if key not in self.data:
+            raise self.error(key, "is required", fix)
+        return self.data[key]
+
+    def classes(self) -> tuple[str, ...]:
+        fix = 'write e.g. classes = ["crab", "shark"]'
+        value = self.require("classes", fix)
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise self.error("classes", "must be a list of strings", fix)
+        if len(value) < 2:
+            raise self.error("classes", "needs at least 2 classes", fix)
+        if any(not c.strip() for c in value):
+            raise self.error("classes", "contains an empty name", "remove it or name the class")
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise self.error("classes", f"lists {', '.join(map(repr, dupes))} more than once",
+                             "list each class once")
+        return tuple(value)
+
+    def hidden(self, default: tuple[int, ...], allow_empty: bool) -> tuple[int, ...]:
+        fix = "write e.g. hidden = [1024, 512]" + (" or hidden = []" if allow_empty else "")
+        value = self.data.get("hidden", list(default))
+        if not isinstance(value, list) or not all(_is_int(h) and h >= 1 for h in value):
+            raise self.error("hidden", "must be a list of layer sizes (integers >= 1)", fix)
+        if not value and not allow_empty:
+            raise self.error("hidden", "needs at least one hidden layer", fix)
+        return tuple(value)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
+        value = self.data.get(key, default)
+        if value is not None and value not in choices:
+            raise self.error(key, "is not a known choice", f"use one of: {', '.join(choices)}")
+        return value
+
+    def number(self, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool,
+               default: float | None = None) -> float | None:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value) and (lo < value if lo_open else lo <= value)
+              and (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise self.error(key, f"must be a number in {interval}", f"set {key} to a value in {interval}")
+        return float(value)
+
+    def flag(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self.error(key, "must be true or false", f"write {key} = true or {key} = false")
+        return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
+    t = _Table(origin, name, data, ACCEPT_KEYS)
+    rule = t.choice("rule", RULES, "threshold")
+    score = t.choice("score", SCORES, "msp")
+    for key in t.data:
+        owner = next((r for r, keys in RULE_KEYS.items() if key in keys), rule)
+        if owner != rule:
+            raise t.error(key, f"does not belong to rule {rule!r}", f'remove it or set rule = "{owner}"')
+    if rule == "coverage":
+        t.require("coverage", "write e.g. coverage = 0.9")
+    if rule == "risk":
+        t.require("risk", "write e.g. risk = 0.05")
+    if t.data.get("calibrate") is True and "temperature" in t.data:
+        raise t.error("temperature", "contradicts calibrate = true (a fixed temperature is not fitted)",
+                      "remove one of the two")
+    if score not in PROBABILITY_SCORES and rule == "threshold" and "threshold" not in t.data:
+        raise t.error("threshold", f"is required with score {score!r}, which is not a probability",
+                      'set threshold = <a value of that score>, or use rule = "coverage" or "risk"')
+    probability = score in PROBABILITY_SCORES  # other scores are any real number
+    return Acceptance(
+        rule=rule, score=score,
+        threshold=(t.number("threshold", 0, 1, lo_open=True, hi_open=False) if probability
+                   else t.number("threshold", -math.inf, math.inf, lo_open=True, hi_open=True)),
+        coverage=t.number("coverage", 0, 1, lo_open=True, hi_open=False),
+        risk=t.number("risk", 0, 1, lo_open=True, hi_open=True),
+        delta=t.number("delta", 0, 1, True, True, DEFAULT_DELTA) if rule == "risk" else None,
+        calibrate=t.flag("calibrate"),
+        temperature=t.number("temperature", 0, math.inf, lo_open=True, hi_open=True))
+
+
+def _parse_node(origin: str, name: str, data: Any) -> dict:
+    """Fields of one node checked on their own; `layer` is still raw and `source` unchecked."""
+    is_parent = name == "parent"
+    table = "parent" if is_parent else f"branches.{name}"
+    t = _Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
+    kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
+    for key in t.data:
+        owners = (["mlp"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
+                  else [k for k, keys in SHAPES.items() if key in keys])
+        if owners and kind not in owners:
+            raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",
+                          f"remove it, or set kind = \"{owners[0]}\"")
+    fields = dict(
+        name=name, classes=t.classes(),
+        hidden=t.hidden(DEFAULT_PARENT_HIDDEN if is_parent else DEFAULT_BRANCH_HIDDEN,
+                        allow_empty=not is_parent) if kind == "mlp" else (),
+        source=None, layer=None, where=None,
+        activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
+        dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
+        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind,
+        selfeval=_parse_selfeval(origin, table, t.data.get("selfeval")))
+    if fields["accept"].score == "selfeval" and fields["selfeval"] is None:
+        raise ConfigError(f"{origin}: [{table}.accept] score = \"selfeval\" needs a self-evaluation branch; add a "
+                          f"[{table}.selfeval] table (e.g. layer = -1, hidden = [64]) or choose another score")
+    if kind == "module":
+        if "selfeval" in t.data and not t.data.get("head"):
+            raise t.error("selfeval", "judges the parent's answers, which a module parent only gives with head = true",
+                          "remove [parent.selfeval], or set head = true")
+        if "accept" in t.data and not t.data.get("head"):
+            raise t.error("accept", "needs the parent's head, which a module parent only has with head = true",
+                          "remove [parent.accept], or set head = true")
+        fields["shape"] = tuple(module_parent.parse_keys(t, fields["classes"]).items())
+    elif kind != "mlp":
+        try:
+            shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
+        except ValueError as e:
+            raise ConfigError(f"{origin}: [{table}] {e}; see the {kind} keys in the README") from None
+        fields["shape"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in shape.items())
+    if not is_parent:
+        source = t.data.get("from", "parent")
+        if not isinstance(source, str):
+            raise t.error("from", "must be a node name", 'write from = "parent" or another branch name')
+        layer = t.data.get("layer", -1)
+        if not (_is_int(layer) or isinstance(layer, str)):
+            raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
+                          "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
+        fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None), new_classes=bool(t.flag("new_classes")),
+                      pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None))
+    return fields
+
+
+def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
+    top = _Table(origin, "top level", data, TOP_KEYS)
+    if "parent" not in top.data:
+        raise ConfigError(f"{origin}: missing [parent] table; add [parent] with classes = [...]")
+    nodes = {"parent": _parse_node(origin, "parent", top.data["parent"])}
+    raw = top.data.get("branches", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {_show(raw)}; "
+                          f"write each branch as a [branches.NAME] section")
+    for name, spec in raw.items():
+        if not BRANCH_NAME.fullmatch(name) or name == "parent":
+            raise ConfigError(f"{origin}: invalid branch name {name!r} in [branches]; use letters, "
+                              f"digits, '_' or '-' only, and not 'parent'")
+        nodes[name] = _parse_node(origin, name, spec)
+    for name, node in nodes.items():
+        if name != "parent" and node["source"] not in nodes:
+            raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}; "
+                              f"use one of: {', '.join(nodes)}")
+    for name in nodes:
+        seen = [name]
+        while seen[-1] != "parent":
+            seen.append(nodes[seen[-1]]["source"])
+            if seen[-1] in seen[:-1]:
+                cycle = seen[seen.index(seen[-1]):]
+                raise ConfigError(f"{origin}: branches form a cycle: {' -> '.join(cycle)}; "
+                                  f"change 'from' of branch {cycle[0]!r} so the chain ends at parent")
+    for name, node in list(nodes.items())[1:]:
+        source = nodes[node["source"]]
+        table = f"[branches.{name}]"
+        _resolve_tap(origin, table, node, source)
+        outside = [c for c in node["classes"] if c not in source["classes"]]
+        if outside and not node["new_classes"]:
+            raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
+                              f"the classes of source {source['name']!r}; use classes from: "
+                              f"{', '.join(source['classes'])}, or set new_classes = true for a branch that learns "
+                              f"classes its source never saw")
+        if node["new_classes"] and not outside:
+            raise ConfigError(f"{origin}: {table} new_classes: is true but every class is one of source "
+                              f"{source['name']!r}'s; remove new_classes (or add the new classes)")
+    for node in nodes.values():
+        _resolve_selfeval(origin, node, nodes)
+    for source in nodes:
+        children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
+                    if node["source"] == source and not node["new_classes"]]
+        for i, (a, classes_a) in enumerate(children):
+            for b, classes_b in children[i + 1:]:
+                if classes_a & classes_b:
+                    raise ConfigError(f"{origin}: [branches.{a}] and [branches.{b}] both read {source!r} and share "
+                                      f"{', '.join(map(repr, sorted(classes_a & classes_b)))}; routing sends each image "
+                                      f"to one child, so siblings must not share classes")
+    for name, node in nodes.items():
+        table = "[parent]" if name == "parent" else f"[branches.{name}]"
+        mlp = node["kind"] == "mlp"
+        widths = [N_PIXELS if name == "parent" else node["width"], *node["hidden"], len(node["classes"])]
+        try:  # built on torch's meta device: nothing is allocated
+            declared_network(node["kind"], widths if mlp else [N_PIXELS, len(node["classes"])],
+                             shape=NodeSpec(**{k: v for k, v in node.items() if k != "width"}).shape_dict)
+        except ValueError as e:
+            raise ConfigError(f"{origin}: {table} {'hidden: ' if mlp else ''}{e}") from None
+    for node in nodes.values():
+        node.pop("width", None)
+    specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
+    parent = specs.pop("parent")
+    return TreeConfig(parent=parent, branches=specs, path=path)
+
+
+def _names(taps, n=12) -> str:
+    names = [t["name"] for t in taps]
+    more = f" (+{len(names) - n} more; branching probe-layers lists them)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
+    """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
+    "post"), checked with its pool; node["width"] is the width the branch reads."""
+    taps = NodeSpec(**{k: v for k, v in source.items() if k != "width"}).taps()
+    layer, mlp = node["layer"], source["kind"] == "mlp"
+    if not mlp and node["where"] is not None:
+        raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
+                          f"{source['kind']} whose taps are {_names(taps)}; remove it")
+    if isinstance(layer, str):
+        found = [t for t in taps if t["name"] == layer]
+        if not found:
+            raise ConfigError(f"{origin}: {table} layer: {source['name']!r} has no tap {layer!r}; its taps are "
+                              f"{_names(taps)}")
+        if mlp and node["where"] not in (None, found[0]["where"]):
+            raise ConfigError(f"{origin}: {table} where: contradicts layer {layer!r}; remove one of the two")
+        node["layer"], node["where"] = found[0]["layer"], found[0]["where"] if mlp else None
+    else:
+        n = len(taps) // 2 if mlp else len(taps)
+        if not -n <= layer < n:
+            what = "hidden layer(s)" if mlp else f"taps ({', '.join(t['name'] for t in taps)})"
+            valid = f"0..{n - 1} or -{n}..-1" if n else "none"
+            raise ConfigError(f"{origin}: {table} layer: {layer} is out of range for {source['name']!r}, which has "
+                              f"{n} {what} (valid: {valid}); pick a valid layer or another source")
+        node["layer"] = layer % n
+    tap = taps[2 * node["layer"] if mlp else node["layer"]]  # pre and post have the same width
+    try:
+        node["width"] = nets.pooled_width(tap["shape"], node["pool"] or nets.default_pool(tap["shape"]))
+    except ValueError as e:
+        raise ConfigError(f"{origin}: {table} pool: {e}") from None
+
+
+def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
+    if data is None:
+        return None
+    t = _Table(origin, f"{table}.selfeval", data, SELFEVAL_KEYS)
+    if "layer" in t.data and "layers" in t.data:
+        raise t.error("layers", "contradicts layer", "give one tap with layer = ... or several with layers = [...]")
+    layers = t.data.get("layers", [t.data.get("layer", -1)])
+    fix = 'write e.g. layer = -1, layers = [0, 1] or layers = ["stage1", "stage2"]'
+    if not isinstance(layers, list) or not all(_is_int(v) or isinstance(v, str) for v in layers):
+        raise t.error("layers" if "layers" in t.data else "layer", "must be tap indices or names", fix)
+    if not layers and t.flag("logits") is False:
+        raise t.error("layers", "is empty and logits = false, so the judge would read nothing",
+                      "list taps, or drop logits = false (layers = [] reads the logits only)")
+    for key in ("where", "pool"):
+        if not layers and key in t.data:
+            raise t.error(key, "is for taps, and layers = [] reads none", f"remove {key}, or list taps in layers")
+    folds = t.data.get("folds", DEFAULT_FOLDS)
+    if not _is_int(folds) or not 2 <= folds <= 20:
+        raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
+    return SelfEvalSpec(layers=tuple(layers), where=t.choice("where", WHERE, None),
+                        pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None),
+                        hidden=t.hidden(DEFAULT_SELFEVAL_HIDDEN, allow_empty=True),
+                        activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
+                        dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
+                        logits=bool(t.flag("logits") if t.flag("logits") is not None else True), folds=folds)
+
+
+def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
+    """A self-evaluation branch's layers as indices into the taps of what its node reads (its source's, or
+    the parent's own for the parent), each checked as a branch's layer is."""
+    spec = node.get("selfeval")
+    if spec is None:
+        return
+    table = f"[{'parent' if node['name'] == 'parent' else 'branches.' + node['name']}.selfeval]"
+    source = nodes[node["source"] or "parent"]
+    layers, wheres = [], set()
+    for layer in spec.layers:
+        tap = {"layer": layer, "where": spec.where, "pool": spec.pool}
+        _resolve_tap(origin, table, tap, source)
+        layers.append(tap["layer"])
+        wheres.add(tap["where"])
+    if len(wheres) > 1:
+        raise ConfigError(f"{origin}: {table} layers: name taps both before and after an activation; set where "
+                          f"and give the layers as indices")
+    if len(set(layers)) < len(layers):
+        raise ConfigError(f"{origin}: {table} layers: lists a tap more than once; list each tap once")
+    where = wheres.pop() if wheres else spec.where
+    node["selfeval"] = SelfEvalSpec(**{**vars(spec), "layers": tuple(layers), "where": where})

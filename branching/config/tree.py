@@ -1,0 +1,247 @@
+"""The tree configuration: its nodes (NodeSpec), how each accepts (Acceptance), self-evaluation
+(SelfEvalSpec), and TOML written back (dump_toml). Read and validated by branching.config.parse.
+
+The order of a node's `classes` is the one source of truth for its label ids.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from branching.data.cifar import N_PIXELS
+from branching.errors import ConfigError
+from branching.models import module_parent, nets
+from branching.models.nets import SHAPES, WHERE
+
+
+def _installed(name: str) -> Path:
+    """A config of configs/: beside the package in a source checkout, inside it once installed."""
+    checkout = Path(__file__).resolve().parents[2] / "configs" / name
+    return checkout if checkout.is_file() else Path(__file__).resolve().parents[1] / "configs" / name
+
+
+DEFAULT_CONFIG = _installed("original.toml")
+
+DEFAULT_PARENT_HIDDEN = (1024, 512)
+DEFAULT_BRANCH_HIDDEN = (256,)
+DEFAULT_DELTA = 0.05
+BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+TOP_KEYS = ("parent", "branches")
+MLP_KEYS = ("hidden", "activation")
+SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
+MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, "dropout", "accept", "selfeval")
+BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
+               "selfeval")
+ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
+RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """How a node's predictions are accepted; None means the training recipe decides."""
+
+    rule: str = "threshold"
+    threshold: float | None = None
+    coverage: float | None = None
+    risk: float | None = None
+    delta: float | None = None
+    calibrate: bool | None = None
+    temperature: float | None = None
+    score: str = "msp"              # the confidence the rule thresholds (branching.confidence.SCORES)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One model of the tree: the parent (`name == "parent"`) or a branch."""
+
+    name: str
+    classes: tuple[str, ...]
+    hidden: tuple[int, ...]
+    source: str | None
+    layer: int | None
+    where: str | None
+    activation: str
+    dropout: float | None
+    accept: Acceptance
+    kind: str = "mlp"              # the parent's kind; branches are MLPs
+    shape: tuple = ()              # a CNN's or ViT's shape keys, as (key, value) pairs
+    pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
+    new_classes: bool = False      # a branch with classes its source never trained on (a standalone specialist)
+    selfeval: SelfEvalSpec | None = None  # the self-evaluation branch that judges this node, if declared
+
+    @property
+    def shape_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.shape}
+
+    def taps(self) -> list[dict]:
+        """The points a branch can read this node at (its model's feature_info, without building it)."""
+        if self.kind == "mlp":
+            return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "shape": (width,)}
+                    for i, width in enumerate(self.hidden) for where in WHERE]
+        with torch.device("meta"):
+            return nets.build(self.kind, [N_PIXELS, len(self.classes)], dropout=self.dropout,
+                              shape=nets.check_shape(self.kind, self.shape_dict)).feature_info
+
+    def class_index(self, name: str) -> int:
+        """Label id of class `name` in this node."""
+        if name not in self.classes:
+            raise ConfigError(f"unknown class {name!r} for node {self.name!r}; "
+                              f"known: {', '.join(self.classes)}")
+        return self.classes.index(name)
+
+
+@dataclass
+class TreeConfig:
+    """The parent and its branches (in file order), plus the file they came from."""
+
+    parent: NodeSpec
+    branches: dict[str, NodeSpec]
+    path: str | None = None
+
+    def node(self, name: str) -> NodeSpec:
+        """The parent or the branch called `name`."""
+        if name == "parent":
+            return self.parent
+        if name not in self.branches:
+            raise ConfigError(f"{self.path or '<config>'}: unknown node {name!r}; "
+                              f"known: {', '.join(['parent', *self.branches])}")
+        return self.branches[name]
+
+    def nodes(self) -> list[NodeSpec]:
+        """Parent first, then branches with every source before its readers, else file order."""
+        done, ordered, pending = {"parent"}, [self.parent], list(self.branches.values())
+        while pending:
+            ready = next((b for b in pending if b.source in done), None)
+            if ready is None:
+                raise ConfigError(f"{self.path or '<config>'}: branches "
+                                  f"{', '.join(b.name for b in pending)} form a cycle or read an "
+                                  f"unknown node; fix their 'from' keys")
+            pending.remove(ready)
+            done.add(ready.name)
+            ordered.append(ready)
+        return ordered
+
+    def children(self, name: str) -> list[NodeSpec]:
+        """Branches that read node `name` directly."""
+        self.node(name)
+        return [n for n in self.nodes() if n.source == name]
+
+    def chain(self, name: str) -> list[str]:
+        """Names from the parent down to `name`: ["parent", ..., name]."""
+        names = [self.node(name).name]
+        while names[0] != "parent":
+            names.insert(0, self.node(names[0]).source)
+        return names
+
+    def standalone(self, name: str) -> bool:
+        """Whether node `name` or a node on its chain has classes its source never trained on: routing
+        cannot send an image there by probability mass, so it answers only when asked by name."""
+        return any(self.node(n).new_classes for n in self.chain(name))
+
+    def routed(self, entry: str | None = None) -> TreeConfig:
+        """The tree that routing walks: every node but the standalone ones (see `standalone`), except those
+        at or below `entry`, the branch that routing starts from when asked to."""
+        above = set(self.chain(entry)) if entry is not None and entry in self.branches else set()
+        kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n) or n in above}
+        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path)
+
+    def classes(self) -> tuple[str, ...]:
+        """Every class of the tree: the parent's, then the new classes of its branches, in file order."""
+        return tuple(dict.fromkeys(c for spec in (self.parent, *self.branches.values()) for c in spec.classes))
+
+    def depth(self, name: str) -> int:
+        """0 for the parent, 1 for its branches, and so on."""
+        return len(self.chain(name)) - 1
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict in the TOML schema (None values left out) plus `path`."""
+        return {"parent": _node_to_dict(self.parent),
+                "branches": {n: _node_to_dict(b) for n, b in self.branches.items()},
+                "path": self.path}
+
+
+SELFEVAL_KEYS = ("layer", "layers", "where", "pool", "hidden", "activation", "dropout", "logits", "folds")
+DEFAULT_SELFEVAL_HIDDEN = (64,)
+DEFAULT_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class SelfEvalSpec:
+    """A small MLP that predicts whether its node's answer is right. It reads taps of what the node reads
+    (the parent's own taps for the parent, its source's for a branch), concatenated, plus the node's
+    logits (`logits`), and learns from `folds`-fold cross-fitted correctness (branching.selfeval)."""
+
+    layers: tuple                  # indices into the taps (resolved; strings until _resolve_selfeval)
+    where: str | None = None       # MLP taps: before or after the activation (None: the recipe's)
+    pool: str | None = None
+    hidden: tuple[int, ...] = DEFAULT_SELFEVAL_HIDDEN
+    activation: str = "relu"
+    dropout: float | None = None
+    logits: bool = True
+    folds: int = DEFAULT_FOLDS
+
+    def to_dict(self) -> dict:
+        d = {"layers": list(self.layers), "where": self.where, "pool": self.pool, "hidden": list(self.hidden),
+             "activation": self.activation, "dropout": self.dropout, "logits": self.logits, "folds": self.folds}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def dump_toml(config: TreeConfig) -> str:
+    """TOML text that loads back to a config equal to `config` (apart from `path`)."""
+    d = config.to_dict()
+    lines = ["# Neural Branching tree (written by branching.config.dump_toml)"]
+    _write_table(lines, "parent", d["parent"])
+    for name, branch in d["branches"].items():
+        _write_table(lines, f"branches.{name}", branch)
+    return "\n".join(lines) + "\n"
+
+
+def _node_to_dict(node: NodeSpec) -> dict:
+    d: dict[str, Any] = {"classes": list(node.classes)}
+    if node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
+        d.update(kind=node.kind, **{k: v for k, v in node.shape_dict.items() if k != "weights_sha256"})
+    if node.source is not None:
+        d.update({"from": node.source, "layer": node.layer})
+    if node.kind == "mlp":
+        d["hidden"] = list(node.hidden)
+    if node.new_classes:
+        d["new_classes"] = True
+    extra = {"where": node.where, "pool": node.pool, "activation": node.activation if node.kind == "mlp" else None,
+             "dropout": node.dropout}
+    d.update({k: v for k, v in extra.items() if v is not None})
+    if node.accept != Acceptance():
+        d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None and (k, v) != ("score", "msp")}
+    if node.selfeval is not None:
+        d["selfeval"] = node.selfeval.to_dict()
+    return d
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = "".join(
+        "\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        for ch in str(value))
+    return f'"{escaped}"'
+
+
+def _write_table(lines: list[str], header: str, table: dict) -> None:
+    lines += ["", f"[{header}]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, sub in table.items():
+        if isinstance(sub, dict):
+            _write_table(lines, f"{header}.{key}", sub)
+
+
+# --- self-evaluation branches ([parent.selfeval], [branches.NAME.selfeval]) ---------------------

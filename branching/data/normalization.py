@@ -1,0 +1,79 @@
+"""Per-pixel standardisation of CIFAR images, fitted on the parent's training rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from branching.data.cifar import N_PIXELS
+from branching.errors import DataError
+from branching.fileio import atomic_path
+
+
+class Normalizer:
+    """Standardisation (x - mean) / std with mean and std float32 (3072,): per pixel, or per colour
+    channel (each channel's value repeated over its pixels)."""
+
+    MIN_STD = 1e-6
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1)
+        if self.mean.shape != (N_PIXELS,) or self.std.shape != (N_PIXELS,):
+            got = f"{self.mean.size} and {self.std.size}"
+            raise DataError(f"normaliser mean and std must have {N_PIXELS} values each, got {got}")
+
+    @classmethod
+    def fit(cls, images, per_channel: bool = False) -> "Normalizer":
+        """Mean and std of every pixel over the images, or (per_channel) of every colour channel over all
+        its pixels, repeated for each of them."""
+        images = np.asarray(images, dtype=np.float64)
+        if images.ndim != 2 or images.shape[0] == 0:
+            raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need (N, 3072) with N > 0")
+        if per_channel:
+            channels = images.reshape(len(images), 3, -1)
+            mean, std = channels.mean(axis=(0, 2)), channels.std(axis=(0, 2))
+            return cls(np.repeat(mean, N_PIXELS // 3), np.maximum(np.repeat(std, N_PIXELS // 3), cls.MIN_STD))
+        return cls(images.mean(axis=0), np.maximum(images.std(axis=0), cls.MIN_STD))
+
+    @classmethod
+    def of_channels(cls, mean, std) -> "Normalizer":
+        """Given per-channel mean and std (3 values each, on the 0..255 scale), repeated over the pixels."""
+        mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+        if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():
+            raise DataError(f"per-channel mean and std must be 3 values each (std > 0); got {mean} and {std}")
+        return cls(np.repeat(mean, N_PIXELS // 3), np.repeat(std, N_PIXELS // 3))
+
+    def transform(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 2 or images.shape[1] != N_PIXELS:
+            raise DataError(f"expected images of shape (N, 3072), got {images.shape}")
+        return ((images.astype(np.float32) - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict:
+        import torch  # only the checkpoint format needs tensors
+
+        return {"mean": torch.from_numpy(self.mean.copy()), "std": torch.from_numpy(self.std.copy())}
+
+    @classmethod
+    def from_dict(cls, d) -> "Normalizer":
+        def as_array(v):
+            return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+
+        return cls(as_array(d["mean"]), as_array(d["std"]))
+
+    def save_npy(self, mean_path, std_path) -> None:
+        for path, values in ((mean_path, self.mean), (std_path, self.std)):
+            with atomic_path(path, "wb") as f:
+                np.save(f, values)
+
+    @classmethod
+    def load_npy(cls, mean_path, std_path) -> "Normalizer":
+        arrays = []
+        for path in (mean_path, std_path):
+            try:
+                arrays.append(np.load(path, allow_pickle=False))
+            except FileNotFoundError:
+                raise DataError(f"missing normaliser file {path}; train the parent again to recreate it") from None
+            except (OSError, ValueError, EOFError) as e:
+                raise DataError(f"{path} is not a valid .npy file ({e}); train the parent again") from None
+        return cls(*arrays)

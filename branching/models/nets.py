@@ -1,0 +1,226 @@
+"""The networks a model can be: an MLP on flattened pixels (the original), a small CNN and a small ViT.
+
+Every network takes flat inputs (N, in_width); the CNN and the ViT view them as images (N, 3, 32, 32).
+Each declares, as timm's models do, the points where it can be tapped (`feature_info`: name, shape of
+one image's tensor there, the module producing it) and computes any of them in one pass
+(`forward_intermediates`). `pool` turns a tapped tensor into the vector a branch reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from branching.models import module_parent
+
+KINDS = ("mlp", "cnn", "vit", "module")  # module: any torch module (branching.module_parent)
+WHERE = ("pre", "post")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
+IMAGE = (3, 32, 32)
+MAX_STAGES = 6  # a CNN stage halves the side: 32, 16, 8, 4, 2, 1
+# shape keys of each kind and their defaults (the MLP's are its architecture, activation and dropout)
+SHAPES = {"cnn": {"widths": [32, 64, 128], "depth": 2},
+          "vit": {"dim": 96, "depth": 4, "heads": 4, "patch": 4, "mlp_ratio": 2}}
+# how a tapped tensor becomes a vector: by the rank of one image's tensor
+POOLS = {1: ("flat",), 3: ("avg", "avg2x2", "max", "flat"), 2: ("cls", "mean", "flat")}
+
+
+class MLPNet(nn.Sequential):
+    """Per hidden layer Linear -> activation [-> Dropout], then a final Linear. Taps: each hidden layer
+    before ("pre") and after ("post") its activation."""
+
+    def __init__(self, architecture, activation="relu", dropout=None):
+        layers = []
+        for fan_in, fan_out in zip(architecture[:-2], architecture[1:-1]):
+            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(architecture[-2], architecture[-1]))
+        super().__init__(*layers)
+        stride = 3 if dropout else 2
+        self.feature_info = [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "shape": (width,),
+                              "module": str(i * stride + (0 if where == "pre" else 1))}
+                             for i, width in enumerate(architecture[1:-1]) for where in WHERE]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # nn.Sequential would rebuild this class from the slice
+            return nn.Sequential(*list(self)[index])
+        return super().__getitem__(index)
+
+    def forward_intermediates(self, x, indices, stop_early=True):
+        stops = [int(self.feature_info[i]["module"]) + 1 for i in indices]
+        end = max(stops, default=0) if stop_early else len(self)
+        found = {}
+        for i, module in enumerate(list(self)[:end], start=1):
+            x = module(x)
+            found[i] = x
+        return (None if stop_early else x), [found[s] for s in stops]
+
+
+class ConvNet(nn.Module):
+    """Stages of `depth` x (3x3 conv, batch norm, ReLU), the resolution halved (max pooling) before every
+    stage but the first; global average pooling, dropout and a Linear head. Taps: each stage's output."""
+
+    def __init__(self, classes, widths=(32, 64, 128), depth=2, dropout=None):
+        super().__init__()
+        channels, stages, side = IMAGE[0], [], IMAGE[1]
+        self.feature_info = []
+        for i, width in enumerate(widths):
+            layers = [nn.MaxPool2d(2)] if i else []
+            side = side // 2 if i else side
+            for _ in range(depth):
+                layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                channels = width
+            stages.append(nn.Sequential(*layers))
+            self.feature_info.append({"name": f"stage{i}", "layer": i, "where": None, "shape": (width, side, side),
+                                      "reduction": IMAGE[1] // side, "module": f"stages.{i}"})
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout or 0.0),
+                                  nn.Linear(channels, classes))
+
+    def forward(self, x):
+        return self.forward_intermediates(x, [], stop_early=False)[0]
+
+    def forward_intermediates(self, x, indices, stop_early=True):
+        x = x.reshape(-1, *IMAGE)
+        end = max(indices, default=-1) + 1 if stop_early else len(self.stages)
+        found = []
+        for stage in self.stages[:end]:
+            x = stage(x)
+            found.append(x)
+        return (None if stop_early else self.head(x)), [found[i] for i in indices]
+
+
+class ViTNet(nn.Module):
+    """A vision transformer: patch embedding, a class token, learned positions, `depth` pre-norm
+    transformer blocks, a final LayerNorm and a Linear head on the class token. Taps: each block's output
+    tokens (class token first)."""
+
+    def __init__(self, classes, dim=96, depth=4, heads=4, patch=4, mlp_ratio=2, dropout=None):
+        super().__init__()
+        if IMAGE[1] % patch or dim % heads:
+            raise ValueError(f"vit: patch {patch} must divide {IMAGE[1]} and heads {heads} must divide dim {dim}")
+        tokens = (IMAGE[1] // patch) ** 2 + 1
+        self.embed = nn.Conv2d(IMAGE[0], dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout or 0.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+        self.feature_info = [{"name": f"block{i}", "layer": i, "where": None, "shape": (tokens, dim),
+                              "module": f"blocks.{i}"} for i in range(depth)]
+
+    def forward(self, x):
+        return self.forward_intermediates(x, [], stop_early=False)[0]
+
+    def forward_intermediates(self, x, indices, stop_early=True):
+        x = self.embed(x.reshape(-1, *IMAGE)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.position
+        end = max(indices, default=-1) + 1 if stop_early else len(self.blocks)
+        found = []
+        for block in self.blocks[:end]:
+            x = block(x)
+            found.append(x)
+        return (None if stop_early else self.head(self.norm(x)[:, 0])), [found[i] for i in indices]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)) (GELU)."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        n, tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.proj(attended.transpose(1, 2).reshape(n, tokens, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+def build(kind: str, architecture, activation="relu", dropout=None, shape=None) -> nn.Module:
+    """A network of `kind`: an MLP of `architecture`, or a CNN/ViT with `shape` keys and
+    architecture[-1] classes."""
+    if kind == "mlp":
+        return MLPNet(architecture, activation, dropout)
+    if kind == "cnn":
+        return ConvNet(architecture[-1], dropout=dropout, **shape)
+    if kind == "vit":
+        return ViTNet(architecture[-1], dropout=dropout, **shape)
+    if kind == "module":
+        return module_parent.ModuleNet(architecture[-1], **shape)
+    raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+
+
+def check_shape(kind: str, shape) -> dict:
+    """A kind's shape keys with defaults filled in; unknown keys or wrong values are ValueErrors."""
+    if kind == "mlp":
+        return {}
+    if kind == "module":
+        return module_parent.check_shape(shape)
+    if not isinstance(shape, dict) or set(shape) - set(SHAPES[kind]):
+        unknown = sorted(set(shape) - set(SHAPES[kind])) if isinstance(shape, dict) else shape
+        raise ValueError(f"unknown {kind} shape keys {unknown}; {kind} takes {', '.join(SHAPES[kind])}")
+    out = {**SHAPES[kind], **shape}
+    for key, value in out.items():
+        listed = key == "widths"
+        values = value if listed and isinstance(value, (list, tuple)) else [value]
+        if (listed and not isinstance(value, (list, tuple))) or not values or \
+                any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{kind} {key} must be {'a list of positive integers' if listed else 'a positive integer'}; "
+                             f"got {value!r}")
+    if kind == "cnn" and len(out["widths"]) > MAX_STAGES:
+        raise ValueError(f"cnn widths: at most {MAX_STAGES} stages (each halves the 32-pixel side); got "
+                         f"{len(out['widths'])}")
+    return out
+
+
+# ---- pooling a tapped tensor -------------------------------------------------------------------
+
+def default_pool(shape) -> str:
+    """The pooling a branch uses when its config names none: a vector as it is, a feature map averaged
+    over its positions, a token sequence's class token."""
+    return POOLS[len(shape)][0]
+
+
+def check_pool(shape, how: str) -> str:
+    if how not in POOLS[len(shape)]:
+        kind = {1: "a vector", 2: "a token sequence", 3: "a feature map"}[len(shape)]
+        raise ValueError(f"pool {how!r} does not fit {kind} of shape {tuple(shape)}; use one of "
+                         f"{', '.join(POOLS[len(shape)])}")
+    return how
+
+
+def pooled_width(shape, how: str) -> int:
+    """The width of the vector `pool` makes of one image's tensor of `shape`."""
+    check_pool(shape, how)
+    if how == "flat":
+        return math.prod(shape)
+    if how == "avg2x2":
+        return shape[0] * 4
+    return shape[-1] if len(shape) == 2 else shape[0]
+
+
+def pool(tensor: torch.Tensor, how: str) -> torch.Tensor:
+    """A batch of tapped tensors (N, ...) as vectors (N, width)."""
+    if how == "flat":
+        return tensor.flatten(1) if tensor.dim() > 2 else tensor
+    if how == "avg":
+        return tensor.mean(dim=(2, 3))
+    if how == "max":
+        return tensor.amax(dim=(2, 3))
+    if how == "avg2x2":
+        return F.adaptive_avg_pool2d(tensor, 2).flatten(1)
+    if how == "cls":
+        return tensor[:, 0]
+    if how == "mean":
+        return tensor[:, 1:].mean(dim=1)
+    raise ValueError(f"unknown pool {how!r}")

@@ -1,0 +1,205 @@
+"""Summaries of `compare` over seeds, and its files: compare.json, compare.md and compare.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from branching.acceptance.stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
+from branching.fileio import write_files
+from branching.reports.kshot import kshot_markdown, render_kshot_plot
+from branching.tables import MARKDOWN, interval, mean_std, num, pct, table
+
+SEED_FIGURES = ("test_accuracy", "coverage", "accepted_accuracy", "aurc", "train_s", "total_train_s")
+
+
+def paired_delta(correct: list[np.ndarray], baseline: list[np.ndarray], n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Accuracy of a method minus a baseline's on the same test images, averaged over seeds, with a 95%
+    percentile bootstrap interval over the images (the images are the main source of uncertainty)."""
+    d = np.mean(np.asarray(correct, dtype=np.float64), axis=0) - np.mean(np.asarray(baseline, dtype=np.float64), axis=0)
+    return {"mean": float(d.mean()), "ci95": bootstrap_interval(d, 0.95, n_boot, seed)}
+
+
+def baseline_method(methods) -> str:
+    """What a branch's methods are measured against: the parent's restricted head, or where the parent has
+    no head for the branch's classes (new classes), the linear probe on the branch's tap."""
+    return "parent_head" if "parent_head" in methods else "linear_probe"
+
+
+def summarise(seed_results: list[dict]) -> dict:
+    """Per branch and method: mean, std and intervals of every figure over the seeds."""
+    first = seed_results[0]
+    out = {"parent": {k: sample_summary([r["parent"][k] for r in seed_results]) for k in first["parent"]},
+           "branches": {}}
+    for name, methods in first["branches"].items():
+        base = baseline_method(methods)
+        baseline = [r["branches"][name][base]["correct"] for r in seed_results]
+        rows = out["branches"][name] = {}
+        for key in methods:
+            runs = [r["branches"][name][key] for r in seed_results]
+            row = {"label": runs[0]["label"], "trainable_parameters": runs[0]["trainable_parameters"],
+                   "inference_flops": runs[0]["inference_flops"], "test_samples": runs[0]["test_samples"]}
+            for figure in SEED_FIGURES:
+                row[figure] = sample_summary([run[figure] for run in runs])
+            accuracy = row["test_accuracy"]
+            accuracy["ci95_seeds"] = t_interval(accuracy["values"])
+            n = row["test_samples"]
+            accuracy["ci95_test"] = wilson_interval(int(round(accuracy["mean"] * n)), n)
+            row[f"delta_vs_{base}"] = paired_delta([run["correct"] for run in runs], baseline)
+            row["per_seed"] = [{k: v for k, v in run.items() if k not in ("correct", "label")} for run in runs]
+            rows[key] = row
+    return out
+
+
+# ---- compare.md -------------------------------------------------------------------------------
+
+def _seconds(s: dict) -> str:
+    return num(s["mean"], 1 if s["mean"] is not None and s["mean"] >= 1 else 2)
+
+
+HEADER = ("method", "test accuracy % (mean ± std)", "95% interval % (test images)", "Δ vs baseline, points [95%]",
+          "accepted accuracy %", "coverage %", "AURC", "trainable parameters", "training s (own)",
+          "training s (with parent)", "inference MFLOPs/image")
+
+
+def branch_table(rows: dict) -> list[str]:
+    cells = []
+    base = baseline_method(rows)
+    for key, row in rows.items():
+        delta = row[f"delta_vs_{base}"]
+        cells.append([
+            row["label"], mean_std(row["test_accuracy"], scale=100, digits=1),
+            interval(row["test_accuracy"]["ci95_test"], unit="").strip() or "n/a",
+            "(baseline)" if key == base else pct(delta["mean"], 1, unit="", sign=True)
+            + interval(delta["ci95"], unit="", sign=True),
+            mean_std(row["accepted_accuracy"], scale=100, digits=1), mean_std(row["coverage"], scale=100, digits=1),
+            mean_std(row["aurc"], digits=3), f"{row['trainable_parameters']:,}",
+            _seconds(row["train_s"]), _seconds(row["total_train_s"]), num(row["inference_flops"] / 1e6, 3)])
+    return table(HEADER, cells, MARKDOWN).splitlines()
+
+
+def _timing(t: dict) -> str:
+    text = f"{num(t['total_s'] / 60, 1)} min wall-clock"
+    if "cpu_s" in t:
+        text += (f" ({num(t['cpu_s'] / 60, 1)} min of CPU; load average {num(t['load_average_start'], 1)} at the "
+                 f"start, {num(t['load_average_end'], 1)} at the end)")
+    return text
+
+
+def render_markdown(result: dict) -> str:
+    s, setup = result["summary"], result["setup"]
+    parent = s["parent"]
+    lines = [f"# Does branching pay? `compare` on {setup['data']}", "",
+             f"Command: `{setup['command']}`  ", f"Config: `{setup['config']}`; seeds {setup['seeds']}; "
+             f"total time {_timing(result['timings'])} on {setup['machine']}.", "",
+             f"Parent (default recipe, trained once per seed and shared by every method that needs it): "
+             f"{mean_std(parent['test_accuracy'], scale=100, digits=1, unit='%')} test accuracy on its "
+             f"{len(setup['parent_classes'])} classes, "
+             f"{_seconds(parent['train_s'])} s to train.", ""]
+    lines += ["## What differs from the original study", ""] + [f"- {note}" for note in result["notes"]] + [""]
+    for name, rows in s["branches"].items():
+        info = setup["branches"][name]
+        new = [c for c in info["classes"] if c not in setup["parent_classes"]]
+        lines += [f"## {name}", "", f"Classes {', '.join(info['classes'])}; the branch reads {info['source']} "
+                  f"layer {info['layer']} ({info['where'] or info.get('pool') or 'default pooling'}); "
+                  f"{info['test_samples']} test images. Baseline: "
+                  + ("the parent's head on the branch's classes." if not new else
+                     f"the linear probe ({', '.join(new)} never seen by the parent, whose head cannot answer them)."), ""]
+        lines += branch_table(rows) + [""]
+    if "kshot" in result:
+        lines += kshot_markdown(result["kshot"])
+    lines += ["## How to read this", ""] + [f"- {d}" for d in DEFINITIONS]
+    return "\n".join(lines) + "\n"
+
+
+DEFINITIONS = (
+    "Test accuracy: mean ± sample standard deviation over the seeds (training randomness only). The 95% "
+    "interval is the Wilson interval of that accuracy over the test images, the larger uncertainty: with "
+    "100 test images per class it is about ±5 points.",
+    "Δ vs baseline: accuracy minus that of the parent's own head restricted to the branch's classes (for a "
+    "branch of new classes, the linear probe's), on the same test images, averaged over seeds, with a 95% bootstrap interval over the images (paired, so "
+    "much narrower than the difference of two unpaired intervals). An interval that contains 0 is no "
+    "evidence either way.",
+    "Accepted accuracy and coverage: under the branch's acceptance rule (max softmax probability after "
+    "temperature scaling at least the threshold). Each method's temperature (and any threshold a rule "
+    "chooses) is fit on its own validation images, never on the test split; n/a where a method has no "
+    "reject option or accepts nothing. AURC: area under the risk-coverage curve (lower is better).",
+    "Trainable parameters: what the method itself trains (0 for the parent's head; the parent's are not "
+    "counted for methods that reuse it). Training s (own): wall-clock seconds of the method's own "
+    "training (fine-tuning includes the branch it starts from); (with parent): plus the parent it needs. "
+    "The machine was shared, so times are indicative to about ±30%.",
+    "Inference MFLOPs/image: 2 per multiply-add (2 x fan-in x fan-out per Linear layer; convolutions and "
+    "attention alike) on the path from the pixels to the prediction (the trunk of the parent included for "
+    "branches and probes), as torch counts them; biases, activations and normalisation left out.",
+    "The parent's head on all classes: the parent's own prediction over every class of the tree, "
+    "wrong whenever it names a class outside the branch's; it needs no router. Every other row, the branch "
+    "included, is told which group the image belongs to.",
+)
+
+
+# ---- compare.png -------------------------------------------------------------------------------
+
+MARKERS = "osD^vP*XhpH<>"
+
+
+def render_plot(result: dict) -> bytes:
+    """Accuracy against training cost (with the parent it needs), one marker per method, one panel per branch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from branching.reports.plots import png_bytes
+
+    branches = result["summary"]["branches"]
+    keys = list(dict.fromkeys(k for rows in branches.values() for k in rows))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(branches), figsize=(6.2 * len(branches), 5.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], branches.items()):
+        for i, key in enumerate(keys):
+            if key not in rows:
+                continue
+            row = rows[key]
+            x, y = row["total_train_s"], row["test_accuracy"]
+            ax.errorbar(x["mean"], 100 * y["mean"], yerr=100 * (y["std"] or 0),
+                        marker=MARKERS[i % len(MARKERS)], color=colors(i % 10), markersize=8, capsize=3,
+                        linestyle="none", label=row["label"])
+        parent_s = result["summary"]["parent"]["train_s"]["mean"]
+        ax.axvline(parent_s, color="grey", linestyle=":", linewidth=1)
+        ax.text(parent_s, ax.get_ylim()[0], " parent alone", color="grey", fontsize=8, va="bottom")
+        times = [row["total_train_s"]["mean"] for row in rows.values() if row["total_train_s"]["mean"]]
+        scale = "log" if times and max(times) > 10 * min(times) else "linear"  # log only for wide ranges
+        if scale == "log":
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"training time incl. the parent it needs (s{', log scale' if scale == 'log' else ''})")
+        ax.set_ylabel("test accuracy on the branch's classes (%)")
+        ax.set_title(f"{name}: {', '.join(result['setup']['branches'][name]['classes'])}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
+    fig.suptitle(f"Branch vs baselines: test accuracy, mean ± std over seeds {result['setup']['seeds']}; "
+                 f"mean training time (test-set intervals are wider, see compare.md)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 0.95))
+    data = png_bytes(fig)
+    plt.close(fig)
+    return data
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def write_outputs(out_dir, result: dict) -> list[Path]:
+    """Render everything first, then write compare.json, compare.md and compare.png atomically."""
+    files = {"compare.json": (json.dumps(result, indent=2) + "\n").encode(),
+             "compare.md": render_markdown(result).encode(), "compare.png": render_plot(result)}
+    if "kshot" in result:
+        files["compare-kshot.png"] = render_kshot_plot(result)
+    return write_files(out_dir, files)

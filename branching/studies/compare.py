@@ -1,0 +1,271 @@
+"""`compare`: does a branch pay? Each branch against its baselines and ablations (branching.baselines),
+on the same splits and seeds, summarised over seeds into OUT/compare.{json,md,png}.
+
+Per branch the methods are (keys of METHODS): the branch as configured; the branch with the original
+recipe; the parent's own head restricted to the branch's classes (no training); the parent's
+unrestricted head (a prediction outside the branch's classes is wrong; accuracy only); a linear
+probe on the branch's activations; the branch reading every other hidden layer of its source, pre
+and post; an MLP with the widths of the branch's whole inference path trained from scratch on the
+pixels of the branch's classes; and the trunk plus the branch fine-tuned end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from branching.acceptance import selective
+from branching.config.tree import NodeSpec, TreeConfig
+from branching.console import log
+from branching.data.tree_data import TreeData, load_tree_data
+from branching.errors import ConfigError
+from branching.fileio import staged_dir
+from branching.models.device import CPU
+from branching.models.forward import read
+from branching.reports.compare import summarise, write_outputs
+from branching.studies.baselines import (
+    Outcome,
+    Recipes,
+    SeedContext,
+    run_branch,
+    run_branch_original,
+    run_finetune,
+    run_linear_probe,
+    run_parent_head,
+    run_parent_unrestricted,
+    run_read,
+    run_scratch,
+    run_scratch_mlp,
+    run_taps_concat,
+)
+from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
+from branching.train.nodes import branch_read, parent_normalizer, train_parent
+
+METHODS = {
+    "branch": "branch, as configured",
+    "branch_original": "branch, original recipe",
+    "parent_head": "parent head on the branch's classes",
+    "parent_unrestricted": "parent head, all classes",
+    "linear_probe": "linear probe",
+    "taps_concat": "branch reading every tap, concatenated",
+    "scratch_mlp": "MLP from scratch, same size",
+    "scratch": "same network from scratch",
+    "finetune": "trunk + branch fine-tuned",
+}
+
+
+def read_key(models, r: tuple) -> str:
+    """The method key of the branch reading another tap: "layer1_post" (an MLP source), "stage1_avg"."""
+    source = models[r[0]]
+    return f"layer{r[1]}_{r[2]}" if source.kind == "mlp" else f"{source.tap(r[1])['name']}_{r[3]}"
+
+
+def method_label(key: str) -> str:
+    if key in METHODS:
+        return METHODS[key]
+    tap, how = key.rsplit("_", 1)
+    if tap.startswith("layer"):
+        return f"branch reading layer {tap[len('layer'):]} {how}"
+    return f"branch reading {tap} ({how})"
+
+
+def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
+    """(key, function) of every method for one branch, in report order."""
+    configured = branch_read(ctx.models, spec, ctx.recipes.default.branch)
+    source = ctx.models[spec.source]
+    others = [read(ctx.models, spec.source, info["layer"], info["where"]) for info in source.feature_info]
+    taps = [(read_key(ctx.models, r), lambda c, s, r=r: run_read(c, s, r)) for r in others if r != configured]
+    heads = [("parent_head", run_parent_head), ("parent_unrestricted", run_parent_unrestricted)]
+    return [("branch", run_branch), ("branch_original", run_branch_original),
+            *(heads if has_parent_head(ctx.config, spec) else []), ("linear_probe", run_linear_probe), *taps,
+            ("taps_concat", run_taps_concat),
+            ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
+            else ("scratch", run_scratch), ("finetune", run_finetune)]
+
+
+def has_parent_head(config: TreeConfig, spec: NodeSpec) -> bool:
+    """Whether the parent's head covers every class of the branch (not so for new classes)."""
+    return set(spec.classes) <= set(config.parent.classes)
+
+
+# ---- scoring and one seed -------------------------------------------------------------------
+
+def score(outcome: Outcome, labels: np.ndarray) -> dict:
+    """Test accuracy, and under the method's acceptance rule: coverage, accepted accuracy and AURC."""
+    predicted = outcome.logits.argmax(axis=1)
+    correct = predicted == labels
+    result = {"test_accuracy": float(correct.mean()), "test_samples": int(len(labels)),
+              "trainable_parameters": int(outcome.trainable_parameters),
+              "inference_flops": int(outcome.inference_flops), "train_s": float(outcome.train_s),
+              "parent_s": float(outcome.parent_s), "total_train_s": float(outcome.train_s + outcome.parent_s),
+              "coverage": None, "accepted_accuracy": None, "aurc": None, "acceptance": None, **outcome.detail}
+    if outcome.acceptance is not None:
+        a = outcome.acceptance
+        confidence = a.confidence(outcome.logits)
+        accepted = a.accepts(confidence)
+        right = int(correct[accepted].sum())
+        result.update(coverage=float(accepted.mean()), accepted_accuracy=right / int(accepted.sum())
+                      if accepted.any() else None, aurc=selective.aurc(confidence, correct),
+                      acceptance={"temperature": a.temperature, "threshold": a.threshold})
+    result["correct"] = correct  # per test image, for paired comparisons; not written to JSON
+    return result
+
+
+def make_context(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
+                 original_parent: bool = False, cache_dir=None, device: torch.device = CPU) -> SeedContext:
+    """Train the seed's parent (and, if asked, an original-recipe parent) once, for every method."""
+    start = time.perf_counter()
+    parent, meta, _ = train_parent(config, data, recipes.default, seed, progress, device)
+    parent.meta = meta
+    parent_s = time.perf_counter() - start
+    original_models, original_parent_s = {"parent": parent}, parent_s
+    if original_parent:
+        start = time.perf_counter()
+        other, other_meta, _ = train_parent(config, data, recipes.original, seed, progress, device)
+        other.meta = other_meta
+        original_models, original_parent_s = {"parent": other}, time.perf_counter() - start
+    return SeedContext(config, data, seed, recipes, progress, {"parent": parent}, original_models, parent_s,
+                       original_parent_s, cache_dir=cache_dir, device=device)
+
+
+def kshot_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
+    """The methods of the k-shot curves: compare's, less kshot.SKIPPED, with the same network from scratch
+    for every kind of parent (it validates on the held-out images as every other method does)."""
+    return [("scratch", run_scratch) if key == "scratch_mlp" else (key, fn) for key, fn in method_plan(ctx, spec)
+            if key not in SKIPPED]
+
+
+def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
+                 original_parent: bool = False, cache_dir=None, kshot: list | None = None,
+                 device: torch.device = CPU) -> dict:
+    """Train the parent(s) once, then every method for every branch; returns scored results.
+
+    With cache_dir the branches on other layers read their activations (plain and flipped) from a
+    features.FeatureCache there, computed once per layer instead of once per epoch: the same coin
+    flips, several times faster, equal up to the rounding of the features.
+    """
+    ctx = make_context(config, data, seed, recipes, progress, original_parent, cache_dir, device)
+    parent = ctx.models["parent"]
+    images, parent_labels, _ = data.node_rows("test", config.parent)
+    parent_accuracy = float((parent.predict(parent_normalizer(parent).transform(images)) == parent_labels).mean())
+    result = {"seed": seed, "parent": {"train_s": ctx.parent_s, "original_train_s": ctx.original_parent_s,
+                                       "test_accuracy": parent_accuracy}, "branches": {}}
+    for spec in config.nodes()[1:]:
+        _, labels, _ = data.node_rows("test", spec)
+        scored = result["branches"][spec.name] = {}
+        for key, run_method in method_plan(ctx, spec):
+            outcome = run_method(ctx, spec)
+            scored[key] = {**score(outcome, labels), "label": method_label(key)}
+            log(f"seed {seed} {spec.name} {method_label(key)}: test accuracy "
+                f"{100 * scored[key]['test_accuracy']:.1f}%, {outcome.train_s:.1f} s")
+    if kshot:
+        result["kshot"] = kshot_seed(ctx, kshot, result["branches"], kshot_plan, score)
+    return result
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> list[str]:
+    """What the methods do differently from the original study, for compare.md."""
+    mlp = config.parent.kind == "mlp"
+    o, f = recipes.original.branch, recipes.finetune
+    notes = [f"'{METHODS['branch_original']}': the original's branch recipe (Adam lr {o.lr:g}, weight decay "
+             f"{o.weight_decay:g}, batch {o.batch_size}, dropout {o.dropout:g}, up to {o.epochs} epochs, early "
+             f"stopping with patience {o.patience} on an 80/20 split of its own training images, threshold "
+             f"{o.threshold:g} without temperature scaling)"]
+    if original_parent:
+        notes[0] += ", on a parent trained with the original recipe (200 epochs, batch 64, no validation)."
+    else:
+        notes[0] += (", but on the default-recipe parent: the original parent recipe (200 epochs at batch 64, "
+                     "about 9 minutes per seed on this machine) does not fit 3 seeds in 30 minutes. "
+                     "Pass --original-parent to train it.")
+    if any(spec.accept.score == "selfeval" for spec in config.nodes()):
+        notes.append("A node that accepts by its self-evaluation branch is measured here by max softmax: `compare` "
+                     "trains no judges (`branching selfeval` compares the scores).")
+    notes += [
+        "Every other method uses the default recipe and validates on the parent's held-out images of the "
+        "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "
+        "training images that no node trains on)" + (", except the MLP from scratch, which holds "
+        "out its own stratified 15% of its classes' training images." if mlp else "."),
+        "Branches reading other layers train from activations computed once (plain and flipped, "
+        "features.FeatureCache) instead of once per epoch as `run` does for the configured branch: the "
+        "same coin flips and results up to rounding, but their training times are several times lower for "
+        "that reason alone." if mlp else
+        "Every branch trains from activations computed once (plain and flipped, features.FeatureCache), as "
+        "`run` does on a CNN or ViT parent.",
+        "Linear probe: scikit-learn LogisticRegression on standardised activations of the branch's layer, "
+        "C chosen on validation log-loss; no flips.",
+        "Every tap, concatenated: the branch's own layers reading every tap of its source at once (each hidden "
+        "layer of an MLP where the branch reads its own, each stage or block of a CNN or ViT at its default "
+        "pooling), every feature standardised on the training images: Head2Toe's multi-layer input without its "
+        "feature selection; flips and validation as the branch.",
+        f"Fine-tuning: the trained branch and a copy of the trunk below it (the parent itself is untouched), "
+        f"AdamW lr {f.lr:g}, batch {f.batch_size}, up to {f.epochs} epochs, patience {f.patience}, flips and "
+        f"label smoothing as the default branch recipe. The fine-tuned trunk no longer serves the parent's "
+        f"other outputs.",
+        "MLP from scratch: the widths of the branch's whole inference path (pixels, the source layers up "
+        "to the one the branch reads, the branch's layers), so it has the same parameters and FLOPs as "
+        "trunk plus branch; the default parent recipe, on the branch's classes only." if mlp else
+        f"Same network from scratch: the parent's {config.parent.kind} up to the tap the branch reads, then "
+        f"the branch's layers, with fresh weights (the same parameters and FLOPs as trunk plus branch), "
+        f"trained end to end on the pixels of the branch's classes with the default {config.parent.kind} "
+        f"recipe, validated as the fine-tuning.",
+    ]
+    return notes
+
+
+def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epochs: int | None = None,
+                original_parent: bool = False, download: bool = False, progress: bool = True,
+                command: str = "", kshot: list | None = None, device: torch.device = CPU) -> dict:
+    """compare_seed for each seed, then summaries and OUT/compare.{json,md,png}; returns the result."""
+    if not config.branches:
+        raise ConfigError(f"{config.path or '<config>'} has no branches: nothing to compare")
+    recipes = Recipes.capped(max_epochs)
+    recipes.default.parent_for(config.parent.kind)  # recipes for this kind of parent, before any work
+    if original_parent:
+        recipes.original.parent_for(config.parent.kind)
+    with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
+        return _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
+                            command, kshot, device)
+
+
+def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
+                 command, kshot, device) -> dict:
+    start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    data = load_tree_data(config, data_dir, download=download, progress=progress)
+    seed_results = []
+    with tempfile.TemporaryDirectory(prefix="compare-features-") as cache_dir:
+        for seed in seeds:
+            log(f"#### compare: seed {seed}")
+            seed_results.append(compare_seed(config, data, seed, recipes, progress, original_parent, cache_dir, kshot,
+                                             device))
+    summary = summarise(seed_results)
+    branches = {}
+    for spec in config.nodes()[1:]:
+        mlp_source = spec.source != "parent" or config.parent.kind == "mlp"
+        branches[spec.name] = {"classes": list(spec.classes), "source": spec.source, "layer": spec.layer,
+                               "where": (spec.where or recipes.default.branch.where) if mlp_source else None,
+                               "test_samples": len(data.node_rows("test", spec)[1])}
+        if spec.pool is not None:
+            branches[spec.name]["pool"] = spec.pool
+    setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
+             "max_epochs": max_epochs, "original_parent": original_parent,
+             "parent_classes": list(config.parent.classes), "branches": branches,
+             "machine": f"{os.cpu_count()} CPU cores shared with other work, torch {torch.__version__} "
+                        f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}), "
+                        f"training on {device}"}
+    if kshot:
+        setup["kshot"] = [label(k) for k in kshot]
+        labels = {name: {key: method_label(key) for key in rows} for name, rows in seed_results[0]["kshot"].items()}
+        samples = {name: info["test_samples"] for name, info in branches.items()}
+    result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
+              "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
+                          "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}
+    if kshot:
+        result["kshot"] = summarise_kshot(seed_results, kshot, samples, labels)
+    write_outputs(out, result)
+    return result

@@ -1,0 +1,221 @@
+"""Training one node: the parent (or loading a module parent), a branch on its source's activations,
+and each node's acceptance rule fitted on its validation images."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from branching.acceptance.rule import Acceptance, rejects
+from branching.config.recipes import Recipe
+from branching.config.tree import NodeSpec, TreeConfig
+from branching.console import log
+from branching.data.normalization import Normalizer
+from branching.data.tree_data import TreeData
+from branching.errors import ConfigError
+from branching.models.device import CPU
+from branching.models.forward import augment_transform, extract, read, read_tap
+from branching.models.model import Model
+from branching.models.module_parent import load_weights
+from branching.train.features import FeatureCache, branch_inputs
+
+ORIGINAL_BRANCH_SPLIT_SEED = 42  # the original's random_state for a branch's 80/20 split
+
+
+def _split(n_or_labels, test_size, seed):
+    labels = np.asarray(n_or_labels)
+    return train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=seed)
+
+
+def fit_kwargs(r, seed, progress, desc, device=CPU) -> dict:
+    """Model.fit's arguments for a node trained with recipe node `r`."""
+    return dict(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,
+                optimizer=r.optimizer, label_smoothing=r.label_smoothing, lr_schedule=r.lr_schedule,
+                early_stopping_patience=r.patience, seed=seed, progress=progress, desc=desc, device=device)
+
+
+def new_class_hold_out(config: TreeConfig, data: TreeData, seed: int, fraction: float) -> np.ndarray:
+    """Training rows that no node trains on, of the classes the parent never sees: per class, a `fraction`
+    drawn with the seed and the class (so every branch learning a class holds out the same images).
+    The branches that learn those classes validate on them."""
+    held = [np.zeros(0, dtype=np.int64)]
+    for name in config.classes():
+        if name in config.parent.classes or not fraction:
+            continue
+        rows = data.class_rows(name)
+        rng = np.random.default_rng([seed, data.label_names.index(name)])
+        held.append(rng.choice(rows, size=int(round(fraction * len(rows))), replace=False))
+    return np.sort(np.concatenate(held))
+
+
+def held_out_rows(parent: Model) -> np.ndarray:
+    """Training rows no node trains on: the parent's validation images and the new classes' hold-out."""
+    return np.concatenate([np.asarray(parent.meta.get("val_rows", []), dtype=np.int64),
+                           np.asarray(parent.meta.get("new_class_val_rows", []), dtype=np.int64)])
+
+
+def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
+                 device: torch.device = CPU):
+    """Train the parent on `device` (a module parent is loaded instead); returns (model, checkpoint meta,
+    normaliser), the model back on the CPU."""
+    spec, r = config.parent, recipe.parent_for(config.parent.kind)
+    if spec.kind == "module":
+        return load_module_parent(config, data, recipe, seed)
+    images, labels, rows = data.node_rows("train", spec)
+    if r.validation:
+        train_idx, val_idx = _split(labels, r.validation, seed)
+    else:
+        train_idx, val_idx = np.arange(len(labels)), np.arange(0)
+    # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
+    normalizer = Normalizer.fit(images[train_idx], per_channel=spec.kind != "mlp")
+    X = normalizer.transform(images)
+    dropout = spec.dropout if spec.dropout is not None else r.dropout
+    if spec.kind == "mlp":
+        model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout,
+                      seed=seed)
+    else:
+        model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind=spec.kind, shape=spec.shape_dict)
+    transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
+    validation = (X[val_idx], labels[val_idx]) if len(val_idx) else None
+    log(f"parent ({spec.kind}, {model.num_parameters:,} parameters): {len(train_idx)} training images, "
+        f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}")
+    history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
+                        restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent", device))
+    model.freeze()
+    acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
+    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
+            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
+            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
+            "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict()}
+    held = new_class_hold_out(config, data, seed, r.validation)
+    if len(held):
+        meta["new_class_val_rows"] = torch.from_numpy(held)
+    return model, meta, normalizer
+
+
+def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int):
+    """A module parent (kind "module"): built, loaded from its weights file and frozen, never trained. Like a
+    trained parent it holds out a stratified share of the training images per seed (recipe validation), on
+    which its branches validate and its head, if used, is calibrated. Normalised by the config's mean and std
+    (0..1 scale) or else by the per-channel statistics of the other training images."""
+    start = time.perf_counter()
+    spec, r = config.parent, recipe.parent_for("module")
+    shape = spec.shape_dict
+    images, labels, rows = data.node_rows("train", spec)
+    train_idx, val_idx = _split(labels, r.validation, seed)
+    if "mean" in shape:
+        normalizer = Normalizer.of_channels(255 * np.array(shape["mean"]), 255 * np.array(shape["std"]))
+    else:
+        normalizer = Normalizer.fit(images[train_idx], per_channel=True)
+    model = Model([images.shape[1], len(spec.classes)], seed=seed, kind="module", shape=shape)
+    try:
+        load_weights(model.net, shape["weights"])
+    except ValueError as e:
+        raise ConfigError(f"{config.path or '<config>'}: [parent] weights: {e}") from None
+    model.freeze()
+    log(f"parent (module {shape['module']}, {sum(p.numel() for p in model.net.parameters()):,} parameters, frozen, "
+        f"{'its head used' if model.has_head else 'no head'}): {len(train_idx)} training images, {len(val_idx)} "
+        f"held out for validation, {len(spec.classes)} classes")
+    acceptance = None
+    if model.has_head:
+        X_val = normalizer.transform(images[val_idx])
+        acceptance = fit_acceptance(spec, r, model.logits(X_val), labels[val_idx]).to_dict()
+    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
+            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("module"), "seed": seed,
+            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
+            "history": {"epochs_run": 0, "best_epoch": 0, "stopped_early": False,
+                        "seconds": time.perf_counter() - start}, "acceptance": acceptance,
+            "module": shape["module"], "weights": shape["weights"], "weights_sha256": shape["weights_sha256"],
+            "tree": config.to_dict()}
+    held = new_class_hold_out(config, data, seed, r.validation)
+    if len(held):
+        meta["new_class_val_rows"] = torch.from_numpy(held)
+    return model, meta, normalizer
+
+
+def parent_normalizer(parent: Model) -> Normalizer:
+    return Normalizer.from_dict(parent.meta["normalization"])
+
+
+def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData, recipe: Recipe,
+                 seed: int, progress: bool = True, cache_dir=None, device: torch.device = CPU):
+    """Train branch `name` on its source's activations; returns (model, checkpoint meta). With cache_dir
+    the activations come from a features.FeatureCache there (built on first use)."""
+    spec, r = config.node(name), recipe.branch
+    parent = models["parent"]
+    normalizer = parent_normalizer(parent)
+    images, labels, rows = data.node_rows("train", spec)
+    X = normalizer.transform(images)
+    validation = r.validation
+    parent_val = set(held_out_rows(parent).tolist())
+    if validation == "parent" and not parent_val:
+        log(f"{name}: the parent holds out no images (trained with the original recipe); "
+            f"validating on an 80/20 split of the branch's training images instead")
+        validation = "own"
+    if validation == "parent":
+        in_val = np.array([row in parent_val for row in rows.tolist()], dtype=bool)
+        train_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
+    else:
+        train_idx, val_idx = _split(labels, 0.2, ORIGINAL_BRANCH_SPLIT_SEED)
+    source = models[spec.source]
+    tap = branch_read(models, spec, r)
+    where = tap[2]
+    if cache_dir is None and parent.kind != "mlp":  # a trunk costlier than the branch: its features once
+        with tempfile.TemporaryDirectory(prefix="branch-features-") as scratch:
+            return train_branch(config, name, models, data, recipe, seed, progress, scratch, device)
+    if cache_dir is not None:  # features (and their mirror images) computed once, kept on disk
+        train_X, transform, features_val = branch_inputs(
+            FeatureCache(cache_dir, log), models, data.fingerprint(), tap, X, rows, train_idx, val_idx, r.flip)
+    else:
+        features_val = extract(models, [tap], X[val_idx])[0]
+        if r.flip:
+            flip = augment_transform(normalizer)
+
+            def transform(xb, g):
+                with torch.no_grad():
+                    return read_tap(models, tap, flip(xb, g))
+            train_X = X[train_idx]
+        else:
+            transform, train_X = None, extract(models, [tap], X[train_idx])[0]
+    width = source.width(*tap[1:])
+    dropout = spec.dropout if spec.dropout is not None else r.dropout
+    model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
+    log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {tap[3]}, width {width}); "
+        f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
+    history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
+                        train_transform=transform, restore_best_weights=True,
+                        **fit_kwargs(r, seed, progress, name, device))
+    model.freeze()
+    acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
+    meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
+            "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
+            "tap": source.tap(*tap[1:3])["name"],
+            "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
+            "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
+            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
+            "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict()}
+    return model, meta
+
+
+def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
+    """What branch `spec` reads, trained with recipe node r: (source, layer, where, pool); an MLP source's
+    layer is read before or after its activation (`where`, else the recipe's)."""
+    where = (spec.where or r.where) if models[spec.source].kind == "mlp" else None
+    return read(models, spec.source, spec.layer, where, spec.pool)
+
+
+def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray) -> Acceptance:
+    """A node's temperature and, if it has a reject option, its rule's threshold, chosen on validation
+    data only. A rule that cannot be met accepts nothing and says why."""
+    accept = spec.accept
+    if accept.score == "selfeval":  # until its judge is trained (selfeval.attach_judge fits it again)
+        accept = replace(accept, score="msp")
+    acceptance = Acceptance.fit(accept, r, val_logits, val_labels, rejects=rejects(spec))
+    if not acceptance.attained:
+        log(f"{spec.name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
+    return acceptance

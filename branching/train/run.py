@@ -1,0 +1,163 @@
+"""A whole run: train the parent, then each branch on its source's activations, evaluate every node and
+the routed tree on the test split, and write OUT (metrics, predictions, models, report)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from branching.acceptance import confidence, scores
+from branching.acceptance.metrics import format_report
+from branching.acceptance.rule import Acceptance, describe_rule
+from branching.config.recipes import Recipe
+from branching.config.tree import TreeConfig
+from branching.console import log
+from branching.data.tree_data import TreeData, load_tree_data
+from branching.errors import ConfigError
+from branching.fileio import staged_dir, write_csv, write_json
+from branching.models.device import CPU
+from branching.models.forward import node_inputs
+from branching.models.model import Model
+from branching.reports import seeds as seeds_summary
+from branching.train import selfeval
+from branching.train.nodes import parent_normalizer, train_branch, train_parent
+from branching.tree import judge
+from branching.tree.checkpoint import ModelStore
+from branching.tree.routing import evaluate_tree, format_tree_report
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData):
+    """Test metrics of one node and its per-image predictions (as rows for the CSV); a branch is also
+    compared with the parent's own head restricted to the branch's classes."""
+    spec, model = config.node(name), models[name]
+    images, labels, rows = data.node_rows("test", spec)
+    X = parent_normalizer(models["parent"]).transform(images)
+    logits = model.logits(node_inputs(models, name, X))
+    head = None
+    if spec.source is not None and models["parent"].has_head and set(spec.classes) <= set(config.parent.classes):
+        parent = models["parent"]
+        head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
+                                  Acceptance.of(parent.meta).temperature)
+    judged = judge.load_for(models, name)
+    if judged is None and spec.selfeval is not None and "path" in model.meta:  # trained by run, shown beside MSP
+        judged = judge.load(Path(model.meta["path"]).parent, name, model)
+    probability = None if judged is None else judged.score_images(models, X, logits)
+    acceptance = Acceptance.of(model.meta)
+    metrics, columns = scores.score_node(spec.classes, labels, logits, acceptance, head, probability)
+    metrics["confidence_scores"] = confidence.every_score(logits, logits.argmax(axis=1) == labels,
+                                                          acceptance.temperature, probability)
+    return metrics, scores.prediction_rows(rows, spec.classes, columns)
+
+
+# ---- the whole tree --------------------------------------------------------------------------
+
+def _history_summary(history: dict) -> dict:
+    return {k: history[k] for k in ("epochs_run", "best_epoch", "stopped_early")}
+
+
+def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, download: bool = False,
+        progress: bool = True, echo=print, report: bool = True, cache_dir=None, device: torch.device = CPU) -> dict:
+    """Train the parent and every branch, evaluate all on the test split, write OUT/metrics.json,
+    OUT/predictions/<node>.csv, OUT/models/<node>.pt and (with report) OUT/report.md, OUT/report.html and
+    OUT/plots/; returns the metrics. OUT is replaced whole at the end (fileio.staged_dir): an error or an
+    interrupt leaves it as it was."""
+    recipe.parent_for(config.parent.kind)  # a recipe for this kind of parent, before any work
+    if cache_dir is not None and Path(out_dir).resolve() in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents):
+        raise ConfigError(f"--cache {cache_dir} is inside --out {out_dir}, which a run replaces whole; keep the "
+                          f"cache elsewhere")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ConfigError(f"--cache {cache_dir} is a file; give a folder for the activation cache")
+    with staged_dir(out_dir) as out:
+        return _run(config, data_dir, out, recipe, seed, download, progress, echo, report, cache_dir, device)
+
+
+def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device) -> dict:
+    start = time.perf_counter()
+    data = load_tree_data(config, data_dir, download=download, progress=progress)
+    store = ModelStore(out / "models")
+    timings: dict[str, float] = {}
+    models: dict[str, Model] = {}
+    for spec in config.nodes():
+        t = time.perf_counter()
+        if spec.source is None:
+            model, meta, _ = train_parent(config, data, recipe, seed, progress, device)
+        else:
+            model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress, cache_dir, device)
+        store.save(spec.name, model, meta)
+        models[spec.name] = store.load(spec.name)
+        if spec.selfeval is not None:
+            meta = selfeval.attach_judge(config, spec.name, models, data, recipe, seed, store.directory, progress, log,
+                                         device)
+            store.save(spec.name, model, meta)
+            models[spec.name] = store.load(spec.name)
+        timings[f"train_{spec.name}_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.fingerprint(),
+               "device": str(device), "parent": None, "branches": {}}
+    for spec in config.nodes():
+        if not models[spec.name].has_head:  # a module parent without head = true: no class logits
+            echo("parent: a module without a head; it has no test accuracy (its branches are evaluated alone)")
+            continue
+        node_metrics, predictions = evaluate_node(config, spec.name, models, data)
+        node_metrics.update(train_samples=len(models[spec.name].meta["train_rows"]),
+                            val_samples=len(models[spec.name].meta["val_rows"]),
+                            **_history_summary(models[spec.name].meta["history"]))
+        write_csv(out / "predictions" / f"{spec.name}.csv", predictions, scores.PREDICTION_COLUMNS)
+        if spec.source is None:
+            metrics["parent"] = node_metrics
+        else:
+            metrics["branches"][spec.name] = node_metrics
+        echo(format_report(spec.name, node_metrics, spec.classes))
+    if models["parent"].has_head:
+        metrics["tree"], tree_rows = evaluate_tree(config, models, data)
+        write_csv(out / "tree.csv", tree_rows, scores.PREDICTION_COLUMNS)
+        echo(format_tree_report(metrics["tree"], config.parent.classes))
+    else:
+        metrics["tree"] = None
+        echo("routed tree: not evaluated (the parent has no head to route by; predict --branch or --node NAME)")
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+    metrics["timings"] = timings
+    write_json(out / "metrics.json", metrics)
+    if report:
+        from branching.reports.run import write_report  # matplotlib is only loaded when a report is written
+        write_report(out)
+    return metrics
+
+
+def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list[int], download: bool = False,
+              progress: bool = True, echo=print, report: bool = True, device: torch.device = CPU) -> dict:
+    """run for each seed into OUT/seed-<n>/, then OUT/metrics.json with the mean and std of every headline
+    figure (branching.seeds); returns that summary."""
+    recipe.parent_for(config.parent.kind)
+    with staged_dir(out_dir) as out:
+        return _run_seeds(config, data_dir, out, recipe, seeds, download, progress, echo, report, device)
+
+
+def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, echo, report, device) -> dict:
+    start = time.perf_counter()
+    runs = {}
+    for seed in seeds:
+        echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")
+        runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, download=download,
+                         progress=progress, echo=echo, report=report, device=device)
+    first = runs[seeds[0]]
+    summary = seeds_summary.summarise(runs)
+    metrics = {"seeds": seeds, "recipe": recipe.name, "config": first["config"], "data": first["data"],
+               "std": "sample standard deviation over seeds (ddof 1)",
+               "runs": {str(s): f"seed-{s}/metrics.json" for s in seeds},
+               "rules": {n: describe_rule(m["acceptance"]) for n, m in [("parent", first["parent"]),
+                                                                         *first["branches"].items()]
+                         if m and "acceptance" in m},
+               "parent": summary["parent"], "branches": summary["branches"], "tree": summary["tree"],
+               "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
+    write_json(out / "metrics.json", metrics)
+    echo(seeds_summary.format_summary(metrics))
+    if report:
+        from branching.reports.run import write_seeds_report  # matplotlib is only loaded when a report is written
+        write_seeds_report(out)
+    return metrics

@@ -1,0 +1,5 @@
+"""The trained tree: its model files (checkpoint), the routed tree (routing), one node's predictions
+and predict's inputs, self-evaluation judges at inference, and the cost and speed models.
+
+Imports: models, acceptance, data, config, reports and the base modules.
+"""

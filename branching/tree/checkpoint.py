@@ -1,0 +1,197 @@
+"""Self-describing model files for the parent and its branches, and the checks that tie them together.
+
+A file holds weights, architecture, class names, the parent's normalisation, the training recipe
+and seed, the history, and for a branch the fingerprints of the source and parent it was trained
+on. Loading uses torch.load(weights_only=True) through torchly.Model.load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from branching.config.parse import config_from_dict
+from branching.config.tree import TreeConfig
+from branching.errors import CheckpointError, ConfigError
+from branching.models import nets
+from branching.models.model import Model
+
+
+def read_model(path, fix: str) -> Model:
+    """One model file, checked against the fingerprint it records; `fix` says what to do otherwise."""
+    try:
+        model = Model.load(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{e}; {fix}") from None
+    if model.meta.get("fingerprint") != model.fingerprint():
+        raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); {fix}")
+    model.meta["path"] = str(path)
+    return model
+
+
+# File names of the original scripts; `run` uses "<node>.pt".
+SCRIPT_FILENAMES = {"parent": "parent_2.pt"}
+
+
+def script_filename(node: str) -> str:
+    """models/parent_2.pt, models/fishnet_2.pt, models/flowernet_2.pt, as in the original."""
+    return SCRIPT_FILENAMES.get(node, f"{node}net_2.pt")
+
+
+class ModelStore:
+    """A folder of node checkpoints, named "<node>.pt" or, with script_names, as the original scripts did."""
+
+    def __init__(self, directory, script_names: bool = False):
+        self.directory = Path(directory)
+        self.script_names = script_names
+
+    def path(self, node: str) -> Path:
+        return self.directory / (script_filename(node) if self.script_names else f"{node}.pt")
+
+    def save(self, node: str, model: Model, meta: dict) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(node)
+        model.save(path, meta={**meta, "fingerprint": model.fingerprint()})
+        return path
+
+    def load(self, node: str, hint: str = "") -> Model:
+        """Load one node's model and check that the file is intact."""
+        path = self.path(node)
+        if not path.exists():
+            raise CheckpointError(f"no model for {node!r} at {path}; train it first{hint}")
+        return read_model(path, f"train {node!r} again{hint}")
+
+    def load_tree(self, config, nodes=None, hints: dict | None = None) -> dict[str, Model]:
+        """Load the parent and the given branches (default all) with their sources, checking lineage."""
+        hints = hints or {}
+        wanted = [n.name for n in config.nodes()] if nodes is None else list(nodes)
+        needed: list[str] = []
+        for name in wanted:
+            for link in config.chain(name):
+                if link not in needed:
+                    needed.append(link)
+        models: dict[str, Model] = {}
+        for spec in config.nodes():
+            if spec.name in needed:
+                model = self.load(spec.name, hints.get(spec.name, ""))
+                check_node(model, spec, hints.get(spec.name, ""))
+                if spec.source is not None:
+                    check_lineage(model, spec.name, models[spec.source], models["parent"], hints.get(spec.name, ""))
+                models[spec.name] = model
+        return models
+
+
+def check_node(model: Model, spec, hint: str = "") -> None:
+    """The file must be of the right kind and hold the classes the config names, in the same order."""
+    meta, path = model.meta, model.meta.get("path", "?")
+    kind = "parent" if spec.source is None else "branch"
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
+    if spec.kind == "module" and model.kind == "module" and \
+            model.shape["weights_sha256"] != spec.shape_dict["weights_sha256"]:
+        raise CheckpointError(f"{path} was built from weights with sha256 {model.shape['weights_sha256'][:16]}..., but "
+                              f"{spec.shape_dict['weights']} now has sha256 {spec.shape_dict['weights_sha256'][:16]}...; "
+                              f"restore that file, or run the tree again on the new weights{hint}")
+    if (model.kind, model.shape) != (spec.kind, nets.check_shape(spec.kind, spec.shape_dict)):
+        raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
+                              f"{spec.shape_dict or ''} for {spec.name!r}; train it again{hint}")
+    if list(meta.get("classes", [])) != list(spec.classes):
+        raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
+                              f"{list(spec.classes)} for {spec.name!r}; train it again{hint}")
+    if kind == "branch":
+        wanted = (spec.source, spec.layer, spec.where, spec.pool)
+        got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
+        # where and pool unset in the config: the recipe's and the tap's defaults, whatever they were
+        got = tuple(g if w is not None or i < 2 else None for i, (g, w) in enumerate(zip(got, wanted)))
+        if wanted != got:
+            raise CheckpointError(f"{path} reads (source, layer, where, pool) {got}, but the config says {wanted}; "
+                                  f"train {spec.name!r} again{hint}")
+
+
+def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:
+    """A branch may only run on the exact source (and parent) it was trained on."""
+    path = branch.meta.get("path", "?")
+    tap = branch.meta.get("tap")  # its name when trained: the index must still name it (a module's code may change)
+    if tap is not None and source.tap(branch.meta["layer"], branch.meta.get("where"))["name"] != tap:
+        raise CheckpointError(f"branch {name!r} ({path}) was trained on tap {tap!r} of its source, which is now tap "
+                              f"{source.tap(branch.meta['layer'], branch.meta.get('where'))['name']!r} (the source's "
+                              f"module changed); retrain the branch{hint}")
+    for role, model, key in (("source", source, "source_fingerprint"), ("parent", parent, "parent_fingerprint")):
+        if branch.meta.get(key) != model.fingerprint():
+            raise CheckpointError(
+                f"branch {name!r} ({path}) was trained on a different {role} ({branch.meta.get(key)}) than "
+                f"{model.meta.get('path', role)} ({model.fingerprint()}); retrain the branch{hint}")
+
+
+def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfig, dict[str, Model]]:
+    """Every node model in a folder, keyed by the name recorded in it, and the tree they form.
+
+    Without a config the tree is rebuilt from what each file records (classes, source, layer);
+    with one, the files must match it. Either way each branch must sit on the exact models it was
+    trained on.
+    """
+    directory = Path(models_dir)
+    if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
+        directory = directory / "models"
+    files = sorted(p for p in directory.glob("*.pt") if not p.name.endswith(".selfeval.pt"))  # judges: branching.judge
+    if not files:
+        raise CheckpointError(f"no model files (*.pt) in {models_dir}; pass the models folder of a run "
+                              f"(e.g. runs/latest/models)")
+    models: dict[str, Model] = {}
+    for path in files:
+        model = read_model(path, f"remove it from {directory} or train it again")
+        name = model.meta.get("name")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path} records no node name; it was not written by branching")
+        if name in models:
+            raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
+        models[name] = model
+    if config is None:
+        config = _recorded_tree(models, directory) or _config_from_models(models, directory)
+    for spec in config.nodes():
+        if spec.name not in models:
+            raise CheckpointError(f"no model for node {spec.name!r} in {directory}, but the tree "
+                                  f"{', '.join(n.name for n in config.nodes())} needs it; train it, or pass the "
+                                  f"folder of a complete run")
+        check_node(models[spec.name], spec)
+        if spec.source is not None:
+            check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])
+    return config, {spec.name: models[spec.name] for spec in config.nodes()}
+
+
+def _recorded_tree(models: dict[str, Model], directory) -> TreeConfig | None:
+    """The tree the models were trained as, recorded in each of them (None for files written before)."""
+    recorded = {name: m.meta["tree"] for name, m in models.items() if m.meta.get("tree") is not None}
+    if not recorded:
+        return None
+    trees = {name: {k: v for k, v in tree.items() if k != "path"} for name, tree in recorded.items()}
+    first = next(iter(trees))
+    other = next((name for name, tree in trees.items() if tree != trees[first]), None)
+    if other is not None:
+        raise CheckpointError(f"the models {first!r} and {other!r} in {directory} were trained as different trees; "
+                              f"keep the models of one run per folder")
+    try:
+        return config_from_dict(recorded[first])
+    except ConfigError as e:
+        raise CheckpointError(f"{models[first].meta['path']} records an invalid tree ({e})") from None
+
+
+def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
+    if "parent" not in models:
+        raise CheckpointError(f"no parent model in {directory}; train the parent first")
+    tree: dict = {"parent": None, "branches": {}, "path": str(directory)}
+    for name, model in models.items():
+        meta = model.meta
+        node = {"classes": list(meta.get("classes", []))}
+        if model.kind == "mlp":
+            node.update(hidden=list(model.architecture[1:-1]), activation=model.activation)
+        else:
+            node.update(kind=model.kind, **model.shape)
+        if name == "parent":
+            tree["parent"] = node
+        else:
+            tree["branches"][name] = {"from": meta.get("source"), "layer": meta.get("layer"),
+                                      "where": meta.get("where"), "pool": meta.get("pool"), **node}
+    try:
+        return config_from_dict(tree)
+    except ConfigError as e:
+        raise CheckpointError(f"the models in {directory} do not form a valid tree ({e})") from None

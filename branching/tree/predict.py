@@ -1,0 +1,46 @@
+"""One node of a tree on its own (NodePredictor): the chain from the pixels to it, its classes and its
+acceptance rule, answering as the routed tree does."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from branching.acceptance.rule import Acceptance
+from branching.config.tree import TreeConfig
+from branching.data.cifar import N_PIXELS
+from branching.data.normalization import Normalizer
+from branching.errors import ConfigError
+from branching.models.forward import node_inputs
+from branching.tree import judge
+from branching.tree.routing import BATCH, TreePredictions
+
+
+class NodePredictor:
+    """One node of a tree on its own: the chain from the pixels to it, its classes, its acceptance rule.
+    Gives the routed tree's TreePredictions, with the chain as the path."""
+
+    def __init__(self, config: TreeConfig, models: dict, name: str):
+        config.node(name)
+        if not models[name].has_head:
+            raise ConfigError(f"--node {name}: a module parent without head = true has no classes to answer with; "
+                              f"ask one of its branches")
+        self.models, self.name = models, name
+        self.chain = tuple(config.chain(name))
+        self.classes = self.answerable = tuple(config.node(name).classes)
+        self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+        self.acceptance = Acceptance.of(models[name].meta)
+        self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
+
+    def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
+        X = self.normalizer.transform(np.asarray(images).reshape(-1, N_PIXELS))
+        logits = np.concatenate([self.models[self.name].logits(node_inputs(self.models, self.name, X[i:i + batch_size]))
+                                 for i in range(0, len(X), batch_size)] or [np.zeros((0, len(self.classes)))])
+        predicted = logits.argmax(axis=1)
+        probability = None if self.judge is None else self.judge.score_images(self.models, X, logits)
+        confidence = self.acceptance.confidence(logits, probability)
+        low = ~self.acceptance.accepts(confidence)
+        last = len(self.chain) - 1
+        return TreePredictions(self.classes, self.chain, tuple(self.chain[:i + 1] for i in range(len(self.chain))),
+                               predicted, confidence.astype(np.float32), np.full(len(X), last),
+                               np.where(low, last, -1), np.where(low, confidence, np.nan).astype(np.float32),
+                               predicted)
