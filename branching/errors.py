@@ -1,5 +1,7 @@
 """User-facing errors: one line that says what is wrong and how to fix it."""
 
+import difflib
+
 
 class BranchingError(Exception):
     """Base of every error the command line reports as `error: <message>` and exit 2."""
@@ -19,3 +21,10 @@ class CheckpointError(BranchingError):
 
 class OutputError(BranchingError):
     """An output path cannot be written, or is not a folder this project may replace."""
+
+
+def did_you_mean(word, choices) -> str:
+    """" (did you mean 'x'?)" for the choice closest to a misspelt `word`, or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+

@@ -180,7 +180,7 @@ ERRORS = [
     ("", ["[parent]"]),
     (PARENT + "hiden = [1]\n", ["'hiden'", "[parent]", "allowed:"]),
     (bad(branch("fish", 'classes = ["a", "b"]\nhiden = [1]')),
-     ["unknown key 'hiden' in [branches.fish]; allowed: classes, new_classes, from, layer, hidden, where, pool, "
+     ["unknown key 'hiden' in [branches.fish] (did you mean 'hidden'?); allowed: classes, new_classes, from, layer, hidden, where, pool, "
       "activation, dropout, accept"]),
     (bad("[parent.accept]\nrul = 1\n"), ["'rul'", "[parent.accept]"]),
     ("[parent]\nhidden = [4]\n", ["classes", "required"]),

@@ -338,7 +338,11 @@ def test_routing_and_predict_use_the_scores_as_the_generic_path_does(judged_run,
                  "--out", str(csv_path)]) == 0
     with open(csv_path) as f:
         predicted = [r for r in csv.DictReader(f) if r["true_class"] in config.parent.classes]
-    assert [r["path"] for r in predicted] == [result.path(i) for i in range(len(rows))]
+    # predict shows the path as far as the node that answered or rejected
+    shown = [result.path(i).split(" > ") for i in range(len(rows))]
+    shown = [" > ".join(c[:c.index(result.rejected_level(i)) + 1] if result.rejected_level(i) else c)
+             for i, c in enumerate(shown)]
+    assert [r["path"] for r in predicted] == shown
     assert np.array([float(r["confidence"]) for r in predicted])[water] == pytest.approx(expected, abs=1e-5)
     assert metrics["tree"]["rules"]["water"]["score"] == "selfeval"
 

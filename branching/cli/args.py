@@ -13,7 +13,7 @@ import torch
 
 from branching.config.recipes import RECIPES
 from branching.config.tree import DEFAULT_CONFIG
-from branching.errors import BranchingError
+from branching.errors import BranchingError, did_you_mean
 from branching.models.device import resolve_device
 from branching.reports.seeds import MAX_SEED
 
@@ -60,16 +60,37 @@ def _on_sigterm(handler):
     return signal.signal(signal.SIGTERM, handler)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every default: "(default X)" is added where the help text does not give it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default {action.default})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2; flags are
-    never abbreviated (`--max-ep` is an error, not --max-epochs)."""
+    """argparse whose usage errors are one line too: `error: ...` on stderr, exit status 2, with "did you
+    mean" for a misspelt flag; flags are never abbreviated (`--max-ep` is an error, not --max-epochs)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"error: {message}{self._suggestion(message)}; see {self.prog} --help\n")
+
+    def _suggestion(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        parsers = [self] + [sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                            for sub in action.choices.values()]  # extra flags are reported by the top parser
+        known = [s for parser in parsers for action in parser._actions for s in action.option_strings]
+        hints = [did_you_mean(word.split("=")[0], known) for word in message.split(":", 1)[1].split()
+                 if word.startswith("-")]
+        return next((h for h in hints if h), "")
 
 
 # ---- flags that several commands take --------------------------------------------------------
@@ -110,14 +131,15 @@ def _int(text: str) -> int:
 
 # Each shared flag is declared here once; `flags` makes parent parsers of them for `parents=[...]`.
 SHARED_FLAGS = {
-    "--config": dict(default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's)"),
+    "--config": dict(default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's fish and flower "
+                                                     "tree, configs/original.toml)"),
     "--data": dict(default="c10", help="folder with the CIFAR-100 python files train, test, meta"),
     "--models": dict(default="models", help="folder of the model files"),
     "--quiet": dict(action="store_true", help="no progress bars"),
     "--recipe": dict(default="default", choices=sorted(RECIPES),
                      help="'original' reproduces the original study; 'default' is ours (default)"),
     "--seed": dict(type=seed_int, default=None, help="seed of the training (default 0)"),
-    "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs (quick runs)"),
+    "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs, for quick runs (default: each recipe's own)"),
     "--no-download": dict(action="store_true", help="never download CIFAR-100; fail if it is missing"),
     "--device": dict(type=device_name, default="auto",
                      help="where models train: auto (CUDA when available, with mixed precision), cpu or cuda; "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from branching.cli.args import TREE, flags
 from branching.config.parse import load_config
+from branching.config.tree import DEFAULT_CONFIG
 from branching.errors import CheckpointError, ConfigError
 
 
@@ -25,6 +26,8 @@ def add_parsers(sub) -> None:
     compare.set_defaults(func=cmd_compare)
     probe = sub.add_parser("probe-layers",
                            parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs", "--device",
+                                          config="tree TOML (default: the tree the --models record, else the "
+                                                 "original study's)",
                                           seed="seed of the parent trained without --models",
                                           max_epochs="cap the epochs of that parent")],
                            help="linear probe on every hidden layer of the parent for each branch's classes; "
@@ -32,7 +35,7 @@ def add_parsers(sub) -> None:
     probe.add_argument("--models", default=None, metavar="DIR",
                        help="trained models of a run (OUT/models) or of the scripts (models/); default: "
                             "train a parent (and any branch that others read) with the default recipe")
-    probe.set_defaults(func=cmd_probe_layers)
+    probe.set_defaults(func=cmd_probe_layers, config=None)
 
 
 def cmd_compare(args) -> int:
@@ -88,9 +91,13 @@ def cmd_probe_layers(args) -> int:
     from branching.data.tree_data import load_tree_data
     from branching.studies.probe import format_probe_table, run_probe_layers, train_sources
 
-    config = load_config(args.config)
+    if args.config is None and args.models is not None:  # the tree the models record
+        from branching.tree.checkpoint import load_folder
+        config, _ = load_folder(args.models)
+    else:
+        config = load_config(args.config or DEFAULT_CONFIG)
     if not config.branches:
-        raise ConfigError(f"{config.path}: no branches to probe for")
+        raise ConfigError(f"{config.path or args.models}: no branches to probe for")
     data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
     if args.models is not None:
         models = _load_models(config, args.models)

@@ -3,9 +3,13 @@ original's scripts."""
 
 from __future__ import annotations
 
+import platform
 import shlex
 from pathlib import Path
 
+import torch
+
+from branching import __version__
 from branching.acceptance.metrics import format_report
 from branching.cli.args import TRAINING, TREE, ArgumentParser, flags, guarded, prog_name
 from branching.cli.compare import add_parsers as add_compare
@@ -27,6 +31,8 @@ from branching.tree.checkpoint import ModelStore, script_filename
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=prog_name(), description="Neural Branching: train a tree of a parent network and "
                             "its branches, evaluate it, compare it with baselines, and classify images with it.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[flags(*TREE, *TRAINING)],
                          help="train and evaluate the whole tree; writes OUT/metrics.json")
@@ -62,11 +68,25 @@ def cmd_run(args) -> int:
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,
                             device=args.device)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
+        print(what_to_open(Path(args.out), not args.no_report, {}))
         return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
                   progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
+    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"]))
     return 0
+
+
+def what_to_open(out: Path, report: bool, notes: dict) -> str:
+    """The end of a run: what needs attention, then the files to open."""
+    lines = [f"note: {note}" for note in notes.values()]
+    if report:
+        lines.append(f"open {out / 'report.html'} (or report.md; figures in {out / 'plots'}/); predict with: "
+                     f"{prog_name()} predict --models {out} IMAGE_OR_FOLDER")
+    else:
+        lines.append(f"results in {out / 'metrics.json'}; predict with: {prog_name()} predict --models {out} "
+                     f"IMAGE_OR_FOLDER")
+    return "\n".join(lines)
 
 
 # ---- the original's scripts ------------------------------------------------------------------

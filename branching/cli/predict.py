@@ -13,19 +13,21 @@ from branching.cli.args import positive_int
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
 from branching.data.images import load_images
-from branching.errors import ConfigError
+from branching.errors import ConfigError, DataError
 from branching.fileio import check_new_file, write_csv, write_json
 from branching.tree.checkpoint import load_folder
 from branching.tree.predict import NodePredictor
 from branching.tree.routing import BATCH, TreePredictor
 
 COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at",
-           "rejected_confidence")
+           "rejected_confidence", "threshold")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".mpo")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
-    p.add_argument("files", nargs="*", metavar="FILE", help="PNG or JPEG images (any size; resized to 32x32 RGB)")
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="PNG or JPEG images (any size; resized to 32x32 RGB), or folders of them (read recursively)")
     p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
     p.add_argument("--config", default=None, help="tree TOML the models must match (default: the tree the "
                                                   "model files record)")
@@ -49,19 +51,45 @@ def load_split_inputs(data_dir, split: str) -> tuple[list[str], np.ndarray, list
     return data.filenames, data.images, [label_names[i] for i in data.fine_labels]
 
 
-def prediction_table(names, predictions, true_classes=None) -> list[dict]:
+def image_paths(paths) -> tuple[list[Path], int]:
+    """The files to read: each file named, and every PNG or JPEG below each folder named, in sorted order;
+    and how many other files those folders hold (ignored)."""
+    found, ignored = [], 0
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(path)
+            continue
+        inside = sorted(p for p in path.rglob("*") if p.is_file())
+        images = [p for p in inside if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise DataError(f"{path}: a folder with no PNG or JPEG images in it; pass image files or a folder of them")
+        found += images
+        ignored += len(inside) - len(images)
+    return found, ignored
+
+
+def prediction_table(names, predictions, true_classes=None, thresholds=None) -> list[dict]:
+    """One row per image; the path goes as far as the node that answered or rejected it, and `threshold` is
+    the one that node compared the image's confidence with (thresholds: {node: threshold or None})."""
     rows = predictions.rows()
     for i, (name, row) in enumerate(zip(names, rows)):
         row["input"] = name
         row["true_class"] = true_classes[i] if true_classes is not None else ""
         low = float(predictions.rejected_confidence[i])
         row["rejected_confidence"] = None if np.isnan(low) else low
+        chain = row["path"].split(" > ")
+        if row["rejected_at"]:
+            chain = chain[:chain.index(row["rejected_at"]) + 1]
+            row["path"] = " > ".join(chain)
+        row["threshold"] = (thresholds or {}).get(chain[-1])
     return [{k: row[k] for k in COLUMNS} for row in rows]
 
 
 def format_line(row: dict) -> str:
+    threshold = "" if row["threshold"] is None else f" {row['threshold']:.4f}"
     verdict = ("accepted" if row["accepted"] else
-               f"rejected at {row['rejected_at']} (its confidence {row['rejected_confidence']:.4f} is below its threshold)")
+               f"rejected at {row['rejected_at']} (its confidence {row['rejected_confidence']:.4f} is below its "
+               f"threshold{threshold})")
     truth = f"  (true: {row['true_class']})" if row["true_class"] else ""
     return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}  "
             f"path {row['path']}  {verdict}{truth}")
@@ -84,6 +112,7 @@ def cmd_predict(args) -> int:
     config = load_config(args.config) if args.config else None
     if args.node is not None and args.branch is not None:
         raise ConfigError("pass --node NAME (that node alone) or --branch NAME (routing from that branch), not both")
+    files, ignored = image_paths(args.files)
     if args.node is None:
         predictor = TreePredictor.load(args.models, config, args.branch)
     else:
@@ -92,12 +121,14 @@ def cmd_predict(args) -> int:
         names, pixels, truth = load_split_inputs(args.data, args.split)
         errors: list[str] = []
     else:
-        names, pixels, errors = load_images(args.files)
+        names, pixels, errors = load_images(files)
         truth = None
+    if ignored:
+        print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     predictions = predictor.predict(pixels, batch_size=args.batch_size)
-    rows = prediction_table(names, predictions, truth)
+    rows = prediction_table(names, predictions, truth, predictor.thresholds)
     if args.out:
         write_rows(args.out, rows, errors)
     try:

@@ -15,7 +15,7 @@ from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAUL
                                    MLP_KEYS, MODULE_KEYS, PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
                                    Acceptance, NodeSpec, SelfEvalSpec, TreeConfig)
 from branching.data.cifar import N_PIXELS
-from branching.errors import ConfigError
+from branching.errors import ConfigError, did_you_mean
 from branching.models import module_parent, nets
 from branching.models.checks import declared_network
 from branching.models.nets import ACTIVATIONS, KINDS, SHAPES, WHERE
@@ -87,7 +87,7 @@ class _Table:
         for key in self.data:
             if key not in allowed:
                 where = "at the top level" if name == "top level" else f"in [{name}]"
-                raise ConfigError(f"{origin}: unknown key {key!r} {where}; "
+                raise ConfigError(f"{origin}: unknown key {key!r} {where}{did_you_mean(key, allowed)}; "
                                   f"allowed: {', '.join(allowed)}")
 
     def error(self, key: str, problem: str, fix: str) -> ConfigError:
@@ -250,8 +250,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         nodes[name] = _parse_node(origin, name, spec)
     for name, node in nodes.items():
         if name != "parent" and node["source"] not in nodes:
-            raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}; "
-                              f"use one of: {', '.join(nodes)}")
+            raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}"
+                              f"{did_you_mean(node['source'], nodes)}; use one of: {', '.join(nodes)}")
     for name in nodes:
         seen = [name]
         while seen[-1] != "parent":
@@ -267,7 +267,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         outside = [c for c in node["classes"] if c not in source["classes"]]
         if outside and not node["new_classes"]:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
-                              f"the classes of source {source['name']!r}; use classes from: "
+                              f"the classes of source {source['name']!r}{did_you_mean(outside[0], source['classes'])}; "
+                              f"use classes from: "
                               f"{', '.join(source['classes'])}, or set new_classes = true for a branch that learns "
                               f"classes its source never saw")
         if node["new_classes"] and not outside:

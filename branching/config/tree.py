@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from branching.data.cifar import N_PIXELS
-from branching.errors import ConfigError
+from branching.errors import ConfigError, did_you_mean
 from branching.models import module_parent, nets
 from branching.models.nets import SHAPES, WHERE
 
@@ -92,7 +92,7 @@ class NodeSpec:
     def class_index(self, name: str) -> int:
         """Label id of class `name` in this node."""
         if name not in self.classes:
-            raise ConfigError(f"unknown class {name!r} for node {self.name!r}; "
+            raise ConfigError(f"unknown class {name!r} for node {self.name!r}{did_you_mean(name, self.classes)}; "
                               f"known: {', '.join(self.classes)}")
         return self.classes.index(name)
 
@@ -110,8 +110,9 @@ class TreeConfig:
         if name == "parent":
             return self.parent
         if name not in self.branches:
-            raise ConfigError(f"{self.path or '<config>'}: unknown node {name!r}; "
-                              f"known: {', '.join(['parent', *self.branches])}")
+            known = ["parent", *self.branches]
+            raise ConfigError(f"{self.path or '<config>'}: unknown node {name!r}{did_you_mean(name, known)}; "
+                              f"known: {', '.join(known)}")
         return self.branches[name]
 
     def nodes(self) -> list[NodeSpec]:

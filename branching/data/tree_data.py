@@ -55,6 +55,9 @@ def load_tree_data(config, data_dir, download: bool = False, progress: bool = Tr
     """Load (and, if asked, download) the data, checking that every class of the tree (a
     branching.config.tree.TreeConfig) exists in it."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder that holds the data (for "
+                        f"CIFAR-100, the folder of its files train, test and meta)")
     for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):
         try:  # before any download
             resolve_classes(spec.classes, list(FINE_LABEL_NAMES))

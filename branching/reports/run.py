@@ -149,10 +149,12 @@ def write_report(out_dir, title: str | None = None) -> Path:
     run = f"recipe {metrics['recipe']}, seed {metrics['seed']}"
     blocks: list[tuple] = [("h1", title or f"Neural Branching run ({run})"),
                            ("p", f"Config {metrics['config'].get('path')}, data {metrics['data']['dir']}; "
-                                 f"total time {num(metrics['timings']['total_s'], 1)} s."),
-                           ("h2", "Summary on the test split"),
-                           ("table", SUMMARY_HEADER, [summary_row(n, node_metrics(metrics, n)) for n in names]),
-                           ("p", NOTE)]
+                                 f"total time {num(metrics['timings']['total_s'], 1)} s.")]
+    if metrics.get("notes"):
+        blocks += [("h2", "Needs attention"), *(("p", note) for note in metrics["notes"].values())]
+    blocks += [("h2", "Summary on the test split"),
+               ("table", SUMMARY_HEADER, [summary_row(n, node_metrics(metrics, n)) for n in names]),
+               ("p", NOTE)]
     rules = [(n, node_metrics(metrics, n)["acceptance"]) for n in names if "acceptance" in node_metrics(metrics, n)]
     if rules:
         blocks += [("h2", "Acceptance rules: asked, chosen on validation, delivered on test"),

@@ -25,6 +25,7 @@ from branching.models.module_parent import load_weights
 from branching.train.features import FeatureCache, branch_inputs
 
 ORIGINAL_BRANCH_SPLIT_SEED = 42  # the original's random_state for a branch's 80/20 split
+LOW_ACCEPTANCE = 0.25  # a node that lets through less of its validation images than this says how to change it
 
 
 def _split(n_or_labels, test_size, seed):
@@ -87,11 +88,13 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
                         restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent", device))
     model.freeze()
-    acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
+    val_logits = model.logits(X[val_idx])
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx])
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict()}
+            "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict(),
+            "acceptance_note": acceptance_note(spec, acceptance, val_logits)}
     held = new_class_hold_out(config, data, seed, r.validation)
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
@@ -121,17 +124,18 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     log(f"parent (module {shape['module']}, {sum(p.numel() for p in model.net.parameters()):,} parameters, frozen, "
         f"{'its head used' if model.has_head else 'no head'}): {len(train_idx)} training images, {len(val_idx)} "
         f"held out for validation, {len(spec.classes)} classes")
-    acceptance = None
+    acceptance, note = None, None
     if model.has_head:
-        X_val = normalizer.transform(images[val_idx])
-        acceptance = fit_acceptance(spec, r, model.logits(X_val), labels[val_idx]).to_dict()
+        val_logits = model.logits(normalizer.transform(images[val_idx]))
+        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx])
+        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits)
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("module"), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": {"epochs_run": 0, "best_epoch": 0, "stopped_early": False,
                         "seconds": time.perf_counter() - start}, "acceptance": acceptance,
             "module": shape["module"], "weights": shape["weights"], "weights_sha256": shape["weights_sha256"],
-            "tree": config.to_dict()}
+            "tree": config.to_dict(), "acceptance_note": note}
     held = new_class_hold_out(config, data, seed, r.validation)
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
@@ -191,14 +195,16 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                         train_transform=transform, restore_best_weights=True,
                         **fit_kwargs(r, seed, progress, name, device))
     model.freeze()
-    acceptance = fit_acceptance(spec, r, model.logits(features_val), labels[val_idx])
+    val_logits = model.logits(features_val)
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx])
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "tap": source.tap(*tap[1:3])["name"],
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
             "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict()}
+            "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict(),
+            "acceptance_note": acceptance_note(spec, acceptance, val_logits)}
     return model, meta
 
 
@@ -218,4 +224,41 @@ def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.nda
     acceptance = Acceptance.fit(accept, r, val_logits, val_labels, rejects=rejects(spec))
     if not acceptance.attained:
         log(f"{spec.name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
+    note = acceptance_note(spec, acceptance, val_logits)
+    if note:
+        log(f"note: {note}")
     return acceptance
+
+
+def accepted_share(acceptance: Acceptance, val_logits: np.ndarray) -> float | None:
+    """The share of validation images a node lets through: its rule's, or for a node without one (a parent
+    that routes by its recipe's threshold) the share whose max softmax at the temperature reaches it."""
+    if acceptance.rejects:
+        view = acceptance.validation or {}
+        return view.get("coverage") if acceptance.attained else 0.0
+    if not len(val_logits) or acceptance.threshold is None:
+        return None
+    return float(np.mean(acceptance.confidence(val_logits) >= acceptance.threshold))
+
+
+def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarray) -> str | None:
+    """None, or, when node `spec` lets through less than LOW_ACCEPTANCE of its validation images, what that
+    means and the TOML lines that would change it (printed by the run and shown in its report)."""
+    share = accepted_share(acceptance, val_logits)
+    if share is None or share >= LOW_ACCEPTANCE:
+        return None
+    table = "[parent.accept]" if spec.source is None else f"[branches.{spec.name}.accept]"
+    n = f"only {100 * share:.1f}% of its {len(val_logits)} validation images"
+    if not acceptance.rejects:
+        said = (f"{spec.name} passes {n} on down the tree (the rest are rejected at it): its routing threshold "
+                f"{acceptance.threshold:g} (the recipe's) on max softmax")
+    elif not acceptance.attained:
+        said = f"{spec.name} accepts {n}: its rule ({acceptance.describe()}) cannot be met, so it accepts nothing"
+    elif acceptance.rule == "threshold":
+        said = f"{spec.name} accepts {n}: its rule (threshold {acceptance.threshold:g})"
+    else:
+        said = f"{spec.name} accepts {n}: its rule ({acceptance.describe()}, chosen threshold {acceptance.threshold:.4f})"
+    return (f"{said}. To accept more, set in {table} of the tree TOML: rule = \"coverage\" and coverage = 0.8 "
+            f"(the 80% it is surest of), or rule = \"risk\" and risk = 0.1 (at most 10% wrong), or a lower "
+            f"threshold = 0.8")
+

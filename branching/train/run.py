@@ -27,6 +27,26 @@ from branching.tree import judge
 from branching.tree.checkpoint import ModelStore
 from branching.tree.routing import evaluate_tree, format_tree_report
 
+
+def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
+    """What a run will train, said before it starts: every node, its epochs, the device."""
+    parent, r = config.parent, recipe.parent_for(config.parent.kind)
+    stop = lambda node: "" if node.patience is None else f", early stopping after {node.patience} without gain"  # noqa: E731
+    lines = [f"training {len(config.nodes())} nodes on {device} (seed {seed}, recipe {recipe.name}):"]
+    if parent.kind == "module":
+        lines.append(f"  parent: the module {parent.shape_dict['module']}, loaded and frozen (never trained)")
+    else:
+        lines.append(f"  parent: a {parent.kind} on {len(parent.classes)} classes, up to {r.epochs} epochs{stop(r)}")
+    for spec in config.nodes()[1:]:
+        lines.append(f"  {spec.name}: {len(spec.classes)} classes, reading {spec.source} at layer {spec.layer}, up to "
+                     f"{recipe.branch.epochs} epochs{stop(recipe.branch)}")
+    for spec in config.nodes():
+        if spec.selfeval is not None:
+            lines.append(f"  {spec.name}'s self-evaluation judge: {spec.selfeval.folds} cross-fitted copies of the node, "
+                         f"then the judge")
+    return "\n".join(lines)
+
+
 # ---- evaluation ------------------------------------------------------------------------------
 
 def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData):
@@ -77,6 +97,7 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
 def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device) -> dict:
     start = time.perf_counter()
     data = load_tree_data(config, data_dir, download=download, progress=progress)
+    log(plan(config, recipe, seed, device))
     store = ModelStore(out / "models")
     timings: dict[str, float] = {}
     models: dict[str, Model] = {}
@@ -122,6 +143,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     metrics["timings"] = timings
+    metrics["notes"] = {n: m.meta["acceptance_note"] for n, m in models.items() if m.meta.get("acceptance_note")}
     write_json(out / "metrics.json", metrics)
     if report:
         from branching.reports.run import write_report  # matplotlib is only loaded when a report is written

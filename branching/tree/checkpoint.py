@@ -80,8 +80,9 @@ class ModelStore:
         return models
 
 
-def check_node(model: Model, spec, hint: str = "") -> None:
-    """The file must be of the right kind and hold the classes the config names, in the same order."""
+def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> None:
+    """The file must be of the right kind and hold the classes the config names, in the same order; `fix`
+    replaces the advice to train the node again (where the config, not the file, is what to change)."""
     meta, path = model.meta, model.meta.get("path", "?")
     kind = "parent" if spec.source is None else "branch"
     if meta.get("kind") != kind:
@@ -93,10 +94,10 @@ def check_node(model: Model, spec, hint: str = "") -> None:
                               f"restore that file, or run the tree again on the new weights{hint}")
     if (model.kind, model.shape) != (spec.kind, nets.check_shape(spec.kind, spec.shape_dict)):
         raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
-                              f"{spec.shape_dict or ''} for {spec.name!r}; train it again{hint}")
+                              f"{spec.shape_dict or ''} for {spec.name!r}; {fix or 'train it again'}{hint}")
     if list(meta.get("classes", [])) != list(spec.classes):
         raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
-                              f"{list(spec.classes)} for {spec.name!r}; train it again{hint}")
+                              f"{list(spec.classes)} for {spec.name!r}; {fix or 'train it again'}{hint}")
     if kind == "branch":
         wanted = (spec.source, spec.layer, spec.where, spec.pool)
         got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
@@ -104,7 +105,7 @@ def check_node(model: Model, spec, hint: str = "") -> None:
         got = tuple(g if w is not None or i < 2 else None for i, (g, w) in enumerate(zip(got, wanted)))
         if wanted != got:
             raise CheckpointError(f"{path} reads (source, layer, where, pool) {got}, but the config says {wanted}; "
-                                  f"train {spec.name!r} again{hint}")
+                                  f"{fix or f'train {spec.name!r} again'}{hint}")
 
 
 def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:
@@ -130,6 +131,10 @@ def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfi
     trained on.
     """
     directory = Path(models_dir)
+    if not directory.is_dir():
+        what = "is a file" if directory.exists() else "does not exist"
+        raise CheckpointError(f"--models {models_dir} {what}; pass the folder of a run (its OUT, e.g. runs/latest) "
+                              f"or its models/ folder")
     if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
         directory = directory / "models"
     files = sorted(p for p in directory.glob("*.pt") if not p.name.endswith(".selfeval.pt"))  # judges: branching.judge
@@ -145,14 +150,17 @@ def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfi
         if name in models:
             raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
         models[name] = model
+    fix = None
     if config is None:
         config = _recorded_tree(models, directory) or _config_from_models(models, directory)
+    else:
+        fix = "leave out --config to use the tree the models record, or train this tree"
     for spec in config.nodes():
         if spec.name not in models:
             raise CheckpointError(f"no model for node {spec.name!r} in {directory}, but the tree "
                                   f"{', '.join(n.name for n in config.nodes())} needs it; train it, or pass the "
                                   f"folder of a complete run")
-        check_node(models[spec.name], spec)
+        check_node(models[spec.name], spec, fix=fix)
         if spec.source is not None:
             check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])
     return config, {spec.name: models[spec.name] for spec in config.nodes()}

@@ -30,6 +30,8 @@ class NodePredictor:
         self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
         self.acceptance = Acceptance.of(models[name].meta)
         self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
+        # the threshold it compares with: its rule's (None without one: it accepts every answer)
+        self.thresholds = {name: self.acceptance.threshold if self.acceptance.rejects else None}
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
         X = self.normalizer.transform(np.asarray(images).reshape(-1, N_PIXELS))

@@ -231,6 +231,11 @@ class TreePredictor:
         return self.classes if self.entry is None else tuple(self.entry.spec.classes)
 
     @property
+    def thresholds(self) -> dict[str, float | None]:
+        """The threshold each node compares an image's confidence with (None: the node accepts nothing)."""
+        return {n.name: n.rule["threshold"] for n in self.nodes}
+
+    @property
     def node_names(self) -> tuple[str, ...]:
         return tuple(n.name for n in self.nodes)
 
