@@ -22,17 +22,8 @@ from branching.data.cifar import load_split
 from branching.data.normalization import Normalizer
 from branching.tree.checkpoint import load_folder
 from branching.tree.routing import TreePredictor
-from branching.tree.speed import (
-    batched_extraction,
-    chain_flops,
-    chain_models,
-    matmul_pass,
-    original_style,
-    peak_memory,
-    random_tree,
-    routed_shapes,
-    seconds_per_call,
-)
+from branching.tree.speed import (batched_extraction, chain_flops, chain_models, matmul_pass, original_style,
+                                  peak_memory, random_tree, routed_shapes, seconds_per_call)
 
 TARGET_SPEEDUP, TARGET_LIMIT_SHARE, TARGET_LATENCY_MS = 50.0, 0.5, 1.0
 

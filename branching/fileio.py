@@ -164,3 +164,9 @@ def check_new_file(path, what: str) -> Path:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {path}: cannot write in {existing}; choose a folder you can write to")
     return path
+
+
+def study_files(stem: str, result: dict, markdown: str, plot: bytes, extra: dict | None = None) -> dict[str, bytes]:
+    """A study's files, rendered before any is written: STEM.json, STEM.md, STEM.png and `extra`."""
+    return {f"{stem}.json": (json.dumps(result, indent=2) + "\n").encode(), f"{stem}.md": markdown.encode(),
+            f"{stem}.png": plot, **(extra or {})}

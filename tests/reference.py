@@ -5,6 +5,7 @@ data are trusted), checkpoints with torch.load(weights_only=True), and the forwa
 hand in float64 numpy from the raw weight tensors.
 """
 
+import json
 import os
 import pickle
 import re
@@ -156,3 +157,24 @@ branches.animals = { classes = ["beaver", "whale", "wolf"], layer = 1, where = "
 branches.water = { from = "animals", classes = ["beaver", "whale"], layer = 0, where = "post", hidden = [6] }
 branches.plants = { classes = ["sunflower", "forest"], layer = 0, where = "post", hidden = [5] }
 """
+
+
+def toml_table(header: str, **keys) -> str:
+    """A TOML table of a test's tree: [header], then `key = value` lines (`source` is written as `from`)."""
+    lines = [f"[{header}]"] + [f"{'from' if k == 'source' else k} = {json.dumps(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+FOUR_CLASS_PARENT = toml_table("parent", classes=SMALL_TREE_CLASSES, hidden=[16, 8])
+MAMMALS = toml_table("branches.mammals", classes=["beaver", "whale", "wolf"], layer=1, hidden=[6])
+WATER = toml_table("branches.water", source="mammals", classes=["beaver", "whale"], layer=0, hidden=[3])
+
+
+def node_probabilities(models: dict, names, X) -> dict:
+    """Each named node's softmax at its fitted temperature, from its own input (the reference the routed
+    tree's decisions are checked against)."""
+    from branching.models.forward import node_inputs
+
+    return {name: torch.softmax(torch.from_numpy(models[name].logits(node_inputs(models, name, X)))
+                                / models[name].meta["acceptance"]["temperature"], dim=1).numpy() for name in names}
+

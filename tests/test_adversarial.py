@@ -22,10 +22,10 @@ from synthetic import make_synthetic, write_meta
 from branching.cli import main as cli
 from branching.data.cifar import load_label_names
 from branching.data.download import ensure_cifar100
+from branching.data.images import MAX_PIXELS, load_image
 from branching.errors import DataError
 from branching.models.model import FORMAT, Model
 from branching.train import run as pipeline
-from branching.data.images import MAX_PIXELS, load_image
 
 OTHER_TREE = """
 parent = { classes = ["beaver", "whale", "wolf", "sunflower"], hidden = [16, 8] }

@@ -17,17 +17,8 @@ from branching.config.recipes import get_recipe
 from branching.models.forward import node_inputs
 from branching.models.model import Model
 from branching.reports.compare import paired_delta, summarise
-from branching.studies.baselines import (
-    EndToEnd,
-    Outcome,
-    Recipes,
-    count_parameters,
-    restricted_logits,
-    run_branch,
-    run_finetune,
-    run_parent_head,
-    unrestricted_logits,
-)
+from branching.studies.baselines import (EndToEnd, Outcome, Recipes, count_parameters, restricted_logits, run_branch,
+                                         run_finetune, run_parent_head, unrestricted_logits)
 from branching.studies.compare import compare_seed, make_context, score
 from branching.train.nodes import parent_normalizer, train_branch
 from branching.tree import cost

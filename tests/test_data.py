@@ -10,17 +10,8 @@ import pytest
 from synthetic import make_synthetic, write_meta, write_split
 
 from branching.data import download
-from branching.data.cifar import (
-    COARSE_LABEL_NAMES,
-    COARSE_OF_FINE,
-    FINE_LABEL_NAMES,
-    Split,
-    load_label_names,
-    load_split,
-    resolve_classes,
-    safe_load,
-    select,
-)
+from branching.data.cifar import (COARSE_LABEL_NAMES, COARSE_OF_FINE, FINE_LABEL_NAMES, Split, load_label_names,
+                                  load_split, resolve_classes, safe_load, select)
 from branching.data.normalization import Normalizer
 from branching.errors import DataError
 

@@ -14,12 +14,12 @@ from branching.cli.main import main
 from branching.config.parse import parse_config
 from branching.config.recipes import get_recipe
 from branching.data.cifar import load_label_names, load_split
+from branching.data.images import load_image
 from branching.data.tree_data import load_tree_data
 from branching.errors import CheckpointError
 from branching.train.nodes import train_branch
 from branching.train.run import run
 from branching.tree.checkpoint import ModelStore
-from branching.data.images import load_image
 from branching.tree.routing import TreePredictor
 
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from reference import REPO_ROOT
+from reference import REPO_ROOT, node_probabilities
 
 from branching.cli import main as cli
 from branching.config.parse import parse_config
 from branching.data.normalization import Normalizer
-from branching.models.forward import augment_transform, node_inputs, random_crops
+from branching.models.forward import augment_transform, random_crops
 from branching.models.model import Model
 from branching.train import run as pipeline
 from branching.train.nodes import parent_normalizer
@@ -64,9 +64,7 @@ def test_the_routed_tree_agrees_with_a_dense_reference(trained):
     result = TreePredictor(config, models).predict(images, batch_size=7)
     X = parent_normalizer(models["parent"]).transform(images)
     # the reference: every node's softmax from its own input, the routing decided here by hand
-    probs = {name: torch.softmax(torch.from_numpy(models[name].logits(node_inputs(models, name, X)))
-                                 / models[name].meta["acceptance"]["temperature"], dim=1).numpy()
-             for name in ("parent", "mammals", "water")}
+    probs = node_probabilities(models, ("parent", "mammals", "water"), X)
     mammal_mass = probs["parent"][:, :3].sum(axis=1)
     to_mammals = mammal_mass >= probs["parent"][:, 3]  # ties: the first group, as argmax
     water_mass = probs["mammals"][:, :2].sum(axis=1)

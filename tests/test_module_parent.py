@@ -10,6 +10,7 @@ import pytest
 import tiny_backbone
 import torch
 import torch.nn.functional as F
+from reference import WATER, node_probabilities, toml_table
 
 from branching.cli import main as cli
 from branching.config.parse import config_from_dict, parse_config
@@ -50,18 +51,7 @@ def parent_table(weights, extra="") -> str:
     return f'[parent]\nclasses = {CLASSES}\nkind = "module"\nmodule = "{MODULE}"\nweights = "{weights}"\n{extra}\n'
 
 
-TWO_LEVELS = """
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-layer = "layer1"
-hidden = [6]
-
-[branches.water]
-from = "mammals"
-classes = ["beaver", "whale"]
-layer = 0
-hidden = [3]
-"""
+TWO_LEVELS = toml_table("branches.mammals", classes=["beaver", "whale", "wolf"], layer="layer1", hidden=[6]) + WATER
 
 
 def by_hand(net, x, input_size=32):
@@ -210,10 +200,7 @@ def test_predict_goes_to_the_only_branch_of_a_parent_without_a_head(headless, ca
     config, models = load_folder(root / "out")
     images = np.load(data_dir / "test", allow_pickle=True, encoding="bytes")[b"data"]
     result = TreePredictor(config, models).predict(images, batch_size=7)
-    X = parent_normalizer(models["parent"]).transform(images)
-    probs = {name: torch.softmax(torch.from_numpy(models[name].logits(node_inputs(models, name, X)))
-                                 / models[name].meta["acceptance"]["temperature"], dim=1).numpy()
-             for name in ("mammals", "water")}
+    probs = node_probabilities(models, ("mammals", "water"), parent_normalizer(models["parent"]).transform(images))
     to_water = probs["mammals"][:, :2].sum(axis=1) >= probs["mammals"][:, 2]
     expected = np.where(to_water, probs["water"].argmax(axis=1), 2)
     assert (result.predicted == expected).mean() > 0.97

@@ -6,22 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from reference import (
-    FISH,
-    FLOWER,
-    ORIGINAL_CLASSES,
-    REPO_ROOT,
-    branch_logits,
-    file_mode_ok,
-    forward,
-    linear_layers,
-    load_checkpoint,
-    normalise,
-    read_pickle,
-    read_split,
-    run_command,
-    softmax,
-)
+from reference import (FISH, FLOWER, ORIGINAL_CLASSES, REPO_ROOT, branch_logits, file_mode_ok, forward, linear_layers,
+                       load_checkpoint, normalise, read_pickle, read_split, run_command, softmax)
 from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import train_test_split
 

@@ -7,22 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import (
-    FISH,
-    FLOWER,
-    ORIGINAL_CLASSES,
-    branch_logits,
-    file_mode_ok,
-    forward,
-    linear_layers,
-    load_checkpoint,
-    normalise,
-    parse_report,
-    read_split,
-    run_command,
-    script,
-    softmax,
-)
+from reference import (FISH, FLOWER, ORIGINAL_CLASSES, branch_logits, file_mode_ok, forward, linear_layers,
+                       load_checkpoint, normalise, parse_report, read_split, run_command, script, softmax, toml_table)
 from sklearn.metrics import confusion_matrix
 from synthetic import make_synthetic
 
@@ -190,27 +176,10 @@ def test_branch_with_another_parent_is_refused(workdir, tmp_path, monkeypatch, c
 # ---- any tree: --branch ------------------------------------------------------------------------
 # Branches that are neither fish nor flower, one of them a branch of a branch, over the synthetic six
 # classes; the scripts run in-process (cli.train_script / cli.test_script are what they call).
-OTHER_TREE = """
-[parent]
-classes = ["sunflower", "poppy", "tulip", "crab", "aquarium_fish", "shark"]
-hidden = [16, 8]
-
-[branches.sea]
-classes = ["crab", "aquarium_fish", "shark"]
-layer = 1
-hidden = [6]
-
-[branches.blooms]
-classes = ["sunflower", "poppy", "tulip"]
-layer = 1
-hidden = [6]
-
-[branches.fins]
-from = "sea"
-classes = ["aquarium_fish", "shark"]
-layer = 0
-hidden = [4]
-"""
+OTHER_TREE = (toml_table("parent", classes=ORIGINAL_CLASSES, hidden=[16, 8])
+              + toml_table("branches.sea", classes=FISH, layer=1, hidden=[6])
+              + toml_table("branches.blooms", classes=FLOWER, layer=1, hidden=[6])
+              + toml_table("branches.fins", source="sea", classes=["aquarium_fish", "shark"], layer=0, hidden=[4]))
 
 
 @pytest.fixture

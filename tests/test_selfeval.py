@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
-from reference import forward, linear_layers, load_checkpoint, read_split
+from reference import (FOUR_CLASS_PARENT, MAMMALS, SMALL_TREE_CLASSES, WATER, forward, linear_layers, load_checkpoint,
+                       read_split, toml_table)
 
 from branching.acceptance import confidence, selective
 from branching.acceptance.rule import Acceptance
@@ -26,48 +27,11 @@ from branching.tree import judge
 from branching.tree.checkpoint import load_folder
 from branching.tree.routing import TreePredictor
 
-JUDGED_TREE = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [16, 8]
+JUDGED_TREE = (FOUR_CLASS_PARENT + toml_table("parent.accept", score="energy", rule="coverage", coverage=0.9)
+               + MAMMALS + WATER + toml_table("branches.water.selfeval", layers=[0], hidden=[5], folds=3)
+               + toml_table("branches.water.accept", score="selfeval", rule="coverage", coverage=0.7))
 
-[parent.accept]
-score = "energy"
-rule = "coverage"
-coverage = 0.9
-
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [6]
-
-[branches.water]
-from = "mammals"
-classes = ["beaver", "whale"]
-layer = 0
-hidden = [3]
-
-[branches.water.selfeval]
-layers = [0]
-hidden = [5]
-folds = 3
-
-[branches.water.accept]
-score = "selfeval"
-rule = "coverage"
-coverage = 0.7
-"""
-
-BASE = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-hidden = [16, 8]
-
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-layer = 1
-hidden = [6]
-"""
+BASE = FOUR_CLASS_PARENT + MAMMALS
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -418,27 +382,10 @@ def test_bench_selfeval_times_each_judged_node(tmp_path, extra, judge_mflop):
     assert parent_row.split()[1] == judge_mflop and "judge alone" in done.stdout
 
 
-CNN_JUDGED = """
-[parent]
-classes = ["beaver", "whale", "wolf", "sunflower"]
-kind = "cnn"
-widths = [8, 16]
-depth = 1
-
-[parent.selfeval]
-layers = ["stage0", "stage1"]
-hidden = [8]
-folds = 2
-
-[parent.accept]
-score = "selfeval"
-rule = "coverage"
-coverage = 0.6
-
-[branches.mammals]
-classes = ["beaver", "whale", "wolf"]
-hidden = [6]
-"""
+CNN_JUDGED = (toml_table("parent", classes=SMALL_TREE_CLASSES, kind="cnn", widths=[8, 16], depth=1)
+              + toml_table("parent.selfeval", layers=["stage0", "stage1"], hidden=[8], folds=2)
+              + toml_table("parent.accept", score="selfeval", rule="coverage", coverage=0.6)
+              + toml_table("branches.mammals", classes=["beaver", "whale", "wolf"], hidden=[6]))
 
 
 def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_data_dir, tmp_path, single_thread):

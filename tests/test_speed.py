@@ -11,15 +11,8 @@ from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
 from branching.models.forward import node_inputs
 from branching.tree.routing import TreePredictor
-from branching.tree.speed import (
-    batched_extraction,
-    chain_flops,
-    chain_models,
-    original_style,
-    peak_memory,
-    random_tree,
-    routed_shapes,
-)
+from branching.tree.speed import (batched_extraction, chain_flops, chain_models, original_style, peak_memory,
+                                  random_tree, routed_shapes)
 
 CONFIG = parse_config(DEEP_TREE)  # water reads animals layer 0 post, animals reads parent layer 1 pre
 

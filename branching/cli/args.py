@@ -166,3 +166,12 @@ def prog_name() -> str:
     """How this command was started: `python -m branching` or the installed `branching`."""
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return "python -m branching" if main_spec is not None and main_spec.name == "branching.__main__" else "branching"
+
+
+def study_parser(sub, name: str, help_text: str, out: str, out_help: str = "output folder (replaced whole at the end)"):
+    """The parser of a study over seeds (compare, selfeval): the tree flags, --out and --seeds."""
+    p = sub.add_parser(name, parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")], help=help_text)
+    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    return p
+

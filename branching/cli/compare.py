@@ -5,18 +5,15 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from branching.cli.args import TREE, flags
+from branching.cli.args import TREE, flags, study_parser
 from branching.config.parse import load_config
 from branching.config.tree import DEFAULT_CONFIG
 from branching.errors import CheckpointError, ConfigError
 
 
 def add_parsers(sub) -> None:
-    compare = sub.add_parser("compare", parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")],
-                             help="every branch against its baselines and ablations; writes OUT/compare.md, "
-                                  "compare.json, compare.png")
-    compare.add_argument("--out", default="runs/compare", help="output folder")
-    compare.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    compare = study_parser(sub, "compare", "every branch against its baselines and ablations; writes "
+                           "OUT/compare.md, compare.json, compare.png", "runs/compare")
     compare.add_argument("--original-parent", action="store_true",
                          help="train a parent with the original recipe for the original-recipe branches "
                               "(about 9 minutes per seed); default: they use the default-recipe parent")

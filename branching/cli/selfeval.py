@@ -6,16 +6,13 @@ import shlex
 from pathlib import Path
 
 from branching.acceptance.stats import BOOTSTRAP
-from branching.cli.args import TREE, flags, positive_int
+from branching.cli.args import positive_int, study_parser
 from branching.config.parse import load_config
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("selfeval", parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")],
-                       help="every confidence score of every node (max softmax, DOCTOR, energy, margin, "
-                            "self-evaluation branches, oracle); writes OUT/selfeval.md, .json, .png")
-    p.add_argument("--out", default="runs/selfeval", help="output folder (replaced whole at the end)")
-    p.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    p = study_parser(sub, "selfeval", "every confidence score of every node (max softmax, DOCTOR, energy, margin, "
+                     "self-evaluation branches, oracle); writes OUT/selfeval.md, .json, .png", "runs/selfeval")
     p.add_argument("--nodes", default=None, metavar="LIST",
                    help="the nodes to score, e.g. mammals,plants (default: every node; a parent's five "
                         "cross-fitted copies are the bulk of the time)")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from branching.acceptance.stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
-from branching.fileio import write_files
+from branching.fileio import study_files, write_files
 from branching.reports.kshot import kshot_markdown, render_kshot_plot
 from branching.tables import MARKDOWN, interval, mean_std, num, pct, table
 
@@ -189,17 +188,12 @@ def render_plot(result: dict) -> bytes:
     fig.suptitle(f"Branch vs baselines: test accuracy, mean ± std over seeds {result['setup']['seeds']}; "
                  f"mean training time (test-set intervals are wider, see compare.md)", fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 0.95))
-    data = png_bytes(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)
 
 
 # ---- writing -----------------------------------------------------------------------------------
 
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write compare.json, compare.md and compare.png atomically."""
-    files = {"compare.json": (json.dumps(result, indent=2) + "\n").encode(),
-             "compare.md": render_markdown(result).encode(), "compare.png": render_plot(result)}
-    if "kshot" in result:
-        files["compare-kshot.png"] = render_kshot_plot(result)
-    return write_files(out_dir, files)
+    kshot = {"compare-kshot.png": render_kshot_plot(result)} if "kshot" in result else {}
+    return write_files(out_dir, study_files("compare", result, render_markdown(result), render_plot(result), kshot))

@@ -64,6 +64,4 @@ def render_kshot_plot(result: dict) -> bytes:
     fig.suptitle(f"k-shot: mean over seeds {result['setup']['seeds']}, bars: 95% Wilson interval over the test "
                  f"images", fontsize=11)
     fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(names) - 1) // columns + 1), 1, 0.95))
-    data = png_bytes(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)

@@ -23,11 +23,14 @@ SEED_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"
 
 
 def png_bytes(fig) -> bytes:
-    """A figure as PNG bytes, for fileio's writers."""
+    """A figure as PNG bytes, for fileio's writers; the figure is closed."""
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI, format="png")
+    if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot, which keeps it until closed
+        import matplotlib.pyplot as plt
+        plt.close(fig)
     return buffer.getvalue()
 
 

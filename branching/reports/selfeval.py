@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from branching.fileio import write_files
+from branching.fileio import study_files, write_files
 from branching.tables import MARKDOWN, mean_std, num, table
 
 BASELINE = "msp_t"
@@ -128,13 +127,9 @@ def render_plot(result: dict) -> bytes:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
-    data = png_bytes(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)
 
 
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write selfeval.json, selfeval.md and selfeval.png atomically."""
-    files = {"selfeval.json": (json.dumps(result, indent=2) + "\n").encode(),
-             "selfeval.md": render_markdown(result).encode(), "selfeval.png": render_plot(result)}
-    return write_files(out_dir, files)
+    return write_files(out_dir, study_files("selfeval", result, render_markdown(result), render_plot(result)))

@@ -27,21 +27,9 @@ from branching.fileio import staged_dir
 from branching.models.device import CPU
 from branching.models.forward import read
 from branching.reports.compare import summarise, write_outputs
-from branching.studies.baselines import (
-    Outcome,
-    Recipes,
-    SeedContext,
-    run_branch,
-    run_branch_original,
-    run_finetune,
-    run_linear_probe,
-    run_parent_head,
-    run_parent_unrestricted,
-    run_read,
-    run_scratch,
-    run_scratch_mlp,
-    run_taps_concat,
-)
+from branching.studies.baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
+                                         run_linear_probe, run_parent_head, run_parent_unrestricted, run_read,
+                                         run_scratch, run_scratch_mlp, run_taps_concat)
 from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
 from branching.train.nodes import branch_read, parent_normalizer, train_parent
 

@@ -29,13 +29,8 @@ from branching.data.tree_data import TreeData
 from branching.models.device import CPU
 from branching.models.forward import extract, read
 from branching.models.model import Model
-from branching.train.nodes import (
-    ORIGINAL_BRANCH_SPLIT_SEED,
-    held_out_rows,
-    parent_normalizer,
-    train_branch,
-    train_parent,
-)
+from branching.train.nodes import (ORIGINAL_BRANCH_SPLIT_SEED, held_out_rows, parent_normalizer, train_branch,
+                                   train_parent)
 from branching.tree import cost
 
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1)   # inverse regularisation strengths tried; the best on validation wins
