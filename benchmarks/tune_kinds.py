@@ -4,7 +4,7 @@
         --grid "epochs=15,20,30 lr=3e-3" --out runs/tune-cnn
 
 Trains the parent of configs/cifar100-6-<kind>.toml once per candidate and seed, each candidate being
-the kind's default recipe (branching/recipes.py) with the --grid values replaced, and scores it on the
+the kind's default recipe (branching/config/recipes.py) with the --grid values replaced, and scores it on the
 parent's validation hold-out (15% of its training images, drawn per seed; the parent never trains on
 them). The rule, fixed before any run: the candidate with the fewest training epochs (then the least
 measured time) among those whose validation accuracy (pooled over seeds) is at most one binomial
