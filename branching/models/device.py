@@ -1,0 +1,38 @@
+"""Where a model runs: a `--device` name checked once and turned into a torch.device, which every
+function that trains or runs a model is then given (nothing here is global)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+CPU = torch.device("cpu")
+
+
+def resolve_device(name="cpu") -> torch.device:
+    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N", or a torch.device, checked."""
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {str(name)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"no CUDA device here (torch {torch.__version__}, built for "
+                         f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'the CPU only'}); use cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"no {device} here: {torch.cuda.device_count()} CUDA device(s); use cuda, cpu or auto")
+    return device
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on a CUDA device that supports it; otherwise nothing."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

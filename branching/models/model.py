@@ -1,0 +1,301 @@
+"""The Model: a network of branching.models.nets (the original's MLP, the CNN, the ViT, or a user's
+module, frozen) with Keras-like inference, taps (feature_info, forward_intermediates), save and load.
+Training is branching.models.training's.
+
+Every method that takes inputs follows the convention of `as_2d_float`. The model is in eval mode
+except while `fit` runs, and on the CPU unless moved (`to`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import softmax
+from torch import nn
+
+from branching.fileio import atomic_path
+from branching.models import nets
+from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
+                                     declared_network, first_line, writable)
+from branching.models.nets import KINDS, WHERE, ACTIVATIONS
+from branching.models.training import Trainable
+
+__all__ = ["FORMAT", "Model"]
+
+FORMAT = "torchly/1"
+
+
+class Model(Trainable):
+    """A network (an MLP by default; see branching.nets for the CNN and the ViT) with Keras-like
+    training and inference on flat float32 inputs (N, architecture[0]).
+
+    An MLP is given by its `architecture` [in, hidden..., out], `activation` and `dropout`; a CNN or a
+    ViT by `kind`, `architecture` [in, classes], `dropout` (before the head) and `shape` (its keys in
+    branching.nets.SHAPES, defaults filled in).
+    """
+
+    def __init__(self, architecture, activation="relu", dropout=None, seed=None, kind="mlp", shape=None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        self.kind = kind
+        self.shape = nets.check_shape(kind, shape or {})
+        self.architecture = check_architecture(architecture, kind)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+        self.activation = activation
+        self.dropout = None if dropout is None else check_real(dropout, "dropout", lambda v: 0 <= v < 1,
+                                                          "None or a float in [0, 1)")
+        self.meta: dict = {}
+        self.history: dict | None = None
+        declared_network(kind, self.architecture, activation, self.dropout, self.shape)  # its size, on meta
+        if seed is None:
+            self.net = self._build()
+        else:
+            seed = check_int(seed, "seed", minimum=0)
+            with torch.random.fork_rng(devices=[]):  # reproducible init, global RNG untouched
+                torch.manual_seed(seed)
+                self.net = self._build()
+        self.net.eval()
+
+    def _build(self) -> nn.Module:
+        return nets.build(self.kind, self.architecture, self.activation, self.dropout, self.shape)
+
+    def __repr__(self) -> str:
+        if self.kind == "mlp":
+            return f"Model({self.architecture}, activation={self.activation!r}, dropout={self.dropout!r})"
+        return f"Model(kind={self.kind!r}, {self.shape}, classes={self.architecture[-1]}, dropout={self.dropout!r})"
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the network's output is class logits: always, but for a module parent (kind "module")
+        without head = true."""
+        return self.kind != "module" or self.shape["head"]
+
+    @property
+    def n_hidden(self) -> int:
+        """Hidden layers of an MLP (0 for other kinds: their taps are in feature_info)."""
+        return len(self.architecture) - 2
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.net.parameters())
+
+    # ---- inference -------------------------------------------------------------------------
+
+    def logits(self, X, batch_size=4096) -> np.ndarray:
+        """Raw outputs, float32 (N, out)."""
+        if not self.has_head:
+            raise ValueError(f"this {self.shape['module']} parent has no head (its outputs are not the classes); "
+                             f"read its taps, or set head = true where its outputs are the classes in order")
+        return self._map_batches(as_2d_float(X, self.architecture[0]), self.net, batch_size)
+
+    def predict_proba(self, X, temperature=1.0) -> np.ndarray:
+        """softmax(logits / temperature), float32 (N, out)."""
+        temperature = check_real(temperature, "temperature", lambda v: 0 < v < math.inf, "a positive number")
+        return softmax(self.logits(X).astype(np.float64) / temperature, axis=1).astype(np.float32)
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted class ids, int64 (N,)."""
+        return self.logits(X).argmax(axis=1).astype(np.int64)
+
+    def evaluate(self, X, y) -> dict:
+        """Mean cross-entropy (no label smoothing) and accuracy."""
+        X = as_2d_float(X, self.architecture[0])
+        return self._loss_accuracy(X, as_labels(y, len(X), self.architecture[-1], "y"))
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """The points that can be tapped, in forward order (as timm's `feature_info`), each
+        {"name", "layer", "where", "shape", "module", ...}: for an MLP every hidden layer before ("pre") and
+        after ("post") its activation, for a CNN every stage, for a ViT every block; `shape` is one image's
+        tensor there and `module` names the submodule of .net producing it."""
+        return self.net.feature_info
+
+    def tap(self, layer, where=None) -> dict:
+        """A feature_info entry: by name, or by index (negative counts from the end) with, for an MLP,
+        `layer` a hidden layer and `where` "pre" or "post" (default "post")."""
+        info = self.feature_info
+        if isinstance(layer, str):
+            found = [i for i in info if i["name"] == layer]
+            if not found:
+                raise ValueError(f"no tap named {layer!r}; taps are {', '.join(i['name'] for i in info)}")
+            if where is not None and where != found[0]["where"]:
+                raise ValueError(f"tap {layer!r} is {found[0]['where']!r}, not {where!r}")
+            return found[0]
+        if self.kind == "mlp":
+            where = "post" if where is None else where
+            if where not in WHERE:
+                raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
+            return info[2 * self._resolve_layer(layer, self.n_hidden) + WHERE.index(where)]
+        if where is not None:
+            raise ValueError(f"where is for MLP layers; a {self.kind}'s taps are {', '.join(i['name'] for i in info)}")
+        return info[self._resolve_layer(layer, len(info))]
+
+    def forward_intermediates(self, x: torch.Tensor, taps, stop_early: bool = True):
+        """(output, [tensor per tap]) for a batch x; taps are (layer, where) pairs as `tap` takes them.
+
+        With stop_early only the layers up to the deepest tap run and the output is None; otherwise
+        the output is the logits. No conversion, no mode change, gradients as the caller has them.
+        """
+        info = self.feature_info
+        indices = [info.index(self.tap(layer, where)) for layer, where in taps]
+        return self.net.forward_intermediates(x, indices, stop_early)
+
+    def hidden_forward(self, x: torch.Tensor, layer, where=None) -> torch.Tensor:
+        """One tap's tensor for a batch x (forward_intermediates with one tap, stopping there)."""
+        return self.forward_intermediates(x, [(layer, where)])[1][0]
+
+    def get_activations(self, X, layer=-1, where=None, pool=None, batch_size=4096) -> np.ndarray:
+        """A tap's activations as vectors, float32 (N, width), computing only the layers needed; `pool`
+        (default: branching.nets.default_pool) turns a feature map or token sequence into a vector.
+
+        Runs in eval mode without gradients, then restores the model's previous train/eval mode.
+        """
+        shape = self.tap(layer, where)["shape"]  # validate before converting the input
+        how = nets.check_pool(shape, pool or nets.default_pool(shape))
+        X = as_2d_float(X, self.architecture[0])
+        return self._map_batches(X, lambda xb: nets.pool(self.hidden_forward(xb, layer, where), how), batch_size)
+
+    def width(self, layer, where=None, pool=None) -> int:
+        """Width of the vector a tap gives (pooled as get_activations pools it)."""
+        shape = self.tap(layer, where)["shape"]
+        return nets.pooled_width(shape, pool or nets.default_pool(shape))
+
+    @staticmethod
+    def _resolve_layer(layer, n) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layer must be an int or a tap name; got {layer!r}")
+        if n == 0:
+            raise ValueError("model has no hidden layers")
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} out of range: valid layers are {-n}..{n - 1}")
+        return int(layer) % n
+
+    @contextlib.contextmanager
+    def _inference(self):
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.net.train(was_training)
+
+    def _device(self) -> torch.device:
+        return next(self.net.parameters(), torch.empty(0)).device
+
+    def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        device = self._device()
+        with self._inference():
+            outputs = [fn(xb.to(device)).cpu() for xb in torch.split(torch.from_numpy(writable(X)), batch_size)]
+        return torch.cat(outputs).numpy()
+
+    def _loss_accuracy(self, X: np.ndarray, y: np.ndarray, batch_size=4096) -> dict:
+        loss_sum, correct = 0.0, 0
+        device = self._device()
+        with self._inference():
+            for xb, yb in zip(torch.split(torch.from_numpy(writable(X)), batch_size),
+                              torch.split(torch.from_numpy(y), batch_size)):
+                xb, yb = xb.to(device), yb.to(device)
+                out = self.net(xb).float()
+                loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
+                correct += (out.argmax(dim=1) == yb).sum().item()
+        n = len(y)
+        return {"loss": loss_sum / n if n else math.nan, "accuracy": correct / n if n else math.nan}
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def freeze(self) -> "Model":
+        """Stop all parameters from training and switch to eval mode."""
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.net.eval()
+        return self
+
+    def fingerprint(self) -> str:
+        """16 hex chars of sha256 over architecture, activation (and kind and shape) and every state_dict
+        tensor."""
+        described = [self.architecture, self.activation] + ([] if self.kind == "mlp" else [self.kind, self.shape])
+        digest = hashlib.sha256(json.dumps(described).encode())
+        for name, tensor in self.net.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def save(self, path, meta=None) -> None:
+        """Write one file atomically; it loads with torch.load(path, weights_only=True)."""
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict; got {type(meta).__name__}")
+        payload = {"format": FORMAT, "architecture": list(self.architecture), "activation": self.activation,
+                   "dropout": self.dropout, "state_dict": dict(self.net.state_dict()),
+                   "meta": clean_meta(meta or {}, "meta")}
+        if self.kind != "mlp":
+            payload.update(kind=self.kind, shape=dict(self.shape))
+        with atomic_path(path, "wb") as f:
+            torch.save(payload, f)
+
+    @classmethod
+    def load(cls, path) -> "Model":
+        """Read a file written by save; the model comes back in eval mode with .meta set."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model file not found: {path}")
+        try:
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: the unsafe way
+            raise ValueError(f"{path} is refused: it holds objects other than tensors and plain data, which a "
+                             f"torchly model file never does, and loading them could run code") from e
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable torchly model file ({first_line(e)})") from e
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a torchly model file (expected format {FORMAT!r})")
+        try:
+            args = (payload["architecture"], payload["activation"], payload["dropout"])
+            kind, shape = payload.get("kind", "mlp"), payload.get("shape")
+            check_state_dict(*args, kind, shape, payload["state_dict"])
+            model = cls(*args, seed=0, kind=kind, shape=shape)
+            model.net.load_state_dict(payload["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path} is a corrupt torchly model file ({first_line(e)})") from e
+        model.meta = payload.get("meta") or {}
+        return model
+
+
+def clean_meta(value, key):
+    """Copy meta into types torch.load(weights_only=True) accepts; numpy -> tensors / Python scalars."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        try:
+            return torch.from_numpy(np.array(value))
+        except (TypeError, ValueError):
+            raise TypeError(f"{key}: numpy array of dtype {value.dtype} cannot be stored") from None
+    if isinstance(value, np.generic):
+        return clean_meta(value.item(), key)
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, dict):
+        cleaned = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise TypeError(f"{key}: keys must be str; got {k!r}")
+            cleaned[k] = clean_meta(v, f"{key}[{k!r}]")
+        return cleaned
+    if isinstance(value, (list, tuple)):
+        return [clean_meta(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{key}: cannot store a {type(value).__name__} "
+                    "(allowed: dict, list, str, int, float, bool, None, tensor, numpy array)")

@@ -1,0 +1,151 @@
+"""Training a Model: mini-batch cross-entropy with validation, early stopping and the best epoch's
+weights restored. A mixin of branching.models.model.Model, on the device the caller names."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from branching.models.checks import as_2d_float, as_labels, check_choice, check_int, check_real, writable
+from branching.models.device import autocast, resolve_device
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = (None, "cosine", "onecycle")
+MONITORS = ("val_loss", "val_accuracy")
+
+
+class Trainable:
+    """fit() for a Model (self.net, self.architecture, self.kind, self._loss_accuracy, self._device)."""
+
+    def fit(self, X, y, validation_data=None, epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0,
+            optimizer="adam", label_smoothing=0.0, early_stopping_patience=None, monitor="val_loss",
+            restore_best_weights=True, lr_schedule=None, train_transform=None, seed=None,
+            progress=True, desc="train", device="cpu") -> dict:
+        """Mini-batch training on cross-entropy on `device` (the model returns to the CPU at the end);
+        returns the history (also kept as .history)."""
+        if self.kind == "module":
+            raise ValueError("a module parent is never trained here: it is loaded from its weights file")
+        n_in, n_out = self.architecture[0], self.architecture[-1]
+        X = as_2d_float(X, None if train_transform is not None else n_in)
+        if len(X) == 0:
+            raise ValueError("cannot fit on an empty dataset")
+        y = as_labels(y, len(X), n_out, "y")
+        val = None
+        if validation_data is not None:
+            if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+                raise ValueError("validation_data must be a pair (X_val, y_val)")
+            X_val = as_2d_float(validation_data[0], n_in)
+            val = (X_val, as_labels(validation_data[1], len(X_val), n_out, "y_val"))
+        epochs = check_int(epochs, "epochs", minimum=1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        patience = None if early_stopping_patience is None else check_int(
+            early_stopping_patience, "early_stopping_patience", minimum=0)
+        check_choice(optimizer, OPTIMIZERS, "optimizer")
+        check_choice(lr_schedule, LR_SCHEDULES, "lr_schedule")
+        check_choice(monitor, MONITORS, "monitor")
+        lr = check_real(lr, "lr", lambda v: 0 < v < math.inf, "a positive number")
+        weight_decay = check_real(weight_decay, "weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
+        label_smoothing = check_real(label_smoothing, "label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model is frozen: it has no trainable parameters")
+        device = resolve_device(device)
+        self.net.to(device)  # the parameters move in place; back to the CPU when fit ends
+
+        if seed is not None:
+            torch.manual_seed(check_int(seed, "seed", minimum=0))  # dropout uses the global RNG
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        opt = make_optimizer(optimizer, params, lr, weight_decay)
+        scheduler = make_scheduler(lr_schedule, opt, lr, epochs * math.ceil(len(X) / batch_size))
+        Xt, yt = torch.from_numpy(writable(X)), torch.from_numpy(y)
+
+        history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
+        sign = 1.0 if monitor == "val_loss" else -1.0  # compare as "smaller is better"
+        best, best_epoch, best_state, wait, stopped_early = math.inf, 0, None, 0, False
+        start = time.perf_counter()
+        bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, file=sys.stderr, unit="epoch")
+        try:
+            for epoch in bar:
+                loss, accuracy = self._train_epoch(Xt, yt, opt, scheduler, batch_size, label_smoothing,
+                                                   train_transform, generator)
+                history["loss"].append(loss)
+                history["accuracy"].append(accuracy)
+                history["lr"].append(float(opt.param_groups[0]["lr"]))
+                postfix = {"loss": f"{loss:.4f}"}
+                if val is not None:
+                    metrics = self._loss_accuracy(*val)
+                    history["val_loss"].append(metrics["loss"])
+                    history["val_accuracy"].append(metrics["accuracy"])
+                    postfix.update(val_loss=f"{metrics['loss']:.4f}", val_acc=f"{metrics['accuracy']:.4f}")
+                    current = sign * metrics["loss" if monitor == "val_loss" else "accuracy"]
+                    if current < best:
+                        best, best_epoch, wait = current, epoch, 0
+                        if restore_best_weights:
+                            best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+                    else:
+                        wait += 1
+                        stopped_early = patience is not None and wait >= patience
+                bar.set_postfix(postfix)
+                if stopped_early:
+                    break
+        finally:
+            bar.close()
+            self.net.eval()
+            self.net.to("cpu")
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        epochs_run = len(history["loss"])
+        history.update(epochs_run=epochs_run, best_epoch=best_epoch if val is not None else epochs_run,
+                       stopped_early=stopped_early, seconds=time.perf_counter() - start)
+        self.history = history
+        return history
+
+    def _train_epoch(self, Xt, yt, opt, scheduler, batch_size, label_smoothing, transform, generator):
+        """One shuffled pass in train mode; returns the epoch's mean training loss and accuracy."""
+        self.net.train()
+        loss_sum, correct = 0.0, 0
+        device = self._device()
+        for idx in torch.randperm(len(Xt), generator=generator).split(batch_size):
+            xb, yb = Xt[idx], yt[idx]
+            if transform is not None:
+                xb = transform(xb, generator)
+                if not isinstance(xb, torch.Tensor) or tuple(xb.shape) != (len(idx), self.architecture[0]):
+                    got = tuple(xb.shape) if isinstance(xb, torch.Tensor) else type(xb).__name__
+                    raise ValueError(f"train_transform must return a tensor of shape "
+                                     f"({len(idx)}, {self.architecture[0]}); got {got}")
+                xb = xb.to(torch.float32)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with autocast(device):
+                out = self.net(xb)
+                loss = F.cross_entropy(out.float(), yb, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(dim=1) == yb).sum().item()
+        return loss_sum / len(Xt), correct / len(Xt)
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def make_scheduler(name, opt, lr, total_steps):
+    """Per-step schedules over the whole run."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
+    return None
