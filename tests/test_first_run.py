@@ -47,6 +47,9 @@ def test_version(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
     assert __version__ in out and "torch" in out
+    assert main([]) == 2  # no command: the list of commands
+    listed = capsys.readouterr().out
+    assert all(command in listed for command in ("run", "predict", "compare", "probe-layers", "selfeval"))
 
 
 def test_a_run_says_what_it_trains_and_what_to_open(tmp_path, small_data_dir, small_tree_file, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -52,7 +53,11 @@ def build_parser() -> ArgumentParser:
 
 @guarded
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a first try with no command: the commands, not an error
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
     return args.func(args)
 
 
