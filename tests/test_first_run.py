@@ -47,8 +47,9 @@ def test_version(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
     assert __version__ in out and "torch" in out
-    assert main([]) == 2  # no command: the list of commands
-    listed = capsys.readouterr().out
+    assert main([]) == 2  # no command: a one-line error that lists them
+    listed = last_error(capsys)
+    assert listed.startswith("error: give a command:")
     assert all(command in listed for command in ("run", "predict", "compare", "probe-layers", "selfeval"))
 
 

@@ -54,9 +54,10 @@ def build_parser() -> ArgumentParser:
 @guarded
 def main(argv=None) -> int:
     parser = build_parser()
-    if not (sys.argv[1:] if argv is None else argv):  # a first try with no command: the commands, not an error
-        parser.print_help()
-        return 2
+    if not (sys.argv[1:] if argv is None else argv):
+        commands = next(a for a in parser._actions if a.dest == "command").choices
+        raise ConfigError(f"give a command: {', '.join(commands)}; see {parser.prog} --help or {parser.prog} "
+                          f"COMMAND --help")
     args = parser.parse_args(argv)
     return args.func(args)
 
