@@ -176,7 +176,7 @@ def bad(text):
 
 ERRORS = [
     # (toml text, substrings the message must contain)
-    ('colour = 1\n' + PARENT, ["'colour'", "top level", "allowed: parent, branches"]),
+    ('colour = 1\n' + PARENT, ["'colour'", "top level", "allowed: data, parent, branches"]),
     ("", ["[parent]"]),
     (PARENT + "hiden = [1]\n", ["'hiden'", "[parent]", "allowed:"]),
     (bad(branch("fish", 'classes = ["a", "b"]\nhiden = [1]')),

@@ -4,7 +4,6 @@ the fix; taps resolved against the source node's feature_info."""
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,9 @@ from branching.acceptance.confidence import PROBABILITY_SCORES, SCORES
 from branching.acceptance.selective import RULES
 from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAULT_BRANCH_HIDDEN, DEFAULT_CONFIG,
                                    DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_PARENT_HIDDEN, DEFAULT_SELFEVAL_HIDDEN,
-                                   MLP_KEYS, MODULE_KEYS, PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
+                                   DATA_KEYS, IMAGE_SIZES, MLP_KEYS, MODULE_KEYS, PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
                                    Acceptance, NodeSpec, SelfEvalSpec, TreeConfig)
-from branching.data.cifar import N_PIXELS
+from branching.config.table import Table, is_int, one_line, parse_toml, show
 from branching.errors import ConfigError, did_you_mean
 from branching.models import module_parent, nets
 from branching.models.checks import declared_network
@@ -29,14 +28,14 @@ def load_config(path: str | Path) -> TreeConfig:
         raise ConfigError(f"config file not found: {path}; pass the path of an existing .toml file "
                           f"(e.g. {DEFAULT_CONFIG})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config file ({_one_line(e)}); "
+        raise ConfigError(f"{path}: cannot read config file ({one_line(e)}); "
                           f"pass a readable UTF-8 .toml file") from None
-    return _build(_trusted(_parse_toml(text, str(path))), origin=str(path), path=str(path))
+    return _build(_trusted(parse_toml(text, str(path))), origin=str(path), path=str(path))
 
 
 def parse_config(text: str, origin: str = "<string>") -> TreeConfig:
     """Validate a tree TOML given as text; `origin` names it in error messages."""
-    return _build(_trusted(_parse_toml(text, origin)), origin=origin, path=None)
+    return _build(_trusted(parse_toml(text, origin)), origin=origin, path=None)
 
 
 def _trusted(data: dict) -> dict:
@@ -57,104 +56,11 @@ def config_from_dict(d: dict) -> TreeConfig:
     return _build(data, origin=path or "<dict>", path=path)
 
 
+
 # --- parsing ---------------------------------------------------------------------------------
 
-def _parse_toml(text: str, origin: str) -> dict:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{origin}: invalid TOML: {_one_line(e)}; fix the syntax there") from None
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
-def _show(value: Any) -> str:
-    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Table:
-    """One TOML table with its name, for lookups and one-line error messages."""
-
-    def __init__(self, origin: str, name: str, data: Any, allowed: tuple[str, ...]):
-        self.origin, self.name = origin, name
-        if not isinstance(data, dict):
-            raise ConfigError(f"{origin}: [{name}] must be a table, got {_show(data)}; "
-                              f"write it as a [{name}] section")
-        self.data = {k: v for k, v in data.items() if v is not None}
-        for key in self.data:
-            if key not in allowed:
-                where = "at the top level" if name == "top level" else f"in [{name}]"
-                raise ConfigError(f"{origin}: unknown key {key!r} {where}{did_you_mean(key, allowed)}; "
-                                  f"allowed: {', '.join(allowed)}")
-
-    def error(self, key: str, problem: str, fix: str) -> ConfigError:
-        value = f", got {_show(self.data[key])}" if key in self.data else ""
-        return ConfigError(f"{self.origin}: [{self.name}] {key}: {problem}{value}; {fix}")
-
-    def require(self, key: str, fix: str) -> Any:
-        if key not in self.data:
-            raise self.error(key, "is required", fix)
-        return self.data[key]
-
-    def classes(self) -> tuple[str, ...]:
-        fix = 'write e.g. classes = ["crab", "shark"]'
-        value = self.require("classes", fix)
-        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
-            raise self.error("classes", "must be a list of strings", fix)
-        if len(value) < 2:
-            raise self.error("classes", "needs at least 2 classes", fix)
-        if any(not c.strip() for c in value):
-            raise self.error("classes", "contains an empty name", "remove it or name the class")
-        dupes = sorted({c for c in value if value.count(c) > 1})
-        if dupes:
-            raise self.error("classes", f"lists {', '.join(map(repr, dupes))} more than once",
-                             "list each class once")
-        return tuple(value)
-
-    def hidden(self, default: tuple[int, ...], allow_empty: bool) -> tuple[int, ...]:
-        fix = "write e.g. hidden = [1024, 512]" + (" or hidden = []" if allow_empty else "")
-        value = self.data.get("hidden", list(default))
-        if not isinstance(value, list) or not all(_is_int(h) and h >= 1 for h in value):
-            raise self.error("hidden", "must be a list of layer sizes (integers >= 1)", fix)
-        if not value and not allow_empty:
-            raise self.error("hidden", "needs at least one hidden layer", fix)
-        return tuple(value)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
-        value = self.data.get(key, default)
-        if value is not None and value not in choices:
-            raise self.error(key, "is not a known choice", f"use one of: {', '.join(choices)}")
-        return value
-
-    def number(self, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool,
-               default: float | None = None) -> float | None:
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and math.isfinite(value) and (lo < value if lo_open else lo <= value)
-              and (value < hi if hi_open else value <= hi))
-        if not ok:
-            raise self.error(key, f"must be a number in {interval}", f"set {key} to a value in {interval}")
-        return float(value)
-
-    def flag(self, key: str) -> bool | None:
-        value = self.data.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise self.error(key, "must be true or false", f"write {key} = true or {key} = false")
-        return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
-    t = _Table(origin, name, data, ACCEPT_KEYS)
+    t = Table(origin, name, data, ACCEPT_KEYS)
     rule = t.choice("rule", RULES, "threshold")
     score = t.choice("score", SCORES, "msp")
     for key in t.data:
@@ -187,7 +93,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     """Fields of one node checked on their own; `layer` is still raw and `source` unchecked."""
     is_parent = name == "parent"
     table = "parent" if is_parent else f"branches.{name}"
-    t = _Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
+    t = Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
     kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
     for key in t.data:
         owners = (["mlp"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
@@ -226,7 +132,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
         if not isinstance(source, str):
             raise t.error("from", "must be a node name", 'write from = "parent" or another branch name')
         layer = t.data.get("layer", -1)
-        if not (_is_int(layer) or isinstance(layer, str)):
+        if not (is_int(layer) or isinstance(layer, str)):
             raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
                           "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
         fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None), new_classes=bool(t.flag("new_classes")),
@@ -235,13 +141,15 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
 
 
 def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
-    top = _Table(origin, "top level", data, TOP_KEYS)
+    top = Table(origin, "top level", data, TOP_KEYS)
     if "parent" not in top.data:
         raise ConfigError(f"{origin}: missing [parent] table; add [parent] with classes = [...]")
+    image_size = _parse_data(origin, top.data.get("data", {}))
+    side = image_size or nets.SIDE
     nodes = {"parent": _parse_node(origin, "parent", top.data["parent"])}
     raw = top.data.get("branches", {})
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {_show(raw)}; "
+        raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {show(raw)}; "
                           f"write each branch as a [branches.NAME] section")
     for name, spec in raw.items():
         if not BRANCH_NAME.fullmatch(name) or name == "parent":
@@ -263,7 +171,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     for name, node in list(nodes.items())[1:]:
         source = nodes[node["source"]]
         table = f"[branches.{name}]"
-        _resolve_tap(origin, table, node, source)
+        _resolve_tap(origin, table, node, source, side)
         outside = [c for c in node["classes"] if c not in source["classes"]]
         if outside and not node["new_classes"]:
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
@@ -275,7 +183,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
             raise ConfigError(f"{origin}: {table} new_classes: is true but every class is one of source "
                               f"{source['name']!r}'s; remove new_classes (or add the new classes)")
     for node in nodes.values():
-        _resolve_selfeval(origin, node, nodes)
+        _resolve_selfeval(origin, node, nodes, side)
     for source in nodes:
         children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
                     if node["source"] == source and not node["new_classes"]]
@@ -288,17 +196,29 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     for name, node in nodes.items():
         table = "[parent]" if name == "parent" else f"[branches.{name}]"
         mlp = node["kind"] == "mlp"
-        widths = [N_PIXELS if name == "parent" else node["width"], *node["hidden"], len(node["classes"])]
+        pixels = nets.image_width(side)
+        widths = [pixels if name == "parent" else node["width"], *node["hidden"], len(node["classes"])]
         try:  # built on torch's meta device: nothing is allocated
-            declared_network(node["kind"], widths if mlp else [N_PIXELS, len(node["classes"])],
+            declared_network(node["kind"], widths if mlp else [pixels, len(node["classes"])],
                              shape=NodeSpec(**{k: v for k, v in node.items() if k != "width"}).shape_dict)
         except ValueError as e:
-            raise ConfigError(f"{origin}: {table} {'hidden: ' if mlp else ''}{e}") from None
+            fix = "" if mlp else "; change the shape keys or [data] image_size"
+            raise ConfigError(f"{origin}: {table} {'hidden: ' if mlp else ''}{e}{fix}") from None
     for node in nodes.values():
         node.pop("width", None)
     specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
     parent = specs.pop("parent")
-    return TreeConfig(parent=parent, branches=specs, path=path)
+    return TreeConfig(parent=parent, branches=specs, path=path, image_size=image_size)
+
+
+def _parse_data(origin: str, data: Any) -> int | None:
+    """[data] image_size: the side of the square images the tree reads (None when not given: 32)."""
+    t = Table(origin, "data", data, DATA_KEYS)
+    size = t.data.get("image_size")
+    if size is not None and not (is_int(size) and IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]):
+        raise t.error("image_size", f"must be an integer in {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]}",
+                      "write e.g. image_size = 64 (pixels on a side), or leave it out for 32")
+    return size
 
 
 def _names(taps, n=12) -> str:
@@ -307,10 +227,10 @@ def _names(taps, n=12) -> str:
     return ", ".join(names[:n]) + more
 
 
-def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
+def _resolve_tap(origin: str, table: str, node: dict, source: dict, side: int) -> None:
     """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
     "post"), checked with its pool; node["width"] is the width the branch reads."""
-    taps = NodeSpec(**{k: v for k, v in source.items() if k != "width"}).taps()
+    taps = NodeSpec(**{k: v for k, v in source.items() if k != "width"}).taps(side)
     layer, mlp = node["layer"], source["kind"] == "mlp"
     if not mlp and node["where"] is not None:
         raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
@@ -341,12 +261,12 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict) -> None:
 def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
     if data is None:
         return None
-    t = _Table(origin, f"{table}.selfeval", data, SELFEVAL_KEYS)
+    t = Table(origin, f"{table}.selfeval", data, SELFEVAL_KEYS)
     if "layer" in t.data and "layers" in t.data:
         raise t.error("layers", "contradicts layer", "give one tap with layer = ... or several with layers = [...]")
     layers = t.data.get("layers", [t.data.get("layer", -1)])
     fix = 'write e.g. layer = -1, layers = [0, 1] or layers = ["stage1", "stage2"]'
-    if not isinstance(layers, list) or not all(_is_int(v) or isinstance(v, str) for v in layers):
+    if not isinstance(layers, list) or not all(is_int(v) or isinstance(v, str) for v in layers):
         raise t.error("layers" if "layers" in t.data else "layer", "must be tap indices or names", fix)
     if not layers and t.flag("logits") is False:
         raise t.error("layers", "is empty and logits = false, so the judge would read nothing",
@@ -355,7 +275,7 @@ def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
         if not layers and key in t.data:
             raise t.error(key, "is for taps, and layers = [] reads none", f"remove {key}, or list taps in layers")
     folds = t.data.get("folds", DEFAULT_FOLDS)
-    if not _is_int(folds) or not 2 <= folds <= 20:
+    if not is_int(folds) or not 2 <= folds <= 20:
         raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
     return SelfEvalSpec(layers=tuple(layers), where=t.choice("where", WHERE, None),
                         pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None),
@@ -365,7 +285,7 @@ def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
                         logits=bool(t.flag("logits") if t.flag("logits") is not None else True), folds=folds)
 
 
-def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
+def _resolve_selfeval(origin: str, node: dict, nodes: dict, side: int) -> None:
     """A self-evaluation branch's layers as indices into the taps of what its node reads (its source's, or
     the parent's own for the parent), each checked as a branch's layer is."""
     spec = node.get("selfeval")
@@ -376,7 +296,7 @@ def _resolve_selfeval(origin: str, node: dict, nodes: dict) -> None:
     layers, wheres = [], set()
     for layer in spec.layers:
         tap = {"layer": layer, "where": spec.where, "pool": spec.pool}
-        _resolve_tap(origin, table, tap, source)
+        _resolve_tap(origin, table, tap, source, side)
         layers.append(tap["layer"])
         wheres.add(tap["where"])
     if len(wheres) > 1:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from branching.data.cifar import N_PIXELS
 from branching.errors import ConfigError, did_you_mean
 from branching.models import module_parent, nets
 from branching.models.nets import SHAPES, WHERE
@@ -32,7 +31,9 @@ DEFAULT_BRANCH_HIDDEN = (256,)
 DEFAULT_DELTA = 0.05
 BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
-TOP_KEYS = ("parent", "branches")
+TOP_KEYS = ("data", "parent", "branches")
+DATA_KEYS = ("image_size",)
+IMAGE_SIZES = (8, 1024)  # the range of [data] image_size
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
 MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
@@ -80,13 +81,14 @@ class NodeSpec:
     def shape_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.shape}
 
-    def taps(self) -> list[dict]:
-        """The points a branch can read this node at (its model's feature_info, without building it)."""
+    def taps(self, side: int = nets.SIDE) -> list[dict]:
+        """The points a branch can read this node at on images of `side` pixels (its model's feature_info,
+        without building it)."""
         if self.kind == "mlp":
             return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "shape": (width,)}
                     for i, width in enumerate(self.hidden) for where in WHERE]
         with torch.device("meta"):
-            return nets.build(self.kind, [N_PIXELS, len(self.classes)], dropout=self.dropout,
+            return nets.build(self.kind, [nets.image_width(side), len(self.classes)], dropout=self.dropout,
                               shape=nets.check_shape(self.kind, self.shape_dict)).feature_info
 
     def class_index(self, name: str) -> int:
@@ -99,11 +101,22 @@ class NodeSpec:
 
 @dataclass
 class TreeConfig:
-    """The parent and its branches (in file order), plus the file they came from."""
+    """The parent and its branches (in file order), the file they came from, and the side of the square
+    images the tree reads ([data] image_size; None: 32, CIFAR's)."""
 
     parent: NodeSpec
     branches: dict[str, NodeSpec]
     path: str | None = None
+    image_size: int | None = None
+
+    @property
+    def side(self) -> int:
+        return self.image_size or nets.SIDE
+
+    @property
+    def input_width(self) -> int:
+        """The parent's input: 3 * side * side numbers per image."""
+        return nets.image_width(self.side)
 
     def node(self, name: str) -> NodeSpec:
         """The parent or the branch called `name`."""
@@ -151,7 +164,7 @@ class TreeConfig:
         at or below `entry`, the branch that routing starts from when asked to."""
         above = set(self.chain(entry)) if entry is not None and entry in self.branches else set()
         kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n) or n in above}
-        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path)
+        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path, self.image_size)
 
     def classes(self) -> tuple[str, ...]:
         """Every class of the tree: the parent's, then the new classes of its branches, in file order."""
@@ -163,7 +176,8 @@ class TreeConfig:
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict in the TOML schema (None values left out) plus `path`."""
-        return {"parent": _node_to_dict(self.parent),
+        data = {} if self.image_size is None else {"data": {"image_size": self.image_size}}
+        return {**data, "parent": _node_to_dict(self.parent),
                 "branches": {n: _node_to_dict(b) for n, b in self.branches.items()},
                 "path": self.path}
 
@@ -198,6 +212,8 @@ def dump_toml(config: TreeConfig) -> str:
     """TOML text that loads back to a config equal to `config` (apart from `path`)."""
     d = config.to_dict()
     lines = ["# Neural Branching tree (written by branching.config.dump_toml)"]
+    if "data" in d:
+        _write_table(lines, "data", d["data"])
     _write_table(lines, "parent", d["parent"])
     for name, branch in d["branches"].items():
         _write_table(lines, f"branches.{name}", branch)

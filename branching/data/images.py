@@ -1,40 +1,50 @@
-"""Image files as a tree's input: PNG or JPEG of any size and mode, upright (EXIF), 8-bit RGB, resized
-to the network's input; a one-line error for a file that is not such an image."""
+"""Image files as a tree's input: any size and mode, upright (EXIF), 8-bit RGB, resized as torchvision's
+`Resize(size)` + `CenterCrop(size)` do (the shorter side to `size`, bilinear and antialiased, then the
+centre square); a one-line error for a file that is not such an image."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from branching.data.cifar import N_PIXELS
 from branching.errors import DataError
 
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO")  # MPO: the JPEG variant many cameras write
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")  # MPO: the JPEG variant many cameras write
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SIDE = 32
+POLICY = "resize-shorter-bilinear-antialias+center-crop"  # recorded in caches: a change rebuilds them
 MAX_PIXELS = 89_478_485  # Pillow's bomb limit (Image.MAX_IMAGE_PIXELS); larger images are refused undecoded
 
 
-def load_image(path) -> np.ndarray:
-    """A PNG or JPEG file as uint8 (3072,) in the CIFAR layout (1024 R, 1024 G, 1024 B), resized to 32x32."""
+def load_image(path, size: int = SIDE) -> np.ndarray:
+    """An image file as uint8 (3 * size * size,) in the CIFAR layout (every R, then G, then B), resized
+    and centre-cropped to size x size."""
+    return decode_image(None, path, size)
+
+
+def decode_image(data: bytes | None, path, size: int = SIDE) -> np.ndarray:
+    """load_image for a file's bytes already read (None: read them here); `path` names it in errors."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if data is None:
+            data = path.read_bytes()
+        if len(data) == 0:
             raise DataError(f"{path}: empty file; pass a PNG or JPEG image")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 if image.format not in IMAGE_FORMATS:
                     raise DataError(f"{path}: a {image.format} image; pass a PNG or JPEG image")
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{path}: {width}x{height} pixels, more than the limit of {MAX_PIXELS:,}; "
                                     f"downscale it first")  # Pillow's own check stops twice as many
-                image.draft("RGB", (SIDE, SIDE))  # JPEG: decode at a reduced scale when much larger
-                pixels = np.asarray(_to_small_rgb(image), dtype=np.uint8)
+                pixels = np.asarray(resize_center_crop(upright_rgb(image), size), dtype=np.uint8)
     except DataError:
         raise
     except FileNotFoundError:
@@ -48,34 +58,49 @@ def load_image(path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: unreadable image ({message}); pass an intact PNG or JPEG image") from None
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1)).reshape(N_PIXELS)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)).reshape(3 * size * size)
 
 
-def _to_small_rgb(image):
-    """A decoded image upright (EXIF orientation), 8 bits per channel, RGB, 32x32."""
+def upright_rgb(image):
+    """A decoded image upright (EXIF orientation), 8 bits per channel, RGB (alpha dropped, as
+    torchvision's loader does; 16-bit grey scaled to 8 bits, not clipped)."""
     from PIL import Image, ImageOps
 
-    factor = min(image.size) // (3 * SIDE)
-    if factor >= 2:  # shrink by whole factors first: the steps below then copy a small image
-        image = image.reduce(factor)
-    image = ImageOps.exif_transpose(image)  # after reduce: it copies the whole image
-    if image.mode.startswith("I"):  # 16- or 32-bit grey (e.g. a 16-bit PNG): scale to 8 bits, not clip
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
-    rgb = image.convert("RGB")
-    if rgb.size != (SIDE, SIDE):
-        rgb = rgb.resize((SIDE, SIDE), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return rgb
+    return image.convert("RGB")
 
 
-def load_images(paths) -> tuple[list[str], np.ndarray, list[str]]:
-    """(names of the files read, their pixels (N, 3072), one-line errors for the files that failed)."""
+def resize_center_crop(image, size: int):
+    """torchvision's Resize(size) then CenterCrop(size) on a PIL image: the shorter side scaled to `size`
+    (the longer one truncated, bilinear, antialiased as PIL resizes), then the centre size x size square."""
+    from PIL import Image
+
+    width, height = image.size
+    if (width, height) != (size, size):
+        if width <= height:
+            new = (size, int(size * height / width))
+        else:
+            new = (int(size * width / height), size)
+        if new != (width, height):
+            image = image.resize(new, Image.Resampling.BILINEAR)
+        width, height = image.size
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def load_images(paths, size: int = SIDE) -> tuple[list[str], np.ndarray, list[str]]:
+    """(names of the files read, their pixels (N, 3 * size * size), one-line errors for the files that
+    failed)."""
     names, rows, errors = [], [], []
     for path in paths:
         try:
-            rows.append(load_image(path))
+            rows.append(load_image(path, size))
             names.append(str(path))
         except DataError as e:
             errors.append(str(e))
-    pixels = np.stack(rows) if rows else np.zeros((0, N_PIXELS), np.uint8)
+    pixels = np.stack(rows) if rows else np.zeros((0, 3 * size * size), np.uint8)
     return names, pixels, errors

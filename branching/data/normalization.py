@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from branching.data.cifar import N_PIXELS
 from branching.errors import DataError
 from branching.fileio import atomic_path
 
 
 class Normalizer:
-    """Standardisation (x - mean) / std with mean and std float32 (3072,): per pixel, or per colour
-    channel (each channel's value repeated over its pixels)."""
+    """Standardisation (x - mean) / std with mean and std float32 (3 * side * side,), in the CIFAR layout
+    (every red value, then green, then blue): per pixel, or per colour channel (each channel's value
+    repeated over its pixels)."""
 
     MIN_STD = 1e-6
 
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
         self.std = np.asarray(std, dtype=np.float32).reshape(-1)
-        if self.mean.shape != (N_PIXELS,) or self.std.shape != (N_PIXELS,):
+        if self.mean.shape != self.std.shape or not self.mean.size or self.mean.size % 3:
             got = f"{self.mean.size} and {self.std.size}"
-            raise DataError(f"normaliser mean and std must have {N_PIXELS} values each, got {got}")
+            raise DataError(f"normaliser mean and std must have the same number of values, 3 per pixel; got {got}")
 
     @classmethod
     def fit(cls, images, per_channel: bool = False) -> "Normalizer":
@@ -28,25 +28,27 @@ class Normalizer:
         its pixels, repeated for each of them."""
         images = np.asarray(images, dtype=np.float64)
         if images.ndim != 2 or images.shape[0] == 0:
-            raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need (N, 3072) with N > 0")
+            raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need (N, 3 * side * side) "
+                            f"with N > 0")
         if per_channel:
             channels = images.reshape(len(images), 3, -1)
-            mean, std = channels.mean(axis=(0, 2)), channels.std(axis=(0, 2))
-            return cls(np.repeat(mean, N_PIXELS // 3), np.maximum(np.repeat(std, N_PIXELS // 3), cls.MIN_STD))
+            mean, std, pixels = channels.mean(axis=(0, 2)), channels.std(axis=(0, 2)), channels.shape[2]
+            return cls(np.repeat(mean, pixels), np.maximum(np.repeat(std, pixels), cls.MIN_STD))
         return cls(images.mean(axis=0), np.maximum(images.std(axis=0), cls.MIN_STD))
 
     @classmethod
-    def of_channels(cls, mean, std) -> "Normalizer":
-        """Given per-channel mean and std (3 values each, on the 0..255 scale), repeated over the pixels."""
+    def of_channels(cls, mean, std, side: int = 32) -> "Normalizer":
+        """Given per-channel mean and std (3 values each, on the 0..255 scale), repeated over the pixels of
+        an image of `side` pixels."""
         mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
         if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():
             raise DataError(f"per-channel mean and std must be 3 values each (std > 0); got {mean} and {std}")
-        return cls(np.repeat(mean, N_PIXELS // 3), np.repeat(std, N_PIXELS // 3))
+        return cls(np.repeat(mean, side * side), np.repeat(std, side * side))
 
     def transform(self, images) -> np.ndarray:
         images = np.asarray(images)
-        if images.ndim != 2 or images.shape[1] != N_PIXELS:
-            raise DataError(f"expected images of shape (N, 3072), got {images.shape}")
+        if images.ndim != 2 or images.shape[1] != self.mean.size:
+            raise DataError(f"expected images of shape (N, {self.mean.size}), got {images.shape}")
         return ((images.astype(np.float32) - self.mean) / self.std).astype(np.float32, copy=False)
 
     def to_dict(self) -> dict:

@@ -3,7 +3,6 @@ on torch's meta device, so that a crafted file or config allocates nothing)."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -62,8 +61,14 @@ def check_architecture(architecture, kind="mlp") -> list:
     arch = list(architecture)
     if len(arch) < 2 or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in arch):
         raise ValueError(f"architecture must be at least 2 ints, all >= 1; got {arch!r}")
-    if kind != "mlp" and (len(arch) != 2 or arch[0] != math.prod(nets.IMAGE)):
-        raise ValueError(f"a {kind}'s architecture is [{math.prod(nets.IMAGE)}, classes]; got {arch!r}")
+    if kind != "mlp":
+        try:
+            if len(arch) != 2:
+                raise ValueError
+            nets.image_side(arch[0])
+        except ValueError:
+            raise ValueError(f"a {kind}'s architecture is [3 * side * side, classes] (e.g. [3072, classes] for "
+                             f"32-pixel images); got {arch!r}") from None
     return [int(w) for w in arch]
 
 

@@ -121,7 +121,8 @@ def random_flips(n: int, generator: torch.Generator) -> torch.Tensor:
 def flip_images(x: torch.Tensor, normalizer, flip: torch.Tensor) -> torch.Tensor:
     """Mirror the images where `flip` is true (in pixel space, then normalise again)."""
     mean, std = torch.from_numpy(normalizer.mean), torch.from_numpy(normalizer.std)
-    images = (x * std + mean).view(-1, 3, 32, 32)
+    side = nets.image_side(x.shape[1])
+    images = (x * std + mean).view(-1, nets.CHANNELS, side, side)
     images = torch.where(flip[:, None, None, None], images.flip(3), images)
     return (images.reshape(len(x), -1) - mean) / std
 
@@ -138,9 +139,9 @@ def augment_transform(normalizer, flip: bool = True, crop: int = 0):
 
 
 def random_crops(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Each flat image (N, 3072) padded by `pad` zeros on every side and cropped back to 32x32 at a random
-    offset."""
-    n, (channels, side, _) = len(x), nets.IMAGE
+    """Each flat image (N, 3 * side * side) padded by `pad` zeros on every side and cropped back to its side
+    at a random offset."""
+    n, channels, side = len(x), nets.CHANNELS, nets.image_side(x.shape[1])
     padded = F.pad(x.reshape(n, channels, side, side), (pad,) * 4)
     dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
     rows = (dy[:, None] + torch.arange(side))[:, None, :, None]

@@ -2,7 +2,8 @@
 
 `[parent] kind = "module"` names a callable ("package.module:callable") that returns an nn.Module, its
 keyword arguments and a local state_dict file. `ModuleNet` wraps the module with the interface of the
-project's own networks: flat images (N, 3072) in, resized to `input_size`; `feature_info` lists its
+project's own networks: flat images (N, 3 * side * side) in, resized to `input_size` where the data's
+images are of another side; `feature_info` lists its
 submodules (at most two levels deep, called once per forward pass, with a tensor output) with the shape
 found by one forward pass of a dummy image (on torch's meta device where the module allows it); and
 `forward_intermediates` taps them with forward hooks, stopping the forward pass at the deepest tap.
@@ -29,7 +30,7 @@ from torch import nn
 
 from branching.errors import ConfigError
 
-SIDE = 32                       # the CIFAR images every model receives, as flat (N, 3 * 32 * 32)
+SIDE = 32                       # CIFAR's side; input_size's default
 INPUT_SIZES = (8, 1024)         # the range of input_size
 TAP_DEPTH = 2                   # taps: submodules at most this many levels below the root
 SPEC_KEYS = ("module", "kwargs", "weights", "input_size", "mean", "std", "head")
@@ -149,8 +150,9 @@ def describe(path: str, kwargs: dict, input_size: int) -> dict:
 # ---- the network ------------------------------------------------------------------------------
 
 class ModuleNet(nn.Module):
-    """The user's module on flat CIFAR images: (N, 3072) viewed as (N, 3, 32, 32), resized (bilinear,
-    antialiased) to input_size when that differs, then the module. Its output is the parent's logits only
+    """The user's module on flat images: (N, 3 * side * side) viewed as (N, 3, side, side), resized
+    (bilinear, antialiased) to input_size when that differs (a tree whose [data] image_size is the module's
+    input_size gives it the cached pixels as they are), then the module. Its output is the parent's logits only
     when `head` is true. Taps: named submodules (see feature_info)."""
 
     def __init__(self, classes, module, kwargs=None, input_size=SIDE, head=False, weights_sha256=""):
@@ -168,8 +170,9 @@ class ModuleNet(nn.Module):
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """Flat images as the module takes them."""
-        x = x.reshape(-1, 3, SIDE, SIDE)
-        if self.input_size != SIDE:
+        side = math.isqrt(x.shape[1] // 3)
+        x = x.reshape(-1, 3, side, side)
+        if self.input_size != side:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
                               align_corners=False)
         return x
@@ -288,7 +291,7 @@ def load_weights(net: ModuleNet, path) -> None:
 # ---- config keys ------------------------------------------------------------------------------
 
 def parse_keys(table, classes) -> dict:
-    """A [parent] table of kind "module" (a config._Table) checked before any work: the module imports and
+    """A [parent] table of kind "module" (a branching.config.table.Table) checked before any work: the module imports and
     builds, the weights file is a state_dict of exactly its tensors, the head (if used) gives one logit per
     class. Returns the parent's shape keys, the weights path made absolute and its sha256 added."""
     data = table.data

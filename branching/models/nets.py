@@ -1,6 +1,7 @@
 """The networks a model can be: an MLP on flattened pixels (the original), a small CNN and a small ViT.
 
-Every network takes flat inputs (N, in_width); the CNN and the ViT view them as images (N, 3, 32, 32).
+Every network takes flat inputs (N, in_width); the CNN and the ViT view them as images (N, 3, side, side),
+the side given by in_width = 3 * side * side (32 for CIFAR, the data's image_size otherwise).
 Each declares, as timm's models do, the points where it can be tapped (`feature_info`: name, shape of
 one image's tensor there, the module producing it) and computes any of them in one pass
 (`forward_intermediates`). `pool` turns a tapped tensor into the vector a branch reads.
@@ -19,8 +20,9 @@ from branching.models import module_parent
 KINDS = ("mlp", "cnn", "vit", "module")  # module: any torch module (branching.module_parent)
 WHERE = ("pre", "post")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
-IMAGE = (3, 32, 32)
-MAX_STAGES = 6  # a CNN stage halves the side: 32, 16, 8, 4, 2, 1
+CHANNELS = 3
+SIDE = 32  # CIFAR's images, and the size of a tree's images unless its [data] image_size says otherwise
+MAX_STAGES = 6  # a CNN stage halves the side: at 32 pixels 32, 16, 8, 4, 2, 1
 # shape keys of each kind and their defaults (the MLP's are its architecture, activation and dropout)
 SHAPES = {"cnn": {"widths": [32, 64, 128], "depth": 2},
           "vit": {"dim": 96, "depth": 4, "heads": 4, "patch": 4, "mlp_ratio": 2}}
@@ -64,9 +66,13 @@ class ConvNet(nn.Module):
     """Stages of `depth` x (3x3 conv, batch norm, ReLU), the resolution halved (max pooling) before every
     stage but the first; global average pooling, dropout and a Linear head. Taps: each stage's output."""
 
-    def __init__(self, classes, widths=(32, 64, 128), depth=2, dropout=None):
+    def __init__(self, classes, widths=(32, 64, 128), depth=2, dropout=None, side=SIDE):
         super().__init__()
-        channels, stages, side = IMAGE[0], [], IMAGE[1]
+        if side < 2 ** (len(widths) - 1):
+            raise ValueError(f"cnn: {len(widths)} stages halve a {side}-pixel image {len(widths) - 1} times, to "
+                             f"nothing; use fewer widths or a larger image_size")
+        self.image = (CHANNELS, side, side)
+        channels, stages = CHANNELS, []
         self.feature_info = []
         for i, width in enumerate(widths):
             layers = [nn.MaxPool2d(2)] if i else []
@@ -76,7 +82,7 @@ class ConvNet(nn.Module):
                 channels = width
             stages.append(nn.Sequential(*layers))
             self.feature_info.append({"name": f"stage{i}", "layer": i, "where": None, "shape": (width, side, side),
-                                      "reduction": IMAGE[1] // side, "module": f"stages.{i}"})
+                                      "reduction": self.image[1] // side, "module": f"stages.{i}"})
         self.stages = nn.ModuleList(stages)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout or 0.0),
                                   nn.Linear(channels, classes))
@@ -85,7 +91,7 @@ class ConvNet(nn.Module):
         return self.forward_intermediates(x, [], stop_early=False)[0]
 
     def forward_intermediates(self, x, indices, stop_early=True):
-        x = x.reshape(-1, *IMAGE)
+        x = x.reshape(-1, *self.image)
         end = max(indices, default=-1) + 1 if stop_early else len(self.stages)
         found = []
         for stage in self.stages[:end]:
@@ -99,12 +105,14 @@ class ViTNet(nn.Module):
     transformer blocks, a final LayerNorm and a Linear head on the class token. Taps: each block's output
     tokens (class token first)."""
 
-    def __init__(self, classes, dim=96, depth=4, heads=4, patch=4, mlp_ratio=2, dropout=None):
+    def __init__(self, classes, dim=96, depth=4, heads=4, patch=4, mlp_ratio=2, dropout=None, side=SIDE):
         super().__init__()
-        if IMAGE[1] % patch or dim % heads:
-            raise ValueError(f"vit: patch {patch} must divide {IMAGE[1]} and heads {heads} must divide dim {dim}")
-        tokens = (IMAGE[1] // patch) ** 2 + 1
-        self.embed = nn.Conv2d(IMAGE[0], dim, patch, stride=patch)
+        if side % patch or dim % heads:
+            raise ValueError(f"vit: patch {patch} must divide {side} (the image's side) and heads {heads} must "
+                             f"divide dim {dim}")
+        self.image = (CHANNELS, side, side)
+        tokens = (side // patch) ** 2 + 1  # the patch grid, plus the class token
+        self.embed = nn.Conv2d(CHANNELS, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout or 0.0) for _ in range(depth))
@@ -117,7 +125,7 @@ class ViTNet(nn.Module):
         return self.forward_intermediates(x, [], stop_early=False)[0]
 
     def forward_intermediates(self, x, indices, stop_early=True):
-        x = self.embed(x.reshape(-1, *IMAGE)).flatten(2).transpose(1, 2)
+        x = self.embed(x.reshape(-1, *self.image)).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.position
         end = max(indices, default=-1) + 1 if stop_early else len(self.blocks)
         found = []
@@ -146,15 +154,28 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def image_side(width: int) -> int:
+    """The side of the square RGB images that flatten to `width` numbers."""
+    side = math.isqrt(width // CHANNELS)
+    if width < CHANNELS or CHANNELS * side * side != width:
+        raise ValueError(f"{width} inputs are not a square RGB image (3 x side x side)")
+    return side
+
+
+def image_width(side: int) -> int:
+    """The flat width of one square RGB image of `side` pixels."""
+    return CHANNELS * side * side
+
+
 def build(kind: str, architecture, activation="relu", dropout=None, shape=None) -> nn.Module:
-    """A network of `kind`: an MLP of `architecture`, or a CNN/ViT with `shape` keys and
-    architecture[-1] classes."""
+    """A network of `kind`: an MLP of `architecture`, or a CNN/ViT with `shape` keys, architecture[-1]
+    classes and images of the side architecture[0] = 3 * side * side gives."""
     if kind == "mlp":
         return MLPNet(architecture, activation, dropout)
     if kind == "cnn":
-        return ConvNet(architecture[-1], dropout=dropout, **shape)
+        return ConvNet(architecture[-1], dropout=dropout, side=image_side(architecture[0]), **shape)
     if kind == "vit":
-        return ViTNet(architecture[-1], dropout=dropout, **shape)
+        return ViTNet(architecture[-1], dropout=dropout, side=image_side(architecture[0]), **shape)
     if kind == "module":
         return module_parent.ModuleNet(architecture[-1], **shape)
     raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
@@ -178,7 +199,7 @@ def check_shape(kind: str, shape) -> dict:
             raise ValueError(f"{kind} {key} must be {'a list of positive integers' if listed else 'a positive integer'}; "
                              f"got {value!r}")
     if kind == "cnn" and len(out["widths"]) > MAX_STAGES:
-        raise ValueError(f"cnn widths: at most {MAX_STAGES} stages (each halves the 32-pixel side); got "
+        raise ValueError(f"cnn widths: at most {MAX_STAGES} stages (each halves the image's side); got "
                          f"{len(out['widths'])}")
     return out
 

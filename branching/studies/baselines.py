@@ -21,7 +21,6 @@ from branching.acceptance.rule import Acceptance
 from branching.config.recipes import DEFAULT, ORIGINAL, Recipe, get_recipe
 from branching.config.tree import NodeSpec, TreeConfig
 from branching.console import log
-from branching.data.cifar import N_PIXELS
 from branching.data.tree_data import TreeData
 from branching.models.device import CPU
 from branching.models.forward import augment_transform, chain, extract, node_input, node_inputs, read
@@ -300,7 +299,7 @@ class EndToEnd(nn.Module):
         for p in self.nets.parameters():
             p.requires_grad_(True)
         self.eval()
-        self(torch.zeros(2, N_PIXELS)).sum().backward()  # find the parameters on the path
+        self(torch.zeros(2, models["parent"].architecture[0])).sum().backward()  # find the parameters on the path
         for p in self.nets.parameters():
             p.requires_grad_(p.grad is not None)
             p.grad = None
@@ -317,7 +316,7 @@ def run_finetune(ctx: SeedContext, spec: NodeSpec) -> Outcome:
 
 def _train_end_to_end(ctx: SeedContext, spec: NodeSpec, net: EndToEnd, r, what: str, branch_s: float,
                       parent_s: float) -> Outcome:
-    model = Model([N_PIXELS, len(spec.classes)], seed=ctx.seed)
+    model = Model([ctx.models["parent"].architecture[0], len(spec.classes)], seed=ctx.seed)
     model.net = net
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)

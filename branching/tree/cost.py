@@ -12,16 +12,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from branching.config.tree import TreeConfig
-from branching.data.cifar import N_PIXELS
 from branching.models.forward import node_input, read_tap
 
 
 def input_widths(config: TreeConfig, name: str) -> list[int]:
-    """Widths from the pixels to what node `name` reads: [3072] for the parent, then the hidden
+    """Widths from the pixels to what node `name` reads: [3 * side * side] for the parent, then the hidden
     layers of each source on the way (up to and including the layer read)."""
     spec = config.node(name)
     if spec.source is None:
-        return [N_PIXELS]
+        return [config.input_width]
     return reading_widths(config, spec.source, spec.layer)
 
 
@@ -55,9 +54,9 @@ def counted(fn) -> int:
 
 def flops_to(models, r) -> int:
     """FLOPs of one image from the pixels to read r (node, layer, where[, pool])."""
-    return counted(lambda: read_tap(models, r, torch.zeros(1, N_PIXELS)))
+    return counted(lambda: read_tap(models, r, torch.zeros(1, models["parent"].architecture[0])))
 
 
 def path_flops(models, name: str) -> int:
     """FLOPs of one image from the pixels to node `name`'s outputs."""
-    return counted(lambda: models[name].net(node_input(models, name, torch.zeros(1, N_PIXELS))))
+    return counted(lambda: models[name].net(node_input(models, name, torch.zeros(1, models["parent"].architecture[0]))))

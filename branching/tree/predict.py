@@ -7,7 +7,6 @@ import numpy as np
 
 from branching.acceptance.rule import Acceptance
 from branching.config.tree import TreeConfig
-from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
 from branching.models.forward import node_inputs
@@ -34,7 +33,7 @@ class NodePredictor:
         self.thresholds = {name: self.acceptance.threshold if self.acceptance.rejects else None}
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
-        X = self.normalizer.transform(np.asarray(images).reshape(-1, N_PIXELS))
+        X = self.normalizer.transform(np.asarray(images).reshape(-1, self.normalizer.mean.size))
         logits = np.concatenate([self.models[self.name].logits(node_inputs(self.models, self.name, X[i:i + batch_size]))
                                  for i in range(0, len(X), batch_size)] or [np.zeros((0, len(self.classes)))])
         predicted = logits.argmax(axis=1)

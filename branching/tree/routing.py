@@ -32,7 +32,6 @@ from branching.acceptance.rule import Acceptance
 from branching.acceptance.selective import selective_summary
 from branching.acceptance.stats import wilson_interval
 from branching.config.tree import TreeConfig
-from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
 from branching.errors import CheckpointError, ConfigError
 from branching.models import nets
@@ -240,12 +239,14 @@ class TreePredictor:
         return tuple(n.name for n in self.nodes)
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
-        """Route raw pixel images (N, 3072), uint8 or float in 0..255, through the tree."""
+        """Route raw pixel images (N, 3 * side * side), uint8 or float in 0..255, through the tree."""
         images = np.asarray(images)
         if images.ndim == 1:
             images = images[None]
-        if images.ndim != 2 or images.shape[1] != N_PIXELS:
-            raise ConfigError(f"images must have shape (N, {N_PIXELS}); got {images.shape}")
+        pixels = self.root.normalizer.mean.size
+        if images.ndim != 2 or images.shape[1] != pixels:
+            raise ConfigError(f"images must have shape (N, {pixels}), the tree's 3 x side x side pixels; got "
+                              f"{images.shape}")
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         n = len(images)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
 from branching.models import nets
 from branching.models.forward import chain
@@ -148,14 +147,15 @@ def peak_memory(fn) -> tuple[object, float | None, float]:
 def random_tree(config, seed: int = 0) -> dict[str, Model]:
     """Untrained models of a config's shapes (for timing when no trained tree is at hand)."""
     rng = np.random.default_rng(seed)
-    norm = Normalizer(rng.uniform(100, 150, N_PIXELS), rng.uniform(40, 70, N_PIXELS))
+    pixels = config.input_width
+    norm = Normalizer(rng.uniform(100, 150, pixels), rng.uniform(40, 70, pixels))
     models: dict[str, Model] = {}
     for i, spec in enumerate(config.nodes()):
         if spec.kind != "mlp":
-            model = Model([N_PIXELS, len(spec.classes)], seed=seed + i, kind=spec.kind, shape=spec.shape_dict)
+            model = Model([pixels, len(spec.classes)], seed=seed + i, kind=spec.kind, shape=spec.shape_dict)
         else:
             where = None if spec.source is None else (spec.where or "pre") if models[spec.source].kind == "mlp" else None
-            width = N_PIXELS if spec.source is None else models[spec.source].width(spec.layer, where, spec.pool)
+            width = pixels if spec.source is None else models[spec.source].width(spec.layer, where, spec.pool)
             model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, seed=seed + i)
         model.meta = {"name": spec.name, "classes": list(spec.classes)}
         if spec.source is None:
