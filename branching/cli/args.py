@@ -133,7 +133,9 @@ def _int(text: str) -> int:
 SHARED_FLAGS = {
     "--config": dict(default=str(DEFAULT_CONFIG), help="tree TOML (default: the original study's fish and flower "
                                                      "tree, configs/original.toml)"),
-    "--data": dict(default="c10", help="folder with the CIFAR-100 python files train, test, meta"),
+    "--data": dict(default="c10", help="folder with the CIFAR-100 python files train, test, meta, or image "
+                                         "folders train/CLASS/*, test/CLASS/* (val/ optional; groups of classes "
+                                         "as folders above them)"),
     "--models": dict(default="models", help="folder of the model files"),
     "--quiet": dict(action="store_true", help="no progress bars"),
     "--recipe": dict(default="default", choices=sorted(RECIPES),
@@ -141,6 +143,8 @@ SHARED_FLAGS = {
     "--seed": dict(type=seed_int, default=None, help="seed of the training (default 0)"),
     "--max-epochs": dict(type=positive_int, default=None, help="cap every node's epochs, for quick runs (default: each recipe's own)"),
     "--no-download": dict(action="store_true", help="never download CIFAR-100; fail if it is missing"),
+    "--skip-bad-images": dict(action="store_true", help="image folders: leave out unreadable images (the run "
+                                                          "records which) instead of stopping"),
     "--device": dict(type=device_name, default="auto",
                      help="where models train: auto (CUDA when available, with mixed precision), cpu or cuda; "
                           "evaluation runs on the CPU (default auto)"),

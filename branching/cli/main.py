@@ -35,7 +35,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", parents=[flags(*TREE, *TRAINING)],
+    run = sub.add_parser("run", parents=[flags(*TREE, *TRAINING, "--skip-bad-images")],
                          help="train and evaluate the whole tree; writes OUT/metrics.json")
     run.add_argument("--out", default="runs/latest", help="output folder (metrics.json, predictions/, models/)")
     run.add_argument("--seeds", default=None, metavar="LIST",
@@ -72,12 +72,13 @@ def cmd_run(args) -> int:
     if args.seeds is not None:
         metrics = run_seeds(config, args.data, args.out, recipe, parse_seeds(args.seeds),
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,
-                            device=args.device)
+                            device=args.device, skip_bad_images=args.skip_bad_images)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
         print(what_to_open(Path(args.out), not args.no_report, {}))
         return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
-                  progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device)
+                  progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device,
+                  skip_bad_images=args.skip_bad_images)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
     print(what_to_open(Path(args.out), not args.no_report, metrics["notes"]))
     return 0
@@ -159,7 +160,7 @@ def train_script(node: str, argv=None) -> int:
     else:
         models = script.store.load_tree(config, nodes=[script.spec.source], hints=script.hints)
         model, meta = train_branch(config, node, models, data, recipe, args.seed or 0, not args.quiet,
-                                   device=args.device)
+                                   device=args.device, skip_bad_images=args.skip_bad_images)
         path = script.store.save(node, model, meta)
     history = meta["history"]
     print(f"trained {node}: {history['epochs_run']} epochs (best {history['best_epoch']}), "

@@ -170,8 +170,8 @@ def load_label_names(data_dir) -> list[str]:
     return names
 
 
-def resolve_classes(names, label_names) -> list[int]:
-    """Official fine ids of `names`, in the order given."""
+def resolve_classes(names, label_names, what: str = "CIFAR-100 class") -> list[int]:
+    """Ids (positions in label_names: for CIFAR-100 the official fine ids) of `names`, in the order given."""
     label_names = list(label_names)
     ids, seen = [], set()
     for name in names:
@@ -180,25 +180,27 @@ def resolve_classes(names, label_names) -> list[int]:
         seen.add(name)
         if name not in label_names:
             close = difflib.get_close_matches(name, label_names, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "the 100 names are FINE_LABEL_NAMES in branching/data.py"
-            raise DataError(f"unknown CIFAR-100 class {name!r}; {hint}")
+            hint = (f"did you mean {close[0]!r}?" if close else "the 100 names are FINE_LABEL_NAMES in "
+                    "branching/data/cifar.py" if what == "CIFAR-100 class" else f"known: {', '.join(label_names[:12])}"
+                    f"{' ...' if len(label_names) > 12 else ''}")
+            raise DataError(f"unknown {what} {name!r}; {hint}")
         ids.append(label_names.index(name))
     return ids
 
 
-def select(split: Split, fine_ids):
-    """Rows whose fine label is in fine_ids, in file order: (images, labels as positions in fine_ids, row indices)."""
+def select(split: Split, fine_ids, label_names=FINE_LABEL_NAMES):
+    """Rows whose label is in fine_ids, in file order: (images, labels as positions in fine_ids, row indices)."""
     fine_ids = [int(i) for i in fine_ids]
-    position = np.full(100, -1, dtype=np.int64)
+    position = np.full(len(label_names), -1, dtype=np.int64)
     for pos, fine_id in enumerate(fine_ids):
-        if not 0 <= fine_id < 100:
-            raise DataError(f"fine class id {fine_id} is not in 0..99")
+        if not 0 <= fine_id < len(label_names):
+            raise DataError(f"class id {fine_id} is not in 0..{len(label_names) - 1}")
         position[fine_id] = pos
     indices = np.flatnonzero(position[split.fine_labels] >= 0).astype(np.int64)
     labels = position[split.fine_labels[indices]]
     counts = np.bincount(labels, minlength=len(fine_ids))
     for pos, fine_id in enumerate(fine_ids):
         if counts[pos] == 0:
-            name = FINE_LABEL_NAMES[fine_id]
+            name = label_names[fine_id]
             raise DataError(f"no images of class {name!r} (id {fine_id}) in this split; use data that contains it")
     return split.images[indices], labels, indices

@@ -1,5 +1,6 @@
-"""A tree's data: the splits of a data folder and the rows of each node's classes (TreeData), loaded
-and checked against the tree before any work (load_tree_data)."""
+"""A tree's data: the splits of a data folder (CIFAR-100's files, or image folders decoded into the
+image cache) and the rows of each node's classes (TreeData), loaded and checked against the tree before
+any work (load_tree_data)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import numpy as np
 
 from branching.data.cifar import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select
 from branching.data.download import ensure_cifar100
+from branching.data.folders import is_image_folder, scan
+from branching.data.image_cache import CachedFolders, load_cached
 from branching.errors import ConfigError, DataError
 
 
 @dataclass
 class TreeData:
-    """The two splits of a CIFAR-100 folder and the official ids of the tree's classes."""
+    """The training and test splits and the names of their labels: CIFAR-100's (its 100 fine classes,
+    official ids) or image folders' (their classes, sorted; a val/ folder's images come after train/'s in
+    the training split, its rows `val_rows`)."""
 
     data_dir: Path
     label_names: list[str]
@@ -24,10 +29,18 @@ class TreeData:
     test: Split
 
     train_keep: np.ndarray | None = None  # training rows a k-shot comparison may use (None: all)
+    val_rows: np.ndarray | None = None    # training rows of a val/ folder: every node validates on them
+    folders: CachedFolders | None = None  # image folders: the cache they were read from
+
+    @property
+    def side(self) -> int:
+        """The side of the square images."""
+        return int(round((self.train.images.shape[1] // 3) ** 0.5))
 
     def node_rows(self, split: str, spec):
         """(uint8 images, labels as positions in spec.classes, row numbers in the split file)."""
-        images, labels, rows = select(getattr(self, split), resolve_classes(spec.classes, self.label_names))
+        images, labels, rows = select(getattr(self, split), resolve_classes(spec.classes, self.label_names),
+                                      self.label_names)
         if split == "train" and self.train_keep is not None:
             keep = self.train_keep[rows]
             return images[keep], labels[keep], rows[keep]
@@ -39,25 +52,62 @@ class TreeData:
 
     def class_rows(self, name: str) -> np.ndarray:
         """Row numbers of class `name` in the whole training split."""
-        return select(self.train, resolve_classes([name], self.label_names))[2]
+        return select(self.train, resolve_classes([name], self.label_names), self.label_names)[2]
 
     _fingerprint: dict | None = field(default=None, repr=False, compare=False)
 
+    def facts(self) -> dict:
+        """The fingerprint, and for image folders their image size, counts of images per split, of images
+        left out, of leaked test images and of ignored files (a run's metrics.json records them)."""
+        if self.folders is None:
+            return self.fingerprint()
+        cached = self.folders
+        return {**self.fingerprint(), "image_size": cached.size,
+                "images": {split: len(part.files) for split, part in cached.splits.items()},
+                "skipped_images": cached.skipped, "leaked_images": [list(pair) for pair in cached.leaked],
+                "ignored_files": cached.ignored}
+
     def fingerprint(self) -> dict:
-        """The folder and the sha256 of its three files, hashed once (every branch and cache entry asks)."""
+        """The folder and the sha256 of its three files (image folders: of the cache's manifest), hashed
+        once (every branch and cache entry asks)."""
+        if self._fingerprint is None and self.folders is not None:
+            self._fingerprint = {"dir": str(self.data_dir), "manifest_sha256": self.folders.manifest_sha256[:16]}
         if self._fingerprint is None:
             digest = lambda name: hashlib.sha256((self.data_dir / name).read_bytes()).hexdigest()[:16]  # noqa: E731
             self._fingerprint = {"dir": str(self.data_dir), **{f"{n}_sha256": digest(n) for n in ("train", "test", "meta")}}
         return dict(self._fingerprint)
 
 
-def load_tree_data(config, data_dir, download: bool = False, progress: bool = True) -> TreeData:
+def data_notes(data: TreeData) -> dict[str, str]:
+    """What a user of image folders should know before trusting the figures: images left out, test
+    images that are also training images, files that are not images."""
+    cached, notes = data.folders, {}
+    if cached is None:
+        return notes
+    if cached.skipped:
+        notes["skipped_images"] = (f"{len(cached.skipped)} unreadable image(s) left out (--skip-bad-images), "
+                                   f"e.g. {cached.skipped[0]}")
+    if cached.leaked:
+        held, train = cached.leaked[0]
+        notes["leakage"] = (f"{len(cached.leaked)} validation or test image(s) have the same bytes as a training "
+                            f"image, e.g. {held} = {train}: their figures are not held-out; remove the copies")
+    return notes
+
+
+def load_tree_data(config, data_dir, download: bool = False, progress: bool = True,
+                   skip_bad_images: bool = False) -> TreeData:
     """Load (and, if asked, download) the data, checking that every class of the tree (a
     branching.config.tree.TreeConfig) exists in it."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
         raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder that holds the data (for "
-                        f"CIFAR-100, the folder of its files train, test and meta)")
+                        f"CIFAR-100, the folder of its files train, test and meta; else image folders train/ "
+                        f"and test/)")
+    if is_image_folder(data_dir):
+        return load_folder_data(config, data_dir, progress, skip_bad_images)
+    if config.side != 32:
+        raise ConfigError(f"{config.path or '<config>'}: [data] image_size = {config.side}, but CIFAR-100's files "
+                          f"in {data_dir} hold 32-pixel images; leave out image_size, or pass image folders")
     for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):
         try:  # before any download
             resolve_classes(spec.classes, list(FINE_LABEL_NAMES))
@@ -80,3 +130,28 @@ def load_tree_data(config, data_dir, download: bool = False, progress: bool = Tr
                             f"in {config.path or '<config>'}; pass --config with a tree of the data's classes (the "
                             f"default is the original study's fish and flower tree)")
     return data
+
+
+def load_folder_data(config, data_dir: Path, progress: bool = True, skip_bad_images: bool = False) -> TreeData:
+    """Image folders (branching.data.folders) at the tree's image size, through the image cache."""
+    folders = scan(data_dir)  # the layout, checked before anything is decoded
+    where = f"class of {data_dir}"
+    for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):
+        try:
+            resolve_classes(spec.classes, folders.classes, where)
+        except DataError as e:
+            table = "[parent]" if spec.source is None else f"[branches.{spec.name}]"
+            raise ConfigError(f"{config.path or '<config>'}: {table} classes: {e}; branching init --data "
+                              f"{data_dir} writes a tree of them") from None
+    cached = load_cached(folders, config.side, skip_bad=skip_bad_images, progress=progress)
+    parts = cached.splits
+    train, val = parts["train"], parts.get("val")
+    if val is not None:
+        images = np.concatenate([np.asarray(train.images), np.asarray(val.images)])
+        labels, files = np.concatenate([train.labels, val.labels]), train.files + val.files
+        val_rows = np.arange(len(train.labels), len(labels))
+    else:
+        images, labels, files, val_rows = train.images, train.labels, train.files, None
+    test = parts["test"]
+    return TreeData(data_dir, folders.classes, Split(images, labels, files),
+                    Split(test.images, test.labels, test.files), val_rows=val_rows, folders=cached)

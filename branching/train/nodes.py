@@ -68,7 +68,10 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     if spec.kind == "module":
         return load_module_parent(config, data, recipe, seed)
     images, labels, rows = data.node_rows("train", spec)
-    if r.validation:
+    if data.val_rows is not None:  # a val/ folder: the parent, and so every branch, validates on it
+        in_val = np.isin(rows, data.val_rows)
+        train_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
+    elif r.validation:
         train_idx, val_idx = _split(labels, r.validation, seed)
     else:
         train_idx, val_idx = np.arange(len(labels)), np.arange(0)

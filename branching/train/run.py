@@ -14,7 +14,7 @@ from branching.acceptance.rule import Acceptance, describe_rule
 from branching.config.recipes import Recipe
 from branching.config.tree import TreeConfig
 from branching.console import log
-from branching.data.tree_data import TreeData, load_tree_data
+from branching.data.tree_data import TreeData, data_notes, load_tree_data
 from branching.errors import ConfigError
 from branching.fileio import staged_dir, write_csv, write_json
 from branching.models.device import CPU
@@ -79,7 +79,8 @@ def _history_summary(history: dict) -> dict:
 
 
 def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, download: bool = False,
-        progress: bool = True, echo=print, report: bool = True, cache_dir=None, device: torch.device = CPU) -> dict:
+        progress: bool = True, echo=print, report: bool = True, cache_dir=None, device: torch.device = CPU,
+        skip_bad_images: bool = False) -> dict:
     """Train the parent and every branch, evaluate all on the test split, write OUT/metrics.json,
     OUT/predictions/<node>.csv, OUT/models/<node>.pt and (with report) OUT/report.md, OUT/report.html and
     OUT/plots/; returns the metrics. OUT is replaced whole at the end (fileio.staged_dir): an error or an
@@ -91,12 +92,16 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ConfigError(f"--cache {cache_dir} is a file; give a folder for the activation cache")
     with staged_dir(out_dir) as out:
-        return _run(config, data_dir, out, recipe, seed, download, progress, echo, report, cache_dir, device)
+        return _run(config, data_dir, out, recipe, seed, download, progress, echo, report, cache_dir, device,
+                    skip_bad_images)
 
 
-def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device) -> dict:
+def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device,
+         skip_bad_images) -> dict:
     start = time.perf_counter()
-    data = load_tree_data(config, data_dir, download=download, progress=progress)
+    data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images)
+    for line in data_notes(data).values():
+        echo(f"note: {line}")
     log(plan(config, recipe, seed, device))
     store = ModelStore(out / "models")
     timings: dict[str, float] = {}
@@ -117,7 +122,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
         timings[f"train_{spec.name}_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.fingerprint(),
+    metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.facts(),
                "device": str(device), "parent": None, "branches": {}}
     for spec in config.nodes():
         if not models[spec.name].has_head:  # a module parent without head = true: no class logits
@@ -143,7 +148,8 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     metrics["timings"] = timings
-    metrics["notes"] = {n: m.meta["acceptance_note"] for n, m in models.items() if m.meta.get("acceptance_note")}
+    metrics["notes"] = {**data_notes(data),
+                        **{n: m.meta["acceptance_note"] for n, m in models.items() if m.meta.get("acceptance_note")}}
     write_json(out / "metrics.json", metrics)
     if report:
         from branching.reports.run import write_report  # matplotlib is only loaded when a report is written
@@ -152,21 +158,24 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
 
 
 def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list[int], download: bool = False,
-              progress: bool = True, echo=print, report: bool = True, device: torch.device = CPU) -> dict:
+              progress: bool = True, echo=print, report: bool = True, device: torch.device = CPU,
+              skip_bad_images: bool = False) -> dict:
     """run for each seed into OUT/seed-<n>/, then OUT/metrics.json with the mean and std of every headline
     figure (branching.seeds); returns that summary."""
     recipe.parent_for(config.parent.kind)
     with staged_dir(out_dir) as out:
-        return _run_seeds(config, data_dir, out, recipe, seeds, download, progress, echo, report, device)
+        return _run_seeds(config, data_dir, out, recipe, seeds, download, progress, echo, report, device,
+                          skip_bad_images)
 
 
-def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, echo, report, device) -> dict:
+def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, echo, report, device,
+               skip_bad_images) -> dict:
     start = time.perf_counter()
     runs = {}
     for seed in seeds:
         echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")
         runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, download=download,
-                         progress=progress, echo=echo, report=report, device=device)
+                         progress=progress, echo=echo, report=report, device=device, skip_bad_images=skip_bad_images)
     first = runs[seeds[0]]
     summary = seeds_summary.summarise(runs)
     metrics = {"seeds": seeds, "recipe": recipe.name, "config": first["config"], "data": first["data"],

@@ -1,0 +1,168 @@
+"""The decoded images of image folders, cached on disk as uint8 arrays (N, 3 * size * size).
+
+Every image is decoded once (on every core, with progress), made upright 8-bit RGB and resized as
+Resize(size) + CenterCrop(size) do (branching.data.images). A manifest records each file's path, size
+and modification time, the size and the resize policy: a change rebuilds the cache, a re-run reuses it
+(read back memory-mapped). The sha256 of each file's bytes is kept, to count test images that are also
+training images. The cache lives under $BRANCHING_CACHE (default ~/.cache/branching), never in OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from branching.data.folders import ImageFolders
+from branching.data.images import POLICY, decode_image
+from branching.errors import DataError
+
+VERSION = 1
+SHOWN_BAD = 3        # bad images named in an error; the rest are counted
+IN_PROCESS = 64      # fewer images than this are decoded without starting workers
+
+
+@dataclass
+class CachedSplit:
+    images: np.ndarray              # uint8 (N, 3 * size * size), memory-mapped
+    labels: np.ndarray              # int64 positions in ImageFolders.classes
+    files: list[str]                # paths inside the data folder
+    sha256: list[str]
+
+
+@dataclass
+class CachedFolders:
+    splits: dict[str, CachedSplit]
+    size: int
+    manifest_sha256: str
+    skipped: list[str] = field(default_factory=list)   # one-line errors of the unreadable images left out
+    leaked: list[tuple[str, str]] = field(default_factory=list)  # (test or val file, train file), same bytes
+    ignored: int = 0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BRANCHING_CACHE") or Path.home() / ".cache" / "branching")
+
+
+def manifest(folders: ImageFolders, size: int) -> dict:
+    return {"version": VERSION, "root": str(folders.root.resolve()), "size": size, "policy": POLICY,
+            "classes": folders.classes,
+            "files": {split: [[f.rel, f.class_name, f.size, f.mtime_ns] for f in files]
+                      for split, files in folders.splits.items()}}
+
+
+def load_cached(folders: ImageFolders, size: int, skip_bad: bool = False, progress: bool = True,
+                workers: int | None = None) -> CachedFolders:
+    """The folders' images at `size`, from the cache when its manifest matches, else decoded into it.
+    Unreadable images are a DataError naming the first few, unless `skip_bad` leaves them out."""
+    wanted = manifest(folders, size)
+    text = json.dumps(wanted, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    where = cache_root() / f"images-{hashlib.sha256(wanted['root'].encode()).hexdigest()[:16]}-{size}"
+    if not _matches(where, text):
+        _build(folders, size, where, text, progress, workers)
+    index = json.loads((where / "index.json").read_text())
+    bad = index["bad"]
+    if bad and not skip_bad:
+        shown = "; ".join(bad[:SHOWN_BAD])
+        raise DataError(f"{len(bad)} unreadable image(s) in {folders.root}: {shown}"
+                        f"{' ...' if len(bad) > SHOWN_BAD else ''}; fix or remove them, or pass "
+                        f"--skip-bad-images to leave them out (the run records which)")
+    position = {name: i for i, name in enumerate(folders.classes)}
+    splits = {}
+    for split in folders.splits:
+        entry = index["splits"][split]
+        images = np.load(where / f"{split}.npy", mmap_mode="r")
+        keep = np.asarray(entry["ok"], dtype=bool)
+        rows = np.flatnonzero(keep)
+        splits[split] = CachedSplit(images[rows] if not keep.all() else images,
+                                    np.array([position[c] for c, k in zip(entry["classes"], keep) if k], np.int64),
+                                    [f for f, k in zip(entry["files"], keep) if k],
+                                    [h for h, k in zip(entry["sha256"], keep) if k])
+    for split, part in splits.items():
+        empty = sorted(set(folders.classes) - {folders.classes[i] for i in np.unique(part.labels)})
+        if empty:
+            raise DataError(f"{folders.root / split}: no readable image of class {empty[0]!r} is left; add "
+                            f"readable images of it")
+    train = {h: f for h, f in zip(splits["train"].sha256, splits["train"].files)}
+    leaked = [(f, train[h]) for split in ("val", "test") if split in splits
+              for h, f in zip(splits[split].sha256, splits[split].files) if h in train]
+    return CachedFolders(splits, size, digest, bad, leaked, folders.ignored)
+
+
+def _matches(where: Path, text: str) -> bool:
+    try:
+        return (where / "manifest.json").read_text() == text and (where / "index.json").is_file()
+    except OSError:
+        return False
+
+
+def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: bool, workers: int | None) -> None:
+    """Decode every image into a new folder beside `where`, then swap it in whole."""
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
+    try:
+        jobs = [(str(f.path), size) for files in folders.splits.values() for f in files]
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        bar = tqdm(total=len(jobs), desc=f"decoding images at {size} px", unit="image", disable=not progress,
+                   file=sys.stderr)
+        index = {"splits": {}, "bad": []}
+        results = _decoded(jobs, workers or 1)
+        for split, files in folders.splits.items():
+            out = np.lib.format.open_memmap(staging / f"{split}.npy", "w+", np.uint8, (len(files), 3 * size * size))
+            ok, hashes = [], []
+            for i in range(len(files)):
+                pixels, sha, error = next(results)
+                bar.update()
+                if error is None:
+                    out[i] = pixels
+                else:
+                    index["bad"].append(error)
+                ok.append(error is None)
+                hashes.append(sha)
+            out.flush()
+            del out
+            index["splits"][split] = {"files": [f.rel for f in files], "classes": [f.class_name for f in files],
+                                      "ok": ok, "sha256": hashes}
+        bar.close()
+        (staging / "index.json").write_text(json.dumps(index))
+        (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
+        old = where.with_name(where.name + ".old")
+        if where.exists():
+            where.rename(old)
+        staging.rename(where)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _decoded(jobs, workers: int):
+    """(pixels, sha256 of the file's bytes, one-line error or None) for each job, in order."""
+    if workers <= 1 or len(jobs) < IN_PROCESS:
+        yield from map(_decode, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+
+
+def _decode(job):
+    path, size = job
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return None, "", f"{path}: cannot read ({e.strerror or e})"
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return decode_image(data, path, size), sha, None
+    except DataError as e:
+        return None, sha, str(e)
