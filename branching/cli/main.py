@@ -14,6 +14,7 @@ from branching import __version__
 from branching.acceptance.metrics import format_report
 from branching.cli.args import TRAINING, TREE, ArgumentParser, flags, guarded, prog_name
 from branching.cli.compare import add_parsers as add_compare
+from branching.cli.init import add_init
 from branching.cli.predict import add_parser as add_predict
 from branching.cli.selfeval import add_parser as add_selfeval
 from branching.config.parse import load_config
@@ -47,6 +48,7 @@ def build_parser() -> ArgumentParser:
     run.set_defaults(func=cmd_run)
     add_predict(sub)
     add_compare(sub)
+    add_init(sub)
     add_selfeval(sub)
     return parser
 
@@ -123,7 +125,7 @@ class _Script:
         what = f"a branch of the tree (default {default!r})" if branch else "the parent of the tree"
         parser = ArgumentParser(
             description=f"{task} {what}{'' if training else ' on the test split'}.",
-            parents=[flags(*TREE, "--models", *(TRAINING if training else ()))])
+            parents=[flags(*TREE, "--models", *((*TRAINING, "--skip-bad-images") if training else ()))])
         if branch:
             parser.add_argument("--branch", default=default, metavar="NAME",
                                 help=f"the branch of --config to {task.lower()} (default {default}); its model "
@@ -150,7 +152,8 @@ def train_script(node: str, argv=None) -> int:
     args, config, node = script.args, script.config, script.node
     recipe = get_recipe(args.recipe, args.max_epochs)
     recipe.parent_for(config.parent.kind)
-    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
+    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet,
+                          skip_bad_images=args.skip_bad_images)
     if script.spec.source is None:
         model, meta, normalizer = train_parent(config, data, recipe, args.seed or 0, not args.quiet, args.device)
         path = script.store.save(node, model, meta)
@@ -160,7 +163,7 @@ def train_script(node: str, argv=None) -> int:
     else:
         models = script.store.load_tree(config, nodes=[script.spec.source], hints=script.hints)
         model, meta = train_branch(config, node, models, data, recipe, args.seed or 0, not args.quiet,
-                                   device=args.device, skip_bad_images=args.skip_bad_images)
+                                   device=args.device)
         path = script.store.save(node, model, meta)
     history = meta["history"]
     print(f"trained {node}: {history['epochs_run']} epochs (best {history['best_epoch']}), "

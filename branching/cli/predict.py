@@ -12,16 +12,18 @@ import numpy as np
 from branching.cli.args import positive_int
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
-from branching.data.images import load_images
+from branching.data.folders import is_image_folder, scan
+from branching.data.image_cache import load_cached
+from branching.data.images import IMAGE_SUFFIXES, load_images
 from branching.errors import ConfigError, DataError
 from branching.fileio import check_new_file, write_csv, write_json
+from branching.models.nets import image_side
 from branching.tree.checkpoint import load_folder
 from branching.tree.predict import NodePredictor
 from branching.tree.routing import BATCH, TreePredictor
 
 COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at",
            "rejected_confidence", "threshold")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".mpo")
 
 
 def add_parser(sub) -> None:
@@ -44,8 +46,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def load_split_inputs(data_dir, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """Every image of a CIFAR-format split: (file names, pixels, true class names)."""
+def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], np.ndarray, list[str]]:
+    """Every image of a split of CIFAR's files or of image folders (at `side` pixels, through the image
+    cache): (file names, pixels, true class names)."""
+    if is_image_folder(data_dir):
+        folders = scan(data_dir)
+        if split not in folders.splits:
+            raise DataError(f"--data {data_dir} has no {split}/ folder; choose --split from {', '.join(folders.splits)}")
+        part = load_cached(folders, side).splits[split]
+        return part.files, part.images, [folders.classes[i] for i in part.labels]
     data = load_split(data_dir, split)
     label_names = load_label_names(data_dir)
     return data.filenames, data.images, [label_names[i] for i in data.fine_labels]
@@ -117,11 +126,12 @@ def cmd_predict(args) -> int:
         predictor = TreePredictor.load(args.models, config, args.branch)
     else:
         predictor = NodePredictor(*load_folder(args.models, config), args.node)
+    side = image_side(predictor.models["parent"].architecture[0])  # images resized as the tree was trained
     if args.data:
-        names, pixels, truth = load_split_inputs(args.data, args.split)
+        names, pixels, truth = load_split_inputs(args.data, args.split, side)
         errors: list[str] = []
     else:
-        names, pixels, errors = load_images(files)
+        names, pixels, errors = load_images(files, side)
         truth = None
     if ignored:
         print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)

@@ -107,13 +107,13 @@ def _walk(root: Path, split: str, inside: Path):
                     images.append(path)
                 else:
                     ignored += 1
+        if images and not parts:
+            raise DataError(f"{folder} holds images directly; put them in one folder per class, e.g. "
+                            f"{folder}/CLASS/{images[0].name}")
         if images and subfolders:
             raise DataError(f"{folder} holds both images and folders; a folder is either a class (images "
                             f"only) or a group of class folders: move its images into a class folder")
         if images:
-            if not parts:
-                raise DataError(f"{folder} holds images directly; put them in one folder per class, e.g. "
-                                f"{folder}/CLASS/{images[0].name}")
             name, groups = parts[-1], parts[:-1]
             if name in classes and classes[name] != groups:
                 raise DataError(f"class {name!r} is in two groups of {root / split}: "

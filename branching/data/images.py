@@ -13,7 +13,7 @@ import numpy as np
 from branching.errors import DataError
 
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP")  # MPO: the JPEG variant many cameras write
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".mpo", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SIDE = 32
 POLICY = "resize-shorter-bilinear-antialias+center-crop"  # recorded in caches: a change rebuilds them
 MAX_PIXELS = 89_478_485  # Pillow's bomb limit (Image.MAX_IMAGE_PIXELS); larger images are refused undecoded
