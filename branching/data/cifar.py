@@ -203,4 +203,5 @@ def select(split: Split, fine_ids, label_names=FINE_LABEL_NAMES):
         if counts[pos] == 0:
             name = label_names[fine_id]
             raise DataError(f"no images of class {name!r} (id {fine_id}) in this split; use data that contains it")
-    return split.images[indices], labels, indices
+    every = len(indices) == len(split.images)  # rows in file order: the whole split, not a copy of it
+    return (split.images if every else split.images[indices]), labels, indices

@@ -1,4 +1,4 @@
-"""Per-pixel standardisation of CIFAR images, fitted on the parent's training rows."""
+"""Per-pixel standardisation of images, fitted on the parent's training rows a batch at a time."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 
 from branching.errors import DataError
 from branching.fileio import atomic_path
+from branching.lazy_images import NormalizedImages
 
 
 class Normalizer:
@@ -14,6 +15,7 @@ class Normalizer:
     repeated over its pixels)."""
 
     MIN_STD = 1e-6
+    FIT_ROWS = 1024  # images read at a time while fitting
 
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
@@ -23,18 +25,34 @@ class Normalizer:
             raise DataError(f"normaliser mean and std must have the same number of values, 3 per pixel; got {got}")
 
     @classmethod
-    def fit(cls, images, per_channel: bool = False) -> "Normalizer":
-        """Mean and std of every pixel over the images, or (per_channel) of every colour channel over all
-        its pixels, repeated for each of them."""
-        images = np.asarray(images, dtype=np.float64)
-        if images.ndim != 2 or images.shape[0] == 0:
-            raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need (N, 3 * side * side) "
-                            f"with N > 0")
+    def fit(cls, images, per_channel: bool = False, rows=None) -> "Normalizer":
+        """Mean and std of every pixel over the images (or those of `rows`), or (per_channel) of every colour
+        channel over all its pixels, repeated for each of them; two passes over FIT_ROWS images at a time in
+        float64 (the sums of 8-bit pixels are exact, so the mean is numpy's to the bit)."""
+        images = images if hasattr(images, "shape") else np.asarray(images)
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+        if images.ndim != 2 or (len(images) if rows is None else len(rows)) == 0:
+            raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need "
+                            f"(N, 3 * side * side) with N > 0")
+        n, width = (len(images) if rows is None else len(rows)), images.shape[1]
+        if width % 3:
+            raise DataError(f"cannot fit a normaliser on rows of {width} values; need 3 per pixel")
+        batches = [slice(start, start + cls.FIT_ROWS) if rows is None else rows[start:start + cls.FIT_ROWS]
+                   for start in range(0, n, cls.FIT_ROWS)]
+
+        def total(values):  # (rows, width) -> per value, or per channel
+            values = values.reshape(len(values), 3, -1) if per_channel else values
+            return values.sum(axis=(0, 2) if per_channel else 0)
+
+        count = n * (width // 3 if per_channel else 1)
+        mean = sum(total(np.asarray(images[b], dtype=np.float64)) for b in batches) / count
+        full_mean = np.repeat(mean, width // 3) if per_channel else mean
+        squares = sum(total(np.square(np.asarray(images[b], dtype=np.float64) - full_mean)) for b in batches)
+        std = np.sqrt(squares / count)
         if per_channel:
-            channels = images.reshape(len(images), 3, -1)
-            mean, std, pixels = channels.mean(axis=(0, 2)), channels.std(axis=(0, 2)), channels.shape[2]
-            return cls(np.repeat(mean, pixels), np.maximum(np.repeat(std, pixels), cls.MIN_STD))
-        return cls(images.mean(axis=0), np.maximum(images.std(axis=0), cls.MIN_STD))
+            std = np.repeat(std, width // 3)
+        return cls(full_mean, np.maximum(std, cls.MIN_STD))
 
     @classmethod
     def of_channels(cls, mean, std, side: int = 32) -> "Normalizer":
@@ -50,6 +68,13 @@ class Normalizer:
         if images.ndim != 2 or images.shape[1] != self.mean.size:
             raise DataError(f"expected images of shape (N, {self.mean.size}), got {images.shape}")
         return ((images.astype(np.float32) - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def lazy(self, images) -> "NormalizedImages":
+        """The images as transform gives them, read a batch at a time (see NormalizedImages)."""
+        images = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        if images.ndim != 2 or images.shape[1] != self.mean.size:
+            raise DataError(f"expected images of shape (N, {self.mean.size}), got {images.shape}")
+        return NormalizedImages(images, self)
 
     def to_dict(self) -> dict:
         import torch  # only the checkpoint format needs tensors
@@ -79,3 +104,4 @@ class Normalizer:
             except (OSError, ValueError, EOFError) as e:
                 raise DataError(f"{path} is not a valid .npy file ({e}); train the parent again") from None
         return cls(*arrays)
+

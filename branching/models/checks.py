@@ -8,13 +8,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from branching.lazy_images import NormalizedImages
 from branching.models import nets
 
 MAX_PARAMETERS = 250_000_000  # 1 GiB of float32 weights (4 GiB while training with Adam): far beyond this MLP's uses
 
 
 def as_2d_float(X, width=None) -> np.ndarray:
-    """Array, tensor or [array] -> float32 (N, width); (1, N, w) drops its first axis, (w,) becomes (1, w)."""
+    """Array, tensor or [array] -> float32 (N, width); (1, N, w) drops its first axis, (w,) becomes (1, w).
+    NormalizedImages pass through as they are (read a batch at a time by whoever iterates them)."""
+    if isinstance(X, NormalizedImages):
+        if width is not None and X.shape[1] != width:
+            raise ValueError(f"expected input of shape (N, {width}), got shape {X.shape}")
+        return X
     if isinstance(X, (list, tuple)) and len(X) == 1 and isinstance(X[0], (np.ndarray, torch.Tensor)):
         X = X[0]
     if isinstance(X, torch.Tensor):
@@ -127,3 +133,17 @@ def as_labels(y, n, n_classes, name) -> np.ndarray:
 def writable(arr: np.ndarray) -> np.ndarray:
     """torch.from_numpy warns on read-only arrays (e.g. memory maps); copy those."""
     return arr if arr.flags.writeable else arr.copy()
+
+
+def batches(X, batch_size: int):
+    """Consecutive float32 tensors of at most batch_size rows of X (an array or NormalizedImages, whose
+    rows are normalised only as each batch is read)."""
+    for start in range(0, len(X), batch_size):
+        yield torch.from_numpy(writable(np.ascontiguousarray(X[start:start + batch_size], dtype=np.float32)))
+
+
+def rows_tensor(X, index: torch.Tensor) -> torch.Tensor:
+    """X[index] as a float32 tensor, for X a tensor or NormalizedImages."""
+    if isinstance(X, NormalizedImages):
+        return torch.from_numpy(np.asarray(X[index.numpy()]))
+    return X[index]

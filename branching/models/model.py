@@ -23,7 +23,7 @@ from torch import nn
 from branching.fileio import atomic_path
 from branching.models import nets
 from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
-                                     declared_network, first_line, writable)
+                                     batches, declared_network, first_line)
 from branching.models.nets import KINDS, WHERE, ACTIVATIONS
 from branching.models.training import Trainable
 
@@ -200,15 +200,17 @@ class Model(Trainable):
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         device = self._device()
         with self._inference():
-            outputs = [fn(xb.to(device)).cpu() for xb in torch.split(torch.from_numpy(writable(X)), batch_size)]
+            outputs = [fn(xb.to(device)).cpu() for xb in batches(X, batch_size)]
+        if not outputs:
+            with self._inference():
+                return fn(torch.zeros(0, X.shape[1], device=device)).cpu().numpy()
         return torch.cat(outputs).numpy()
 
     def _loss_accuracy(self, X: np.ndarray, y: np.ndarray, batch_size=4096) -> dict:
         loss_sum, correct = 0.0, 0
         device = self._device()
         with self._inference():
-            for xb, yb in zip(torch.split(torch.from_numpy(writable(X)), batch_size),
-                              torch.split(torch.from_numpy(y), batch_size)):
+            for xb, yb in zip(batches(X, batch_size), torch.split(torch.from_numpy(y), batch_size)):
                 xb, yb = xb.to(device), yb.to(device)
                 out = self.net(xb).float()
                 loss_sum += F.cross_entropy(out, yb, reduction="sum").item()

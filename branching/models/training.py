@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from branching.models.checks import as_2d_float, as_labels, check_choice, check_int, check_real, writable
+from branching.lazy_images import NormalizedImages
+from branching.models.checks import (as_2d_float, as_labels, check_choice, check_int, check_real, rows_tensor,
+                                     writable)
 from branching.models.device import autocast, resolve_device
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -62,7 +64,8 @@ class Trainable:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         opt = make_optimizer(optimizer, params, lr, weight_decay)
         scheduler = make_scheduler(lr_schedule, opt, lr, epochs * math.ceil(len(X) / batch_size))
-        Xt, yt = torch.from_numpy(writable(X)), torch.from_numpy(y)
+        Xt = X if isinstance(X, NormalizedImages) else torch.from_numpy(writable(X))
+        yt = torch.from_numpy(y)
 
         history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
         sign = 1.0 if monitor == "val_loss" else -1.0  # compare as "smaller is better"
@@ -111,7 +114,7 @@ class Trainable:
         loss_sum, correct = 0.0, 0
         device = self._device()
         for idx in torch.randperm(len(Xt), generator=generator).split(batch_size):
-            xb, yb = Xt[idx], yt[idx]
+            xb, yb = rows_tensor(Xt, idx), yt[idx]
             if transform is not None:
                 xb = transform(xb, generator)
                 if not isinstance(xb, torch.Tensor) or tuple(xb.shape) != (len(idx), self.architecture[0]):

@@ -19,7 +19,7 @@ import torch
 
 from branching.data.normalization import Normalizer
 from branching.fileio import write_bytes, write_json
-from branching.models.forward import chain, extract, mirror_all, random_flips, read
+from branching.models.forward import BATCH, chain, extract, mirror_all, random_flips, read
 
 FORMAT = "branching-features/1"
 MANIFEST = "manifest.json"
@@ -110,8 +110,10 @@ class FeatureCache:
             self.log(f"feature cache {self.entry(manifest)}: reusing")
             return arrays
         normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
-        inputs = {"plain": X, "flipped": mirror_all(X, normalizer) if flips else None}
-        arrays = {v: extract(models, [r], inputs[v])[0] for v in variants}
+        arrays = {"plain": extract(models, [r], X)[0]}
+        if flips:  # mirrored a batch at a time, in extract's own batches
+            arrays["flipped"] = np.concatenate([extract(models, [r], mirror_all(X[start:start + BATCH], normalizer))[0]
+                                                for start in range(0, len(X), BATCH)] or [arrays["plain"]])
         self.store(manifest, arrays)
         self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} images, {', '.join(variants)})")
         return arrays

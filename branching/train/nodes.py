@@ -3,6 +3,7 @@ and each node's acceptance rule fitted on its validation images."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import replace
@@ -17,7 +18,7 @@ from branching.config.tree import NodeSpec, TreeConfig
 from branching.console import log
 from branching.data.normalization import Normalizer
 from branching.data.tree_data import TreeData
-from branching.errors import ConfigError
+from branching.errors import ConfigError, DataError
 from branching.models.device import CPU
 from branching.models.forward import augment_transform, extract, read, read_tap
 from branching.models.model import Model
@@ -29,8 +30,16 @@ LOW_ACCEPTANCE = 0.25  # a node that lets through less of its validation images 
 
 
 def _split(n_or_labels, test_size, seed):
+    """A stratified hold-out of `test_size` of the rows; a DataError where the classes are too small for one."""
     labels = np.asarray(n_or_labels)
-    return train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=seed)
+    try:
+        return train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=seed)
+    except ValueError:
+        counts = np.bincount(labels)
+        raise DataError(f"too few training images to hold out {test_size:.0%} of each class for validation: "
+                        f"{len(labels)} images of {np.count_nonzero(counts)} classes, the smallest with "
+                        f"{counts[counts > 0].min()}; add images (at least {math.ceil(2 / test_size)} per class), "
+                        f"or give a val/ folder") from None
 
 
 def fit_kwargs(r, seed, progress, desc, device=CPU) -> dict:
@@ -76,8 +85,8 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     else:
         train_idx, val_idx = np.arange(len(labels)), np.arange(0)
     # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
-    normalizer = Normalizer.fit(images[train_idx], per_channel=spec.kind != "mlp")
-    X = normalizer.transform(images)
+    normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=train_idx)
+    X = normalizer.lazy(images)
     dropout = spec.dropout if spec.dropout is not None else r.dropout
     if spec.kind == "mlp":
         model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout,
@@ -117,7 +126,7 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     if "mean" in shape:
         normalizer = Normalizer.of_channels(255 * np.array(shape["mean"]), 255 * np.array(shape["std"]))
     else:
-        normalizer = Normalizer.fit(images[train_idx], per_channel=True)
+        normalizer = Normalizer.fit(images, per_channel=True, rows=train_idx)
     model = Model([images.shape[1], len(spec.classes)], seed=seed, kind="module", shape=shape)
     try:
         load_weights(model.net, shape["weights"])
@@ -129,7 +138,7 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
         f"held out for validation, {len(spec.classes)} classes")
     acceptance, note = None, None
     if model.has_head:
-        val_logits = model.logits(normalizer.transform(images[val_idx]))
+        val_logits = model.logits(normalizer.lazy(images)[val_idx])
         fitted = fit_acceptance(spec, r, val_logits, labels[val_idx])
         acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits)
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
@@ -157,7 +166,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
     images, labels, rows = data.node_rows("train", spec)
-    X = normalizer.transform(images)
+    X = normalizer.lazy(images)
     validation = r.validation
     parent_val = set(held_out_rows(parent).tolist())
     if validation == "parent" and not parent_val:

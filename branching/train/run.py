@@ -54,7 +54,7 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
     compared with the parent's own head restricted to the branch's classes."""
     spec, model = config.node(name), models[name]
     images, labels, rows = data.node_rows("test", spec)
-    X = parent_normalizer(models["parent"]).transform(images)
+    X = parent_normalizer(models["parent"]).lazy(images)
     logits = model.logits(node_inputs(models, name, X))
     head = None
     if spec.source is not None and models["parent"].has_head and set(spec.classes) <= set(config.parent.classes):
