@@ -7,7 +7,7 @@ import re
 
 import pytest
 from PIL import Image
-from reference import SMALL_TREE
+from reference import FOUR_CLASS_PARENT, MAMMALS, SMALL_TREE, WATER
 
 from branching import __version__
 from branching.cli.main import main
@@ -81,12 +81,15 @@ def test_a_node_that_accepts_little_says_how_to_accept_more(small_run, small_tre
     low = [n for n in config.branches if metrics["branches"][n]["acceptance"]["validation"]["coverage"] < 0.25]
     assert low and set(low) <= set(notes)
     report = (small_run / "report.md").read_text()
-    assert "## Needs attention" in report and all(note in report for note in notes.values())
-    # a note parses back as TOML lines that load
-    fixed = parse_config('[parent]\nclasses = ["beaver", "whale", "wolf", "sunflower"]\nhidden = [16, 8]\n'
-                         '[branches.mammals]\nclasses = ["beaver", "whale", "wolf"]\nlayer = 1\n'
-                         '[branches.mammals.accept]\nrule = "coverage"\ncoverage = 0.8\n')
-    assert fixed.branches["mammals"].accept.coverage == 0.8
+    assert "## Needs attention" in report
+    for name, note in notes.items():  # the prose, then the TOML lines as a block that pastes into the tree
+        prose, *lines = note.split("\n")
+        assert prose in report and "```toml\n" + "\n".join(line.strip() for line in lines) + "\n```" in report
+        tree = FOUR_CLASS_PARENT + MAMMALS + WATER  # small_tree_file's tree, in tables a user adds to
+        assert parse_config(tree).to_dict() == config.to_dict()
+        fixed = parse_config(tree + "\n".join(line.strip() for line in lines) + "\n")
+        node = fixed.parent if name == "parent" else fixed.branches[name]
+        assert node.accept.rule == "coverage" and node.accept.coverage == 0.8
 
 
 def test_predict_shows_the_threshold_and_the_path_up_to_the_node_that_rejected(small_run, small_data_dir, tmp_path,
@@ -138,7 +141,15 @@ def test_did_you_mean(small_run, capsys, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(SMALL_TREE.replace('classes = ["beaver", "whale"]', 'classes = ["beaver", "whael"]'))
     assert main(["run", "--config", str(bad), "--data", "absent", *EPOCHS]) == 2
-    assert "'whael' not among the classes of source 'mammals' (did you mean 'whale'?)" in last_error(capsys)
+    assert "'whael' not among the classes of source 'mammals' (the source has 'whale': spell" in last_error(capsys)
+    assert main(["run", "--max-epoch", "1", "--confg", "x"]) == 2  # every misspelt flag, from the command's own
+    assert "(did you mean '--max-epochs' for '--max-epoch', '--config' for '--confg'?)" in last_error(capsys)
+    assert main(["probe-layers", "--out", "x"]) == 2
+    assert "(probe-layers takes no --out); see branching probe-layers --help" in last_error(capsys)
+    assert main(["prdict"]) == 2
+    assert "(did you mean 'predict'?)" in last_error(capsys)
+    assert main(["predict", "--models", str(small_run), "--branch", "mamals", "x.png"]) == 2
+    assert "--branch mamals: no such branch (did you mean 'mammals'?)" in last_error(capsys)
 
 
 def test_small_messages_say_what_is_wrong(small_run, small_data_dir, tmp_path, capsys):
@@ -153,6 +164,15 @@ def test_small_messages_say_what_is_wrong(small_run, small_data_dir, tmp_path, c
         'classes = ["beaver", "whale", "wolf"], layer', 'classes = ["whale", "beaver", "wolf"], layer'))
     assert main(["predict", "--models", str(small_run), "--config", str(other), "--data", str(small_data_dir)]) == 2
     assert "leave out --config to use the tree the models record" in last_error(capsys)
+    bigger = tmp_path / "bigger.toml"  # a tree with a node the run never trained
+    bigger.write_text(SMALL_TREE + 'branches.pair = { from = "water", classes = ["beaver", "whale"], layer = 0, hidden = [2] }\n')
+    assert main(["predict", "--models", str(small_run), "--config", str(bigger), "--data", str(small_data_dir)]) == 2
+    error = last_error(capsys)
+    assert "no model for node 'pair'" in error and "leave out --config" in error
+    for command in (["predict", "--models", str(small_run), "--data", str(a_file)],
+                    ["init", "--data", str(a_file), "--out", str(tmp_path / "t.toml")]):
+        assert main(command) == 2
+        assert f"--data {a_file} is a file, not a folder" in last_error(capsys)
 
 
 def test_probe_layers_reads_the_tree_its_models_record(small_run, small_data_dir, capsys):

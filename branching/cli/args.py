@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import re
 import signal
@@ -65,8 +66,10 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default in (False, argparse.SUPPRESS) or not action.option_strings:
             return text
+        if action.default is None:
+            return f"{text} (default: none)" if action.nargs != 0 and not action.required else text
         return f"{text} (default {action.default})"
 
 
@@ -79,18 +82,48 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message):
-        self.exit(2, f"error: {message}{self._suggestion(message)}; see {self.prog} --help\n")
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # read by error() for its hints
+        return super().parse_known_args(args, namespace)
 
-    def _suggestion(self, message: str) -> str:
-        if not message.startswith("unrecognized arguments:"):
-            return ""
-        parsers = [self] + [sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
-                            for sub in action.choices.values()]  # extra flags are reported by the top parser
+    def error(self, message):
+        command = self._command()
+        where = f"{self.prog} {command}" if command and not self.prog.endswith(command) else self.prog
+        self.exit(2, f"error: {message}{self._suggestion(message, command)}; see {where} --help\n")
+
+    def _commands(self) -> dict:
+        return next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    def _command(self) -> str | None:
+        """The command named in the arguments being parsed (None for a parser without commands)."""
+        commands = self._commands()
+        return next((word for word in getattr(self, "_argv", []) if word in commands), None)
+
+    def _suggestion(self, message: str, command: str | None) -> str:
+        commands = self._commands()
+        if message.startswith("argument command: invalid choice:") and commands:
+            word = message.split("'")[1] if "'" in message else ""
+            return did_you_mean(word, commands)
+        parsers = [self] + ([commands[command]] if command else [])  # extra flags are reported by the top parser
         known = [s for parser in parsers for action in parser._actions for s in action.option_strings]
-        hints = [did_you_mean(word.split("=")[0], known) for word in message.split(":", 1)[1].split()
-                 if word.startswith("-")]
-        return next((h for h in hints if h), "")
+        if message.startswith("unrecognized arguments:"):
+            words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+        elif message.startswith("the following arguments are required:"):  # e.g. --model for --models
+            words = [w.split("=")[0] for w in getattr(self, "_argv", []) if w.startswith("-") and w.split("=")[0] not in known]
+        else:
+            return ""
+        close = {word: _closest_flag(word, known) for word in words}
+        hints = [f"{match!r} for {word!r}" for word, match in close.items() if match]
+        if hints:
+            return f" (did you mean {', '.join(hints)}?)" if len(words) > 1 else f" (did you mean {close[words[0]]!r}?)"
+        return f" ({command} takes no {words[0]})" if words and command else ""
+
+
+def _closest_flag(word: str, flags) -> str | None:
+    """The flag closest to a misspelt one, compared without their dashes (else every flag looks alike)."""
+    names = {flag.lstrip("-"): flag for flag in flags if flag.startswith("--")}
+    close = difflib.get_close_matches(word.lstrip("-"), list(names), n=1, cutoff=0.6)
+    return names[close[0]] if close else None
 
 
 # ---- flags that several commands take --------------------------------------------------------
@@ -146,8 +179,8 @@ SHARED_FLAGS = {
     "--skip-bad-images": dict(action="store_true", help="image folders: leave out unreadable images (the run "
                                                           "records which) instead of stopping"),
     "--device": dict(type=device_name, default="auto",
-                     help="where models train: auto (CUDA when available, with mixed precision), cpu or cuda; "
-                          "evaluation runs on the CPU (default auto)"),
+                     help="where models train and run: auto (CUDA when available, with mixed precision), cpu or "
+                          "cuda (default auto)"),
 }
 TREE = ("--config", "--data", "--quiet")
 TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download", "--device")
@@ -176,6 +209,6 @@ def study_parser(sub, name: str, help_text: str, out: str, out_help: str = "outp
     """The parser of a study over seeds (compare, selfeval): the tree flags, --out and --seeds."""
     p = sub.add_parser(name, parents=[flags(*TREE, "--no-download", "--max-epochs", "--device")], help=help_text)
     p.add_argument("--out", default=out, help=out_help)
-    p.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, e.g. 0,1,2 (default)")
+    p.add_argument("--seeds", default="0,1,2", metavar="LIST", help="seeds, comma-separated (default 0,1,2)")
     return p
 

@@ -25,8 +25,8 @@ def add_parsers(sub) -> None:
                            parents=[flags(*TREE, "--no-download", "--seed", "--max-epochs", "--device",
                                           config="tree TOML (default: the tree the --models record, else the "
                                                  "original study's)",
-                                          seed="seed of the parent trained without --models",
-                                          max_epochs="cap the epochs of that parent")],
+                                          seed="seed of the parent trained without --models (default 0)",
+                                          max_epochs="cap the epochs of that parent (default: the recipe's own)")],
                            help="linear probe on every hidden layer of the parent for each branch's classes; "
                                 "recommends the layer to branch from")
     probe.add_argument("--models", default=None, metavar="DIR",

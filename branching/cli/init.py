@@ -40,6 +40,9 @@ def cmd_init(args) -> int:
     if out.exists() and not args.force:
         raise ConfigError(f"--out {out} exists; pass --force to overwrite it, or choose another file")
     data = Path(args.data)
+    if data.is_file():
+        raise DataError(f"--data {data} is a file, not a folder; pass the folder that holds image folders (train/, "
+                        f"test/) or CIFAR-100's files (train, test, meta)")
     if not data.is_dir():
         raise DataError(f"--data {data}: no such folder; pass image folders (train/, test/) or CIFAR-100's files")
     if is_image_folder(data):

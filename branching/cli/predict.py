@@ -29,11 +29,13 @@ COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "acce
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
     p.add_argument("files", nargs="*", metavar="FILE",
-                   help="PNG or JPEG images (any size; resized to 32x32 RGB), or folders of them (read recursively)")
+                   help="images (PNG, JPEG, ...; any size and mode: made RGB, resized and centre-cropped to the tree's "
+                        "image size), or folders of them (read recursively)")
     p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
     p.add_argument("--config", default=None, help="tree TOML the models must match (default: the tree the "
                                                   "model files record)")
-    p.add_argument("--data", default=None, help="CIFAR-100 folder: predict a whole split instead of files")
+    p.add_argument("--data", default=None, help="CIFAR-100 files or image folders (train/, test/): predict a whole "
+                                                "split instead of files")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
     p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--branch", default=None, metavar="NAME",
@@ -49,6 +51,11 @@ def add_parser(sub) -> None:
 def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], np.ndarray, list[str]]:
     """Every image of a split of CIFAR's files or of image folders (at `side` pixels, through the image
     cache): (file names, pixels, true class names)."""
+    if Path(data_dir).is_file():
+        raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder of CIFAR-100's files (train, "
+                        f"test, meta) or of image folders (train/, test/)")
+    if not Path(data_dir).is_dir():
+        raise DataError(f"--data {data_dir}: no such folder")
     if is_image_folder(data_dir):
         folders = scan(data_dir)
         if split not in folders.splits:
@@ -95,13 +102,17 @@ def prediction_table(names, predictions, true_classes=None, thresholds=None) -> 
 
 
 def format_line(row: dict) -> str:
-    threshold = "" if row["threshold"] is None else f" {row['threshold']:.4f}"
-    verdict = ("accepted" if row["accepted"] else
-               f"rejected at {row['rejected_at']} (its confidence {row['rejected_confidence']:.4f} is below its "
-               f"threshold{threshold})")
+    """`FILE: CLASS  confidence C >= threshold T  path ...  accepted`, or for an image a node rejected,
+    `FILE: uncertain  path ...  rejected at NODE (its confidence is below its threshold); best guess ...`."""
     truth = f"  (true: {row['true_class']})" if row["true_class"] else ""
-    return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}  "
-            f"path {row['path']}  {verdict}{truth}")
+    threshold = "" if row["threshold"] is None else f" {row['threshold']:.4f}"
+    if row["accepted"]:
+        compared = f" >= threshold{threshold}" if threshold else ""
+        return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}{compared}  "
+                f"path {row['path']}  accepted{truth}")
+    return (f"{row['input']}: uncertain  path {row['path']}  rejected at {row['rejected_at']} (its confidence "
+            f"{row['rejected_confidence']:.4f} is below its threshold{threshold}); best guess "
+            f"{row['predicted_class']} (confidence {row['confidence']:.4f}){truth}")
 
 
 def write_rows(path, rows: list[dict], errors: list[str]) -> None:

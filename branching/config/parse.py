@@ -3,6 +3,8 @@ the fix; taps resolved against the source node's feature_info."""
 
 from __future__ import annotations
 
+import difflib
+
 import math
 from pathlib import Path
 from typing import Any
@@ -174,9 +176,11 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         _resolve_tap(origin, table, node, source, side)
         outside = [c for c in node["classes"] if c not in source["classes"]]
         if outside and not node["new_classes"]:
+            close = difflib.get_close_matches(outside[0], source["classes"], n=1, cutoff=0.6)
+            alike = (f" (the source has {close[0]!r}: spell the class alike in both tables, as the data names it)"
+                     if close else "")
             raise ConfigError(f"{origin}: {table} classes: {', '.join(map(repr, outside))} not among "
-                              f"the classes of source {source['name']!r}{did_you_mean(outside[0], source['classes'])}; "
-                              f"use classes from: "
+                              f"the classes of source {source['name']!r}{alike}; use classes from: "
                               f"{', '.join(source['classes'])}, or set new_classes = true for a branch that learns "
                               f"classes its source never saw")
         if node["new_classes"] and not outside:

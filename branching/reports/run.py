@@ -84,6 +84,8 @@ def render_markdown(blocks: list[tuple]) -> str:
             out.append("#" * int(kind[1]) + " " + rest[0])
         elif kind == "p":
             out.append(rest[0])
+        elif kind == "code":
+            out.append("```toml\n" + rest[0] + "\n```")
         elif kind == "table":
             out.append(table(*rest, MARKDOWN))
         elif kind == "img":
@@ -101,6 +103,8 @@ def render_html(blocks: list[tuple], base: Path, title: str) -> str:
             out.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
         elif kind == "p":
             out.append(f"<p>{html.escape(rest[0])}</p>")
+        elif kind == "code":
+            out.append(f"<pre>{html.escape(rest[0])}</pre>")
         elif kind == "table":
             out.append(table(*rest, HTML))
         elif kind == "img":
@@ -140,6 +144,17 @@ def acceptance_row(name: str, rule: dict) -> list[str]:
             f"cannot be met, accepts nothing: {rule.get('reason')}" if rule.get("threshold") is None else ""]
 
 
+def note_blocks(notes) -> list[tuple]:
+    """A note's prose as a paragraph, and the TOML lines it ends with (indented) as code."""
+    blocks = []
+    for note in notes:
+        prose, *toml = note.split("\n")
+        blocks.append(("p", prose))
+        if toml:
+            blocks.append(("code", "\n".join(line.strip() for line in toml)))
+    return blocks
+
+
 def write_report(out_dir, title: str | None = None) -> Path:
     """Figures in OUT/plots/ and OUT/report.md + OUT/report.html for the run in out_dir."""
     out = Path(out_dir)
@@ -151,7 +166,7 @@ def write_report(out_dir, title: str | None = None) -> Path:
                            ("p", f"Config {metrics['config'].get('path')}, data {metrics['data']['dir']}; "
                                  f"total time {num(metrics['timings']['total_s'], 1)} s.")]
     if metrics.get("notes"):
-        blocks += [("h2", "Needs attention"), *(("p", note) for note in metrics["notes"].values())]
+        blocks += [("h2", "Needs attention"), *note_blocks(metrics["notes"].values())]
     blocks += [("h2", "Summary on the test split"),
                ("table", SUMMARY_HEADER, [summary_row(n, node_metrics(metrics, n)) for n in names]),
                ("p", NOTE)]

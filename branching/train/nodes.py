@@ -270,7 +270,8 @@ def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarr
         said = f"{spec.name} accepts {n}: its rule (threshold {acceptance.threshold:g})"
     else:
         said = f"{spec.name} accepts {n}: its rule ({acceptance.describe()}, chosen threshold {acceptance.threshold:.4f})"
-    return (f"{said}. To accept more, set in {table} of the tree TOML: rule = \"coverage\" and coverage = 0.8 "
-            f"(the 80% it is surest of), or rule = \"risk\" and risk = 0.1 (at most 10% wrong), or a lower "
-            f"threshold = 0.8")
+    lines = [table, 'rule = "coverage"', "coverage = 0.8"]
+    return (f"{said}. To let more through, put these lines in the tree TOML, in place of any {table} it has "
+            f"(the 80% of images it is surest of; or rule = \"risk\" with risk = 0.1: at most 10% wrong):") + "".join(
+        "\n    " + line for line in lines)
 

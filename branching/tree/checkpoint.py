@@ -157,9 +157,9 @@ def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfi
         fix = "leave out --config to use the tree the models record, or train this tree"
     for spec in config.nodes():
         if spec.name not in models:
+            hint = (f"; {fix}" if fix else "; train it, or pass the folder of a complete run")
             raise CheckpointError(f"no model for node {spec.name!r} in {directory}, but the tree "
-                                  f"{', '.join(n.name for n in config.nodes())} needs it; train it, or pass the "
-                                  f"folder of a complete run")
+                                  f"{', '.join(n.name for n in config.nodes())} needs it{hint}")
         check_node(models[spec.name], spec, fix=fix)
         if spec.source is not None:
             check_lineage(models[spec.name], spec.name, models[spec.source], models["parent"])

@@ -33,7 +33,7 @@ from branching.acceptance.selective import selective_summary
 from branching.acceptance.stats import wilson_interval
 from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
-from branching.errors import CheckpointError, ConfigError
+from branching.errors import CheckpointError, ConfigError, did_you_mean
 from branching.models import nets
 from branching.models.forward import node_input, read_tap, reads
 from branching.models.model import Model
@@ -324,7 +324,8 @@ def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
     (a module parent) its only branch; a parent without a head and several branches needs `entry`."""
     if entry is not None:
         if entry not in config.branches:
-            raise ConfigError(f"--branch {entry}: no such branch; use one of {', '.join(config.branches)}")
+            raise ConfigError(f"--branch {entry}: no such branch{did_you_mean(entry, config.branches)}; use one of "
+                              f"{', '.join(config.branches)}")
         return entry
     children = [c.name for c in config.children("parent")]
     if len(children) == 1:
