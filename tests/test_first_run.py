@@ -169,6 +169,11 @@ def test_small_messages_say_what_is_wrong(small_run, small_data_dir, tmp_path, c
     assert main(["predict", "--models", str(small_run), "--config", str(bigger), "--data", str(small_data_dir)]) == 2
     error = last_error(capsys)
     assert "no model for node 'pair'" in error and "leave out --config" in error
+    asks_more = tmp_path / "asks-more.toml"  # the same tree, another rule: rules are fitted at training
+    asks_more.write_text(FOUR_CLASS_PARENT + MAMMALS + WATER + '[parent.accept]\nrule = "coverage"\ncoverage = 0.5\n')
+    assert main(["predict", "--models", str(small_run), "--config", str(asks_more), "--data", str(small_data_dir)]) == 2
+    error = last_error(capsys)
+    assert "fitted its acceptance for the recipe default, but the config asks" in error and "leave out --config" in error
     for command in (["predict", "--models", str(small_run), "--data", str(a_file)],
                     ["init", "--data", str(a_file), "--out", str(tmp_path / "t.toml")]):
         assert main(command) == 2

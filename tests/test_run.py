@@ -204,3 +204,35 @@ def test_original_recipe_runs_as_the_original_did(synthetic_c10, tmp_path):
         accepted = np.array([by_index[i]["accepted"] == "1" for i in test_rows])
         clear = np.abs(confidence - 0.96) > 1e-4
         assert np.array_equal(accepted[clear], confidence[clear] >= 0.96)
+
+
+def test_the_device_asked_for_is_where_branches_read_and_nodes_are_evaluated(small_data_dir, tmp_path, monkeypatch):
+    """Without a GPU here, the device is followed through: every block that runs a trunk or a node is asked
+    to run on the device the run was given, and the models are back on the CPU afterwards."""
+    import torch
+
+    from reference import SMALL_TREE
+
+    from branching.config.parse import parse_config
+    from branching.config.recipes import get_recipe
+    from branching.models import device as device_module
+    from branching.train import nodes, run as run_module
+
+    asked = []
+    real = device_module.on_device
+
+    def recording(models, device):
+        models = list(models)
+        asked.append((str(device), sorted(m.meta.get("name", "?") for m in models)))
+        return real(models, device)
+
+    monkeypatch.setattr(nodes, "on_device", recording)
+    monkeypatch.setattr(run_module, "on_device", recording)
+    config = parse_config(SMALL_TREE)
+    metrics = run_module.run(config, small_data_dir, tmp_path / "out", get_recipe("default", 1), seed=0,
+                             progress=False, echo=lambda *_: None, report=False, device=torch.device("cpu"))
+    assert metrics["device"] == "cpu"
+    branch_training = [names for device, names in asked if names == ["parent"] or names == ["mammals", "parent"]]
+    evaluation = [names for device, names in asked if names == ["mammals", "parent", "water"]]
+    assert {device for device, _ in asked} == {"cpu"}
+    assert len(branch_training) == 2 and len(evaluation) == 3  # mammals and water trained; three nodes evaluated

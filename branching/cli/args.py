@@ -179,8 +179,8 @@ SHARED_FLAGS = {
     "--skip-bad-images": dict(action="store_true", help="image folders: leave out unreadable images (the run "
                                                           "records which) instead of stopping"),
     "--device": dict(type=device_name, default="auto",
-                     help="where models train and run: auto (CUDA when available, with mixed precision), cpu or "
-                          "cuda (default auto)"),
+                     help="where models train, read features and are evaluated: auto (CUDA when available, with "
+                          "mixed precision), cpu or cuda; the routed tree runs on the CPU (default auto)"),
 }
 TREE = ("--config", "--data", "--quiet")
 TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download", "--device")

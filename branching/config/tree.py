@@ -177,8 +177,8 @@ class TreeConfig:
     def to_dict(self) -> dict:
         """JSON-serialisable dict in the TOML schema (None values left out) plus `path`."""
         data = {} if self.image_size is None else {"data": {"image_size": self.image_size}}
-        return {**data, "parent": _node_to_dict(self.parent),
-                "branches": {n: _node_to_dict(b) for n, b in self.branches.items()},
+        return {**data, "parent": node_to_dict(self.parent),
+                "branches": {n: node_to_dict(b) for n, b in self.branches.items()},
                 "path": self.path}
 
 
@@ -220,7 +220,7 @@ def dump_toml(config: TreeConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _node_to_dict(node: NodeSpec) -> dict:
+def node_to_dict(node: NodeSpec) -> dict:
     d: dict[str, Any] = {"classes": list(node.classes)}
     if node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
         d.update(kind=node.kind, **{k: v for k, v in node.shape_dict.items() if k != "weights_sha256"})

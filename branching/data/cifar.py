@@ -190,6 +190,13 @@ def resolve_classes(names, label_names, what: str = "CIFAR-100 class") -> list[i
 
 def select(split: Split, fine_ids, label_names=FINE_LABEL_NAMES):
     """Rows whose label is in fine_ids, in file order: (images, labels as positions in fine_ids, row indices)."""
+    labels, indices = select_rows(split, fine_ids, label_names)
+    every = len(indices) == len(split.images)  # rows in file order: the whole split, not a copy of it
+    return (split.images if every else split.images[indices]), labels, indices
+
+
+def select_rows(split: Split, fine_ids, label_names=FINE_LABEL_NAMES):
+    """select without reading the images: (labels as positions in fine_ids, row indices)."""
     fine_ids = [int(i) for i in fine_ids]
     position = np.full(len(label_names), -1, dtype=np.int64)
     for pos, fine_id in enumerate(fine_ids):
@@ -203,5 +210,4 @@ def select(split: Split, fine_ids, label_names=FINE_LABEL_NAMES):
         if counts[pos] == 0:
             name = label_names[fine_id]
             raise DataError(f"no images of class {name!r} (id {fine_id}) in this split; use data that contains it")
-    every = len(indices) == len(split.images)  # rows in file order: the whole split, not a copy of it
-    return (split.images if every else split.images[indices]), labels, indices
+    return labels, indices

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from branching.data.cifar import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select
+from branching.data.cifar import (FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select,
+                                  select_rows)
 from branching.data.download import ensure_cifar100
 from branching.data.folders import is_image_folder, scan
 from branching.data.image_cache import CachedFolders, load_cached
@@ -45,6 +46,15 @@ class TreeData:
             keep = self.train_keep[rows]
             return images[keep], labels[keep], rows[keep]
         return images, labels, rows
+
+    def node_labels(self, split: str, spec):
+        """node_rows without reading any image: (labels as positions in spec.classes, row numbers)."""
+        labels, rows = select_rows(getattr(self, split), resolve_classes(spec.classes, self.label_names),
+                                   self.label_names)
+        if split == "train" and self.train_keep is not None:
+            keep = self.train_keep[rows]
+            return labels[keep], rows[keep]
+        return labels, rows
 
     def limited(self, keep: np.ndarray) -> "TreeData":
         """The same data with only the training rows where `keep` (a mask over the training split) is true."""

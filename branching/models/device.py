@@ -36,3 +36,21 @@ def autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def on_device(models, device):
+    """Run the models (each a branching Model) on `device` inside the block, and back on the CPU after it:
+    inference reads each model's inputs onto its own device and its outputs back to the CPU."""
+    device = resolve_device(device)
+    models = list(models)
+    if device.type == "cpu":
+        yield
+        return
+    try:
+        for model in models:
+            model.net.to(device)
+        yield
+    finally:
+        for model in models:
+            model.net.to(CPU)

@@ -65,7 +65,7 @@ def forward_taps(models: dict[str, Model], need: dict, x: torch.Tensor) -> dict[
     Gradients flow as the caller has them (fine-tuning a trunk goes through here too)."""
     out: dict[Tap, torch.Tensor] = {}
     for node in sorted(need, key=lambda n: len(chain(models, n))):
-        h = x if node == "parent" else pooled(out, reads(models, node))
+        h = x.to(models[node].device) if node == "parent" else pooled(out, reads(models, node))
         wanted = sorted(need[node], key=lambda t: (t[0], t[1] or ""))
         _, tensors = models[node].forward_intermediates(h, wanted, stop_early=True)
         out.update({(node, *t): value for t, value in zip(wanted, tensors)})
@@ -102,7 +102,7 @@ def extract(models: dict[str, Model], wanted, X: np.ndarray, batch_size: int = B
         for start in range(0, len(X), batch_size):
             found = forward_taps(models, need, torch.from_numpy(np.ascontiguousarray(X[start:start + batch_size])))
             for part, key in zip(parts, keys):
-                part.append(pooled(found, key))
+                part.append(pooled(found, key).cpu())
     return [torch.cat(part).numpy() for part in parts]
 
 

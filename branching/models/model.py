@@ -193,8 +193,13 @@ class Model(Trainable):
         finally:
             self.net.train(was_training)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network's parameters are (the CPU unless moved, e.g. by device.on_device)."""
+        return next(self.net.parameters(), next(self.net.buffers(), torch.empty(0))).device
+
     def _device(self) -> torch.device:
-        return next(self.net.parameters(), torch.empty(0)).device
+        return self.device
 
     def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
         batch_size = check_int(batch_size, "batch_size", minimum=1)

@@ -19,7 +19,7 @@ from branching.console import log
 from branching.data.normalization import Normalizer
 from branching.data.tree_data import TreeData
 from branching.errors import ConfigError, DataError
-from branching.models.device import CPU
+from branching.models.device import CPU, on_device
 from branching.models.forward import augment_transform, extract, read, read_tap
 from branching.models.model import Model
 from branching.models.module_parent import load_weights
@@ -75,8 +75,9 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     normaliser), the model back on the CPU."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
     if spec.kind == "module":
-        return load_module_parent(config, data, recipe, seed)
-    images, labels, rows = data.node_rows("train", spec)
+        return load_module_parent(config, data, recipe, seed, device)
+    labels, rows = data.node_labels("train", spec)
+    images = data.train.images  # the whole split, read a batch at a time through `rows`
     if data.val_rows is not None:  # a val/ folder: the parent, and so every branch, validates on it
         in_val = np.isin(rows, data.val_rows)
         train_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
@@ -85,8 +86,8 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     else:
         train_idx, val_idx = np.arange(len(labels)), np.arange(0)
     # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
-    normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=train_idx)
-    X = normalizer.lazy(images)
+    normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=rows[train_idx])
+    X = normalizer.lazy(images)[rows]
     dropout = spec.dropout if spec.dropout is not None else r.dropout
     if spec.kind == "mlp":
         model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout,
@@ -113,7 +114,7 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     return model, meta, normalizer
 
 
-def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int):
+def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, device: torch.device = CPU):
     """A module parent (kind "module"): built, loaded from its weights file and frozen, never trained. Like a
     trained parent it holds out a stratified share of the training images per seed (recipe validation), on
     which its branches validate and its head, if used, is calibrated. Normalised by the config's mean and std
@@ -121,12 +122,13 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     start = time.perf_counter()
     spec, r = config.parent, recipe.parent_for("module")
     shape = spec.shape_dict
-    images, labels, rows = data.node_rows("train", spec)
+    labels, rows = data.node_labels("train", spec)
+    images = data.train.images
     train_idx, val_idx = _split(labels, r.validation, seed)
     if "mean" in shape:
         normalizer = Normalizer.of_channels(255 * np.array(shape["mean"]), 255 * np.array(shape["std"]))
     else:
-        normalizer = Normalizer.fit(images, per_channel=True, rows=train_idx)
+        normalizer = Normalizer.fit(images, per_channel=True, rows=rows[train_idx])
     model = Model([images.shape[1], len(spec.classes)], seed=seed, kind="module", shape=shape)
     try:
         load_weights(model.net, shape["weights"])
@@ -138,7 +140,8 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
         f"held out for validation, {len(spec.classes)} classes")
     acceptance, note = None, None
     if model.has_head:
-        val_logits = model.logits(normalizer.lazy(images)[val_idx])
+        with on_device([model], device):
+            val_logits = model.logits(normalizer.lazy(images)[rows[val_idx]])
         fitted = fit_acceptance(spec, r, val_logits, labels[val_idx])
         acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits)
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
@@ -165,8 +168,8 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     spec, r = config.node(name), recipe.branch
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
-    images, labels, rows = data.node_rows("train", spec)
-    X = normalizer.lazy(images)
+    labels, rows = data.node_labels("train", spec)
+    X = normalizer.lazy(data.train.images)[rows]
     validation = r.validation
     parent_val = set(held_out_rows(parent).tolist())
     if validation == "parent" and not parent_val:
@@ -184,28 +187,29 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     if cache_dir is None and parent.kind != "mlp":  # a trunk costlier than the branch: its features once
         with tempfile.TemporaryDirectory(prefix="branch-features-") as scratch:
             return train_branch(config, name, models, data, recipe, seed, progress, scratch, device)
-    if cache_dir is not None:  # features (and their mirror images) computed once, kept on disk
-        train_X, transform, features_val = branch_inputs(
-            FeatureCache(cache_dir, log), models, data.fingerprint(), tap, X, rows, train_idx, val_idx, r.flip)
-    else:
-        features_val = extract(models, [tap], X[val_idx])[0]
-        if r.flip:
-            flip = augment_transform(normalizer)
-
-            def transform(xb, g):
-                with torch.no_grad():
-                    return read_tap(models, tap, flip(xb, g))
-            train_X = X[train_idx]
+    with on_device(list(models.values()), device):  # the trunk reads where the branch trains
+        if cache_dir is not None:  # features (and their mirror images) computed once, kept on disk
+            train_X, transform, features_val = branch_inputs(
+                FeatureCache(cache_dir, log), models, data.fingerprint(), tap, X, rows, train_idx, val_idx, r.flip)
         else:
-            transform, train_X = None, extract(models, [tap], X[train_idx])[0]
-    width = source.width(*tap[1:])
-    dropout = spec.dropout if spec.dropout is not None else r.dropout
-    model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
-    log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {tap[3]}, width {width}); "
-        f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
-    history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
-                        train_transform=transform, restore_best_weights=True,
-                        **fit_kwargs(r, seed, progress, name, device))
+            features_val = extract(models, [tap], X[val_idx])[0]
+            if r.flip:
+                flip = augment_transform(normalizer)
+
+                def transform(xb, g):
+                    with torch.no_grad():
+                        return read_tap(models, tap, flip(xb, g))
+                train_X = X[train_idx]
+            else:
+                transform, train_X = None, extract(models, [tap], X[train_idx])[0]
+        width = source.width(*tap[1:])
+        dropout = spec.dropout if spec.dropout is not None else r.dropout
+        model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
+        log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {tap[3]}, width {width}); "
+            f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
+        history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
+                            train_transform=transform, restore_best_weights=True,
+                            **fit_kwargs(r, seed, progress, name, device))
     model.freeze()
     val_logits = model.logits(features_val)
     acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx])

@@ -17,7 +17,7 @@ from branching.console import log
 from branching.data.tree_data import TreeData, data_notes, load_tree_data
 from branching.errors import ConfigError
 from branching.fileio import staged_dir, write_csv, write_json
-from branching.models.device import CPU
+from branching.models.device import CPU, on_device
 from branching.models.forward import node_inputs
 from branching.models.model import Model
 from branching.reports import seeds as seeds_summary
@@ -49,22 +49,23 @@ def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
 
 # ---- evaluation ------------------------------------------------------------------------------
 
-def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData):
+def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData, device=CPU):
     """Test metrics of one node and its per-image predictions (as rows for the CSV); a branch is also
-    compared with the parent's own head restricted to the branch's classes."""
+    compared with the parent's own head restricted to the branch's classes. The models run on `device`."""
     spec, model = config.node(name), models[name]
-    images, labels, rows = data.node_rows("test", spec)
-    X = parent_normalizer(models["parent"]).lazy(images)
-    logits = model.logits(node_inputs(models, name, X))
-    head = None
-    if spec.source is not None and models["parent"].has_head and set(spec.classes) <= set(config.parent.classes):
-        parent = models["parent"]
-        head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
-                                  Acceptance.of(parent.meta).temperature)
+    labels, rows = data.node_labels("test", spec)
+    X = parent_normalizer(models["parent"]).lazy(data.test.images)[rows]
     judged = judge.load_for(models, name)
     if judged is None and spec.selfeval is not None and "path" in model.meta:  # trained by run, shown beside MSP
         judged = judge.load(Path(model.meta["path"]).parent, name, model)
-    probability = None if judged is None else judged.score_images(models, X, logits)
+    head = None
+    with on_device({id(m): m for m in models.values()}.values(), device):
+        logits = model.logits(node_inputs(models, name, X))
+        if spec.source is not None and models["parent"].has_head and set(spec.classes) <= set(config.parent.classes):
+            parent = models["parent"]
+            head = scores.parent_head(parent.logits(X), config.parent.classes, spec.classes,
+                                      Acceptance.of(parent.meta).temperature)
+        probability = None if judged is None else judged.score_images(models, X, logits)
     acceptance = Acceptance.of(model.meta)
     metrics, columns = scores.score_node(spec.classes, labels, logits, acceptance, head, probability)
     metrics["confidence_scores"] = confidence.every_score(logits, logits.argmax(axis=1) == labels,
@@ -128,7 +129,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
         if not models[spec.name].has_head:  # a module parent without head = true: no class logits
             echo("parent: a module without a head; it has no test accuracy (its branches are evaluated alone)")
             continue
-        node_metrics, predictions = evaluate_node(config, spec.name, models, data)
+        node_metrics, predictions = evaluate_node(config, spec.name, models, data, device)
         node_metrics.update(train_samples=len(models[spec.name].meta["train_rows"]),
                             val_samples=len(models[spec.name].meta["val_rows"]),
                             **_history_summary(models[spec.name].meta["history"]))

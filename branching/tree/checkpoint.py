@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from branching.config.parse import config_from_dict
-from branching.config.tree import TreeConfig
+from branching.config.tree import TreeConfig, node_to_dict
 from branching.errors import CheckpointError, ConfigError
 from branching.models import nets
 from branching.models.model import Model
@@ -98,6 +98,13 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
     if list(meta.get("classes", [])) != list(spec.classes):
         raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
                               f"{list(spec.classes)} for {spec.name!r}; {fix or 'train it again'}{hint}")
+    recorded = ((meta.get("tree") or {}).get("branches", {}).get(spec.name) if kind == "branch"
+                else (meta.get("tree") or {}).get("parent")) or {}
+    asked = node_to_dict(spec).get("accept", {})
+    if fix and meta.get("tree") and recorded.get("accept", {}) != asked:  # a rule is fitted as the node trains
+        raise CheckpointError(f"{path} fitted its acceptance for {recorded.get('accept') or 'the recipe default'}, "
+                              f"but the config asks {asked or 'the recipe default'} for {spec.name!r}; a rule is fitted "
+                              f"on validation images when the node trains: {fix}{hint}")
     if kind == "branch":
         wanted = (spec.source, spec.layer, spec.where, spec.pool)
         got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
