@@ -217,6 +217,7 @@ def test_the_device_asked_for_is_where_branches_read_and_nodes_are_evaluated(sma
     from branching.config.recipes import get_recipe
     from branching.models import device as device_module
     from branching.train import nodes, run as run_module
+    from branching.tree import routing
 
     asked = []
     real = device_module.on_device
@@ -228,6 +229,7 @@ def test_the_device_asked_for_is_where_branches_read_and_nodes_are_evaluated(sma
 
     monkeypatch.setattr(nodes, "on_device", recording)
     monkeypatch.setattr(run_module, "on_device", recording)
+    monkeypatch.setattr(routing, "on_device", recording)
     config = parse_config(SMALL_TREE)
     metrics = run_module.run(config, small_data_dir, tmp_path / "out", get_recipe("default", 1), seed=0,
                              progress=False, echo=lambda *_: None, report=False, device=torch.device("cpu"))
@@ -235,4 +237,5 @@ def test_the_device_asked_for_is_where_branches_read_and_nodes_are_evaluated(sma
     branch_training = [names for device, names in asked if names == ["parent"] or names == ["mammals", "parent"]]
     evaluation = [names for device, names in asked if names == ["mammals", "parent", "water"]]
     assert {device for device, _ in asked} == {"cpu"}
-    assert len(branch_training) == 2 and len(evaluation) == 3  # mammals and water trained; three nodes evaluated
+    assert len(branch_training) == 2  # mammals and water trained
+    assert len(evaluation) == 4  # three nodes evaluated, then the routed tree

@@ -180,7 +180,8 @@ SHARED_FLAGS = {
                                                           "records which) instead of stopping"),
     "--device": dict(type=device_name, default="auto",
                      help="where models train, read features and are evaluated: auto (CUDA when available, with "
-                          "mixed precision), cpu or cuda; the routed tree runs on the CPU (default auto)"),
+                          "mixed precision), cpu or cuda; an MLP node's fused routing arithmetic stays on the CPU "
+                          "(default auto)"),
 }
 TREE = ("--config", "--data", "--quiet")
 TRAINING = ("--recipe", "--seed", "--max-epochs", "--no-download", "--device")

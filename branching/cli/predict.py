@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from branching.cli.args import positive_int
+from branching.cli.args import device_name, positive_int
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
 from branching.data.folders import is_image_folder, scan
@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--node", default=None, metavar="NAME",
                    help="answer with this node alone, over its own classes (default: the routed tree); the way "
                         "to ask a branch of new classes, which routing never reaches")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="where the CNN, ViT or module nodes run: auto (CUDA when available), cpu or cuda; an MLP "
+                        "node's fused arithmetic runs on the CPU (default auto)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -134,9 +137,9 @@ def cmd_predict(args) -> int:
         raise ConfigError("pass --node NAME (that node alone) or --branch NAME (routing from that branch), not both")
     files, ignored = image_paths(args.files)
     if args.node is None:
-        predictor = TreePredictor.load(args.models, config, args.branch)
+        predictor = TreePredictor.load(args.models, config, args.branch, device=args.device)
     else:
-        predictor = NodePredictor(*load_folder(args.models, config), args.node)
+        predictor = NodePredictor(*load_folder(args.models, config), args.node, device=args.device)
     side = image_side(predictor.models["parent"].architecture[0])  # images resized as the tree was trained
     if args.data:
         names, pixels, truth = load_split_inputs(args.data, args.split, side)

@@ -140,7 +140,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
             metrics["branches"][spec.name] = node_metrics
         echo(format_report(spec.name, node_metrics, spec.classes))
     if models["parent"].has_head:
-        metrics["tree"], tree_rows = evaluate_tree(config, models, data)
+        metrics["tree"], tree_rows = evaluate_tree(config, models, data, device)
         write_csv(out / "tree.csv", tree_rows, scores.PREDICTION_COLUMNS)
         echo(format_tree_report(metrics["tree"], config.parent.classes))
     else:

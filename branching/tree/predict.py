@@ -9,6 +9,7 @@ from branching.acceptance.rule import Acceptance
 from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
+from branching.models.device import CPU, on_device
 from branching.models.forward import node_inputs
 from branching.tree import judge
 from branching.tree.routing import BATCH, TreePredictions
@@ -18,12 +19,12 @@ class NodePredictor:
     """One node of a tree on its own: the chain from the pixels to it, its classes, its acceptance rule.
     Gives the routed tree's TreePredictions, with the chain as the path."""
 
-    def __init__(self, config: TreeConfig, models: dict, name: str):
+    def __init__(self, config: TreeConfig, models: dict, name: str, device=CPU):
         config.node(name)
         if not models[name].has_head:
             raise ConfigError(f"--node {name}: a module parent without head = true has no classes to answer with; "
                               f"ask one of its branches")
-        self.models, self.name = models, name
+        self.models, self.name, self.device = models, name, device
         self.chain = tuple(config.chain(name))
         self.classes = self.answerable = tuple(config.node(name).classes)
         self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
@@ -33,11 +34,12 @@ class NodePredictor:
         self.thresholds = {name: self.acceptance.threshold if self.acceptance.rejects else None}
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
-        X = self.normalizer.transform(np.asarray(images).reshape(-1, self.normalizer.mean.size))
-        logits = np.concatenate([self.models[self.name].logits(node_inputs(self.models, self.name, X[i:i + batch_size]))
-                                 for i in range(0, len(X), batch_size)] or [np.zeros((0, len(self.classes)))])
+        X = self.normalizer.lazy(np.asarray(images).reshape(-1, self.normalizer.mean.size))
+        with on_device(self.models.values(), self.device):
+            logits = np.concatenate([self.models[self.name].logits(node_inputs(self.models, self.name, X[i:i + batch_size]))
+                                     for i in range(0, len(X), batch_size)] or [np.zeros((0, len(self.classes)))])
+            probability = None if self.judge is None else self.judge.score_images(self.models, X, logits)
         predicted = logits.argmax(axis=1)
-        probability = None if self.judge is None else self.judge.score_images(self.models, X, logits)
         confidence = self.acceptance.confidence(logits, probability)
         low = ~self.acceptance.accepts(confidence)
         last = len(self.chain) - 1

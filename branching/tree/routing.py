@@ -35,6 +35,7 @@ from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
 from branching.errors import CheckpointError, ConfigError, did_you_mean
 from branching.models import nets
+from branching.models.device import CPU, on_device, resolve_device
 from branching.models.forward import node_input, read_tap, reads
 from branching.models.model import Model
 from branching.tree import cost, judge
@@ -114,8 +115,9 @@ class _Node:
         """Logits, and the hidden layers the children read (NumPy views of torch's results)."""
         if self.model is not None:
             wanted = sorted(self.taps, key=str)
-            out, found = self.model.forward_intermediates(x, [t[:2] for t in wanted], stop_early=False)
-            return out.numpy(), {t: nets.pool(f, t[2]).numpy() for t, f in zip(wanted, found)}
+            out, found = self.model.forward_intermediates(x.to(self.model.device), [t[:2] for t in wanted],
+                                                          stop_early=False)
+            return out.cpu().numpy(), {t: nets.pool(f, t[2]).cpu().numpy() for t, f in zip(wanted, found)}
         taps: dict[tuple, np.ndarray] = {}
         h = x
         last = len(self.weights) - 1
@@ -189,9 +191,11 @@ class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
     def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None,
-                 judges: dict | None = None):
+                 judges: dict | None = None, device=CPU):
         """`judges`: {node: judge.Judge} for the nodes whose score is "selfeval" (default: loaded from the
-        folder beside each such node's model file)."""
+        folder beside each such node's model file). CNN, ViT and module nodes run on `device` while
+        predict runs; an MLP node's fused arithmetic stays on the CPU."""
+        self.device = resolve_device(device)
         config = config.routed(entry)  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
         if missing:
@@ -219,10 +223,11 @@ class TreePredictor:
         self.entry = None if entry is None and parent.has_head else by_name[entry_branch(config, parent, entry)]
 
     @classmethod
-    def load(cls, models_dir, config: TreeConfig | None = None, entry: str | None = None) -> TreePredictor:
+    def load(cls, models_dir, config: TreeConfig | None = None, entry: str | None = None,
+             device=CPU) -> TreePredictor:
         """Load every model in a folder (or in its models/ subfolder), checking their lineage."""
         config, models = load_folder(models_dir, config)
-        return cls(config, models, entry)
+        return cls(config, models, entry, device=device)
 
     @property
     def answerable(self) -> tuple[str, ...]:
@@ -254,7 +259,7 @@ class TreePredictor:
                   "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
                   "rejected_confidence": np.empty(n, np.float32),
                   "parent_predicted": np.empty(n, np.int64)}
-        with torch.inference_mode():
+        with on_device(self.models.values(), self.device), torch.inference_mode():
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
                 batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
@@ -263,8 +268,8 @@ class TreePredictor:
                 else:  # straight to the entry branch: its chain's trunks run, nothing routes above it
                     x = torch.from_numpy(self.root.normalizer.transform(chunk.astype(np.float32)))
                     judged = (None if self.entry.judge is None
-                              else [read_tap(self.models, r, x).numpy() for r in self.entry.judge.reads])
-                    self._route(self.entry, node_input(self.models, self.entry.name, x), None, batch, judged)
+                              else [read_tap(self.models, r, x).cpu().numpy() for r in self.entry.judge.reads])
+                    self._route(self.entry, node_input(self.models, self.entry.name, x).cpu(), None, batch, judged)
                     batch["parent_predicted"][:] = -1
         return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
 
@@ -338,11 +343,11 @@ def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
 
 # ---- evaluation ------------------------------------------------------------------------------
 
-def evaluate_tree(config: TreeConfig, models: dict[str, Model], data) -> tuple[dict, list[dict]]:
+def evaluate_tree(config: TreeConfig, models: dict[str, Model], data, device=CPU) -> tuple[dict, list[dict]]:
     """End-to-end test metrics of the routed tree over all its classes, beside the parent's flat
     accuracy on the same images; and one row per test image (for OUT/tree.csv)."""
     images, labels, rows = data.node_rows("test", config.parent)
-    predictor = TreePredictor(config, models)
+    predictor = TreePredictor(config, models, device=device)
     result = predictor.predict(images)
     classes = predictor.classes
     metrics = classification_summary(labels, result.predicted, classes)
