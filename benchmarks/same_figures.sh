@@ -26,18 +26,20 @@ import json, sys
 old, new, name = sys.argv[1:]
 a, b = (json.load(open(f"{d}/metrics.json")) for d in (old, new))
 differences = []
-def compare(x, y, path):
+def compare(x, y, path):  # fields the new version adds are allowed; none may go missing or change
     if isinstance(x, dict) and isinstance(y, dict):
-        for key in x.keys() & y.keys():
+        for key in x:
             if key not in ("timings", "data", "notes", "seconds"):
-                compare(x[key], y[key], f"{path}/{key}")
+                compare(x[key], y.get(key, "<missing>"), f"{path}/{key}")
     elif x != y:
         differences.append(path)
 compare(a, b, "")
-same_rows = open(f"{old}/predictions/parent.csv").read() == open(f"{new}/predictions/parent.csv").read()
+from pathlib import Path
+files = sorted(p.relative_to(old) for p in [*Path(old).glob("predictions/*.csv"), Path(old) / "tree.csv"] if p.exists())
+changed = [str(f) for f in files if (Path(old) / f).read_text() != (Path(new) / f).read_text()]
 print(f"{name}: {'same figures' if not differences else 'DIFFERENT: ' + ', '.join(differences[:5])}; "
-      f"parent predictions {'identical' if same_rows else 'DIFFERENT'}")
-sys.exit(bool(differences) or not same_rows)
+      f"{len(files) - len(changed)} of {len(files)} prediction files identical{': ' + ', '.join(changed) if changed else ''}")
+sys.exit(bool(differences) or bool(changed))
 PY
 done
 exit $status

@@ -34,7 +34,11 @@ class NormalizedImages:
             return NormalizedImages(self.images, self.normalizer, self.rows[key])
         key = np.asarray(key)
         if key.dtype == bool:
+            if key.shape != (len(self),):
+                raise IndexError(f"a mask of {key.shape} for {len(self)} images")
             key = np.flatnonzero(key)
+        elif key.size == 0:
+            key = key.astype(np.int64)
         if key.ndim != 1 or not np.issubdtype(key.dtype, np.integer):
             raise TypeError(f"index NormalizedImages with a slice, an index array or a mask; got {key!r}")
         rows = key.astype(np.int64) if self.rows is None else self.rows[key]

@@ -145,7 +145,7 @@ def test_did_you_mean(small_run, capsys, tmp_path):
     assert main(["run", "--max-epoch", "1", "--confg", "x"]) == 2  # every misspelt flag, from the command's own
     assert "(did you mean '--max-epochs' for '--max-epoch', '--config' for '--confg'?)" in last_error(capsys)
     assert main(["probe-layers", "--out", "x"]) == 2
-    assert "(probe-layers takes no --out); see branching probe-layers --help" in last_error(capsys)
+    assert "(probe-layers has no flag --out); see branching probe-layers --help" in last_error(capsys)
     assert main(["prdict"]) == 2
     assert "(did you mean 'predict'?)" in last_error(capsys)
     assert main(["predict", "--models", str(small_run), "--branch", "mamals", "x.png"]) == 2

@@ -314,3 +314,101 @@ def test_cifar_as_png_folders_gives_the_figures_of_the_pickles(tmp_path, real_da
     data = load_tree_data(parse_config(tree.read_text()), tmp_path / "png")
     six = {names[i] for i in set(load_split(real_data_dir, "train").fine_labels.tolist())}
     assert data.side == 32 and data.label_names == sorted(six) and len(six) == 6
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("rows_at_a_time", [1, 3, 7, 1024])
+def test_normaliser_fitted_a_batch_at_a_time_is_numpys_to_the_bit(monkeypatch, per_channel, rows_at_a_time):
+    """The float64 mean and std before the float32 cast, on values whose sums are not exact."""
+    from branching.data.normalization import Normalizer
+
+    x = np.random.default_rng(rows_at_a_time).normal(100, 50, (50, 3 * 16))
+    if per_channel:
+        channels = x.reshape(len(x), 3, -1)
+        want = np.repeat(channels.mean(axis=(0, 2)), 16), np.repeat(channels.std(axis=(0, 2)), 16)
+    else:
+        want = x.mean(axis=0), x.std(axis=0)
+    seen = []
+
+    class Recording(Normalizer):
+        def __init__(self, mean, std):
+            seen.append((np.asarray(mean), np.asarray(std)))
+            super().__init__(mean, std)
+
+    monkeypatch.setattr(Normalizer, "FIT_ROWS", rows_at_a_time)
+    Recording.fit(x, per_channel=per_channel)
+    np.testing.assert_array_equal(seen[0][0], want[0])
+    np.testing.assert_array_equal(seen[0][1], want[1])
+    rows = np.array([5, 1, 30, 2, 2])  # rows picked, in their order, repeats kept
+    Recording.fit(x, per_channel=per_channel, rows=rows)
+    subset = x[rows].reshape(len(rows), 3, -1) if per_channel else x[rows]
+    axes = (0, 2) if per_channel else 0
+    want_mean = np.repeat(subset.mean(axis=axes), 16) if per_channel else subset.mean(axis=axes)
+    np.testing.assert_array_equal(seen[1][0], want_mean)
+
+
+@pytest.mark.parametrize("recipe", ["default", "original"])
+def test_a_val_folder_is_what_every_node_validates_on(tmp_path, recipe):
+    from branching.tree.checkpoint import load_folder
+
+    root = folders(tmp_path / "d", ["g/x", "g/y", "b"], n=6)
+    for i, name in enumerate(["g/x", "g/y", "b"]):
+        for j in range(3):
+            photo(root / "val" / name / f"v{j}.png", seed=500 + 10 * i + j)
+    tree = tmp_path / "t.toml"
+    tree.write_text('[parent]\nclasses = ["x", "y", "b"]\nhidden = [8]\n[branches.g]\nclasses = ["x", "y"]\n'
+                    'layer = 0\nhidden = [4]\n')
+    out = tmp_path / "o"
+    assert cli.main(["run", "--config", str(tree), "--data", str(root), "--out", str(out), "--quiet",
+                     "--max-epochs", "1", "--recipe", recipe, "--no-report"]) == 0
+    data = load_tree_data(parse_config(tree.read_text()), root, progress=False)
+    val = set(data.val_rows.tolist())
+    assert len(val) == 9 and all(data.train.filenames[r].startswith("val/") for r in val)
+    _, models = load_folder(out)
+    for name, model in models.items():
+        trained, validated = set(model.meta["train_rows"].tolist()), set(model.meta["val_rows"].tolist())
+        assert not trained & val, name  # no node trains on a val/ image
+        assert validated and validated <= val, name
+
+
+def test_predict_on_image_folders_names_the_bad_images_of_its_split_only(tmp_path, capsys):
+    root = folders(tmp_path / "d", ["a", "b"], n=8)
+    tree = tmp_path / "t.toml"
+    tree.write_text('[parent]\nclasses = ["a", "b"]\nhidden = [8]\n')
+    out = tmp_path / "o"
+    assert cli.main(["run", "--config", str(tree), "--data", str(root), "--out", str(out), "--quiet",
+                     "--max-epochs", "1", "--no-report"]) == 0
+    capsys.readouterr()
+    (root / "train" / "a" / "junk.png").write_bytes(b"not an image")  # a bad image outside the split asked
+    assert cli.main(["predict", "--models", str(out), "--data", str(root), "--split", "test"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 16
+    (root / "test" / "b" / "junk.png").write_bytes(b"not an image either")
+    assert cli.main(["predict", "--models", str(out), "--data", str(root), "--split", "test"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 16 and "test/b/junk.png" in captured.err
+    assert "train/a/junk.png" not in captured.err
+
+
+def test_a_cache_left_half_swapped_does_not_block_the_next_build(tmp_path, cache):
+    root = folders(tmp_path / "d", ["a", "b"])
+    image_cache.load_cached(scan(root), 16, progress=False)
+    built = next(cache.iterdir())
+    stale = built.parent / (built.name + ".old")  # what a build killed between its two renames left
+    stale.mkdir()
+    (stale / "index.json").write_text("{}")
+    photo(root / "train" / "a" / "000.png", seed=7)
+    os.utime(root / "train" / "a" / "000.png", ns=(2, 2))
+    image_cache.load_cached(scan(root), 16, progress=False)
+
+
+def test_init_names_every_branch_once_and_refuses_a_size_the_networks_cannot_take(tmp_path, capsys):
+    root = folders(tmp_path / "d", ["a/q/x", "a/q/y", "a/r", "b/q/z", "b/q/w", "b/s"], n=1)
+    out = tmp_path / "tree.toml"
+    assert cli.main(["init", "--data", str(root), "--out", str(out)]) == 0
+    config = parse_config(out.read_text())
+    assert {n: set(b.classes) for n, b in config.branches.items()} == {
+        "a": {"x", "y", "r"}, "b": {"z", "w", "s"}, "q": {"x", "y"}, "b_q": {"z", "w"}}
+    assert config.branches["b_q"].source == "b" and config.image_size == 64
+    assert cli.main(["init", "--data", str(root), "--out", str(tmp_path / "t2.toml"), "--image-size", "0"]) == 2
+    assert "--image-size: must be from 8 to 1024 pixels" in capsys.readouterr().err
+    assert not (tmp_path / "t2.toml").exists()

@@ -195,8 +195,11 @@ def test_crossfit_labels_come_from_copies_that_never_saw_the_fold(small_config, 
                                                                   monkeypatch, single_thread):
     seen = []
     original_fit = Normalizer.fit
-    monkeypatch.setattr(Normalizer, "fit", classmethod(lambda cls, images, **kw: (seen.append(images.copy()),
-                                                                                  original_fit(images, **kw))[1]))
+    def spy(cls, images, rows=None, **kw):  # the images a normaliser was fit on
+        seen.append(images.copy() if rows is None else images[rows])
+        return original_fit(images, rows=rows, **kw)
+
+    monkeypatch.setattr(Normalizer, "fit", classmethod(spy))
     cf = selfeval.crossfit(small_config, node, small_trained, small_data, get_recipe("default", 1), seed=0, folds=3)
     meta = small_trained[node].meta
     train_rows, val_rows = set(meta["train_rows"].tolist()), set(meta["val_rows"].tolist())

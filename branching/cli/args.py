@@ -116,7 +116,7 @@ class ArgumentParser(argparse.ArgumentParser):
         hints = [f"{match!r} for {word!r}" for word, match in close.items() if match]
         if hints:
             return f" (did you mean {', '.join(hints)}?)" if len(words) > 1 else f" (did you mean {close[words[0]]!r}?)"
-        return f" ({command} takes no {words[0]})" if words and command else ""
+        return f" ({command} has no flag {words[0]})" if words and command else ""
 
 
 def _closest_flag(word: str, flags) -> str | None:

@@ -8,10 +8,13 @@ superclasses. The file is checked by the same reader as any config before it is 
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from pathlib import Path
 
 from branching.config.parse import parse_config
+from branching.config.tree import IMAGE_SIZES
 from branching.data.cifar import (
     COARSE_LABEL_NAMES,
     COARSE_OF_FINE,
@@ -29,10 +32,21 @@ def add_init(sub) -> None:
     p = sub.add_parser("init", help="write a tree TOML from the data's class folders and their groups")
     p.add_argument("--data", required=True, help="image folders (train/, test/) or CIFAR-100's files")
     p.add_argument("--out", required=True, help="the tree TOML to write (refused if it exists, unless --force)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=image_size, default=None,
                    help=f"[data] image_size to write for image folders (default {DEFAULT_IMAGE_SIZE})")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.set_defaults(func=cmd_init)
+
+
+def image_size(text: str) -> int:
+    """argparse type: an image side the networks take (branching.config's limits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels, got {text!r}") from None
+    if not IMAGE_SIZES[0] <= value <= IMAGE_SIZES[1]:
+        raise argparse.ArgumentTypeError(f"must be from {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels, got {value}")
+    return value
 
 
 def cmd_init(args) -> int:
@@ -48,7 +62,7 @@ def cmd_init(args) -> int:
     if is_image_folder(data):
         folders = scan(data)
         classes, groups = folders.classes, folders.groups
-        size = args.image_size or DEFAULT_IMAGE_SIZE
+        size = DEFAULT_IMAGE_SIZE if args.image_size is None else args.image_size
         source = f"the class folders of {data} ({len(folders.splits['train'])} training images)"
     elif (data / "train").is_file():
         labels = sorted(set(load_split(data, "train").fine_labels.tolist()))
@@ -81,9 +95,15 @@ def tree_toml(classes: list[str], groups: dict[str, tuple[str, ...]], image_size
 
     branching = [g for g in sorted(members, key=lambda g: (len(g), g))
                  if len(direct_children(g)) > 1 and len(members[g]) < len(classes)]
-    names = {g: _branch_name(g[-1], i) for i, g in enumerate(branching)}
-    if len(set(names.values())) < len(names):
-        names = {g: _branch_name("_".join(g), i) for i, g in enumerate(branching)}
+    names: dict[tuple, str] = {}
+    for i, g in enumerate(branching):  # the group's folder name, or its path, made unique with a number
+        name = _branch_name(g[-1], i)
+        if name in names.values():
+            name = _branch_name("_".join(g), i)
+        base, k = name, 2
+        while name in names.values():
+            name, k = f"{base}_{k}", k + 1
+        names[g] = name
     lines = [f"# A tree written by branching init from {source}.",
              "# Edit it: the parent's network (kind, hidden), each branch's layer, its acceptance ([... .accept]).", ""]
     if image_size is not None:
@@ -106,4 +126,4 @@ def _branch_name(name: str, i: int) -> str:
 
 
 def _list(values) -> str:
-    return "[" + ", ".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "]"
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"  # a JSON string is a TOML basic string

@@ -51,9 +51,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], np.ndarray, list[str]]:
+def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], np.ndarray, list[str], list[str]]:
     """Every image of a split of CIFAR's files or of image folders (at `side` pixels, through the image
-    cache): (file names, pixels, true class names)."""
+    cache): (file names, pixels, true class names, one-line errors of the split's unreadable images)."""
     if Path(data_dir).is_file():
         raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder of CIFAR-100's files (train, "
                         f"test, meta) or of image folders (train/, test/)")
@@ -63,11 +63,12 @@ def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], 
         folders = scan(data_dir)
         if split not in folders.splits:
             raise DataError(f"--data {data_dir} has no {split}/ folder; choose --split from {', '.join(folders.splits)}")
-        part = load_cached(folders, side).splits[split]
-        return part.files, part.images, [folders.classes[i] for i in part.labels]
+        cached = load_cached(folders, side, skip_bad=True)  # the split's bad images are reported, not answered
+        part = cached.splits[split]
+        return part.files, part.images, [folders.classes[i] for i in part.labels], cached.skipped_in[split]
     data = load_split(data_dir, split)
     label_names = load_label_names(data_dir)
-    return data.filenames, data.images, [label_names[i] for i in data.fine_labels]
+    return data.filenames, data.images, [label_names[i] for i in data.fine_labels], []
 
 
 def image_paths(paths) -> tuple[list[Path], int]:
@@ -142,8 +143,7 @@ def cmd_predict(args) -> int:
         predictor = NodePredictor(*load_folder(args.models, config), args.node, device=args.device)
     side = image_side(predictor.models["parent"].architecture[0])  # images resized as the tree was trained
     if args.data:
-        names, pixels, truth = load_split_inputs(args.data, args.split, side)
-        errors: list[str] = []
+        names, pixels, truth, errors = load_split_inputs(args.data, args.split, side)
     else:
         names, pixels, errors = load_images(files, side)
         truth = None

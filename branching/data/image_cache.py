@@ -45,6 +45,7 @@ class CachedFolders:
     size: int
     manifest_sha256: str
     skipped: list[str] = field(default_factory=list)   # one-line errors of the unreadable images left out
+    skipped_in: dict[str, list[str]] = field(default_factory=dict)  # the same, by split
     leaked: list[tuple[str, str]] = field(default_factory=list)  # (test or val file, train file), same bytes
     ignored: int = 0
 
@@ -78,6 +79,10 @@ def load_cached(folders: ImageFolders, size: int, skip_bad: bool = False, progre
                         f"{' ...' if len(bad) > SHOWN_BAD else ''}; fix or remove them, or pass "
                         f"--skip-bad-images to leave them out (the run records which)")
     position = {name: i for i, name in enumerate(folders.classes)}
+    skipped_in, start = {}, 0
+    for split, entry in index["splits"].items():  # the bad images were listed split after split, in file order
+        count = entry["ok"].count(False)
+        skipped_in[split], start = bad[start:start + count], start + count
     splits = {}
     for split in folders.splits:
         entry = index["splits"][split]
@@ -96,7 +101,7 @@ def load_cached(folders: ImageFolders, size: int, skip_bad: bool = False, progre
     train = {h: f for h, f in zip(splits["train"].sha256, splits["train"].files)}
     leaked = [(f, train[h]) for split in ("val", "test") if split in splits
               for h, f in zip(splits[split].sha256, splits[split].files) if h in train]
-    return CachedFolders(splits, size, digest, bad, leaked, folders.ignored)
+    return CachedFolders(splits, size, digest, bad, skipped_in, leaked, folders.ignored)
 
 
 def _matches(where: Path, text: str) -> bool:
@@ -136,10 +141,18 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
         bar.close()
         (staging / "index.json").write_text(json.dumps(index))
         (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
-        old = where.with_name(where.name + ".old")
-        if where.exists():
+        old = where.with_name(f"{where.name}.old.{os.getpid()}")  # this process's own: no stale one blocks it
+        shutil.rmtree(old, ignore_errors=True)
+        try:
             where.rename(old)
-        staging.rename(where)
+        except FileNotFoundError:
+            pass
+        try:
+            staging.rename(where)
+        except OSError:  # another process swapped in the same cache meanwhile: keep it if it is this one
+            shutil.rmtree(staging, ignore_errors=True)
+            if not _matches(where, text):
+                raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -41,15 +41,19 @@ class Normalizer:
         batches = [slice(start, start + cls.FIT_ROWS) if rows is None else rows[start:start + cls.FIT_ROWS]
                    for start in range(0, n, cls.FIT_ROWS)]
 
-        def total(values):  # (rows, width) -> per value, or per channel
-            values = values.reshape(len(values), 3, -1) if per_channel else values
-            return values.sum(axis=(0, 2) if per_channel else 0)
+        def total(transform):  # numpy's sum over the rows (and pixels), in its order: row after row
+            acc = None
+            for b in batches:
+                values = transform(np.asarray(images[b], dtype=np.float64))
+                if per_channel:
+                    values = values.reshape(len(values), 3, -1).sum(axis=2)
+                acc = values.sum(axis=0) if acc is None else np.concatenate([acc[None], values]).sum(axis=0)
+            return acc
 
         count = n * (width // 3 if per_channel else 1)
-        mean = sum(total(np.asarray(images[b], dtype=np.float64)) for b in batches) / count
+        mean = total(lambda values: values) / count
         full_mean = np.repeat(mean, width // 3) if per_channel else mean
-        squares = sum(total(np.square(np.asarray(images[b], dtype=np.float64) - full_mean)) for b in batches)
-        std = np.sqrt(squares / count)
+        std = np.sqrt(total(lambda values: np.square(values - full_mean)) / count)
         if per_channel:
             std = np.repeat(std, width // 3)
         return cls(full_mean, np.maximum(std, cls.MIN_STD))

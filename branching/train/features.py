@@ -51,7 +51,10 @@ class FeatureCache:
                 "normalization_sha256": _sha256(norm.mean.tobytes() + norm.std.tobytes()),
                 "data": {k: v for k, v in sorted(data_hashes.items()) if k != "dir"},
                 "rows": {"count": len(rows), "sha256": _sha256(rows.tobytes())},
-                "variants": list(variants)}
+                "variants": list(variants),
+                # features read on a GPU (TF32, other kernels) differ in their last bits from the CPU's
+                "device": parent.device.type if parent.device.type == "cpu" else
+                f"{parent.device.type} tf32={torch.backends.cudnn.allow_tf32}"}
 
     def entry(self, manifest: dict) -> Path:
         return self.directory / (f"{manifest['source']}-layer{manifest['layer']}-{manifest['where']}-"

@@ -39,7 +39,18 @@ def _split(n_or_labels, test_size, seed):
         raise DataError(f"too few training images to hold out {test_size:.0%} of each class for validation: "
                         f"{len(labels)} images of {np.count_nonzero(counts)} classes, the smallest with "
                         f"{counts[counts > 0].min()}; add images (at least {math.ceil(2 / test_size)} per class), "
-                        f"or give a val/ folder") from None
+                        f"or, with image folders, a val/ folder") from None
+
+
+def _hold_out(data: TreeData, rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
+    """(training positions, validation positions) in a node's rows: a val/ folder's images where the data
+    have one, else a stratified `fraction` drawn with `seed` (none where fraction is 0)."""
+    if data.val_rows is not None:
+        in_val = np.isin(rows, data.val_rows)
+        return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+    if not fraction:
+        return np.arange(len(labels)), np.arange(0)
+    return _split(labels, fraction, seed)
 
 
 def fit_kwargs(r, seed, progress, desc, device=CPU) -> dict:
@@ -58,6 +69,9 @@ def new_class_hold_out(config: TreeConfig, data: TreeData, seed: int, fraction: 
         if name in config.parent.classes or not fraction:
             continue
         rows = data.class_rows(name)
+        if data.val_rows is not None:  # a val/ folder: its images of the class
+            held.append(rows[np.isin(rows, data.val_rows)])
+            continue
         rng = np.random.default_rng([seed, data.label_names.index(name)])
         held.append(rng.choice(rows, size=int(round(fraction * len(rows))), replace=False))
     return np.sort(np.concatenate(held))
@@ -78,13 +92,8 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
         return load_module_parent(config, data, recipe, seed, device)
     labels, rows = data.node_labels("train", spec)
     images = data.train.images  # the whole split, read a batch at a time through `rows`
-    if data.val_rows is not None:  # a val/ folder: the parent, and so every branch, validates on it
-        in_val = np.isin(rows, data.val_rows)
-        train_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
-    elif r.validation:
-        train_idx, val_idx = _split(labels, r.validation, seed)
-    else:
-        train_idx, val_idx = np.arange(len(labels)), np.arange(0)
+    # a val/ folder: the parent, and so every branch, validates on it
+    train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
     # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
     normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=rows[train_idx])
     X = normalizer.lazy(images)[rows]
@@ -124,7 +133,7 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     shape = spec.shape_dict
     labels, rows = data.node_labels("train", spec)
     images = data.train.images
-    train_idx, val_idx = _split(labels, r.validation, seed)
+    train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
     if "mean" in shape:
         normalizer = Normalizer.of_channels(255 * np.array(shape["mean"]), 255 * np.array(shape["std"]))
     else:
@@ -180,7 +189,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
         in_val = np.array([row in parent_val for row in rows.tolist()], dtype=bool)
         train_idx, val_idx = np.flatnonzero(~in_val), np.flatnonzero(in_val)
     else:
-        train_idx, val_idx = _split(labels, 0.2, ORIGINAL_BRANCH_SPLIT_SEED)
+        train_idx, val_idx = _hold_out(data, rows, labels, 0.2, ORIGINAL_BRANCH_SPLIT_SEED)
     source = models[spec.source]
     tap = branch_read(models, spec, r)
     where = tap[2]

@@ -32,7 +32,8 @@ from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
 from branching.models.device import CPU
-from branching.models.forward import augment_transform, extract, mirror_all, node_inputs, random_flips, reads
+from branching.models.forward import (BATCH, augment_transform, extract, mirror_all, node_inputs, random_flips,
+                                     reads)
 from branching.models.model import Model
 from branching.train.nodes import acceptance_note, fit_kwargs
 from branching.tree import judge
@@ -79,7 +80,7 @@ def _module_parent_answers(models, images):
     """A module parent is never trained here, so on every row it is already a model that did not see it:
     its own answers stand in for the copies'."""
     parent = models["parent"]
-    X = Normalizer.from_dict(parent.meta["normalization"]).transform(images)
+    X = Normalizer.from_dict(parent.meta["normalization"]).lazy(images)
     return lambda keep, held, val, k: parent.logits(X[held])
 
 
@@ -89,8 +90,8 @@ def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, d
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
-        normalizer = Normalizer.fit(images[keep], per_channel=spec.kind != "mlp")  # the fold's own statistics
-        X = normalizer.transform(images)
+        normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=keep)  # the fold's own statistics
+        X = normalizer.lazy(images)
         if spec.kind == "mlp":
             model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation,
                           dropout=dropout, seed=seed)
@@ -109,10 +110,14 @@ def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, see
     """A function training a copy of branch `name` on the same read of the same source."""
     spec, r = config.node(name), recipe.branch
     normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
-    X = normalizer.transform(images)
+    X = normalizer.lazy(images)
     tap = reads(models, name)
     plain = extract(models, [tap], X)[0]
-    flipped = torch.from_numpy(extract(models, [tap], mirror_all(X, normalizer))[0]) if r.flip else None
+    flipped = None
+    if r.flip:  # mirrored a batch at a time, in extract's own batches
+        flipped = torch.from_numpy(np.concatenate(
+            [extract(models, [tap], mirror_all(X[start:start + BATCH], normalizer))[0]
+             for start in range(0, len(X), BATCH)] or [plain]))
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
@@ -192,7 +197,7 @@ def fit_judge(name: str, spec, judge_reads: list[tuple], taps: list[np.ndarray],
 def judge_taps(models, judge_reads, data, rows) -> list[np.ndarray]:
     """The judge's taps (of the real models) for some rows of the training split."""
     normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
-    return extract(models, judge_reads, normalizer.transform(data.train.images[rows]))
+    return extract(models, judge_reads, normalizer.lazy(data.train.images)[rows])
 
 
 def train_judge(config: TreeConfig, name: str, models: dict[str, Model], data, recipe, seed: int,
@@ -212,10 +217,10 @@ def train_judge(config: TreeConfig, name: str, models: dict[str, Model], data, r
 def validation_view(config: TreeConfig, name: str, models: dict[str, Model], data):
     """(normalised images, labels, node logits) of the node's validation rows."""
     spec, meta = config.node(name), models[name].meta
-    images, labels, rows = data.node_rows("train", spec)
+    labels, rows = data.node_labels("train", spec)
     position = {int(row): i for i, row in enumerate(rows)}
     val = np.array([position[int(row)] for row in meta["val_rows"].tolist()], dtype=np.int64)
-    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images[val])
+    X = Normalizer.from_dict(models["parent"].meta["normalization"]).lazy(data.train.images)[rows[val]]
     return X, labels[val], models[name].logits(node_inputs(models, name, X))
 
 
