@@ -412,3 +412,22 @@ def test_init_names_every_branch_once_and_refuses_a_size_the_networks_cannot_tak
     assert cli.main(["init", "--data", str(root), "--out", str(tmp_path / "t2.toml"), "--image-size", "0"]) == 2
     assert "--image-size: must be from 8 to 1024 pixels" in capsys.readouterr().err
     assert not (tmp_path / "t2.toml").exists()
+
+
+def test_normalized_images_index_as_the_normalised_array_does():
+    from branching.data.normalization import Normalizer
+
+    images = np.random.default_rng(0).integers(0, 256, (9, 3 * 4 * 4), dtype=np.uint8)
+    normalizer = Normalizer.fit(images, per_channel=True)
+    lazy, eager = normalizer.lazy(images), normalizer.transform(images)
+    mask = np.arange(9) % 2 == 0
+    for key in (slice(None), slice(2, 7), slice(None, None, -2), np.array([4, -1, 4, 0]), mask,
+                torch.tensor([3, 1]), np.array([], dtype=float)):
+        want = eager[key.numpy() if isinstance(key, torch.Tensor) else key.astype(np.int64) if
+                     isinstance(key, np.ndarray) and key.dtype == float else key]
+        np.testing.assert_array_equal(np.asarray(lazy[key]), want)
+        assert len(lazy[key]) == len(want) and lazy[key].shape == want.shape
+    np.testing.assert_array_equal(np.asarray(lazy[2:8][np.array([0, 5])]), eager[2:8][[0, 5]])
+    np.testing.assert_array_equal(np.asarray(lazy[np.array([8, 2, 5])][1:]), eager[[8, 2, 5]][1:])
+    with pytest.raises(IndexError):
+        lazy[mask[:5]]
