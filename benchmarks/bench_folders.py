@@ -10,9 +10,9 @@ groups; 80% in train/, 20% in test/) under OUT/, once, then prints:
   upright RGB, resize and centre-crop to --side), the limit per core;
 - cache: images/s of building the cache with every core (the decoding workers), and its share of PIL's
   rate per core used (target >= 0.8);
-- epoch: seconds of one CNN training epoch over --epoch-images images read from the memory-mapped cache
-  (normalised a batch at a time) against the same epoch from a float32 array in memory (target: within
-  10%); paired, alternating, median of --repeats;
+- epoch: seconds of one CNN (and one MLP) training epoch over --epoch-images images read from the
+  memory-mapped cache (normalised a batch at a time) against the same epoch from a float32 array in memory
+  (target: within 10%); one thread, paired, alternating, median of the --repeats paired ratios;
 - run: peak resident memory (ru_maxrss of the child) and wall time of `branching run` on the folder with an
   MLP parent and the tree `branching init` writes, one epoch (target below 3 GB at 50,000 images of 96 px,
   where the uint8 images are 1.4 GB and a float32 copy would be 5.5 GB).
@@ -86,15 +86,23 @@ def cache_rate(root: Path, side: int, cache: Path) -> tuple[float, int]:
     return n / (time.perf_counter() - start), workers
 
 
-def epoch_ratio(root: Path, side: int, cache: Path, n_images: int, repeats: int) -> tuple[float, float, float]:
+def build(kind: str, width: int):
+    """The network an epoch is timed on: the CNN of configs/cifar100-6-cnn.toml, or an MLP [256, 128]."""
+    from branching.models.model import Model
+
+    if kind == "cnn":
+        return Model([width, 10], kind="cnn", shape={"widths": [32, 64, 128], "depth": 2}, seed=0)
+    return Model([width, 256, 128, 10], seed=0)
+
+
+def epoch_ratio(root: Path, side: int, cache: Path, n_images: int, repeats: int, kind: str) -> tuple[float, float, float]:
     """(median seconds from the cache, median seconds in memory, median paired ratio cache / memory) of one
-    CNN epoch over the first n_images training images."""
+    epoch of a CNN (or an MLP [256, 128]) over the first n_images training images."""
     import torch
 
     from branching.data import image_cache
     from branching.data.folders import scan
     from branching.data.normalization import Normalizer
-    from branching.models.model import Model
 
     os.environ["BRANCHING_CACHE"] = str(cache)
     part = image_cache.load_cached(scan(root), side, progress=False).splits["train"]
@@ -102,12 +110,14 @@ def epoch_ratio(root: Path, side: int, cache: Path, n_images: int, repeats: int)
     normalizer = Normalizer.fit(images, per_channel=True)
     in_memory = normalizer.transform(images)
     lazy = normalizer.lazy(images)
-    shape = {"widths": [32, 64, 128], "depth": 2}
     timings = {"cache": [], "memory": []}
     torch.set_num_threads(1)
+    for warm_up in (in_memory, lazy):  # first calls allocate and pick kernels: not timed
+        build(kind, images.shape[1]).fit(warm_up[:256], labels[:256], epochs=1, batch_size=128, seed=0,
+                                         progress=False)
     for i in range(repeats):
         for name in (("cache", "memory") if i % 2 == 0 else ("memory", "cache")):
-            model = Model([images.shape[1], 10], kind="cnn", shape=shape, seed=0)
+            model = build(kind, images.shape[1])
             start = time.perf_counter()
             model.fit(lazy if name == "cache" else in_memory, labels, epochs=1, batch_size=128, seed=0,
                       progress=False)
@@ -161,22 +171,27 @@ def main() -> int:
         row = {"images": n, "side": args.side, "pil_images_s": pil, "cache_images_s": rate, "workers": workers,
                "cache_per_core_vs_pil": rate / workers / pil}
         if n >= args.epoch_images:
-            row["epoch_cache_s"], row["epoch_memory_s"], row["epoch_ratio"] = epoch_ratio(
-                root, args.side, cache, args.epoch_images, args.repeats)
+            for kind in ("cnn", "mlp"):
+                row[f"{kind}_epoch_cache_s"], row[f"{kind}_epoch_memory_s"], row[f"{kind}_epoch_ratio"] = epoch_ratio(
+                    root, args.side, cache, args.epoch_images, args.repeats, kind)
         row["run_peak_gb"], row["run_s"] = run_memory(root, args.side, cache, out)
         row["uint8_gb"] = n * 3 * args.side ** 2 / 2**30
         results.append(row)
         print(json.dumps(row), flush=True)
     (out / "bench-folders.json").write_text(json.dumps(results, indent=1))
     print()
-    print("| images | PIL img/s (1 core) | cache img/s | cores | per core / PIL | epoch cache / memory | run peak GB | "
-          "uint8 GB | run s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| images | PIL img/s (1 core) | cache img/s | cores | per core / PIL | CNN epoch cache / memory | "
+          "MLP epoch cache / memory | run peak GB | uint8 GB | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def epoch(r, kind):
+        if f"{kind}_epoch_ratio" not in r:
+            return "-"
+        return f"{r[kind + '_epoch_ratio']:.2f} ({r[kind + '_epoch_cache_s']:.1f} s / {r[kind + '_epoch_memory_s']:.1f} s)"
     for r in results:
-        epoch = f"{r['epoch_ratio']:.2f} ({r['epoch_cache_s']:.1f} s / {r['epoch_memory_s']:.1f} s)" if "epoch_ratio" in r else "-"
         print(f"| {r['images']:,} | {r['pil_images_s']:.0f} | {r['cache_images_s']:.0f} | {r['workers']} | "
-              f"{r['cache_per_core_vs_pil']:.2f} | {epoch} | {r['run_peak_gb']:.2f} | {r['uint8_gb']:.2f} | "
-              f"{r['run_s']:.0f} |")
+              f"{r['cache_per_core_vs_pil']:.2f} | {epoch(r, 'cnn')} | {epoch(r, 'mlp')} | {r['run_peak_gb']:.2f} | "
+              f"{r['uint8_gb']:.2f} | {r['run_s']:.0f} |")
     return 0
 
 
