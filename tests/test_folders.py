@@ -364,6 +364,8 @@ def test_a_val_folder_is_what_every_node_validates_on(tmp_path, recipe):
     data = load_tree_data(parse_config(tree.read_text()), root, progress=False)
     val = set(data.val_rows.tolist())
     assert len(val) == 9 and all(data.train.filenames[r].startswith("val/") for r in val)
+    assert isinstance(data.train.images, np.memmap) and data.train.images.shape[0] == 27  # train/ and val/, no copy
+    np.testing.assert_array_equal(data.train.images[sorted(val)][0], load_image(root / "val" / "b" / "v0.png", 32))
     _, models = load_folder(out)
     for name, model in models.items():
         trained, validated = set(model.meta["train_rows"].tolist()), set(model.meta["val_rows"].tolist())

@@ -26,7 +26,7 @@ from branching.data.folders import ImageFolders
 from branching.data.images import POLICY, decode_image
 from branching.errors import DataError
 
-VERSION = 1
+VERSION = 2  # 2: one images.npy, the splits one after another (train and val/ adjoin)
 SHOWN_BAD = 3        # bad images named in an error; the rest are counted
 IN_PROCESS = 64      # fewer images than this are decoded without starting workers
 
@@ -83,10 +83,10 @@ def load_cached(folders: ImageFolders, size: int, skip_bad: bool = False, progre
     for split, entry in index["splits"].items():  # the bad images were listed split after split, in file order
         count = entry["ok"].count(False)
         skipped_in[split], start = bad[start:start + count], start + count
-    splits = {}
+    splits, every = {}, np.load(where / "images.npy", mmap_mode="r")
     for split in folders.splits:
         entry = index["splits"][split]
-        images = np.load(where / f"{split}.npy", mmap_mode="r")
+        images = every[entry["start"]:entry["start"] + len(entry["ok"])]  # a view of the memory map
         keep = np.asarray(entry["ok"], dtype=bool)
         rows = np.flatnonzero(keep)
         splits[split] = CachedSplit(images[rows] if not keep.all() else images,
@@ -102,6 +102,16 @@ def load_cached(folders: ImageFolders, size: int, skip_bad: bool = False, progre
     leaked = [(f, train[h]) for split in ("val", "test") if split in splits
               for h, f in zip(splits[split].sha256, splits[split].files) if h in train]
     return CachedFolders(splits, size, digest, bad, skipped_in, leaked, folders.ignored)
+
+
+def joined(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Two splits' images one after the other: a view of the memory map where they adjoin in it (train/ and
+    val/, none left out), else a copy."""
+    if (first.base is not None and first.base is second.base and first.flags.c_contiguous
+            and second.flags.c_contiguous and first.ctypes.data + first.nbytes == second.ctypes.data):
+        start = (first.ctypes.data - first.base.ctypes.data) // first.strides[0]
+        return first.base[start:start + len(first) + len(second)]
+    return np.concatenate([first, second])
 
 
 def _matches(where: Path, text: str) -> bool:
@@ -122,10 +132,11 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
                    file=sys.stderr)
         index = {"splits": {}, "bad": []}
         results = _decoded(jobs, workers or 1)
+        out = np.lib.format.open_memmap(staging / "images.npy", "w+", np.uint8, (len(jobs), 3 * size * size))
+        start = 0
         for split, files in folders.splits.items():
-            out = np.lib.format.open_memmap(staging / f"{split}.npy", "w+", np.uint8, (len(files), 3 * size * size))
             ok, hashes = [], []
-            for i in range(len(files)):
+            for i in range(start, start + len(files)):
                 pixels, sha, error = next(results)
                 bar.update()
                 if error is None:
@@ -134,10 +145,11 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
                     index["bad"].append(error)
                 ok.append(error is None)
                 hashes.append(sha)
-            out.flush()
-            del out
-            index["splits"][split] = {"files": [f.rel for f in files], "classes": [f.class_name for f in files],
-                                      "ok": ok, "sha256": hashes}
+            index["splits"][split] = {"start": start, "files": [f.rel for f in files],
+                                      "classes": [f.class_name for f in files], "ok": ok, "sha256": hashes}
+            start += len(files)
+        out.flush()
+        del out
         bar.close()
         (staging / "index.json").write_text(json.dumps(index))
         (staging / "manifest.json").write_text(text)  # last: a cache without it is never read

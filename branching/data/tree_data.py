@@ -14,7 +14,7 @@ from branching.data.cifar import (FINE_LABEL_NAMES, Split, load_label_names, loa
                                   select_rows)
 from branching.data.download import ensure_cifar100
 from branching.data.folders import is_image_folder, scan
-from branching.data.image_cache import CachedFolders, load_cached
+from branching.data.image_cache import CachedFolders, joined, load_cached
 from branching.errors import ConfigError, DataError
 
 
@@ -157,7 +157,7 @@ def load_folder_data(config, data_dir: Path, progress: bool = True, skip_bad_ima
     parts = cached.splits
     train, val = parts["train"], parts.get("val")
     if val is not None:
-        images = np.concatenate([np.asarray(train.images), np.asarray(val.images)])
+        images = joined(train.images, val.images)
         labels, files = np.concatenate([train.labels, val.labels]), train.files + val.files
         val_rows = np.arange(len(train.labels), len(labels))
     else:
