@@ -335,7 +335,7 @@ def test_normaliser_fitted_a_batch_at_a_time_is_numpys_to_the_bit(monkeypatch, p
             seen.append((np.asarray(mean), np.asarray(std)))
             super().__init__(mean, std)
 
-    monkeypatch.setattr(Normalizer, "FIT_ROWS", rows_at_a_time)
+    monkeypatch.setattr(Normalizer, "FIT_BYTES", rows_at_a_time * 8 * x.shape[1])
     Recording.fit(x, per_channel=per_channel)
     np.testing.assert_array_equal(seen[0][0], want[0])
     np.testing.assert_array_equal(seen[0][1], want[1])

@@ -15,7 +15,7 @@ class Normalizer:
     repeated over its pixels)."""
 
     MIN_STD = 1e-6
-    FIT_ROWS = 1024  # images read at a time while fitting
+    FIT_BYTES = 32 * 2**20  # float64 values read at a time while fitting (1,365 images of 32 pixels)
 
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
@@ -27,8 +27,8 @@ class Normalizer:
     @classmethod
     def fit(cls, images, per_channel: bool = False, rows=None) -> "Normalizer":
         """Mean and std of every pixel over the images (or those of `rows`), or (per_channel) of every colour
-        channel over all its pixels, repeated for each of them; two passes over FIT_ROWS images at a time in
-        float64 (the sums of 8-bit pixels are exact, so the mean is numpy's to the bit)."""
+        channel over all its pixels, repeated for each of them; two passes over FIT_BYTES of float64 values
+        at a time, summed in numpy's own order, so the figures are numpy's whole-array ones to the bit."""
         images = images if hasattr(images, "shape") else np.asarray(images)
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
@@ -38,8 +38,9 @@ class Normalizer:
         n, width = (len(images) if rows is None else len(rows)), images.shape[1]
         if width % 3:
             raise DataError(f"cannot fit a normaliser on rows of {width} values; need 3 per pixel")
-        batches = [slice(start, start + cls.FIT_ROWS) if rows is None else rows[start:start + cls.FIT_ROWS]
-                   for start in range(0, n, cls.FIT_ROWS)]
+        step = max(1, cls.FIT_BYTES // (8 * width))
+        batches = [slice(start, start + step) if rows is None else rows[start:start + step]
+                   for start in range(0, n, step)]
 
         def total(transform):  # numpy's sum over the rows (and pixels), in its order: row after row
             acc = None
@@ -71,7 +72,10 @@ class Normalizer:
         images = np.asarray(images)
         if images.ndim != 2 or images.shape[1] != self.mean.size:
             raise DataError(f"expected images of shape (N, {self.mean.size}), got {images.shape}")
-        return ((images.astype(np.float32) - self.mean) / self.std).astype(np.float32, copy=False)
+        values = images.astype(np.float32)  # one float copy, normalised in place (the same arithmetic)
+        values -= self.mean
+        values /= self.std
+        return values
 
     def lazy(self, images) -> "NormalizedImages":
         """The images as transform gives them, read a batch at a time (see NormalizedImages)."""
