@@ -13,9 +13,9 @@ groups; 80% in train/, 20% in test/) under OUT/, once, then prints:
 - epoch: seconds of one CNN (and one MLP) training epoch over --epoch-images images read from the
   memory-mapped cache (normalised a batch at a time) against the same epoch from a float32 array in memory
   (target: within 10%); one thread, paired, alternating, median of the --repeats paired ratios;
-- run: peak resident memory (ru_maxrss of the child) and wall time of `branching run` on the folder with an
-  MLP parent and the tree `branching init` writes, one epoch (target below 3 GB at 50,000 images of 96 px,
-  where the uint8 images are 1.4 GB and a float32 copy would be 5.5 GB).
+- run: peak resident memory (ru_maxrss of the child, GiB) and wall time of `branching run` on the folder
+  with an MLP parent and the tree `branching init` writes, one epoch (target below 3 GB at 50,000 images
+  of 96 px, where the uint8 images are 1.4 GB and a float32 copy would be 5.5 GB).
 
 The figures go to OUT/bench-folders.json as well. The generated folders stay in OUT (git-ignored runs/).
 """
@@ -141,14 +141,21 @@ def run_memory(root: Path, side: int, cache: Path, out: Path) -> tuple[float, fl
             lines.append("hidden = [256, 128]" if section == "[parent]" else "hidden = [64]")
     tree.write_text("\n".join(lines) + "\n")
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "branching", "run", "--config", str(tree), "--data", str(root),
-                              "--out", str(out / f"run-{root.name}"), "--max-epochs", "1", "--quiet", "--no-report"],
-                             env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not that of earlier children
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"branching run on {root} failed (exit {child.returncode})")
-    return usage.ru_maxrss / 2**20, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+    # through a small launcher: a child forked from this (large) process would report this process's
+    # resident memory at the fork as its own peak
+    measured = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "branching", "run", "--config",
+                               str(tree), "--data", str(root), "--out", str(out / f"run-{root.name}"), "--max-epochs",
+                               "1", "--quiet", "--no-report"], env=env, stdout=subprocess.PIPE, text=True)
+    if measured.returncode:
+        raise SystemExit(f"branching run on {root} failed (exit {measured.returncode})")
+    return int(measured.stdout.split()[-1]) / 2**20, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+
+
+LAUNCHER = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))"""
 
 
 def main() -> int:
@@ -181,7 +188,7 @@ def main() -> int:
     (out / "bench-folders.json").write_text(json.dumps(results, indent=1))
     print()
     print("| images | PIL img/s (1 core) | cache img/s | cores | per core / PIL | CNN epoch cache / memory | "
-          "MLP epoch cache / memory | run peak GB | uint8 GB | run s |")
+          "MLP epoch cache / memory | run peak GiB | uint8 GiB | run s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
 
     def epoch(r, kind):

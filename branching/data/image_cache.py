@@ -126,30 +126,30 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
     try:
-        jobs = [(str(f.path), size) for files in folders.splits.values() for f in files]
+        total = sum(len(files) for files in folders.splits.values())
+        target = str(staging / "images.npy")
+        np.lib.format.open_memmap(target, "w+", np.uint8, (total, 3 * size * size)).flush()
+        jobs = [(str(f.path), size, target, row) for row, f in
+                enumerate(f for files in folders.splits.values() for f in files)]
         workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
         bar = tqdm(total=len(jobs), desc=f"decoding images at {size} px", unit="image", disable=not progress,
                    file=sys.stderr)
         index = {"splits": {}, "bad": []}
         results = _decoded(jobs, workers or 1)
-        out = np.lib.format.open_memmap(staging / "images.npy", "w+", np.uint8, (len(jobs), 3 * size * size))
         start = 0
         for split, files in folders.splits.items():
             ok, hashes = [], []
-            for i in range(start, start + len(files)):
-                pixels, sha, error = next(results)
+            for _ in files:
+                sha, error = next(results)  # the pixels are in the file already
                 bar.update()
-                if error is None:
-                    out[i] = pixels
-                else:
+                if error is not None:
                     index["bad"].append(error)
                 ok.append(error is None)
                 hashes.append(sha)
             index["splits"][split] = {"start": start, "files": [f.rel for f in files],
                                       "classes": [f.class_name for f in files], "ok": ok, "sha256": hashes}
             start += len(files)
-        out.flush()
-        del out
+        _OPEN.clear()
         bar.close()
         (staging / "index.json").write_text(json.dumps(index))
         (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
@@ -172,7 +172,8 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
 
 
 def _decoded(jobs, workers: int):
-    """(pixels, sha256 of the file's bytes, one-line error or None) for each job, in order."""
+    """(sha256 of the file's bytes, one-line error or None) for each job, in order; each worker writes the
+    pixels into the cache's file itself (nothing large crosses between processes)."""
     if workers <= 1 or len(jobs) < IN_PROCESS:
         yield from map(_decode, jobs)
         return
@@ -180,14 +181,22 @@ def _decoded(jobs, workers: int):
         yield from pool.imap(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
 
 
+_OPEN: dict[str, np.ndarray] = {}  # the cache file being written, memory-mapped once per process
+
+
 def _decode(job):
-    path, size = job
+    path, size, target, row = job
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return None, "", f"{path}: cannot read ({e.strerror or e})"
+        return "", f"{path}: cannot read ({e.strerror or e})"
     sha = hashlib.sha256(data).hexdigest()
     try:
-        return decode_image(data, path, size), sha, None
+        pixels = decode_image(data, path, size)
     except DataError as e:
-        return None, sha, str(e)
+        return sha, str(e)
+    if target not in _OPEN:
+        _OPEN.clear()
+        _OPEN[target] = np.load(target, mmap_mode="r+")
+    _OPEN[target][row] = pixels
+    return sha, None

@@ -135,9 +135,20 @@ def writable(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()
 
 
+# float32 inputs of one inference batch at most: 4,096 images of up to 64 pixels fit, so the figures at
+# those sizes are those of whole 4,096-image batches (a matmul's last bits depend on its row count)
+BATCH_BYTES = 256 * 2**20
+
+
+def rows_per_batch(batch_size: int, width: int) -> int:
+    """batch_size, or fewer rows where that many rows of `width` floats would pass BATCH_BYTES."""
+    return max(1, min(batch_size, BATCH_BYTES // (4 * max(1, width))))
+
+
 def batches(X, batch_size: int):
     """Consecutive float32 tensors of at most batch_size rows of X (an array or NormalizedImages, whose
-    rows are normalised only as each batch is read)."""
+    rows are normalised only as each batch is read), and at most BATCH_BYTES of them."""
+    batch_size = rows_per_batch(batch_size, X.shape[1])
     for start in range(0, len(X), batch_size):
         yield torch.from_numpy(writable(np.ascontiguousarray(X[start:start + batch_size], dtype=np.float32)))
 

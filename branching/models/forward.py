@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from branching.models.checks import rows_per_batch
 from branching.models.model import Model
 
 from branching.models import nets
@@ -98,6 +99,7 @@ def extract(models: dict[str, Model], wanted, X: np.ndarray, batch_size: int = B
     for m in models.values():
         m.net.eval()
     parts: list[list[torch.Tensor]] = [[] for _ in keys]
+    batch_size = rows_per_batch(batch_size, X.shape[1])  # large images: fewer at a time
     with torch.inference_mode():
         for start in range(0, len(X), batch_size):
             found = forward_taps(models, need, torch.from_numpy(np.ascontiguousarray(X[start:start + batch_size])))

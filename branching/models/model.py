@@ -204,8 +204,11 @@ class Model(Trainable):
     def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         device = self._device()
+        outputs = []
         with self._inference():
-            outputs = [fn(xb.to(device)).cpu() for xb in batches(X, batch_size)]
+            for xb in batches(X, batch_size):
+                outputs.append(fn(xb.to(device)).cpu())
+                del xb  # before the next batch is made: one batch of inputs at a time
         if not outputs:
             with self._inference():
                 return fn(torch.zeros(0, X.shape[1], device=device)).cpu().numpy()
@@ -215,9 +218,13 @@ class Model(Trainable):
         loss_sum, correct = 0.0, 0
         device = self._device()
         with self._inference():
-            for xb, yb in zip(batches(X, batch_size), torch.split(torch.from_numpy(y), batch_size)):
-                xb, yb = xb.to(device), yb.to(device)
-                out = self.net(xb).float()
+            for start in range(0, len(y), batch_size):  # the loss summed over the same batches at any image size
+                yb = torch.from_numpy(y[start:start + batch_size]).to(device)
+                parts = []
+                for xb in batches(X[start:start + batch_size], batch_size):
+                    parts.append(self.net(xb.to(device)).float())
+                    del xb  # one batch of inputs at a time
+                out = torch.cat(parts)
                 loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
                 correct += (out.argmax(dim=1) == yb).sum().item()
         n = len(y)
