@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from branching.cli.args import device_name, positive_int
+from branching.cli.args import flags, positive_int
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
 from branching.data.folders import is_image_folder, scan
@@ -27,7 +27,9 @@ COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "acce
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
+    p = sub.add_parser("predict", parents=[flags("--device", device="where the CNN, ViT or module nodes run: auto "
+                                                 "(CUDA when available), cpu or cuda; an MLP node's fused arithmetic "
+                                                 "runs on the CPU (default auto)")], help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
     p.add_argument("files", nargs="*", metavar="FILE",
                    help="images (PNG, JPEG, ...; any size and mode: made RGB, resized and centre-cropped to the tree's "
                         "image size), or folders of them (read recursively)")
@@ -45,9 +47,6 @@ def add_parser(sub) -> None:
     p.add_argument("--node", default=None, metavar="NAME",
                    help="answer with this node alone, over its own classes (default: the routed tree); the way "
                         "to ask a branch of new classes, which routing never reaches")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="where the CNN, ViT or module nodes run: auto (CUDA when available), cpu or cuda; an MLP "
-                        "node's fused arithmetic runs on the CPU (default auto)")
     p.set_defaults(func=cmd_predict)
 
 

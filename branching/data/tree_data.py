@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from branching.data.cifar import (FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select,
-                                  select_rows)
+from branching.data.cifar import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select_rows
 from branching.data.download import ensure_cifar100
 from branching.data.folders import is_image_folder, scan
 from branching.data.image_cache import CachedFolders, joined, load_cached
@@ -40,12 +39,9 @@ class TreeData:
 
     def node_rows(self, split: str, spec):
         """(uint8 images, labels as positions in spec.classes, row numbers in the split file)."""
-        images, labels, rows = select(getattr(self, split), resolve_classes(spec.classes, self.label_names),
-                                      self.label_names)
-        if split == "train" and self.train_keep is not None:
-            keep = self.train_keep[rows]
-            return images[keep], labels[keep], rows[keep]
-        return images, labels, rows
+        labels, rows = self.node_labels(split, spec)
+        images = getattr(self, split).images
+        return (images if len(rows) == len(images) else images[rows]), labels, rows  # all rows: no copy
 
     def node_labels(self, split: str, spec):
         """node_rows without reading any image: (labels as positions in spec.classes, row numbers)."""
@@ -62,7 +58,7 @@ class TreeData:
 
     def class_rows(self, name: str) -> np.ndarray:
         """Row numbers of class `name` in the whole training split."""
-        return select(self.train, resolve_classes([name], self.label_names), self.label_names)[2]
+        return select_rows(self.train, resolve_classes([name], self.label_names), self.label_names)[1]
 
     _fingerprint: dict | None = field(default=None, repr=False, compare=False)
 

@@ -151,6 +151,12 @@ def random_crops(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch
     return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols].reshape(n, -1)
 
 
+def extract_mirrored(models: dict[str, Model], r, X, normalizer) -> np.ndarray:
+    """extract of one read for every normalised image of X mirrored, a batch of BATCH images at a time."""
+    parts = [extract(models, [r], mirror_all(X[start:start + BATCH], normalizer))[0] for start in range(0, len(X), BATCH)]
+    return np.concatenate(parts) if parts else extract(models, [r], X)[0]
+
+
 def mirror_all(X: np.ndarray, normalizer) -> np.ndarray:
     """Every normalised image of X mirrored left-right."""
     x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))

@@ -19,7 +19,7 @@ import torch
 
 from branching.data.normalization import Normalizer
 from branching.fileio import write_bytes, write_json
-from branching.models.forward import BATCH, chain, extract, mirror_all, random_flips, read
+from branching.models.forward import chain, extract, extract_mirrored, random_flips, read
 
 FORMAT = "branching-features/1"
 MANIFEST = "manifest.json"
@@ -114,9 +114,8 @@ class FeatureCache:
             return arrays
         normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
         arrays = {"plain": extract(models, [r], X)[0]}
-        if flips:  # mirrored a batch at a time, in extract's own batches
-            arrays["flipped"] = np.concatenate([extract(models, [r], mirror_all(X[start:start + BATCH], normalizer))[0]
-                                                for start in range(0, len(X), BATCH)] or [arrays["plain"]])
+        if flips:
+            arrays["flipped"] = extract_mirrored(models, r, X, normalizer)
         self.store(manifest, arrays)
         self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} images, {', '.join(variants)})")
         return arrays

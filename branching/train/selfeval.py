@@ -32,7 +32,7 @@ from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
 from branching.models.device import CPU
-from branching.models.forward import (BATCH, augment_transform, extract, mirror_all, node_inputs, random_flips,
+from branching.models.forward import (augment_transform, extract, extract_mirrored, node_inputs, random_flips,
                                      reads)
 from branching.models.model import Model
 from branching.train.nodes import acceptance_note, fit_kwargs
@@ -113,11 +113,7 @@ def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, see
     X = normalizer.lazy(images)
     tap = reads(models, name)
     plain = extract(models, [tap], X)[0]
-    flipped = None
-    if r.flip:  # mirrored a batch at a time, in extract's own batches
-        flipped = torch.from_numpy(np.concatenate(
-            [extract(models, [tap], mirror_all(X[start:start + BATCH], normalizer))[0]
-             for start in range(0, len(X), BATCH)] or [plain]))
+    flipped = torch.from_numpy(extract_mirrored(models, tap, X, normalizer)) if r.flip else None
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
