@@ -95,7 +95,10 @@ def cmd_probe_layers(args) -> int:
         config = load_config(args.config or DEFAULT_CONFIG)
     if not config.branches:
         raise ConfigError(f"{config.path or args.models}: no branches to probe for")
-    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet)
+    if args.models is None:
+        config = config.reading_every_tap()  # a text parent trained here encodes every layer
+    data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet,
+                          device=args.device)
     if args.models is not None:
         models = _load_models(config, args.models)
         origin = f"models from {args.models}"
@@ -105,6 +108,9 @@ def cmd_probe_layers(args) -> int:
         epochs = models["parent"].meta["history"]["epochs_run"]
         origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
                   f"{models['parent'].meta['history']['seconds']:.0f} s")
+        if models["parent"].kind == "text":
+            origin = (f"the text parent {models['parent'].shape['model']} (frozen, every layer encoded), its hold-out "
+                      f"drawn with seed {args.seed or 0}")
         if models["parent"].kind == "module":
             origin = (f"the module parent {models['parent'].shape['module']} loaded here (frozen), its hold-out "
                       f"drawn with seed {args.seed or 0}")

@@ -153,7 +153,7 @@ def train_script(node: str, argv=None) -> int:
     recipe = get_recipe(args.recipe, args.max_epochs)
     recipe.parent_for(config.parent.kind)
     data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet,
-                          skip_bad_images=args.skip_bad_images)
+                          skip_bad_images=args.skip_bad_images, device=args.device)
     if script.spec.source is None:
         model, meta, normalizer = train_parent(config, data, recipe, args.seed or 0, not args.quiet, args.device)
         path = script.store.save(node, model, meta)

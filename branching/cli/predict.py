@@ -32,12 +32,15 @@ def add_parser(sub) -> None:
                                                  "runs on the CPU (default auto)")], help="classify PNG/JPEG files or a CIFAR-format split with a trained tree")
     p.add_argument("files", nargs="*", metavar="FILE",
                    help="images (PNG, JPEG, ...; any size and mode: made RGB, resized and centre-cropped to the tree's "
-                        "image size), or folders of them (read recursively)")
+                        "image size), or folders of them (read recursively); to a text parent's tree, texts")
     p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
     p.add_argument("--config", default=None, help="tree TOML the models must match (default: the tree the "
                                                   "model files record)")
     p.add_argument("--data", default=None, help="CIFAR-100 files or image folders (train/, test/): predict a whole "
                                                 "split instead of files")
+    p.add_argument("--texts", default=None, metavar="FILE",
+                   help="a text parent's tree: the texts of FILE, one per line (.txt), or its text column (.csv, "
+                        ".jsonl; a label column is taken as the true class)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split of --data (default test)")
     p.add_argument("--out", default=None, help="also write the rows to FILE.csv or FILE.json")
     p.add_argument("--branch", default=None, metavar="NAME",
@@ -68,6 +71,79 @@ def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], 
     data = load_split(data_dir, split)
     label_names = load_label_names(data_dir)
     return data.filenames, data.images, [label_names[i] for i in data.fine_labels], []
+
+
+def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
+    """(names, encoded texts, true classes or None, errors) of the texts given to a text parent's tree: on the
+    command line, in --texts FILE, or a split of --data (a text folder, read through the encoding cache)."""
+    from branching.data.text_cache import load_encoded
+    from branching.data.texts import TextSplit, read_folder, read_split
+    from branching.models.encoder import Encoder, files_sha256, resolve_model
+    shape = parent.shape
+    try:
+        folder = resolve_model(shape["model"])
+    except ValueError as e:
+        raise ConfigError(f"the tree's text parent: {e}") from None
+    if files_sha256(folder) != shape["files_sha256"]:
+        raise ConfigError(f"the model files in {folder} are not those the tree was trained with (their sha256 "
+                          f"differs); install the same model, or train the tree again")
+    if args.data:
+        data = read_folder(args.data)
+        if args.split not in data.splits:
+            raise DataError(f"--data {args.data} has no {args.split}.csv; choose --split from {', '.join(data.splits)}")
+        part = data.splits[args.split]
+        vectors = load_encoded(data, shape, args.device).splits[args.split]
+        return part.ids, np.asarray(vectors), part.labels, []
+    if args.texts is not None:
+        path = Path(args.texts)
+        if path.suffix in (".csv", ".jsonl"):
+            part = read_split(path) if _has_labels(path) else _unlabelled(path)
+        else:
+            lines = [t for t in read_split_text(path).splitlines() if t.strip()]
+            part = TextSplit(lines, [], [f"{path.name}:{i + 1}" for i in range(len(lines))])
+        texts, truth, names = part.texts, part.labels or None, part.ids
+    else:
+        texts, truth = list(args.files), None
+        names = [t if len(t) <= 60 else t[:57] + "..." for t in texts]
+    if not texts or any(not t.strip() for t in texts):
+        raise DataError("an empty text was given; pass texts with words in them")
+    vectors, _ = Encoder(shape["model"], shape["max_length"], args.device).encode(texts, shape["depth"],
+                                                                                    progress=len(texts) > 100)
+    return names, vectors, truth, []
+
+
+def read_split_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise DataError(f"--texts {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"--texts {path} is not UTF-8; save it as UTF-8") from None
+
+
+def _has_labels(path: Path) -> bool:
+    head = read_split_text(path).split("\n", 1)[0]
+    return "label" in head
+
+
+def _unlabelled(path: Path):
+    """A .csv or .jsonl of texts without labels, read with a placeholder label, which is then dropped."""
+    from branching.data.texts import TextSplit
+    import csv
+    import io
+    import json
+    raw = read_split_text(path)
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(raw, newline="")))
+        if rows and "text" not in rows[0]:
+            raise DataError(f"--texts {path} has no text column; name it in the header")
+        texts = [r["text"] for r in rows]
+    else:
+        try:
+            texts = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"--texts {path}: every line must be a JSON object with a text key") from None
+    return TextSplit(texts, [], [f"{path.name}:{i + 1}" for i in range(len(texts))])
 
 
 def image_paths(paths) -> tuple[list[Path], int]:
@@ -126,8 +202,9 @@ def write_rows(path, rows: list[dict], errors: list[str]) -> None:
 
 
 def cmd_predict(args) -> int:
-    if bool(args.files) == bool(args.data):
-        raise ConfigError("pass image files or --data DIR (with --split), not both and not neither")
+    if bool(args.files) + bool(args.data) + (args.texts is not None) != 1:
+        raise ConfigError("pass image files (or, to a text parent's tree, texts or --texts FILE), or --data DIR "
+                          "(with --split): one of them")
     if args.out is not None and Path(args.out).suffix not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: the file name must end in .csv or .json")
     if args.out is not None:
@@ -135,16 +212,27 @@ def cmd_predict(args) -> int:
     config = load_config(args.config) if args.config else None
     if args.node is not None and args.branch is not None:
         raise ConfigError("pass --node NAME (that node alone) or --branch NAME (routing from that branch), not both")
-    files, ignored = image_paths(args.files)
+    if args.texts is not None and (args.files or args.data):
+        raise ConfigError("pass texts on the command line, --texts FILE or --data DIR, one of them")
     if args.node is None:
         predictor = TreePredictor.load(args.models, config, args.branch, device=args.device)
     else:
         predictor = NodePredictor(*load_folder(args.models, config), args.node, device=args.device)
-    side = image_side(predictor.models["parent"].architecture[0])  # images resized as the tree was trained
-    if args.data:
+    parent = predictor.models["parent"]
+    ignored = 0
+    if parent.kind == "text":
+        names, pixels, truth, errors = text_inputs(args, parent)
+    elif args.texts is not None:
+        raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
+    else:
+        files, ignored = image_paths(args.files)
+    if parent.kind == "text":
+        pass
+    elif args.data:
+        side = image_side(parent.architecture[0])  # images resized as the tree was trained
         names, pixels, truth, errors = load_split_inputs(args.data, args.split, side)
     else:
-        names, pixels, errors = load_images(files, side)
+        names, pixels, errors = load_images(files, image_side(parent.architecture[0]))
         truth = None
     if ignored:
         print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)

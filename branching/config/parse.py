@@ -17,9 +17,12 @@ from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAUL
                                    Acceptance, NodeSpec, SelfEvalSpec, TreeConfig)
 from branching.config.table import Table, is_int, one_line, parse_toml, show
 from branching.errors import ConfigError, did_you_mean
-from branching.models import module_parent, nets
+from branching.models import encoder, module_parent, nets, text
 from branching.models.checks import declared_network
 from branching.models.nets import ACTIVATIONS, KINDS, SHAPES, WHERE
+
+
+POOL_NAMES = tuple(dict.fromkeys([*(p for ps in nets.POOLS.values() for p in ps), *text.TEXT_POOLS]))
 
 
 def load_config(path: str | Path) -> TreeConfig:
@@ -97,16 +100,18 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     table = "parent" if is_parent else f"branches.{name}"
     t = Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
     kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
+    text = kind == "text"
     for key in t.data:
-        owners = (["mlp"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
+        owners = (["mlp", "text"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
+                  else ["text"] if key in encoder.CONFIG_KEYS and is_parent
                   else [k for k, keys in SHAPES.items() if key in keys])
         if owners and kind not in owners:
             raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",
                           f"remove it, or set kind = \"{owners[0]}\"")
     fields = dict(
-        name=name, classes=t.classes(),
+        name=name, classes=() if text and "classes" not in t.data else t.classes(),
         hidden=t.hidden(DEFAULT_PARENT_HIDDEN if is_parent else DEFAULT_BRANCH_HIDDEN,
-                        allow_empty=not is_parent) if kind == "mlp" else (),
+                        allow_empty=not is_parent) if kind == "mlp" else t.hidden((), True) if text else (),
         source=None, layer=None, where=None,
         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
@@ -123,6 +128,14 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
             raise t.error("accept", "needs the parent's head, which a module parent only has with head = true",
                           "remove [parent.accept], or set head = true")
         fields["shape"] = tuple(module_parent.parse_keys(t, fields["classes"]).items())
+    elif text:
+        headless = not fields["classes"]
+        for key in ("accept", "selfeval"):
+            if key in t.data and headless:
+                raise t.error(key, "needs the parent's head, which a text parent has only when it has classes",
+                              f"remove [parent.{key}], or give the parent classes")
+        fields["shape"] = tuple({**encoder.parse_keys(t, not headless), "hidden": fields["hidden"],
+                                 "activation": fields["activation"]}.items())
     elif kind != "mlp":
         try:
             shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
@@ -138,7 +151,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
             raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
                           "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
         fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None), new_classes=bool(t.flag("new_classes")),
-                      pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None))
+                      pool=t.choice("pool", POOL_NAMES, None))
     return fields
 
 
@@ -158,6 +171,15 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
             raise ConfigError(f"{origin}: invalid branch name {name!r} in [branches]; use letters, "
                               f"digits, '_' or '-' only, and not 'parent'")
         nodes[name] = _parse_node(origin, name, spec)
+    text_parent = nodes["parent"]["kind"] == "text"
+    if text_parent and image_size is not None:
+        raise ConfigError(f"{origin}: [data] image_size is for images, and a text parent reads texts; remove it")
+    if text_parent and not nodes["parent"]["classes"]:  # no head: the tree's classes are its branches'
+        nodes["parent"]["classes"] = tuple(dict.fromkeys(c for n in list(nodes.values())[1:] for c in n["classes"]
+                                                         if n["source"] == "parent"))
+        if len(nodes["parent"]["classes"]) < 2:
+            raise ConfigError(f"{origin}: [parent] a text parent without classes needs branches reading it, with 2 "
+                              f"classes or more in all; add [branches.NAME] tables, or give the parent classes")
     for name, node in nodes.items():
         if name != "parent" and node["source"] not in nodes:
             raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}"
@@ -188,6 +210,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                               f"{source['name']!r}'s; remove new_classes (or add the new classes)")
     for node in nodes.values():
         _resolve_selfeval(origin, node, nodes, side)
+    if text_parent:
+        _set_depth(nodes)
     for source in nodes:
         children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
                     if node["source"] == source and not node["new_classes"]]
@@ -200,7 +224,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     for name, node in nodes.items():
         table = "[parent]" if name == "parent" else f"[branches.{name}]"
         mlp = node["kind"] == "mlp"
-        pixels = nets.image_width(side)
+        pixels = text.input_width(dict(node["shape"])) if node["kind"] == "text" else nets.image_width(side)
         widths = [pixels if name == "parent" else node["width"], *node["hidden"], len(node["classes"])]
         try:  # built on torch's meta device: nothing is allocated
             declared_network(node["kind"], widths if mlp else [pixels, len(node["classes"])],
@@ -213,6 +237,21 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
     parent = specs.pop("parent")
     return TreeConfig(parent=parent, branches=specs, path=path, image_size=image_size)
+
+
+def _set_depth(nodes: dict) -> None:
+    """A text parent's transformer runs to the deepest tap read of it (its head's, its branches', the
+    self-evaluation judges'): its shape's `depth` is that many taps."""
+    shape = dict(nodes["parent"]["shape"])
+    read = [shape["head_layer"]] if shape["head"] else []
+    for name, node in nodes.items():
+        if node.get("source") == "parent":
+            read.append(node["layer"])
+        judge = node.get("selfeval")
+        if judge is not None and (node.get("source") or "parent") == "parent":
+            read += list(judge.layers)
+    shape["depth"] = max(read) + 1
+    nodes["parent"]["shape"] = tuple(shape.items())
 
 
 def _parse_data(origin: str, data: Any) -> int | None:
@@ -235,6 +274,8 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict, side: int) -
     """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
     "post"), checked with its pool; node["width"] is the width the branch reads."""
     taps = NodeSpec(**{k: v for k, v in source.items() if k != "width"}).taps(side)
+    if source["kind"] == "text":
+        return _resolve_text_tap(origin, table, node, source, taps)
     layer, mlp = node["layer"], source["kind"] == "mlp"
     if not mlp and node["where"] is not None:
         raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
@@ -262,6 +303,29 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict, side: int) -
         raise ConfigError(f"{origin}: {table} pool: {e}") from None
 
 
+def _resolve_text_tap(origin: str, table: str, node: dict, source: dict, taps: list[dict]) -> None:
+    """A branch's layer as an index into a text parent's taps (embeddings, layer0, ...), and its pool (the
+    pooling over tokens, mean by default) checked."""
+    names = list(dict.fromkeys(t["name"] for t in taps))
+    if node["where"] is not None:
+        raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; a text parent's taps are "
+                          f"{', '.join(names)}, each pooled by pool = {' | '.join(text.TEXT_POOLS)}; remove it")
+    layer = node["layer"]
+    if isinstance(layer, str):
+        if layer not in names:
+            raise ConfigError(f"{origin}: {table} layer: the text parent has no tap {layer!r}"
+                              f"{did_you_mean(layer, names)}; its taps are {', '.join(names)}")
+        layer = names.index(layer)
+    elif not -len(names) <= layer < len(names):
+        raise ConfigError(f"{origin}: {table} layer: {layer} is past the text parent's taps ({len(names)}: "
+                          f"{names[0]} .. {names[-1]}); write an index in -{len(names)}..{len(names) - 1} or a name")
+    pool = node["pool"] or "mean"
+    if pool not in text.TEXT_POOLS:
+        raise ConfigError(f"{origin}: {table} pool: {pool!r} does not apply to a text parent's taps; use one of "
+                          f"{', '.join(text.TEXT_POOLS)} (over the attention mask)")
+    node["layer"], node["pool"], node["width"] = layer % len(names), pool, taps[0]["shape"][0]
+
+
 def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
     if data is None:
         return None
@@ -282,7 +346,7 @@ def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
     if not is_int(folds) or not 2 <= folds <= 20:
         raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
     return SelfEvalSpec(layers=tuple(layers), where=t.choice("where", WHERE, None),
-                        pool=t.choice("pool", tuple(dict.fromkeys(p for ps in nets.POOLS.values() for p in ps)), None),
+                        pool=t.choice("pool", POOL_NAMES, None),
                         hidden=t.hidden(DEFAULT_SELFEVAL_HIDDEN, allow_empty=True),
                         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
                         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),

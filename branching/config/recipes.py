@@ -48,6 +48,11 @@ class Recipe:
                               f"parent needs --recipe default")
         return found
 
+    def branch_for(self, parent_kind: str) -> NodeRecipe:
+        """How a branch is trained in a tree whose parent is of `parent_kind`: a text parent's inputs are not
+        images, so its branches see no mirror images or shifts."""
+        return replace(self.branch, flip=False, crop=0) if parent_kind == "text" else self.branch
+
     def to_dict(self, kind: str = "mlp") -> dict:
         """The recipe as a checkpoint records it: with the parent recipe of `kind` (None where it has none,
         as the original's for a branch of a CNN parent)."""
@@ -87,7 +92,11 @@ DEFAULT = replace(DEFAULT, kinds=(
     # a module parent is never trained: only its validation hold-out (on which its branches validate) and,
     # where it has a head, its calibration and threshold apply; epochs and the rest are unused
     ("module", NodeRecipe(epochs=1, batch_size=256, lr=1e-3, weight_decay=0.0, optimizer="adamw", dropout=0.0,
-                          validation=0.15, calibrate=True))))
+                          validation=0.15, calibrate=True)),
+    # a text parent's transformer is frozen: only its head (when it has classes) is trained, on the encoded
+    # texts, with early stopping on the held-out share
+    ("text", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", dropout=0.1,
+                        patience=10, validation=0.15, calibrate=True))))
 
 RECIPES = {r.name: r for r in (ORIGINAL, DEFAULT)}
 

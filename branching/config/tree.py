@@ -7,14 +7,14 @@ The order of a node's `classes` is the one source of truth for its label ids.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from branching.errors import ConfigError, did_you_mean
-from branching.models import module_parent, nets
+from branching.models import module_parent, nets, text
 from branching.models.nets import SHAPES, WHERE
 
 
@@ -37,7 +37,8 @@ IMAGE_SIZES = (8, 1024)  # the range of [data] image_size
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
 MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
-PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, "dropout", "accept", "selfeval")
+TEXT_KEYS = ("model", "max_length", "layer", "pool")  # kind = "text": a pretrained transformer (branching.models.encoder)
+PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, *TEXT_KEYS, "dropout", "accept", "selfeval")
 BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
                "selfeval")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
@@ -87,6 +88,11 @@ class NodeSpec:
         if self.kind == "mlp":
             return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "shape": (width,)}
                     for i, width in enumerate(self.hidden) for where in WHERE]
+        if self.kind == "text":  # every layer until the taps read are known (then `depth` of them)
+            shape = self.shape_dict
+            names = text.tap_names(shape["layers"])[:shape.get("depth") or shape["layers"] + 1]
+            return [{"name": n, "layer": i, "where": how, "shape": (shape["width"],)}
+                    for i, n in enumerate(names) for how in text.TEXT_POOLS]
         with torch.device("meta"):
             return nets.build(self.kind, [nets.image_width(side), len(self.classes)], dropout=self.dropout,
                               shape=nets.check_shape(self.kind, self.shape_dict)).feature_info
@@ -166,6 +172,15 @@ class TreeConfig:
         kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n) or n in above}
         return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path, self.image_size)
 
+    def reading_every_tap(self) -> TreeConfig:
+        """The same tree with a text parent encoding every layer (probe-layers reads them all); other trees as
+        they are."""
+        if self.parent.kind != "text":
+            return self
+        shape = dict(self.parent.shape)
+        shape["depth"] = shape["layers"] + 1
+        return TreeConfig(replace(self.parent, shape=tuple(shape.items())), self.branches, self.path, self.image_size)
+
     def classes(self) -> tuple[str, ...]:
         """Every class of the tree: the parent's, then the new classes of its branches, in file order."""
         return tuple(dict.fromkeys(c for spec in (self.parent, *self.branches.values()) for c in spec.classes))
@@ -222,7 +237,13 @@ def dump_toml(config: TreeConfig) -> str:
 
 def node_to_dict(node: NodeSpec) -> dict:
     d: dict[str, Any] = {"classes": list(node.classes)}
-    if node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
+    if node.kind == "text":  # its config keys; the model's facts are read again from its folder
+        shape = node.shape_dict
+        d = {"classes": list(node.classes)} if shape["head"] else {}
+        d.update(kind="text", model=shape["model"], max_length=shape["max_length"])
+        if shape["head"]:
+            d.update(layer=shape["head_layer"], pool=shape["head_pool"], hidden=list(node.hidden))
+    elif node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
         d.update(kind=node.kind, **{k: v for k, v in node.shape_dict.items() if k != "weights_sha256"})
     if node.source is not None:
         d.update({"from": node.source, "layer": node.layer})
@@ -230,7 +251,7 @@ def node_to_dict(node: NodeSpec) -> dict:
         d["hidden"] = list(node.hidden)
     if node.new_classes:
         d["new_classes"] = True
-    extra = {"where": node.where, "pool": node.pool, "activation": node.activation if node.kind == "mlp" else None,
+    extra = {"where": node.where, "pool": node.pool, "activation": node.activation if node.kind in ("mlp", "text") else None,
              "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})
     if node.accept != Acceptance():

@@ -1,4 +1,5 @@
-"""Per-pixel standardisation of images, fitted on the parent's training rows a batch at a time."""
+"""Per-pixel standardisation of images (or of every value of encoded texts), fitted on the parent's training
+rows a batch at a time."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ class Normalizer:
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
         self.std = np.asarray(std, dtype=np.float32).reshape(-1)
-        if self.mean.shape != self.std.shape or not self.mean.size or self.mean.size % 3:
+        if self.mean.shape != self.std.shape or not self.mean.size:
             got = f"{self.mean.size} and {self.std.size}"
-            raise DataError(f"normaliser mean and std must have the same number of values, 3 per pixel; got {got}")
+            raise DataError(f"normaliser mean and std must have the same number of values, one per input value "
+                            f"(3 per pixel); got {got}")
 
     @classmethod
     def fit(cls, images, per_channel: bool = False, rows=None) -> "Normalizer":
@@ -49,7 +51,7 @@ class Normalizer:
             raise DataError(f"cannot fit a normaliser on images of shape {images.shape}; need "
                             f"(N, 3 * side * side) with N > 0")
         n, width = (len(images) if rows is None else len(rows)), images.shape[1]
-        if width % 3:
+        if per_channel and width % 3:
             raise DataError(f"cannot fit a normaliser on rows of {width} values; need 3 per pixel")
         step = max(1, cls.FIT_BYTES // (8 * width))
         batches = [slice(start, start + step) if rows is None else rows[start:start + step]

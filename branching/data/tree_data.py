@@ -14,7 +14,9 @@ from branching.data.cifar import FINE_LABEL_NAMES, Split, load_label_names, load
 from branching.data.download import ensure_cifar100
 from branching.data.folders import is_image_folder, scan
 from branching.data.image_cache import CachedFolders, joined, load_cached
+from branching.data.text_data import is_text_folder, load_text_data, text_notes
 from branching.errors import ConfigError, DataError
+from branching.models.device import CPU
 
 
 @dataclass
@@ -31,6 +33,7 @@ class TreeData:
     train_keep: np.ndarray | None = None  # training rows a k-shot comparison may use (None: all)
     val_rows: np.ndarray | None = None    # training rows of a val/ folder: every node validates on them
     folders: CachedFolders | None = None  # image folders: the cache they were read from
+    texts: dict | None = None             # a text folder: its counts (texts, cut at max_length, leaked)
 
     @property
     def side(self) -> int:
@@ -65,6 +68,8 @@ class TreeData:
     def facts(self) -> dict:
         """The fingerprint, and for image folders their image size, counts of images per split, of images
         left out, of leaked test images and of ignored files (a run's metrics.json records them)."""
+        if self.texts is not None:
+            return {**self.fingerprint(), **self.texts}
         if self.folders is None:
             return self.fingerprint()
         cached = self.folders
@@ -88,6 +93,8 @@ def data_notes(data: TreeData) -> dict[str, str]:
     """What a user of image folders should know before trusting the figures: images left out, test
     images that are also training images, files that are not images."""
     cached, notes = data.folders, {}
+    if data.texts is not None:
+        return text_notes(data.texts)
     if cached is None:
         return notes
     if cached.skipped:
@@ -101,10 +108,12 @@ def data_notes(data: TreeData) -> dict[str, str]:
 
 
 def load_tree_data(config, data_dir, download: bool = False, progress: bool = True,
-                   skip_bad_images: bool = False) -> TreeData:
+                   skip_bad_images: bool = False, device=CPU) -> TreeData:
     """Load (and, if asked, download) the data, checking that every class of the tree (a
-    branching.config.tree.TreeConfig) exists in it."""
+    branching.config.tree.TreeConfig) exists in it. Texts (a text parent's) are encoded on `device`."""
     data_dir = Path(data_dir)
+    if config.parent.kind == "text" or is_text_folder(data_dir):
+        return TreeData(**load_text_data(config, data_dir, progress, device))
     if data_dir.is_file():
         raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder that holds the data (for "
                         f"CIFAR-100, the folder of its files train, test and meta; else image folders train/ "

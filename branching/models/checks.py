@@ -67,7 +67,9 @@ def check_architecture(architecture, kind="mlp") -> list:
     arch = list(architecture)
     if len(arch) < 2 or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in arch):
         raise ValueError(f"architecture must be at least 2 ints, all >= 1; got {arch!r}")
-    if kind != "mlp":
+    if kind == "text" and len(arch) != 2:
+        raise ValueError(f"a text parent's architecture is [numbers per encoded text, classes]; got {arch!r}")
+    if kind not in ("mlp", "text"):
         try:
             if len(arch) != 2:
                 raise ValueError

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from branching.models.checks import rows_per_batch
 from branching.models.model import Model
+from branching.models.text import text_read
 
 from branching.models import nets
 
@@ -37,6 +38,8 @@ def chain(models: dict[str, Model], node: str) -> list[str]:
 def read(models: dict[str, Model], node: str, layer, where=None, pool=None) -> Read:
     """A tap of `node` (validated by its model, the layer counted from 0) and the pooling that makes it a
     vector (default: nets.default_pool of the tap)."""
+    if models[node].kind == "text":
+        where, pool = text_read(where, pool)
     info = models[node].tap(layer, where)
     return node, info["layer"], info["where"], nets.check_pool(info["shape"], pool or nets.default_pool(info["shape"]))
 

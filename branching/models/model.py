@@ -25,6 +25,7 @@ from branching.models import nets
 from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
                                      batches, declared_network, first_line)
 from branching.models.nets import KINDS, WHERE, ACTIVATIONS
+from branching.models.text import TEXT_POOLS, text_read
 from branching.models.training import Trainable
 
 __all__ = ["FORMAT", "Model"]
@@ -75,8 +76,8 @@ class Model(Trainable):
     @property
     def has_head(self) -> bool:
         """Whether the network's output is class logits: always, but for a module parent (kind "module")
-        without head = true."""
-        return self.kind != "module" or self.shape["head"]
+        without head = true and a text parent without classes."""
+        return self.kind not in ("module", "text") or self.shape["head"]
 
     @property
     def n_hidden(self) -> int:
@@ -127,6 +128,8 @@ class Model(Trainable):
         """A feature_info entry: by name, or by index (negative counts from the end) with, for an MLP,
         `layer` a hidden layer and `where` "pre" or "post" (default "post")."""
         info = self.feature_info
+        if self.kind == "text":  # a text parent's taps are (layer, pool): `where` is the pooling, mean by default
+            return self._text_tap(layer, where)
         if isinstance(layer, str):
             found = [i for i in info if i["name"] == layer]
             if not found:
@@ -142,6 +145,17 @@ class Model(Trainable):
         if where is not None:
             raise ValueError(f"where is for MLP layers; a {self.kind}'s taps are {', '.join(i['name'] for i in info)}")
         return info[self._resolve_layer(layer, len(info))]
+
+    def _text_tap(self, layer, how) -> dict:
+        info, how = self.feature_info, how or "mean"
+        if how not in TEXT_POOLS:
+            raise ValueError(f"pool {how!r} does not apply to a text parent's taps; use one of {', '.join(TEXT_POOLS)}")
+        names = list(dict.fromkeys(i["name"] for i in info))
+        if isinstance(layer, str):
+            if layer not in names:
+                raise ValueError(f"no tap named {layer!r}; taps are {', '.join(names)}")
+            layer = names.index(layer)
+        return info[self.net.index(self._resolve_layer(layer, len(names)), how)]
 
     def forward_intermediates(self, x: torch.Tensor, taps, stop_early: bool = True):
         """(output, [tensor per tap]) for a batch x; taps are (layer, where) pairs as `tap` takes them.
@@ -163,6 +177,8 @@ class Model(Trainable):
 
         Runs in eval mode without gradients, then restores the model's previous train/eval mode.
         """
+        if self.kind == "text":
+            where, pool = text_read(where, pool)
         shape = self.tap(layer, where)["shape"]  # validate before converting the input
         how = nets.check_pool(shape, pool or nets.default_pool(shape))
         X = as_2d_float(X, self.architecture[0])
@@ -170,6 +186,8 @@ class Model(Trainable):
 
     def width(self, layer, where=None, pool=None) -> int:
         """Width of the vector a tap gives (pooled as get_activations pools it)."""
+        if self.kind == "text":
+            where, pool = text_read(where, pool)
         shape = self.tap(layer, where)["shape"]
         return nets.pooled_width(shape, pool or nets.default_pool(shape))
 

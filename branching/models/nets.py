@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branching.models import module_parent
+from branching.models import module_parent, text
 
-KINDS = ("mlp", "cnn", "vit", "module")  # module: any torch module (branching.module_parent)
+KINDS = ("mlp", "cnn", "vit", "module", "text")  # module: any torch module (branching.module_parent); text: a
+# pretrained transformer over encoded texts (branching.models.text)
 WHERE = ("pre", "post")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
 CHANNELS = 3
@@ -178,6 +179,12 @@ def build(kind: str, architecture, activation="relu", dropout=None, shape=None) 
         return ViTNet(architecture[-1], dropout=dropout, side=image_side(architecture[0]), **shape)
     if kind == "module":
         return module_parent.ModuleNet(architecture[-1], **shape)
+    if kind == "text":
+        net = text.TextNet(architecture[-1], dropout=dropout, activation_class=ACTIVATIONS[shape["activation"]], **shape)
+        if architecture[0] != text.input_width(shape):
+            raise ValueError(f"a text parent over {shape['depth']} taps of width {shape['width']} reads "
+                             f"{text.input_width(shape)} numbers per text, not {architecture[0]}")
+        return net
     raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
 
 
@@ -187,6 +194,8 @@ def check_shape(kind: str, shape) -> dict:
         return {}
     if kind == "module":
         return module_parent.check_shape(shape)
+    if kind == "text":
+        return text.check_shape(shape)
     if not isinstance(shape, dict) or set(shape) - set(SHAPES[kind]):
         unknown = sorted(set(shape) - set(SHAPES[kind])) if isinstance(shape, dict) else shape
         raise ValueError(f"unknown {kind} shape keys {unknown}; {kind} takes {', '.join(SHAPES[kind])}")

@@ -102,7 +102,7 @@ def render_markdown(result: dict) -> str:
         info = setup["branches"][name]
         new = [c for c in info["classes"] if c not in setup["parent_classes"]]
         lines += [f"## {name}", "", f"Classes {', '.join(info['classes'])}; the branch reads {info['source']} "
-                  f"layer {info['layer']} ({info['where'] or info.get('pool') or 'default pooling'}); "
+                  f"{info.get('tap') or 'layer ' + str(info['layer'])} ({info['where'] or info.get('pool') or 'default pooling'}); "
                   f"{info['test_samples']} test images. Baseline: "
                   + ("the parent's head on the branch's classes." if not new else
                      f"the linear probe ({', '.join(new)} never seen by the parent, whose head cannot answer them)."), ""]

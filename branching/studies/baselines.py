@@ -164,9 +164,10 @@ def run_parent_unrestricted(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     return _parent_head(ctx, spec, restrict=False)
 
 
-def run_linear_probe(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+def run_linear_probe(ctx: SeedContext, spec: NodeSpec, r: tuple | None = None) -> Outcome:
+    """A linear probe on what the branch reads (or on read `r`)."""
     start = time.perf_counter()
-    r = branch_read(ctx.models, spec, ctx.recipes.default.branch)
+    r = r or branch_read(ctx.models, spec, ctx.recipes.default.branch)
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
     F = extract(ctx.models, [r], X)[0]
@@ -180,9 +181,20 @@ def run_linear_probe(ctx: SeedContext, spec: NodeSpec) -> Outcome:
                                            "validation": kind})
 
 
+def run_sentence_embedding(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    """A text parent's own sentence embedding (its last layer, mean-pooled, as sentence-transformers pools
+    it), read by a linear probe."""
+    parent = ctx.models["parent"]
+    last = parent.shape["layers"]
+    if last >= parent.shape["depth"]:
+        raise ValueError("the sentence embedding needs the last layer encoded")
+    return run_linear_probe(ctx, spec, read(ctx.models, "parent", last, "mean"))
+
+
 def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
     """The branch, default recipe, reading another tap of its source: r = (source, layer, where, pool)."""
-    variant = replace(spec, layer=r[1], where=r[2], pool=r[3])
+    text = ctx.models[r[0]].kind == "text"  # its tap's where is the pooling a config names `pool`
+    variant = replace(spec, layer=r[1], where=None if text else r[2], pool=r[2] if text else r[3])
     config = replace(ctx.config, branches={**ctx.config.branches, spec.name: variant})
     start = time.perf_counter()
     model, meta = train_branch(config, spec.name, ctx.models, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress,
@@ -198,10 +210,11 @@ def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
 
 def concat_reads(ctx: SeedContext, spec: NodeSpec) -> list[tuple]:
     """Every tap of the branch's source once: each hidden layer of an MLP where the branch reads its own
-    (before or after the activation), each stage or block of a CNN or ViT with its default pooling."""
+    (before or after the activation), each layer of a text parent pooled as the branch pools, each stage or
+    block of a CNN or ViT with its default pooling."""
     where = branch_read(ctx.models, spec, ctx.recipes.default.branch)[2]
-    source = ctx.models[spec.source]
-    taps = [info for info in source.feature_info if source.kind != "mlp" or info["where"] == where]
+    source = ctx.models[spec.source]  # an MLP's where, a text parent's pooling: the branch's own
+    taps = [info for info in source.feature_info if source.kind not in ("mlp", "text") or info["where"] == where]
     return [read(ctx.models, spec.source, info["layer"], info["where"]) for info in taps]
 
 
@@ -210,7 +223,7 @@ def run_taps_concat(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     standardised on the training images and concatenated, as Head2Toe reads a frozen network from head to
     toe (without its feature selection)."""
     start = time.perf_counter()
-    r = ctx.recipes.default.branch
+    r = ctx.recipes.default.branch_for(ctx.config.parent.kind)
     wanted = concat_reads(ctx, spec)
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)

@@ -28,9 +28,10 @@ from branching.models.device import CPU
 from branching.models.forward import read
 from branching.reports.compare import summarise, write_outputs
 from branching.studies.baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
-                                         run_linear_probe, run_parent_head, run_parent_unrestricted, run_read,
+                                         run_linear_probe, run_parent_head, run_parent_unrestricted, run_read, run_sentence_embedding,
                                          run_scratch, run_scratch_mlp, run_taps_concat)
 from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
+from branching.models.text import tap_names
 from branching.train.nodes import branch_read, parent_normalizer, train_parent
 
 METHODS = {
@@ -39,6 +40,7 @@ METHODS = {
     "parent_head": "parent head on the branch's classes",
     "parent_unrestricted": "parent head, all classes",
     "linear_probe": "linear probe",
+    "sentence_embedding": "linear probe on the sentence embedding",
     "taps_concat": "branch reading every tap, concatenated",
     "scratch_mlp": "MLP from scratch, same size",
     "scratch": "same network from scratch",
@@ -49,6 +51,8 @@ METHODS = {
 def read_key(models, r: tuple) -> str:
     """The method key of the branch reading another tap: "layer1_post" (an MLP source), "stage1_avg"."""
     source = models[r[0]]
+    if source.kind == "text":
+        return f"{source.tap(r[1], r[2])['name']}_{r[2]}"
     return f"layer{r[1]}_{r[2]}" if source.kind == "mlp" else f"{source.tap(r[1])['name']}_{r[3]}"
 
 
@@ -65,14 +69,20 @@ def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     """(key, function) of every method for one branch, in report order."""
     configured = branch_read(ctx.models, spec, ctx.recipes.default.branch)
     source = ctx.models[spec.source]
-    others = [read(ctx.models, spec.source, info["layer"], info["where"]) for info in source.feature_info]
+    text = source.kind == "text"  # its other layers, pooled as the branch pools (probe-layers tries every pooling)
+    others = [read(ctx.models, spec.source, info["layer"], info["where"]) for info in source.feature_info
+              if not text or info["where"] == configured[2]]
     taps = [(read_key(ctx.models, r), lambda c, s, r=r: run_read(c, s, r)) for r in others if r != configured]
     heads = [("parent_head", run_parent_head), ("parent_unrestricted", run_parent_unrestricted)]
+    embedding = [("sentence_embedding", run_sentence_embedding)] if text and \
+        source.shape["depth"] > source.shape["layers"] else []
+    # a text parent's transformer is neither trained from scratch nor fine-tuned here (see docs/text.md)
+    trunk = [] if ctx.models["parent"].kind == "text" else [
+        ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
+        else ("scratch", run_scratch), ("finetune", run_finetune)]
     return [("branch", run_branch), ("branch_original", run_branch_original),
-            *(heads if has_parent_head(ctx.config, spec) else []), ("linear_probe", run_linear_probe), *taps,
-            ("taps_concat", run_taps_concat),
-            ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
-            else ("scratch", run_scratch), ("finetune", run_finetune)]
+            *(heads if has_parent_head(ctx.config, spec) else []), ("linear_probe", run_linear_probe), *embedding,
+            *taps, ("taps_concat", run_taps_concat), *trunk]
 
 
 def has_parent_head(config: TreeConfig, spec: NodeSpec) -> bool:
@@ -157,6 +167,27 @@ def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
 
 # ---- the command ----------------------------------------------------------------------------
 
+def text_notes(config: TreeConfig) -> list[str]:
+    """compare.md's notes on the methods of a tree over a text parent."""
+    shape = config.parent.shape_dict
+    return [
+        f"The parent is the pretrained transformer {shape['model']}, frozen: every text is encoded once (cut at "
+        f"{shape['max_length']} tokens), and every method reads the same cached vectors, standardised on the "
+        f"training texts. The parent's head is trained on its tap {shape['head_layer']} ({shape['head_pool']}).",
+        "Every method uses the default recipe (no mirror images: the inputs are texts) and validates on the "
+        "parent's held-out texts of the branch's classes.",
+        "Linear probe: scikit-learn LogisticRegression on standardised vectors of the branch's tap, C chosen on "
+        "validation log-loss. The sentence embedding: the same probe on the last layer, mean-pooled, which is "
+        "what a sentence-transformers model outputs (before its L2 normalisation).",
+        "Every tap, concatenated: the branch's own layers reading the embeddings and every layer at once, pooled "
+        "as the branch pools, each value standardised on the training texts (Head2Toe's input without its "
+        "feature selection).",
+        "Not run on a text parent: the transformer trained from scratch or fine-tuned (docs/text.md says why).",
+        "Inference MFLOPs/image count the branch or probe only: the transformer's own cost, the same for every "
+        "method, is not modelled (benchmarks/bench_text.py measures it in texts per second).",
+    ]
+
+
 def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> list[str]:
     """What the methods do differently from the original study, for compare.md."""
     mlp = config.parent.kind == "mlp"
@@ -174,6 +205,8 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
     if any(spec.accept.score == "selfeval" for spec in config.nodes()):
         notes.append("A node that accepts by its self-evaluation branch is measured here by max softmax: `compare` "
                      "trains no judges (`branching selfeval` compares the scores).")
+    if config.parent.kind == "text":
+        return notes + text_notes(config)
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
         "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "
@@ -224,7 +257,7 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
 def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
                  command, kshot, device) -> dict:
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    data = load_tree_data(config, data_dir, download=download, progress=progress)
+    data = load_tree_data(config, data_dir, download=download, progress=progress, device=device)
     seed_results = []
     with tempfile.TemporaryDirectory(prefix="compare-features-") as cache_dir:
         for seed in seeds:
@@ -240,6 +273,8 @@ def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_par
                                "test_samples": len(data.node_rows("test", spec)[1])}
         if spec.pool is not None:
             branches[spec.name]["pool"] = spec.pool
+        if spec.source == "parent" and config.parent.kind == "text":
+            branches[spec.name]["tap"] = tap_names(config.parent.shape_dict["layers"])[spec.layer]
     setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
              "max_epochs": max_epochs, "original_parent": original_parent,
              "parent_classes": list(config.parent.classes), "branches": branches,

@@ -29,8 +29,8 @@ from branching.data.tree_data import TreeData
 from branching.models.device import CPU
 from branching.models.forward import extract, read
 from branching.models.model import Model
-from branching.train.nodes import (ORIGINAL_BRANCH_SPLIT_SEED, held_out_rows, parent_normalizer, train_branch,
-                                   train_parent)
+from branching.train.nodes import (ORIGINAL_BRANCH_SPLIT_SEED, held_out_rows, parent_normalizer, shown_pool,
+                                   train_branch, train_parent)
 from branching.tree import cost
 
 PROBE_CS = (1e-4, 1e-3, 1e-2, 1e-1)   # inverse regularisation strengths tried; the best on validation wins
@@ -128,7 +128,8 @@ def probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -
             _, val = fit_linear_probe(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx])
             info = source.tap(*r[1:3])
             table.append({"branch": spec.name, "source": spec.source, "tap": info["name"], "layer": r[1],
-                          "where": r[2], "pool": r[3], "shape": list(info["shape"]), "width": features.shape[1],
+                          "where": None if source.kind == "text" else r[2], "pool": shown_pool(source, r),
+                          "shape": list(info["shape"]), "width": features.shape[1],
                           "flops_to_layer": cost.flops_to(models, r), "val_accuracy": val["accuracy"],
                           "val_log_loss": val["log_loss"], "C": val["C"], "train_samples": int(len(train_idx)),
                           "val_samples": int(len(val_idx)), "validation": kind,

@@ -30,6 +30,7 @@ from branching.fileio import staged_dir
 from branching.models.device import CPU
 from branching.models.forward import node_inputs
 from branching.train import selfeval
+from branching.models.text import TEXT_POOLS
 from branching.train.nodes import train_branch, train_parent
 from branching.tree import judge
 
@@ -39,11 +40,15 @@ METRICS = ("aurc", "eaurc", "auroc", "fpr95")
 
 
 def node_taps(config: TreeConfig, name: str) -> list:
-    """Indices of the taps a judge of node `name` can read: the hidden layers (MLP) or the stages or blocks
-    of its source (the parent's own for the parent)."""
+    """Indices of the taps a judge of node `name` can read: the hidden layers (MLP), the layers (text) or the
+    stages or blocks of its source (the parent's own for the parent)."""
     source = config.node(config.node(name).source or "parent")
-    taps = source.taps()
-    return list(range(len(taps) // 2 if source.kind == "mlp" else len(taps)))
+    return list(range(len(source.taps()) // tap_step(source)))
+
+
+def tap_step(source) -> int:
+    """Entries of a source's taps per layer: pre and post (MLP), one per pooling (text), else one."""
+    return 2 if source.kind == "mlp" else len(TEXT_POOLS) if source.kind == "text" else 1
 
 
 def judge_variants(config: TreeConfig, name: str) -> dict[str, tuple[str, SelfEvalSpec]]:
@@ -51,7 +56,7 @@ def judge_variants(config: TreeConfig, name: str) -> dict[str, tuple[str, SelfEv
     [... .selfeval] table gives hidden, folds and the rest (defaults otherwise)."""
     base = config.node(name).selfeval or SelfEvalSpec(layers=(-1,))
     source = config.node(config.node(name).source or "parent")
-    names = [t["name"] for t in source.taps()][::2 if source.kind == "mlp" else 1]
+    names = [t["name"] for t in source.taps()][::tap_step(source)]
     taps = node_taps(config, name)
     out = {f"selfeval_{t}": (f"self-evaluation on {names[t].split('.')[0]}", replace(base, layers=(t,), logits=True))
            for t in taps}
@@ -185,7 +190,7 @@ def run_selfeval_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int]
     recipe.parent_for(config.parent.kind)  # before any work
     with staged_dir(out_dir) as out:
         start, cpu_start = time.perf_counter(), time.process_time()
-        data = load_tree_data(config, data_dir, download=download, progress=progress)
+        data = load_tree_data(config, data_dir, download=download, progress=progress, device=device)
         seed_results = []
         for seed in seeds:
             log(f"#### selfeval: seed {seed}")

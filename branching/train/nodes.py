@@ -90,6 +90,8 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
     if spec.kind == "module":
         return load_module_parent(config, data, recipe, seed, device)
+    if spec.kind == "text":
+        return text_parent(config, data, recipe, seed, progress, device)
     labels, rows = data.node_labels("train", spec)
     images = data.train.images  # the whole split, read a batch at a time through `rows`
     # a val/ folder: the parent, and so every branch, validates on it
@@ -166,6 +168,45 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     return model, meta, normalizer
 
 
+def text_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
+                device: torch.device = CPU):
+    """A text parent (kind "text"): its transformer frozen (the data are its encoded texts), every vector
+    standardised on the training texts, and its head, where the tree gives it classes, trained on the
+    encoded texts with early stopping on the held-out share."""
+    spec, r = config.parent, recipe.parent_for("text")
+    shape = spec.shape_dict
+    labels, rows = data.node_labels("train", spec)
+    vectors = data.train.images
+    train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
+    normalizer = Normalizer.fit(vectors, rows=rows[train_idx])
+    X = normalizer.lazy(vectors)[rows]
+    dropout = spec.dropout if spec.dropout is not None else r.dropout
+    model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind="text", shape=shape)
+    tap = model.tap(shape["head_layer"], shape["head_pool"])["name"] if model.has_head else None
+    log(f"parent (text: {shape['model']}, frozen, {shape['depth']} taps encoded; "
+        + (f"a head of {model.num_parameters:,} parameters on {tap} ({shape['head_pool']})" if tap else "no head")
+        + f"): {len(train_idx)} training texts, {len(val_idx)} validation, {len(spec.classes)} classes")
+    history = {"epochs_run": 0, "best_epoch": 0, "stopped_early": False}
+    acceptance, note = None, None
+    if model.has_head:
+        validation = (X[val_idx], labels[val_idx]) if len(val_idx) else None
+        history = model.fit(X[train_idx], labels[train_idx], validation_data=validation,
+                            restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent head",
+                                                                                      device))
+        val_logits = model.logits(X[val_idx])
+        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx])
+        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits)
+    model.freeze()
+    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
+            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("text"), "seed": seed,
+            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
+            "history": history, "acceptance": acceptance, "tree": config.to_dict(), "acceptance_note": note}
+    held = new_class_hold_out(config, data, seed, r.validation)
+    if len(held):
+        meta["new_class_val_rows"] = torch.from_numpy(held)
+    return model, meta, normalizer
+
+
 def parent_normalizer(parent: Model) -> Normalizer:
     return Normalizer.from_dict(parent.meta["normalization"])
 
@@ -174,7 +215,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                  seed: int, progress: bool = True, cache_dir=None, device: torch.device = CPU):
     """Train branch `name` on its source's activations; returns (model, checkpoint meta). With cache_dir
     the activations come from a features.FeatureCache there (built on first use)."""
-    spec, r = config.node(name), recipe.branch
+    spec, r = config.node(name), recipe.branch_for(config.parent.kind)
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
     labels, rows = data.node_labels("train", spec)
@@ -214,7 +255,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
         width = source.width(*tap[1:])
         dropout = spec.dropout if spec.dropout is not None else r.dropout
         model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
-        log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {tap[3]}, width {width}); "
+        log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {shown_pool(source, tap)}, width {width}); "
             f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
         history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
                             train_transform=transform, restore_best_weights=True,
@@ -231,6 +272,11 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict(),
             "acceptance_note": acceptance_note(spec, acceptance, val_logits)}
     return model, meta
+
+
+def shown_pool(source: Model, r: tuple) -> str:
+    """The pooling of a read as a config names it: a text parent's is its tap's `where`."""
+    return r[2] if source.kind == "text" else r[3]
 
 
 def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:

@@ -100,7 +100,8 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
 def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device,
          skip_bad_images) -> dict:
     start = time.perf_counter()
-    data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images)
+    data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
+                          device=device)
     for line in data_notes(data).values():
         echo(f"note: {line}")
     log(plan(config, recipe, seed, device))

@@ -108,7 +108,7 @@ def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, d
 
 def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, seed, progress, device):
     """A function training a copy of branch `name` on the same read of the same source."""
-    spec, r = config.node(name), recipe.branch
+    spec, r = config.node(name), recipe.branch_for(config.parent.kind)
     normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
     X = normalizer.lazy(images)
     tap = reads(models, name)
@@ -235,7 +235,7 @@ def attach_judge(config: TreeConfig, name: str, models: dict[str, Model], data, 
         return meta
     X, labels, logits = validation_view(config, name, models, data)
     probability = judge.Judge(model).score_images(models, X, logits)
-    r = recipe.parent_for(config.parent.kind) if name == "parent" else recipe.branch
+    r = recipe.parent_for(config.parent.kind) if name == "parent" else recipe.branch_for(config.parent.kind)
     acceptance = Acceptance.fit(spec.accept, r, logits, labels, rejects=rejects(spec), judge=probability)
     if not acceptance.attained:
         log(f"{name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from branching.config.parse import config_from_dict
 from branching.config.tree import TreeConfig, node_to_dict
+from branching.models.text import TEXT_POOLS
 from branching.errors import CheckpointError, ConfigError
 from branching.models import nets
 from branching.models.model import Model
@@ -108,6 +109,8 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
     if kind == "branch":
         wanted = (spec.source, spec.layer, spec.where, spec.pool)
         got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
+        if got[3] == "flat" and got[2] in TEXT_POOLS:  # a text parent's tap: the tap's where is its pooling
+            got, wanted = (*got[:2], None, got[2]), (*wanted[:2], None, spec.pool or "mean")
         # where and pool unset in the config: the recipe's and the tap's defaults, whatever they were
         got = tuple(g if w is not None or i < 2 else None for i, (g, w) in enumerate(zip(got, wanted)))
         if wanted != got:

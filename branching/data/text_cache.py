@@ -1,0 +1,102 @@
+"""Encoded texts, cached: a text folder's texts run once through a text parent's transformer, and every
+pooling of every tap kept on disk (float32, memory-mapped when read back) under $BRANCHING_CACHE.
+
+A manifest records what the vectors depend on: the model files' sha256 (weights, config, tokenizer),
+max_length, the poolings and the sha256 of each split's texts. A matching cache that reaches the taps
+wanted is read back (its first columns when it reaches deeper); anything else encodes again, so runs,
+`compare` and k-shot curves on the same texts encode them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from branching.console import log
+from branching.data.image_cache import cache_root
+from branching.data.texts import TextFolder
+from branching.models.device import CPU
+from branching.models.text import TEXT_POOLS
+
+VERSION = 1
+
+
+@dataclass
+class EncodedTexts:
+    splits: dict[str, np.ndarray]   # float32 (N, depth * len(TEXT_POOLS) * width) per split
+    truncated: dict[str, int]       # texts cut at max_length, per split
+    manifest_sha256: str
+    encoded: bool                   # whether this call ran the transformer (not the cache)
+
+
+def manifest(folder: TextFolder, shape: dict) -> dict:
+    return {"version": VERSION, "root": str(folder.root.resolve()), "model": shape["model"],
+            "files_sha256": shape["files_sha256"], "max_length": shape["max_length"], "pools": list(TEXT_POOLS),
+            "width": shape["width"],
+            "texts_sha256": {split: hashlib.sha256(json.dumps(part.texts).encode()).hexdigest()
+                             for split, part in folder.splits.items()}}
+
+
+def load_encoded(folder: TextFolder, shape: dict, device=CPU, progress: bool = True) -> EncodedTexts:
+    """Every split of `folder` encoded to the parent's depth (shape: a text parent's shape keys)."""
+    wanted = manifest(folder, shape)
+    text = json.dumps(wanted, sort_keys=True)
+    key = hashlib.sha256(f"{wanted['root']}|{shape['files_sha256']}|{shape['max_length']}".encode()).hexdigest()[:16]
+    where = cache_root() / f"text-{key}"
+    depth, columns = shape["depth"], shape["depth"] * len(TEXT_POOLS) * shape["width"]
+    index = _index(where, text)
+    encoded = index is None or index["depth"] < depth
+    if encoded:
+        _build(folder, shape, where, text, device, progress)
+        index = _index(where, text)
+    every = np.load(where / "vectors.npy", mmap_mode="r")
+    splits = {split: every[entry["start"]:entry["start"] + entry["count"], :columns]
+              for split, entry in index["splits"].items()}
+    return EncodedTexts(splits, {s: e["truncated"] for s, e in index["splits"].items()},
+                        hashlib.sha256(text.encode()).hexdigest(), encoded)
+
+
+def _index(where: Path, text: str) -> dict | None:
+    try:
+        if (where / "manifest.json").read_text() != text:
+            return None
+        return json.loads((where / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _build(folder: TextFolder, shape: dict, where: Path, text: str, device, progress: bool) -> None:
+    """Encode every split into a new folder beside `where`, then swap it in whole."""
+    from branching.models.encoder import Encoder  # transformers is only imported where texts are encoded
+    encoder = Encoder(shape["model"], shape["max_length"], device)
+    texts = [t for part in folder.splits.values() for t in part.texts]
+    log(f"encoding {len(texts)} texts of {folder.root} with {encoder.folder.name} on {device} "
+        f"(cached under {where.parent})")
+    vectors, _ = encoder.encode(texts, shape["depth"], progress=progress)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
+    try:
+        np.save(staging / "vectors.npy", vectors)
+        index, start = {"depth": shape["depth"], "splits": {}}, 0
+        for split, part in folder.splits.items():
+            _, cut = encoder.tokenize(part.texts)
+            index["splits"][split] = {"start": start, "count": len(part.texts), "truncated": cut}
+            start += len(part.texts)
+        (staging / "index.json").write_text(json.dumps(index))
+        (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
+        old = where.with_name(f"{where.name}.old.{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        if where.exists():
+            where.rename(old)
+        staging.rename(where)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
