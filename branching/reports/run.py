@@ -40,7 +40,7 @@ def read_predictions(path) -> list[dict]:
 
 def node_classes(metrics: dict) -> dict[str, list[str]]:
     config = metrics["config"]
-    return {"parent": config["parent"]["classes"], **{n: b["classes"] for n, b in config["branches"].items()}}
+    return {"parent": config["parent"].get("classes", []), **{n: b["classes"] for n, b in config["branches"].items()}}
 
 
 def columns(rows: list[dict]) -> dict:
