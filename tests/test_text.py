@@ -128,7 +128,7 @@ def test_sorted_batches_give_each_text_its_own_vectors(tiny_bert, monkeypatch):
     rng = np.random.default_rng(1)
     texts = [sentence(rng, POSITIVE) for _ in range(30)]
     encoder = Encoder(str(tiny_bert), 32)
-    monkeypatch.setattr(encoder_module, "TOKENS_PER_BATCH", 64)  # several batches of unlike lengths
+    monkeypatch.setattr(encoder_module, "BATCH_LIMITS", {"cpu": (7, 64)})  # several batches of unlike lengths
     together, _ = encoder.encode(texts, 4, progress=False)
     alone = np.concatenate([encoder.encode([t], 4, progress=False)[0] for t in texts])
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,10 @@ from tqdm import tqdm
 from branching.models.device import CPU
 from branching.models.text import DEFAULT_MAX_LENGTH, MAX_LENGTHS, TEXT_POOLS, pool_tokens, tap_names
 
-TOKENS_PER_BATCH = 16384   # padded tokens a batch holds: many short texts or a few long ones
+# a batch's size by device: at most this many texts and padded tokens (benchmarks/bench_text.py: on 2 CPU
+# cores, sorted batches of 32 sentences encode about 2x faster than batches of 64 in file order, and 8x
+# larger ones lose a quarter)
+BATCH_LIMITS = {"cpu": (32, 4096), "cuda": (256, 65536)}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -148,12 +151,12 @@ class Encoder:
                               verbose=False)["input_ids"], cut
 
     def batches(self, ids: list[list[int]]):
-        """Row numbers in batches of similar length (sorted by length), each at most TOKENS_PER_BATCH padded
-        tokens."""
+        """Row numbers in batches of similar length (sorted by length), each within the device's BATCH_LIMITS."""
+        texts, tokens = BATCH_LIMITS["cuda" if self.device.type == "cuda" else "cpu"]
         order = np.argsort([len(t) for t in ids], kind="stable")
         batch: list[int] = []
         for row in order:
-            if batch and (len(batch) + 1) * len(ids[row]) > TOKENS_PER_BATCH:
+            if batch and (len(batch) == texts or (len(batch) + 1) * len(ids[row]) > tokens):
                 yield batch
                 batch = []
             batch.append(int(row))
