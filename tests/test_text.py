@@ -261,9 +261,34 @@ def test_probe_layers_compare_and_selfeval_on_a_tiny_bert(tiny_bert, tmp_path, c
                      "--seeds", "0", "--max-epochs", "3", "--quiet"]) == 0
     rows = json.loads((tmp_path / "c" / "compare.json").read_text())["summary"]["branches"]["sentiment"]
     assert {"branch", "linear_probe", "sentence_embedding", "taps_concat", "embeddings_mean", "layer2_mean"} <= set(rows)
-    assert "finetune" not in rows and "scratch" not in rows
+    assert "finetune" in rows and "scratch" not in rows
     assert cli.main(["selfeval", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "s"),
                      "--seeds", "0", "--max-epochs", "3", "--quiet"]) == 0
+
+
+def test_the_fine_tuned_layer_starts_as_the_frozen_path(tiny_bert):
+    """OneLayer (a copy of layer1 on the states entering it, pooled, standardised, then the branch) gives,
+    before any step, the branch's logits on the encoder's own pooled tap."""
+    from branching.studies.text_finetune import OneLayer, entering_states
+    rng = np.random.default_rng(3)
+    texts = [sentence(rng, POSITIVE + NEGATIVE) for _ in range(12)]
+    encoder = Encoder(str(tiny_bert), 32)
+    vectors, _ = encoder.encode(texts, 3, progress=False)  # embeddings, layer0, layer1
+    tap, how = 2, "max"
+    index = tap * len(TEXT_POOLS) + TEXT_POOLS.index(how)
+    mean, std = rng.normal(size=24).astype(np.float32), rng.uniform(0.5, 2, 24).astype(np.float32)
+    torch.manual_seed(0)
+    branch = torch.nn.Sequential(torch.nn.Linear(24, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    expected = branch(torch.from_numpy((vectors[:, index * 24:(index + 1) * 24] - mean) / std)).detach().numpy()
+    net = OneLayer(encoder, tap - 1, how, mean, std, branch).eval()
+    got = np.zeros_like(expected)
+    with torch.no_grad():
+        for rows, states, mask in entering_states(encoder, texts, tap - 1):
+            got[rows] = net(states, mask).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"model", "branch"} and not any(
+        p.requires_grad for n, p in net.named_parameters() if n.startswith("model.pooler"))
 
 
 def test_texts_given_to_an_image_tree_and_images_to_a_text_tree_are_refused(tiny_bert, tmp_path, small_config,

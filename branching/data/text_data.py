@@ -53,7 +53,10 @@ def load_text_data(config, data_dir, progress: bool = True, device=CPU) -> dict:
     facts = {"texts": {split: len(part.texts) for split, part in folder.splits.items()},
              "truncated_texts": encoded.truncated, "max_length": config.parent.shape_dict["max_length"],
              "leaked_texts": leaked}
+    raw = {"train": folder.splits["train"].texts + (folder.splits["val"].texts if "val" in parts else []),
+           "test": folder.splits["test"].texts}
     return dict(data_dir=data_dir, label_names=folder.classes, train=train, test=parts["test"], val_rows=val_rows,
+                raw_texts=raw,
                 texts=facts, _fingerprint={"dir": str(data_dir), "texts_manifest_sha256": encoded.manifest_sha256[:16]})
 
 

@@ -34,6 +34,7 @@ class TreeData:
     val_rows: np.ndarray | None = None    # training rows of a val/ folder: every node validates on them
     folders: CachedFolders | None = None  # image folders: the cache they were read from
     texts: dict | None = None             # a text folder: its counts (texts, cut at max_length, leaked)
+    raw_texts: dict | None = None         # a text folder: the texts of "train" (then val's) and "test", by row
 
     @property
     def side(self) -> int:

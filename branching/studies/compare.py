@@ -32,6 +32,7 @@ from branching.studies.baselines import (Outcome, Recipes, SeedContext, run_bran
                                          run_scratch, run_scratch_mlp, run_taps_concat)
 from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
 from branching.models.text import tap_names
+from branching.studies.text_finetune import run_finetune_text
 from branching.train.nodes import branch_read, parent_normalizer, train_parent
 
 METHODS = {
@@ -76,8 +77,9 @@ def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     heads = [("parent_head", run_parent_head), ("parent_unrestricted", run_parent_unrestricted)]
     embedding = [("sentence_embedding", run_sentence_embedding)] if text and \
         source.shape["depth"] > source.shape["layers"] else []
-    # a text parent's transformer is neither trained from scratch nor fine-tuned here (see docs/text.md)
-    trunk = [] if ctx.models["parent"].kind == "text" else [
+    # a text parent's transformer is not trained from scratch; one layer of it is fine-tuned (text_finetune)
+    trunk = ([("finetune", run_finetune_text)] if spec.source == "parent" and configured[1] > 0 else []) \
+        if ctx.models["parent"].kind == "text" else [
         ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
         else ("scratch", run_scratch), ("finetune", run_finetune)]
     return [("branch", run_branch), ("branch_original", run_branch_original),
@@ -133,8 +135,9 @@ def make_context(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
 def kshot_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     """The methods of the k-shot curves: compare's, less kshot.SKIPPED, with the same network from scratch
     for every kind of parent (it validates on the held-out images as every other method does)."""
+    text = ctx.models["parent"].kind == "text"  # its fine-tuning costs minutes a run: once, at k = all
     return [("scratch", run_scratch) if key == "scratch_mlp" else (key, fn) for key, fn in method_plan(ctx, spec)
-            if key not in SKIPPED]
+            if key not in SKIPPED and not (text and key == "finetune")]
 
 
 def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
@@ -167,7 +170,7 @@ def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
 
 # ---- the command ----------------------------------------------------------------------------
 
-def text_notes(config: TreeConfig) -> list[str]:
+def text_notes(config: TreeConfig, f) -> list[str]:
     """compare.md's notes on the methods of a tree over a text parent."""
     shape = config.parent.shape_dict
     return [
@@ -182,7 +185,10 @@ def text_notes(config: TreeConfig) -> list[str]:
         "Every tap, concatenated: the branch's own layers reading the embeddings and every layer at once, pooled "
         "as the branch pools, each value standardised on the training texts (Head2Toe's input without its "
         "feature selection).",
-        "Not run on a text parent: the transformer trained from scratch or fine-tuned (docs/text.md says why).",
+        f"Fine-tuning: the transformer layer whose output the branch reads and the trained branch, fine-tuned "
+        f"together (AdamW lr {f.lr:g}, up to {f.epochs} epochs, patience {f.patience} on validation loss); the "
+        f"layers below stay frozen and run once. Not run: the transformer trained from scratch, or fine-tuned "
+        f"whole (a CPU cannot).",
         "Inference MFLOPs/image count the branch or probe only: the transformer's own cost, the same for every "
         "method, is not modelled (benchmarks/bench_text.py measures it in texts per second).",
     ]
@@ -206,7 +212,7 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
         notes.append("A node that accepts by its self-evaluation branch is measured here by max softmax: `compare` "
                      "trains no judges (`branching selfeval` compares the scores).")
     if config.parent.kind == "text":
-        return notes + text_notes(config)
+        return notes + text_notes(config, f)
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
         "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "
