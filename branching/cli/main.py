@@ -76,25 +76,26 @@ def cmd_run(args) -> int:
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,
                             device=args.device, skip_bad_images=args.skip_bad_images)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
-        print(what_to_open(Path(args.out), not args.no_report, {}))
+        print(what_to_open(Path(args.out), not args.no_report, {}, config.parent.kind == "text"))
         return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
                   progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device,
                   skip_bad_images=args.skip_bad_images)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
-    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"]))
+    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"], config.parent.kind == "text"))
     return 0
 
 
-def what_to_open(out: Path, report: bool, notes: dict) -> str:
+def what_to_open(out: Path, report: bool, notes: dict, texts: bool = False) -> str:
     """The end of a run: what needs attention, then the files to open."""
     lines = [f"note: {note}" for note in notes.values()]
+    inputs = '"A TEXT" or --texts FILE' if texts else "IMAGE_OR_FOLDER"
     if report:
         lines.append(f"open {out / 'report.html'} (or report.md; figures in {out / 'plots'}/); predict with: "
-                     f"{prog_name()} predict --models {out} IMAGE_OR_FOLDER")
+                     f"{prog_name()} predict --models {out} {inputs}")
     else:
         lines.append(f"results in {out / 'metrics.json'}; predict with: {prog_name()} predict --models {out} "
-                     f"IMAGE_OR_FOLDER")
+                     f"{inputs}")
     return "\n".join(lines)
 
 

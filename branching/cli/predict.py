@@ -249,22 +249,23 @@ def cmd_predict(args) -> int:
     except BrokenPipeError:  # e.g. piped into `head`: stop printing quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if truth is not None:
-        print(summary_line(rows, predictor.answerable), file=sys.stderr)
+        print(summary_line(rows, predictor.answerable, "texts" if parent.kind == "text" else "images"),
+              file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
         return 2
     return 0
 
 
-def summary_line(rows: list[dict], classes) -> str:
-    """Accuracy and coverage over the images whose true class is one of the tree's."""
+def summary_line(rows: list[dict], classes, noun: str = "images") -> str:
+    """Accuracy and coverage over the inputs (images or texts: `noun`) whose true class is one of the tree's."""
     known = [r for r in rows if r["true_class"] in classes]
     if not known:
-        return f"none of the {len(rows)} images is of a class of this tree ({', '.join(classes)})"
+        return f"none of the {len(rows)} {noun} is of a class of this tree ({', '.join(classes)})"
     correct = sum(r["predicted_class"] == r["true_class"] for r in known)
     accepted = [r for r in known if r["accepted"]]
     right = sum(r["predicted_class"] == r["true_class"] for r in accepted)
     accepted_acc = f"{100 * right / len(accepted):.2f}%" if accepted else "n/a"
-    return (f"{len(known)} images of the tree's classes: accuracy {100 * correct / len(known):.2f}%, "
+    return (f"{len(known)} {noun} of the tree's classes: accuracy {100 * correct / len(known):.2f}%, "
             f"accepted {len(accepted)} ({100 * len(accepted) / len(known):.1f}%), accuracy on accepted "
             f"{accepted_acc}")

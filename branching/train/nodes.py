@@ -118,7 +118,7 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict(),
-            "acceptance_note": acceptance_note(spec, acceptance, val_logits)}
+            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config))}
     held = new_class_hold_out(config, data, seed, r.validation)
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
@@ -194,8 +194,8 @@ def text_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, p
                             restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent head",
                                                                                       device))
         val_logits = model.logits(X[val_idx])
-        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx])
-        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits)
+        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx], "texts")
+        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits, "texts")
     model.freeze()
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("text"), "seed": seed,
@@ -262,7 +262,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                             **fit_kwargs(r, seed, progress, name, device))
     model.freeze()
     val_logits = model.logits(features_val)
-    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx])
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config))
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "tap": source.tap(*tap[1:3])["name"],
@@ -270,8 +270,13 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict(),
-            "acceptance_note": acceptance_note(spec, acceptance, val_logits)}
+            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config))}
     return model, meta
+
+
+def noun(config: TreeConfig) -> str:
+    """What a tree's inputs are called in what it tells its user."""
+    return "texts" if config.parent.kind == "text" else "images"
 
 
 def shown_pool(source: Model, r: tuple) -> str:
@@ -286,7 +291,7 @@ def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
     return read(models, spec.source, spec.layer, where, spec.pool)
 
 
-def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray) -> Acceptance:
+def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray, noun: str = "images") -> Acceptance:
     """A node's temperature and, if it has a reject option, its rule's threshold, chosen on validation
     data only. A rule that cannot be met accepts nothing and says why."""
     accept = spec.accept
@@ -295,7 +300,7 @@ def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.nda
     acceptance = Acceptance.fit(accept, r, val_logits, val_labels, rejects=rejects(spec))
     if not acceptance.attained:
         log(f"{spec.name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
-    note = acceptance_note(spec, acceptance, val_logits)
+    note = acceptance_note(spec, acceptance, val_logits, noun)
     if note:
         log(f"note: {note}")
     return acceptance
@@ -312,14 +317,15 @@ def accepted_share(acceptance: Acceptance, val_logits: np.ndarray) -> float | No
     return float(np.mean(acceptance.confidence(val_logits) >= acceptance.threshold))
 
 
-def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarray) -> str | None:
-    """None, or, when node `spec` lets through less than LOW_ACCEPTANCE of its validation images, what that
-    means and the TOML lines that would change it (printed by the run and shown in its report)."""
+def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarray, noun: str = "images") -> str | None:
+    """None, or, when node `spec` lets through less than LOW_ACCEPTANCE of its validation images (or texts:
+    `noun`), what that means and the TOML lines that would change it (printed by the run and shown in its
+    report)."""
     share = accepted_share(acceptance, val_logits)
     if share is None or share >= LOW_ACCEPTANCE:
         return None
     table = "[parent.accept]" if spec.source is None else f"[branches.{spec.name}.accept]"
-    n = f"only {100 * share:.1f}% of its {len(val_logits)} validation images"
+    n = f"only {100 * share:.1f}% of its {len(val_logits)} validation {noun}"
     if not acceptance.rejects:
         said = (f"{spec.name} passes {n} on down the tree (the rest are rejected at it): its routing threshold "
                 f"{acceptance.threshold:g} (the recipe's) on max softmax")
@@ -331,6 +337,6 @@ def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarr
         said = f"{spec.name} accepts {n}: its rule ({acceptance.describe()}, chosen threshold {acceptance.threshold:.4f})"
     lines = [table, 'rule = "coverage"', "coverage = 0.8"]
     return (f"{said}. To let more through, put these lines in the tree TOML, in place of any {table} it has "
-            f"(the 80% of images it is surest of; or rule = \"risk\" with risk = 0.1: at most 10% wrong):") + "".join(
+            f"(the 80% of {noun} it is surest of; or rule = \"risk\" with risk = 0.1: at most 10% wrong):") + "".join(
         "\n    " + line for line in lines)
 

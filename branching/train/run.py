@@ -20,6 +20,7 @@ from branching.fileio import staged_dir, write_csv, write_json
 from branching.models.device import CPU, on_device
 from branching.models.forward import node_inputs
 from branching.models.model import Model
+from branching.models.text import TEXT_POOLS
 from branching.reports import seeds as seeds_summary
 from branching.train import selfeval
 from branching.train.nodes import parent_normalizer, train_branch, train_parent
@@ -35,10 +36,17 @@ def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
     lines = [f"training {len(config.nodes())} nodes on {device} (seed {seed}, recipe {recipe.name}):"]
     if parent.kind == "module":
         lines.append(f"  parent: the module {parent.shape_dict['module']}, loaded and frozen (never trained)")
+    elif parent.kind == "text":
+        shape = parent.shape_dict
+        lines.append(f"  parent: the transformer {shape['model']}, frozen; "
+                     + (f"its head on {len(parent.classes)} classes, up to {r.epochs} epochs{stop(r)}" if shape["head"]
+                        else "no head (no classes)"))
     else:
         lines.append(f"  parent: a {parent.kind} on {len(parent.classes)} classes, up to {r.epochs} epochs{stop(r)}")
     for spec in config.nodes()[1:]:
-        lines.append(f"  {spec.name}: {len(spec.classes)} classes, reading {spec.source} at layer {spec.layer}, up to "
+        at = (f"{config.parent.taps()[len(TEXT_POOLS) * spec.layer]['name']} ({spec.pool})"
+              if spec.source == "parent" and parent.kind == "text" else f"layer {spec.layer}")
+        lines.append(f"  {spec.name}: {len(spec.classes)} classes, reading {spec.source} at {at}, up to "
                      f"{recipe.branch.epochs} epochs{stop(recipe.branch)}")
     for spec in config.nodes():
         if spec.selfeval is not None:
