@@ -94,7 +94,7 @@ def test_pooled_taps_are_transformers_own_hidden_states_pooled_by_hand(tiny_bert
     texts = ["good film", "the plot was awful and very very dull", "fun"]
     encoder = Encoder(str(tiny_bert), 32)
     vectors, cut = encoder.encode(texts, 4, progress=False)
-    assert cut == 0 and vectors.shape == (3, 4 * len(TEXT_POOLS) * 24)
+    assert not cut.any() and vectors.shape == (3, 4 * len(TEXT_POOLS) * 24)
     batch = encoder.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         states = encoder.model(**batch, output_hidden_states=True).hidden_states
@@ -137,7 +137,7 @@ def test_sorted_batches_give_each_text_its_own_vectors(tiny_bert, monkeypatch):
 def test_texts_longer_than_max_length_are_cut_and_counted(tiny_bert):
     encoder = Encoder(str(tiny_bert), 8)
     ids, cut = encoder.tokenize(["good", " ".join(["film"] * 20), "bad"])
-    assert cut == 1 and [len(t) for t in ids] == [3, 8, 3]
+    assert cut.tolist() == [False, True, False] and [len(t) for t in ids] == [3, 8, 3]
 
 
 # ---- bad input: one line, before any work ---------------------------------------------------------
@@ -186,7 +186,8 @@ def test_bad_models_layers_and_pools_are_one_line_config_errors(tiny_bert, tmp_p
              (tree(tiny_bert).replace('pool = "mean"', 'pool = "bogus"'), "is not a known choice"),
              (tree(tiny_bert).replace('pool = "mean"', 'pool = "flat"'), "does not apply to a text parent"),
              (tree(tiny_bert, parent_extra='classes = ["negative", "positive"]\npool = "avg2x2"'), "does not apply"),
-             (tree(tiny_bert, parent_extra="hidden = [8]"), "for the parent's head")]
+             (tree(tiny_bert, parent_extra="hidden = [8]"), "for the parent's head"),
+             (tree(tiny_bert).replace("max_length = 16", "max_length = 100"), "more than the 64 positions")]
     for text, message in cases:
         with pytest.raises(ConfigError, match=message) as error:
             parse_config(text)
@@ -239,6 +240,18 @@ def test_the_cache_encodes_again_when_the_texts_change(tiny_bert, tmp_path):
     assert again.encoded and len(again.splits["test"]) == len(first.splits["test"]) + 1
 
 
+def test_a_deeper_cache_serves_a_shallower_tree_by_its_first_columns(tiny_bert, tmp_path):
+    data = write_texts(tmp_path / "texts")
+    deep = parse_config(tree(tiny_bert)).reading_every_tap().parent.shape_dict
+    shallow = {**deep, "depth": 2}
+    first = text_cache.load_encoded(read_folder(data), deep, progress=False)
+    again = text_cache.load_encoded(read_folder(data), shallow, progress=False)
+    assert first.encoded and not again.encoded
+    np.testing.assert_array_equal(again.splits["test"], first.splits["test"][:, :2 * len(TEXT_POOLS) * 24])
+    longer = text_cache.load_encoded(read_folder(data), {**deep, "max_length": 32}, progress=False)
+    assert longer.encoded  # another max_length: encoded again
+
+
 def test_a_text_parent_without_classes_trains_no_head(tiny_bert, tmp_path):
     data = write_texts(tmp_path / "texts", fmt="jsonl")
     config = tmp_path / "tree.toml"
@@ -248,6 +261,10 @@ def test_a_text_parent_without_classes_trains_no_head(tiny_bert, tmp_path):
                      "--max-epochs", "5"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["parent"] is None and metrics["tree"] is None and "sentiment" in metrics["branches"]
+    assert cli.main(["compare", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "c"),
+                     "--seeds", "0", "--max-epochs", "2", "--quiet"]) == 0
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert "layer2_mean" in result["summary"]["branches"]["sentiment"]  # every layer, though the tree reads layer1
 
 
 def test_probe_layers_compare_and_selfeval_on_a_tiny_bert(tiny_bert, tmp_path, capsys):

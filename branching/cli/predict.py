@@ -77,7 +77,7 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
     """(names, encoded texts, true classes or None, errors) of the texts given to a text parent's tree: on the
     command line, in --texts FILE, or a split of --data (a text folder, read through the encoding cache)."""
     from branching.data.text_cache import load_encoded
-    from branching.data.texts import TextSplit, read_folder, read_split
+    from branching.data.texts import read_folder, read_lines, read_split
     from branching.models.encoder import Encoder, files_sha256, resolve_model
     shape = parent.shape
     try:
@@ -96,11 +96,9 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
         return part.ids, np.asarray(vectors), part.labels, []
     if args.texts is not None:
         path = Path(args.texts)
-        if path.suffix in (".csv", ".jsonl"):
-            part = read_split(path) if _has_labels(path) else _unlabelled(path)
-        else:
-            lines = [t for t in read_split_text(path).splitlines() if t.strip()]
-            part = TextSplit(lines, [], [f"{path.name}:{i + 1}" for i in range(len(lines))])
+        if not path.is_file():
+            raise DataError(f"--texts {path}: no such file; pass a .txt file (one text per line), .csv or .jsonl")
+        part = read_split(path, labelled=False) if path.suffix in (".csv", ".jsonl") else read_lines(path)
         texts, truth, names = part.texts, part.labels or None, part.ids
     else:
         texts, truth = list(args.files), None
@@ -110,40 +108,6 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
     vectors, _ = Encoder(shape["model"], shape["max_length"], args.device).encode(texts, shape["depth"],
                                                                                     progress=len(texts) > 100)
     return names, vectors, truth, []
-
-
-def read_split_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise DataError(f"--texts {path}: cannot read it ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"--texts {path} is not UTF-8; save it as UTF-8") from None
-
-
-def _has_labels(path: Path) -> bool:
-    head = read_split_text(path).split("\n", 1)[0]
-    return "label" in head
-
-
-def _unlabelled(path: Path):
-    """A .csv or .jsonl of texts without labels, read with a placeholder label, which is then dropped."""
-    from branching.data.texts import TextSplit
-    import csv
-    import io
-    import json
-    raw = read_split_text(path)
-    if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(raw, newline="")))
-        if rows and "text" not in rows[0]:
-            raise DataError(f"--texts {path} has no text column; name it in the header")
-        texts = [r["text"] for r in rows]
-    else:
-        try:
-            texts = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"--texts {path}: every line must be a JSON object with a text key") from None
-    return TextSplit(texts, [], [f"{path.name}:{i + 1}" for i in range(len(texts))])
 
 
 def image_paths(paths) -> tuple[list[Path], int]:
@@ -224,14 +188,11 @@ def cmd_predict(args) -> int:
         names, pixels, truth, errors = text_inputs(args, parent)
     elif args.texts is not None:
         raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
-    else:
-        files, ignored = image_paths(args.files)
-    if parent.kind == "text":
-        pass
     elif args.data:
         side = image_side(parent.architecture[0])  # images resized as the tree was trained
         names, pixels, truth, errors = load_split_inputs(args.data, args.split, side)
     else:
+        files, ignored = image_paths(args.files)
         names, pixels, errors = load_images(files, image_side(parent.architecture[0]))
         truth = None
     if ignored:

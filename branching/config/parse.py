@@ -13,7 +13,7 @@ from branching.acceptance.confidence import PROBABILITY_SCORES, SCORES
 from branching.acceptance.selective import RULES
 from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAULT_BRANCH_HIDDEN, DEFAULT_CONFIG,
                                    DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_PARENT_HIDDEN, DEFAULT_SELFEVAL_HIDDEN,
-                                   DATA_KEYS, IMAGE_SIZES, MLP_KEYS, MODULE_KEYS, PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
+                                   DATA_KEYS, IMAGE_SIZES, MLP_KEYS, MODULE_KEYS, PARENT_KEYS, TEXT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
                                    Acceptance, NodeSpec, SelfEvalSpec, TreeConfig)
 from branching.config.table import Table, is_int, one_line, parse_toml, show
 from branching.errors import ConfigError, did_you_mean
@@ -103,7 +103,7 @@ def _parse_node(origin: str, name: str, data: Any) -> dict:
     text = kind == "text"
     for key in t.data:
         owners = (["mlp", "text"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
-                  else ["text"] if key in encoder.CONFIG_KEYS and is_parent
+                  else ["text"] if key in TEXT_KEYS and is_parent
                   else [k for k, keys in SHAPES.items() if key in keys])
         if owners and kind not in owners:
             raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",

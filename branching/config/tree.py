@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from branching.errors import ConfigError, did_you_mean
-from branching.models import module_parent, nets, text
+from branching.models import encoder, module_parent, nets, text
 from branching.models.nets import SHAPES, WHERE
 
 
@@ -37,7 +37,7 @@ IMAGE_SIZES = (8, 1024)  # the range of [data] image_size
 MLP_KEYS = ("hidden", "activation")
 SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
 MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
-TEXT_KEYS = ("model", "max_length", "layer", "pool")  # kind = "text": a pretrained transformer (branching.models.encoder)
+TEXT_KEYS = encoder.CONFIG_KEYS  # kind = "text": a pretrained transformer (branching.models.encoder)
 PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, *TEXT_KEYS, "dropout", "accept", "selfeval")
 BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
                "selfeval")

@@ -2,7 +2,7 @@
 pooling of every tap kept on disk (float32, memory-mapped when read back) under $BRANCHING_CACHE.
 
 A manifest records what the vectors depend on: the model files' sha256 (weights, config, tokenizer),
-max_length, the poolings and the sha256 of each split's texts. A matching cache that reaches the taps
+max_length, the poolings, the versions of transformers and torch, and the sha256 of each split's texts. A matching cache that reaches the taps
 wanted is read back (its first columns when it reaches deeper); anything else encodes again, so runs,
 `compare` and k-shot curves on the same texts encode them once.
 """
@@ -10,6 +10,7 @@ wanted is read back (its first columns when it reaches deeper); anything else en
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from branching.console import log
 from branching.data.image_cache import cache_root
@@ -26,6 +28,13 @@ from branching.models.device import CPU
 from branching.models.text import TEXT_POOLS
 
 VERSION = 1
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 @dataclass
@@ -39,7 +48,7 @@ class EncodedTexts:
 def manifest(folder: TextFolder, shape: dict) -> dict:
     return {"version": VERSION, "root": str(folder.root.resolve()), "model": shape["model"],
             "files_sha256": shape["files_sha256"], "max_length": shape["max_length"], "pools": list(TEXT_POOLS),
-            "width": shape["width"],
+            "width": shape["width"], "transformers": _version("transformers"), "torch": torch.__version__,
             "texts_sha256": {split: hashlib.sha256(json.dumps(part.texts).encode()).hexdigest()
                              for split, part in folder.splits.items()}}
 
@@ -79,23 +88,29 @@ def _build(folder: TextFolder, shape: dict, where: Path, text: str, device, prog
     texts = [t for part in folder.splits.values() for t in part.texts]
     log(f"encoding {len(texts)} texts of {folder.root} with {encoder.folder.name} on {device} "
         f"(cached under {where.parent})")
-    vectors, _ = encoder.encode(texts, shape["depth"], progress=progress)
+    vectors, cut = encoder.encode(texts, shape["depth"], progress=progress)
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
     try:
         np.save(staging / "vectors.npy", vectors)
         index, start = {"depth": shape["depth"], "splits": {}}, 0
         for split, part in folder.splits.items():
-            _, cut = encoder.tokenize(part.texts)
-            index["splits"][split] = {"start": start, "count": len(part.texts), "truncated": cut}
-            start += len(part.texts)
+            count = len(part.texts)
+            index["splits"][split] = {"start": start, "count": count, "truncated": int(cut[start:start + count].sum())}
+            start += count
         (staging / "index.json").write_text(json.dumps(index))
         (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
-        old = where.with_name(f"{where.name}.old.{os.getpid()}")
+        old = where.with_name(f"{where.name}.old.{os.getpid()}")  # this process's own: no stale one blocks it
         shutil.rmtree(old, ignore_errors=True)
         if where.exists():
             where.rename(old)
-        staging.rename(where)
+        try:
+            staging.rename(where)
+        except OSError:  # another process swapped in a cache meanwhile: keep it if it serves this tree
+            shutil.rmtree(staging, ignore_errors=True)
+            found = _index(where, text)
+            if found is None or found["depth"] < shape["depth"]:
+                raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

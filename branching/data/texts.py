@@ -74,14 +74,28 @@ def read_folder(root) -> TextFolder:
     return TextFolder(root, classes, splits)
 
 
-def read_split(path: Path) -> TextSplit:
+def read_text(path: Path) -> str:
     try:
-        raw = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror}); check the file") from None
-    rows = _csv_rows(path, raw) if path.suffix == ".csv" else _jsonl_rows(path, raw)
+
+
+def read_lines(path: Path) -> TextSplit:
+    """A plain text file's texts, one a line (blank lines skipped), without labels."""
+    numbered = [(i, line) for i, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
+    if not numbered:
+        raise DataError(f"{path} has no texts; write one text a line")
+    return TextSplit([t for _, t in numbered], [], [f"{path.name}:{i}" for i, _ in numbered])
+
+
+def read_split(path: Path, labelled: bool = True) -> TextSplit:
+    """One file of texts (.csv or .jsonl; with `labelled` false a label column is optional: a file of
+    texts to answer, its labels the true classes where it has them, else none)."""
+    raw = read_text(path)
+    rows = _csv_rows(path, raw, labelled) if path.suffix == ".csv" else _jsonl_rows(path, raw, labelled)
     if not rows:
         raise DataError(f"{path} has no texts; add rows with text and label")
     texts, labels, ids = [], [], []
@@ -89,36 +103,40 @@ def read_split(path: Path) -> TextSplit:
         where = f"{path.name}:{line}"
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}, line {line}: the text is empty; remove the row or give it a text")
+        if label is None and not labelled:
+            continue
         if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
             raise DataError(f"{path}, line {line}: the label {label!r} is not a name or a number; give every row "
                             f"a label")
         texts.append(text)
         labels.append(str(label).strip())
         ids.append(where)
+    if labels and len(labels) != len(texts):
+        raise DataError(f"{path}: some rows have a label and some have none; label every row, or none")
     return TextSplit(texts, labels, ids)
 
 
-def _csv_rows(path: Path, raw: str) -> list[tuple[int, object, object]]:
+def _csv_rows(path: Path, raw: str, labelled: bool = True) -> list[tuple[int, object, object]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     reader = csv.DictReader(io.StringIO(raw, newline=""))
     columns = reader.fieldnames or []
-    missing = [c for c in COLUMNS if c not in columns]
+    missing = [c for c in COLUMNS[:1 + labelled] if c not in columns]
     if missing:
         raise DataError(f"{path} has no column {missing[0]!r} (its columns: {', '.join(columns) or 'none'}); the "
                         f"header must name text and label")
     try:
-        rows = [(reader.line_num, row["text"], row["label"]) for row in reader]
+        rows = [(reader.line_num, row["text"], row.get("label")) for row in reader]
     except csv.Error as e:
         raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e}); quote texts that hold commas, "
                         f"quotes or line breaks") from None
-    short = next((line for line, _, label in rows if label is None), None)
+    short = next((line for line, _, label in rows if label is None), None) if "label" in columns else None
     if short is not None:
         raise DataError(f"{path}, line {short}: the row has fewer fields than the header; quote texts that hold "
                         f"commas, quotes or line breaks")
     return rows
 
 
-def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, object, object]]:
+def _jsonl_rows(path: Path, raw: str, labelled: bool = True) -> list[tuple[int, object, object]]:
     rows = []
     for line, text in enumerate(raw.splitlines(), start=1):
         if not text.strip():
@@ -127,8 +145,8 @@ def _jsonl_rows(path: Path, raw: str) -> list[tuple[int, object, object]]:
             row = json.loads(text)
         except ValueError as e:
             raise DataError(f"{path}, line {line}: not a JSON object ({e}); write one object per line") from None
-        if not isinstance(row, dict) or any(c not in row for c in COLUMNS):
+        if not isinstance(row, dict) or any(c not in row for c in COLUMNS[:1 + labelled]):
             raise DataError(f"{path}, line {line}: needs the keys text and label; write e.g. "
                             f'{{"text": "a fine film", "label": "positive"}}')
-        rows.append((line, row["text"], row["label"]))
+        rows.append((line, row["text"], row.get("label")))
     return rows

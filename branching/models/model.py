@@ -97,6 +97,9 @@ class Model(Trainable):
 
     def logits(self, X, batch_size=4096) -> np.ndarray:
         """Raw outputs, float32 (N, out)."""
+        if not self.has_head and self.kind == "text":
+            raise ValueError("this text parent has no head (the tree gave it no classes); read its taps, or give "
+                             "the parent classes")
         if not self.has_head:
             raise ValueError(f"this {self.shape['module']} parent has no head (its outputs are not the classes); "
                              f"read its taps, or set head = true where its outputs are the classes in order")

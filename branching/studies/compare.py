@@ -83,7 +83,7 @@ def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
         ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
         else ("scratch", run_scratch), ("finetune", run_finetune)]
     return [("branch", run_branch), ("branch_original", run_branch_original),
-            *(heads if has_parent_head(ctx.config, spec) else []), ("linear_probe", run_linear_probe), *embedding,
+            *(heads if has_parent_head(ctx.config, spec) and ctx.models["parent"].has_head else []), ("linear_probe", run_linear_probe), *embedding,
             *taps, ("taps_concat", run_taps_concat), *trunk]
 
 
@@ -151,8 +151,10 @@ def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
     """
     ctx = make_context(config, data, seed, recipes, progress, original_parent, cache_dir, device)
     parent = ctx.models["parent"]
-    images, parent_labels, _ = data.node_rows("test", config.parent)
-    parent_accuracy = float((parent.predict(parent_normalizer(parent).transform(images)) == parent_labels).mean())
+    parent_accuracy = None  # a parent without a head (a module's, a text parent's without classes) answers nothing
+    if parent.has_head:
+        images, parent_labels, _ = data.node_rows("test", config.parent)
+        parent_accuracy = float((parent.predict(parent_normalizer(parent).transform(images)) == parent_labels).mean())
     result = {"seed": seed, "parent": {"train_s": ctx.parent_s, "original_train_s": ctx.original_parent_s,
                                        "test_accuracy": parent_accuracy}, "branches": {}}
     for spec in config.nodes()[1:]:
@@ -170,7 +172,7 @@ def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
 
 # ---- the command ----------------------------------------------------------------------------
 
-def text_notes(config: TreeConfig, f) -> list[str]:
+def text_method_notes(config: TreeConfig, f) -> list[str]:
     """compare.md's notes on the methods of a tree over a text parent."""
     shape = config.parent.shape_dict
     return [
@@ -212,7 +214,7 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
         notes.append("A node that accepts by its self-evaluation branch is measured here by max softmax: `compare` "
                      "trains no judges (`branching selfeval` compares the scores).")
     if config.parent.kind == "text":
-        return notes + text_notes(config, f)
+        return notes + text_method_notes(config, f)
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
         "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "
@@ -255,6 +257,7 @@ def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epo
     recipes.default.parent_for(config.parent.kind)  # recipes for this kind of parent, before any work
     if original_parent:
         recipes.original.parent_for(config.parent.kind)
+    config = config.reading_every_tap()  # a text parent: its other layers are methods too
     with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
         return _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
                             command, kshot, device)

@@ -6,7 +6,8 @@ enter that layer are computed once (the frozen layers below it), then each epoch
 that layer, the branch's pooling and standardisation, and the branch: the same arithmetic as the frozen
 path at the start, every step a gradient through the layer. The copy is made by keeping the model's own
 forward pass (its attention masks, whatever the transformers version) with its embeddings replaced by
-the given states and its layers by the one copy.
+the given states and its layers by the one copy. The states of every training text are held in memory:
+about N x tokens x width floats (5,800 Rotten Tomatoes sentences: about 250 MB).
 """
 
 from __future__ import annotations
@@ -92,6 +93,31 @@ def _logits(net: OneLayer, batches, n: int, classes: int) -> np.ndarray:
     return logits
 
 
+def _train(net: OneLayer, optimizer, train, val, y_train, y_val, r, generator, classes: int, device) -> int:
+    """Epochs over the training batches (in an order drawn from `generator`), early stopping on validation
+    loss with `r`'s patience, the best epoch's weights restored; returns the epochs run."""
+    best, best_loss, waited, epochs = copy.deepcopy(net.state_dict()), np.inf, 0, 0
+    for epoch in range(r.epochs):
+        net.train()
+        for b in generator.permutation(len(train)):
+            batch_rows, states, mask = train[b]
+            loss = F.cross_entropy(net(states, mask), y_train[batch_rows].to(device), label_smoothing=r.label_smoothing)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        epochs = epoch + 1
+        val_loss = F.cross_entropy(torch.from_numpy(_logits(net, val, len(y_val), classes)),
+                                   torch.from_numpy(y_val)).item()
+        if val_loss < best_loss - 1e-6:
+            best, best_loss, waited = copy.deepcopy(net.state_dict()), val_loss, 0
+        else:
+            waited += 1
+            if r.patience is not None and waited >= r.patience:
+                break
+    net.load_state_dict(best)
+    return epochs
+
+
 def run_finetune_text(ctx: SeedContext, spec) -> Outcome:
     """compare's "finetune" on a text parent (see the module's doc); the trained branch it starts from is
     ctx.models[spec.name], as for the other parents."""
@@ -116,27 +142,10 @@ def run_finetune_text(ctx: SeedContext, spec) -> Outcome:
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=r.lr,
                                   weight_decay=r.weight_decay)
     generator = np.random.default_rng(ctx.seed)
-    best, best_loss, waited, epochs = copy.deepcopy(net.state_dict()), np.inf, 0, 0
-    for epoch in range(r.epochs):
-        net.train()
-        for b in generator.permutation(len(train)):
-            batch_rows, states, mask = train[b]
-            loss = F.cross_entropy(net(states, mask), y_train[batch_rows].to(ctx.device),
-                                   label_smoothing=r.label_smoothing)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        epochs = epoch + 1
-        val_loss = F.cross_entropy(torch.from_numpy(_logits(net, val, len(val_idx), len(spec.classes))),
-                                   torch.from_numpy(y_val)).item()
-        if val_loss < best_loss - 1e-6:
-            best, best_loss, waited = copy.deepcopy(net.state_dict()), val_loss, 0
-        else:
-            waited += 1
-            if r.patience is not None and waited >= r.patience:
-                break
-    net.load_state_dict(best)
-    acceptance = fit_acceptance(spec, r, _logits(net, val, len(val_idx), len(spec.classes)), y_val)
+    with torch.random.fork_rng(devices=[]):  # dropout's draws from the seed, the global RNG untouched
+        torch.manual_seed(ctx.seed)
+        epochs = _train(net, optimizer, train, val, y_train, y_val, r, generator, len(spec.classes), ctx.device)
+    acceptance = fit_acceptance(spec, r, _logits(net, val, len(val_idx), len(spec.classes)), y_val, "texts")
     seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
     _, test_rows = ctx.data.node_labels("test", spec)
     test = entering_states(encoder, [ctx.data.raw_texts["test"][i] for i in test_rows], tap - 1)

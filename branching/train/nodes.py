@@ -97,7 +97,7 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     # a val/ folder: the parent, and so every branch, validates on it
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
     # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
-    normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=rows[train_idx])
+    normalizer = fit_normalizer(spec.kind, images, rows[train_idx])
     X = normalizer.lazy(images)[rows]
     dropout = spec.dropout if spec.dropout is not None else r.dropout
     if spec.kind == "mlp":
@@ -178,7 +178,7 @@ def text_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, p
     labels, rows = data.node_labels("train", spec)
     vectors = data.train.images
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
-    normalizer = Normalizer.fit(vectors, rows=rows[train_idx])
+    normalizer = fit_normalizer("text", vectors, rows[train_idx])
     X = normalizer.lazy(vectors)[rows]
     dropout = spec.dropout if spec.dropout is not None else r.dropout
     model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind="text", shape=shape)
@@ -205,6 +205,20 @@ def text_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, p
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
     return model, meta, normalizer
+
+
+TEXT_MIN_STD = 1e-3  # of the mean std: a value (nearly) constant over the training texts is not blown up
+
+
+def fit_normalizer(kind: str, inputs, rows) -> Normalizer:
+    """A parent's standardisation, fitted on its training rows: per pixel (MLP), per colour channel (CNN,
+    ViT, module), per value (a text parent's encoded texts, each std at least TEXT_MIN_STD of their mean:
+    the first token at the embeddings is the same for every text, and a std of 0 would make a last-bit
+    difference at prediction a large one)."""
+    if kind != "text":
+        return Normalizer.fit(inputs, per_channel=kind != "mlp", rows=rows)
+    fitted = Normalizer.fit(inputs, rows=rows)
+    return Normalizer(fitted.mean, np.maximum(fitted.std, TEXT_MIN_STD * float(fitted.std.mean())))
 
 
 def parent_normalizer(parent: Model) -> Normalizer:

@@ -35,7 +35,7 @@ from branching.models.device import CPU
 from branching.models.forward import (augment_transform, extract, extract_mirrored, node_inputs, random_flips,
                                      reads)
 from branching.models.model import Model
-from branching.train.nodes import acceptance_note, noun, fit_kwargs
+from branching.train.nodes import acceptance_note, fit_kwargs, fit_normalizer, noun
 from branching.tree import judge
 
 JUDGE_FIT = dict(epochs=100, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw",
@@ -90,7 +90,7 @@ def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, d
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
-        normalizer = Normalizer.fit(images, per_channel=spec.kind != "mlp", rows=keep)  # the fold's own statistics
+        normalizer = fit_normalizer(spec.kind, images, keep)  # the fold's own statistics
         X = normalizer.lazy(images)
         if spec.kind == "mlp":
             model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation,
