@@ -188,6 +188,11 @@ def test_bad_models_layers_and_pools_are_one_line_config_errors(tiny_bert, tmp_p
              (tree(tiny_bert, parent_extra='classes = ["negative", "positive"]\npool = "avg2x2"'), "does not apply"),
              (tree(tiny_bert, parent_extra="hidden = [8]"), "for the parent's head"),
              (tree(tiny_bert).replace("max_length = 16", "max_length = 100"), "more than the 64 positions")]
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((tiny_bert / name).read_bytes())
+    cases.append((tree(no_tokenizer), "has no tokenizer files"))
     for text, message in cases:
         with pytest.raises(ConfigError, match=message) as error:
             parse_config(text)
@@ -225,6 +230,18 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     assert cli.main(["predict", "--models", str(out), "--data", str(data)]) == 0
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"accuracy {100 * metrics['tree']['test_accuracy']:.2f}%" in summary
+    # routing to a child holding every class passes every text on: no note says otherwise
+    assert "parent" not in metrics["notes"]
+    # files of texts to answer, labelled or not, and a file name given where texts are expected
+    (tmp_path / "plain.csv").write_text('id,text\n1,"a good film"\n2,awful plot\n')
+    (tmp_path / "some.jsonl").write_text('{"text": "fun", "label": "positive"}\n{"text": "dull", "label": "negative"}\n')
+    capsys.readouterr()
+    assert cli.main(["predict", "--models", str(out), "--texts", str(tmp_path / "plain.csv")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("plain.csv:3: ")
+    assert cli.main(["predict", "--models", str(out), "--texts", str(tmp_path / "some.jsonl")]) == 0
+    assert "2 texts of the tree's classes" in capsys.readouterr().err
+    assert cli.main(["predict", "--models", str(out), str(tmp_path / "plain.csv")]) == 2
+    assert "pass a file of texts with --texts FILE" in capsys.readouterr().err
     # the texts are encoded once: a second load reads the cache
     parsed = parse_config(config.read_text())
     assert text_cache.load_encoded(read_folder(data), parsed.parent.shape_dict, progress=False).encoded is False

@@ -102,6 +102,10 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
         texts, truth, names = part.texts, part.labels or None, part.ids
     else:
         texts, truth = list(args.files), None
+        paths = [t for t in texts if len(t) < 4096 and (os.sep in t or "." in t) and Path(t).exists()]
+        if paths:
+            raise DataError(f"{paths[0]} is a {'folder' if Path(paths[0]).is_dir() else 'file'}, and this tree reads "
+                            f"texts: pass a file of texts with --texts FILE, or a text folder with --data DIR")
         names = [t if len(t) <= 60 else t[:57] + "..." for t in texts]
     if not texts or any(not t.strip() for t in texts):
         raise DataError("an empty text was given; pass texts with words in them")

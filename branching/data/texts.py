@@ -103,14 +103,14 @@ def read_split(path: Path, labelled: bool = True) -> TextSplit:
         where = f"{path.name}:{line}"
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}, line {line}: the text is empty; remove the row or give it a text")
+        texts.append(text)
+        ids.append(where)
         if label is None and not labelled:
             continue
         if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
             raise DataError(f"{path}, line {line}: the label {label!r} is not a name or a number; give every row "
                             f"a label")
-        texts.append(text)
         labels.append(str(label).strip())
-        ids.append(where)
     if labels and len(labels) != len(texts):
         raise DataError(f"{path}: some rows have a label and some have none; label every row, or none")
     return TextSplit(texts, labels, ids)

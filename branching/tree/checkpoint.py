@@ -93,6 +93,17 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
         raise CheckpointError(f"{path} was built from weights with sha256 {model.shape['weights_sha256'][:16]}..., but "
                               f"{spec.shape_dict['weights']} now has sha256 {spec.shape_dict['weights_sha256'][:16]}...; "
                               f"restore that file, or run the tree again on the new weights{hint}")
+    if spec.kind == "text" and model.kind == "text":
+        recorded, given = model.shape, nets.check_shape("text", spec.shape_dict)
+        if recorded["files_sha256"] != given["files_sha256"]:
+            raise CheckpointError(f"{path} was trained on the files of model {recorded['model']!r} with sha256 "
+                                  f"{recorded['files_sha256'][:16]}..., and they now have {given['files_sha256'][:16]}...; "
+                                  f"restore those files, or run the tree again on the new ones{hint}")
+        changed = [k for k in recorded if recorded[k] != given[k]]
+        if changed:
+            raise CheckpointError(f"{path} holds a text parent whose {', '.join(changed)} differ from the config's "
+                                  f"({', '.join(f'{recorded[k]!r} against {given[k]!r}' for k in changed[:2])}); "
+                                  f"{fix or 'train it again'}{hint}")
     if (model.kind, model.shape) != (spec.kind, nets.check_shape(spec.kind, spec.shape_dict)):
         raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
                               f"{spec.shape_dict or ''} for {spec.name!r}; {fix or 'train it again'}{hint}")
