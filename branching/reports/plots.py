@@ -27,7 +27,7 @@ def png_bytes(fig) -> bytes:
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=DPI, format="png")
+    fig.savefig(buffer, dpi=DPI, format="png", bbox_inches="tight")  # titles and legends past the axes kept whole
     if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot, which keeps it until closed
         import matplotlib.pyplot as plt
         plt.close(fig)
