@@ -171,8 +171,8 @@ def write_rows(path, rows: list[dict], errors: list[str]) -> None:
 
 def cmd_predict(args) -> int:
     if bool(args.files) + bool(args.data) + (args.texts is not None) != 1:
-        raise ConfigError("pass image files (or, to a text parent's tree, texts or --texts FILE), or --data DIR "
-                          "(with --split): one of them")
+        raise ConfigError("pass image files (to a text parent's tree: texts, or --texts FILE) or --data DIR "
+                          "(with --split), not both and not neither")
     if args.out is not None and Path(args.out).suffix not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out}: the file name must end in .csv or .json")
     if args.out is not None:

@@ -109,9 +109,21 @@ def render_markdown(result: dict) -> str:
         lines += branch_table(rows) + [""]
     if "kshot" in result:
         lines += kshot_markdown(result["kshot"])
-    lines += ["## How to read this", ""] + [f"- {d}" for d in DEFINITIONS]
+    text = result.get("setup", {}).get("parent_kind") == "text"
+    definitions = [TEXT_DEFINITIONS.get(i, d) if text else d for i, d in enumerate(DEFINITIONS)]
+    lines += ["## How to read this", ""] + [f"- {d}" for d in definitions]
     return "\n".join(lines) + "\n"
 
+
+# the definitions that read otherwise for a text parent, by position in DEFINITIONS
+TEXT_DEFINITIONS = {
+    4: "Inference MFLOPs/text: 2 per multiply-add of the branch or probe on the encoded text; the transformer's "
+       "own forward pass, the same for every method and depending on the text's length, is not counted "
+       "(benchmarks/bench_text.py measures it in texts per second).",
+    5: "The parent's head on all classes: the parent's own prediction over every class of the tree, wrong "
+       "whenever it names a class outside the branch's; it needs no router. Every other row, the branch "
+       "included, is told which group the text belongs to.",
+}
 
 DEFINITIONS = (
     "Test accuracy: mean ± sample standard deviation over the seeds (training randomness only). The 95% "
@@ -188,7 +200,7 @@ def render_plot(result: dict) -> bytes:
     fig.suptitle(f"Branch vs baselines: test accuracy, mean ± std over seeds {result['setup']['seeds']}; "
                  f"mean training time (test-set intervals are wider, see compare.md)", fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 0.95))
-    return png_bytes(fig)
+    return png_bytes(fig, tight=True)  # a long legend below one branch's panel is wider than the panel
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ BRANCH_COLOUR, PARENT_COLOUR = "#1f77b4", "#d62728"
 SEED_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 
 
-def png_bytes(fig) -> bytes:
-    """A figure as PNG bytes, for fileio's writers; the figure is closed."""
+def png_bytes(fig, tight: bool = False) -> bytes:
+    """A figure as PNG bytes, for fileio's writers (`tight`: grown or cut to what it draws, legends and titles
+    past the axes kept whole); the figure is closed."""
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=DPI, format="png", bbox_inches="tight")  # titles and legends past the axes kept whole
+    fig.savefig(buffer, dpi=DPI, format="png", bbox_inches="tight" if tight else None)
     if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot, which keeps it until closed
         import matplotlib.pyplot as plt
         plt.close(fig)

@@ -288,6 +288,7 @@ def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_par
         if spec.source == "parent" and config.parent.kind == "text":
             branches[spec.name]["tap"] = tap_names(config.parent.shape_dict["layers"])[spec.layer]
     setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
+             "parent_kind": config.parent.kind,
              "max_epochs": max_epochs, "original_parent": original_parent,
              "parent_classes": list(config.parent.classes), "branches": branches,
              "machine": f"{os.cpu_count()} CPU cores shared with other work, torch {torch.__version__} "

@@ -326,7 +326,8 @@ def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.nda
 def child_groups(config: TreeConfig, name: str) -> np.ndarray | None:
     """Classes x groups, 1 where a class is in a group: each child routing reaches from node `name`, then
     each class no child covers on its own (as routing groups them); None for a node without children."""
-    spec, children = config.node(name), config.routed().children(name)
+    routed = config.routed(None if name == "parent" else name)  # a standalone branch routes below itself
+    spec, children = config.node(name), routed.children(name)
     if not children:
         return None
     covered = {c for child in children for c in child.classes}
