@@ -9,6 +9,7 @@ head to a sentiment branch of its source (IMDB or Rotten Tomatoes); configs/movi
 over all four classes. For each seed both run (`branching run`), and this prints the routed tree's test
 accuracy, the flat branch's and the parent head's, with the paired difference of tree and flat branch over
 the same test texts (mean over seeds; a 95% bootstrap interval over the texts, seeds pooled).
+`--parent-layer layer3` gives both parents' heads (the router) another tap.
 """
 
 from __future__ import annotations
@@ -37,15 +38,24 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default="runs/text-routing")
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--parent-layer", default=None,
+                        help="the tap the parent's head reads in both trees (default: the configs', the last layer)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = {}
+    for name in ("by-source", "flat"):
+        text = (ROOT / "configs" / f"movies-{name}.toml").read_text()
+        if args.parent_layer:
+            text = text.replace("max_length = 128\n", f'max_length = 128\nlayer = "{args.parent_layer}"\n', 1)
+        configs[name] = out / f"movies-{name}.toml"
+        configs[name].write_text(text)
     tree, flat, head = [], [], []
     for seed in seeds:
         for name in ("by-source", "flat"):
             run_dir = out / f"{name}-seed{seed}"
-            command = ["branching", "run", "--config",
-                       str(ROOT / "configs" / f"movies-{name}.toml"), "--data", args.data, "--out", str(run_dir),
+            command = ["branching", "run", "--config", str(configs[name]), "--data", args.data, "--out", str(run_dir),
                        "--seed", str(seed), "--quiet", "--no-report"]
             if args.max_epochs:
                 command += ["--max-epochs", str(args.max_epochs)]
@@ -57,13 +67,14 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     n = difference.shape[1]
     boot = [difference[:, rng.integers(0, n, n)].mean() for _ in range(2000)]
-    result = {"seeds": seeds, "test_texts": n,
+    result = {"seeds": seeds, "test_texts": n, "parent_layer": args.parent_layer or "the last layer",
               "routed_tree": [float(c.mean()) for c in tree], "flat_branch": [float(c.mean()) for c in flat],
               "parent_head": [float(c.mean()) for c in head],
               "tree_minus_flat": float(difference.mean()),
               "tree_minus_flat_95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
     (out / "text-routing.json").write_text(json.dumps(result, indent=2))
-    print(f"{n} test texts, 4 classes, seeds {seeds}; test accuracy %, mean ± std over seeds:")
+    print(f"{n} test texts, 4 classes, seeds {seeds}, the parent's head on {result['parent_layer']}; test accuracy %, "
+          f"mean ± std over seeds:")
     for key in ("routed_tree", "flat_branch", "parent_head"):
         values = 100 * np.array(result[key])
         print(f"  {key.replace('_', ' '):13} {values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}")
