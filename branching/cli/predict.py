@@ -15,6 +15,7 @@ from branching.data.cifar import load_label_names, load_split
 from branching.data.folders import is_image_folder, scan
 from branching.data.image_cache import load_cached
 from branching.data.images import IMAGE_SUFFIXES, load_images
+from branching.data.texts import is_text_folder
 from branching.errors import ConfigError, DataError
 from branching.fileio import check_new_file, write_csv, write_json
 from branching.models.nets import image_side
@@ -61,6 +62,9 @@ def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], 
                         f"test, meta) or of image folders (train/, test/)")
     if not Path(data_dir).is_dir():
         raise DataError(f"--data {data_dir}: no such folder")
+    if is_text_folder(data_dir):
+        raise DataError(f"--data {data_dir} holds texts (train.csv, test.csv), and this tree reads images; pass "
+                        f"image folders or CIFAR-100's files, or the models of a text parent's tree")
     if is_image_folder(data_dir):
         folders = scan(data_dir)
         if split not in folders.splits:
@@ -97,7 +101,8 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
     if args.texts is not None:
         path = Path(args.texts)
         if not path.is_file():
-            raise DataError(f"--texts {path}: no such file; pass a .txt file (one text per line), .csv or .jsonl")
+            raise DataError(f"--texts {path}: {'a folder' if path.is_dir() else 'no such file'}; pass a .txt file (one "
+                            f"text per line), .csv or .jsonl (a text folder goes to --data)")
         part = read_split(path, labelled=False) if path.suffix in (".csv", ".jsonl") else read_lines(path)
         texts, truth, names = part.texts, part.labels or None, part.ids
     else:
