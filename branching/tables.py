@@ -10,7 +10,7 @@ import math
 
 from tabulate import tabulate
 
-__all__ = ["HTML", "MARKDOWN", "PLAIN", "TEXT", "interval", "mean_std", "num", "pct", "table"]
+__all__ = ["HTML", "MARKDOWN", "PLAIN", "TEXT", "interval", "in_texts", "mean_std", "num", "pct", "table"]
 
 TEXT = "simple"      # printed tables: header, dashes, rows
 PLAIN = "plain"      # printed tables without rules
@@ -59,3 +59,23 @@ def table(header, rows, fmt: str = TEXT, align=None, indent: str = "") -> str:
     text = tabulate(rows, header, tablefmt=fmt, disable_numparse=True,
                     colalign=tuple(align) if align else ("left",) * width)
     return "\n".join((indent + line).rstrip() for line in text.splitlines())
+
+
+# a study's wording about images, as it reads when the tree's inputs are texts (a text parent's)
+IMAGE_WORDS = (("test images", "test texts"), ("validation images", "validation texts"),
+               ("training images", "training texts"), ("images per class", "texts per class"),
+               ("held-out images", "held-out texts"), ("MFLOPs/image", "MFLOPs/text"),
+               ("the group the image belongs to", "the group the text belongs to"), ("[95% images]", "[95% texts]"),
+               ("k images per class", "k texts per class"), ("the same images", "the same texts"),
+               ("over the images", "over the texts"), ("per image, from the pixels", "per text, from its encoding"),
+               ("the images named below", "the texts named below"), (" images, held-out", " texts, held-out"))
+
+
+def in_texts(text: str, parent_kind: str | None) -> str:
+    """`text` (a study's Markdown or a figure's label) with its words for images turned into words for texts
+    where the parent is a text parent; unchanged otherwise."""
+    if parent_kind != "text":
+        return text
+    for image, words in IMAGE_WORDS:
+        text = text.replace(image, words)
+    return text

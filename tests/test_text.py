@@ -296,6 +296,8 @@ def test_probe_layers_compare_and_selfeval_on_a_tiny_bert(tiny_bert, tmp_path, c
     rows = json.loads((tmp_path / "c" / "compare.json").read_text())["summary"]["branches"]["sentiment"]
     assert {"branch", "linear_probe", "sentence_embedding", "taps_concat", "embeddings_mean", "layer2_mean"} <= set(rows)
     assert "finetune" in rows and "scratch" not in rows
+    markdown = (tmp_path / "c" / "compare.md").read_text()
+    assert "test texts" in markdown and "test images" not in markdown and "MFLOPs/text" in markdown
     assert cli.main(["selfeval", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "s"),
                      "--seeds", "0", "--max-epochs", "3", "--quiet"]) == 0
 

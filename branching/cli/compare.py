@@ -87,6 +87,7 @@ def cmd_probe_layers(args) -> int:
     from branching.config.recipes import get_recipe
     from branching.data.tree_data import load_tree_data
     from branching.studies.probe import format_probe_table, run_probe_layers, train_sources
+    from branching.tables import in_texts
 
     if args.config is None and args.models is not None:  # the tree the models record
         from branching.tree.checkpoint import load_folder
@@ -116,5 +117,5 @@ def cmd_probe_layers(args) -> int:
                       f"drawn with seed {args.seed or 0}")
     table, best, seconds = run_probe_layers(config, models, data)
     print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")
-    print(format_probe_table(table, best))
+    print(in_texts(format_probe_table(table, best), models["parent"].kind))
     return 0

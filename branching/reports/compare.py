@@ -9,7 +9,7 @@ import numpy as np
 from branching.acceptance.stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
 from branching.fileio import study_files, write_files
 from branching.reports.kshot import kshot_markdown, render_kshot_plot
-from branching.tables import MARKDOWN, interval, mean_std, num, pct, table
+from branching.tables import MARKDOWN, in_texts, interval, mean_std, num, pct, table
 
 SEED_FIGURES = ("test_accuracy", "coverage", "accepted_accuracy", "aurc", "train_s", "total_train_s")
 
@@ -208,4 +208,5 @@ def render_plot(result: dict) -> bytes:
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write compare.json, compare.md and compare.png atomically."""
     kshot = {"compare-kshot.png": render_kshot_plot(result)} if "kshot" in result else {}
-    return write_files(out_dir, study_files("compare", result, render_markdown(result), render_plot(result), kshot))
+    markdown = in_texts(render_markdown(result), result["setup"].get("parent_kind"))
+    return write_files(out_dir, study_files("compare", result, markdown, render_plot(result), kshot))

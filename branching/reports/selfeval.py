@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from branching.fileio import study_files, write_files
-from branching.tables import MARKDOWN, mean_std, num, table
+from branching.tables import MARKDOWN, in_texts, mean_std, num, table
 
 BASELINE = "msp_t"
 HEADER = ("score", "AURC", "Δ AURC [95% seeds] [95% images]", "E-AURC", "AUROC", "Δ AUROC [95% seeds] [95% images]",
@@ -132,4 +132,5 @@ def render_plot(result: dict) -> bytes:
 
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write selfeval.json, selfeval.md and selfeval.png atomically."""
-    return write_files(out_dir, study_files("selfeval", result, render_markdown(result), render_plot(result)))
+    markdown = in_texts(render_markdown(result), result["setup"].get("parent_kind"))
+    return write_files(out_dir, study_files("selfeval", result, markdown, render_plot(result)))
