@@ -68,7 +68,9 @@ IMAGE_WORDS = (("test images", "test texts"), ("validation images", "validation 
                ("the group the image belongs to", "the group the text belongs to"), ("[95% images]", "[95% texts]"),
                ("k images per class", "k texts per class"), ("the same images", "the same texts"),
                ("over the images", "over the texts"), ("per image, from the pixels", "per text, from its encoding"),
-               ("the images named below", "the texts named below"), (" images, held-out", " texts, held-out"))
+               ("the images named below", "the texts named below"), (" images, held-out", " texts, held-out"),
+               (" images: coverage", " texts: coverage"), ("Each image goes down", "Each text goes down"),
+               ("same images", "same texts"))
 
 
 def in_texts(text: str, parent_kind: str | None) -> str:

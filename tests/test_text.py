@@ -221,6 +221,8 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     assert metrics["branches"]["sentiment"]["test_accuracy"] > 0.8  # class words are in every text
     assert metrics["data"]["texts"] == {"train": 120, "test": 40}
     assert metrics["tree"]["test_samples"] == 40
+    report = (out / "report.md").read_text()
+    assert "test texts" in report and "test images" not in report
     capsys.readouterr()
     assert cli.main(["predict", "--models", str(out), "a good and lovely film", "awful , dull plot"]) == 0
     lines = capsys.readouterr().out.splitlines()

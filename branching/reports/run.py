@@ -19,7 +19,7 @@ from branching.acceptance.rule import describe_rule
 from branching.fileio import write_text
 from branching.models.model import Model
 from branching.reports import plots
-from branching.tables import HTML, MARKDOWN, interval, num, pct, table
+from branching.tables import HTML, MARKDOWN, in_texts, interval, num, pct, table
 
 NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images per class they span roughly "
         "+-5 to +-10 points, so differences smaller than that are not evidence. Confidence is the max softmax "
@@ -113,7 +113,11 @@ def render_html(blocks: list[tuple], base: Path, title: str) -> str:
     return "\n".join(out) + "</body></html>\n"
 
 
-def write_documents(out: Path, blocks: list[tuple], title: str) -> Path:
+def write_documents(out: Path, blocks: list[tuple], title: str, parent_kind: str | None = None) -> Path:
+    """report.html and report.md of the blocks (a text tree's words for images made words for texts)."""
+    blocks = [(kind, *(in_texts(r, parent_kind) if isinstance(r, str) and kind != "img" else
+                       [in_texts(h, parent_kind) for h in r] if kind == "table" and i == 0 else r
+                       for i, r in enumerate(rest))) for kind, *rest in blocks]
     write_text(out / "report.html", render_html(blocks, out, title))
     write_text(out / "report.md", render_markdown(blocks))
     return out / "report.md"
@@ -193,7 +197,7 @@ def write_report(out_dir, title: str | None = None) -> Path:
         blocks += tree_section(metrics["tree"])
     for name in names:
         blocks += node_section(out, metrics, name, classes, run)
-    return write_documents(out, blocks, title or f"Neural Branching run ({run})")
+    return write_documents(out, blocks, title or f"Neural Branching run ({run})", metrics["config"]["parent"].get("kind"))
 
 
 def tree_section(tree: dict) -> list[tuple]:
@@ -332,4 +336,4 @@ def write_seeds_report(out_dir) -> Path:
                                    out / "plots" / f"risk-coverage-{name}.png", points)
         blocks += [("h2", f"{name}: risk-coverage over seeds ({rules.get(name, '')})"),
                    ("img", str(path.relative_to(out)), path.stem)]
-    return write_documents(out, blocks, title)
+    return write_documents(out, blocks, title, metrics["config"]["parent"].get("kind"))
