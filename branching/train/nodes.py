@@ -272,7 +272,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
         dropout = spec.dropout if spec.dropout is not None else r.dropout
         model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout, seed=seed)
         log(f"{name}: reads {spec.source} {source.tap(*tap[1:3])['name']} (pool {shown_pool(source, tap)}, width {width}); "
-            f"{len(train_idx)} training images, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
+            f"{len(train_idx)} training {noun(config)}, {len(val_idx)} validation ({validation}), recipe {recipe.name}")
         history = model.fit(train_X, labels[train_idx], validation_data=(features_val, labels[val_idx]),
                             train_transform=transform, restore_best_weights=True,
                             **fit_kwargs(r, seed, progress, name, device))
