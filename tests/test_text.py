@@ -249,6 +249,22 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     assert text_cache.load_encoded(read_folder(data), parsed.parent.shape_dict, progress=False).encoded is False
 
 
+def test_predict_refuses_model_files_other_than_the_trained_ones(tiny_bert, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_bert.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    data, config, out = write_texts(tmp_path / "texts", n_train=20, n_test=5), tmp_path / "tree.toml", tmp_path / "out"
+    config.write_text(tree(model))
+    assert cli.main(["run", "--config", str(config), "--data", str(data), "--out", str(out), "--quiet",
+                     "--max-epochs", "2", "--no-report"]) == 0
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "note": "changed"}))
+    capsys.readouterr()
+    assert cli.main(["predict", "--models", str(out), "a good film"]) == 2
+    assert "was trained on the files of model" in capsys.readouterr().err
+
+
 def test_the_cache_encodes_again_when_the_texts_change(tiny_bert, tmp_path):
     data = write_texts(tmp_path / "texts")
     shape = parse_config(tree(tiny_bert)).parent.shape_dict

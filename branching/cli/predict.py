@@ -82,15 +82,8 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
     command line, in --texts FILE, or a split of --data (a text folder, read through the encoding cache)."""
     from branching.data.text_cache import load_encoded
     from branching.data.texts import read_folder, read_lines, read_split
-    from branching.models.encoder import Encoder, files_sha256, resolve_model
-    shape = parent.shape
-    try:
-        folder = resolve_model(shape["model"])
-    except ValueError as e:
-        raise ConfigError(f"the tree's text parent: {e}") from None
-    if files_sha256(folder) != shape["files_sha256"]:
-        raise ConfigError(f"the model files in {folder} are not those the tree was trained with (their sha256 "
-                          f"differs); install the same model, or train the tree again")
+    from branching.models.encoder import Encoder
+    shape = parent.shape  # its model files are those the tree was trained with (tree.checkpoint checks on loading)
     if args.data:
         data = read_folder(args.data)
         if args.split not in data.splits:
