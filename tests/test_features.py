@@ -8,7 +8,8 @@ import torch
 
 from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
-from branching.models.forward import extract, flip_images, mirror_all, random_flips
+from branching.models.batches import Augment, DeviceInputs
+from branching.models.forward import extract, mirror_all
 from branching.models.model import Model
 from branching.train.features import FeatureCache, branch_inputs
 
@@ -110,12 +111,12 @@ def test_cached_training_inputs_match_flipping_on_the_fly(tmp_path):
     train_X, transform, features_val = branch_inputs(FeatureCache(tmp_path), models, DATA, ("parent", 1, "pre"), X,
                                                      rows, train_idx, val_idx, flips=True)
     np.testing.assert_allclose(features_val, manual_hidden(models["parent"], X[val_idx], 1, "pre"), atol=1e-4)
-    positions = torch.from_numpy(train_X[[3, 0, 7, 7, 12]])
-    got = transform(positions, torch.Generator().manual_seed(11))
-    images = torch.from_numpy(X[train_idx][[3, 0, 7, 7, 12]])
-    with torch.no_grad():
-        on_the_fly = models["parent"].hidden_forward(flip_images(images, norm, random_flips(5, torch.Generator().manual_seed(11))),
-                                                     1, "pre")
+    picked = torch.tensor([3, 0, 7, 7, 12])
+    got = transform.batch(DeviceInputs(train_X, torch.device("cpu")), picked, torch.Generator().manual_seed(11))
+    images = DeviceInputs(X[train_idx], torch.device("cpu"))
+    with torch.no_grad():  # the same coins, the images mirrored, then the trunk
+        on_the_fly = Augment(flip=True, normalizer=norm, then=lambda x: models["parent"].hidden_forward(x, 1, "pre"))
+        on_the_fly = on_the_fly.batch(images, picked, torch.Generator().manual_seed(11))
     np.testing.assert_allclose(got.numpy(), on_the_fly.numpy(), rtol=1e-4, atol=1e-4)
     # mirror_all mirrors every image: twice is the identity
     np.testing.assert_allclose(mirror_all(mirror_all(X[:3], norm), norm), X[:3], atol=1e-4)

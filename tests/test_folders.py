@@ -20,7 +20,7 @@ from branching.data.images import load_image, resize_center_crop
 from branching.data.tree_data import load_tree_data
 from branching.errors import DataError
 from branching.models import module_parent, nets
-from branching.models.forward import flip_images, random_crops
+from branching.models.batches import mirror, shift
 from branching.models.model import Model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -264,14 +264,12 @@ def test_flips_and_crops_at_another_side_match_numpy():
     side = 12
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 3 * side * side)).astype(np.float32))
 
-    class Identity:
-        mean, std = np.zeros(3 * side * side, np.float32), np.ones(3 * side * side, np.float32)
-
     flip = torch.tensor([True, False, True, False])
     images = x.numpy().reshape(4, 3, side, side)
     want = np.where(flip.numpy()[:, None, None, None], images[..., ::-1], images).reshape(4, -1)
-    np.testing.assert_array_equal(flip_images(x, Identity, flip).numpy(), want)
-    cropped = random_crops(x, 2, torch.Generator().manual_seed(0)).numpy().reshape(4, 3, side, side)
+    np.testing.assert_array_equal(mirror(x, flip).numpy(), want)
+    dy, dx = torch.randint(0, 5, (2, 4), generator=torch.Generator().manual_seed(0))
+    cropped = shift(x, dy, dx, 2).numpy().reshape(4, 3, side, side)
     padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)))
     for got, image in zip(cropped, padded):  # each is some window of its padded image
         assert any(np.array_equal(got, image[:, dy:dy + side, dx:dx + side]) for dy in range(5) for dx in range(5))

@@ -12,7 +12,8 @@ from reference import REPO_ROOT, node_probabilities
 from branching.cli import main as cli
 from branching.config.parse import parse_config
 from branching.data.normalization import Normalizer
-from branching.models.forward import augment_transform, random_crops
+from branching.models.batches import DeviceInputs, shift
+from branching.models.forward import augment_transform
 from branching.models.model import Model
 from branching.train import run as pipeline
 from branching.train.nodes import parent_normalizer
@@ -164,14 +165,14 @@ def test_per_channel_normalisation_against_numpy():
 def test_random_crops_are_shifted_windows_of_the_zero_padded_image():
     x = torch.arange(2 * 3072, dtype=torch.float32).reshape(2, 3072) + 1
     generator = torch.Generator().manual_seed(3)
-    out = random_crops(x, 4, generator).reshape(2, 3, 32, 32)
-    generator = torch.Generator().manual_seed(3)
     dy, dx = (torch.randint(0, 9, (2,), generator=generator) for _ in range(2))
+    out = shift(x, dy, dx, 4).reshape(2, 3, 32, 32)
     padded = np.pad(x.reshape(2, 3, 32, 32).numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)))
     for i in range(2):
         np.testing.assert_array_equal(out[i].numpy(), padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32])
     norm = Normalizer(np.zeros(3072), np.ones(3072))
-    same = augment_transform(norm, flip=False, crop=0)(x, torch.Generator().manual_seed(0))
+    same = augment_transform(norm, flip=False, crop=0).batch(DeviceInputs(x, torch.device("cpu")), torch.arange(2),
+                                                              torch.Generator().manual_seed(0))
     torch.testing.assert_close(same, x)
 
 

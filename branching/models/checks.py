@@ -145,18 +145,3 @@ BATCH_BYTES = 256 * 2**20
 def rows_per_batch(batch_size: int, width: int) -> int:
     """batch_size, or fewer rows where that many rows of `width` floats would pass BATCH_BYTES."""
     return max(1, min(batch_size, BATCH_BYTES // (4 * max(1, width))))
-
-
-def batches(X, batch_size: int):
-    """Consecutive float32 tensors of at most batch_size rows of X (an array or NormalizedImages, whose
-    rows are normalised only as each batch is read), and at most BATCH_BYTES of them."""
-    batch_size = rows_per_batch(batch_size, X.shape[1])
-    for start in range(0, len(X), batch_size):
-        yield torch.from_numpy(writable(np.ascontiguousarray(X[start:start + batch_size], dtype=np.float32)))
-
-
-def rows_tensor(X, index: torch.Tensor) -> torch.Tensor:
-    """X[index] as a float32 tensor, for X a tensor or NormalizedImages."""
-    if isinstance(X, NormalizedImages):
-        return torch.from_numpy(np.asarray(X[index.numpy()]))
-    return X[index]

@@ -4,6 +4,7 @@ function that trains or runs a model is then given (nothing here is global)."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 
 import torch
 
@@ -54,3 +55,16 @@ def on_device(models, device):
     finally:
         for model in models:
             model.net.to(CPU)
+
+
+def compiled(net: torch.nn.Module, device: torch.device):
+    """net through torch.compile (the --compile option), or a one-line error where this torch cannot compile
+    for `device`: before any work, not at the first batch."""
+    dynamo = getattr(torch, "_dynamo", None)
+    if not hasattr(torch, "compile") or dynamo is None or not dynamo.is_dynamo_supported():
+        raise ValueError(f"--compile needs torch.compile, which torch {torch.__version__} does not support on this "
+                         f"Python; run without --compile")
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "cl")):
+        raise ValueError("--compile on the CPU needs a C++ compiler (cc, gcc or clang) on PATH; install one, or run "
+                         "without --compile")
+    return torch.compile(net)

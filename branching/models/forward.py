@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from branching.models.checks import rows_per_batch
+from branching.lazy_images import NormalizedImages
+from branching.models.batches import Augment, DeviceInputs, device_batches, mirror
+from branching.models.device import CPU
 from branching.models.model import Model
 from branching.models.text import text_read
 
@@ -102,10 +103,9 @@ def extract(models: dict[str, Model], wanted, X: np.ndarray, batch_size: int = B
     for m in models.values():
         m.net.eval()
     parts: list[list[torch.Tensor]] = [[] for _ in keys]
-    batch_size = rows_per_batch(batch_size, X.shape[1])  # large images: fewer at a time
-    with torch.inference_mode():
-        for start in range(0, len(X), batch_size):
-            found = forward_taps(models, need, torch.from_numpy(np.ascontiguousarray(X[start:start + batch_size])))
+    with torch.inference_mode():  # batches normalised on the parent's device; large images: fewer at a time
+        for xb in device_batches(X, batch_size, models["parent"].device):
+            found = forward_taps(models, need, xb)
             for part, key in zip(parts, keys):
                 part.append(pooled(found, key).cpu())
     return [torch.cat(part).numpy() for part in parts]
@@ -116,42 +116,12 @@ def node_inputs(models: dict[str, Model], node: str, X: np.ndarray) -> np.ndarra
     return X if node == "parent" else extract(models, [reads(models, node)], X)[0]
 
 
-# ---- left-right flips of normalised images --------------------------------------------------
+# ---- augmentation of normalised images -----------------------------------------------------------
 
-def random_flips(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Which of n images to mirror: a fair coin each, drawn from `generator`."""
-    return torch.rand(n, generator=generator) < 0.5
-
-
-def flip_images(x: torch.Tensor, normalizer, flip: torch.Tensor) -> torch.Tensor:
-    """Mirror the images where `flip` is true (in pixel space, then normalise again)."""
-    mean, std = torch.from_numpy(normalizer.mean), torch.from_numpy(normalizer.std)
-    side = nets.image_side(x.shape[1])
-    images = (x * std + mean).view(-1, nets.CHANNELS, side, side)
-    images = torch.where(flip[:, None, None, None], images.flip(3), images)
-    return (images.reshape(len(x), -1) - mean) / std
-
-
-def augment_transform(normalizer, flip: bool = True, crop: int = 0):
-    """A Model.fit train_transform for batches of normalised images: mirror a random half (flip), then
-    shift each image by up to `crop` pixels (random crops of the image padded with zeros, the mean colour
-    of per-channel normalised images)."""
-    def transform(xb, generator):
-        if flip:
-            xb = flip_images(xb, normalizer, random_flips(len(xb), generator))
-        return random_crops(xb, crop, generator) if crop else xb
-    return transform
-
-
-def random_crops(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Each flat image (N, 3 * side * side) padded by `pad` zeros on every side and cropped back to its side
-    at a random offset."""
-    n, channels, side = len(x), nets.CHANNELS, nets.image_side(x.shape[1])
-    padded = F.pad(x.reshape(n, channels, side, side), (pad,) * 4)
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
-    rows = (dy[:, None] + torch.arange(side))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(side))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None], rows, cols].reshape(n, -1)
+def augment_transform(normalizer, flip: bool = True, crop: int = 0) -> Augment:
+    """A Model.fit train_transform: mirror a random half of the images (flip), then shift each by up to `crop`
+    pixels (batches.Augment, on the training device)."""
+    return Augment(flip=flip, crop=crop, normalizer=normalizer)
 
 
 def extract_mirrored(models: dict[str, Model], r, X, normalizer) -> np.ndarray:
@@ -160,7 +130,11 @@ def extract_mirrored(models: dict[str, Model], r, X, normalizer) -> np.ndarray:
     return np.concatenate(parts) if parts else extract(models, [r], X)[0]
 
 
-def mirror_all(X: np.ndarray, normalizer) -> np.ndarray:
-    """Every normalised image of X mirrored left-right."""
+def mirror_all(X, normalizer) -> np.ndarray:
+    """Every image of X (normalised, or NormalizedImages) mirrored left-right, normalised."""
+    if isinstance(X, NormalizedImages):
+        inputs = DeviceInputs(X, CPU, hold=False)
+        every = torch.arange(len(X))
+        return inputs.normalize(mirror(inputs.raw(every), torch.ones(len(X), dtype=torch.bool))).numpy()
     x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    return flip_images(x, normalizer, torch.ones(len(X), dtype=torch.bool)).numpy()
+    return Augment(normalizer=normalizer).mirror_normalized(x, torch.ones(len(X), dtype=torch.bool)).numpy()

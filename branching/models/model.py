@@ -22,8 +22,9 @@ from torch import nn
 
 from branching.fileio import atomic_path
 from branching.models import nets
+from branching.models.batches import device_batches
 from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
-                                     batches, declared_network, first_line)
+                                     declared_network, first_line)
 from branching.models.nets import KINDS, WHERE, ACTIVATIONS
 from branching.models.text import TEXT_POOLS, text_read
 from branching.models.training import Trainable
@@ -227,8 +228,8 @@ class Model(Trainable):
         device = self._device()
         outputs = []
         with self._inference():
-            for xb in batches(X, batch_size):
-                outputs.append(fn(xb.to(device)).cpu())
+            for xb in device_batches(X, batch_size, device):
+                outputs.append(fn(xb).cpu())
                 del xb  # before the next batch is made: one batch of inputs at a time
         if not outputs:
             with self._inference():
@@ -242,8 +243,8 @@ class Model(Trainable):
             for start in range(0, len(y), batch_size):  # the loss summed over the same batches at any image size
                 yb = torch.from_numpy(y[start:start + batch_size]).to(device)
                 parts = []
-                for xb in batches(X[start:start + batch_size], batch_size):
-                    parts.append(self.net(xb.to(device)).float())
+                for xb in device_batches(X[start:start + batch_size], batch_size, device):
+                    parts.append(self.net(xb).float())
                     del xb  # one batch of inputs at a time
                 out = torch.cat(parts)
                 loss_sum += F.cross_entropy(out, yb, reduction="sum").item()

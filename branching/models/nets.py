@@ -87,12 +87,14 @@ class ConvNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout or 0.0),
                                   nn.Linear(channels, classes))
+        # channels_last: convolutions run in it about 1.3x faster on a CPU (oneDNN) and on tensor cores
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
         return self.forward_intermediates(x, [], stop_early=False)[0]
 
     def forward_intermediates(self, x, indices, stop_early=True):
-        x = x.reshape(-1, *self.image)
+        x = x.reshape(-1, *self.image).contiguous(memory_format=torch.channels_last)
         end = max(indices, default=-1) + 1 if stop_early else len(self.stages)
         found = []
         for stage in self.stages[:end]:

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from branching.lazy_images import NormalizedImages
-from branching.models.checks import (as_2d_float, as_labels, check_choice, check_int, check_real, rows_tensor,
-                                     writable)
-from branching.models.device import autocast, resolve_device
+from branching.models.batches import Augment, DeviceInputs
+from branching.models.checks import as_2d_float, as_labels, check_choice, check_int, check_real
+from branching.models.device import autocast, compiled, resolve_device
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = (None, "cosine", "onecycle")
@@ -27,9 +26,13 @@ class Trainable:
     def fit(self, X, y, validation_data=None, epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0,
             optimizer="adam", label_smoothing=0.0, early_stopping_patience=None, monitor="val_loss",
             restore_best_weights=True, lr_schedule=None, train_transform=None, seed=None,
-            progress=True, desc="train", device="cpu") -> dict:
+            progress=True, desc="train", device="cpu", compile=False) -> dict:
         """Mini-batch training on cross-entropy on `device` (the model returns to the CPU at the end);
-        returns the history (also kept as .history)."""
+        returns the history (also kept as .history).
+
+        The inputs go to the device once (batches.DeviceInputs). `train_transform`: a batches.Augment, applied
+        there with the training generator's draws, or any function (batch, generator) -> batch of the network's
+        inputs. `compile`: the training step's network through torch.compile."""
         if self.kind == "module":
             raise ValueError("a module parent is never trained here: it is loaded from its weights file")
         n_in, n_out = self.architecture[0], self.architecture[-1]
@@ -64,8 +67,9 @@ class Trainable:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         opt = make_optimizer(optimizer, params, lr, weight_decay)
         scheduler = make_scheduler(lr_schedule, opt, lr, epochs * math.ceil(len(X) / batch_size))
-        Xt = X if isinstance(X, NormalizedImages) else torch.from_numpy(writable(X))
-        yt = torch.from_numpy(y)
+        step_net = compiled(self.net, device) if compile else self.net
+        inputs = DeviceInputs(X, device)
+        yt = torch.from_numpy(y).to(inputs.index_device)
 
         history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
         sign = 1.0 if monitor == "val_loss" else -1.0  # compare as "smaller is better"
@@ -74,8 +78,8 @@ class Trainable:
         bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, file=sys.stderr, unit="epoch")
         try:
             for epoch in bar:
-                loss, accuracy = self._train_epoch(Xt, yt, opt, scheduler, batch_size, label_smoothing,
-                                                   train_transform, generator)
+                loss, accuracy = self._train_epoch(step_net, inputs, yt, opt, scheduler, batch_size,
+                                                   label_smoothing, train_transform, generator)
                 history["loss"].append(loss)
                 history["accuracy"].append(accuracy)
                 history["lr"].append(float(opt.param_groups[0]["lr"]))
@@ -108,32 +112,37 @@ class Trainable:
         self.history = history
         return history
 
-    def _train_epoch(self, Xt, yt, opt, scheduler, batch_size, label_smoothing, transform, generator):
-        """One shuffled pass in train mode; returns the epoch's mean training loss and accuracy."""
+    def _train_epoch(self, net, inputs, yt, opt, scheduler, batch_size, label_smoothing, transform, generator):
+        """One pass in train mode over slices of a random permutation; returns the epoch's mean training loss
+        and accuracy (summed on the device, read once)."""
         self.net.train()
-        loss_sum, correct = 0.0, 0
-        device = self._device()
-        for idx in torch.randperm(len(Xt), generator=generator).split(batch_size):
-            xb, yb = rows_tensor(Xt, idx), yt[idx]
-            if transform is not None:
-                xb = transform(xb, generator)
-                if not isinstance(xb, torch.Tensor) or tuple(xb.shape) != (len(idx), self.architecture[0]):
-                    got = tuple(xb.shape) if isinstance(xb, torch.Tensor) else type(xb).__name__
-                    raise ValueError(f"train_transform must return a tensor of shape "
-                                     f"({len(idx)}, {self.architecture[0]}); got {got}")
-                xb = xb.to(torch.float32)
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        device = inputs.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        order = torch.randperm(len(inputs), generator=generator).to(inputs.index_device)
+        for idx in order.split(batch_size):
+            if isinstance(transform, Augment):
+                xb = transform.batch(inputs, idx, generator)
+            else:
+                xb = inputs.rows(idx)
+                if transform is not None:
+                    xb = transform(xb, generator)
+            if not isinstance(xb, torch.Tensor) or tuple(xb.shape) != (len(idx), self.architecture[0]):
+                got = tuple(xb.shape) if isinstance(xb, torch.Tensor) else type(xb).__name__
+                raise ValueError(f"train_transform must return a tensor of shape "
+                                 f"({len(idx)}, {self.architecture[0]}); got {got}")
+            xb, yb = xb.to(device, torch.float32), yt[idx].to(device, non_blocking=True)
             with autocast(device):
-                out = self.net(xb)
+                out = net(xb)
                 loss = F.cross_entropy(out.float(), yb, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (out.argmax(dim=1) == yb).sum().item()
-        return loss_sum / len(Xt), correct / len(Xt)
+            loss_sum += loss.detach() * len(idx)
+            correct += (out.argmax(dim=1) == yb).sum()
+        return loss_sum.item() / len(inputs), correct.item() / len(inputs)
 
 
 def make_optimizer(name, params, lr, weight_decay):

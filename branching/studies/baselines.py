@@ -23,10 +23,11 @@ from branching.config.tree import NodeSpec, TreeConfig
 from branching.console import log
 from branching.data.tree_data import TreeData
 from branching.models.device import CPU
+from branching.models.batches import Augment
 from branching.models.forward import augment_transform, chain, extract, node_input, node_inputs, read
 from branching.models.model import Model
 from branching.studies.probe import fit_linear_probe, held_out_split
-from branching.train.features import FeatureCache, flip_lookup
+from branching.train.features import FeatureCache
 from branching.train.nodes import branch_read, fit_acceptance, fit_kwargs, parent_normalizer, train_branch, train_parent
 from branching.tree import cost
 
@@ -235,7 +236,7 @@ def run_taps_concat(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     standard = lambda F: ((F - mean) / std).astype(np.float32)  # noqa: E731
     if r.flip:
         flipped = np.concatenate([p["flipped"] for p in parts], axis=1)
-        inputs, transform = flip_lookup(standard(plain[train_idx]), standard(flipped[train_idx]))
+        inputs, transform = standard(plain[train_idx]), Augment(mirrored=standard(flipped[train_idx]))
     else:
         inputs, transform = standard(plain[train_idx]), None
     dropout = spec.dropout if spec.dropout is not None else r.dropout

@@ -19,7 +19,8 @@ import torch
 
 from branching.data.normalization import Normalizer
 from branching.fileio import write_bytes, write_json
-from branching.models.forward import chain, extract, extract_mirrored, random_flips, read
+from branching.models.batches import Augment
+from branching.models.forward import chain, extract, extract_mirrored, read
 
 FORMAT = "branching-features/1"
 MANIFEST = "manifest.json"
@@ -124,28 +125,10 @@ class FeatureCache:
 def branch_inputs(cache: FeatureCache, models, data_hashes: dict, r: tuple, X: np.ndarray, rows: np.ndarray,
                   train_idx: np.ndarray, val_idx: np.ndarray, flips: bool):
     """(train inputs, train transform or None, validation features) for Model.fit, from the cache;
-    r is the read (source, layer, where[, pool]) of the branch.
-
-    With flips the training inputs are row positions and the transform looks up the plain or the
-    flipped features, drawing the same coin per image as forward.augment_transform does.
-    """
+    r is the read (source, layer, where[, pool]) of the branch. With flips the transform picks, by a coin per
+    image, the features of its mirror image (batches.Augment with `mirrored`)."""
     arrays = cache.features(models, r, X, rows, data_hashes, flips)
     features_val = arrays["plain"][val_idx]
     if not flips:
         return arrays["plain"][train_idx], None, features_val
-    return (*flip_lookup(arrays["plain"][train_idx], arrays["flipped"][train_idx]), features_val)
-
-
-def flip_lookup(plain: np.ndarray, flipped: np.ndarray):
-    """(training inputs, transform) for Model.fit when the features of every image and of its mirror image
-    are known: the inputs are row positions, and the transform looks up the plain or the flipped features,
-    drawing the same coin per image as forward.augment_transform does."""
-    plain = torch.from_numpy(np.ascontiguousarray(plain, dtype=np.float32))
-    flipped = torch.from_numpy(np.ascontiguousarray(flipped, dtype=np.float32))
-
-    def transform(positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        index = positions[:, 0].long()
-        flip = random_flips(len(index), generator)
-        return torch.where(flip[:, None], flipped[index], plain[index])
-
-    return np.arange(len(plain), dtype=np.float32)[:, None], transform
+    return arrays["plain"][train_idx], Augment(mirrored=arrays["flipped"][train_idx]), features_val

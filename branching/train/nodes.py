@@ -21,6 +21,7 @@ from branching.data.normalization import Normalizer
 from branching.data.tree_data import TreeData
 from branching.errors import ConfigError, DataError
 from branching.models.device import CPU, on_device
+from branching.models.batches import Augment
 from branching.models.forward import augment_transform, extract, read, read_tap
 from branching.models.model import Model
 from branching.models.module_parent import load_weights
@@ -259,13 +260,11 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                 FeatureCache(cache_dir, log), models, data.fingerprint(), tap, X, rows, train_idx, val_idx, r.flip)
         else:
             features_val = extract(models, [tap], X[val_idx])[0]
-            if r.flip:
-                flip = augment_transform(normalizer)
-
-                def transform(xb, g):
+            if r.flip:  # the trunk reads each batch's images, a random half mirrored
+                def trunk_read(xb):
                     with torch.no_grad():
-                        return read_tap(models, tap, flip(xb, g))
-                train_X = X[train_idx]
+                        return read_tap(models, tap, xb)
+                transform, train_X = Augment(flip=True, then=trunk_read), X[train_idx]
             else:
                 transform, train_X = None, extract(models, [tap], X[train_idx])[0]
         width = source.width(*tap[1:])

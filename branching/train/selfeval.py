@@ -31,8 +31,9 @@ from branching.acceptance.rule import Acceptance, rejects
 from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
+from branching.models.batches import Augment
 from branching.models.device import CPU
-from branching.models.forward import (augment_transform, extract, extract_mirrored, node_inputs, random_flips,
+from branching.models.forward import (augment_transform, extract, extract_mirrored, node_inputs,
                                      reads)
 from branching.models.model import Model
 from branching.train.nodes import acceptance_note, child_groups, fit_kwargs, fit_normalizer, noun
@@ -113,22 +114,14 @@ def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, see
     X = normalizer.lazy(images)
     tap = reads(models, name)
     plain = extract(models, [tap], X)[0]
-    flipped = torch.from_numpy(extract_mirrored(models, tap, X, normalizer)) if r.flip else None
+    flipped = extract_mirrored(models, tap, X, normalizer) if r.flip else None
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
         model = Model([plain.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation,
                       dropout=dropout, seed=seed)
-        inputs, transform = plain[keep], None
-        if flipped is not None:  # the same coin per image as the branch's own training
-            index = torch.from_numpy(keep)
-            source = torch.from_numpy(plain)
-
-            def transform(positions, generator):
-                rows = index[positions[:, 0].long()]
-                flip = random_flips(len(rows), generator)
-                return torch.where(flip[:, None], flipped[rows], source[rows])
-            inputs = np.arange(len(keep), dtype=np.float32)[:, None]
+        inputs = plain[keep]
+        transform = None if flipped is None else Augment(mirrored=flipped[keep])  # the branch's own coins
         model.fit(inputs, labels[keep], validation_data=(plain[val], labels[val]), train_transform=transform,
                   restore_best_weights=True, **fit_kwargs(r, seed, progress, f"{name} copy {k}", device))
         return model.logits(plain[held])
