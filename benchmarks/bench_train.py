@@ -4,8 +4,8 @@ network on the same tensors, with the same batches, optimiser, schedule and augm
     python benchmarks/bench_train.py --data ../shared/data/cifar100-6 --kind cnn --epochs 2 --repeats 3
 
 Both train the parent of configs/cifar100-6-<kind>.toml with the default recipe (flips, 4-pixel crops,
-AdamW, one-cycle, label smoothing) on the normalised training images, without validation, so that the
-two do the same work; they alternate, `--repeats` times each, and the figure is the median of the
+AdamW, one-cycle, label smoothing) on the uint8 training images, normalised and augmented batch by batch on
+the device (branching.models.batches), without validation, so that the two do the same work; they alternate, `--repeats` times each, and the figure is the median of the
 paired ratios (fit's images/s over the bare loop's), measured in the same run on the same machine.
 """
 
@@ -24,7 +24,8 @@ from branching.config.parse import load_config
 from branching.config.recipes import get_recipe
 from branching.data.normalization import Normalizer
 from branching.data.tree_data import load_tree_data
-from branching.models.device import resolve_device
+from branching.models.batches import DeviceInputs
+from branching.models.device import autocast, resolve_device
 from branching.models.forward import augment_transform
 from branching.models.model import Model
 from branching.models.training import make_optimizer, make_scheduler
@@ -53,13 +54,15 @@ def bare_loop(config, X, y, r, transform, epochs, device) -> float:
     net = build(config, X, 0).net.to(device).train()
     opt = make_optimizer(r.optimizer, list(net.parameters()), r.lr, r.weight_decay)
     scheduler = make_scheduler(r.lr_schedule, opt, r.lr, epochs * math.ceil(len(X) / r.batch_size))
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    inputs = DeviceInputs(X, device)
+    yt = torch.from_numpy(y).to(device)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(epochs):
-        for idx in torch.randperm(len(Xt), generator=generator).split(r.batch_size):
-            xb = transform(Xt[idx], generator) if transform is not None else Xt[idx]
-            loss = F.cross_entropy(net(xb.to(device)), yt[idx].to(device), label_smoothing=r.label_smoothing)
+        for idx in torch.randperm(len(X), generator=generator).to(inputs.index_device).split(r.batch_size):
+            xb = transform.batch(inputs, idx, generator) if transform is not None else inputs.rows(idx)
+            with autocast(device):
+                loss = F.cross_entropy(net(xb).float(), yt[idx.to(device)], label_smoothing=r.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     r = get_recipe("default").parent_for(config.parent.kind)
     images, labels, _ = load_tree_data(config, args.data).node_rows("train", config.parent)
     normalizer = Normalizer.fit(images, per_channel=config.parent.kind != "mlp")
-    X, y = normalizer.transform(images), labels.astype(np.int64)
+    X, y = normalizer.lazy(np.ascontiguousarray(images)), labels.astype(np.int64)
     transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
     ratios, fits, bares = [], [], []
     for i in range(args.repeats):

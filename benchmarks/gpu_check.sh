@@ -3,7 +3,12 @@
 #
 #     bash benchmarks/gpu_check.sh ../shared/data/cifar100-6 runs/gpu-check [STEP ...]
 #
-# STEP: kinds-cuda, selfeval-speed, torchvision, tests, kinds-cpu (default: all, in this order):
+# STEP: speed, train-ratio, kinds-cuda, selfeval-speed, torchvision, tests, kinds-cpu (default: speed,
+# train-ratio, kinds-cuda, tests, in this order):
+# - speed: bench_speed on the GPU (MLP, CNN, ViT on 50,000 random images; with and without torch.compile):
+#   training images/s, achieved FLOP/s and share of a measured bfloat16 matmul peak; then the wall time of the
+#   six-class CNN run on DATA after start-up;
+# - train-ratio: bench_train for the CNN on the GPU: Model.fit against a bare loop on the same tensors;
 # - kinds-cuda: bench_kinds on the GPU (MLP, CNN, ViT; seed 0): training with --device cuda, evaluation
 #   on the CPU;
 # - selfeval-speed: bench_selfeval on that machine's CPU, one thread (nothing else running: the judges'
@@ -17,7 +22,7 @@ set -uo pipefail
 DATA=${1:?usage: gpu_check.sh DATA OUT [STEP ...]}
 OUT=${2:?usage: gpu_check.sh DATA OUT [STEP ...]}
 shift 2
-STEPS=" ${*:-kinds-cuda selfeval-speed torchvision tests kinds-cpu} "
+STEPS=" ${*:-speed train-ratio kinds-cuda tests} "
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -38,6 +43,9 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its log, show its end
     nproc
 } 2>&1 | tee "$OUT/machine.log"
 
+TAIL=16 step speed 240 python benchmarks/bench_speed.py --images 50000 --kinds mlp,cnn,vit --device cuda --compile \
+    --run-data "$DATA" --json "$OUT/speed.json"
+step train-ratio 60 python benchmarks/bench_train.py --data "$DATA" --kind cnn --epochs 4 --repeats 3 --device cuda
 step kinds-cuda 150 python benchmarks/bench_kinds.py --data "$DATA" --kinds mlp,cnn,vit --seeds 0 --device cuda \
     --out "$WORK/kinds-cuda"
 TAIL=24 step selfeval-speed 200 bash -c "

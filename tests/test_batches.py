@@ -131,3 +131,13 @@ def test_a_cnn_runs_channels_last_with_the_figures_of_the_contiguous_layout():
         plain = model.net.to(memory_format=torch.contiguous_format)
         want = torch.nn.Sequential(*plain.stages, plain.head)(x.reshape(6, 3, 16, 16))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_where_it_cannot_run_is_a_one_line_error_before_any_work(monkeypatch, tmp_path, capsys):
+    from branching.cli import main as cli
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler for inductor on the CPU
+    code = cli.main(["run", "--compile", "--device", "cpu", "--data", str(tmp_path / "nothing-here"), "--no-download",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--compile on the CPU needs a C++ compiler" in err[0]
+    assert not (tmp_path / "out").exists()

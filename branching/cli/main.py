@@ -43,6 +43,9 @@ def build_parser() -> ArgumentParser:
                      help="several seeds, e.g. 0,1,2: each seed's run in OUT/seed-<n>/, mean and std in OUT/ "
                           "(replaces --seed)")
     run.add_argument("--no-report", action="store_true", help="skip OUT/report.md, report.html and plots/")
+    run.add_argument("--compile", action="store_true",
+                     help="train the parent's network through torch.compile: a one-off compile time for faster "
+                          "steps on a GPU (measured in docs/benchmarks.md; default off)")
     run.add_argument("--cache", default=None, metavar="DIR",
                      help="keep branch-training activations in DIR (rebuilt whenever anything they depend on changes)")
     run.set_defaults(func=cmd_run)
@@ -74,13 +77,13 @@ def cmd_run(args) -> int:
     if args.seeds is not None:
         metrics = run_seeds(config, args.data, args.out, recipe, parse_seeds(args.seeds),
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,
-                            device=args.device, skip_bad_images=args.skip_bad_images)
+                            device=args.device, skip_bad_images=args.skip_bad_images, compile=args.compile)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
         print(what_to_open(Path(args.out), not args.no_report, {}, config.parent.kind == "text"))
         return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
                   progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device,
-                  skip_bad_images=args.skip_bad_images)
+                  skip_bad_images=args.skip_bad_images, compile=args.compile)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
     print(what_to_open(Path(args.out), not args.no_report, metrics["notes"], config.parent.kind == "text"))
     return 0

@@ -8,6 +8,8 @@ import shutil
 
 import torch
 
+from branching.errors import ConfigError
+
 CPU = torch.device("cpu")
 
 
@@ -57,14 +59,18 @@ def on_device(models, device):
             model.net.to(CPU)
 
 
-def compiled(net: torch.nn.Module, device: torch.device):
-    """net through torch.compile (the --compile option), or a one-line error where this torch cannot compile
-    for `device`: before any work, not at the first batch."""
+def check_compile(device: torch.device) -> None:
+    """A ConfigError where this torch cannot compile for `device` (--compile): called before any work."""
     dynamo = getattr(torch, "_dynamo", None)
     if not hasattr(torch, "compile") or dynamo is None or not dynamo.is_dynamo_supported():
-        raise ValueError(f"--compile needs torch.compile, which torch {torch.__version__} does not support on this "
+        raise ConfigError(f"--compile needs torch.compile, which torch {torch.__version__} does not support on this "
                          f"Python; run without --compile")
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "cl")):
-        raise ValueError("--compile on the CPU needs a C++ compiler (cc, gcc or clang) on PATH; install one, or run "
+        raise ConfigError("--compile on the CPU needs a C++ compiler (cc, gcc or clang) on PATH; install one, or run "
                          "without --compile")
+
+
+def compiled(net: torch.nn.Module, device: torch.device):
+    """net through torch.compile (checked with check_compile first)."""
+    check_compile(device)
     return torch.compile(net)

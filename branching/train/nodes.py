@@ -86,9 +86,9 @@ def held_out_rows(parent: Model) -> np.ndarray:
 
 
 def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
-                 device: torch.device = CPU):
-    """Train the parent on `device` (a module parent is loaded instead); returns (model, checkpoint meta,
-    normaliser), the model back on the CPU."""
+                 device: torch.device = CPU, compile: bool = False):
+    """Train the parent on `device` (a module parent is loaded instead; `compile`: an image parent's network
+    through torch.compile); returns (model, checkpoint meta, normaliser), the model back on the CPU."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
     if spec.kind == "module":
         return load_module_parent(config, data, recipe, seed, device)
@@ -112,7 +112,8 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     log(f"parent ({spec.kind}, {model.num_parameters:,} parameters): {len(train_idx)} training images, "
         f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}")
     history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
-                        restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent", device))
+                        restore_best_weights=validation is not None, compile=compile,
+                        **fit_kwargs(r, seed, progress, "parent", device))
     model.freeze()
     val_logits = model.logits(X[val_idx])
     acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))

@@ -17,7 +17,7 @@ from branching.console import log
 from branching.data.tree_data import TreeData, data_notes, load_tree_data
 from branching.errors import ConfigError
 from branching.fileio import staged_dir, write_csv, write_json
-from branching.models.device import CPU, on_device
+from branching.models.device import CPU, check_compile, on_device
 from branching.models.forward import node_inputs
 from branching.models.model import Model
 from branching.models.text import TEXT_POOLS
@@ -89,12 +89,14 @@ def _history_summary(history: dict) -> dict:
 
 def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, download: bool = False,
         progress: bool = True, echo=print, report: bool = True, cache_dir=None, device: torch.device = CPU,
-        skip_bad_images: bool = False) -> dict:
+        skip_bad_images: bool = False, compile: bool = False) -> dict:
     """Train the parent and every branch, evaluate all on the test split, write OUT/metrics.json,
     OUT/predictions/<node>.csv, OUT/models/<node>.pt and (with report) OUT/report.md, OUT/report.html and
     OUT/plots/; returns the metrics. OUT is replaced whole at the end (fileio.staged_dir): an error or an
-    interrupt leaves it as it was."""
+    interrupt leaves it as it was. `compile`: the parent's network trains through torch.compile."""
     recipe.parent_for(config.parent.kind)  # a recipe for this kind of parent, before any work
+    if compile:
+        check_compile(device)
     if cache_dir is not None and Path(out_dir).resolve() in (Path(cache_dir).resolve(), *Path(cache_dir).resolve().parents):
         raise ConfigError(f"--cache {cache_dir} is inside --out {out_dir}, which a run replaces whole; keep the "
                           f"cache elsewhere")
@@ -102,11 +104,11 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
         raise ConfigError(f"--cache {cache_dir} is a file; give a folder for the activation cache")
     with staged_dir(out_dir) as out:
         return _run(config, data_dir, out, recipe, seed, download, progress, echo, report, cache_dir, device,
-                    skip_bad_images)
+                    skip_bad_images, compile)
 
 
 def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device,
-         skip_bad_images) -> dict:
+         skip_bad_images, compile=False) -> dict:
     start = time.perf_counter()
     data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
                           device=device)
@@ -119,7 +121,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     for spec in config.nodes():
         t = time.perf_counter()
         if spec.source is None:
-            model, meta, _ = train_parent(config, data, recipe, seed, progress, device)
+            model, meta, _ = train_parent(config, data, recipe, seed, progress, device, compile)
         else:
             model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress, cache_dir, device)
         store.save(spec.name, model, meta)
@@ -167,25 +169,23 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     return metrics
 
 
-def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list[int], download: bool = False,
-              progress: bool = True, echo=print, report: bool = True, device: torch.device = CPU,
-              skip_bad_images: bool = False) -> dict:
+def run_seeds(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seeds: list[int], echo=print,
+              report: bool = True, **options) -> dict:
     """run for each seed into OUT/seed-<n>/, then OUT/metrics.json with the mean and std of every headline
-    figure (branching.seeds); returns that summary."""
+    figure (branching.seeds); returns that summary. `options`: run's own (download, progress, device, ...)."""
     recipe.parent_for(config.parent.kind)
+    if options.get("compile"):
+        check_compile(options.get("device", CPU))
     with staged_dir(out_dir) as out:
-        return _run_seeds(config, data_dir, out, recipe, seeds, download, progress, echo, report, device,
-                          skip_bad_images)
+        return _run_seeds(config, data_dir, out, recipe, seeds, echo, report, options)
 
 
-def _run_seeds(config, data_dir, out: Path, recipe, seeds, download, progress, echo, report, device,
-               skip_bad_images) -> dict:
+def _run_seeds(config, data_dir, out: Path, recipe, seeds, echo, report, options) -> dict:
     start = time.perf_counter()
     runs = {}
     for seed in seeds:
         echo(f"#### seed {seed} -> {out / f'seed-{seed}'}")
-        runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, download=download,
-                         progress=progress, echo=echo, report=report, device=device, skip_bad_images=skip_bad_images)
+        runs[seed] = run(config, data_dir, out / f"seed-{seed}", recipe, seed=seed, echo=echo, report=report, **options)
     first = runs[seeds[0]]
     summary = seeds_summary.summarise(runs)
     metrics = {"seeds": seeds, "recipe": recipe.name, "config": first["config"], "data": first["data"],
