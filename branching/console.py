@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from branching import distributed
+
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Said by rank 0 only under torchrun."""
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from branching import distributed
 from branching.errors import OutputError
 
 __all__ = ["atomic_path", "check_new_file", "new_file_mode", "staged_dir", "write_bytes", "write_csv",
@@ -98,7 +99,9 @@ def staged_dir(path, what: str = "--out"):
     Yields the sibling (empty). On success it replaces `path`; on any error or interrupt it is removed
     and `path` is left as it was, so a folder never holds files of two runs. An existing `path` must be
     empty or an earlier run's output (it holds metrics.json or compare.json): nothing else is replaced.
-    Everything that can be checked is checked on entry, before any work.
+    Everything that can be checked is checked on entry, before any work. Under torchrun only rank 0 writes
+    `path`: the other ranks get a private temporary folder, removed at the end, and rank 0 swaps its folder in
+    only once every rank has finished.
     """
     path = Path(path)
     if path.is_symlink():
@@ -108,6 +111,14 @@ def staged_dir(path, what: str = "--out"):
     if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in RUN_MARKERS):
         raise OutputError(f"{what} {path} holds files that are not a run's output, and the run would replace "
                           f"the folder whole; choose a new or empty folder")
+    if not distributed.is_main():
+        scratch = Path(tempfile.mkdtemp(prefix=f"branching-rank{distributed.rank()}-"))
+        try:
+            yield scratch
+            distributed.barrier()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new"))
@@ -117,6 +128,7 @@ def staged_dir(path, what: str = "--out"):
                           f"you can write to") from None
     try:
         yield staging
+        distributed.barrier()
         _swap(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

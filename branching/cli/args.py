@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
+import os
 import re
 import signal
 import sys
@@ -12,6 +14,7 @@ import threading
 
 import torch
 
+from branching import distributed
 from branching.config.recipes import RECIPES
 from branching.config.tree import DEFAULT_CONFIG
 from branching.errors import BranchingError, did_you_mean
@@ -24,14 +27,24 @@ def guarded(main):
 
     Usage errors and --help (argparse's SystemExit) become the status they carry, so that main can be
     called in-process and always returns an int.
+
+    Under torchrun only rank 0 speaks: the other ranks' output is discarded, so an error every rank meets (a
+    BranchingError, a usage error) is printed once; an exception of one rank alone still prints its traceback
+    there; each rank exits with its own status.
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         previous = _on_sigterm(_terminate)
         try:
-            return main(*args, **kwargs) or 0
+            with contextlib.ExitStack() as stack:
+                if not distributed.is_main():  # its own crash still shows: a traceback leaves through here
+                    sink = stack.enter_context(open(os.devnull, "w"))
+                    stack.enter_context(contextlib.redirect_stdout(sink))
+                    stack.enter_context(contextlib.redirect_stderr(sink))
+                return main(*args, **kwargs) or 0
         except BranchingError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if distributed.is_main():
+                print(f"error: {e}", file=sys.stderr)
             return 2
         except SystemExit as e:  # argparse has already printed the help or the `error: ...` line
             return e.code if isinstance(e.code, int) else 2
@@ -43,6 +56,7 @@ def guarded(main):
             return 130
         finally:
             _on_sigterm(previous)
+            distributed.stop()
     return wrapper
 
 

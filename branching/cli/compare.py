@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from branching.cli.args import TREE, flags, study_parser
+from branching import distributed
 from branching.config.parse import load_config
 from branching.config.tree import DEFAULT_CONFIG
 from branching.errors import CheckpointError, ConfigError
@@ -46,6 +47,7 @@ def cmd_compare(args) -> int:
     if config.parent.kind == "module":
         raise ConfigError(f"{config.path}: compare is not built for a module parent (kind = \"module\"): its "
                           f"baselines train or fine-tune the parent; use run and probe-layers")
+    args.device = distributed.start(args.device)
     result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
                          original_parent=args.original_parent, download=not args.no_download,
                          progress=not args.quiet, command=_command(args), kshot=kshot, device=args.device)
@@ -96,6 +98,7 @@ def cmd_probe_layers(args) -> int:
         config = load_config(args.config or DEFAULT_CONFIG)
     if not config.branches:
         raise ConfigError(f"{config.path or args.models}: no branches to probe for")
+    args.device = distributed.start(args.device)
     if args.models is None:
         config = config.reading_every_tap()  # a text parent trained here encodes every layer
     data = load_tree_data(config, args.data, download=not args.no_download, progress=not args.quiet,

@@ -17,6 +17,7 @@ from branching.cli.compare import add_parsers as add_compare
 from branching.cli.init import add_init
 from branching.cli.predict import add_parser as add_predict
 from branching.cli.selfeval import add_parser as add_selfeval
+from branching import distributed
 from branching.config.parse import load_config
 from branching.config.recipes import get_recipe
 from branching.config.tree import DEFAULT_CONFIG
@@ -74,6 +75,7 @@ def cmd_run(args) -> int:
         raise ConfigError("--seed and --seeds: give one (--seeds runs each of its seeds)")
     if args.seeds is not None and args.cache is not None:
         raise ConfigError("--cache goes with a single --seed: each seed trains its own parent, so nothing is shared")
+    args.device = distributed.start(args.device)  # under torchrun: the process group, once the command is checked
     if args.seeds is not None:
         metrics = run_seeds(config, args.data, args.out, recipe, parse_seeds(args.seeds),
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,

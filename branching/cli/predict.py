@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from branching.cli.args import flags, positive_int
+from branching import distributed
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
 from branching.data.folders import is_image_folder, scan
@@ -180,6 +181,7 @@ def cmd_predict(args) -> int:
         raise ConfigError("pass --node NAME (that node alone) or --branch NAME (routing from that branch), not both")
     if args.texts is not None and (args.files or args.data):
         raise ConfigError("pass texts on the command line, --texts FILE or --data DIR, one of them")
+    args.device = distributed.start(args.device)
     if args.node is None:
         predictor = TreePredictor.load(args.models, config, args.branch, device=args.device)
     else:
@@ -203,7 +205,7 @@ def cmd_predict(args) -> int:
         print(f"error: {message}", file=sys.stderr)
     predictions = predictor.predict(pixels, batch_size=args.batch_size)
     rows = prediction_table(names, predictions, truth, predictor.thresholds)
-    if args.out:
+    if args.out and distributed.is_main():  # under torchrun, rank 0 writes
         write_rows(args.out, rows, errors)
     try:
         for row in rows:

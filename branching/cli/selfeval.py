@@ -7,6 +7,7 @@ from pathlib import Path
 
 from branching.acceptance.stats import BOOTSTRAP
 from branching.cli.args import positive_int, study_parser
+from branching import distributed
 from branching.config.parse import load_config
 
 
@@ -28,6 +29,7 @@ def cmd_selfeval(args) -> int:
     config = load_config(args.config)
     seeds = parse_seeds(args.seeds)
     nodes = None if args.nodes is None else [config.node(name).name for name in args.nodes.split(",")]
+    args.device = distributed.start(args.device)
     words = ["python", "-m", "branching", "selfeval", "--config", args.config, "--data", args.data,
              "--seeds", args.seeds, "--out", args.out] + ([] if nodes is None else ["--nodes", args.nodes])
     if args.max_epochs is not None:

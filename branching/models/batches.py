@@ -113,9 +113,12 @@ class Augment:
         dy, dx = (torch.randint(0, 2 * self.crop + 1, (n,), generator=generator) for _ in range(2))
         return flips, dy, dx
 
-    def batch(self, inputs: DeviceInputs, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Rows `index` of the inputs, augmented with fresh draws from `generator`, on the inputs' device."""
-        flips, dy, dx = self.draw(len(index), generator)
+    def batch(self, inputs: DeviceInputs, index: torch.Tensor, generator: torch.Generator, share=(0, 1)) -> torch.Tensor:
+        """Rows `index` of the inputs, augmented with fresh draws from `generator`, on the inputs' device.
+        share (rank, world): the draws are made for `world` such batches, and this one takes part `rank`."""
+        rank, world = share
+        part = slice(rank * len(index), (rank + 1) * len(index))
+        flips, dy, dx = (None if d is None else d[part] for d in self.draw(world * len(index), generator))
         device = inputs.device
         flips = None if flips is None else flips.to(device, non_blocking=True)
         if flips is not None and self.mirrored is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from branching import distributed
 from branching.lazy_images import NormalizedImages
 from branching.models.batches import Augment, DeviceInputs, device_batches, mirror
 from branching.models.device import CPU
@@ -95,8 +96,13 @@ def node_input(models: dict[str, Model], node: str, x: torch.Tensor) -> torch.Te
 
 def extract(models: dict[str, Model], wanted, X: np.ndarray, batch_size: int = BATCH) -> list[np.ndarray]:
     """Vectors (float32) of normalised images X for each read (node, layer, where[, pool]) in `wanted`, in
-    order; every model in eval mode, no gradients."""
+    order; every model in eval mode, no gradients. Under torchrun each rank extracts its share of the rows
+    and every rank gets them all."""
     keys = [read(models, *r) for r in wanted]
+    return list(distributed.over_shards(len(X), lambda rows: tuple(_extract(models, keys, X[rows], batch_size))))
+
+
+def _extract(models: dict[str, Model], keys, X, batch_size: int) -> list[np.ndarray]:
     if not len(X):
         return [np.zeros((0, models[node].width(layer, where, how)), np.float32) for node, layer, where, how in keys]
     need = plan(models, keys)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from scipy.special import softmax
 from torch import nn
 
+from branching import distributed
 from branching.fileio import atomic_path
 from branching.models import nets
 from branching.models.batches import device_batches
@@ -224,7 +225,12 @@ class Model(Trainable):
         return self.device
 
     def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
+        """fn over batches of X on the model's device, concatenated; under torchrun each rank maps its share of
+        the rows and every rank gets them all (distributed.over_shards)."""
         batch_size = check_int(batch_size, "batch_size", minimum=1)
+        return distributed.over_shards(len(X), lambda rows: self._map_rows(X[rows], fn, batch_size))
+
+    def _map_rows(self, X, fn, batch_size) -> np.ndarray:
         device = self._device()
         outputs = []
         with self._inference():
@@ -237,8 +243,12 @@ class Model(Trainable):
         return torch.cat(outputs).numpy()
 
     def _loss_accuracy(self, X: np.ndarray, y: np.ndarray, batch_size=4096) -> dict:
+        """Mean cross-entropy and accuracy; under torchrun each rank sums its share of the rows and every rank
+        gets the same totals (so early stopping decides alike everywhere)."""
         loss_sum, correct = 0.0, 0
         device = self._device()
+        rows = distributed.shard(len(y))
+        X, y_all, y = X[rows], y, y[rows]
         with self._inference():
             for start in range(0, len(y), batch_size):  # the loss summed over the same batches at any image size
                 yb = torch.from_numpy(y[start:start + batch_size]).to(device)
@@ -249,7 +259,8 @@ class Model(Trainable):
                 out = torch.cat(parts)
                 loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
                 correct += (out.argmax(dim=1) == yb).sum().item()
-        n = len(y)
+        loss_sum, correct = distributed.all_sum(torch.tensor([loss_sum, correct], dtype=torch.float64)).tolist()
+        n = len(y_all)
         return {"loss": loss_sum / n if n else math.nan, "accuracy": correct / n if n else math.nan}
 
     # ---- weights ---------------------------------------------------------------------------

@@ -9,8 +9,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from branching import distributed
 from branching.models.batches import Augment, DeviceInputs
 from branching.models.checks import as_2d_float, as_labels, check_choice, check_int, check_real
 from branching.models.device import autocast, compiled, resolve_device
@@ -66,8 +68,12 @@ class Trainable:
             torch.manual_seed(check_int(seed, "seed", minimum=0))  # dropout uses the global RNG
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         opt = make_optimizer(optimizer, params, lr, weight_decay)
-        scheduler = make_scheduler(lr_schedule, opt, lr, epochs * math.ceil(len(X) / batch_size))
-        step_net = compiled(self.net, device) if compile else self.net
+        share = (distributed.rank(), distributed.world()) if distributed.sharding() else (0, 1)
+        scheduler = make_scheduler(lr_schedule, opt, lr, epochs * steps_per_epoch(len(X), batch_size, share[1]))
+        step_net = self.net
+        if share[1] > 1:  # gradients averaged over the ranks; the parameters start as rank 0's
+            step_net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        step_net = compiled(step_net, device) if compile else step_net
         inputs = DeviceInputs(X, device)
         yt = torch.from_numpy(y).to(inputs.index_device)
 
@@ -79,7 +85,7 @@ class Trainable:
         try:
             for epoch in bar:
                 loss, accuracy = self._train_epoch(step_net, inputs, yt, opt, scheduler, batch_size,
-                                                   label_smoothing, train_transform, generator)
+                                                   label_smoothing, train_transform, generator, share)
                 history["loss"].append(loss)
                 history["accuracy"].append(accuracy)
                 history["lr"].append(float(opt.param_groups[0]["lr"]))
@@ -112,17 +118,26 @@ class Trainable:
         self.history = history
         return history
 
-    def _train_epoch(self, net, inputs, yt, opt, scheduler, batch_size, label_smoothing, transform, generator):
+    def _train_epoch(self, net, inputs, yt, opt, scheduler, batch_size, label_smoothing, transform, generator,
+                     share=(0, 1)):
         """One pass in train mode over slices of a random permutation; returns the epoch's mean training loss
-        and accuracy (summed on the device, read once)."""
+        and accuracy (summed on the device, read once).
+
+        share (rank, world): under DistributedDataParallel every rank draws the same permutation, padded to a
+        multiple of the world size with its first rows (as torch's DistributedSampler), and takes every
+        world-th row from its rank on, in batches of batch_size / world; augmentation draws are made for the
+        whole step and each rank takes its part, so that one process is the plain loop."""
         self.net.train()
         device = inputs.device
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        order = torch.randperm(len(inputs), generator=generator).to(inputs.index_device)
-        for idx in order.split(batch_size):
+        rank, world = share
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, rows
+        order = torch.randperm(len(inputs), generator=generator)
+        if world > 1:
+            order = torch.cat([order, order[:(-len(order)) % world]])[rank::world]
+            batch_size = math.ceil(batch_size / world)
+        for idx in order.to(inputs.index_device).split(batch_size):
             if isinstance(transform, Augment):
-                xb = transform.batch(inputs, idx, generator)
+                xb = transform.batch(inputs, idx, generator, share)
             else:
                 xb = inputs.rows(idx)
                 if transform is not None:
@@ -140,9 +155,16 @@ class Trainable:
             opt.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (out.argmax(dim=1) == yb).sum()
-        return loss_sum.item() / len(inputs), correct.item() / len(inputs)
+            sums[0] += loss.detach() * len(idx)
+            sums[1] += (out.argmax(dim=1) == yb).sum()
+            sums[2] += len(idx)
+        loss_sum, correct, rows = distributed.all_sum(sums).tolist()
+        return loss_sum / rows, correct / rows
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps in an epoch of n rows (see _train_epoch for world > 1)."""
+    return math.ceil(math.ceil(n / world) / math.ceil(batch_size / world))
 
 
 def make_optimizer(name, params, lr, weight_decay):

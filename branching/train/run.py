@@ -16,7 +16,8 @@ from branching.config.tree import TreeConfig
 from branching.console import log
 from branching.data.tree_data import TreeData, data_notes, load_tree_data
 from branching.errors import ConfigError
-from branching.fileio import staged_dir, write_csv, write_json
+from branching import distributed
+from branching.fileio import staged_dir, write_bytes, write_csv, write_json
 from branching.models.device import CPU, check_compile, on_device
 from branching.models.forward import node_inputs
 from branching.models.model import Model
@@ -53,6 +54,40 @@ def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
             lines.append(f"  {spec.name}'s self-evaluation judge: {spec.selfeval.folds} cross-fitted copies of the node, "
                          f"then the judge")
     return "\n".join(lines)
+
+
+def _train_node(config, spec, models, data, recipe, seed, progress, cache_dir, device, compile, store) -> float:
+    """Train node `spec` (and its self-evaluation judge), save it in `store` and load it into `models`; returns
+    the seconds it took."""
+    t = time.perf_counter()
+    if spec.source is None:
+        model, meta, _ = train_parent(config, data, recipe, seed, progress, device, compile)
+    else:
+        model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress, cache_dir, device)
+    store.save(spec.name, model, meta)
+    models[spec.name] = store.load(spec.name)
+    if spec.selfeval is not None:
+        meta = selfeval.attach_judge(config, spec.name, models, data, recipe, seed, store.directory, progress, log,
+                                     device)
+        store.save(spec.name, model, meta)
+        models[spec.name] = store.load(spec.name)
+    return time.perf_counter() - t
+
+
+def _levels(config: TreeConfig) -> list[list]:
+    """The nodes by depth: the parent, then its branches, then theirs; each level's nodes are independent."""
+    levels: list[list] = []
+    for spec in config.nodes():
+        depth = config.depth(spec.name)
+        levels += [[] for _ in range(depth + 1 - len(levels))]
+        levels[depth].append(spec)
+    return levels
+
+
+def _node_files(store: ModelStore, name: str, timings: dict) -> dict:
+    """A trained node's files (its checkpoint and judge) and time, as the rank that trained it sends them."""
+    paths = [store.path(name), judge.path_of(store.directory, name)]
+    return {"files": {p.name: p.read_bytes() for p in paths if p.is_file()}, "seconds": timings[f"train_{name}_s"]}
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -110,28 +145,34 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
 def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device,
          skip_bad_images, compile=False) -> dict:
     start = time.perf_counter()
-    data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
-                          device=device)
+    with distributed.main_first():  # rank 0 builds any cache; the others then read it
+        data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
+                              device=device)
     for line in data_notes(data).values():
         echo(f"note: {line}")
     log(plan(config, recipe, seed, device))
     store = ModelStore(out / "models")
     timings: dict[str, float] = {}
     models: dict[str, Model] = {}
-    for spec in config.nodes():
-        t = time.perf_counter()
-        if spec.source is None:
-            model, meta, _ = train_parent(config, data, recipe, seed, progress, device, compile)
-        else:
-            model, meta = train_branch(config, spec.name, models, data, recipe, seed, progress, cache_dir, device)
-        store.save(spec.name, model, meta)
-        models[spec.name] = store.load(spec.name)
-        if spec.selfeval is not None:
-            meta = selfeval.attach_judge(config, spec.name, models, data, recipe, seed, store.directory, progress, log,
-                                         device)
-            store.save(spec.name, model, meta)
-            models[spec.name] = store.load(spec.name)
-        timings[f"train_{spec.name}_s"] = time.perf_counter() - t
+    train = lambda spec: _train_node(config, spec, models, data, recipe, seed, progress, cache_dir, device,  # noqa: E731
+                                     compile, store)
+    for depth, level in enumerate(_levels(config)):
+        if depth == 0 or not distributed.sharding():  # the parent trains on every rank together
+            timings.update({f"train_{spec.name}_s": train(spec) for spec in level})
+            continue
+        owner = {spec.name: i % distributed.world() for i, spec in enumerate(level)}  # by position, never by seed
+        for spec in level:
+            if owner[spec.name] == distributed.rank():
+                with distributed.local():
+                    timings[f"train_{spec.name}_s"] = train(spec)
+        for spec in level:  # each branch's files and time, from the rank that trained it to every other
+            mine = owner[spec.name] == distributed.rank()
+            sent = distributed.broadcast(_node_files(store, spec.name, timings) if mine else None, owner[spec.name])
+            if not mine:
+                for name, data_bytes in sent["files"].items():
+                    write_bytes(store.directory / name, data_bytes)
+                timings[f"train_{spec.name}_s"] = sent["seconds"]
+                models[spec.name] = store.load(spec.name)
 
     t = time.perf_counter()
     metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.facts(),
@@ -163,7 +204,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     metrics["notes"] = {**data_notes(data),
                         **{n: m.meta["acceptance_note"] for n, m in models.items() if m.meta.get("acceptance_note")}}
     write_json(out / "metrics.json", metrics)
-    if report:
+    if report and distributed.is_main():  # other ranks' `out` is a scratch folder, removed
         from branching.reports.run import write_report  # matplotlib is only loaded when a report is written
         write_report(out)
     return metrics

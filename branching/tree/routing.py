@@ -26,6 +26,7 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
+from branching import distributed
 from branching.acceptance import confidence as scores
 from branching.acceptance.metrics import classification_summary, format_report
 from branching.acceptance.rule import Acceptance
@@ -254,6 +255,11 @@ class TreePredictor:
                               f"{images.shape}")
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        # under torchrun each rank routes its share of the images and every rank gets every answer
+        arrays = distributed.over_shards(len(images), lambda rows: self._predict(images[rows], batch_size))
+        return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
+
+    def _predict(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         n = len(images)
         arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
                   "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
@@ -271,7 +277,7 @@ class TreePredictor:
                               else [read_tap(self.models, r, x).cpu().numpy() for r in self.entry.judge.reads])
                     self._route(self.entry, node_input(self.models, self.entry.name, x).cpu(), None, batch, judged)
                     batch["parent_predicted"][:] = -1
-        return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
+        return arrays
 
     def _input(self, pixels: np.ndarray) -> torch.Tensor:
         x = np.array(pixels, dtype=np.float32, order="C")  # one batch at a time: memory stays bounded
