@@ -61,6 +61,12 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+def leads() -> bool:
+    """Whether this process decides and writes for the others: rank 0 while work is spread, any process working
+    alone (outside torchrun, or inside `local`)."""
+    return not sharding() or is_main()
+
+
 def sharding() -> bool:
     """Whether work is spread over the ranks here: under torchrun, joined, and not inside `local`."""
     return launched() and _local_depth == 0 and dist.is_available() and dist.is_initialized()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from branching import distributed
 from branching.console import log
 from branching.data.image_cache import cache_root
 from branching.data.texts import TextFolder
@@ -62,10 +63,14 @@ def load_encoded(folder: TextFolder, shape: dict, device=CPU, progress: bool = T
     depth, columns = shape["depth"], shape["depth"] * len(TEXT_POOLS) * shape["width"]
     index = _index(where, text)
     encoded = index is None or index["depth"] < depth
+    if distributed.sharding():  # under torchrun: encode together (each rank its share) if any rank lacks the cache
+        encoded = distributed.all_sum(torch.tensor([float(encoded)])).item() > 0
     if encoded:
-        _build(folder, shape, where, text, device, progress)
-        index = _index(where, text)
-    every = np.load(where / "vectors.npy", mmap_mode="r")
+        every, index = _encode(folder, shape, where, device, progress)
+        if distributed.leads():
+            _store(every, index, where, text, shape["depth"])
+    else:
+        every = np.load(where / "vectors.npy", mmap_mode="r")
     splits = {split: every[entry["start"]:entry["start"] + entry["count"], :columns]
               for split, entry in index["splits"].items()}
     return EncodedTexts(splits, {s: e["truncated"] for s, e in index["splits"].items()},
@@ -81,23 +86,29 @@ def _index(where: Path, text: str) -> dict | None:
         return None
 
 
-def _build(folder: TextFolder, shape: dict, where: Path, text: str, device, progress: bool) -> None:
-    """Encode every split into a new folder beside `where`, then swap it in whole."""
+def _encode(folder: TextFolder, shape: dict, where: Path, device, progress: bool):
+    """(vectors, index) of every split's texts, in order; under torchrun each rank encodes its share."""
     from branching.models.encoder import Encoder  # transformers is only imported where texts are encoded
     encoder = Encoder(shape["model"], shape["max_length"], device)
     texts = [t for part in folder.splits.values() for t in part.texts]
     log(f"encoding {len(texts)} texts of {folder.root} with {encoder.folder.name} on {device} "
         f"(cached under {where.parent})")
-    vectors, cut = encoder.encode(texts, shape["depth"], progress=progress)
+    vectors, cut = distributed.over_shards(
+        len(texts), lambda rows: encoder.encode(texts[rows], shape["depth"], progress=progress))
+    index, start = {"depth": shape["depth"], "splits": {}}, 0
+    for split, part in folder.splits.items():
+        count = len(part.texts)
+        index["splits"][split] = {"start": start, "count": count, "truncated": int(cut[start:start + count].sum())}
+        start += count
+    return vectors, index
+
+
+def _store(vectors: np.ndarray, index: dict, where: Path, text: str, depth: int) -> None:
+    """The vectors into a new folder beside `where`, then swapped in whole."""
     where.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
     try:
         np.save(staging / "vectors.npy", vectors)
-        index, start = {"depth": shape["depth"], "splits": {}}, 0
-        for split, part in folder.splits.items():
-            count = len(part.texts)
-            index["splits"][split] = {"start": start, "count": count, "truncated": int(cut[start:start + count].sum())}
-            start += count
         (staging / "index.json").write_text(json.dumps(index))
         (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
         old = where.with_name(f"{where.name}.old.{os.getpid()}")  # this process's own: no stale one blocks it
@@ -109,7 +120,7 @@ def _build(folder: TextFolder, shape: dict, where: Path, text: str, device, prog
         except OSError:  # another process swapped in a cache meanwhile: keep it if it serves this tree
             shutil.rmtree(staging, ignore_errors=True)
             found = _index(where, text)
-            if found is None or found["depth"] < shape["depth"]:
+            if found is None or found["depth"] < depth:
                 raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from branching import distributed
 from branching.data.cifar import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select_rows
 from branching.data.download import ensure_cifar100
 from branching.data.folders import is_image_folder, scan
@@ -111,10 +112,16 @@ def data_notes(data: TreeData) -> dict[str, str]:
 def load_tree_data(config, data_dir, download: bool = False, progress: bool = True,
                    skip_bad_images: bool = False, device=CPU) -> TreeData:
     """Load (and, if asked, download) the data, checking that every class of the tree (a
-    branching.config.tree.TreeConfig) exists in it. Texts (a text parent's) are encoded on `device`."""
+    branching.config.tree.TreeConfig) exists in it. Texts (a text parent's) are encoded on `device`. Under
+    torchrun rank 0 loads images first (it downloads, or builds the image cache) and the others after it."""
     data_dir = Path(data_dir)
-    if config.parent.kind == "text" or is_text_folder(data_dir):
+    if config.parent.kind == "text" or is_text_folder(data_dir):  # the ranks encode the texts together
         return TreeData(**load_text_data(config, data_dir, progress, device))
+    with distributed.main_first():
+        return _load_image_data(config, data_dir, download, progress, skip_bad_images)
+
+
+def _load_image_data(config, data_dir: Path, download, progress, skip_bad_images) -> TreeData:
     if data_dir.is_file():
         raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder that holds the data (for "
                         f"CIFAR-100, the folder of its files train, test and meta; else image folders train/ "

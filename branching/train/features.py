@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from branching import distributed
 from branching.data.normalization import Normalizer
 from branching.fileio import write_bytes, write_json
 from branching.models.batches import Augment
@@ -109,7 +110,8 @@ class FeatureCache:
         {"flipped": of X[i] mirrored}."""
         variants = ("plain", "flipped") if flips else ("plain",)
         manifest = self.manifest(models, r, rows, data_hashes, variants)
-        arrays = self.load(manifest)
+        # under torchrun rank 0 reads and writes the cache, and every rank follows what it found
+        arrays = distributed.broadcast(self.load(manifest) if distributed.leads() else None)
         if arrays is not None:
             self.log(f"feature cache {self.entry(manifest)}: reusing")
             return arrays
@@ -117,7 +119,8 @@ class FeatureCache:
         arrays = {"plain": extract(models, [r], X)[0]}
         if flips:
             arrays["flipped"] = extract_mirrored(models, r, X, normalizer)
-        self.store(manifest, arrays)
+        if distributed.leads():
+            self.store(manifest, arrays)
         self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} images, {', '.join(variants)})")
         return arrays
 

@@ -145,9 +145,8 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
 def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device,
          skip_bad_images, compile=False) -> dict:
     start = time.perf_counter()
-    with distributed.main_first():  # rank 0 builds any cache; the others then read it
-        data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
-                              device=device)
+    data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
+                          device=device)
     for line in data_notes(data).values():
         echo(f"note: {line}")
     log(plan(config, recipe, seed, device))
