@@ -16,8 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from branching.errors import ConfigError
+
 TIMEOUT_ENV = "BRANCHING_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600  # a backstop: torchrun ends the job as soon as a rank dies; a rank waits this at most
+# How long a rank waits for the others at a collective. torchrun ends the job as soon as a rank exits or dies;
+# this bounds only a rank that hangs alive, and must exceed the longest wait by design: ranks done with a level
+# of branches wait for the rank training the slowest, and the others wait while rank 0 builds the image cache.
+DEFAULT_TIMEOUT_S = 3 * 3600
 
 _local_depth = 0  # > 0 inside `local`: this process works alone, no collectives
 
@@ -47,7 +52,12 @@ def start(device: torch.device) -> torch.device:
     if not launched():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
+                              f"machine but it has {torch.cuda.device_count()} CUDA device(s); give --nproc-per-node "
+                              f"{torch.cuda.device_count()} at most (one process per GPU)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
@@ -74,13 +84,22 @@ def sharding() -> bool:
 
 @contextlib.contextmanager
 def local():
-    """Inside the block this process works alone (a branch it trains by itself): no sharding, no collectives."""
+    """Inside the block this process works alone (a branch it trains by itself): no sharding, no collectives.
+    An exception leaving it is marked as this rank's own (`own_error`): the others did not meet it."""
     global _local_depth
     _local_depth += 1
     try:
         yield
+    except BaseException as error:
+        error.branching_rank = rank()
+        raise
     finally:
         _local_depth -= 1
+
+
+def own_error(error: BaseException) -> bool:
+    """Whether an error was met by this rank alone, inside `local` (so only this rank can report it)."""
+    return getattr(error, "branching_rank", None) == rank()
 
 
 def shard(n: int) -> slice:
@@ -132,6 +151,14 @@ def broadcast(obj, src: int = 0):
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(net: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch norm's running statistics) in place on every rank: DistributedDataParallel
+    sends them at the start of each step, and the last step's update would otherwise differ by rank."""
+    if sharding():
+        for buffer in net.buffers():
+            dist.broadcast(buffer.data, 0)
 
 
 def barrier() -> None:

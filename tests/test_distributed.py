@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from reference import REPO_ROOT
 from synthetic import make_synthetic
 
 from branching import distributed
+from branching.models.training import rank_steps, steps_per_epoch
 
 CLASSES = ["beaver", "whale", "wolf", "sunflower", "forest"]
 N_TEST = 11  # a class: 55 test images, odd, so two ranks cannot split them evenly
@@ -26,6 +28,11 @@ parent = { classes = ["beaver", "whale", "wolf", "sunflower", "forest"], hidden 
 branches.animals = { classes = ["beaver", "whale", "wolf"], layer = 1, hidden = [12] }
 branches.plants = { classes = ["sunflower", "forest"], layer = 0, hidden = [5] }
 branches.water = { from = "animals", classes = ["beaver", "whale"], layer = 0, hidden = [6] }
+"""
+CNN_TREE = """
+parent = { classes = ["beaver", "whale", "wolf", "sunflower", "forest"], kind = "cnn", widths = [4, 8], depth = 1 }
+branches.animals = { classes = ["beaver", "whale", "wolf"], layer = 1, hidden = [12] }
+branches.plants = { classes = ["sunflower", "forest"], layer = 0, hidden = [5] }
 """
 LIMIT_S = 120
 
@@ -84,6 +91,19 @@ def test_shards_cover_every_row_once_in_order(monkeypatch):
             assert max(len(range(n)[s]) for s in shares) - min(len(range(n)[s]) for s in shares) <= 1
 
 
+def test_every_rank_takes_equal_steps_covering_every_row(monkeypatch):
+    for n, batch, world in ((55, 16, 2), (7, 4, 3), (2, 8, 5), (1, 3, 4), (128, 128, 2), (10, 3, 1)):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        ranks = [list(rank_steps(order, batch, rank, world)) for rank in range(world)]
+        assert len({len(steps) for steps in ranks}) == 1 == len({steps_per_epoch(n, batch, world), len(ranks[0])})
+        for step in zip(*ranks):  # the same rows a rank at each step, none empty
+            assert len({len(part) for part in step}) == 1 and len(step[0]) > 0
+        seen = torch.cat([part for steps in ranks for part in steps])
+        assert set(seen.tolist()) == set(range(n)) and len(seen) == -(-n // world) * world  # padded, no row lost
+    order = torch.randperm(30)
+    assert [p.tolist() for p in rank_steps(order, 8)] == [p.tolist() for p in order.split(8)]  # one process: plain
+
+
 def test_one_process_under_torchrun_gives_the_plain_figures(tree, tmp_path):
     folder, data = tree
     plain = subprocess.run([sys.executable, "-m", "branching", *run_args(folder, data, tmp_path / "plain")],
@@ -131,6 +151,20 @@ def test_two_single_process_nodes_give_the_figures_of_one_two_process_node(tree,
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert figures(tmp_path / "nodes") == figures(tmp_path / "together")
     assert sum(stdout.count("wrote ") for stdout, _ in outputs) == 1
+
+
+def test_a_cnn_parent_is_the_same_model_on_every_rank(tree, tmp_path):
+    """Batch norm's running statistics are rank 0's everywhere: a branch trained on rank 1 reads the parent that
+    rank 0 saved, so the models load and predict together."""
+    folder, data = tree
+    (tmp_path / "tree.toml").write_text(CNN_TREE)
+    result = torchrun("--standalone", "--nproc-per-node", "2", command=run_args(tmp_path, data, tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = subprocess.run([sys.executable, "-m", "branching", "predict", "--models", str(tmp_path / "out"),
+                                "--data", str(data), "--split", "test"], capture_output=True, text=True,
+                               timeout=LIMIT_S, env=environment())
+    assert predicted.returncode == 0, predicted.stderr[-2000:]  # lineage: every branch's parent is the saved one
+    assert f"{len(CLASSES) * N_TEST} images of the tree's classes" in predicted.stderr
 
 
 def test_a_bad_config_is_reported_once_and_every_rank_exits_2(tree, tmp_path):

@@ -45,6 +45,8 @@ def guarded(main):
         except BranchingError as e:
             if distributed.is_main():
                 print(f"error: {e}", file=sys.stderr)
+            elif distributed.own_error(e):  # met by this rank alone (a branch it trained): only it can say
+                print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
             return 2
         except SystemExit as e:  # argparse has already printed the help or the `error: ...` line
             return e.code if isinstance(e.code, int) else 2

@@ -70,7 +70,8 @@ def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], 
         folders = scan(data_dir)
         if split not in folders.splits:
             raise DataError(f"--data {data_dir} has no {split}/ folder; choose --split from {', '.join(folders.splits)}")
-        cached = load_cached(folders, side, skip_bad=True)  # the split's bad images are reported, not answered
+        with distributed.main_first():  # under torchrun rank 0 builds the cache, the others read it
+            cached = load_cached(folders, side, skip_bad=True)  # the split's bad images are reported, not answered
         part = cached.splits[split]
         return part.files, part.images, [folders.classes[i] for i in part.labels], cached.skipped_in[split]
     data = load_split(data_dir, split)

@@ -67,8 +67,9 @@ def load_encoded(folder: TextFolder, shape: dict, device=CPU, progress: bool = T
         encoded = distributed.all_sum(torch.tensor([float(encoded)])).item() > 0
     if encoded:
         every, index = _encode(folder, shape, where, device, progress)
-        if distributed.leads():
+        if distributed.leads():  # stored, then read back memory-mapped (the other ranks keep their copy)
             _store(every, index, where, text, shape["depth"])
+            every = np.load(where / "vectors.npy", mmap_mode="r")
     else:
         every = np.load(where / "vectors.npy", mmap_mode="r")
     splits = {split: every[entry["start"]:entry["start"] + entry["count"], :columns]

@@ -30,15 +30,17 @@ class DeviceInputs:
             self.host = X.images if X.rows is None else _Rows(X.images, X.rows)
         else:
             self.host = X if isinstance(X, torch.Tensor) else np.asarray(X)
-            if type(self.host) is np.ndarray:  # indexed as a tensor (a view of the same memory)
-                self.host = torch.from_numpy(writable(self.host))
+            if type(self.host) is np.ndarray and self.host.flags.writeable:  # a tensor view of the same memory
+                self.host = torch.from_numpy(self.host)  # (read-only and mapped arrays: copied a batch at a time)
         self.width = int(X.shape[1])
         self.length = len(X)
         self.mean = self.std = None
         if self.normalizer is not None:
             self.mean = torch.from_numpy(self.normalizer.mean).to(self.device)
             self.std = torch.from_numpy(self.normalizer.std).to(self.device)
-        self.resident = self._upload() if hold and self.device.type == "cuda" else None
+        self.resident = None
+        if hold and self.device.type == "cuda":
+            self.resident = self._upload()
 
     def __len__(self) -> int:
         return self.length
@@ -51,13 +53,13 @@ class DeviceInputs:
     @property
     def is_images(self) -> bool:
         """Stored images (uint8 pixels, not yet normalised) that can be mirrored as pixels."""
-        return self.normalizer is not None and np.dtype(self.host.dtype) == np.uint8
+        return self.normalizer is not None and self.host.dtype in (np.uint8, torch.uint8)
 
     def raw(self, index: torch.Tensor) -> torch.Tensor:
         """The stored values of rows `index`, on the device."""
         if self.resident is not None:
             return self.resident[index.to(self.device)]
-        rows = self.host[index] if isinstance(self.host, torch.Tensor) else self.host[index.cpu().numpy()]
+        rows = self.host[index.cpu()] if isinstance(self.host, torch.Tensor) else self.host[index.cpu().numpy()]
         values = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(writable(np.ascontiguousarray(rows)))
         return values.to(self.device, non_blocking=True)
 
@@ -74,9 +76,12 @@ class DeviceInputs:
         itemsize = self.host.element_size() if isinstance(self.host, torch.Tensor) else np.dtype(self.host.dtype).itemsize
         if self.length * self.width * itemsize > RESIDENT_SHARE * free:
             return None
-        parts = [self.raw(torch.arange(start, min(start + UPLOAD_ROWS, self.length)))
-                 for start in range(0, self.length, UPLOAD_ROWS)]
-        return torch.cat(parts) if parts else None
+        first = self.raw(torch.arange(min(UPLOAD_ROWS, self.length)))
+        held = torch.empty((self.length, self.width), dtype=first.dtype, device=self.device)  # one copy, filled
+        held[:len(first)] = first
+        for start in range(UPLOAD_ROWS, self.length, UPLOAD_ROWS):
+            held[start:start + UPLOAD_ROWS] = self.raw(torch.arange(start, min(start + UPLOAD_ROWS, self.length)))
+        return held
 
 
 class _Rows:
@@ -122,7 +127,9 @@ class Augment:
         device = inputs.device
         flips = None if flips is None else flips.to(device, non_blocking=True)
         if flips is not None and self.mirrored is not None:
-            mirrored = self._mirrored_on.setdefault(device, torch.from_numpy(self.mirrored).to(device))
+            if device not in self._mirrored_on:  # copied to the device once
+                self._mirrored_on[device] = torch.from_numpy(self.mirrored).to(device)
+            mirrored = self._mirrored_on[device]
             x = torch.where(flips[:, None], mirrored[index.to(device)], inputs.rows(index))
         elif flips is not None and inputs.is_images:
             x = inputs.normalize(mirror(inputs.raw(index), flips))

@@ -3,7 +3,9 @@ module, frozen) with Keras-like inference, taps (feature_info, forward_intermedi
 Training is branching.models.training's.
 
 Every method that takes inputs follows the convention of `as_2d_float`. The model is in eval mode
-except while `fit` runs, and on the CPU unless moved (`to`).
+except while `fit` runs, and on the CPU unless moved (`to`). Under torchrun, fit and every method that maps
+inputs in batches (logits, predict, evaluate, get_activations) are collective: every rank calls them alike,
+each computing its share (branching.distributed), unless inside `distributed.local()`.
 """
 from __future__ import annotations
 

@@ -34,7 +34,9 @@ class Trainable:
 
         The inputs go to the device once (batches.DeviceInputs). `train_transform`: a batches.Augment, applied
         there with the training generator's draws, or any function (batch, generator) -> batch of the network's
-        inputs. `compile`: the training step's network through torch.compile."""
+        inputs, given each normalised batch on the device. `compile`: the training step's network through
+        torch.compile. Under torchrun (branching.distributed) every rank must call fit alike: it trains under
+        DistributedDataParallel."""
         if self.kind == "module":
             raise ValueError("a module parent is never trained here: it is loaded from its weights file")
         n_in, n_out = self.architecture[0], self.architecture[-1]
@@ -66,9 +68,12 @@ class Trainable:
 
         if seed is not None:
             torch.manual_seed(check_int(seed, "seed", minimum=0))  # dropout uses the global RNG
-        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        opt = make_optimizer(optimizer, params, lr, weight_decay)
         share = (distributed.rank(), distributed.world()) if distributed.sharding() else (0, 1)
+        batches_seed = distributed.broadcast(int(torch.randint(0, 2**62, ()).item()))  # rank 0's: one permutation
+        generator = torch.Generator().manual_seed(batches_seed)
+        if share[1] > 1:  # each rank its own dropout masks
+            torch.manual_seed(batches_seed + share[0])
+        opt = make_optimizer(optimizer, params, lr, weight_decay)
         scheduler = make_scheduler(lr_schedule, opt, lr, epochs * steps_per_epoch(len(X), batch_size, share[1]))
         step_net = self.net
         if share[1] > 1:  # gradients averaged over the ranks; the parameters start as rank 0's
@@ -86,6 +91,7 @@ class Trainable:
             for epoch in bar:
                 loss, accuracy = self._train_epoch(step_net, inputs, yt, opt, scheduler, batch_size,
                                                    label_smoothing, train_transform, generator, share)
+                distributed.broadcast_buffers(self.net)  # batch norm's statistics: rank 0's on every rank
                 history["loss"].append(loss)
                 history["accuracy"].append(accuracy)
                 history["lr"].append(float(opt.param_groups[0]["lr"]))
@@ -124,18 +130,16 @@ class Trainable:
         and accuracy (summed on the device, read once).
 
         share (rank, world): under DistributedDataParallel every rank draws the same permutation, padded to a
-        multiple of the world size with its first rows (as torch's DistributedSampler), and takes every
-        world-th row from its rank on, in batches of batch_size / world; augmentation draws are made for the
-        whole step and each rank takes its part, so that one process is the plain loop."""
+        multiple of the world size by repeating it (as torch's DistributedSampler), and cuts it into steps of
+        world x ceil(batch_size / world) rows, of which each rank takes its contiguous part; augmentation
+        draws are made for the whole step and each rank takes its part (with a batch size that divides by the
+        world size, every image is augmented as in one process; one process is the plain loop)."""
         self.net.train()
         device = inputs.device
         rank, world = share
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, rows
-        order = torch.randperm(len(inputs), generator=generator)
-        if world > 1:
-            order = torch.cat([order, order[:(-len(order)) % world]])[rank::world]
-            batch_size = math.ceil(batch_size / world)
-        for idx in order.to(inputs.index_device).split(batch_size):
+        order = torch.randperm(len(inputs), generator=generator).to(inputs.index_device)
+        for idx in rank_steps(order, batch_size, rank, world):
             if isinstance(transform, Augment):
                 xb = transform.batch(inputs, idx, generator, share)
             else:
@@ -160,6 +164,20 @@ class Trainable:
             sums[2] += len(idx)
         loss_sum, correct, rows = distributed.all_sum(sums).tolist()
         return loss_sum / rows, correct / rows
+
+
+def rank_steps(order: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1):
+    """The rows `rank` trains on at each step of an epoch in `order` (see _train_epoch): order split into
+    batches for one process; for several, the order padded to a multiple of the world size by repeating it,
+    cut into steps of world x ceil(batch_size / world) rows, and this rank's contiguous part of each."""
+    if world == 1:
+        yield from order.split(batch_size)
+        return
+    total = math.ceil(len(order) / world) * world
+    order = order.repeat(math.ceil(total / len(order)))[:total]
+    for chunk in order.split(math.ceil(batch_size / world) * world):
+        part = len(chunk) // world
+        yield chunk[rank * part:(rank + 1) * part]
 
 
 def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:

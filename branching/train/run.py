@@ -238,7 +238,7 @@ def _run_seeds(config, data_dir, out: Path, recipe, seeds, echo, report, options
                "timings": {**summary["timings"], "all_seeds_s": time.perf_counter() - start}}
     write_json(out / "metrics.json", metrics)
     echo(seeds_summary.format_summary(metrics))
-    if report:
+    if report and distributed.is_main():
         from branching.reports.run import write_seeds_report  # matplotlib is only loaded when a report is written
         write_seeds_report(out)
     return metrics
