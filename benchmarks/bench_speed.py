@@ -103,7 +103,7 @@ def timed(fn, device) -> float:
 def training_rate(config, pixels, labels, device, epochs, repeats, compile_net) -> float:
     """Training images/s of Model.fit on the images (the best of `repeats` runs of `epochs` epochs)."""
     kind = config.parent.kind
-    r = get_recipe("default").parent_for(kind)
+    r = get_recipe("default").parent_for(kind).on(device)  # on a GPU, its GPU batch size and rate
     normalizer = Normalizer.fit(pixels, per_channel=kind != "mlp")
     X = normalizer.lazy(pixels)
     transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     for kind in args.kinds.split(","):
         config = load_config(CONFIGS[kind])
         pixels, labels = training_images(config, args.data, args.images)
-        batch = get_recipe("default").parent_for(kind).batch_size
+        batch = get_recipe("default").parent_for(kind).on(device).batch_size
         flops = flops_per_trained_image(parent_model(config), batch, device)
         for compile_net in (False, True) if args.compile else (False,):
             rate = training_rate(config, pixels, labels, device, args.epochs, args.repeats, compile_net)

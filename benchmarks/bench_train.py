@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     config = load_config(CONFIGS[args.kind])
-    r = get_recipe("default").parent_for(config.parent.kind)
+    r = get_recipe("default").parent_for(config.parent.kind).on(device)
     images, labels, _ = load_tree_data(config, args.data).node_rows("train", config.parent)
     normalizer = Normalizer.fit(images, per_channel=config.parent.kind != "mlp")
     X, y = normalizer.lazy(np.ascontiguousarray(images)), labels.astype(np.int64)

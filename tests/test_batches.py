@@ -141,3 +141,16 @@ def test_compile_where_it_cannot_run_is_a_one_line_error_before_any_work(monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--compile on the CPU needs a C++ compiler" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_trains_at_its_gpu_batch_size_and_rate_on_cuda_only():
+    from dataclasses import replace
+
+    from branching.config.recipes import get_recipe
+    from branching.train.nodes import fit_kwargs
+    node = replace(get_recipe("default").parent_for("cnn"), gpu_batch_size=512, gpu_lr=6e-3)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert (node.on(cuda).batch_size, node.on(cuda).lr) == (512, 6e-3)
+    assert node.on(cpu) is node and replace(node, gpu_batch_size=None).on(cuda).batch_size == node.batch_size
+    assert fit_kwargs(node, 0, False, "parent", cuda)["batch_size"] == 512
+    assert fit_kwargs(node, 0, False, "parent", cpu)["batch_size"] == node.batch_size

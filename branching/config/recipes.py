@@ -29,6 +29,16 @@ class NodeRecipe:
     where: str = "pre"                 # branches: read the source layer before/after its activation
     threshold: float = 0.96            # acceptance threshold on the max softmax probability
     calibrate: bool = False            # fit a temperature on validation logits before the threshold
+    # On a CUDA device, the batch size and learning rate to train with instead (None: the ones above): a GPU
+    # reaches its speed only with large batches; chosen on validation like the rest (benchmarks/tune_kinds.py)
+    gpu_batch_size: int | None = None
+    gpu_lr: float | None = None
+
+    def on(self, device) -> "NodeRecipe":
+        """The recipe as it trains on `device` (a torch.device): with its GPU batch size and rate on CUDA."""
+        if getattr(device, "type", None) != "cuda" or self.gpu_batch_size is None:
+            return self
+        return replace(self, batch_size=self.gpu_batch_size, lr=self.gpu_lr or self.lr)
 
 
 @dataclass(frozen=True)

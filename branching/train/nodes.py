@@ -56,7 +56,8 @@ def _hold_out(data: TreeData, rows: np.ndarray, labels: np.ndarray, fraction: fl
 
 
 def fit_kwargs(r, seed, progress, desc, device=CPU) -> dict:
-    """Model.fit's arguments for a node trained with recipe node `r`."""
+    """Model.fit's arguments for a node trained with recipe node `r` on `device`."""
+    r = r.on(device)
     return dict(epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay,
                 optimizer=r.optimizer, label_smoothing=r.label_smoothing, lr_schedule=r.lr_schedule,
                 early_stopping_patience=r.patience, seed=seed, progress=progress, desc=desc, device=device)
