@@ -8,6 +8,9 @@ from branching import distributed
 
 
 def log(message: str) -> None:
-    """Said by rank 0 only under torchrun."""
+    """Said by rank 0 only under torchrun, but for what another rank does alone (a branch it trains), which it
+    says itself, marked with its rank."""
     if distributed.is_main():
         print(message, file=sys.stderr, flush=True)
+    elif distributed.working_alone():
+        print(f"[rank {distributed.rank()}] {message}", file=sys.__stderr__, flush=True)

@@ -97,6 +97,11 @@ def local():
         _local_depth -= 1
 
 
+def working_alone() -> bool:
+    """Inside `local` under torchrun: this rank does work of its own."""
+    return launched() and _local_depth > 0
+
+
 def own_error(error: BaseException) -> bool:
     """Whether an error was met by this rank alone, inside `local` (so only this rank can report it)."""
     return getattr(error, "branching_rank", None) == rank()

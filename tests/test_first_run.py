@@ -59,8 +59,8 @@ def test_a_run_says_what_it_trains_and_what_to_open(tmp_path, small_data_dir, sm
                  *EPOCHS]) == 0
     captured = capsys.readouterr()
     assert "training 3 nodes on cpu (seed 0, recipe default):" in captured.err
-    assert re.search(r"parent: a mlp on 4 classes, up to 1 epochs", captured.err)
-    assert "water: 2 classes, reading mammals at layer 0, up to 1 epochs" in captured.err
+    assert re.search(r"parent: a mlp on 4 classes, up to 1 epoch\b", captured.err)
+    assert "water: 2 classes, reading mammals at layer 0, up to 1 epoch" in captured.err
     assert f"open {out / 'report.html'}" in captured.out and str(out / "plots") in captured.out
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
-from branching.cli.args import TREE, flags, study_parser
 from branching import distributed
+from branching.cli.args import TREE, flags, study_parser
 from branching.config.parse import load_config
 from branching.config.tree import DEFAULT_CONFIG
 from branching.errors import CheckpointError, ConfigError
@@ -59,8 +60,12 @@ def cmd_compare(args) -> int:
 
 def _command(args) -> str:
     """The command line that reproduces a compare run."""
-    words = ["python", "-m", "branching", "compare", "--config", args.config, "--data", args.data,
+    launch = (["torchrun", "--nnodes", os.environ.get("GROUP_WORLD_SIZE", "1"), "--nproc-per-node",
+               os.environ.get("LOCAL_WORLD_SIZE", "1")] if distributed.launched() else ["python"])
+    words = [*launch, "-m", "branching", "compare", "--config", args.config, "--data", args.data,
              "--out", args.out, "--seeds", args.seeds]
+    if args.no_download:
+        words.append("--no-download")
     if args.max_epochs is not None:
         words += ["--max-epochs", str(args.max_epochs)]
     if args.original_parent:

@@ -45,8 +45,9 @@ def build_parser() -> ArgumentParser:
                           "(replaces --seed)")
     run.add_argument("--no-report", action="store_true", help="skip OUT/report.md, report.html and plots/")
     run.add_argument("--compile", action="store_true",
-                     help="train the parent's network through torch.compile: a one-off compile time for faster "
-                          "steps on a GPU (measured in docs/benchmarks.md; default off)")
+                     help="train the parent's network through torch.compile (default off): a compile time of "
+                          "10-30 s first; on this CPU it did not train faster, on a GPU it is untested (docs/scale.md); "
+                          "a seed's figures change slightly")
     run.add_argument("--cache", default=None, metavar="DIR",
                      help="keep branch-training activations in DIR (rebuilt whenever anything they depend on changes)")
     run.set_defaults(func=cmd_run)

@@ -75,10 +75,9 @@ class Trainable:
             torch.manual_seed(batches_seed + share[0])
         opt = make_optimizer(optimizer, params, lr, weight_decay)
         scheduler = make_scheduler(lr_schedule, opt, lr, epochs * steps_per_epoch(len(X), batch_size, share[1]))
-        step_net = self.net
+        step_net = compiled(self.net, device) if compile else self.net  # compiled first: inside DDP it would not be
         if share[1] > 1:  # gradients averaged over the ranks; the parameters start as rank 0's
-            step_net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
-        step_net = compiled(step_net, device) if compile else step_net
+            step_net = DistributedDataParallel(step_net, device_ids=[device.index] if device.type == "cuda" else None)
         inputs = DeviceInputs(X, device)
         yt = torch.from_numpy(y).to(inputs.index_device)
 

@@ -111,7 +111,8 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
     validation = (X[val_idx], labels[val_idx]) if len(val_idx) else None
     log(f"parent ({spec.kind}, {model.num_parameters:,} parameters): {len(train_idx)} training images, "
-        f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}")
+        f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}"
+        + (" (through torch.compile: its first epoch compiles, 10-30 s)" if compile else ""))
     history = model.fit(X[train_idx], labels[train_idx], validation_data=validation, train_transform=transform,
                         restore_best_weights=validation is not None, compile=compile,
                         **fit_kwargs(r, seed, progress, "parent", device))

@@ -30,25 +30,30 @@ from branching.tree.checkpoint import ModelStore
 from branching.tree.routing import evaluate_tree, format_tree_report
 
 
+def epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
     """What a run will train, said before it starts: every node, its epochs, the device."""
     parent, r = config.parent, recipe.parent_for(config.parent.kind)
     stop = lambda node: "" if node.patience is None else f", early stopping after {node.patience} without gain"  # noqa: E731
-    lines = [f"training {len(config.nodes())} nodes on {device} (seed {seed}, recipe {recipe.name}):"]
+    processes = f" x {distributed.world()} processes (torchrun)" if distributed.launched() else ""
+    lines = [f"training {len(config.nodes())} nodes on {device}{processes} (seed {seed}, recipe {recipe.name}):"]
     if parent.kind == "module":
         lines.append(f"  parent: the module {parent.shape_dict['module']}, loaded and frozen (never trained)")
     elif parent.kind == "text":
         shape = parent.shape_dict
         lines.append(f"  parent: the transformer {shape['model']}, frozen; "
-                     + (f"its head on {len(parent.classes)} classes, up to {r.epochs} epochs{stop(r)}" if shape["head"]
+                     + (f"its head on {len(parent.classes)} classes, up to {epochs(r.epochs)}{stop(r)}" if shape["head"]
                         else "no head (no classes)"))
     else:
-        lines.append(f"  parent: a {parent.kind} on {len(parent.classes)} classes, up to {r.epochs} epochs{stop(r)}")
+        lines.append(f"  parent: a {parent.kind} on {len(parent.classes)} classes, up to {epochs(r.epochs)}{stop(r)}")
     for spec in config.nodes()[1:]:
         at = (f"{config.parent.taps()[len(TEXT_POOLS) * spec.layer]['name']} ({spec.pool})"
               if spec.source == "parent" and parent.kind == "text" else f"layer {spec.layer}")
         lines.append(f"  {spec.name}: {len(spec.classes)} classes, reading {spec.source} at {at}, up to "
-                     f"{recipe.branch.epochs} epochs{stop(recipe.branch)}")
+                     f"{epochs(recipe.branch.epochs)}{stop(recipe.branch)}")
     for spec in config.nodes():
         if spec.selfeval is not None:
             lines.append(f"  {spec.name}'s self-evaluation judge: {spec.selfeval.folds} cross-fitted copies of the node, "
@@ -175,7 +180,8 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
 
     t = time.perf_counter()
     metrics = {"seed": seed, "recipe": recipe.name, "config": config.to_dict(), "data": data.facts(),
-               "device": str(device), "parent": None, "branches": {}}
+               "device": str(device), "processes": distributed.world(), "compile": compile, "parent": None,
+               "branches": {}}
     for spec in config.nodes():
         if not models[spec.name].has_head:  # a module parent without head = true: no class logits
             echo("parent: a module without a head; it has no test accuracy (its branches are evaluated alone)")
