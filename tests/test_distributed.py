@@ -135,6 +135,14 @@ def test_two_processes_count_every_test_image_once_and_only_rank_0_writes(tree, 
         assert sorted(row["index"] for row in mine) == sorted(row["index"] for row in reference)  # each once
     assert runs[0].stdout.count("wrote ") == 1 and runs[0].stderr.count("training 4 nodes") == 1  # rank 0 speaks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "plain"]  # nothing else written beside OUT
+    # predict --data at two processes: each rank routes its share, rank 0 writes every answer once
+    command = ["predict", "--models", str(tmp_path / "a"), "--data", str(data), "--split", "test", "--device", "cpu"]
+    shared = torchrun("--standalone", "--nproc-per-node", "2", command=[*command, "--out", str(tmp_path / "two.csv")])
+    alone = subprocess.run([sys.executable, "-m", "branching", *command, "--out", str(tmp_path / "one.csv")],
+                           capture_output=True, text=True, timeout=LIMIT_S, env=environment())
+    assert shared.returncode == 0 == alone.returncode, shared.stderr[-2000:] + alone.stderr[-2000:]
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert len((tmp_path / "two.csv").read_text().splitlines()) == 1 + len(CLASSES) * N_TEST
 
 
 def test_two_single_process_nodes_give_the_figures_of_one_two_process_node(tree, tmp_path):
