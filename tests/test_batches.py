@@ -148,9 +148,10 @@ def test_a_recipe_trains_at_its_gpu_batch_size_and_rate_on_cuda_only():
 
     from branching.config.recipes import get_recipe
     from branching.train.nodes import fit_kwargs
-    node = replace(get_recipe("default").parent_for("cnn"), gpu_batch_size=512, gpu_lr=6e-3)
+    node = replace(get_recipe("default").parent_for("cnn"), gpu_batch_size=512, gpu_lr=6e-3, gpu_epochs=36)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert (node.on(cuda).batch_size, node.on(cuda).lr) == (512, 6e-3)
+    assert (node.on(cuda).batch_size, node.on(cuda).lr, node.on(cuda).epochs) == (512, 6e-3, 36)
+    assert get_recipe("default", max_epochs=2).parent_for("cnn").on(cuda).epochs == 2  # --max-epochs caps it too
     assert node.on(cpu) is node and replace(node, gpu_batch_size=None).on(cuda).batch_size == node.batch_size
     assert fit_kwargs(node, 0, False, "parent", cuda)["batch_size"] == 512
     assert fit_kwargs(node, 0, False, "parent", cpu)["batch_size"] == node.batch_size

@@ -36,7 +36,7 @@ def epochs(n: int) -> str:
 
 def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
     """What a run will train, said before it starts: every node, its epochs, the device."""
-    parent, r = config.parent, recipe.parent_for(config.parent.kind)
+    parent, r = config.parent, recipe.parent_for(config.parent.kind).on(device)
     stop = lambda node: "" if node.patience is None else f", early stopping after {node.patience} without gain"  # noqa: E731
     processes = f" x {distributed.world()} processes (torchrun)" if distributed.launched() else ""
     lines = [f"training {len(config.nodes())} nodes on {device}{processes} (seed {seed}, recipe {recipe.name}):"]
