@@ -73,10 +73,10 @@ IMAGE_WORDS = (("test images", "test texts"), ("validation images", "validation 
                ("same images", "same texts"))
 
 
-def in_texts(text: str, parent_kind: str | None) -> str:
+def in_texts(text: str, reads: str | None) -> str:
     """`text` (a study's Markdown or a figure's label) with its words for images turned into words for texts
-    where the parent is a text parent; unchanged otherwise."""
-    if parent_kind != "text":
+    where the tree reads texts (its parent kind's `reads`); unchanged otherwise."""
+    if reads != "texts":
         return text
     for image, words in IMAGE_WORDS:
         text = text.replace(image, words)

@@ -118,7 +118,7 @@ BAD = [
      "pool 'avg2x2' does not fit a token sequence"),
     (PARENTS["cnn"] + '\nbranches.m = { classes = ["beaver", "whale"], where = "post" }', "where: is for branches of MLPs"),
     ('parent = { classes = ["beaver", "whale"], kind = "vit", widths = [4] }', "widths: is a key of cnn parents"),
-    ('parent = { classes = ["beaver", "whale"], kind = "cnn", hidden = [4] }', "hidden: is a key of mlp and text parents"),
+    ('parent = { classes = ["beaver", "whale"], kind = "cnn", hidden = [4] }', "hidden: is a key of mlp, text and pretrained parents"),
     ('parent = { classes = ["beaver", "whale"], kind = "vit", patch = 5 }', "patch 5 must divide 32"),
     ('parent = { classes = ["beaver", "whale"], kind = "cnn", widths = 64 }', "widths must be a list"),
     ('parent = { classes = ["beaver", "whale"], kind = "cnn", depth = [2] }', "depth must be a positive integer"),

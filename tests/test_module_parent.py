@@ -216,7 +216,7 @@ def test_probe_layers_lists_the_module_taps(headless, capsys):
     assert all(f"mammals   parent    {t} " in printed for t in ("stem", "layer1", "layer2", "head")), printed
     assert "(configured)" in printed and "<- recommended" in printed
     assert cli.main(argv[:5] + ["--quiet", "--no-download"]) == 0  # without --models: the parent is loaded here
-    assert f"the module parent {MODULE} loaded here (frozen)" in capsys.readouterr().out
+    assert f"the module {MODULE} as the parent, loaded here (frozen)" in capsys.readouterr().out
 
 
 def test_check_torchvision_exits_cleanly_without_torchvision(tmp_path):

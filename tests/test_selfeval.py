@@ -448,7 +448,7 @@ def test_a_module_parent_is_its_own_out_of_sample_copy(small_data_dir, tmp_path,
     torch.save(tiny_backbone.build().state_dict(), tmp_path / "w.pt")
     parent = (f'[parent]\nclasses = ["beaver", "whale", "wolf", "sunflower"]\nkind = "module"\n'
               f'module = "tiny_backbone:build"\nweights = "{tmp_path / "w.pt"}"\n')
-    with pytest.raises(ConfigError, match="module parent only gives with head = true"):
+    with pytest.raises(ConfigError, match="needs the parent's head, which this module parent does not have"):
         parse_config(parent + "[parent.selfeval]\nlayer = -1\n")
     config = parse_config(parent + 'head = true\n[parent.selfeval]\nlayers = ["layer1", "pool"]\nfolds = 3\n'
                           '[parent.accept]\nscore = "selfeval"\nrule = "coverage"\ncoverage = 0.5\n'

@@ -45,9 +45,10 @@ def cmd_compare(args) -> int:
     seeds = parse_seeds(args.seeds)
     kshot = parse_kshot(args.kshot) if args.kshot is not None else None
     config = load_config(args.config)
-    if config.parent.kind == "module":
-        raise ConfigError(f"{config.path}: compare is not built for a module parent (kind = \"module\"): its "
-                          f"baselines train or fine-tune the parent; use run and probe-layers")
+    if config.parent.net_kind.compare_methods is None:
+        raise ConfigError(f"{config.path}: compare is not built for a {config.parent.kind} parent (kind = "
+                          f"\"{config.parent.kind}\"): its baselines train or fine-tune the parent; use run and "
+                          f"probe-layers")
     args.device = distributed.start(args.device)
     result = run_compare(config, args.data, args.out, seeds, max_epochs=args.max_epochs,
                          original_parent=args.original_parent, download=not args.no_download,
@@ -117,13 +118,14 @@ def cmd_probe_layers(args) -> int:
         epochs = models["parent"].meta["history"]["epochs_run"]
         origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
                   f"{models['parent'].meta['history']['seconds']:.0f} s")
-        if models["parent"].kind == "text":
-            origin = (f"the text parent {models['parent'].shape['model']} (frozen, every layer encoded), its hold-out "
-                      f"drawn with seed {args.seed or 0}")
-        if models["parent"].kind == "module":
-            origin = (f"the module parent {models['parent'].shape['module']} loaded here (frozen), its hold-out "
+        parent = models["parent"]
+        if parent.net_kind.encoded:
+            origin = (f"{parent.net_kind.describe(parent.shape)} as the parent (frozen, every layer encoded), its "
+                      f"hold-out drawn with seed {args.seed or 0}")
+        elif parent.net_kind.trunk == "frozen":
+            origin = (f"{parent.net_kind.describe(parent.shape)} as the parent, loaded here (frozen), its hold-out "
                       f"drawn with seed {args.seed or 0}")
     table, best, seconds = run_probe_layers(config, models, data)
     print(f"Linear probes on {origin}; {len(table)} probes in {seconds:.1f} s.")
-    print(in_texts(format_probe_table(table, best), models["parent"].kind))
+    print(in_texts(format_probe_table(table, best), models["parent"].net_kind.reads))
     return 0

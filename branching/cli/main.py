@@ -82,13 +82,13 @@ def cmd_run(args) -> int:
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,
                             device=args.device, skip_bad_images=args.skip_bad_images, compile=args.compile)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
-        print(what_to_open(Path(args.out), not args.no_report, {}, config.parent.kind == "text"))
+        print(what_to_open(Path(args.out), not args.no_report, {}, config.parent.net_kind.reads == "texts"))
         return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
                   progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device,
                   skip_bad_images=args.skip_bad_images, compile=args.compile)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
-    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"], config.parent.kind == "text"))
+    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"], config.parent.net_kind.reads == "texts"))
     return 0
 
 

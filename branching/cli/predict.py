@@ -84,7 +84,6 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
     command line, in --texts FILE, or a split of --data (a text folder, read through the encoding cache)."""
     from branching.data.text_cache import load_encoded
     from branching.data.texts import read_folder, read_lines, read_split
-    from branching.models.encoder import Encoder
     shape = parent.shape  # its model files are those the tree was trained with (tree.checkpoint checks on loading)
     if args.data:
         data = read_folder(args.data)
@@ -109,9 +108,7 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
         names = [t if len(t) <= 60 else t[:57] + "..." for t in texts]
     if not texts or any(not t.strip() for t in texts):
         raise DataError("an empty text was given; pass texts with words in them")
-    vectors, _ = Encoder(shape["model"], shape["max_length"], args.device).encode(texts, shape["depth"],
-                                                                                    progress=len(texts) > 100)
-    return names, vectors, truth, []
+    return names, parent.net_kind.encode(shape, texts, args.device, progress=len(texts) > 100), truth, []
 
 
 def image_paths(paths) -> tuple[list[Path], int]:
@@ -188,18 +185,23 @@ def cmd_predict(args) -> int:
     else:
         predictor = NodePredictor(*load_folder(args.models, config), args.node, device=args.device)
     parent = predictor.models["parent"]
+    kind = parent.net_kind
     ignored = 0
-    if parent.kind == "text":
+    if kind.reads == "texts":
         names, pixels, truth, errors = text_inputs(args, parent)
     elif args.texts is not None:
         raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
-    elif args.data:
-        side = image_side(parent.architecture[0])  # images resized as the tree was trained
-        names, pixels, truth, errors = load_split_inputs(args.data, args.split, side)
-    else:
-        files, ignored = image_paths(args.files)
-        names, pixels, errors = load_images(files, image_side(parent.architecture[0]))
-        truth = None
+    else:  # images resized as the tree was trained: to its side, or an encoded parent's input size
+        side = kind.side(parent.shape, None) or image_side(parent.architecture[0])
+        if args.data:
+            names, pixels, truth, errors = load_split_inputs(args.data, args.split, side)
+        else:
+            files, ignored = image_paths(args.files)
+            names, pixels, errors = load_images(files, side)
+            truth = None
+        if kind.encoded:  # through the parent's frozen network
+            pixels = (kind.encode(parent.shape, pixels, args.device, progress=len(pixels) > 100) if len(pixels)
+                      else np.zeros((0, parent.architecture[0]), np.float32))
     if ignored:
         print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)
     for message in errors:
@@ -215,7 +217,7 @@ def cmd_predict(args) -> int:
     except BrokenPipeError:  # e.g. piped into `head`: stop printing quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if truth is not None:
-        print(summary_line(rows, predictor.answerable, "texts" if parent.kind == "text" else "images"),
+        print(summary_line(rows, predictor.answerable, kind.reads),
               file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)

@@ -12,17 +12,19 @@ from typing import Any
 from branching.acceptance.confidence import PROBABILITY_SCORES, SCORES
 from branching.acceptance.selective import RULES
 from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAULT_BRANCH_HIDDEN, DEFAULT_CONFIG,
-                                   DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_PARENT_HIDDEN, DEFAULT_SELFEVAL_HIDDEN,
-                                   DATA_KEYS, IMAGE_SIZES, MLP_KEYS, MODULE_KEYS, PARENT_KEYS, TEXT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS,
-                                   Acceptance, NodeSpec, SelfEvalSpec, TreeConfig)
+                                   DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_SELFEVAL_HIDDEN, DATA_KEYS, IMAGE_SIZES,
+                                   PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS, Acceptance, NodeSpec, SelfEvalSpec,
+                                   TreeConfig)
 from branching.config.table import Table, is_int, one_line, parse_toml, show
 from branching.errors import ConfigError, did_you_mean
-from branching.models import encoder, module_parent, nets, text
+from branching.models import nets
 from branching.models.checks import declared_network
-from branching.models.nets import ACTIVATIONS, KINDS, SHAPES, WHERE
+from branching.models.kinds import get_kind, kind_names, owners
+from branching.models.nets import ACTIVATIONS, WHERE
 
-
-POOL_NAMES = tuple(dict.fromkeys([*(p for ps in nets.POOLS.values() for p in ps), *text.TEXT_POOLS]))
+# a branch's pool: a feature map's or token sequence's (branching.models.nets), or an encoded parent's pooling
+POOL_NAMES = tuple(dict.fromkeys([*(p for ps in nets.POOLS.values() for p in ps),
+                                  *(w for k in kind_names() if get_kind(k).encoded for w in get_kind(k).wheres)]))
 
 
 def load_config(path: str | Path) -> TreeConfig:
@@ -47,8 +49,8 @@ def _trusted(data: dict) -> dict:
     """A config the user passes may name a module parent's code (TreeConfig.from_dict, which reads what a
     model file records, may not: see module_parent.trust)."""
     parent = data.get("parent")
-    if isinstance(parent, dict) and parent.get("kind") == "module":
-        module_parent.trust(parent.get("module"))
+    if isinstance(parent, dict) and parent.get("kind") in kind_names():
+        get_kind(parent["kind"]).trust(parent)
     return data
 
 
@@ -94,53 +96,36 @@ def _parse_accept(origin: str, name: str, data: Any) -> Acceptance:
         temperature=t.number("temperature", 0, math.inf, lo_open=True, hi_open=True))
 
 
-def _parse_node(origin: str, name: str, data: Any) -> dict:
+def _parse_node(origin: str, name: str, data: Any, image_size: int | None = None) -> dict:
     """Fields of one node checked on their own; `layer` is still raw and `source` unchecked."""
     is_parent = name == "parent"
     table = "parent" if is_parent else f"branches.{name}"
     t = Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
-    kind = t.choice("kind", KINDS, "mlp") if is_parent else "mlp"
-    text = kind == "text"
-    for key in t.data:
-        owners = (["mlp", "text"] if key in MLP_KEYS else ["module"] if key in MODULE_KEYS
-                  else ["text"] if key in TEXT_KEYS and is_parent
-                  else [k for k, keys in SHAPES.items() if key in keys])
-        if owners and kind not in owners:
-            raise t.error(key, f"is a key of {' and '.join(owners)} parents, not of {kind} ones",
-                          f"remove it, or set kind = \"{owners[0]}\"")
+    kind = get_kind(t.choice("kind", kind_names(), "mlp") if is_parent else "mlp")
+    for key in t.data if is_parent else ():
+        found = owners(key)
+        if found and kind.name not in found:
+            named = " and ".join(filter(None, [", ".join(found[:-1]), found[-1]]))
+            raise t.error(key, f"is a key of {named} parents, not of {kind.name} ones",
+                          f"remove it, or set kind = \"{found[0]}\"")
+    default = kind.hidden_default if is_parent else DEFAULT_BRANCH_HIDDEN
     fields = dict(
-        name=name, classes=() if text and "classes" not in t.data else t.classes(),
-        hidden=t.hidden(DEFAULT_PARENT_HIDDEN if is_parent else DEFAULT_BRANCH_HIDDEN,
-                        allow_empty=not is_parent) if kind == "mlp" else t.hidden((), True) if text else (),
+        name=name, classes=() if kind.encoded and "classes" not in t.data else t.classes(),
+        hidden=() if default is None else t.hidden(default, allow_empty=not is_parent or not default),
         source=None, layer=None, where=None,
         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),
-        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind,
+        accept=_parse_accept(origin, f"{table}.accept", t.data.get("accept", {})), kind=kind.name,
         selfeval=_parse_selfeval(origin, table, t.data.get("selfeval")))
     if fields["accept"].score == "selfeval" and fields["selfeval"] is None:
         raise ConfigError(f"{origin}: [{table}.accept] score = \"selfeval\" needs a self-evaluation branch; add a "
                           f"[{table}.selfeval] table (e.g. layer = -1, hidden = [64]) or choose another score")
-    if kind == "module":
-        if "selfeval" in t.data and not t.data.get("head"):
-            raise t.error("selfeval", "judges the parent's answers, which a module parent only gives with head = true",
-                          "remove [parent.selfeval], or set head = true")
-        if "accept" in t.data and not t.data.get("head"):
-            raise t.error("accept", "needs the parent's head, which a module parent only has with head = true",
-                          "remove [parent.accept], or set head = true")
-        fields["shape"] = tuple(module_parent.parse_keys(t, fields["classes"]).items())
-    elif text:
-        headless = not fields["classes"]
+    if is_parent:
+        shape = kind.parse(t, fields["classes"], image_size, fields["hidden"], fields["activation"])
         for key in ("accept", "selfeval"):
-            if key in t.data and headless:
-                raise t.error(key, "needs the parent's head, which a text parent has only when it has classes",
-                              f"remove [parent.{key}], or give the parent classes")
-        fields["shape"] = tuple({**encoder.parse_keys(t, not headless), "hidden": fields["hidden"],
-                                 "activation": fields["activation"]}.items())
-    elif kind != "mlp":
-        try:
-            shape = nets.check_shape(kind, {k: v for k, v in t.data.items() if k in SHAPES[kind]})
-        except ValueError as e:
-            raise ConfigError(f"{origin}: [{table}] {e}; see the {kind} keys in the README") from None
+            if key in t.data and not kind.has_head(shape):
+                raise t.error(key, f"needs the parent's head, which this {kind.name} parent does not have",
+                              f"remove [parent.{key}], or {kind.head_fix}")
         fields["shape"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in shape.items())
     if not is_parent:
         source = t.data.get("from", "parent")
@@ -160,8 +145,9 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     if "parent" not in top.data:
         raise ConfigError(f"{origin}: missing [parent] table; add [parent] with classes = [...]")
     image_size = _parse_data(origin, top.data.get("data", {}))
-    side = image_size or nets.SIDE
-    nodes = {"parent": _parse_node(origin, "parent", top.data["parent"])}
+    nodes = {"parent": _parse_node(origin, "parent", top.data["parent"], image_size)}
+    kind = get_kind(nodes["parent"]["kind"])
+    side = image_size or kind.side(dict(nodes["parent"]["shape"]), image_size) or nets.SIDE
     raw = top.data.get("branches", {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {show(raw)}; "
@@ -171,15 +157,15 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
             raise ConfigError(f"{origin}: invalid branch name {name!r} in [branches]; use letters, "
                               f"digits, '_' or '-' only, and not 'parent'")
         nodes[name] = _parse_node(origin, name, spec)
-    text_parent = nodes["parent"]["kind"] == "text"
-    if text_parent and image_size is not None:
-        raise ConfigError(f"{origin}: [data] image_size is for images, and a text parent reads texts; remove it")
-    if text_parent and not nodes["parent"]["classes"]:  # no head: the tree's classes are its branches'
+    if kind.reads != "images" and image_size is not None:
+        raise ConfigError(f"{origin}: [data] image_size is for images, and a {kind.name} parent reads {kind.reads}; "
+                          f"remove it")
+    if kind.encoded and not nodes["parent"]["classes"]:  # no head: the tree's classes are its branches'
         nodes["parent"]["classes"] = tuple(dict.fromkeys(c for n in list(nodes.values())[1:] for c in n["classes"]
                                                          if n["source"] == "parent"))
         if len(nodes["parent"]["classes"]) < 2:
-            raise ConfigError(f"{origin}: [parent] a text parent without classes needs branches reading it, with 2 "
-                              f"classes or more in all; add [branches.NAME] tables, or give the parent classes")
+            raise ConfigError(f"{origin}: [parent] a {kind.name} parent without classes needs branches reading it, "
+                              f"with 2 classes or more in all; add [branches.NAME] tables, or give the parent classes")
     for name, node in nodes.items():
         if name != "parent" and node["source"] not in nodes:
             raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}"
@@ -210,7 +196,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                               f"{source['name']!r}'s; remove new_classes (or add the new classes)")
     for node in nodes.values():
         _resolve_selfeval(origin, node, nodes, side)
-    if text_parent:
+    if kind.encoded:
         _set_depth(nodes)
     for source in nodes:
         children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
@@ -223,12 +209,12 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                                       f"to one child, so siblings must not share classes")
     for name, node in nodes.items():
         table = "[parent]" if name == "parent" else f"[branches.{name}]"
-        mlp = node["kind"] == "mlp"
-        pixels = text.input_width(dict(node["shape"])) if node["kind"] == "text" else nets.image_width(side)
-        widths = [pixels if name == "parent" else node["width"], *node["hidden"], len(node["classes"])]
+        spec = NodeSpec(**{k: v for k, v in node.items() if k != "width"})
+        mlp = len(spec.net_kind.architecture(1, (2,), 3)) > 2  # its architecture lists its hidden layers
+        width = spec.net_kind.input_width(spec.shape_dict, side) if name == "parent" else node["width"]
         try:  # built on torch's meta device: nothing is allocated
-            declared_network(node["kind"], widths if mlp else [pixels, len(node["classes"])],
-                             shape=NodeSpec(**{k: v for k, v in node.items() if k != "width"}).shape_dict)
+            declared_network(spec.kind, spec.net_kind.architecture(width, spec.hidden, len(spec.classes)),
+                             shape=spec.shape_dict)
         except ValueError as e:
             fix = "" if mlp else "; change the shape keys or [data] image_size"
             raise ConfigError(f"{origin}: {table} {'hidden: ' if mlp else ''}{e}{fix}") from None
@@ -240,7 +226,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
 
 
 def _set_depth(nodes: dict) -> None:
-    """A text parent's transformer runs to the deepest tap read of it (its head's, its branches', the
+    """An encoded parent's frozen network runs to the deepest tap read of it (its head's, its branches', the
     self-evaluation judges'): its shape's `depth` is that many taps."""
     shape = dict(nodes["parent"]["shape"])
     read = [shape["head_layer"]] if shape["head"] else []
@@ -273,10 +259,11 @@ def _names(taps, n=12) -> str:
 def _resolve_tap(origin: str, table: str, node: dict, source: dict, side: int) -> None:
     """A branch's layer as an index into its source's taps (an MLP source: a hidden layer, read "pre" or
     "post"), checked with its pool; node["width"] is the width the branch reads."""
-    taps = NodeSpec(**{k: v for k, v in source.items() if k != "width"}).taps(side)
-    if source["kind"] == "text":
-        return _resolve_text_tap(origin, table, node, source, taps)
-    layer, mlp = node["layer"], source["kind"] == "mlp"
+    spec = NodeSpec(**{k: v for k, v in source.items() if k != "width"})
+    taps = spec.taps(side)
+    if spec.net_kind.encoded:
+        return _resolve_encoded_tap(origin, table, node, spec, taps)
+    layer, mlp = node["layer"], spec.net_kind.wheres == WHERE  # an MLP's taps: each layer before and after
     if not mlp and node["where"] is not None:
         raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; {source['name']!r} is a "
                           f"{source['kind']} whose taps are {_names(taps)}; remove it")
@@ -303,27 +290,31 @@ def _resolve_tap(origin: str, table: str, node: dict, source: dict, side: int) -
         raise ConfigError(f"{origin}: {table} pool: {e}") from None
 
 
-def _resolve_text_tap(origin: str, table: str, node: dict, source: dict, taps: list[dict]) -> None:
-    """A branch's layer as an index into a text parent's taps (embeddings, layer0, ...), and its pool (the
-    pooling over tokens, mean by default) checked."""
+def _resolve_encoded_tap(origin: str, table: str, node: dict, source: NodeSpec, taps: list[dict]) -> None:
+    """A branch's layer as an index into an encoded parent's taps (a text parent's embeddings, layer0, ...; a
+    pretrained network's stem, block0, ...), and its pool (the kind's pooling, over tokens or positions)
+    checked."""
+    kind = source.net_kind
     names = list(dict.fromkeys(t["name"] for t in taps))
     if node["where"] is not None:
-        raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; a text parent's taps are "
-                          f"{', '.join(names)}, each pooled by pool = {' | '.join(text.TEXT_POOLS)}; remove it")
+        raise ConfigError(f"{origin}: {table} where: is for branches of MLPs; a {kind.name} parent's taps are "
+                          f"{_names(taps[::len(kind.pools)])}, each pooled by pool = {' | '.join(kind.pools)}; "
+                          f"remove it")
     layer = node["layer"]
     if isinstance(layer, str):
         if layer not in names:
-            raise ConfigError(f"{origin}: {table} layer: the text parent has no tap {layer!r}"
+            raise ConfigError(f"{origin}: {table} layer: the {kind.name} parent has no tap {layer!r}"
                               f"{did_you_mean(layer, names)}; its taps are {', '.join(names)}")
         layer = names.index(layer)
     elif not -len(names) <= layer < len(names):
-        raise ConfigError(f"{origin}: {table} layer: {layer} is past the text parent's taps ({len(names)}: "
+        raise ConfigError(f"{origin}: {table} layer: {layer} is past the {kind.name} parent's taps ({len(names)}: "
                           f"{names[0]} .. {names[-1]}); write an index in -{len(names)}..{len(names) - 1} or a name")
-    pool = node["pool"] or "mean"
-    if pool not in text.TEXT_POOLS:
-        raise ConfigError(f"{origin}: {table} pool: {pool!r} does not apply to a text parent's taps; use one of "
-                          f"{', '.join(text.TEXT_POOLS)} (over the attention mask)")
-    node["layer"], node["pool"], node["width"] = layer % len(names), pool, taps[0]["shape"][0]
+    pool = node["pool"] or kind.default_pool
+    if pool not in kind.pools:
+        raise ConfigError(f"{origin}: {table} pool: {pool!r} does not apply to a {kind.name} parent's taps; use one "
+                          f"of {', '.join(kind.pools)}")
+    layer %= len(names)
+    node["layer"], node["pool"], node["width"] = layer, pool, taps[layer * len(kind.pools)]["shape"][0]
 
 
 def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from branching.errors import ConfigError
+from branching.models.kinds import get_kind
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,12 @@ class Recipe:
         return found
 
     def branch_for(self, parent_kind: str) -> NodeRecipe:
-        """How a branch is trained in a tree whose parent is of `parent_kind`: a text parent's inputs are not
-        images, so its branches see no mirror images or shifts."""
-        return replace(self.branch, flip=False, crop=0) if parent_kind == "text" else self.branch
+        """How a branch is trained in a tree whose parent is of `parent_kind`: mirror images only where the
+        inputs have them (not texts), shifts only of pixels (not of an encoded parent's vectors)."""
+        kind = get_kind(parent_kind)
+        if kind.mirrors and not kind.encoded:
+            return self.branch
+        return replace(self.branch, flip=self.branch.flip and kind.mirrors, crop=0)
 
     def to_dict(self, kind: str = "mlp") -> dict:
         """The recipe as a checkpoint records it: with the parent recipe of `kind` (None where it has none,
@@ -110,7 +114,11 @@ DEFAULT = replace(DEFAULT, kinds=(
     # a text parent's transformer is frozen: only its head (when it has classes) is trained, on the encoded
     # texts, with early stopping on the held-out share
     ("text", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", dropout=0.1,
-                        patience=10, validation=0.15, calibrate=True))))
+                        patience=10, validation=0.15, calibrate=True)),
+    # a pretrained image network is frozen too: its head trains on the encoded images, a coin per image choosing
+    # the encoding of its mirror image
+    ("pretrained", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", dropout=0.1,
+                              patience=10, flip=True, validation=0.15, calibrate=True))))
 
 RECIPES = {r.name: r for r in (ORIGINAL, DEFAULT)}
 

@@ -45,6 +45,10 @@ class Table:
         value = f", got {show(self.data[key])}" if key in self.data else ""
         return ConfigError(f"{self.origin}: [{self.name}] {key}: {problem}{value}; {fix}")
 
+    def line(self, message: str) -> ConfigError:
+        """A one-line error about the table as a whole: `message` says what is wrong and the fix."""
+        return ConfigError(f"{self.origin}: [{self.name}] {message}")
+
     def require(self, key: str, fix: str) -> Any:
         if key not in self.data:
             raise self.error(key, "is required", fix)

@@ -11,11 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from branching.errors import ConfigError, did_you_mean
-from branching.models import encoder, module_parent, nets, text
-from branching.models.nets import SHAPES, WHERE
+from branching.models import nets
+from branching.models.kinds import ParentKind, config_keys, get_kind
 
 
 def _installed(name: str) -> Path:
@@ -34,11 +32,8 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 TOP_KEYS = ("data", "parent", "branches")
 DATA_KEYS = ("image_size",)
 IMAGE_SIZES = (8, 1024)  # the range of [data] image_size
-MLP_KEYS = ("hidden", "activation")
-SHAPE_KEYS = tuple(dict.fromkeys(k for shape in SHAPES.values() for k in shape))
-MODULE_KEYS = module_parent.SPEC_KEYS  # kind = "module": any torch module (branching.module_parent)
-TEXT_KEYS = encoder.CONFIG_KEYS  # kind = "text": a pretrained transformer (branching.models.encoder)
-PARENT_KEYS = ("classes", "kind", *MLP_KEYS, *SHAPE_KEYS, *MODULE_KEYS, *TEXT_KEYS, "dropout", "accept", "selfeval")
+# the keys of every parent, then those of its kind (branching.models.kinds: each kind lists its own)
+PARENT_KEYS = ("classes", "kind", "hidden", "activation", *config_keys(), "dropout", "accept", "selfeval")
 BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
                "selfeval")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
@@ -72,8 +67,8 @@ class NodeSpec:
     activation: str
     dropout: float | None
     accept: Acceptance
-    kind: str = "mlp"              # the parent's kind; branches are MLPs
-    shape: tuple = ()              # a CNN's or ViT's shape keys, as (key, value) pairs
+    kind: str = "mlp"              # the parent's kind (branching.models.kinds); branches are MLPs
+    shape: tuple = ()              # the kind's shape keys, as (key, value) pairs
     pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
     new_classes: bool = False      # a branch with classes its source never trained on (a standalone specialist)
     selfeval: SelfEvalSpec | None = None  # the self-evaluation branch that judges this node, if declared
@@ -82,20 +77,16 @@ class NodeSpec:
     def shape_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.shape}
 
+    @property
+    def net_kind(self) -> ParentKind:
+        """The registered kind of this node's network (branching.models.kinds)."""
+        return get_kind(self.kind)
+
     def taps(self, side: int = nets.SIDE) -> list[dict]:
         """The points a branch can read this node at on images of `side` pixels (its model's feature_info,
-        without building it)."""
-        if self.kind == "mlp":
-            return [{"name": f"hidden{i}.{where}", "layer": i, "where": where, "shape": (width,)}
-                    for i, width in enumerate(self.hidden) for where in WHERE]
-        if self.kind == "text":  # every layer until the taps read are known (then `depth` of them)
-            shape = self.shape_dict
-            names = text.tap_names(shape["layers"])[:shape.get("depth") or shape["layers"] + 1]
-            return [{"name": n, "layer": i, "where": how, "shape": (shape["width"],)}
-                    for i, n in enumerate(names) for how in text.TEXT_POOLS]
-        with torch.device("meta"):
-            return nets.build(self.kind, [nets.image_width(side), len(self.classes)], dropout=self.dropout,
-                              shape=nets.check_shape(self.kind, self.shape_dict)).feature_info
+        without building it; an encoded parent's every tap until those read are known, then as deep as they
+        go)."""
+        return self.net_kind.taps(self.shape_dict, side, len(self.classes), self.hidden, self.dropout)
 
     def class_index(self, name: str) -> int:
         """Label id of class `name` in this node."""
@@ -117,12 +108,14 @@ class TreeConfig:
 
     @property
     def side(self) -> int:
-        return self.image_size or nets.SIDE
+        """The side of the images the tree's data are decoded at: [data] image_size, or the parent's kind's own
+        (a pretrained network's input size), or 32."""
+        return self.image_size or self.parent.net_kind.side(self.parent.shape_dict, None) or nets.SIDE
 
     @property
     def input_width(self) -> int:
-        """The parent's input: 3 * side * side numbers per image."""
-        return nets.image_width(self.side)
+        """The parent's input: 3 * side * side numbers per image (an encoded parent's: its vectors' width)."""
+        return self.parent.net_kind.input_width(self.parent.shape_dict, self.side)
 
     def node(self, name: str) -> NodeSpec:
         """The parent or the branch called `name`."""
@@ -173,13 +166,14 @@ class TreeConfig:
         return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path, self.image_size)
 
     def reading_every_tap(self) -> TreeConfig:
-        """The same tree with a text parent encoding every layer (probe-layers reads them all); other trees as
-        they are."""
-        if self.parent.kind != "text":
+        """The same tree with an encoded parent encoding every tap (probe-layers and compare read them all); other
+        trees as they are."""
+        if not self.parent.net_kind.encoded:
             return self
-        shape = dict(self.parent.shape)
-        shape["depth"] = shape["layers"] + 1
-        return TreeConfig(replace(self.parent, shape=tuple(shape.items())), self.branches, self.path, self.image_size)
+        shape = self.parent.net_kind.every_tap(self.parent.shape_dict)
+        return TreeConfig(replace(self.parent, shape=tuple((k, tuple(v) if isinstance(v, list) else v)
+                                                           for k, v in shape.items())),
+                          self.branches, self.path, self.image_size)
 
     def classes(self) -> tuple[str, ...]:
         """Every class of the tree: the parent's, then the new classes of its branches, in file order."""
@@ -236,23 +230,14 @@ def dump_toml(config: TreeConfig) -> str:
 
 
 def node_to_dict(node: NodeSpec) -> dict:
-    d: dict[str, Any] = {"classes": list(node.classes)}
-    if node.kind == "text":  # its config keys; the model's facts are read again from its folder
-        shape = node.shape_dict
-        d = {"classes": list(node.classes)} if shape["head"] else {}
-        d.update(kind="text", model=shape["model"], max_length=shape["max_length"])
-        if shape["head"]:
-            d.update(layer=shape["head_layer"], pool=shape["head_pool"], hidden=list(node.hidden))
-    elif node.kind != "mlp":  # a module parent's weights hash is the file's, computed again when read
-        d.update(kind=node.kind, **{k: v for k, v in node.shape_dict.items() if k != "weights_sha256"})
+    kind = node.net_kind
+    d: dict[str, Any] = kind.config_dict(node.shape_dict, node.classes, node.hidden)  # the kind's own keys
     if node.source is not None:
-        d.update({"from": node.source, "layer": node.layer})
-    if node.kind == "mlp":
-        d["hidden"] = list(node.hidden)
+        d = {"classes": d.pop("classes"), "from": node.source, "layer": node.layer, **d}
     if node.new_classes:
         d["new_classes"] = True
-    extra = {"where": node.where, "pool": node.pool, "activation": node.activation if node.kind in ("mlp", "text") else None,
-             "dropout": node.dropout}
+    extra = {"where": node.where, "pool": node.pool,
+             "activation": node.activation if kind.hidden_default is not None else None, "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})
     if node.accept != Acceptance():
         d["accept"] = {k: v for k, v in vars(node.accept).items() if v is not None and (k, v) != ("score", "msp")}

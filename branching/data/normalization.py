@@ -93,12 +93,15 @@ class Normalizer:
         values /= self.std
         return values
 
-    def lazy(self, images) -> "NormalizedImages":
-        """The images as transform gives them, read a batch at a time (see NormalizedImages)."""
+    def lazy(self, images, mirrored=None) -> "NormalizedImages":
+        """The images as transform gives them, read a batch at a time (see NormalizedImages); `mirrored`, the
+        values of their mirror images where these cannot be made from them (an encoded parent's)."""
         images = np.asarray(images) if not isinstance(images, np.ndarray) else images
         if images.ndim != 2 or images.shape[1] != self.mean.size:
             raise DataError(f"expected images of shape (N, {self.mean.size}), got {images.shape}")
-        return NormalizedImages(images, self)
+        if mirrored is not None and mirrored.shape != images.shape:
+            raise DataError(f"mirror images of shape {mirrored.shape} for images of shape {images.shape}")
+        return NormalizedImages(images, self, None, mirrored)
 
     def to_dict(self) -> dict:
         import torch  # only the checkpoint format needs tensors

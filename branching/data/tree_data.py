@@ -36,6 +36,9 @@ class TreeData:
     folders: CachedFolders | None = None  # image folders: the cache they were read from
     texts: dict | None = None             # a text folder: its counts (texts, cut at max_length, leaked)
     raw_texts: dict | None = None         # a text folder: the texts of "train" (then val's) and "test", by row
+    mirrored: np.ndarray | None = None    # encoded images: the training split's mirror images, row for row
+    encodings: dict | None = None         # encoded images: the network, its input size, the taps encoded
+    raw_images: dict | None = None        # encoded images: the pixels of "train" and "test", by row
 
     @property
     def side(self) -> int:
@@ -72,10 +75,11 @@ class TreeData:
         left out, of leaked test images and of ignored files (a run's metrics.json records them)."""
         if self.texts is not None:
             return {**self.fingerprint(), **self.texts}
+        encoded = {} if self.encodings is None else {"encodings": self.encodings}
         if self.folders is None:
-            return self.fingerprint()
+            return {**self.fingerprint(), **encoded}
         cached = self.folders
-        return {**self.fingerprint(), "image_size": cached.size,
+        return {**self.fingerprint(), **encoded, "image_size": cached.size,
                 "images": {split: len(part.files) for split, part in cached.splits.items()},
                 "skipped_images": cached.skipped, "leaked_images": [list(pair) for pair in cached.leaked],
                 "ignored_files": cached.ignored}
@@ -115,10 +119,15 @@ def load_tree_data(config, data_dir, download: bool = False, progress: bool = Tr
     branching.config.tree.TreeConfig) exists in it. Texts (a text parent's) are encoded on `device`. Under
     torchrun rank 0 loads images first (it downloads, or builds the image cache) and the others after it."""
     data_dir = Path(data_dir)
-    if config.parent.kind == "text" or is_text_folder(data_dir):  # the ranks encode the texts together
+    kind = config.parent.net_kind
+    if kind.reads == "texts" or is_text_folder(data_dir):  # the ranks encode the texts together
         return TreeData(**load_text_data(config, data_dir, progress, device))
     with distributed.main_first():
-        return _load_image_data(config, data_dir, download, progress, skip_bad_images)
+        data = _load_image_data(config, data_dir, download, progress, skip_bad_images)
+    if kind.encoded:  # through the parent's frozen network, once (the ranks together)
+        from branching.data.image_encodings import encode_tree_data
+        data = encode_tree_data(config, data, device, progress)
+    return data
 
 
 def _load_image_data(config, data_dir: Path, download, progress, skip_bad_images) -> TreeData:
@@ -128,7 +137,7 @@ def _load_image_data(config, data_dir: Path, download, progress, skip_bad_images
                         f"and test/)")
     if is_image_folder(data_dir):
         return load_folder_data(config, data_dir, progress, skip_bad_images)
-    if config.side != 32:
+    if config.side != 32 and not config.parent.net_kind.encoded:  # an encoded parent resizes them in its trunk
         raise ConfigError(f"{config.path or '<config>'}: [data] image_size = {config.side}, but CIFAR-100's files "
                           f"in {data_dir} hold 32-pixel images; leave out image_size, or pass image folders")
     for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from branching.lazy_images import NormalizedImages
-from branching.models import nets
+from branching.models.kinds import get_kind
 
 MAX_PARAMETERS = 250_000_000  # 1 GiB of float32 weights (4 GiB while training with Adam): far beyond this MLP's uses
 
@@ -67,26 +67,16 @@ def check_architecture(architecture, kind="mlp") -> list:
     arch = list(architecture)
     if len(arch) < 2 or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in arch):
         raise ValueError(f"architecture must be at least 2 ints, all >= 1; got {arch!r}")
-    if kind == "text" and len(arch) != 2:
-        raise ValueError(f"a text parent's architecture is [numbers per encoded text, classes]; got {arch!r}")
-    if kind not in ("mlp", "text"):
-        try:
-            if len(arch) != 2:
-                raise ValueError
-            nets.image_side(arch[0])
-        except ValueError:
-            raise ValueError(f"a {kind}'s architecture is [3 * side * side, classes] (e.g. [3072, classes] for "
-                             f"32-pixel images); got {arch!r}") from None
-    return [int(w) for w in arch]
+    return [int(w) for w in get_kind(kind).check_architecture(arch)]
 
 
 def declared_network(kind, architecture, activation="relu", dropout=None, shape=None) -> nn.Module:
     """The network these arguments declare, checked, built on torch's meta device (no weights are
     allocated), and refused if it has more than MAX_PARAMETERS parameters."""
-    shape = nets.check_shape(kind, shape or {})
+    shape = get_kind(kind).check_shape(shape or {})
     arch = check_architecture(architecture, kind)
     with torch.device("meta"):
-        net = nets.build(kind, arch, activation, dropout, shape)
+        net = get_kind(kind).build(arch, activation, dropout, shape)
     n = sum(p.numel() for p in net.parameters())
     if n > MAX_PARAMETERS:
         raise ValueError(f"architecture {describe(kind, arch, shape)} has {n:,} parameters ({4 * n / 2**30:.1f} GiB "
@@ -103,7 +93,7 @@ def check_state_dict(architecture, activation, dropout, kind, shape, state_dict)
     copy): a file that declares huge layers and stores small tensors would otherwise allocate the huge
     ones before loading fails."""
     declared = declared_network(kind, architecture, activation, dropout, shape)
-    described = describe(kind, check_architecture(architecture, kind), nets.check_shape(kind, shape or {}))
+    described = describe(kind, check_architecture(architecture, kind), get_kind(kind).check_shape(shape or {}))
     expected = {k: tuple(v.shape) for k, v in declared.state_dict().items()}
     if not isinstance(state_dict, dict):
         raise ValueError("state_dict is not a dict")

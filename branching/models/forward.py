@@ -20,7 +20,6 @@ from branching.lazy_images import NormalizedImages
 from branching.models.batches import Augment, DeviceInputs, device_batches, mirror
 from branching.models.device import CPU
 from branching.models.model import Model
-from branching.models.text import text_read
 
 from branching.models import nets
 
@@ -40,8 +39,7 @@ def chain(models: dict[str, Model], node: str) -> list[str]:
 def read(models: dict[str, Model], node: str, layer, where=None, pool=None) -> Read:
     """A tap of `node` (validated by its model, the layer counted from 0) and the pooling that makes it a
     vector (default: nets.default_pool of the tap)."""
-    if models[node].kind == "text":
-        where, pool = text_read(where, pool)
+    where, pool = models[node].net_kind.read(where, pool)
     info = models[node].tap(layer, where)
     return node, info["layer"], info["where"], nets.check_pool(info["shape"], pool or nets.default_pool(info["shape"]))
 
@@ -137,7 +135,10 @@ def extract_mirrored(models: dict[str, Model], r, X, normalizer) -> np.ndarray:
 
 
 def mirror_all(X, normalizer) -> np.ndarray:
-    """Every image of X (normalised, or NormalizedImages) mirrored left-right, normalised."""
+    """Every image of X (normalised, or NormalizedImages) mirrored left-right, normalised; the known mirror
+    images where X carries them (an encoded parent's vectors)."""
+    if isinstance(X, NormalizedImages) and X.mirrored is not None:
+        return np.asarray(X.mirror_images())
     if isinstance(X, NormalizedImages):
         inputs = DeviceInputs(X, CPU, hold=False)
         every = torch.arange(len(X))

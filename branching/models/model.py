@@ -1,6 +1,6 @@
-"""The Model: a network of branching.models.nets (the original's MLP, the CNN, the ViT, or a user's
-module, frozen) with Keras-like inference, taps (feature_info, forward_intermediates), save and load.
-Training is branching.models.training's.
+"""The Model: a network of any registered kind (branching.models.kinds: the original's MLP, the CNN, the ViT, a
+user's module, a pretrained network's encodings) with Keras-like inference, taps (feature_info,
+forward_intermediates), save and load. Training is branching.models.training's.
 
 Every method that takes inputs follows the convention of `as_2d_float`. The model is in eval mode
 except while `fit` runs, and on the CPU unless moved (`to`). Under torchrun, fit and every method that maps
@@ -28,8 +28,8 @@ from branching.models import nets
 from branching.models.batches import device_batches
 from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
                                      declared_network, first_line)
-from branching.models.nets import KINDS, WHERE, ACTIVATIONS
-from branching.models.text import TEXT_POOLS, text_read
+from branching.models.kinds import ParentKind, get_kind, resolve_layer
+from branching.models.nets import ACTIVATIONS
 from branching.models.training import Trainable
 
 __all__ = ["FORMAT", "Model"]
@@ -38,19 +38,18 @@ FORMAT = "torchly/1"
 
 
 class Model(Trainable):
-    """A network (an MLP by default; see branching.nets for the CNN and the ViT) with Keras-like
+    """A network (an MLP by default; see branching.models.kinds for the others) with Keras-like
     training and inference on flat float32 inputs (N, architecture[0]).
 
-    An MLP is given by its `architecture` [in, hidden..., out], `activation` and `dropout`; a CNN or a
-    ViT by `kind`, `architecture` [in, classes], `dropout` (before the head) and `shape` (its keys in
-    branching.nets.SHAPES, defaults filled in).
+    An MLP is given by its `architecture` [in, hidden..., out], `activation` and `dropout`; another kind by
+    `kind`, `architecture` [in, classes], `dropout` (before the head) and `shape` (the kind's keys, defaults
+    filled in by its check_shape).
     """
 
     def __init__(self, architecture, activation="relu", dropout=None, seed=None, kind="mlp", shape=None):
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        get_kind(kind)  # an unknown kind is a ValueError here
         self.kind = kind
-        self.shape = nets.check_shape(kind, shape or {})
+        self.shape = self.net_kind.check_shape(shape or {})
         self.architecture = check_architecture(architecture, kind)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
@@ -70,18 +69,23 @@ class Model(Trainable):
         self.net.eval()
 
     def _build(self) -> nn.Module:
-        return nets.build(self.kind, self.architecture, self.activation, self.dropout, self.shape)
+        return self.net_kind.build(self.architecture, self.activation, self.dropout, self.shape)
+
+    @property
+    def net_kind(self) -> ParentKind:
+        """The registered kind of this network (branching.models.kinds)."""
+        return get_kind(self.kind)
 
     def __repr__(self) -> str:
-        if self.kind == "mlp":
+        if not self.net_kind.fingerprinted():
             return f"Model({self.architecture}, activation={self.activation!r}, dropout={self.dropout!r})"
         return f"Model(kind={self.kind!r}, {self.shape}, classes={self.architecture[-1]}, dropout={self.dropout!r})"
 
     @property
     def has_head(self) -> bool:
-        """Whether the network's output is class logits: always, but for a module parent (kind "module")
-        without head = true and a text parent without classes."""
-        return self.kind not in ("module", "text") or self.shape["head"]
+        """Whether the network's output is class logits: always, but for a module parent without head = true
+        and an encoded parent without classes."""
+        return self.net_kind.has_head(self.shape)
 
     @property
     def n_hidden(self) -> int:
@@ -101,12 +105,9 @@ class Model(Trainable):
 
     def logits(self, X, batch_size=4096) -> np.ndarray:
         """Raw outputs, float32 (N, out)."""
-        if not self.has_head and self.kind == "text":
-            raise ValueError("this text parent has no head (the tree gave it no classes); read its taps, or give "
-                             "the parent classes")
         if not self.has_head:
-            raise ValueError(f"this {self.shape['module']} parent has no head (its outputs are not the classes); "
-                             f"read its taps, or set head = true where its outputs are the classes in order")
+            raise ValueError(f"this parent ({self.net_kind.describe(self.shape)}) has no head; read its taps, or "
+                             f"{self.net_kind.head_fix}")
         return self._map_batches(as_2d_float(X, self.architecture[0]), self.net, batch_size)
 
     def predict_proba(self, X, temperature=1.0) -> np.ndarray:
@@ -132,37 +133,9 @@ class Model(Trainable):
         return self.net.feature_info
 
     def tap(self, layer, where=None) -> dict:
-        """A feature_info entry: by name, or by index (negative counts from the end) with, for an MLP,
-        `layer` a hidden layer and `where` "pre" or "post" (default "post")."""
-        info = self.feature_info
-        if self.kind == "text":  # a text parent's taps are (layer, pool): `where` is the pooling, mean by default
-            return self._text_tap(layer, where)
-        if isinstance(layer, str):
-            found = [i for i in info if i["name"] == layer]
-            if not found:
-                raise ValueError(f"no tap named {layer!r}; taps are {', '.join(i['name'] for i in info)}")
-            if where is not None and where != found[0]["where"]:
-                raise ValueError(f"tap {layer!r} is {found[0]['where']!r}, not {where!r}")
-            return found[0]
-        if self.kind == "mlp":
-            where = "post" if where is None else where
-            if where not in WHERE:
-                raise ValueError(f"where must be 'pre' or 'post'; got {where!r}")
-            return info[2 * self._resolve_layer(layer, self.n_hidden) + WHERE.index(where)]
-        if where is not None:
-            raise ValueError(f"where is for MLP layers; a {self.kind}'s taps are {', '.join(i['name'] for i in info)}")
-        return info[self._resolve_layer(layer, len(info))]
-
-    def _text_tap(self, layer, how) -> dict:
-        info, how = self.feature_info, how or "mean"
-        if how not in TEXT_POOLS:
-            raise ValueError(f"pool {how!r} does not apply to a text parent's taps; use one of {', '.join(TEXT_POOLS)}")
-        names = list(dict.fromkeys(i["name"] for i in info))
-        if isinstance(layer, str):
-            if layer not in names:
-                raise ValueError(f"no tap named {layer!r}; taps are {', '.join(names)}")
-            layer = names.index(layer)
-        return info[self.net.index(self._resolve_layer(layer, len(names)), how)]
+        """A feature_info entry: by name, or by index (negative counts from the end); for an MLP `layer` is a
+        hidden layer and `where` "pre" or "post" (default "post"), for an encoded parent `where` is the pooling."""
+        return self.net_kind.tap(self.feature_info, layer, where)
 
     def forward_intermediates(self, x: torch.Tensor, taps, stop_early: bool = True):
         """(output, [tensor per tap]) for a batch x; taps are (layer, where) pairs as `tap` takes them.
@@ -184,8 +157,7 @@ class Model(Trainable):
 
         Runs in eval mode without gradients, then restores the model's previous train/eval mode.
         """
-        if self.kind == "text":
-            where, pool = text_read(where, pool)
+        where, pool = self.net_kind.read(where, pool)
         shape = self.tap(layer, where)["shape"]  # validate before converting the input
         how = nets.check_pool(shape, pool or nets.default_pool(shape))
         X = as_2d_float(X, self.architecture[0])
@@ -193,20 +165,13 @@ class Model(Trainable):
 
     def width(self, layer, where=None, pool=None) -> int:
         """Width of the vector a tap gives (pooled as get_activations pools it)."""
-        if self.kind == "text":
-            where, pool = text_read(where, pool)
+        where, pool = self.net_kind.read(where, pool)
         shape = self.tap(layer, where)["shape"]
         return nets.pooled_width(shape, pool or nets.default_pool(shape))
 
     @staticmethod
     def _resolve_layer(layer, n) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layer must be an int or a tap name; got {layer!r}")
-        if n == 0:
-            raise ValueError("model has no hidden layers")
-        if not -n <= layer < n:
-            raise ValueError(f"layer {layer} out of range: valid layers are {-n}..{n - 1}")
-        return int(layer) % n
+        return resolve_layer(layer, n)
 
     @contextlib.contextmanager
     def _inference(self):
@@ -277,7 +242,8 @@ class Model(Trainable):
     def fingerprint(self) -> str:
         """16 hex chars of sha256 over architecture, activation (and kind and shape) and every state_dict
         tensor."""
-        described = [self.architecture, self.activation] + ([] if self.kind == "mlp" else [self.kind, self.shape])
+        described = [self.architecture, self.activation] + ([self.kind, self.shape] if self.net_kind.fingerprinted()
+                                                            else [])
         digest = hashlib.sha256(json.dumps(described).encode())
         for name, tensor in self.net.state_dict().items():
             tensor = tensor.detach().cpu().contiguous()
@@ -292,7 +258,7 @@ class Model(Trainable):
         payload = {"format": FORMAT, "architecture": list(self.architecture), "activation": self.activation,
                    "dropout": self.dropout, "state_dict": dict(self.net.state_dict()),
                    "meta": clean_meta(meta or {}, "meta")}
-        if self.kind != "mlp":
+        if self.net_kind.fingerprinted():
             payload.update(kind=self.kind, shape=dict(self.shape))
         with atomic_path(path, "wb") as f:
             torch.save(payload, f)

@@ -1,4 +1,5 @@
-"""The networks a model can be: an MLP on flattened pixels (the original), a small CNN and a small ViT.
+"""The networks trained from scratch that a model can be: an MLP on flattened pixels (the original), a small CNN
+and a small ViT (the kinds that build them are in branching.models.kinds).
 
 Every network takes flat inputs (N, in_width); the CNN and the ViT view them as images (N, 3, side, side),
 the side given by in_width = 3 * side * side (32 for CIFAR, the data's image_size otherwise).
@@ -15,18 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from branching.models import module_parent, text
-
-KINDS = ("mlp", "cnn", "vit", "module", "text")  # module: any torch module (branching.module_parent); text: a
-# pretrained transformer over encoded texts (branching.models.text)
 WHERE = ("pre", "post")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
 CHANNELS = 3
 SIDE = 32  # CIFAR's images, and the size of a tree's images unless its [data] image_size says otherwise
-MAX_STAGES = 6  # a CNN stage halves the side: at 32 pixels 32, 16, 8, 4, 2, 1
-# shape keys of each kind and their defaults (the MLP's are its architecture, activation and dropout)
-SHAPES = {"cnn": {"widths": [32, 64, 128], "depth": 2},
-          "vit": {"dim": 96, "depth": 4, "heads": 4, "patch": 4, "mlp_ratio": 2}}
 # how a tapped tensor becomes a vector: by the rank of one image's tensor
 POOLS = {1: ("flat",), 3: ("avg", "avg2x2", "max", "flat"), 2: ("cls", "mean", "flat")}
 
@@ -168,51 +161,6 @@ def image_side(width: int) -> int:
 def image_width(side: int) -> int:
     """The flat width of one square RGB image of `side` pixels."""
     return CHANNELS * side * side
-
-
-def build(kind: str, architecture, activation="relu", dropout=None, shape=None) -> nn.Module:
-    """A network of `kind`: an MLP of `architecture`, or a CNN/ViT with `shape` keys, architecture[-1]
-    classes and images of the side architecture[0] = 3 * side * side gives."""
-    if kind == "mlp":
-        return MLPNet(architecture, activation, dropout)
-    if kind == "cnn":
-        return ConvNet(architecture[-1], dropout=dropout, side=image_side(architecture[0]), **shape)
-    if kind == "vit":
-        return ViTNet(architecture[-1], dropout=dropout, side=image_side(architecture[0]), **shape)
-    if kind == "module":
-        return module_parent.ModuleNet(architecture[-1], **shape)
-    if kind == "text":
-        net = text.TextNet(architecture[-1], dropout=dropout, activation_class=ACTIVATIONS[shape["activation"]], **shape)
-        if architecture[0] != text.input_width(shape):
-            raise ValueError(f"a text parent over {shape['depth']} taps of width {shape['width']} reads "
-                             f"{text.input_width(shape)} numbers per text, not {architecture[0]}")
-        return net
-    raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-
-
-def check_shape(kind: str, shape) -> dict:
-    """A kind's shape keys with defaults filled in; unknown keys or wrong values are ValueErrors."""
-    if kind == "mlp":
-        return {}
-    if kind == "module":
-        return module_parent.check_shape(shape)
-    if kind == "text":
-        return text.check_shape(shape)
-    if not isinstance(shape, dict) or set(shape) - set(SHAPES[kind]):
-        unknown = sorted(set(shape) - set(SHAPES[kind])) if isinstance(shape, dict) else shape
-        raise ValueError(f"unknown {kind} shape keys {unknown}; {kind} takes {', '.join(SHAPES[kind])}")
-    out = {**SHAPES[kind], **shape}
-    for key, value in out.items():
-        listed = key == "widths"
-        values = value if listed and isinstance(value, (list, tuple)) else [value]
-        if (listed and not isinstance(value, (list, tuple))) or not values or \
-                any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ValueError(f"{kind} {key} must be {'a list of positive integers' if listed else 'a positive integer'}; "
-                             f"got {value!r}")
-    if kind == "cnn" and len(out["widths"]) > MAX_STAGES:
-        raise ValueError(f"cnn widths: at most {MAX_STAGES} stages (each halves the image's side); got "
-                         f"{len(out['widths'])}")
-    return out
 
 
 # ---- pooling a tapped tensor -------------------------------------------------------------------

@@ -23,7 +23,7 @@ MONITORS = ("val_loss", "val_accuracy")
 
 
 class Trainable:
-    """fit() for a Model (self.net, self.architecture, self.kind, self._loss_accuracy, self._device)."""
+    """fit() for a Model (self.net, self.architecture, self.net_kind, self._loss_accuracy, self._device)."""
 
     def fit(self, X, y, validation_data=None, epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0,
             optimizer="adam", label_smoothing=0.0, early_stopping_patience=None, monitor="val_loss",
@@ -37,8 +37,8 @@ class Trainable:
         inputs, given each normalised batch on the device. `compile`: the training step's network through
         torch.compile. Under torchrun (branching.distributed) every rank must call fit alike: it trains under
         DistributedDataParallel."""
-        if self.kind == "module":
-            raise ValueError("a module parent is never trained here: it is loaded from its weights file")
+        if self.net_kind.trunk == "frozen":
+            raise ValueError(f"a {self.kind} parent is never trained here: it is loaded from its weights file")
         n_in, n_out = self.architecture[0], self.architecture[-1]
         X = as_2d_float(X, None if train_transform is not None else n_in)
         if len(X) == 0:

@@ -9,6 +9,7 @@ import numpy as np
 from branching.acceptance.stats import BOOTSTRAP, bootstrap_interval, sample_summary, t_interval, wilson_interval
 from branching.fileio import study_files, write_files
 from branching.reports.kshot import kshot_markdown, render_kshot_plot
+from branching.models.kinds import reads_of
 from branching.tables import MARKDOWN, in_texts, interval, mean_std, num, pct, table
 
 SEED_FIGURES = ("test_accuracy", "coverage", "accepted_accuracy", "aurc", "train_s", "total_train_s")
@@ -109,7 +110,7 @@ def render_markdown(result: dict) -> str:
         lines += branch_table(rows) + [""]
     if "kshot" in result:
         lines += kshot_markdown(result["kshot"])
-    text = result.get("setup", {}).get("parent_kind") == "text"
+    text = reads_of(result.get("setup", {}).get("parent_kind")) == "texts"
     definitions = [TEXT_DEFINITIONS.get(i, d) if text else d for i, d in enumerate(DEFINITIONS)]
     lines += ["## How to read this", ""] + [f"- {d}" for d in definitions]
     return "\n".join(lines) + "\n"
@@ -208,5 +209,5 @@ def render_plot(result: dict) -> bytes:
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write compare.json, compare.md and compare.png atomically."""
     kshot = {"compare-kshot.png": render_kshot_plot(result)} if "kshot" in result else {}
-    markdown = in_texts(render_markdown(result), result["setup"].get("parent_kind"))
+    markdown = in_texts(render_markdown(result), reads_of(result["setup"].get("parent_kind")))
     return write_files(out_dir, study_files("compare", result, markdown, render_plot(result), kshot))

@@ -19,6 +19,7 @@ from branching.acceptance.rule import describe_rule
 from branching.fileio import write_text
 from branching.models.model import Model
 from branching.reports import plots
+from branching.models.kinds import reads_of
 from branching.tables import HTML, MARKDOWN, in_texts, interval, num, pct, table
 
 NOTE = ("Intervals are 95% Wilson score intervals; with about 100 test images per class they span roughly "
@@ -115,8 +116,9 @@ def render_html(blocks: list[tuple], base: Path, title: str) -> str:
 
 def write_documents(out: Path, blocks: list[tuple], title: str, parent_kind: str | None = None) -> Path:
     """report.html and report.md of the blocks (a text tree's words for images made words for texts)."""
-    blocks = [(kind, *(in_texts(r, parent_kind) if isinstance(r, str) and kind != "img" else
-                       [in_texts(h, parent_kind) for h in r] if kind == "table" and i == 0 else r
+    reads = reads_of(parent_kind)
+    blocks = [(kind, *(in_texts(r, reads) if isinstance(r, str) and kind != "img" else
+                       [in_texts(h, reads) for h in r] if kind == "table" and i == 0 else r
                        for i, r in enumerate(rest))) for kind, *rest in blocks]
     write_text(out / "report.html", render_html(blocks, out, title))
     write_text(out / "report.md", render_markdown(blocks))

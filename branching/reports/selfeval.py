@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from branching.fileio import study_files, write_files
+from branching.models.kinds import reads_of
 from branching.tables import MARKDOWN, in_texts, mean_std, num, table
 
 BASELINE = "msp_t"
@@ -132,5 +133,5 @@ def render_plot(result: dict) -> bytes:
 
 def write_outputs(out_dir, result: dict) -> list[Path]:
     """Render everything first, then write selfeval.json, selfeval.md and selfeval.png atomically."""
-    markdown = in_texts(render_markdown(result), result["setup"].get("parent_kind"))
+    markdown = in_texts(render_markdown(result), reads_of(result["setup"].get("parent_kind")))
     return write_files(out_dir, study_files("selfeval", result, markdown, render_plot(result)))

@@ -104,9 +104,14 @@ def unrestricted_logits(parent_logits: np.ndarray, parent_classes, classes) -> n
 
 
 def node_split(ctx: SeedContext, spec: NodeSpec, split: str, parent: Model | None = None):
-    """(normalised images, labels, row numbers) of a branch's classes in a split, for `parent`'s normaliser."""
+    """(normalised images, labels, row numbers) of a branch's classes in a split, for `parent`'s normaliser; an
+    encoded parent's training vectors carry their mirror images' (NormalizedImages)."""
+    normalizer = parent_normalizer(parent or ctx.models["parent"])
+    if split == "train" and ctx.data.mirrored is not None:
+        labels, rows = ctx.data.node_labels(split, spec)
+        return normalizer.lazy(ctx.data.train.images, mirrored=ctx.data.mirrored)[rows], labels, rows
     images, labels, rows = ctx.data.node_rows(split, spec)
-    return parent_normalizer(parent or ctx.models["parent"]).transform(images), labels, rows
+    return normalizer.transform(images), labels, rows
 
 
 # ---- the methods ----------------------------------------------------------------------------
@@ -182,20 +187,22 @@ def run_linear_probe(ctx: SeedContext, spec: NodeSpec, r: tuple | None = None) -
                                            "validation": kind})
 
 
-def run_sentence_embedding(ctx: SeedContext, spec: NodeSpec) -> Outcome:
-    """A text parent's own sentence embedding (its last layer, mean-pooled, as sentence-transformers pools
-    it), read by a linear probe."""
+def run_last_layer_probe(ctx: SeedContext, spec: NodeSpec) -> Outcome:
+    """An encoded parent's last tap at its kind's default pooling, read by a linear probe: a text parent's sentence
+    embedding (its last layer, mean-pooled, as sentence-transformers pools it), a pretrained CNN's features
+    before its classifier (its head, averaged over positions)."""
     parent = ctx.models["parent"]
-    last = parent.shape["layers"]
+    kind = parent.net_kind
+    last = len(kind.tap_widths(parent.shape)) - 1
     if last >= parent.shape["depth"]:
-        raise ValueError("the sentence embedding needs the last layer encoded")
-    return run_linear_probe(ctx, spec, read(ctx.models, "parent", last, "mean"))
+        raise ValueError("a probe on the last layer needs the last layer encoded")
+    return run_linear_probe(ctx, spec, read(ctx.models, "parent", last, kind.default_pool))
 
 
 def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
     """The branch, default recipe, reading another tap of its source: r = (source, layer, where, pool)."""
-    text = ctx.models[r[0]].kind == "text"  # its tap's where is the pooling a config names `pool`
-    variant = replace(spec, layer=r[1], where=None if text else r[2], pool=r[2] if text else r[3])
+    encoded = ctx.models[r[0]].net_kind.encoded  # its tap's where is the pooling a config names `pool`
+    variant = replace(spec, layer=r[1], where=None if encoded else r[2], pool=r[2] if encoded else r[3])
     config = replace(ctx.config, branches={**ctx.config.branches, spec.name: variant})
     start = time.perf_counter()
     model, meta = train_branch(config, spec.name, ctx.models, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress,
@@ -211,11 +218,11 @@ def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
 
 def concat_reads(ctx: SeedContext, spec: NodeSpec) -> list[tuple]:
     """Every tap of the branch's source once: each hidden layer of an MLP where the branch reads its own
-    (before or after the activation), each layer of a text parent pooled as the branch pools, each stage or
+    (before or after the activation), each layer of an encoded parent pooled as the branch pools, each stage or
     block of a CNN or ViT with its default pooling."""
     where = branch_read(ctx.models, spec, ctx.recipes.default.branch)[2]
-    source = ctx.models[spec.source]  # an MLP's where, a text parent's pooling: the branch's own
-    taps = [info for info in source.feature_info if source.kind not in ("mlp", "text") or info["where"] == where]
+    source = ctx.models[spec.source]  # an MLP's where, an encoded parent's pooling: the branch's own
+    taps = [info for info in source.feature_info if len(source.net_kind.wheres) == 1 or info["where"] == where]
     return [read(ctx.models, spec.source, info["layer"], info["where"]) for info in taps]
 
 

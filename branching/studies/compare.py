@@ -28,8 +28,10 @@ from branching.models.device import CPU
 from branching.models.forward import read
 from branching.reports.compare import summarise, write_outputs
 from branching.studies.baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
-                                         run_linear_probe, run_parent_head, run_parent_unrestricted, run_read, run_sentence_embedding,
-                                         run_scratch, run_scratch_mlp, run_taps_concat)
+                                         run_last_layer_probe, run_linear_probe, run_parent_head, run_parent_unrestricted,
+                                         run_read, run_scratch, run_scratch_mlp, run_taps_concat)
+from branching.studies.block_finetune import affordable as block_affordable
+from branching.studies.block_finetune import run_finetune_block
 from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
 from branching.models.text import tap_names
 from branching.studies.text_finetune import run_finetune_text
@@ -42,6 +44,7 @@ METHODS = {
     "parent_unrestricted": "parent head, all classes",
     "linear_probe": "linear probe",
     "sentence_embedding": "linear probe on the sentence embedding",
+    "last_layer_probe": "linear probe on the last layer",
     "taps_concat": "branch reading every tap, concatenated",
     "scratch_mlp": "MLP from scratch, same size",
     "scratch": "same network from scratch",
@@ -50,11 +53,18 @@ METHODS = {
 
 
 def read_key(models, r: tuple) -> str:
-    """The method key of the branch reading another tap: "layer1_post" (an MLP source), "stage1_avg"."""
+    """The method key of the branch reading another tap: "layer1_post" (an MLP source), "stage1_avg", "layer3_mean"
+    (an encoded parent's tap and pooling)."""
     source = models[r[0]]
-    if source.kind == "text":
+    if source.net_kind.encoded:
         return f"{source.tap(r[1], r[2])['name']}_{r[2]}"
-    return f"layer{r[1]}_{r[2]}" if source.kind == "mlp" else f"{source.tap(r[1])['name']}_{r[3]}"
+    return f"layer{r[1]}_{r[2]}" if len(source.net_kind.wheres) > 1 else f"{source.tap(r[1])['name']}_{r[3]}"
+
+
+# compare's methods on the parent's trunk, by the names its kind lists (ParentKind.compare_methods): (key, method)
+TRUNK_METHODS = {"scratch_mlp": ("scratch_mlp", run_scratch_mlp), "scratch": ("scratch", run_scratch),
+                 "finetune": ("finetune", run_finetune), "finetune_layer": ("finetune", run_finetune_text),
+                 "finetune_block": ("finetune", run_finetune_block)}
 
 
 def method_label(key: str) -> str:
@@ -69,22 +79,30 @@ def method_label(key: str) -> str:
 def method_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     """(key, function) of every method for one branch, in report order."""
     configured = branch_read(ctx.models, spec, ctx.recipes.default.branch)
-    source = ctx.models[spec.source]
-    text = source.kind == "text"  # its other layers, pooled as the branch pools (probe-layers tries every pooling)
+    source, parent = ctx.models[spec.source], ctx.models["parent"]
+    encoded = source.net_kind.encoded  # its other layers, pooled as the branch pools (probe-layers tries every pooling)
     others = [read(ctx.models, spec.source, info["layer"], info["where"]) for info in source.feature_info
-              if not text or info["where"] == configured[2]]
+              if not encoded or info["where"] == configured[2]]
     taps = [(read_key(ctx.models, r), lambda c, s, r=r: run_read(c, s, r)) for r in others if r != configured]
     heads = [("parent_head", run_parent_head), ("parent_unrestricted", run_parent_unrestricted)]
-    embedding = [("sentence_embedding", run_sentence_embedding)] if text and \
-        source.shape["depth"] > source.shape["layers"] else []
-    # a text parent's transformer is not trained from scratch; one layer of it is fine-tuned (text_finetune)
-    trunk = ([("finetune", run_finetune_text)] if spec.source == "parent" and configured[1] > 0 else []) \
-        if ctx.models["parent"].kind == "text" else [
-        ("scratch_mlp", run_scratch_mlp) if source.kind == "mlp" and ctx.models["parent"].kind == "mlp"
-        else ("scratch", run_scratch), ("finetune", run_finetune)]
+    last = [(source.net_kind.last_probe, run_last_layer_probe)] if encoded and \
+        source.shape["depth"] == len(source.net_kind.tap_widths(source.shape)) else []
+    # an encoded parent's network is not trained from scratch; the layer or block the branch reads is fine-tuned
+    # (text_finetune, block_finetune), where there is one below the tap
+    trunk = [TRUNK_METHODS[name] for name in parent.net_kind.compare_methods if fits(name, ctx, spec, configured)]
     return [("branch", run_branch), ("branch_original", run_branch_original),
-            *(heads if has_parent_head(ctx.config, spec) and ctx.models["parent"].has_head else []), ("linear_probe", run_linear_probe), *embedding,
-            *taps, ("taps_concat", run_taps_concat), *trunk]
+            *(heads if has_parent_head(ctx.config, spec) and parent.has_head else []),
+            ("linear_probe", run_linear_probe), *last, *taps, ("taps_concat", run_taps_concat), *trunk]
+
+
+def fits(method: str, ctx: SeedContext, spec: NodeSpec, configured: tuple) -> bool:
+    """Whether a trunk method applies: fine-tuning one layer of an encoded parent needs a branch of the parent
+    reading a layer past the first (and, for a block, feature maps that fit in memory)."""
+    if not method.startswith("finetune_"):
+        return True
+    if spec.source != "parent" or configured[1] == 0:
+        return False
+    return method != "finetune_block" or block_affordable(ctx, spec)
 
 
 def has_parent_head(config: TreeConfig, spec: NodeSpec) -> bool:
@@ -135,9 +153,9 @@ def make_context(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes
 def kshot_plan(ctx: SeedContext, spec: NodeSpec) -> list[tuple[str, object]]:
     """The methods of the k-shot curves: compare's, less kshot.SKIPPED, with the same network from scratch
     for every kind of parent (it validates on the held-out images as every other method does)."""
-    text = ctx.models["parent"].kind == "text"  # its fine-tuning costs minutes a run: once, at k = all
+    encoded = ctx.models["parent"].net_kind.encoded  # its fine-tuning costs minutes a run: once, at k = all
     return [("scratch", run_scratch) if key == "scratch_mlp" else (key, fn) for key, fn in method_plan(ctx, spec)
-            if key not in SKIPPED and not (text and key == "finetune")]
+            if key not in SKIPPED and not (encoded and key == "finetune")]
 
 
 def compare_seed(config: TreeConfig, data: TreeData, seed: int, recipes: Recipes, progress: bool = True,
@@ -197,9 +215,35 @@ def text_method_notes(config: TreeConfig, f) -> list[str]:
     ]
 
 
+def image_method_notes(config: TreeConfig, f) -> list[str]:
+    """compare.md's notes on the methods of a tree over a pretrained image parent."""
+    shape, kind = config.parent.shape_dict, config.parent.net_kind
+    names = [name for name, _ in kind.tap_widths(shape)]
+    return [
+        f"The parent is the pretrained {shape['model']}, frozen, at {shape['input_size']} px: every image (and every "
+        f"training image mirrored) is encoded once, and every method reads the same cached vectors, standardised on "
+        f"the training images. The parent's head is trained on its {names[shape['head_layer']]} "
+        f"({shape['head_pool']}).",
+        "Every method uses the default recipe and validates on the parent's held-out images of the branch's classes; "
+        "a mirror image is its cached encoding (no shifts: the inputs are vectors).",
+        "Linear probe: scikit-learn LogisticRegression on standardised vectors of the branch's tap, C chosen on "
+        "validation log-loss. The last layer: the same probe on the head's 1x1 convolution averaged over positions, "
+        "the features the network's own ImageNet classifier reads.",
+        "Every tap, concatenated: the branch's own layers reading the stem, every block and the head at once, pooled "
+        "as the branch pools, each value standardised on the training images (Head2Toe's input without its feature "
+        "selection).",
+        f"Fine-tuning: the block whose output the branch reads and the trained branch, fine-tuned together (AdamW lr "
+        f"{f.lr:g}, up to {f.epochs} epochs, patience {f.patience} on validation loss); the blocks below stay frozen "
+        f"and run once. Not run: the network trained from scratch, or fine-tuned whole (a CPU cannot).",
+        "Inference MFLOPs/image count the trunk up to the tap read (torch's counter at the input size) and the branch "
+        "or probe.",
+    ]
+
+
 def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> list[str]:
     """What the methods do differently from the original study, for compare.md."""
-    mlp = config.parent.kind == "mlp"
+    kind = config.parent.net_kind
+    mlp = "scratch_mlp" in kind.compare_methods
     o, f = recipes.original.branch, recipes.finetune
     notes = [f"'{METHODS['branch_original']}': the original's branch recipe (Adam lr {o.lr:g}, weight decay "
              f"{o.weight_decay:g}, batch {o.batch_size}, dropout {o.dropout:g}, up to {o.epochs} epochs, early "
@@ -207,8 +251,8 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
              f"{o.threshold:g} without temperature scaling)"]
     if original_parent:
         notes[0] += ", on a parent trained with the original recipe (200 epochs, batch 64, no validation)."
-    elif config.parent.kind == "text":
-        notes[0] += ", on the same frozen text parent."
+    elif kind.encoded:
+        notes[0] += f", on the same frozen {kind.name} parent."
     else:
         notes[0] += (", but on the default-recipe parent: the original parent recipe (200 epochs at batch 64, "
                      "about 9 minutes per seed on this machine) does not fit 3 seeds in 30 minutes. "
@@ -216,8 +260,8 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
     if any(spec.accept.score == "selfeval" for spec in config.nodes()):
         notes.append("A node that accepts by its self-evaluation branch is measured here by max softmax: `compare` "
                      "trains no judges (`branching selfeval` compares the scores).")
-    if config.parent.kind == "text":
-        return notes + text_method_notes(config, f)
+    if kind.encoded:
+        return notes + (text_method_notes(config, f) if kind.reads == "texts" else image_method_notes(config, f))
     notes += [
         "Every other method uses the default recipe and validates on the parent's held-out images of the "
         "branch's classes (images the parent never trained on; for a class the parent never saw, a 15% of its "
@@ -279,14 +323,14 @@ def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_par
     summary = summarise(seed_results)
     branches = {}
     for spec in config.nodes()[1:]:
-        mlp_source = spec.source != "parent" or config.parent.kind == "mlp"
+        source = config.node(spec.source)
         branches[spec.name] = {"classes": list(spec.classes), "source": spec.source, "layer": spec.layer,
-                               "where": (spec.where or recipes.default.branch.where) if mlp_source else None,
-                               "test_samples": len(data.node_rows("test", spec)[1])}
+                               "where": source.net_kind.branch_where(spec.where, recipes.default.branch.where),
+                               "test_samples": len(data.node_labels("test", spec)[1])}
         if spec.pool is not None:
             branches[spec.name]["pool"] = spec.pool
-        if spec.source == "parent" and config.parent.kind == "text":
-            branches[spec.name]["tap"] = tap_names(config.parent.shape_dict["layers"])[spec.layer]
+        if source.net_kind.encoded:
+            branches[spec.name]["tap"] = source.taps(config.side)[spec.layer * len(source.net_kind.wheres)]["name"]
     setup = {"command": command, "config": config.path, "data": str(data_dir), "seeds": list(seeds),
              "parent_kind": config.parent.kind,
              "max_epochs": max_epochs, "original_parent": original_parent,

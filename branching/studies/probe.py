@@ -117,8 +117,8 @@ def probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -
         X = normalizer.transform(images)
         train_idx, val_idx, kind = held_out_split(models["parent"], rows, labels)
         source = models[spec.source]
-        configured = read(models, spec.source, spec.layer,
-                          (spec.where or default_where) if source.kind == "mlp" else None, spec.pool)
+        configured = read(models, spec.source, spec.layer, source.net_kind.branch_where(spec.where, default_where),
+                          spec.pool)
         candidates = [read(models, spec.source, info["layer"], info["where"]) for info in source.feature_info]
         if configured not in candidates:
             candidates.append(configured)
@@ -128,7 +128,7 @@ def probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -
             _, val = fit_linear_probe(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx])
             info = source.tap(*r[1:3])
             table.append({"branch": spec.name, "source": spec.source, "tap": info["name"], "layer": r[1],
-                          "where": None if source.kind == "text" else r[2], "pool": shown_pool(source, r),
+                          "where": None if source.net_kind.encoded else r[2], "pool": shown_pool(source, r),
                           "shape": list(info["shape"]), "width": features.shape[1],
                           "flops_to_layer": cost.flops_to(models, r), "val_accuracy": val["accuracy"],
                           "val_log_loss": val["log_loss"], "C": val["C"], "train_samples": int(len(train_idx)),

@@ -30,7 +30,6 @@ from branching.fileio import staged_dir
 from branching.models.device import CPU
 from branching.models.forward import node_inputs
 from branching.train import selfeval
-from branching.models.text import TEXT_POOLS
 from branching.train.nodes import train_branch, train_parent
 from branching.tree import judge
 
@@ -47,8 +46,8 @@ def node_taps(config: TreeConfig, name: str) -> list:
 
 
 def tap_step(source) -> int:
-    """Entries of a source's taps per layer: pre and post (MLP), one per pooling (text), else one."""
-    return 2 if source.kind == "mlp" else len(TEXT_POOLS) if source.kind == "text" else 1
+    """Entries of a source's taps per layer: pre and post (MLP), one per pooling (an encoded parent), else one."""
+    return len(source.net_kind.wheres)
 
 
 def judge_variants(config: TreeConfig, name: str) -> dict[str, tuple[str, SelfEvalSpec]]:

@@ -17,12 +17,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from branching.console import log
 from branching.models.text import TEXT_POOLS, pool_tokens
 from branching.studies.baselines import Outcome, SeedContext
+from branching.studies.finetune_loop import batch_logits, train_layer, trainable
 from branching.studies.probe import held_out_split
 from branching.train.nodes import branch_read, fit_acceptance, parent_normalizer
 from branching.tree import cost
@@ -69,10 +69,6 @@ class OneLayer(nn.Module):
         return self.branch((pooled - self.mean) / self.std)
 
 
-def trainable(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
-
-
 def entering_states(encoder, texts: list[str], layer: int) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """(rows, token states entering `layer`, attention mask) per sorted batch of the texts."""
     ids, _ = encoder.tokenize(texts)
@@ -82,40 +78,6 @@ def entering_states(encoder, texts: list[str], layer: int) -> list[tuple[np.ndar
             states, mask = encoder.forward([ids[r] for r in rows], layer + 1)
             out.append((np.asarray(rows), states[-1].float(), mask))
     return out
-
-
-def _logits(net: OneLayer, batches, n: int, classes: int) -> np.ndarray:
-    logits = np.zeros((n, classes), np.float32)
-    net.eval()
-    with torch.no_grad():
-        for rows, states, mask in batches:
-            logits[rows] = net(states, mask).cpu().numpy()
-    return logits
-
-
-def _train(net: OneLayer, optimizer, train, val, y_train, y_val, r, generator, classes: int, device) -> int:
-    """Epochs over the training batches (in an order drawn from `generator`), early stopping on validation
-    loss with `r`'s patience, the best epoch's weights restored; returns the epochs run."""
-    best, best_loss, waited, epochs = copy.deepcopy(net.state_dict()), np.inf, 0, 0
-    for epoch in range(r.epochs):
-        net.train()
-        for b in generator.permutation(len(train)):
-            batch_rows, states, mask = train[b]
-            loss = F.cross_entropy(net(states, mask), y_train[batch_rows].to(device), label_smoothing=r.label_smoothing)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        epochs = epoch + 1
-        val_loss = F.cross_entropy(torch.from_numpy(_logits(net, val, len(y_val), classes)),
-                                   torch.from_numpy(y_val)).item()
-        if val_loss < best_loss - 1e-6:
-            best, best_loss, waited = copy.deepcopy(net.state_dict()), val_loss, 0
-        else:
-            waited += 1
-            if r.patience is not None and waited >= r.patience:
-                break
-    net.load_state_dict(best)
-    return epochs
 
 
 def run_finetune_text(ctx: SeedContext, spec) -> Outcome:
@@ -128,8 +90,7 @@ def run_finetune_text(ctx: SeedContext, spec) -> Outcome:
     shape = parent.shape
     encoder = Encoder(shape["model"], shape["max_length"], ctx.device)
     normalizer = parent_normalizer(parent)
-    index = parent.net.index(tap, how)
-    columns = slice(index * shape["width"], (index + 1) * shape["width"])
+    columns = parent.net.columns(parent.net.index(tap, how))
     net = OneLayer(encoder, tap - 1, how, normalizer.mean[columns], normalizer.std[columns], branch.net).to(ctx.device)
     labels, rows = ctx.data.node_labels("train", spec)
     train_idx, val_idx, kind = held_out_split(parent, rows, labels)
@@ -144,12 +105,12 @@ def run_finetune_text(ctx: SeedContext, spec) -> Outcome:
     generator = np.random.default_rng(ctx.seed)
     with torch.random.fork_rng(devices=[]):  # dropout's draws from the seed, the global RNG untouched
         torch.manual_seed(ctx.seed)
-        epochs = _train(net, optimizer, train, val, y_train, y_val, r, generator, len(spec.classes), ctx.device)
-    acceptance = fit_acceptance(spec, r, _logits(net, val, len(val_idx), len(spec.classes)), y_val, "texts")
+        epochs = train_layer(net, optimizer, train, val, y_train, y_val, r, generator, len(spec.classes), ctx.device)
+    acceptance = fit_acceptance(spec, r, batch_logits(net, val, len(val_idx), len(spec.classes)), y_val, "texts")
     seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
     _, test_rows = ctx.data.node_labels("test", spec)
     test = entering_states(encoder, [ctx.data.raw_texts["test"][i] for i in test_rows], tap - 1)
-    logits = _logits(net, test, len(test_rows), len(spec.classes))
+    logits = batch_logits(net, test, len(test_rows), len(spec.classes))
     flops = cost.linear_flops(branch.architecture)  # the transformer's own cost is not modelled (compare.md)
     return Outcome(logits, acceptance, trainable(net), flops, seconds, ctx.parent_s,
                    {"epochs_run": epochs, "validation": kind, "layer": f"layer{tap - 1}",

@@ -20,11 +20,12 @@ from branching.console import log
 from branching.data.normalization import Normalizer
 from branching.data.tree_data import TreeData
 from branching.errors import ConfigError, DataError
+from branching.lazy_images import NormalizedImages
 from branching.models.device import CPU, on_device
 from branching.models.batches import Augment
-from branching.models.forward import augment_transform, extract, read, read_tap
+from branching.models.forward import augment_transform, extract, mirror_all, read, read_tap
+from branching.models.kinds import ParentKind
 from branching.models.model import Model
-from branching.models.module_parent import load_weights
 from branching.train.features import FeatureCache, branch_inputs
 
 ORIGINAL_BRANCH_SPLIT_SEED = 42  # the original's random_state for a branch's 80/20 split
@@ -88,27 +89,26 @@ def held_out_rows(parent: Model) -> np.ndarray:
 
 def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
                  device: torch.device = CPU, compile: bool = False):
-    """Train the parent on `device` (a module parent is loaded instead; `compile`: an image parent's network
-    through torch.compile); returns (model, checkpoint meta, normaliser), the model back on the CPU."""
-    spec, r = config.parent, recipe.parent_for(config.parent.kind)
-    if spec.kind == "module":
-        return load_module_parent(config, data, recipe, seed, device)
-    if spec.kind == "text":
-        return text_parent(config, data, recipe, seed, progress, device)
+    """Train the parent on `device` (a frozen one is loaded instead, an encoded one's head alone trains; `compile`:
+    a trained parent's network through torch.compile); returns (model, checkpoint meta, normaliser), the model
+    back on the CPU."""
+    spec = config.parent
+    kind, r = spec.net_kind, recipe.parent_for(spec.kind)
+    if kind.trunk == "frozen":
+        return load_frozen_parent(config, data, recipe, seed, device)
+    if kind.encoded:
+        return encoded_parent(config, data, recipe, seed, progress, device)
     labels, rows = data.node_labels("train", spec)
     images = data.train.images  # the whole split, read a batch at a time through `rows`
     # a val/ folder: the parent, and so every branch, validates on it
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
     # the MLP standardises every pixel (the original recipe), the CNN and the ViT every colour channel
-    normalizer = fit_normalizer(spec.kind, images, rows[train_idx])
+    normalizer = fit_normalizer(kind, images, rows[train_idx])
     X = normalizer.lazy(images)[rows]
     dropout = spec.dropout if spec.dropout is not None else r.dropout
-    if spec.kind == "mlp":
-        model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation, dropout=dropout,
-                      seed=seed)
-    else:
-        model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind=spec.kind, shape=spec.shape_dict)
-    transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
+    model = Model(kind.architecture(X.shape[1], spec.hidden, len(spec.classes)), activation=spec.activation,
+                  dropout=dropout, seed=seed, kind=spec.kind, shape=spec.shape_dict)
+    transform = train_transform(X[train_idx], normalizer, r)
     validation = (X[val_idx], labels[val_idx]) if len(val_idx) else None
     log(f"parent ({spec.kind}, {model.num_parameters:,} parameters): {len(train_idx)} training images, "
         f"{len(val_idx)} validation, {len(spec.classes)} classes, recipe {recipe.name}"
@@ -119,110 +119,116 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
     model.freeze()
     val_logits = model.logits(X[val_idx])
     acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))
+    return model, _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance,
+                               val_logits), normalizer
+
+
+def _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance,
+                 val_logits) -> dict:
+    """A parent's checkpoint meta: its classes, normaliser, recipe, rows, history and acceptance (None: no head)."""
+    spec, r = config.parent, recipe.parent_for(config.parent.kind)
+    groups = child_groups(config, "parent")
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": history, "acceptance": acceptance.to_dict(), "tree": config.to_dict(),
-            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, "parent"))}
+            "history": history, "acceptance": None if acceptance is None else acceptance.to_dict(),
+            "tree": config.to_dict(),
+            "acceptance_note": None if acceptance is None else acceptance_note(spec, acceptance, val_logits, noun(config),
+                                                                               groups)}
     held = new_class_hold_out(config, data, seed, r.validation)
     if len(held):
         meta["new_class_val_rows"] = torch.from_numpy(held)
-    return model, meta, normalizer
+    return meta
 
 
-def load_module_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, device: torch.device = CPU):
-    """A module parent (kind "module"): built, loaded from its weights file and frozen, never trained. Like a
-    trained parent it holds out a stratified share of the training images per seed (recipe validation), on
-    which its branches validate and its head, if used, is calibrated. Normalised by the config's mean and std
-    (0..1 scale) or else by the per-channel statistics of the other training images."""
+def load_frozen_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, device: torch.device = CPU):
+    """A frozen parent (a module): built, loaded from its weights file, never trained. Like a trained parent it
+    holds out a stratified share of the training images per seed (recipe validation), on which its branches
+    validate and its head, if used, is calibrated. Normalised by the config's mean and std (0..1 scale) or else by
+    the per-channel statistics of the other training images."""
     start = time.perf_counter()
-    spec, r = config.parent, recipe.parent_for("module")
-    shape = spec.shape_dict
+    spec = config.parent
+    kind, r, shape = spec.net_kind, recipe.parent_for(spec.kind), spec.shape_dict
     labels, rows = data.node_labels("train", spec)
     images = data.train.images
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
-    if "mean" in shape:
-        normalizer = Normalizer.of_channels(255 * np.array(shape["mean"]), 255 * np.array(shape["std"]))
+    stats = kind.given_stats(shape)
+    if stats is not None:  # repeated over the pixels of the data's images
+        normalizer = Normalizer.of_channels(255 * np.array(stats[0]), 255 * np.array(stats[1]), side=data.side)
     else:
-        normalizer = Normalizer.fit(images, per_channel=True, rows=rows[train_idx])
-    model = Model([images.shape[1], len(spec.classes)], seed=seed, kind="module", shape=shape)
+        normalizer = fit_normalizer(kind, images, rows[train_idx])
+    model = Model([images.shape[1], len(spec.classes)], seed=seed, kind=spec.kind, shape=shape)
     try:
-        load_weights(model.net, shape["weights"])
+        kind.load_weights(model.net, shape)
     except ValueError as e:
         raise ConfigError(f"{config.path or '<config>'}: [parent] weights: {e}") from None
     model.freeze()
-    log(f"parent (module {shape['module']}, {sum(p.numel() for p in model.net.parameters()):,} parameters, frozen, "
+    log(f"parent ({kind.describe(shape)}, {sum(p.numel() for p in model.net.parameters()):,} parameters, frozen, "
         f"{'its head used' if model.has_head else 'no head'}): {len(train_idx)} training images, {len(val_idx)} "
         f"held out for validation, {len(spec.classes)} classes")
-    acceptance, note = None, None
+    acceptance, val_logits = None, None
     if model.has_head:
         with on_device([model], device):
             val_logits = model.logits(normalizer.lazy(images)[rows[val_idx]])
-        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))
-        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits, groups=child_groups(config, "parent"))
-    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": [],
-            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("module"), "seed": seed,
-            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": {"epochs_run": 0, "best_epoch": 0, "stopped_early": False,
-                        "seconds": time.perf_counter() - start}, "acceptance": acceptance,
-            "module": shape["module"], "weights": shape["weights"], "weights_sha256": shape["weights_sha256"],
-            "tree": config.to_dict(), "acceptance_note": note}
-    held = new_class_hold_out(config, data, seed, r.validation)
-    if len(held):
-        meta["new_class_val_rows"] = torch.from_numpy(held)
-    return model, meta, normalizer
+        acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))
+    history = {"epochs_run": 0, "best_epoch": 0, "stopped_early": False, "seconds": time.perf_counter() - start}
+    meta = _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance, val_logits)
+    return model, {**meta, **kind.file_meta(shape)}, normalizer
 
 
-def text_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
-                device: torch.device = CPU):
-    """A text parent (kind "text"): its transformer frozen (the data are its encoded texts), every vector
-    standardised on the training texts, and its head, where the tree gives it classes, trained on the
-    encoded texts with early stopping on the held-out share."""
-    spec, r = config.parent, recipe.parent_for("text")
-    shape = spec.shape_dict
+def encoded_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
+                   device: torch.device = CPU):
+    """An encoded parent (a pretrained transformer on texts, a pretrained network on images): its network frozen
+    (the data are its encoded inputs), every vector standardised on the training inputs, and its head, where the
+    tree gives it classes, trained on them with early stopping on the held-out share (and, where the images' mirror
+    images were encoded too and the recipe flips, a coin per image choosing the mirror image's vector)."""
+    spec = config.parent
+    kind, r, shape = spec.net_kind, recipe.parent_for(spec.kind), spec.shape_dict
     labels, rows = data.node_labels("train", spec)
     vectors = data.train.images
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
-    normalizer = fit_normalizer("text", vectors, rows[train_idx])
-    X = normalizer.lazy(vectors)[rows]
+    normalizer = fit_normalizer(kind, vectors, rows[train_idx])
+    X = normalizer.lazy(vectors, mirrored=data.mirrored)[rows]
     dropout = spec.dropout if spec.dropout is not None else r.dropout
-    model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind="text", shape=shape)
+    model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind=spec.kind, shape=shape)
     tap = model.tap(shape["head_layer"], shape["head_pool"])["name"] if model.has_head else None
-    log(f"parent (text: {shape['model']}, frozen, {shape['depth']} taps encoded; "
+    what = noun(config)
+    log(f"parent ({kind.describe(shape)}, frozen, {shape['depth']} taps encoded; "
         + (f"a head of {model.num_parameters:,} parameters on {tap} ({shape['head_pool']})" if tap else "no head")
-        + f"): {len(train_idx)} training texts, {len(val_idx)} validation, {len(spec.classes)} classes")
+        + f"): {len(train_idx)} training {what}, {len(val_idx)} validation, {len(spec.classes)} classes")
     history = {"epochs_run": 0, "best_epoch": 0, "stopped_early": False}
-    acceptance, note = None, None
+    acceptance, val_logits = None, None
     if model.has_head:
         validation = (X[val_idx], labels[val_idx]) if len(val_idx) else None
         history = model.fit(X[train_idx], labels[train_idx], validation_data=validation,
-                            restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, "parent head",
-                                                                                      device))
+                            train_transform=train_transform(X[train_idx], normalizer, r),
+                            restore_best_weights=validation is not None,
+                            **fit_kwargs(r, seed, progress, "parent head", device))
         val_logits = model.logits(X[val_idx])
-        fitted = fit_acceptance(spec, r, val_logits, labels[val_idx], "texts", child_groups(config, "parent"))
-        acceptance, note = fitted.to_dict(), acceptance_note(spec, fitted, val_logits, "texts",
-                                                             child_groups(config, "parent"))
+        acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], what, child_groups(config, "parent"))
     model.freeze()
-    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
-            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict("text"), "seed": seed,
-            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": history, "acceptance": acceptance, "tree": config.to_dict(), "acceptance_note": note}
-    held = new_class_hold_out(config, data, seed, r.validation)
-    if len(held):
-        meta["new_class_val_rows"] = torch.from_numpy(held)
-    return model, meta, normalizer
+    return model, _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance,
+                               val_logits), normalizer
 
 
-TEXT_MIN_STD = 1e-3  # of the mean std: a value (nearly) constant over the training texts is not blown up
+def train_transform(X, normalizer: Normalizer, r):
+    """Model.fit's augmentation of inputs X by recipe node `r`: mirror images (the known ones where X carries
+    them, an encoded parent's), shifts of pixels; None for none."""
+    if isinstance(X, NormalizedImages) and X.mirrored is not None:
+        return Augment(mirrored=mirror_all(X, normalizer)) if r.flip else None
+    return augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
 
 
-def fit_normalizer(kind: str, inputs, rows) -> Normalizer:
-    """A parent's standardisation, fitted on its training rows: per pixel (MLP), per colour channel (CNN,
-    ViT, module), per value (a text parent's encoded texts, each std at least TEXT_MIN_STD of their mean:
-    the first token at the embeddings is the same for every text, and a std of 0 would make a last-bit
-    difference at prediction a large one)."""
-    if kind != "text":
-        return Normalizer.fit(inputs, per_channel=kind != "mlp", rows=rows)
+TEXT_MIN_STD = 1e-3  # of the mean std: a value (nearly) constant over the training inputs is not blown up
+
+
+def fit_normalizer(kind: ParentKind, inputs, rows) -> Normalizer:
+    """A parent's standardisation (its kind's `normalization`), fitted on its training rows: per pixel (MLP), per
+    colour channel (CNN, ViT, module), per value (an encoded parent's vectors, each std at least TEXT_MIN_STD of
+    their mean: the first token at a transformer's embeddings is the same for every text, and a std of 0 would
+    make a last-bit difference at prediction a large one)."""
+    if kind.normalization != "value":
+        return Normalizer.fit(inputs, per_channel=kind.normalization == "channel", rows=rows)
     fitted = Normalizer.fit(inputs, rows=rows)
     return Normalizer(fitted.mean, np.maximum(fitted.std, TEXT_MIN_STD * float(fitted.std.mean())))
 
@@ -239,7 +245,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
     labels, rows = data.node_labels("train", spec)
-    X = normalizer.lazy(data.train.images)[rows]
+    X = normalizer.lazy(data.train.images, mirrored=data.mirrored)[rows]
     validation = r.validation
     parent_val = set(held_out_rows(parent).tolist())
     if validation == "parent" and not parent_val:
@@ -254,7 +260,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     source = models[spec.source]
     tap = branch_read(models, spec, r)
     where = tap[2]
-    if cache_dir is None and parent.kind != "mlp":  # a trunk costlier than the branch: its features once
+    if cache_dir is None and not parent.net_kind.fused:  # a trunk costlier than the branch: its features once
         with tempfile.TemporaryDirectory(prefix="branch-features-") as scratch:
             return train_branch(config, name, models, data, recipe, seed, progress, scratch, device)
     with on_device(list(models.values()), device):  # the trunk reads where the branch trains
@@ -294,18 +300,18 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
 
 def noun(config: TreeConfig) -> str:
     """What a tree's inputs are called in what it tells its user."""
-    return "texts" if config.parent.kind == "text" else "images"
+    return config.parent.net_kind.reads
 
 
 def shown_pool(source: Model, r: tuple) -> str:
     """The pooling of a read as a config names it: a text parent's is its tap's `where`."""
-    return r[2] if source.kind == "text" else r[3]
+    return r[2] if source.net_kind.encoded else r[3]
 
 
 def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
     """What branch `spec` reads, trained with recipe node r: (source, layer, where, pool); an MLP source's
     layer is read before or after its activation (`where`, else the recipe's)."""
-    where = (spec.where or r.where) if models[spec.source].kind == "mlp" else None
+    where = models[spec.source].net_kind.branch_where(spec.where, r.where)
     return read(models, spec.source, spec.layer, where, spec.pool)
 
 

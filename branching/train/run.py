@@ -21,7 +21,6 @@ from branching.fileio import staged_dir, write_bytes, write_csv, write_json
 from branching.models.device import CPU, check_compile, on_device
 from branching.models.forward import node_inputs
 from branching.models.model import Model
-from branching.models.text import TEXT_POOLS
 from branching.reports import seeds as seeds_summary
 from branching.train import selfeval
 from branching.train.nodes import parent_normalizer, train_branch, train_parent
@@ -40,18 +39,18 @@ def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
     stop = lambda node: "" if node.patience is None else f", early stopping after {node.patience} without gain"  # noqa: E731
     processes = f" x {distributed.world()} processes (torchrun)" if distributed.launched() else ""
     lines = [f"training {len(config.nodes())} nodes on {device}{processes} (seed {seed}, recipe {recipe.name}):"]
-    if parent.kind == "module":
-        lines.append(f"  parent: the module {parent.shape_dict['module']}, loaded and frozen (never trained)")
-    elif parent.kind == "text":
-        shape = parent.shape_dict
-        lines.append(f"  parent: the transformer {shape['model']}, frozen; "
+    kind, shape = parent.net_kind, parent.shape_dict
+    if kind.trunk == "frozen":
+        lines.append(f"  parent: {kind.describe(shape)}, loaded and frozen (never trained)")
+    elif kind.encoded:
+        lines.append(f"  parent: {kind.describe(shape)}, frozen; "
                      + (f"its head on {len(parent.classes)} classes, up to {epochs(r.epochs)}{stop(r)}" if shape["head"]
                         else "no head (no classes)"))
     else:
         lines.append(f"  parent: a {parent.kind} on {len(parent.classes)} classes, up to {epochs(r.epochs)}{stop(r)}")
     for spec in config.nodes()[1:]:
-        at = (f"{config.parent.taps()[len(TEXT_POOLS) * spec.layer]['name']} ({spec.pool})"
-              if spec.source == "parent" and parent.kind == "text" else f"layer {spec.layer}")
+        at = (f"{parent.taps(config.side)[len(kind.wheres) * spec.layer]['name']} ({spec.pool})"
+              if spec.source == "parent" and kind.encoded else f"layer {spec.layer}")
         lines.append(f"  {spec.name}: {len(spec.classes)} classes, reading {spec.source} at {at}, up to "
                      f"{epochs(recipe.branch.epochs)}{stop(recipe.branch)}")
     for spec in config.nodes():

@@ -10,7 +10,7 @@ answer of a model that never saw it. The judge trains on all rows (its early sto
 15% of them), never on validation or test images; the node's validation images then fit the
 acceptance threshold on the judge's probabilities, as they do for the max softmax probability.
 
-A module parent (kind = "module") is never trained on the data, so its own answers on its training rows
+A frozen parent (a module) is never trained on the data, so its own answers on its training rows
 are already out of sample: they are used as they are, with no copies.
 
 What the copies do not replace: a branch's copies read the real (frozen) source, which did train on
@@ -33,10 +33,9 @@ from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
 from branching.models.batches import Augment
 from branching.models.device import CPU
-from branching.models.forward import (augment_transform, extract, extract_mirrored, node_inputs,
-                                     reads)
+from branching.models.forward import extract, extract_mirrored, node_inputs, reads
 from branching.models.model import Model
-from branching.train.nodes import acceptance_note, child_groups, fit_kwargs, fit_normalizer, noun
+from branching.train.nodes import acceptance_note, child_groups, fit_kwargs, fit_normalizer, noun, train_transform
 from branching.tree import judge
 
 JUDGE_FIT = dict(epochs=100, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw",
@@ -85,21 +84,18 @@ def _module_parent_answers(models, images):
     return lambda keep, held, val, k: parent.logits(X[held])
 
 
-def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, device):
-    """A function training a copy of the parent on some rows and answering others, as train_parent does."""
+def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, device, mirrored=None):
+    """A function training a copy of the parent on some rows and answering others, as train_parent does
+    (`mirrored`: the known mirror images of `images`, an encoded parent's)."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
-        normalizer = fit_normalizer(spec.kind, images, keep)  # the fold's own statistics
-        X = normalizer.lazy(images)
-        if spec.kind == "mlp":
-            model = Model([X.shape[1], *spec.hidden, len(spec.classes)], activation=spec.activation,
-                          dropout=dropout, seed=seed)
-        else:
-            model = Model([X.shape[1], len(spec.classes)], dropout=dropout, seed=seed, kind=spec.kind,
-                          shape=spec.shape_dict)
-        transform = augment_transform(normalizer, r.flip, r.crop) if r.flip or r.crop else None
+        normalizer = fit_normalizer(spec.net_kind, images, keep)  # the fold's own statistics
+        X = normalizer.lazy(images, mirrored=mirrored)
+        model = Model(spec.net_kind.architecture(X.shape[1], spec.hidden, len(spec.classes)),
+                      activation=spec.activation, dropout=dropout, seed=seed, kind=spec.kind, shape=spec.shape_dict)
+        transform = train_transform(X[keep], normalizer, r)
         validation = (X[val], labels[val]) if len(val) else None
         model.fit(X[keep], labels[keep], validation_data=validation, train_transform=transform,
                   restore_best_weights=validation is not None, **fit_kwargs(r, seed, progress, f"parent copy {k}", device))
@@ -107,11 +103,11 @@ def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, d
     return train
 
 
-def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, seed, progress, device):
+def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, seed, progress, device, data, rows):
     """A function training a copy of branch `name` on the same read of the same source."""
     spec, r = config.node(name), recipe.branch_for(config.parent.kind)
     normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
-    X = normalizer.lazy(images)
+    X = normalizer.lazy(images, mirrored=None if data.mirrored is None else data.mirrored[rows])
     tap = reads(models, name)
     plain = extract(models, [tap], X)[0]
     flipped = extract_mirrored(models, tap, X, normalizer) if r.flip else None
@@ -142,13 +138,14 @@ def crossfit(config: TreeConfig, name: str, models: dict[str, Model], data, reci
         raise ConfigError(f"[{'parent' if name == 'parent' else 'branches.' + name}.selfeval] folds: {folds} folds "
                           f"need {folds} training images of every class, but {spec.classes[int(counts.argmin())]!r} "
                           f"has {int(counts.min())}; set a lower folds in that table (or give the class more images)")
-    module = name == "parent" and spec.kind == "module"
+    module = name == "parent" and spec.net_kind.trunk == "frozen"
     if module:
         train = _module_parent_answers(models, images)
     elif name == "parent":
-        train = _parent_copies(config, images, labels, recipe, seed, progress, device)
+        train = _parent_copies(config, images, labels, recipe, seed, progress, device,
+                               None if data.mirrored is None else data.mirrored[rows])
     else:
-        train = _branch_copies(config, name, models, images, labels, recipe, seed, progress, device)
+        train = _branch_copies(config, name, models, images, labels, recipe, seed, progress, device, data, rows)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     order, logits, records = [], [], []
     for k, (a, b) in enumerate(splitter.split(train_pos, labels[train_pos])):

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from branching.config.parse import config_from_dict
 from branching.config.tree import TreeConfig, node_to_dict
-from branching.models.text import TEXT_POOLS
 from branching.errors import CheckpointError, ConfigError
-from branching.models import nets
 from branching.models.model import Model
+from branching.models.nets import WHERE
 
 
 def read_model(path, fix: str) -> Model:
@@ -88,23 +87,20 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
     kind = "parent" if spec.source is None else "branch"
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
-    if spec.kind == "module" and model.kind == "module" and \
-            model.shape["weights_sha256"] != spec.shape_dict["weights_sha256"]:
-        raise CheckpointError(f"{path} was built from weights with sha256 {model.shape['weights_sha256'][:16]}..., but "
-                              f"{spec.shape_dict['weights']} now has sha256 {spec.shape_dict['weights_sha256'][:16]}...; "
-                              f"restore that file, or run the tree again on the new weights{hint}")
-    if spec.kind == "text" and model.kind == "text":
-        recorded, given = model.shape, nets.check_shape("text", spec.shape_dict)
-        if recorded["files_sha256"] != given["files_sha256"]:
-            raise CheckpointError(f"{path} was trained on the files of model {recorded['model']!r} with sha256 "
-                                  f"{recorded['files_sha256'][:16]}..., and they now have {given['files_sha256'][:16]}...; "
-                                  f"restore those files, or run the tree again on the new ones{hint}")
-        changed = [k for k in recorded if recorded[k] != given[k]]
+    given = spec.net_kind.check_shape(spec.shape_dict)
+    if model.kind == spec.kind:  # the files it was built from (weights, a transformer's folder) must be the same
+        hashes = [k for k, v in model.shape.items() if k.endswith("sha256") and v and given.get(k) and v != given[k]]
+        if hashes:
+            key = hashes[0]
+            raise CheckpointError(f"{path} was built from weights with sha256 {model.shape[key][:16]}... "
+                                  f"({spec.net_kind.files(spec.shape_dict)}), and they now have sha256 {given[key][:16]}...; "
+                                  f"restore that file, or run the tree again on the new weights{hint}")
+        changed = [k for k in model.shape if model.shape[k] != given.get(k)]
         if changed:
-            raise CheckpointError(f"{path} holds a text parent whose {', '.join(changed)} differ from the config's "
-                                  f"({', '.join(f'{recorded[k]!r} against {given[k]!r}' for k in changed[:2])}); "
-                                  f"{fix or 'train it again'}{hint}")
-    if (model.kind, model.shape) != (spec.kind, nets.check_shape(spec.kind, spec.shape_dict)):
+            raise CheckpointError(f"{path} holds a {model.kind} parent whose {', '.join(changed)} differ from the "
+                                  f"config's ({', '.join(f'{model.shape[k]!r} against {given.get(k)!r}' for k in changed[:2])}"
+                                  f"); {fix or 'train it again'}{hint}")
+    if (model.kind, model.shape) != (spec.kind, given):
         raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
                               f"{spec.shape_dict or ''} for {spec.name!r}; {fix or 'train it again'}{hint}")
     if list(meta.get("classes", [])) != list(spec.classes):
@@ -120,8 +116,8 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
     if kind == "branch":
         wanted = (spec.source, spec.layer, spec.where, spec.pool)
         got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
-        if got[3] == "flat" and got[2] in TEXT_POOLS:  # a text parent's tap: the tap's where is its pooling
-            got, wanted = (*got[:2], None, got[2]), (*wanted[:2], None, spec.pool or "mean")
+        if got[3] == "flat" and got[2] not in (None, *WHERE):  # an encoded parent's tap: its where is its pooling
+            got, wanted = (*got[:2], None, got[2]), (*wanted[:2], None, spec.pool)
         # where and pool unset in the config: the recipe's and the tap's defaults, whatever they were
         got = tuple(g if w is not None or i < 2 else None for i, (g, w) in enumerate(zip(got, wanted)))
         if wanted != got:
@@ -211,7 +207,7 @@ def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
     for name, model in models.items():
         meta = model.meta
         node = {"classes": list(meta.get("classes", []))}
-        if model.kind == "mlp":
+        if not model.net_kind.fingerprinted():  # an MLP: its layers are its architecture
             node.update(hidden=list(model.architecture[1:-1]), activation=model.activation)
         else:
             node.update(kind=model.kind, **model.shape)

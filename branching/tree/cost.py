@@ -3,7 +3,8 @@
 FLOPs count 2 per multiply-add (2 * fan_in * fan_out per Linear layer, the same for convolutions and
 attention); biases, activations, normalisation and the softmax are left out. An MLP tree's are computed
 from the config alone (`path_widths`); any tree's are counted by torch on the models themselves
-(`path_flops`, `flops_to`), which gives the same figures for MLPs.
+(`path_flops`, `flops_to`), which gives the same figures for MLPs, with an encoded parent's frozen network up
+to the tap read (its kind's trunk_flops; a text parent's transformer is not modelled).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from branching.config.tree import TreeConfig
-from branching.models.forward import node_input, read_tap
+from branching.models.forward import chain, node_input, read, read_tap
 
 
 def input_widths(config: TreeConfig, name: str) -> list[int]:
@@ -52,11 +53,29 @@ def counted(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def trunk_flops(models, node: str, layer: int | None = None) -> int:
+    """FLOPs of an encoded parent's frozen network (0 for other parents) for what node `node` needs: up to the
+    parent's tap `layer` when `node` is the parent, else up to the tap its chain's first branch reads (the parent's
+    own path: its head's tap)."""
+    parent = models["parent"]
+    kind = parent.net_kind
+    if not kind.encoded:
+        return 0
+    if node != "parent":
+        layer = models[chain(models, node)[1]].meta["layer"]
+    elif layer is None:
+        layer = parent.shape["head_layer"]
+    return kind.trunk_flops(parent.shape, read(models, "parent", layer)[1])
+
+
 def flops_to(models, r) -> int:
-    """FLOPs of one image from the pixels to read r (node, layer, where[, pool])."""
-    return counted(lambda: read_tap(models, r, torch.zeros(1, models["parent"].architecture[0])))
+    """FLOPs of one image from the pixels to read r (node, layer, where[, pool]), an encoded parent's network
+    included."""
+    return (counted(lambda: read_tap(models, r, torch.zeros(1, models["parent"].architecture[0])))
+            + trunk_flops(models, r[0], r[1]))
 
 
 def path_flops(models, name: str) -> int:
-    """FLOPs of one image from the pixels to node `name`'s outputs."""
-    return counted(lambda: models[name].net(node_input(models, name, torch.zeros(1, models["parent"].architecture[0]))))
+    """FLOPs of one image from the pixels to node `name`'s outputs, an encoded parent's network included."""
+    return (counted(lambda: models[name].net(node_input(models, name, torch.zeros(1, models["parent"].architecture[0]))))
+            + trunk_flops(models, name))

@@ -45,7 +45,7 @@ def is_judge_file(path) -> bool:
 def judge_reads(models: dict[str, Model], node: str, spec, default_where: str = "pre") -> list[tuple]:
     """(source, layer, where, pool) of each tap a judge of `node` (config.SelfEvalSpec `spec`) reads."""
     source = "parent" if node == "parent" else models[node].meta["source"]
-    where = (spec.where or default_where) if models[source].kind == "mlp" else None
+    where = models[source].net_kind.branch_where(spec.where, default_where)
     return [read(models, source, layer, where, spec.pool) for layer in spec.layers]
 
 

@@ -52,7 +52,7 @@ class _Node:
     def __init__(self, index: int, spec, model: Model, tree_classes, normalizer: Normalizer | None, reads=None):
         self.index, self.name, self.spec = index, spec.name, spec
         self.reads = reads  # (layer, where, pool) of its source that this node reads
-        self.model = model if model.kind != "mlp" else None  # a CNN or ViT runs through its own forward pass
+        self.model = None if model.net_kind.fused else model  # a CNN, ViT, ... runs through its own forward pass
         linears = [m for m in model.net if isinstance(m, nn.Linear)] if self.model is None else []
         self.weights = [(m.weight.detach().t().contiguous(), m.bias.detach().numpy().copy()) for m in linears]
         self.fold_normalizer = (self.model is None and normalizer is not None
@@ -82,6 +82,8 @@ class _Node:
         self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
         self.flops = (sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights) if self.model is None
                       else cost.counted(lambda: model.net(torch.zeros(1, model.architecture[0]))))
+        if spec.source is None and model.net_kind.encoded:  # its frozen network runs to the deepest tap encoded
+            self.flops += model.net_kind.trunk_flops(model.shape, model.shape["depth"] - 1)
 
     def add_judge(self, judged: judge.Judge, source: _Node) -> None:
         """Score this node's answers with its self-evaluation branch, which reads taps `source` computes."""
@@ -341,10 +343,9 @@ def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
     children = [c.name for c in config.children("parent")]
     if len(children) == 1:
         return children[0]
-    raise ConfigError(f"the parent ({parent.shape.get('module', parent.kind)}) has no head, so it cannot route "
+    raise ConfigError(f"the parent ({parent.net_kind.describe(parent.shape)}) has no head, so it cannot route "
                       f"between its branches {', '.join(children)}; pass --branch NAME (routing from it) or --node "
-                      f"NAME (it alone), or set head = true in "
-                      f"[parent] if the module's outputs are the classes in order")
+                      f"NAME (it alone), or {parent.net_kind.head_fix}")
 
 
 # ---- evaluation ------------------------------------------------------------------------------

@@ -151,12 +151,10 @@ def random_tree(config, seed: int = 0) -> dict[str, Model]:
     norm = Normalizer(rng.uniform(100, 150, pixels), rng.uniform(40, 70, pixels))
     models: dict[str, Model] = {}
     for i, spec in enumerate(config.nodes()):
-        if spec.kind != "mlp":
-            model = Model([pixels, len(spec.classes)], seed=seed + i, kind=spec.kind, shape=spec.shape_dict)
-        else:
-            where = None if spec.source is None else (spec.where or "pre") if models[spec.source].kind == "mlp" else None
-            width = pixels if spec.source is None else models[spec.source].width(spec.layer, where, spec.pool)
-            model = Model([width, *spec.hidden, len(spec.classes)], activation=spec.activation, seed=seed + i)
+        where = None if spec.source is None else models[spec.source].net_kind.branch_where(spec.where, "pre")
+        width = pixels if spec.source is None else models[spec.source].width(spec.layer, where, spec.pool)
+        model = Model(spec.net_kind.architecture(width, spec.hidden, len(spec.classes)), activation=spec.activation,
+                      seed=seed + i, kind=spec.kind, shape=spec.shape_dict)
         model.meta = {"name": spec.name, "classes": list(spec.classes)}
         if spec.source is None:
             model.meta["normalization"] = norm.to_dict()

