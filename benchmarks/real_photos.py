@@ -13,8 +13,9 @@ PNG, a palette PNG, a CMYK JPEG or a JPEG stored rotated with its EXIF orientati
 
 `branching init` writes the tree (a parent over six classes, branches animals > aquatic and plants >
 trees); the script sets each kind's parent network and its branches' taps as the configs do
-(configs/cifar100-6.toml and -cnn.toml; a branch of a branch reads its source's hidden layer as in
--deep.toml). Test accuracy, per seed and as mean ± std, goes to OUT/real-photos.json and as a table to
+(configs/cifar100-6.toml, -cnn.toml and -pretrained.toml; a branch of a branch reads its source's hidden layer
+as in -deep.toml). The pretrained parent at its own size: --kinds pretrained --sizes 224 (its CIFAR-files run
+resizes the 32-pixel images to 224 too). Test accuracy, per seed and as mean ± std, goes to OUT/real-photos.json and as a table to
 stdout. With 600 test images, a 95% interval is about ±2 to ±3 points per seed.
 """
 
@@ -32,7 +33,8 @@ import numpy as np
 GROUPS = {"beaver": "animals/aquatic", "whale": "animals/aquatic", "wolf": "animals", "sunflower": "plants",
           "forest": "plants/trees", "oak_tree": "plants/trees"}
 KINDS = {"mlp": ("hidden = [1024, 512]", "layer = 1\nhidden = [256]"),
-         "cnn": ('kind = "cnn"\nwidths = [32, 64, 128]\ndepth = 2', 'layer = -1\npool = "avg"\nhidden = [256]')}
+         "cnn": ('kind = "cnn"\nwidths = [32, 64, 128]\ndepth = 2', 'layer = -1\npool = "avg"\nhidden = [256]'),
+         "pretrained": ('kind = "pretrained"\nmodel = "efficientnet-lite0"', 'layer = "block10"\npool = "avg"\nhidden = [256]')}
 
 
 def write_photos(data: Path, root: Path, seed: int = 0) -> Path:
