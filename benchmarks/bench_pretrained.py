@@ -9,7 +9,8 @@ speed: on the test images, resized from 32 px to the network's size, the toolkit
 resized, normalised, the trunk run to the deepest tap, every tap pooled two ways, vectors out) against the
 network's own forward pass (`extract_features`) on the same batches already resized and normalised, the limit;
 then the time saved by stopping at block10 rather than running to the head, one image at a time and in batches.
-Times are the median of --repeats runs, measured in the same process one after the other.
+Each comparison runs its two sides batch by batch in turn, --repeats rounds after a warm-up, so that both meet
+the same load on a shared machine.
 
 sizes: for each input size, the tree of configs/cifar100-6-pretrained.toml at that [data] image_size run with each
 seed (`branching run`, into OUT/size-N/seed-S), and per size the validation accuracy of the parent's head and of
@@ -40,16 +41,9 @@ sys.path.insert(0, str(REPO))
 from branching.models import trunks  # noqa: E402
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def speed(args) -> dict:
+    """Images/s of the toolkit's extraction against the network's own forward pass, and of stopping at block10
+    against running to the head; each pair alternates batch by batch (the same machine load for both)."""
     from branching.data.cifar import load_split
     from branching.models.kinds import get_kind
     torch.set_num_threads(args.threads)
@@ -57,29 +51,28 @@ def speed(args) -> dict:
     trunk = trunks.load_trunk(shape, torch.device("cpu"))
     images = load_split(args.data, "test").images[:args.images]
     batch = trunks.batch_rows(args.size, torch.device("cpu"))
+    starts = range(0, len(images), batch)
     with torch.inference_mode():
-        prepared = [trunk.prepare(torch.from_numpy(images[s:s + batch])) for s in range(0, len(images), batch)]
+        prepared = [trunk.prepare(torch.from_numpy(images[s:s + batch])) for s in starts]
+    columns = sum(w for _, w in trunks.tap_widths(args.model, args.size)) * len(trunks.IMAGE_POOLS)
+    out = np.zeros((len(images), columns), np.float32)
 
-    def bare():
-        with torch.inference_mode():
-            for x in prepared:
-                trunk.net.extract_features(x)
+    def ours(s):  # as encode_images does it: uint8 rows in, vectors written into the output
+        out[s:s + batch] = trunk.encode(torch.from_numpy(np.ascontiguousarray(images[s:s + batch])), 18).numpy()
 
-    def ours():
-        trunks.encode_images(trunk, images, 18, progress=False)
-
-    bare(), ours()  # warm up
+    bare_s, ours_s = alternate([lambda x=x: trunk.net.extract_features(x) for x in prepared],
+                               [lambda s=s: ours(s) for s in starts], args.repeats)
     result = {"model": args.model, "size": args.size, "threads": args.threads, "images": len(images),
-              "batch": batch}
-    t_bare, t_ours = median_time(bare, args.repeats), median_time(ours, args.repeats)
-    result.update(bare_images_s=len(images) / t_bare, toolkit_images_s=len(images) / t_ours, ratio=t_bare / t_ours)
+              "batch": batch, "repeats": args.repeats, "bare_images_s": args.repeats * len(images) / bare_s,
+              "toolkit_images_s": args.repeats * len(images) / ours_s, "ratio": bare_s / ours_s}
     stops = {}
-    for rows in (1, 32, 128):
-        n = min(len(images), args.single if rows == 1 else len(images))
-        part = images[:n]
-        head = median_time(lambda: _encode_rows(trunk, part, 18, rows), args.repeats)
-        block10 = median_time(lambda: _encode_rows(trunk, part, 12, rows), args.repeats)
-        stops[rows] = {"images": n, "head_ms": 1000 * head / n, "block10_ms": 1000 * block10 / n,
+    for rows in (1, batch, 32, 128):
+        part = images[:min(len(images), args.single)] if rows == 1 else images
+        chunks = [torch.from_numpy(part[s:s + rows]) for s in range(0, len(part), rows)]
+        head, block10 = alternate([lambda c=c: trunk.encode(c, 18) for c in chunks],
+                                  [lambda c=c: trunk.encode(c, 12) for c in chunks], args.repeats)
+        n = args.repeats * len(part)
+        stops[rows] = {"images": len(part), "head_ms": 1000 * head / n, "block10_ms": 1000 * block10 / n,
                        "saved": 1 - block10 / head}
     result["stop_at_block10"] = stops
     flops = trunks.tap_flops(args.model, args.size)
@@ -87,17 +80,26 @@ def speed(args) -> dict:
     return result
 
 
-def _encode_rows(trunk, images, depth, rows):
+def alternate(first: list, second: list, repeats: int) -> tuple[float, float]:
+    """Seconds of every call of `first` and of `second`, called in turn (first[i], second[i], ...) `repeats`
+    times, after one warm-up round."""
+    totals = [0.0, 0.0]
     with torch.inference_mode():
-        for s in range(0, len(images), rows):
-            trunk.encode(torch.from_numpy(images[s:s + rows]), depth)
+        for round_ in range(repeats + 1):
+            for calls in zip(first, second):
+                for k, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    if round_:
+                        totals[k] += time.perf_counter() - start
+    return totals[0], totals[1]
 
 
 def print_speed(r: dict) -> None:
     print(f"{r['model']} at {r['size']} px, {r['threads']} thread(s), {r['images']} images in batches of {r['batch']}:")
     print(f"  the network's forward pass (extract_features, images already prepared): {r['bare_images_s']:.1f} images/s")
     print(f"  the toolkit's extraction (resize, normalise, trunk, every tap pooled):  {r['toolkit_images_s']:.1f} "
-          f"images/s = {r['ratio']:.3f} of the forward pass")
+          f"images/s = {r['ratio']:.3f} of the forward pass ({r['repeats']} rounds, batch by batch in turn)")
     print(f"  MFLOPs to block10 {r['mflops']['block10']:.0f}, to the head {r['mflops']['head']:.0f} "
           f"({100 * (1 - r['mflops']['block10'] / r['mflops']['head']):.0f}% fewer)")
     for rows, s in r["stop_at_block10"].items():

@@ -80,10 +80,12 @@ def test_every_tap_equals_the_packages_own_network_run_by_hand(random_weights):
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8))
     reference = efficientnet.EfficientNet.from_name("efficientnet-lite0", image_size=32).eval()
     reference.load_state_dict(torch.load(random_weights, weights_only=True))
+    reference.to(memory_format=torch.channels_last)  # the layout the trunk runs in: the same kernels
     found = []  # the stem's output enters block 0; each block's output; the head is extract_features' result
     handles = [reference._blocks[0].register_forward_pre_hook(lambda m, a: found.append(a[0]))]
     handles += [b.register_forward_hook(lambda m, a, o: found.append(o)) for b in reference._blocks]
     x = (pixels.reshape(3, 3, 32, 32).float() - 127.0) / 128.0  # TF-Lite's normalisation, by hand
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         found.append(reference.extract_features(x))
         maps = trunk.forward_taps(trunk.prepare(pixels), 18)
@@ -109,9 +111,10 @@ def test_the_trunk_stops_after_the_deepest_tap_and_resizes_as_torch_does(random_
     for h in handles:
         h.remove()
     assert calls == [0, 1, 2, 3] and out.shape == (2, 2 * (32 + 16 + 24 + 24 + 40))
-    by_hand = F.interpolate(small.reshape(2, 3, 20, 20).float(), size=(32, 32), mode="bilinear", antialias=True,
-                            align_corners=False)
-    assert torch.equal(trunk.prepare(small), (by_hand - 127) / 128)
+    by_hand = F.interpolate((small.reshape(2, 3, 20, 20).float() - 127) / 128, size=(32, 32), mode="bilinear",
+                            antialias=True, align_corners=False)
+    assert torch.equal(trunk.prepare(small), by_hand)
+    assert trunk.prepare(small).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_flops_to_each_tap_grow_and_end_at_the_networks_own_count():

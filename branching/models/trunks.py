@@ -28,9 +28,12 @@ from branching.models.module_parent import match_weights, read_weights
 
 IMAGE_POOLS = ("avg", "max")   # over a feature map's positions
 CODE = ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")  # (module, pip package) of the networks' code
-# images per batch at the network's own size (scaled by the pixels at other sizes): on the CPU the activations of
-# a batch stay within about 200 MB; a GPU takes more at once
-BATCH = {"cpu": 32, "cuda": 256}
+# images per batch at 224 pixels, scaled by the pixels at other sizes (at most MAX_BATCH): on a CPU a batch's
+# feature maps should fit its caches (benchmarks/bench_pretrained.py speed: Lite0 at 224 px on one core took 23 ms
+# an image in batches of 4, 51 ms in batches of 32; channels_last 1.5x faster than the default layout); a GPU
+# wants many images at once
+BATCH = {"cpu": 4, "cuda": 256}
+MAX_BATCH = {"cpu": 64, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -136,13 +139,14 @@ class Trunk(nn.Module):
         return block(x, drop_connect_rate=rate)
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Flat images (N, 3 * side * side), uint8 or float on 0..255, as the network takes them: resized to its
-        size (bilinear, antialiased) where they are of another, then normalised."""
+        """Flat images (N, 3 * side * side), uint8 or float on 0..255, as the network takes them: normalised,
+        resized to its size (bilinear, antialiased) where they are of another, channels_last."""
         side = int(round((pixels.shape[1] // 3) ** 0.5))
-        x = pixels.reshape(-1, 3, side, side).to(torch.float32)
+        x = pixels.reshape(-1, 3, side, side).to(torch.float32)  # normalised before the resize (fewer values; a
+        x = ((x - self.info.mean) / self.info.std).contiguous(memory_format=torch.channels_last)  # linear map)
         if side != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return (x - self.info.mean) / self.info.std
+        return x.contiguous(memory_format=torch.channels_last)
 
     def forward_taps(self, x: torch.Tensor, depth: int) -> list[torch.Tensor]:
         """The feature maps of taps 0 .. depth - 1 of prepared images x; the layers after them do not run."""
@@ -153,9 +157,13 @@ class Trunk(nn.Module):
         return found
 
     def encode(self, pixels: torch.Tensor, depth: int, pools=IMAGE_POOLS) -> torch.Tensor:
-        """Every pooling of every tap up to `depth`, tap-major: (N, sum of widths x len(pools)), float32."""
-        maps = self.forward_taps(self.prepare(pixels), depth)
-        return torch.cat([pool_map(m.float(), how) for m in maps for how in pools], dim=1)
+        """Every pooling of every tap up to `depth`, tap-major: (N, sum of widths x len(pools)), float32. Each
+        feature map is pooled as soon as it is computed and then let go (a smaller working set)."""
+        x, pooled = self.prepare(pixels), []
+        for step in self.steps[:depth]:
+            x = step(x)
+            pooled += [pool_map(x.float(), how) for how in pools]
+        return torch.cat(pooled, dim=1)
 
 
 def pool_map(feature_map: torch.Tensor, how: str) -> torch.Tensor:
@@ -182,14 +190,14 @@ def load_trunk(shape: dict, device: torch.device) -> Trunk:
     match_weights({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in net.state_dict().items()},
                   path)
     net.load_state_dict(state, strict=True)
-    net.to(device)
+    net.to(device, memory_format=torch.channels_last)  # convolutions run faster in it, on a CPU and on a GPU
     return Trunk(net, info, shape["input_size"])
 
 
 def batch_rows(size: int, device: torch.device) -> int:
     """Images per batch at `size` pixels on `device`."""
-    base = BATCH["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, min(4 * base, int(base * (224 / size) ** 2)))
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return max(1, min(MAX_BATCH[kind], round(BATCH[kind] * (224 / size) ** 2)))
 
 
 def encode_images(trunk: Trunk, images, depth: int, out: np.ndarray | None = None, mirror: bool = False,
