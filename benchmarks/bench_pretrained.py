@@ -169,6 +169,51 @@ def print_sizes(rows: dict) -> None:
               f"{seconds[0] if seconds else float('nan'):.0f}")
 
 
+def recipe(args) -> dict:
+    """Validation accuracy of the parent's head and of each branch with and without mirror images (the recipe's
+    `flip`), pooled over seeds: the choice is made on the images no node trains on."""
+    from dataclasses import replace
+
+    from branching.config.parse import load_config
+    from branching.config.recipes import get_recipe
+    from branching.data.tree_data import load_tree_data
+    from branching.train.nodes import train_branch, train_parent
+    config = load_config(args.config)
+    data = load_tree_data(config, args.data, progress=False)
+    base = get_recipe("default")
+    rows = {}
+    for flip in (True, False):
+        node = replace(base.parent_for("pretrained"), flip=flip)
+        recipe = replace(base, branch=replace(base.branch, flip=flip),
+                         kinds=tuple((k, node if k == "pretrained" else r) for k, r in base.kinds))
+        right: dict[str, list] = {}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            parent, meta, _ = train_parent(config, data, recipe, seed, progress=False)
+            parent.meta = meta
+            models = {"parent": parent}
+            for spec in config.nodes()[1:]:
+                model, branch_meta = train_branch(config, spec.name, models, data, recipe, seed, progress=False)
+                model.meta, models[spec.name] = branch_meta, model
+            for spec in config.nodes():
+                right.setdefault(spec.name, []).append(_validation(config, spec.name, models, models[spec.name], data))
+        rows[flip] = {name: (sum(r for r, _ in v), sum(n for _, n in v)) for name, v in right.items()}
+        print(f"flip={flip}: " + ", ".join(f"{k} {100 * r / n:.2f}% ({n})" for k, (r, n) in rows[flip].items()),
+              flush=True)
+    return rows
+
+
+def _validation(config, name, models, model, data) -> tuple[int, int]:
+    """(right, total) of a node on the parent's validation rows of its classes."""
+    from branching.models.forward import node_inputs
+    from branching.train.nodes import held_out_rows, parent_normalizer
+    spec = config.node(name)
+    labels, rows = data.node_labels("train", spec)
+    keep = np.isin(rows, held_out_rows(models["parent"]))
+    X = parent_normalizer(models["parent"]).lazy(data.train.images)[rows[keep]]
+    inputs = X if name == "parent" else node_inputs(models, name, X)
+    return int((model.predict(inputs) == labels[keep]).sum()), int(keep.sum())
+
+
 def frontier(args) -> None:
     """The branches' test accuracy per tap against the MFLOPs to it, from compare.json, as a PNG."""
     import matplotlib
@@ -218,6 +263,10 @@ def main() -> None:
     z.add_argument("--seeds", default="0,1,2")
     z.add_argument("--device", default="cpu")
     z.add_argument("--out", default="runs/pretrained-sizes")
+    c = sub.add_parser("recipe")
+    c.add_argument("--config", default=str(REPO / "configs" / "cifar100-6-pretrained.toml"))
+    c.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "cifar100-6"))
+    c.add_argument("--seeds", default="0,1,2")
     f = sub.add_parser("frontier")
     f.add_argument("--compare", required=True)
     f.add_argument("--out", default="runs/pretrained-frontier.png")
@@ -226,6 +275,8 @@ def main() -> None:
         print_speed(speed(args))
     elif args.command == "sizes":
         print_sizes(sizes(args))
+    elif args.command == "recipe":
+        recipe(args)
     else:
         frontier(args)
 

@@ -126,7 +126,9 @@ def test_flops_to_each_tap_grow_and_end_at_the_networks_own_count():
 # ---- the data and the cache ----------------------------------------------------------------------
 
 def test_encodings_are_cached_and_a_second_load_encodes_nothing(random_weights, small_data_dir, tmp_path, monkeypatch):
-    config = parse_config(tree(random_weights))
+    plain = load_tree_data(parse_config(tree(random_weights)), small_data_dir, progress=False)
+    assert plain.mirrored is None  # mirror images are encoded only when the parent asks for them
+    config = parse_config(tree(random_weights, "mirrors = true"))
     data = load_tree_data(config, small_data_dir, progress=False)
     assert data.encodings["encoded_now"] and data.mirrored.shape == data.train.images.shape
     trunk = trunks.load_trunk(shape(random_weights, depth=config.parent.shape_dict["depth"]), torch.device("cpu"))
@@ -140,6 +142,13 @@ def test_encodings_are_cached_and_a_second_load_encodes_nothing(random_weights, 
     monkeypatch.setattr(trunks, "encode_images", lambda *a, **k: pytest.fail("encoded again"))
     again = load_tree_data(config, small_data_dir, progress=False)
     assert not again.encodings["encoded_now"] and np.array_equal(again.train.images, data.train.images)
+    assert np.array_equal(load_tree_data(parse_config(tree(random_weights)), small_data_dir, progress=False).test.images,
+                          data.test.images)  # a cache holding the mirror images serves a tree without them
+    from branching.config.recipes import get_recipe
+    from branching.train.nodes import train_parent
+    recipe = get_recipe("default", 1)
+    assert data.augments(recipe.parent_for("pretrained")).flip and not plain.augments(recipe.parent_for("pretrained")).flip
+    train_parent(config, data, recipe, seed=0, progress=False)  # a coin per image picks the mirror image's vector
     shallower = parse_config(tree(random_weights, branch_layer="block2", extra_parent='layer = "block3"'))
     assert np.array_equal(load_tree_data(shallower, small_data_dir, progress=False).test.images,
                           data.test.images[:, :shallower.input_width])  # a deeper cache serves a shallower tree

@@ -115,8 +115,8 @@ DEFAULT = replace(DEFAULT, kinds=(
     # texts, with early stopping on the held-out share
     ("text", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", dropout=0.1,
                         patience=10, validation=0.15, calibrate=True)),
-    # a pretrained image network is frozen too: its head trains on the encoded images, a coin per image choosing
-    # the encoding of its mirror image
+    # a pretrained image network is frozen too: its head trains on the encoded images (where the parent encodes
+    # their mirror images too, mirrors = true, a coin per image chooses the mirror image's; TreeData.augments)
     ("pretrained", NodeRecipe(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.01, optimizer="adamw", dropout=0.1,
                               patience=10, flip=True, validation=0.15, calibrate=True))))
 

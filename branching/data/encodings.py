@@ -32,14 +32,16 @@ class Encodings:
     encoded: bool                   # whether this call ran the network (not the cache)
 
 
-def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Allocate], dict]) -> Encodings:
-    """The arrays cached at `where` for `manifest`, if they reach `depth` taps; otherwise `encode(allocate)` fills
+def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Allocate], dict],
+                   arrays: tuple = ("vectors",)) -> Encodings:
+    """The arrays cached at `where` for `manifest`, if they reach `depth` taps and hold the `arrays` wanted (a cache
+    holding more serves too); otherwise `encode(allocate)` fills
     the arrays it allocates (in a new folder beside `where`, or in memory on the ranks that do not write) and
     returns its index (with "depth"), and they are swapped in. Under torchrun every rank encodes (each its share,
     the encoder's doing) if any lacks the cache, and rank 0 writes."""
     text = json.dumps(manifest, sort_keys=True)
     index = _index(where, text)
-    needed = index is None or index["depth"] < depth
+    needed = index is None or index["depth"] < depth or not set(arrays) <= set(index.get("arrays", ["vectors"]))
     if distributed.sharding():
         needed = distributed.all_sum(torch.tensor([float(needed)])).item() > 0
     if not needed:

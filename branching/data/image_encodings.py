@@ -1,8 +1,8 @@
 """A pretrained image parent's data (kind "pretrained"): the tree's images (CIFAR-100's files, or image folders
 decoded at the network's input size) run once through its frozen trunk on the device, and every pooling of every
-tap up to the deepest the tree reads kept in the encodings cache (branching.data.encodings): the test images,
-the training images, and the training images mirrored (so that training with mirror images reads known
-vectors). A manifest records what they depend on: the network, the sha256 of its weights, the input size, the
+tap up to the deepest the tree reads kept in the encodings cache (branching.data.encodings): the test images, the
+training images, and (with the parent's `mirrors = true`) the training images mirrored, so that training with
+mirror images reads known vectors. A manifest records what they depend on: the network, the sha256 of its weights, the input size, the
 poolings, the data (the files' sha256, or the image cache's manifest), torch's version and the kind of device.
 """
 
@@ -41,36 +41,39 @@ def encode_tree_data(config, data, device=CPU, progress: bool = True):
     key = hashlib.sha256(f"{wanted['data']}|{shape['weights_sha256']}|{shape['input_size']}".encode()).hexdigest()[:16]
     where = cache_root() / f"encoded-{key}"
     found = load_or_encode(where, wanted, shape["depth"],
-                           lambda allocate: _encode(data, shape, where, device, progress, allocate))
+                           lambda allocate: _encode(data, shape, where, device, progress, allocate),
+                           ("vectors", "mirrored") if shape["mirrors"] else ("vectors",))
     widths = trunks.tap_widths(shape["model"], shape["input_size"])
     columns = sum(w for _, w in widths[:shape["depth"]]) * len(trunks.IMAGE_POOLS)
-    vectors, mirrored = found.arrays["vectors"], found.arrays["mirrored"]
+    vectors = found.arrays["vectors"]
+    mirrored = found.arrays["mirrored"][:, :columns] if shape["mirrors"] else None
     n = len(data.train.images)
     facts = {"model": shape["model"], "input_size": shape["input_size"], "taps": shape["depth"],
              "deepest": widths[shape["depth"] - 1][0], "encoded_now": found.encoded,
              "seconds": found.index.get("seconds")}
     return replace(data, train=Split(vectors[:n, :columns], data.train.fine_labels, data.train.filenames),
                    test=Split(vectors[n:, :columns], data.test.fine_labels, data.test.filenames),
-                   mirrored=mirrored[:, :columns], encodings=facts,
+                   mirrored=mirrored, encodings=facts,
                    raw_images={"train": data.train.images, "test": data.test.images},
                    _fingerprint={**data.fingerprint(), "encodings_sha256": found.manifest_sha256[:16]})
 
 
 def _encode(data, shape: dict, where, device, progress: bool, allocate) -> dict:
-    """The test, training and mirrored training images through the trunk into the arrays `allocate` gives (under
-    torchrun each rank encodes its share of each); returns the index."""
+    """The test and training images (and, with the parent's `mirrors`, the training images mirrored) through the
+    trunk into the arrays `allocate` gives (under torchrun each rank encodes its share of each); returns the index."""
     start = time.perf_counter()
     trunk = trunks.load_trunk(shape, device)
     depth = shape["depth"]
     columns = sum(w for _, w in trunks.tap_widths(shape["model"], shape["input_size"])[:depth]) * len(trunks.IMAGE_POOLS)
     train, test = data.train.images, data.test.images
-    log(f"encoding {len(train) + len(test)} images and the {len(train)} training images mirrored with "
-        f"{shape['model']} on {device} (cached under {where.parent})")
+    log(f"encoding {len(train) + len(test)} images" + (f" and the {len(train)} training images mirrored"
+                                                        if shape["mirrors"] else "")
+        + f" with {shape['model']} on {device} (cached under {where.parent})")
     vectors = allocate("vectors", (len(train) + len(test), columns))
-    mirrored = allocate("mirrored", (len(train), columns))
-    for images, out, mirror, desc, offset in ((train, vectors, False, "training images", 0),
-                                               (test, vectors, False, "test images", len(train)),
-                                               (train, mirrored, True, "mirrored training images", 0)):
+    jobs = [(train, vectors, False, "training images", 0), (test, vectors, False, "test images", len(train))]
+    if shape["mirrors"]:
+        jobs.append((train, allocate("mirrored", (len(train), columns)), True, "mirrored training images", 0))
+    for images, out, mirror, desc, offset in jobs:
         if distributed.sharding():
             out[offset:offset + len(images)] = distributed.over_shards(
                 len(images), lambda rows: trunks.encode_images(trunk, images[rows], depth, mirror=mirror,

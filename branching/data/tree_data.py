@@ -60,6 +60,15 @@ class TreeData:
             return labels[keep], rows[keep]
         return labels, rows
 
+    def augments(self, r):
+        """A recipe node `r` (branching.config.recipes.NodeRecipe) as these data allow it: mirror images only where
+        they are known (pixels; an encoded parent's vectors where its mirror images were encoded too), shifts only of
+        pixels (not of texts' or images' encodings)."""
+        if self.texts is None and self.encodings is None:
+            return r
+        flip = r.flip and self.mirrored is not None
+        return r if (flip, 0) == (r.flip, r.crop) else replace(r, flip=flip, crop=0)
+
     def limited(self, keep: np.ndarray) -> "TreeData":
         """The same data with only the training rows where `keep` (a mask over the training split) is true."""
         return replace(self, train_keep=np.asarray(keep, dtype=bool))

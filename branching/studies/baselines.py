@@ -231,7 +231,7 @@ def run_taps_concat(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     standardised on the training images and concatenated, as Head2Toe reads a frozen network from head to
     toe (without its feature selection)."""
     start = time.perf_counter()
-    r = ctx.recipes.default.branch_for(ctx.config.parent.kind)
+    r = ctx.data.augments(ctx.recipes.default.branch_for(ctx.config.parent.kind))
     wanted = concat_reads(ctx, spec)
     X, labels, rows = node_split(ctx, spec, "train")
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)

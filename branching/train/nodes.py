@@ -183,7 +183,7 @@ def encoded_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int
     tree gives it classes, trained on them with early stopping on the held-out share (and, where the images' mirror
     images were encoded too and the recipe flips, a coin per image choosing the mirror image's vector)."""
     spec = config.parent
-    kind, r, shape = spec.net_kind, recipe.parent_for(spec.kind), spec.shape_dict
+    kind, r, shape = spec.net_kind, data.augments(recipe.parent_for(spec.kind)), spec.shape_dict
     labels, rows = data.node_labels("train", spec)
     vectors = data.train.images
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
@@ -241,7 +241,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                  seed: int, progress: bool = True, cache_dir=None, device: torch.device = CPU):
     """Train branch `name` on its source's activations; returns (model, checkpoint meta). With cache_dir
     the activations come from a features.FeatureCache there (built on first use)."""
-    spec, r = config.node(name), recipe.branch_for(config.parent.kind)
+    spec, r = config.node(name), data.augments(recipe.branch_for(config.parent.kind))
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
     labels, rows = data.node_labels("train", spec)

@@ -84,10 +84,10 @@ def _module_parent_answers(models, images):
     return lambda keep, held, val, k: parent.logits(X[held])
 
 
-def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, device, mirrored=None):
+def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, device, augments, mirrored=None):
     """A function training a copy of the parent on some rows and answering others, as train_parent does
     (`mirrored`: the known mirror images of `images`, an encoded parent's)."""
-    spec, r = config.parent, recipe.parent_for(config.parent.kind)
+    spec, r = config.parent, augments(recipe.parent_for(config.parent.kind))
     dropout = spec.dropout if spec.dropout is not None else r.dropout
 
     def train(keep, held, val, k):
@@ -105,7 +105,7 @@ def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, d
 
 def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, seed, progress, device, data, rows):
     """A function training a copy of branch `name` on the same read of the same source."""
-    spec, r = config.node(name), recipe.branch_for(config.parent.kind)
+    spec, r = config.node(name), data.augments(recipe.branch_for(config.parent.kind))
     normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
     X = normalizer.lazy(images, mirrored=None if data.mirrored is None else data.mirrored[rows])
     tap = reads(models, name)
@@ -142,7 +142,7 @@ def crossfit(config: TreeConfig, name: str, models: dict[str, Model], data, reci
     if module:
         train = _module_parent_answers(models, images)
     elif name == "parent":
-        train = _parent_copies(config, images, labels, recipe, seed, progress, device,
+        train = _parent_copies(config, images, labels, recipe, seed, progress, device, data.augments,
                                None if data.mirrored is None else data.mirrored[rows])
     else:
         train = _branch_copies(config, name, models, images, labels, recipe, seed, progress, device, data, rows)

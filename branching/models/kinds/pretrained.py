@@ -10,6 +10,7 @@ them.
     classes = [...]                # the head's; without them the tree's classes are its branches'
     # layer = "head"; pool = "avg" # the tap the head reads (default: the last, averaged)
     # weights = "file.pth"         # another state_dict of the same network (default: the packaged one)
+    # mirrors = true               # also encode the training images mirrored, to train with mirror images
 
 [data] image_size is the size the network sees (default its own, 224 for Lite0): image folders are decoded at
 it, CIFAR-100's 32-pixel images are resized up to it inside the trunk.
@@ -26,14 +27,14 @@ from branching.models import trunks
 from branching.models.kinds.base import register_kind
 from branching.models.kinds.encoded import HEAD_KEYS, EncodedKind
 
-TRUNK_KEYS = ("model", "weights", "weights_sha256", "input_size")  # then the head's (HEAD_KEYS)
+TRUNK_KEYS = ("model", "weights", "weights_sha256", "input_size", "mirrors")  # then the head's (HEAD_KEYS)
 SIZES = (32, 1024)  # a smaller image vanishes before the last blocks (the network's stride is 32)
 
 
 @register_kind
 class Pretrained(EncodedKind):
     name = "pretrained"
-    config_keys = ("model", "weights", "layer", "pool")
+    config_keys = ("model", "weights", "mirrors", "layer", "pool")
     wheres = trunks.IMAGE_POOLS
     default_pool = "avg"
     compare_methods = ("finetune_block",)
@@ -48,12 +49,14 @@ class Pretrained(EncodedKind):
                              f"{', '.join((*TRUNK_KEYS, *HEAD_KEYS))}")
         net = trunks.network(shape.get("model"))
         out = {"model": net.name, "weights": shape.get("weights", ""), "weights_sha256": shape.get("weights_sha256", ""),
-               "input_size": shape.get("input_size", net.size)}
+               "input_size": shape.get("input_size", net.size), "mirrors": shape.get("mirrors", False)}
         size = out["input_size"]
         if isinstance(size, bool) or not isinstance(size, int) or not SIZES[0] <= size <= SIZES[1]:
             raise ValueError(f"pretrained parent input_size must be an integer in {SIZES[0]}..{SIZES[1]}; got {size!r}")
         if not isinstance(out["weights"], str) or not isinstance(out["weights_sha256"], str):
             raise ValueError("pretrained parent weights and weights_sha256 must be strings")
+        if not isinstance(out["mirrors"], bool):
+            raise ValueError(f"pretrained parent mirrors must be true or false; got {out['mirrors']!r}")
         return self.check_head(shape, out)
 
     def files(self, shape: dict) -> str:
@@ -74,8 +77,9 @@ class Pretrained(EncodedKind):
 
     def config_dict(self, shape, classes, hidden) -> dict:
         d = {"classes": list(classes)} if shape["head"] else {}
-        weights = {"weights": shape["weights"]} if shape["weights"] else {}
-        return {**d, "kind": self.name, "model": shape["model"], **weights, **self.head_config(shape, hidden)}
+        extra = {"weights": shape["weights"]} if shape["weights"] else {}
+        extra.update({"mirrors": True} if shape["mirrors"] else {})
+        return {**d, "kind": self.name, "model": shape["model"], **extra, **self.head_config(shape, hidden)}
 
     def parse(self, table, classes, image_size, hidden=(), activation="relu") -> dict:
         """The [parent] keys checked before any work: the network is known and its code and weights are installed,
@@ -133,5 +137,6 @@ class Pretrained(EncodedKind):
         if pool not in self.pools:
             raise table.error("pool", "does not apply to a pretrained parent's taps", f"use one of: {', '.join(self.pools)}")
         return self.check_shape({"model": net.name, "weights": weights, "weights_sha256": weights_sha256(path),
-                                 "input_size": size, "head_layer": layer % len(names), "head_pool": pool,
+                                 "input_size": size, "mirrors": bool(table.flag("mirrors")),
+                                 "head_layer": layer % len(names), "head_pool": pool,
                                  "hidden": list(hidden), "activation": activation, "head": not headless})
