@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -225,8 +226,7 @@ def frontier(args) -> None:
     for ax, (name, methods) in zip(axes[0], result["summary"]["branches"].items()):
         taps = []
         for key, row in methods.items():
-            tap = row.get("per_seed", [{}])[0]
-            if key == "branch" or (key.endswith("_avg") and "layer" in tap):
+            if key == "branch" or re.fullmatch(r"(stem|block\d+|head)_(avg|max)", key):
                 acc = row["test_accuracy"]
                 low, high = acc.get("ci95_seeds") or (acc["mean"], acc["mean"])
                 taps.append((row["inference_flops"] / 1e6, acc["mean"], low, high, key))
@@ -235,8 +235,13 @@ def frontier(args) -> None:
         ax.errorbar(x, [100 * t[1] for t in taps], yerr=[[100 * (t[1] - t[2]) for t in taps],
                                                          [100 * (t[3] - t[1]) for t in taps]], fmt="o-", ms=3)
         for t in taps:
-            ax.annotate(t[4].replace("_avg", ""), (t[0], 100 * t[1]), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")
+            label = "configured" if t[4] == "branch" else t[4].rsplit("_", 1)[0]
+            ax.annotate(label, (t[0], 100 * t[1]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        head = methods.get("parent_head")
+        if head:
+            ax.axhline(100 * head["test_accuracy"]["mean"], color="grey", ls="--", lw=1,
+                       label="the parent's head on these classes")
+            ax.legend(loc="lower right", fontsize=7)
         ax.set_xlabel("MFLOPs per image to the tap (and the branch)")
         ax.set_ylabel("test accuracy % (mean, 95% t interval over seeds)")
         ax.set_title(f"{name}: a branch on each tap")

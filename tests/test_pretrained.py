@@ -192,6 +192,12 @@ def test_run_evaluates_the_routed_tree_and_predict_answers_photos_of_any_size(tr
     assert cli.main(["predict", "--models", str(root / "out"), str(photos)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all("path parent" in line for line in lines)
+    depths, encode = [], trunks.encode_images
+    monkeypatch.setattr(trunks, "encode_images", lambda trunk, images, depth, *a, **k: depths.append(depth) or
+                        encode(trunk, images, depth, *a, **k))
+    assert cli.main(["predict", "--models", str(root / "out"), "--node", "mammals", str(photos)]) == 0
+    assert cli.main(["predict", "--models", str(root / "out"), str(photos)]) == 0
+    assert depths == [12, 18]  # mammals reads block10: the trunk stops there; routing needs the parent's head
 
 
 def test_probe_layers_lists_every_block_with_the_flops_of_the_trunk_to_it(trained, small_data_dir, capsys,

@@ -79,7 +79,7 @@ def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], 
     return data.filenames, data.images, [label_names[i] for i in data.fine_labels], []
 
 
-def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
+def text_inputs(args, parent, predictor_depth=None) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
     """(names, encoded texts, true classes or None, errors) of the texts given to a text parent's tree: on the
     command line, in --texts FILE, or a split of --data (a text folder, read through the encoding cache)."""
     from branching.data.text_cache import load_encoded
@@ -108,7 +108,8 @@ def text_inputs(args, parent) -> tuple[list[str], np.ndarray, list[str] | None, 
         names = [t if len(t) <= 60 else t[:57] + "..." for t in texts]
     if not texts or any(not t.strip() for t in texts):
         raise DataError("an empty text was given; pass texts with words in them")
-    return names, parent.net_kind.encode(shape, texts, args.device, progress=len(texts) > 100), truth, []
+    return names, parent.net_kind.encode(shape, texts, args.device, progress=len(texts) > 100,
+                                         depth=predictor_depth), truth, []
 
 
 def image_paths(paths) -> tuple[list[Path], int]:
@@ -188,7 +189,7 @@ def cmd_predict(args) -> int:
     kind = parent.net_kind
     ignored = 0
     if kind.reads == "texts":
-        names, pixels, truth, errors = text_inputs(args, parent)
+        names, pixels, truth, errors = text_inputs(args, parent, predictor.parent_depth())
     elif args.texts is not None:
         raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
     else:  # images resized as the tree was trained: to its side, or an encoded parent's input size
@@ -199,8 +200,9 @@ def cmd_predict(args) -> int:
             files, ignored = image_paths(args.files)
             names, pixels, errors = load_images(files, side)
             truth = None
-        if kind.encoded:  # through the parent's frozen network
-            pixels = (kind.encode(parent.shape, pixels, args.device, progress=len(pixels) > 100) if len(pixels)
+        if kind.encoded:  # through the parent's frozen network, only as far as the nodes asked read it
+            pixels = (kind.encode(parent.shape, pixels, args.device, progress=len(pixels) > 100,
+                                  depth=predictor.parent_depth()) if len(pixels)
                       else np.zeros((0, parent.architecture[0]), np.float32))
     if ignored:
         print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)

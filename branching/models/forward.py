@@ -115,6 +115,17 @@ def _extract(models: dict[str, Model], keys, X, batch_size: int) -> list[np.ndar
     return [torch.cat(part).numpy() for part in parts]
 
 
+def parent_depth(models: dict[str, Model], nodes, judges=()) -> int:
+    """The parent's taps (counted from its first) that running `nodes` needs: the parent's own output when it is
+    among them, and the tap each chain leaves the parent at, as each judge reads it (judges: their reads). An
+    encoded parent's network runs only this far."""
+    parent = models["parent"]
+    deepest = [parent.feature_info[-1]["layer"]] if "parent" in nodes else []
+    deepest += [models[chain(models, n)[1]].meta["layer"] for n in nodes if n != "parent"]
+    deepest += [r[1] for reads_ in judges for r in reads_ if r[0] == "parent"]
+    return max(deepest, default=-1) + 1
+
+
 def node_inputs(models: dict[str, Model], node: str, X: np.ndarray) -> np.ndarray:
     """node_input for a numpy array of normalised images."""
     return X if node == "parent" else extract(models, [reads(models, node)], X)[0]

@@ -220,12 +220,13 @@ def image_method_notes(config: TreeConfig, f) -> list[str]:
     shape, kind = config.parent.shape_dict, config.parent.net_kind
     names = [name for name, _ in kind.tap_widths(shape)]
     return [
-        f"The parent is the pretrained {shape['model']}, frozen, at {shape['input_size']} px: every image (and every "
-        f"training image mirrored) is encoded once, and every method reads the same cached vectors, standardised on "
-        f"the training images. The parent's head is trained on its {names[shape['head_layer']]} "
-        f"({shape['head_pool']}).",
+        f"The parent is the pretrained {shape['model']}, frozen, at {shape['input_size']} px: every image"
+        + (" (and every training image mirrored)" if shape["mirrors"] else "") + " is encoded once, and every "
+        f"method reads the same cached vectors, standardised on the training images. The parent's head is trained on "
+        f"its {names[shape['head_layer']]} ({shape['head_pool']}).",
         "Every method uses the default recipe and validates on the parent's held-out images of the branch's classes; "
-        "a mirror image is its cached encoding (no shifts: the inputs are vectors).",
+        + ("a mirror image is its cached encoding" if shape["mirrors"] else "no mirror images (mirrors = true would "
+           "encode them)") + ", and no shifts (the inputs are vectors).",
         "Linear probe: scikit-learn LogisticRegression on standardised vectors of the branch's tap, C chosen on "
         "validation log-loss. The last layer: the same probe on the head's 1x1 convolution averaged over positions, "
         "the features the network's own ImageNet classifier reads.",

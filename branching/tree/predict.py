@@ -10,7 +10,7 @@ from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
 from branching.models.device import CPU, on_device
-from branching.models.forward import node_inputs
+from branching.models.forward import node_inputs, parent_depth
 from branching.tree import judge
 from branching.tree.routing import BATCH, TreePredictions
 
@@ -32,6 +32,10 @@ class NodePredictor:
         self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
         # the threshold it compares with: its rule's (None without one: it accepts every answer)
         self.thresholds = {name: self.acceptance.threshold if self.acceptance.rejects else None}
+
+    def parent_depth(self) -> int:
+        """The parent's taps this node needs (forward.parent_depth)."""
+        return parent_depth(self.models, [self.name], [self.judge.reads] if self.judge else [])
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
         X = self.normalizer.lazy(np.asarray(images).reshape(-1, self.normalizer.mean.size))

@@ -37,7 +37,7 @@ from branching.data.normalization import Normalizer
 from branching.errors import CheckpointError, ConfigError, did_you_mean
 from branching.models import nets
 from branching.models.device import CPU, on_device, resolve_device
-from branching.models.forward import node_input, read_tap, reads
+from branching.models.forward import node_input, parent_depth, read_tap, reads
 from branching.models.model import Model
 from branching.tree import cost, judge
 from branching.tree.checkpoint import load_folder
@@ -236,6 +236,12 @@ class TreePredictor:
     def answerable(self) -> tuple[str, ...]:
         """The classes an image can be answered with: the tree's, or from an entry branch that branch's."""
         return self.classes if self.entry is None else tuple(self.entry.spec.classes)
+
+    def parent_depth(self) -> int:
+        """The parent's taps this predictor needs (forward.parent_depth): all the parent reads when it routes, else
+        those the entry branch and the branches below it read."""
+        running = [n for n in self.nodes if self.entry is None or self.entry.name in self.config.chain(n.name)]
+        return parent_depth(self.models, [n.name for n in running], [n.judge.reads for n in running if n.judge])
 
     @property
     def thresholds(self) -> dict[str, float | None]:

@@ -5,6 +5,8 @@ names it `pool`), and the vector a branch reads is that slice as it is ("flat").
 
 from __future__ import annotations
 
+import numpy as np
+
 from branching.models import nets
 from branching.models.encoded import EncodedNet
 from branching.models.kinds.base import ParentKind, by_name, resolve_layer
@@ -101,9 +103,17 @@ class EncodedKind(ParentKind):
                                  f"{', '.join(self.pools)}")
         return next((v for v in (where, pool) if v in self.pools), self.default_pool), "flat"
 
-    def encode(self, shape: dict, inputs, device, progress: bool = True):
+    def encode(self, shape: dict, inputs, device, progress: bool = True, depth: int | None = None):
         """The vectors the parent reads (N, input_width) of new inputs (texts, or images (N, 3 * side * side) of
-        any side), through the frozen network on `device`, as deep as the parent's depth."""
+        any side), through the frozen network on `device` as deep as `depth` taps (default: the parent's depth);
+        the columns of deeper taps, which nothing then reads, are zeros."""
+        depth = shape["depth"] if depth is None else max(1, min(depth, shape["depth"]))
+        vectors = self.encode_to(shape, inputs, device, depth, progress)
+        width = self.input_width(shape)
+        return vectors if vectors.shape[1] == width else np.pad(vectors, ((0, 0), (0, width - vectors.shape[1])))
+
+    def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
+        """encode's vectors of the first `depth` taps."""
         raise NotImplementedError
 
     def every_tap(self, shape: dict) -> dict:

@@ -62,9 +62,8 @@ class Pretrained(EncodedKind):
     def files(self, shape: dict) -> str:
         return shape["weights"] or f"the weights of {shape['model']} its package ships"
 
-    def encode(self, shape: dict, inputs, device, progress: bool = True):
-        trunk = trunks.load_trunk(shape, device)
-        return trunks.encode_images(trunk, inputs, shape["depth"], progress=progress)
+    def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
+        return trunks.encode_images(trunks.load_trunk(shape, device), inputs, depth, progress=progress)
 
     def describe(self, shape: dict) -> str:
         return f"the pretrained {shape['model']} at {shape['input_size']} px"

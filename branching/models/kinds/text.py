@@ -43,9 +43,9 @@ class Text(EncodedKind):
     def files(self, shape: dict) -> str:
         return f"the files of model {shape['model']!r}"
 
-    def encode(self, shape: dict, inputs, device, progress: bool = True):
+    def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
         found = encoder.Encoder(shape["model"], shape["max_length"], device)
-        return found.encode(list(inputs), shape["depth"], progress=progress)[0]
+        return found.encode(list(inputs), depth, progress=progress)[0]
 
     def describe(self, shape: dict) -> str:
         return f"the transformer {shape['model']}"
