@@ -3,6 +3,8 @@ accuracy-cost frontier of its blocks (docs/pretrained.md).
 
     python benchmarks/bench_pretrained.py speed --data ../shared/data/cifar100-6 --threads 1
     python benchmarks/bench_pretrained.py sizes --data ../shared/data/cifar100-6 --sizes 64,96,128,224 --seeds 0,1,2 --out runs/pretrained-sizes
+    python benchmarks/bench_pretrained.py weights --data ../shared/data/cifar100-6
+    python benchmarks/bench_pretrained.py recipe --seeds 0,1,2
     python benchmarks/bench_pretrained.py frontier --compare runs/pretrained-compare/compare.json --out runs/pretrained-frontier.png
 
 speed: on the test images, resized from 32 px to the network's size, the toolkit's extraction (uint8 pixels in,
@@ -17,6 +19,13 @@ seed (`branching run`, into OUT/size-N/seed-S), and per size the validation accu
 each branch at their best epoch (the images no node trains on: the choice is made on them), the test accuracy
 (reported, not used to choose), the MFLOPs of the trunk to the head and to each branch's tap, and the seconds
 the encoding took.
+
+weights: the packaged weights on real images: top-1 and top-5 of the network's own ImageNet classifier on the
+test images of the classes ImageNet has too (beaver, whale, wolf), with TF-Lite's normalisation (the trunk's) and
+with ImageNet's mean and std.
+
+recipe: validation accuracy of the parent's head and of each branch with and without mirror images (the tree
+with mirrors = true), pooled over seeds.
 
 frontier: from a `compare` run's compare.json, the test accuracy of each branch reading each tap (mean and 95%
 interval over seeds) against the MFLOPs of the trunk to that tap (and the branch), as a plot.
@@ -175,11 +184,12 @@ def recipe(args) -> dict:
     `flip`), pooled over seeds: the choice is made on the images no node trains on."""
     from dataclasses import replace
 
-    from branching.config.parse import load_config
+    from branching.config.parse import parse_config
     from branching.config.recipes import get_recipe
     from branching.data.tree_data import load_tree_data
     from branching.train.nodes import train_branch, train_parent
-    config = load_config(args.config)
+    text = Path(args.config).read_text().replace("[parent]\n", "[parent]\nmirrors = true\n", 1)
+    config = parse_config(text, args.config)  # the mirror images encoded, so that flip can use them
     data = load_tree_data(config, args.data, progress=False)
     base = get_recipe("default")
     rows = {}
@@ -213,6 +223,42 @@ def _validation(config, name, models, model, data) -> tuple[int, int]:
     X = parent_normalizer(models["parent"]).lazy(data.train.images)[rows[keep]]
     inputs = X if name == "parent" else node_inputs(models, name, X)
     return int((model.predict(inputs) == labels[keep]).sum()), int(keep.sum())
+
+
+IMAGENET = {"beaver": {337}, "whale": {147, 148}, "wolf": {269, 270, 271, 272}}  # ImageNet's own class ids
+
+
+def weights(args) -> dict:
+    """The packaged weights checked on real images: top-1 and top-5 of the network's own ImageNet classifier on the
+    test images of the classes ImageNet has (beaver; grey and killer whale; timber, white and red wolf and coyote),
+    with the TF-Lite normalisation the trunk uses and with ImageNet's mean and std."""
+    from branching.data.cifar import load_label_names, load_split
+    from branching.models.kinds import get_kind
+    torch.set_num_threads(args.threads)
+    shape = get_kind("pretrained").check_shape({"model": args.model, "input_size": args.size})
+    trunk = trunks.load_trunk(shape, torch.device("cpu"))
+    test, names = load_split(args.data, "test"), load_label_names(args.data)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    found = {}
+    for norm in ("tf-lite", "imagenet"):
+        top1 = top5 = total = 0
+        for name, ids in IMAGENET.items():
+            images = torch.from_numpy(test.images[test.fine_labels == names.index(name)])
+            for s in range(0, len(images), 8):
+                with torch.inference_mode():
+                    x = trunk.prepare(images[s:s + 8])
+                    if norm == "imagenet":  # undo TF-Lite's, apply ImageNet's
+                        x = ((x * trunk.info.std + trunk.info.mean) - mean) / std
+                    logits = trunk.net(x.contiguous(memory_format=torch.channels_last))
+                best = logits.topk(5, dim=1).indices.tolist()
+                top1 += sum(row[0] in ids for row in best)
+                top5 += sum(bool(set(row) & ids) for row in best)
+                total += len(best)
+        found[norm] = {"top1": top1 / total, "top5": top5 / total, "images": total}
+        print(f"{args.model} at {args.size} px, {norm} normalisation: top-1 {100 * top1 / total:.1f}%, top-5 "
+              f"{100 * top5 / total:.1f}% of {total} test images (beaver, whale, wolf)", flush=True)
+    return found
 
 
 def frontier(args) -> None:
@@ -268,6 +314,11 @@ def main() -> None:
     z.add_argument("--seeds", default="0,1,2")
     z.add_argument("--device", default="cpu")
     z.add_argument("--out", default="runs/pretrained-sizes")
+    w = sub.add_parser("weights")
+    w.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "cifar100-6"))
+    w.add_argument("--model", default="efficientnet-lite0")
+    w.add_argument("--size", type=int, default=224)
+    w.add_argument("--threads", type=int, default=2)
     c = sub.add_parser("recipe")
     c.add_argument("--config", default=str(REPO / "configs" / "cifar100-6-pretrained.toml"))
     c.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "cifar100-6"))
@@ -282,6 +333,8 @@ def main() -> None:
         print_sizes(sizes(args))
     elif args.command == "recipe":
         recipe(args)
+    elif args.command == "weights":
+        weights(args)
     else:
         frontier(args)
 

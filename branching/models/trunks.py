@@ -170,8 +170,8 @@ def pool_map(feature_map: torch.Tensor, how: str) -> torch.Tensor:
     """A batch of feature maps (N, C, H, W) as vectors (N, C)."""
     if how == "avg":
         return feature_map.mean(dim=(2, 3))
-    if how == "max":
-        return feature_map.amax(dim=(2, 3))
+    if how == "max":  # the same values as amax over (2, 3), which is slow in channels_last with a few channels
+        return F.adaptive_max_pool2d(feature_map, 1).flatten(1)
     raise ValueError(f"unknown pool {how!r}; use one of {', '.join(IMAGE_POOLS)}")
 
 
@@ -214,7 +214,7 @@ def encode_images(trunk: Trunk, images, depth: int, out: np.ndarray | None = Non
                disable=not progress, file=sys.stderr)
     with torch.inference_mode():
         for start in range(0, len(images), rows):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + rows])).to(device)
+            batch = torch.from_numpy(np.array(images[start:start + rows])).to(device)  # a copy: mapped rows are read-only
             if mirror:
                 side = int(round((batch.shape[1] // 3) ** 0.5))
                 batch = batch.reshape(-1, 3, side, side).flip(3).reshape(len(batch), -1)

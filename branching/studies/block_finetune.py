@@ -87,7 +87,7 @@ def entering_states(trunk: trunks.Trunk, pixels: np.ndarray, tap: int) -> list[t
     device = next(trunk.net.parameters()).device
     with torch.no_grad():  # not inference_mode: the maps enter a block that trains
         for start in range(0, len(pixels), BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + BATCH])).to(device)
+            batch = torch.from_numpy(np.array(pixels[start:start + BATCH])).to(device)
             maps = trunk.forward_taps(trunk.prepare(batch), tap)
             out.append((np.arange(start, start + len(batch)), maps[-1]))
     return out
