@@ -4,6 +4,7 @@ probe-layers with and without its head, fingerprints tied to the weights file, a
 one-line error before any work."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,6 +323,34 @@ def test_given_mean_and_std_are_the_normalisation(tmp_path, small_data_dir, weig
     pixels = np.full((1, 3072), 255, np.uint8)
     np.testing.assert_allclose(normalizer.transform(pixels)[0, [0, 1024, 2048]], [1.0, 6.0, 1.0], rtol=1e-6)
     assert len(meta["val_rows"]) == round(0.15 * 160)  # the held-out share branches validate on
+
+
+def test_given_mean_and_std_fit_images_of_any_size(weights):
+    """Images of 20 pixels (a photo folder's [data] image_size): the given statistics are repeated over their
+    pixels, not over 32-pixel images' (once "expected images of shape (N, 3072)")."""
+    from branching.config.recipes import get_recipe
+    from branching.data.cifar import Split
+    from branching.data.tree_data import TreeData
+    config = parse_config("[data]\nimage_size = 20\n" + parent_table(weights, "mean = [0.5, 0.25, 0.75]\n"
+                                                                       "std = [0.5, 0.125, 0.25]") + TWO_LEVELS)
+    rng = np.random.default_rng(0)
+    split = lambda n: Split(rng.integers(0, 256, (4 * n, 3 * 20 * 20), dtype=np.uint8),  # noqa: E731
+                            np.repeat(np.arange(4), n), [f"{i}.png" for i in range(4 * n)])
+    data = TreeData(Path("photos"), ["beaver", "sunflower", "whale", "wolf"], split(20), split(5))
+    model, meta, normalizer = train_parent(config, data, get_recipe("default", 1), seed=0)
+    assert normalizer.mean.size == 3 * 20 * 20
+    np.testing.assert_allclose(normalizer.transform(np.full((1, 1200), 255, np.uint8))[0, [0, 400, 800]],
+                               [1.0, 6.0, 1.0], rtol=1e-6)
+
+
+def test_images_enlarged_by_the_module_go_through_it_in_smaller_batches(weights):
+    small, large = loaded_model(weights), loaded_model(weights, input_size=224)
+    assert small.net.batch_rows(4096) == 4096  # 32-pixel images as they are: batches unchanged
+    assert large.net.batch_rows(4096) == module_parent.BATCH_BYTES // (4 * 3 * 224 * 224)  # 111
+    seen = []
+    large.net.module.stem.register_forward_hook(lambda m, a, o: seen.append(len(o)))
+    large.get_activations(np.zeros((300, 3072), np.float32), layer="stem")
+    assert seen == [111, 111, 78]
 
 
 # ---- bad input: one line, before any work ----------------------------------------------------

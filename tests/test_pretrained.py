@@ -302,3 +302,26 @@ def test_the_packaged_weights_know_imagenet_classes_in_real_images(real_data_dir
             logits = trunk.net._fc(trunk.forward_taps(trunk.prepare(images), 18)[-1].mean(dim=(2, 3)))
         hits += sum(bool(set(row.tolist()) & ids) for row in logits.topk(5, dim=1).indices)
     assert hits >= 12  # of 20 (CIFAR's 32 px made 224: about 75% here; chance is 0.5-1%)
+
+
+# ---- torchrun ----------------------------------------------------------------------------------------
+
+def test_two_processes_encode_their_shares_and_give_the_one_process_figures(random_weights, small_data_dir, tmp_path):
+    """Each rank encodes its share of the images (the shares start at batch boundaries here, so the vectors are
+    the same to the bit); the tree's predictions are the one-process run's."""
+    import os
+    import subprocess
+    import sys
+    from glob import glob
+    (tmp_path / "tree.toml").write_text(tree(random_weights))
+    outputs = {}
+    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "BRANCHING_CACHE": str(tmp_path / f"cache-{name}")}
+        command = [sys.executable, *launch, "-m", "branching", "run",
+                   "--config", str(tmp_path / "tree.toml"), "--data", str(small_data_dir), "--out",
+                   str(tmp_path / name), "--max-epochs", "2", "--quiet", "--no-report", "--no-download"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[name] = np.load(glob(str(tmp_path / f"cache-{name}" / "encoded-*" / "vectors.npy"))[0])
+    assert np.array_equal(outputs["one"], outputs["two"])
+    assert (tmp_path / "one" / "tree.csv").read_text() == (tmp_path / "two" / "tree.csv").read_text()

@@ -12,7 +12,6 @@ import hashlib
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from branching import distributed

@@ -107,8 +107,10 @@ def _extract(models: dict[str, Model], keys, X, batch_size: int) -> list[np.ndar
     for m in models.values():
         m.net.eval()
     parts: list[list[torch.Tensor]] = [[] for _ in keys]
+    parent = models["parent"]
+    batch_size = parent.net_kind.batch_rows(parent.net, batch_size)  # a module enlarging images: fewer at a time
     with torch.inference_mode():  # batches normalised on the parent's device; large images: fewer at a time
-        for xb in device_batches(X, batch_size, models["parent"].device):
+        for xb in device_batches(X, batch_size, parent.device):
             found = forward_taps(models, need, xb)
             for part, key in zip(parts, keys):
                 part.append(pooled(found, key).cpu())

@@ -194,7 +194,7 @@ class Model(Trainable):
     def _map_batches(self, X: np.ndarray, fn, batch_size) -> np.ndarray:
         """fn over batches of X on the model's device, concatenated; under torchrun each rank maps its share of
         the rows and every rank gets them all (distributed.over_shards)."""
-        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        batch_size = self.net_kind.batch_rows(self.net, check_int(batch_size, "batch_size", minimum=1))
         return distributed.over_shards(len(X), lambda rows: self._map_rows(X[rows], fn, batch_size))
 
     def _map_rows(self, X, fn, batch_size) -> np.ndarray:

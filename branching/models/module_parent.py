@@ -35,6 +35,7 @@ INPUT_SIZES = (8, 1024)         # the range of input_size
 TAP_DEPTH = 2                   # taps: submodules at most this many levels below the root
 SPEC_KEYS = ("module", "kwargs", "weights", "input_size", "mean", "std", "head")
 MODEL_KEYS = ("module", "kwargs", "input_size", "head", "weights_sha256")  # what the network's shape records
+BATCH_BYTES = 64 * 2**20  # float32 images at the module's input_size in one batch (its feature maps are larger still)
 MAX_PARAMETERS = 250_000_000  # torchly.MAX_PARAMETERS (which imports this module): no real build beyond it
 CALLABLE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
@@ -167,6 +168,11 @@ class ModuleNet(nn.Module):
         self.output_shape = found["output"]
         self.feature_info = [{"name": t["name"], "layer": i, "where": None, "shape": t["shape"],
                               "module": f"module.{t['name']}"} for i, t in enumerate(found["taps"])]
+
+    def batch_rows(self, batch_size: int) -> int:
+        """batch_size, or fewer images where that many resized to input_size would pass BATCH_BYTES: 4,096
+        32-pixel images made 224 would take 2.3 GB before the module's first layer."""
+        return max(1, min(batch_size, BATCH_BYTES // (4 * 3 * self.input_size ** 2)))
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """Flat images as the module takes them."""

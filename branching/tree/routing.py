@@ -238,8 +238,7 @@ class TreePredictor:
         return self.classes if self.entry is None else tuple(self.entry.spec.classes)
 
     def parent_depth(self) -> int:
-        """The parent's taps this predictor needs (forward.parent_depth): all the parent reads when it routes, else
-        those the entry branch and the branches below it read."""
+        """The parent's taps this predictor needs (forward.parent_depth): from an entry branch, only its subtree's."""
         running = [n for n in self.nodes if self.entry is None or self.entry.name in self.config.chain(n.name)]
         return parent_depth(self.models, [n.name for n in running], [n.judge.reads for n in running if n.judge])
 

@@ -3,8 +3,6 @@ see branching.models.kinds."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -80,6 +78,10 @@ class ParentKind:
     def input_width(self, shape: dict, side: int) -> int:
         """The numbers per input the parent reads: the pixels of a side x side image by default."""
         return nets.image_width(side)
+
+    def batch_rows(self, net: nn.Module, batch_size: int) -> int:
+        """Inputs per inference batch through `net` (fewer than batch_size where the network enlarges them)."""
+        return batch_size
 
     def describe(self, shape: dict) -> str:
         """The parent in a few words, for what a command says it will do."""
@@ -234,6 +236,3 @@ def positive_ints(value, key: str, listed: bool, kind: str) -> None:
         raise ValueError(f"{kind} {key} must be {'a list of positive integers' if listed else 'a positive integer'}; "
                          f"got {value!r}")
 
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -28,6 +28,9 @@ class Module(ParentKind):
     def files(self, shape: dict) -> str:
         return shape.get("weights") or "its weights file"
 
+    def batch_rows(self, net, batch_size: int) -> int:
+        return net.batch_rows(batch_size)
+
     def describe(self, shape: dict) -> str:
         return f"the module {shape['module']}"
 
