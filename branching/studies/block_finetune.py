@@ -13,7 +13,6 @@ take more than MAX_STATES_BYTES (an early block at a large input size).
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import torch
@@ -22,9 +21,8 @@ from torch import nn
 from branching.console import log
 from branching.models import trunks
 from branching.studies.baselines import Outcome, SeedContext
-from branching.studies.finetune_loop import batch_logits, train_layer, trainable
-from branching.studies.probe import held_out_split
-from branching.train.nodes import branch_read, fit_acceptance, parent_normalizer
+from branching.studies.finetune_loop import fine_tune, trainable
+from branching.train.nodes import branch_read, parent_normalizer
 from branching.tree import cost
 
 MAX_STATES_BYTES = 2 * 2**30  # float32 feature maps entering the block, for the branch's images (train and test)
@@ -96,35 +94,21 @@ def entering_states(trunk: trunks.Trunk, pixels: np.ndarray, tap: int) -> list[t
 def run_finetune_block(ctx: SeedContext, spec) -> Outcome:
     """compare's "finetune" on a pretrained image parent (see the module's doc), from the trained branch
     ctx.models[spec.name], as for the other parents."""
-    start = time.perf_counter()
-    parent, branch, r = ctx.models["parent"], ctx.models[spec.name], ctx.recipes.finetune
+    parent, branch = ctx.models["parent"], ctx.models[spec.name]
     _, tap, how, _ = branch_read(ctx.models, spec, ctx.recipes.default.branch)
-    shape, pixels = parent.shape, ctx.data.raw_images
-    trunk = trunks.load_trunk(shape, ctx.device)
+    trunk = trunks.load_trunk(parent.shape, ctx.device)
     normalizer = parent_normalizer(parent)
     columns = parent.net.columns(parent.net.index(tap, how))
     net = OneBlock(trunk, tap, how, normalizer.mean[columns], normalizer.std[columns], branch.net).to(ctx.device)
-    labels, rows = ctx.data.node_labels("train", spec)
-    train_idx, val_idx, kind = held_out_split(parent, rows, labels)
     tap_name = parent.tap(tap, how)["name"]
-    log(f"{spec.name}: fine-tuning {tap_name} of {shape['model']} with the branch ({trainable(net):,} parameters) "
-        f"on {len(train_idx)} images; the blocks below run once")
-    generator = np.random.default_rng(ctx.seed)
-    order = generator.permutation(len(train_idx))  # batches of the training images in a seeded order
-    train = entering_states(trunk, pixels["train"][rows[train_idx[order]]], tap)
-    train = [(order[b], states) for b, states in train]
-    val = entering_states(trunk, pixels["train"][rows[val_idx]], tap)
-    y_train, y_val = torch.from_numpy(labels[train_idx]), labels[val_idx]
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=r.lr,
-                                  weight_decay=r.weight_decay)
-    with torch.random.fork_rng(devices=[]):  # dropout's draws from the seed, the global RNG untouched
-        torch.manual_seed(ctx.seed)
-        epochs = train_layer(net, optimizer, train, val, y_train, y_val, r, generator, len(spec.classes), ctx.device)
-    acceptance = fit_acceptance(spec, r, batch_logits(net, val, len(val_idx), len(spec.classes)), y_val)
-    seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
-    _, test_rows = ctx.data.node_labels("test", spec)
-    test = entering_states(trunk, pixels["test"][test_rows], tap)
-    logits = batch_logits(net, test, len(test_rows), len(spec.classes))
+    log(f"{spec.name}: fine-tuning {tap_name} of {parent.shape['model']} with the branch ({trainable(net):,} "
+        f"parameters) on its training images; the blocks below run once")
+
+    def entering(split, rows, generator):
+        """The training images in batches of a seeded order, the others in theirs."""
+        order = np.arange(len(rows)) if generator is None else generator.permutation(len(rows))
+        batches = entering_states(trunk, ctx.data.raw_images[split][rows[order]], tap)
+        return [(order[positions], states) for positions, states in batches]
+
     flops = cost.flops_to(ctx.models, (spec.source, tap, how)) + cost.linear_flops(branch.architecture)
-    return Outcome(logits, acceptance, trainable(net), flops, seconds, ctx.parent_s,
-                   {"epochs_run": epochs, "validation": kind, "layer": tap_name, "pool": how})
+    return fine_tune(ctx, spec, net, entering, flops, {"layer": tap_name, "pool": how})

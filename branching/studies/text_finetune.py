@@ -13,7 +13,6 @@ about N x tokens x width floats (5,800 Rotten Tomatoes sentences: about 250 MB).
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import torch
@@ -22,9 +21,8 @@ from torch import nn
 from branching.console import log
 from branching.models.text import TEXT_POOLS, pool_tokens
 from branching.studies.baselines import Outcome, SeedContext
-from branching.studies.finetune_loop import batch_logits, train_layer, trainable
-from branching.studies.probe import held_out_split
-from branching.train.nodes import branch_read, fit_acceptance, parent_normalizer
+from branching.studies.finetune_loop import fine_tune, trainable
+from branching.train.nodes import branch_read, parent_normalizer
 from branching.tree import cost
 
 
@@ -84,34 +82,17 @@ def run_finetune_text(ctx: SeedContext, spec) -> Outcome:
     """compare's "finetune" on a text parent (see the module's doc); the trained branch it starts from is
     ctx.models[spec.name], as for the other parents."""
     from branching.models.encoder import Encoder
-    start = time.perf_counter()
-    parent, branch, r = ctx.models["parent"], ctx.models[spec.name], ctx.recipes.finetune
+    parent, branch = ctx.models["parent"], ctx.models[spec.name]
     _, tap, how, _ = branch_read(ctx.models, spec, ctx.recipes.default.branch)
     shape = parent.shape
     encoder = Encoder(shape["model"], shape["max_length"], ctx.device)
     normalizer = parent_normalizer(parent)
     columns = parent.net.columns(parent.net.index(tap, how))
     net = OneLayer(encoder, tap - 1, how, normalizer.mean[columns], normalizer.std[columns], branch.net).to(ctx.device)
-    labels, rows = ctx.data.node_labels("train", spec)
-    train_idx, val_idx, kind = held_out_split(parent, rows, labels)
-    texts = ctx.data.raw_texts["train"]
     log(f"{spec.name}: fine-tuning layer{tap - 1} of {shape['model']} with the branch ({trainable(net):,} "
-        f"parameters) on {len(train_idx)} texts; the layers below run once")
-    train = entering_states(encoder, [texts[i] for i in rows[train_idx]], tap - 1)
-    val = entering_states(encoder, [texts[i] for i in rows[val_idx]], tap - 1)
-    y_train, y_val = torch.from_numpy(labels[train_idx]), labels[val_idx]
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=r.lr,
-                                  weight_decay=r.weight_decay)
-    generator = np.random.default_rng(ctx.seed)
-    with torch.random.fork_rng(devices=[]):  # dropout's draws from the seed, the global RNG untouched
-        torch.manual_seed(ctx.seed)
-        epochs = train_layer(net, optimizer, train, val, y_train, y_val, r, generator, len(spec.classes), ctx.device)
-    acceptance = fit_acceptance(spec, r, batch_logits(net, val, len(val_idx), len(spec.classes)), y_val, "texts")
-    seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
-    _, test_rows = ctx.data.node_labels("test", spec)
-    test = entering_states(encoder, [ctx.data.raw_texts["test"][i] for i in test_rows], tap - 1)
-    logits = batch_logits(net, test, len(test_rows), len(spec.classes))
+        f"parameters) on its training texts; the layers below run once")
+    texts = ctx.data.raw_texts
+    entering = lambda split, rows, generator: entering_states(encoder, [texts[split][i] for i in rows], tap - 1)  # noqa: E731
     flops = cost.linear_flops(branch.architecture)  # the transformer's own cost is not modelled (compare.md)
-    return Outcome(logits, acceptance, trainable(net), flops, seconds, ctx.parent_s,
-                   {"epochs_run": epochs, "validation": kind, "layer": f"layer{tap - 1}",
-                    "pool": how if how in TEXT_POOLS else None})
+    return fine_tune(ctx, spec, net, entering, flops,
+                     {"layer": f"layer{tap - 1}", "pool": how if how in TEXT_POOLS else None}, "texts")
