@@ -111,16 +111,33 @@ def test_the_trunk_stops_after_the_deepest_tap_and_resizes_as_torch_does(random_
     for h in handles:
         h.remove()
     assert calls == [0, 1, 2, 3] and out.shape == (2, 2 * (32 + 16 + 24 + 24 + 40))
-    by_hand = F.interpolate((small.reshape(2, 3, 20, 20).float() - 127) / 128, size=(32, 32), mode="bilinear",
-                            antialias=True, align_corners=False)
-    assert torch.equal(trunk.prepare(small), by_hand)
+    by_hand = F.interpolate(small.reshape(2, 3, 20, 20).float(), size=(32, 32), mode="bilinear", antialias=True,
+                            align_corners=False)  # resized, then normalised: the same up to rounding (a linear map)
+    torch.testing.assert_close(trunk.prepare(small), (by_hand - 127) / 128, rtol=0, atol=1e-5)
     assert trunk.prepare(small).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_flops_to_each_tap_grow_and_end_at_the_networks_own_count():
-    flops = trunks.tap_flops("efficientnet-lite0", 224)
-    assert all(a < b for a, b in zip(flops, flops[1:])) and len(flops) == 18
-    assert 700e6 < flops[-1] < 800e6  # about 385 M multiply-adds to the head's convolution at 224 px
+def test_flops_to_each_tap_are_the_convolutions_counted_by_hand():
+    """2 x out x in / groups x k x k x output positions, summed over the package's network's convolutions up to
+    each tap (hooks on a run of its own extract_features), against torch's counter through the trunk."""
+    net = efficientnet.EfficientNet.from_name("efficientnet-lite0", image_size=224).eval()
+    total, at_tap = [0], []
+
+    def count(module, inputs, output):
+        out, k = module.out_channels, module.kernel_size
+        total[0] += 2 * out * module.in_channels // module.groups * k[0] * k[1] * output.shape[2] * output.shape[3]
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(count)
+    net._bn0.register_forward_hook(lambda m, a, o: at_tap.append(total[0]))  # the stem's convolution done
+    for b in net._blocks:
+        b.register_forward_hook(lambda m, a, o: at_tap.append(total[0]))
+    with torch.no_grad():
+        net.extract_features(torch.zeros(1, 3, 224, 224))
+    at_tap.append(total[0])
+    assert list(trunks.tap_flops("efficientnet-lite0", 224)) == at_tap
+    assert abs(at_tap[-1] / 2 - 385e6) < 5e6  # about 385 M multiply-adds to the head's convolution
 
 
 # ---- the data and the cache ----------------------------------------------------------------------
@@ -148,7 +165,13 @@ def test_encodings_are_cached_and_a_second_load_encodes_nothing(random_weights, 
     from branching.train.nodes import train_parent
     recipe = get_recipe("default", 1)
     assert data.augments(recipe.parent_for("pretrained")).flip and not plain.augments(recipe.parent_for("pretrained")).flip
-    train_parent(config, data, recipe, seed=0, progress=False)  # a coin per image picks the mirror image's vector
+    from branching.train.nodes import fit_normalizer, train_transform
+    normalizer = fit_normalizer(config.parent.net_kind, data.train.images, np.arange(len(data.mirrored)))
+    augment = train_transform(normalizer.lazy(data.train.images, mirrored=data.mirrored)[:10], normalizer,
+                              data.augments(recipe.parent_for("pretrained")))
+    np.testing.assert_array_equal(augment.mirrored, normalizer.transform(data.mirrored[:10]))  # the coin's other side
+    model, meta, _ = train_parent(config, data, recipe, seed=0, progress=False)
+    assert meta["augmentation"] == {"flip": True, "crop": 0}
     shallower = parse_config(tree(random_weights, branch_layer="block2", extra_parent='layer = "block3"'))
     assert np.array_equal(load_tree_data(shallower, small_data_dir, progress=False).test.images,
                           data.test.images[:, :shallower.input_width])  # a deeper cache serves a shallower tree
@@ -249,6 +272,7 @@ def test_a_changed_weights_file_is_refused_in_one_line(trained, small_data_dir, 
 # ---- bad input -----------------------------------------------------------------------------------
 
 BAD = [
+    ('weights = "', 'weights = "/dev/null', "is not a readable torch file"),
     ('model = "efficientnet-lite0"', 'model = "efficientnet-lite00"', "did you mean 'efficientnet-lite0'"),
     ('layer = "block10"', 'layer = "blok10"', "did you mean 'block10'"),
     ('layer = "block10"', 'layer = "block16"', "has no tap 'block16'"),
@@ -263,7 +287,11 @@ def test_bad_configs_are_one_line_errors_before_any_work(good, bad, expected, ra
                                                          tmp_path, capsys):
     text = tree(random_weights)
     assert good in text
-    (tmp_path / "bad.toml").write_text(text.replace(good, bad, 1))
+    bad_text = text.replace(good, bad, 1)
+    if bad.endswith("/dev/null"):  # the weights line becomes '/dev/null<path>': point it at a file that is not torch's
+        (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+        bad_text = text.replace(f'weights = "{random_weights}"', f'weights = "{tmp_path / "junk.pth"}"')
+    (tmp_path / "bad.toml").write_text(bad_text)
     code = cli.main(["run", "--config", str(tmp_path / "bad.toml"), "--data", str(small_data_dir), "--out",
                      str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -325,3 +353,47 @@ def test_two_processes_encode_their_shares_and_give_the_one_process_figures(rand
         outputs[name] = np.load(glob(str(tmp_path / f"cache-{name}" / "encoded-*" / "vectors.npy"))[0])
     assert np.array_equal(outputs["one"], outputs["two"])
     assert (tmp_path / "one" / "tree.csv").read_text() == (tmp_path / "two" / "tree.csv").read_text()
+
+
+def test_a_headless_parent_a_branch_of_a_branch_and_the_block_fine_tuned_from_the_branch(random_weights,
+                                                                                       small_data_dir, tmp_path,
+                                                                                       monkeypatch):
+    """No classes on the parent (its branches' are the tree's), a branch reading a branch; compare's block copy
+    starts as the frozen path it copies (the head's convolution and a block)."""
+    from branching.config.recipes import get_recipe
+    from branching.studies.block_finetune import OneBlock
+    from branching.studies.probe import train_sources
+    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
+    text = tree(random_weights).replace(f"classes = {json.dumps(CLASSES)}\n", "", 1) + """
+[branches.water]
+from = "mammals"
+classes = ["beaver", "whale"]
+layer = 0
+hidden = [8]
+
+"""
+    (tmp_path / "tree.toml").write_text(text)
+    assert cli.main(["run", "--config", str(tmp_path / "tree.toml"), "--data", str(small_data_dir), "--out",
+                     str(tmp_path / "out"), "--max-epochs", "2", "--quiet", "--no-download"]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["parent"] is None and set(metrics["branches"]) == {"mammals", "water"}
+    config = parse_config(tree(random_weights, branch_layer="head"))
+    data = load_tree_data(config, small_data_dir, progress=False)
+    models = train_sources(config, data, get_recipe("default", 1), seed=0, progress=False)
+    from branching.train.nodes import train_branch
+    for layer in ("head", "block10"):
+        config = parse_config(tree(random_weights, branch_layer=layer))
+        branch, meta = train_branch(config, "mammals", models, data, get_recipe("default", 1), 0, progress=False)
+        branch.meta, models["mammals"] = meta, branch
+        parent, tap = models["parent"], meta["layer"]
+        trunk = trunks.load_trunk(parent.shape, torch.device("cpu"))
+        columns = parent.net.columns(parent.net.index(tap, "avg"))
+        from branching.train.nodes import parent_normalizer
+        normalizer = parent_normalizer(parent)
+        net = OneBlock(trunk, tap, "avg", normalizer.mean[columns], normalizer.std[columns], branch.net).eval()
+        pixels = torch.from_numpy(data.raw_images["test"][:6].copy())
+        with torch.no_grad():
+            entering = trunk.forward_taps(trunk.prepare(pixels), tap)[-1]
+            encoded = trunk.encode(pixels, parent.shape["depth"]).numpy()  # the frozen path, on the same batch
+            frozen = branch.net(torch.from_numpy(normalizer.transform(encoded)[:, columns]))
+            torch.testing.assert_close(net(entering), frozen, rtol=1e-4, atol=1e-4)

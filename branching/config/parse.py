@@ -13,8 +13,8 @@ from branching.acceptance.confidence import PROBABILITY_SCORES, SCORES
 from branching.acceptance.selective import RULES
 from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAULT_BRANCH_HIDDEN, DEFAULT_CONFIG,
                                    DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_SELFEVAL_HIDDEN, DATA_KEYS, IMAGE_SIZES,
-                                   PARENT_KEYS, RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS, Acceptance, NodeSpec, SelfEvalSpec,
-                                   TreeConfig)
+                                   RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS, Acceptance, NodeSpec, SelfEvalSpec,
+                                   TreeConfig, parent_keys)
 from branching.config.table import Table, is_int, one_line, parse_toml, show
 from branching.errors import ConfigError, did_you_mean
 from branching.models import nets
@@ -22,9 +22,10 @@ from branching.models.checks import declared_network
 from branching.models.kinds import get_kind, kind_names, owners
 from branching.models.nets import ACTIVATIONS, WHERE
 
-# a branch's pool: a feature map's or token sequence's (branching.models.nets), or an encoded parent's pooling
-POOL_NAMES = tuple(dict.fromkeys([*(p for ps in nets.POOLS.values() for p in ps),
-                                  *(w for k in kind_names() if get_kind(k).encoded for w in get_kind(k).wheres)]))
+def pool_names() -> tuple[str, ...]:
+    """A branch's pool: a feature map's or token sequence's (branching.models.nets), or an encoded parent's."""
+    return tuple(dict.fromkeys([*(p for ps in nets.POOLS.values() for p in ps),
+                                *(w for k in kind_names() if get_kind(k).encoded for w in get_kind(k).wheres)]))
 
 
 def load_config(path: str | Path) -> TreeConfig:
@@ -100,7 +101,7 @@ def _parse_node(origin: str, name: str, data: Any, image_size: int | None = None
     """Fields of one node checked on their own; `layer` is still raw and `source` unchecked."""
     is_parent = name == "parent"
     table = "parent" if is_parent else f"branches.{name}"
-    t = Table(origin, table, data, PARENT_KEYS if is_parent else BRANCH_KEYS)
+    t = Table(origin, table, data, parent_keys() if is_parent else BRANCH_KEYS)
     kind = get_kind(t.choice("kind", kind_names(), "mlp") if is_parent else "mlp")
     for key in t.data if is_parent else ():
         found = owners(key)
@@ -136,7 +137,7 @@ def _parse_node(origin: str, name: str, data: Any, image_size: int | None = None
             raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
                           "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
         fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None), new_classes=bool(t.flag("new_classes")),
-                      pool=t.choice("pool", POOL_NAMES, None))
+                      pool=t.choice("pool", pool_names(), None))
     return fields
 
 
@@ -210,7 +211,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     for name, node in nodes.items():
         table = "[parent]" if name == "parent" else f"[branches.{name}]"
         spec = NodeSpec(**{k: v for k, v in node.items() if k != "width"})
-        mlp = len(spec.net_kind.architecture(1, (2,), 3)) > 2  # its architecture lists its hidden layers
+        mlp = spec.net_kind.lists_layers
         width = spec.net_kind.input_width(spec.shape_dict, side) if name == "parent" else node["width"]
         try:  # built on torch's meta device: nothing is allocated
             declared_network(spec.kind, spec.net_kind.architecture(width, spec.hidden, len(spec.classes)),
@@ -337,7 +338,7 @@ def _parse_selfeval(origin: str, table: str, data: Any) -> SelfEvalSpec | None:
     if not is_int(folds) or not 2 <= folds <= 20:
         raise t.error("folds", "must be an integer from 2 to 20", "write e.g. folds = 5")
     return SelfEvalSpec(layers=tuple(layers), where=t.choice("where", WHERE, None),
-                        pool=t.choice("pool", POOL_NAMES, None),
+                        pool=t.choice("pool", pool_names(), None),
                         hidden=t.hidden(DEFAULT_SELFEVAL_HIDDEN, allow_empty=True),
                         activation=t.choice("activation", tuple(ACTIVATIONS), "relu"),
                         dropout=t.number("dropout", 0, 1, lo_open=False, hi_open=True),

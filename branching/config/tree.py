@@ -32,8 +32,9 @@ BRANCH_NAME = re.compile(r"[A-Za-z0-9_-]+")
 TOP_KEYS = ("data", "parent", "branches")
 DATA_KEYS = ("image_size",)
 IMAGE_SIZES = (8, 1024)  # the range of [data] image_size
-# the keys of every parent, then those of its kind (branching.models.kinds: each kind lists its own)
-PARENT_KEYS = ("classes", "kind", "hidden", "activation", *config_keys(), "dropout", "accept", "selfeval")
+def parent_keys() -> tuple[str, ...]:
+    """The keys of every parent, then those of each registered kind (branching.models.kinds lists them)."""
+    return ("classes", "kind", "hidden", "activation", *config_keys(), "dropout", "accept", "selfeval")
 BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
                "selfeval")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")

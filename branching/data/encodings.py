@@ -32,16 +32,18 @@ class Encodings:
     encoded: bool                   # whether this call ran the network (not the cache)
 
 
-def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Allocate], dict],
+def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Allocate, int, tuple], dict],
                    arrays: tuple = ("vectors",)) -> Encodings:
     """The arrays cached at `where` for `manifest`, if they reach `depth` taps and hold the `arrays` wanted (a cache
-    holding more serves too); otherwise `encode(allocate)` fills
-    the arrays it allocates (in a new folder beside `where`, or in memory on the ranks that do not write) and
-    returns its index (with "depth"), and they are swapped in. Under torchrun every rank encodes (each its share,
-    the encoder's doing) if any lacks the cache, and rank 0 writes."""
+    holding more serves too); otherwise `encode(allocate, depth, arrays)` fills the arrays it allocates (in a new
+    folder beside `where`, or in memory on the ranks that do not write) and returns its index (with "depth"), and
+    they are swapped in. What a cache there held is encoded again too (its depth if deeper, its arrays), so that
+    trees reading more and less do not replace each other's cache in turn. Under torchrun every rank encodes
+    (each its share, the encoder's doing) if any lacks the cache, and rank 0 writes."""
     text = json.dumps(manifest, sort_keys=True)
     index = _index(where, text)
-    needed = index is None or index["depth"] < depth or not set(arrays) <= set(index.get("arrays", ["vectors"]))
+    held = tuple(index.get("arrays", ["vectors"])) if index else ()
+    needed = index is None or index["depth"] < depth or not set(arrays) <= set(held)
     if distributed.sharding():
         needed = distributed.all_sum(torch.tensor([float(needed)])).item() > 0
     if not needed:
@@ -58,13 +60,15 @@ def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Al
                         else np.zeros(shape, np.float32))
         return filled[name]
 
+    if index is not None:
+        depth, arrays = max(depth, index["depth"]), tuple(dict.fromkeys((*arrays, *held)))
     try:
-        index = {**encode(allocate), "arrays": list(filled)}
+        index = {**encode(allocate, depth, arrays), "arrays": list(filled)}
         if writes:
             for array in filled.values():
                 array.flush()
             filled.clear()  # the memory maps closed before the folder moves
-            _swap_in(staging, where, index, text)
+            index = _swap_in(staging, where, index, text)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -82,8 +86,9 @@ def _index(where: Path, text: str) -> dict | None:
         return None
 
 
-def _swap_in(staging: Path, where: Path, index: dict, text: str) -> None:
-    """The staged folder in place of `where`, whole."""
+def _swap_in(staging: Path, where: Path, index: dict, text: str) -> dict:
+    """The staged folder in place of `where`, whole; returns the index of the folder there at the end (this one,
+    or another process's swapped in meanwhile that serves as well)."""
     (staging / "index.json").write_text(json.dumps(index))
     (staging / "manifest.json").write_text(text)  # last: a cache without it is never read
     old = where.with_name(f"{where.name}.old.{os.getpid()}")  # this process's own: no stale one blocks it
@@ -95,6 +100,9 @@ def _swap_in(staging: Path, where: Path, index: dict, text: str) -> None:
     except OSError:  # another process swapped in a cache meanwhile: keep it if it serves as well
         shutil.rmtree(staging, ignore_errors=True)
         found = _index(where, text)
-        if found is None or found["depth"] < index["depth"]:
+        if (found is None or found["depth"] < index["depth"]
+                or not set(index["arrays"]) <= set(found.get("arrays", ["vectors"]))):
             raise
+        index = found
     shutil.rmtree(old, ignore_errors=True)
+    return index

@@ -37,13 +37,15 @@ def encode_tree_data(config, data, device=CPU, progress: bool = True):
     training split's mirror images in `mirrored`); encoded once, then read from the cache."""
     shape = config.parent.shape_dict
     wanted = manifest(data, shape, device)
-    key = hashlib.sha256(f"{wanted['data']}|{shape['weights_sha256']}|{shape['input_size']}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{wanted['data']}|{shape['weights_sha256']}|{shape['input_size']}|{wanted['device']}"
+                         .encode()).hexdigest()[:16]  # a CPU's and a GPU's encodings differ in their last bits
     where = cache_root() / f"encoded-{key}"
     found = load_or_encode(where, wanted, shape["depth"],
-                           lambda allocate: _encode(data, shape, where, device, progress, allocate),
+                           lambda allocate, depth, arrays: _encode(data, shape, depth, arrays, where, device, progress,
+                                                                   allocate),
                            ("vectors", "mirrored") if shape["mirrors"] else ("vectors",))
     widths = trunks.tap_widths(shape["model"], shape["input_size"])
-    columns = sum(w for _, w in widths[:shape["depth"]]) * len(trunks.IMAGE_POOLS)
+    columns = trunks.columns(shape["model"], shape["input_size"], shape["depth"])
     vectors = found.arrays["vectors"]
     mirrored = found.arrays["mirrored"][:, :columns] if shape["mirrors"] else None
     n = len(data.train.images)
@@ -57,20 +59,21 @@ def encode_tree_data(config, data, device=CPU, progress: bool = True):
                    _fingerprint={**data.fingerprint(), "encodings_sha256": found.manifest_sha256[:16]})
 
 
-def _encode(data, shape: dict, where, device, progress: bool, allocate) -> dict:
-    """The test and training images (and, with the parent's `mirrors`, the training images mirrored) through the
-    trunk into the arrays `allocate` gives (under torchrun each rank encodes its share of each); returns the index."""
+def _encode(data, shape: dict, depth: int, arrays: tuple, where, device, progress: bool, allocate) -> dict:
+    """The test and training images (and, where `arrays` has "mirrored", the training images mirrored) to `depth`
+    taps through the trunk into the arrays `allocate` gives (under torchrun each rank encodes its share of each);
+    returns the index."""
     start = time.perf_counter()
     trunk = trunks.load_trunk(shape, device)
-    depth = shape["depth"]
-    columns = sum(w for _, w in trunks.tap_widths(shape["model"], shape["input_size"])[:depth]) * len(trunks.IMAGE_POOLS)
+    columns = trunks.columns(shape["model"], shape["input_size"], depth)
+    mirrors = "mirrored" in arrays
     train, test = data.train.images, data.test.images
     log(f"encoding {len(train) + len(test)} images" + (f" and the {len(train)} training images mirrored"
-                                                        if shape["mirrors"] else "")
+                                                        if mirrors else "")
         + f" with {shape['model']} on {device} (cached under {where.parent})")
     vectors = allocate("vectors", (len(train) + len(test), columns))
     jobs = [(train, vectors, False, "training images", 0), (test, vectors, False, "test images", len(train))]
-    if shape["mirrors"]:
+    if mirrors:
         jobs.append((train, allocate("mirrored", (len(train), columns)), True, "mirrored training images", 0))
     for images, out, mirror, desc, offset in jobs:
         if distributed.sharding():

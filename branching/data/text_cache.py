@@ -58,8 +58,8 @@ def load_encoded(folder: TextFolder, shape: dict, device=CPU, progress: bool = T
     wanted = manifest(folder, shape)
     key = hashlib.sha256(f"{wanted['root']}|{shape['files_sha256']}|{shape['max_length']}".encode()).hexdigest()[:16]
     where = cache_root() / f"text-{key}"
-    found = load_or_encode(where, wanted, shape["depth"], lambda allocate: _encode(folder, shape, where, device,
-                                                                                    progress, allocate))
+    found = load_or_encode(where, wanted, shape["depth"], lambda allocate, depth, arrays: _encode(
+        folder, shape, depth, where, device, progress, allocate))
     columns = shape["depth"] * len(TEXT_POOLS) * shape["width"]
     every = found.arrays["vectors"]
     splits = {split: every[entry["start"]:entry["start"] + entry["count"], :columns]
@@ -68,18 +68,18 @@ def load_encoded(folder: TextFolder, shape: dict, device=CPU, progress: bool = T
                         found.encoded)
 
 
-def _encode(folder: TextFolder, shape: dict, where: Path, device, progress: bool, allocate) -> dict:
-    """Every split's texts encoded, in order, into the array `allocate` gives; under torchrun each rank encodes its
-    share. Returns the index."""
+def _encode(folder: TextFolder, shape: dict, depth: int, where: Path, device, progress: bool, allocate) -> dict:
+    """Every split's texts encoded to `depth` taps, in order, into the array `allocate` gives; under torchrun each
+    rank encodes its share. Returns the index."""
     from branching.models.encoder import Encoder  # transformers is only imported where texts are encoded
     encoder = Encoder(shape["model"], shape["max_length"], device)
     texts = [t for part in folder.splits.values() for t in part.texts]
     log(f"encoding {len(texts)} texts of {folder.root} with {encoder.folder.name} on {device} "
         f"(cached under {where.parent})")
     vectors, cut = distributed.over_shards(
-        len(texts), lambda rows: encoder.encode(texts[rows], shape["depth"], progress=progress))
+        len(texts), lambda rows: encoder.encode(texts[rows], depth, progress=progress))
     allocate("vectors", vectors.shape)[:] = vectors
-    index, start = {"depth": shape["depth"], "splits": {}}, 0
+    index, start = {"depth": depth, "splits": {}}, 0
     for split, part in folder.splits.items():
         count = len(part.texts)
         index["splits"][split] = {"start": start, "count": count, "truncated": int(cut[start:start + count].sum())}

@@ -85,7 +85,7 @@ def declared_network(kind, architecture, activation="relu", dropout=None, shape=
 
 
 def describe(kind, architecture, shape) -> str:
-    return str(architecture) if kind == "mlp" else f"{kind} {shape}"
+    return str(architecture) if get_kind(kind).lists_layers else f"{kind} {shape}"
 
 
 def check_state_dict(architecture, activation, dropout, kind, shape, state_dict) -> None:

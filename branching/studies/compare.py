@@ -30,6 +30,7 @@ from branching.reports.compare import summarise, write_outputs
 from branching.studies.baselines import (Outcome, Recipes, SeedContext, run_branch, run_branch_original, run_finetune,
                                          run_last_layer_probe, run_linear_probe, run_parent_head, run_parent_unrestricted,
                                          run_read, run_scratch, run_scratch_mlp, run_taps_concat)
+from branching.studies.block_finetune import MAX_STATES_BYTES
 from branching.studies.block_finetune import affordable as block_affordable
 from branching.studies.block_finetune import run_finetune_block
 from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
@@ -222,8 +223,9 @@ def image_method_notes(config: TreeConfig, f) -> list[str]:
     return [
         f"The parent is the pretrained {shape['model']}, frozen, at {shape['input_size']} px: every image"
         + (" (and every training image mirrored)" if shape["mirrors"] else "") + " is encoded once, and every "
-        f"method reads the same cached vectors, standardised on the training images. The parent's head is trained on "
-        f"its {names[shape['head_layer']]} ({shape['head_pool']}).",
+        "method reads the same cached vectors, standardised on the training images. "
+        + (f"The parent's head is trained on its {names[shape['head_layer']]} ({shape['head_pool']})." if shape["head"]
+           else "The parent has no head (no classes)."),
         "Every method uses the default recipe and validates on the parent's held-out images of the branch's classes; "
         + ("a mirror image is its cached encoding" if shape["mirrors"] else "no mirror images (mirrors = true would "
            "encode them)") + ", and no shifts (the inputs are vectors).",
@@ -234,8 +236,10 @@ def image_method_notes(config: TreeConfig, f) -> list[str]:
         "as the branch pools, each value standardised on the training images (Head2Toe's input without its feature "
         "selection).",
         f"Fine-tuning: the block whose output the branch reads and the trained branch, fine-tuned together (AdamW lr "
-        f"{f.lr:g}, up to {f.epochs} epochs, patience {f.patience} on validation loss); the blocks below stay frozen "
-        f"and run once. Not run: the network trained from scratch, or fine-tuned whole (a CPU cannot).",
+        f"{f.lr:g}, up to {f.epochs} epochs, patience {f.patience} on validation loss; batch norm frozen, no mirror "
+        f"images); the blocks below stay frozen and run once. Left out for a branch of a branch, one on the stem, and "
+        f"where the feature maps entering the block would pass {MAX_STATES_BYTES / 2**30:g} GiB. Not run: the "
+        f"network trained from scratch, or fine-tuned whole (a CPU cannot).",
         "Inference MFLOPs/image count the trunk up to the tap read (torch's counter at the input size) and the branch "
         "or probe.",
     ]
@@ -244,7 +248,7 @@ def image_method_notes(config: TreeConfig, f) -> list[str]:
 def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> list[str]:
     """What the methods do differently from the original study, for compare.md."""
     kind = config.parent.net_kind
-    mlp = "scratch_mlp" in kind.compare_methods
+    mlp = "scratch_mlp" in (kind.compare_methods or ())
     o, f = recipes.original.branch, recipes.finetune
     notes = [f"'{METHODS['branch_original']}': the original's branch recipe (Adam lr {o.lr:g}, weight decay "
              f"{o.weight_decay:g}, batch {o.batch_size}, dropout {o.dropout:g}, up to {o.epochs} epochs, early "

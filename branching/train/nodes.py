@@ -125,14 +125,16 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
 
 def _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance,
                  val_logits) -> dict:
-    """A parent's checkpoint meta: its classes, normaliser, recipe, rows, history and acceptance (None: no head)."""
+    """A parent's checkpoint meta: its classes, normaliser, recipe, rows, history and acceptance (None: no head),
+    and the augmentation it trained with (the recipe's as the data allow it: TreeData.augments)."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
+    used = r if spec.net_kind.trunk == "trained" else data.augments(r)
     groups = child_groups(config, "parent")
     meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
             "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "history": history, "acceptance": None if acceptance is None else acceptance.to_dict(),
-            "tree": config.to_dict(),
+            "augmentation": {"flip": used.flip, "crop": used.crop}, "tree": config.to_dict(),
             "acceptance_note": None if acceptance is None else acceptance_note(spec, acceptance, val_logits, noun(config),
                                                                                groups)}
     held = new_class_hold_out(config, data, seed, r.validation)
@@ -291,7 +293,8 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "tap": source.tap(*tap[1:3])["name"],
             "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
-            "recipe": recipe.to_dict(parent.kind), "seed": seed, "validation": validation,
+            "recipe": recipe.to_dict(parent.kind), "augmentation": {"flip": r.flip, "crop": r.crop}, "seed": seed,
+            "validation": validation,
             "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
             "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict(),
             "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, name))}

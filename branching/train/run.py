@@ -182,8 +182,9 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
                "device": str(device), "processes": distributed.world(), "compile": compile, "parent": None,
                "branches": {}}
     for spec in config.nodes():
-        if not models[spec.name].has_head:  # a module parent without head = true: no class logits
-            echo("parent: a module without a head; it has no test accuracy (its branches are evaluated alone)")
+        if not models[spec.name].has_head:  # a parent without a head: no class logits
+            echo(f"parent: {spec.net_kind.describe(spec.shape_dict)} without a head; it has no test accuracy (its "
+                 f"branches are evaluated alone)")
             continue
         node_metrics, predictions = evaluate_node(config, spec.name, models, data, device)
         node_metrics.update(train_samples=len(models[spec.name].meta["train_rows"]),

@@ -92,9 +92,9 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
         hashes = [k for k, v in model.shape.items() if k.endswith("sha256") and v and given.get(k) and v != given[k]]
         if hashes:
             key = hashes[0]
-            raise CheckpointError(f"{path} was built from weights with sha256 {model.shape[key][:16]}... "
-                                  f"({spec.net_kind.files(spec.shape_dict)}), and they now have sha256 {given[key][:16]}...; "
-                                  f"restore that file, or run the tree again on the new weights{hint}")
+            raise CheckpointError(f"{path} was built from {spec.net_kind.files(spec.shape_dict)} with sha256 "
+                                  f"{model.shape[key][:16]}..., which now have sha256 {given[key][:16]}...; restore "
+                                  f"them, or run the tree again on the new ones{hint}")
         changed = [k for k in model.shape if model.shape[k] != given.get(k)]
         if changed:
             raise CheckpointError(f"{path} holds a {model.kind} parent whose {', '.join(changed)} differ from the "

@@ -22,8 +22,8 @@ class NodePredictor:
     def __init__(self, config: TreeConfig, models: dict, name: str, device=CPU):
         config.node(name)
         if not models[name].has_head:
-            raise ConfigError(f"--node {name}: a module parent without head = true has no classes to answer with; "
-                              f"ask one of its branches")
+            raise ConfigError(f"--node {name}: this parent ({models[name].net_kind.describe(models[name].shape)}) has "
+                              f"no head, so no classes to answer with; ask one of its branches")
         self.models, self.name, self.device = models, name, device
         self.chain = tuple(config.chain(name))
         self.classes = self.answerable = tuple(config.node(name).classes)

@@ -267,7 +267,8 @@ class TreePredictor:
         return TreePredictions(self.classes, self.node_names, self.chains, **arrays)
 
     def _predict(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        n = len(images)
+        n, parent = len(images), self.models["parent"]
+        batch_size = parent.net_kind.batch_rows(parent.net, batch_size)  # a module enlarging images: fewer at once
         arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
                   "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
                   "rejected_confidence": np.empty(n, np.float32),

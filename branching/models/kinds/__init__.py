@@ -3,7 +3,8 @@ registered under its name with `register_kind`, and found by `get_kind(name)` (t
 [parent] table, of a model file). The class says how a parent of its kind is built or loaded (`build`,
 `parse`, `check_shape`), its taps and their shapes and costs (`taps`, `tap`, `trunk_flops`), how a tap is
 read and pooled (`read`, `wheres`), its preprocessing (`normalization`) and whether it trains or stays frozen
-(`trunk`). Everything else in the package asks the kind, never its name.
+(`trunk`). Everything else in the package asks the kind; its name appears elsewhere only as data (the recipes'
+table of parents by kind; "mlp", the kind of model files written before kinds).
 
 Adding a kind: a file here with a subclass of ParentKind decorated with @register_kind, imported at the end of
 this module.

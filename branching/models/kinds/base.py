@@ -33,6 +33,7 @@ class ParentKind:
     wheres: tuple = (None,)           # what a tap's `where` can be: the MLP's pre and post, an encoded one's poolings
     compare_methods: tuple | None = ("scratch", "finetune")  # compare's methods on the trunk; None: no compare
     fused: bool = False               # routing runs its layers as fused NumPy arithmetic (an MLP of Linears)
+    lists_layers: bool = False        # its architecture lists its hidden layers (the MLP's [in, hidden..., out])
     head_fix: str = ""                # how to give a parent of this kind a head, where it may have none
 
     @property

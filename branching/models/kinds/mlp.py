@@ -15,6 +15,7 @@ class MLP(ParentKind):
     wheres = nets.WHERE
     compare_methods = ("scratch_mlp", "finetune")
     fused = True
+    lists_layers = True
 
     def check_architecture(self, arch: list) -> list:
         return arch  # any widths [in, hidden..., out]

@@ -26,7 +26,7 @@ class Module(ParentKind):
         return shape["head"]
 
     def files(self, shape: dict) -> str:
-        return shape.get("weights") or "its weights file"
+        return f"the weights file {shape.get('weights') or ''}".rstrip()
 
     def batch_rows(self, net, batch_size: int) -> int:
         return net.batch_rows(batch_size)

@@ -28,7 +28,7 @@ from branching.models.kinds.base import register_kind
 from branching.models.kinds.encoded import HEAD_KEYS, EncodedKind
 
 TRUNK_KEYS = ("model", "weights", "weights_sha256", "input_size", "mirrors")  # then the head's (HEAD_KEYS)
-SIZES = (32, 1024)  # a smaller image vanishes before the last blocks (the network's stride is 32)
+SIZES = (32, 1024)  # the network's stride is 32: below it, more than its last stage sees a single position
 
 
 @register_kind
@@ -60,7 +60,7 @@ class Pretrained(EncodedKind):
         return self.check_head(shape, out)
 
     def files(self, shape: dict) -> str:
-        return shape["weights"] or f"the weights of {shape['model']} its package ships"
+        return f"the weights file {shape['weights']}" if shape["weights"] else f"the weights {shape['model']}'s package ships"
 
     def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
         return trunks.encode_images(trunks.load_trunk(shape, device), inputs, depth, progress=progress)
@@ -95,8 +95,8 @@ class Pretrained(EncodedKind):
         size = net.size if image_size is None else image_size
         if not SIZES[0] <= size <= SIZES[1]:
             raise ConfigError(f"{table.origin}: [data] image_size: {net.name} cannot take {size}-pixel images (its "
-                              f"stride is 32: a smaller image vanishes before its last blocks); write image_size = "
-                              f"{net.size} (its own size) or at least {SIZES[0]}")
+                              f"stride is 32: at 32 px its last stage sees a single position, below it earlier ones "
+                              f"do too); write image_size = {net.size} (its own size) or at least {SIZES[0]}")
         weights = data.get("weights", "")
         if weights:
             beside = Path(table.origin).parent / str(weights)  # a file named relative to the config file
@@ -110,8 +110,8 @@ class Pretrained(EncodedKind):
             path = weights or trunks.packaged_weights(net)
         except ValueError as e:
             raise table.line(f"model: {e}") from None
-        state = trunks.read_weights(path, mmap=True)
         try:
+            state = trunks.read_weights(path, mmap=True)
             with torch.device("meta"):
                 wanted = trunks.build(net.name, size).state_dict()
             trunks.match_weights({k: tuple(v.shape) for k, v in state.items()},
