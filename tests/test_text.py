@@ -262,7 +262,7 @@ def test_predict_refuses_model_files_other_than_the_trained_ones(tiny_bert, tmp_
     (model / "config.json").write_text(json.dumps({**settings, "note": "changed"}))
     capsys.readouterr()
     assert cli.main(["predict", "--models", str(out), "a good film"]) == 2
-    assert "(the files of model" in capsys.readouterr().err
+    assert "was built from the files of model" in capsys.readouterr().err
 
 
 def test_the_cache_encodes_again_when_the_texts_change(tiny_bert, tmp_path):
