@@ -1,6 +1,7 @@
 """User-facing errors: one line that says what is wrong and how to fix it."""
 
 import difflib
+import re
 
 
 class BranchingError(Exception):
@@ -9,6 +10,10 @@ class BranchingError(Exception):
 
 class ConfigError(BranchingError):
     """The tree configuration (TOML) or a command-line value is invalid."""
+
+
+class MissingPackageError(ConfigError):
+    """A package the tree needs (a network's code or weights) is not installed: the message names the pip command."""
 
 
 class DataError(BranchingError):
@@ -28,3 +33,15 @@ def did_you_mean(word, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
+
+
+def past_or_close(word, choices) -> str:
+    """" (the last is 'block15')" for a numbered name past the last of its series (block16 of block0..block15),
+    else did_you_mean: a close spelling of a number past the end would point at another layer."""
+    found = re.fullmatch(r"(.*?)(\d+)", str(word))
+    if found:
+        numbers = [int(m.group(2)) for m in (re.fullmatch(r"(.*?)(\d+)", str(c)) for c in choices)
+                   if m and m.group(1) == found.group(1)]
+        if numbers and int(found.group(2)) > max(numbers):
+            return f" (the last is {found.group(1) + str(max(numbers))!r})"
+    return did_you_mean(word, choices)

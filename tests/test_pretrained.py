@@ -275,7 +275,7 @@ BAD = [
     ('weights = "', 'weights = "/dev/null', "is not a readable torch file"),
     ('model = "efficientnet-lite0"', 'model = "efficientnet-lite00"', "did you mean 'efficientnet-lite0'"),
     ('layer = "block10"', 'layer = "blok10"', "did you mean 'block10'"),
-    ('layer = "block10"', 'layer = "block16"', "has no tap 'block16'"),
+    ('layer = "block10"', 'layer = "block16"', "has no tap 'block16' (the last is 'block15')"),
     ("image_size = 32", "image_size = 16", "cannot take 16-pixel images"),
     ('kind = "pretrained"', 'kind = "pretraned"', "use one of: mlp, cnn, vit, module, text, pretrained"),
     ('pool = "avg"', 'pool = "cls"', "'cls' does not apply to a pretrained parent's taps"),

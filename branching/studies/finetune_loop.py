@@ -75,7 +75,8 @@ generator for the training rows alone (None for the others), whose order it may 
     with torch.random.fork_rng(devices=[]):  # dropout's draws from the seed, the global RNG untouched
         torch.manual_seed(ctx.seed)
         epochs = train_layer(net, optimizer, train, val, y_train, y_val, r, generator, len(spec.classes), ctx.device)
-    acceptance = fit_acceptance(spec, r, batch_logits(net, val, len(val_idx), len(spec.classes)), y_val, noun)
+    acceptance = fit_acceptance(spec, r, batch_logits(net, val, len(val_idx), len(spec.classes)), y_val, noun,
+                                notes=False)
     seconds = time.perf_counter() - start + ctx.branch_s[spec.name]
     _, test_rows = ctx.data.node_labels("test", spec)
     logits = batch_logits(net, entering("test", test_rows, None), len(test_rows), len(spec.classes))

@@ -169,7 +169,22 @@ def format_probe_table(table: list[dict], best: dict[str, dict]) -> str:
         lines.append(f"{name}: read {row['source']} {row['tap']} (pool {row['pool']}); validated on "
                      f"{row['val_samples']} images, {where}; differences under about {noise} points are "
                      f"within noise (95% interval)")
+        cheap = cheapest_within_noise(table, row)
+        if cheap is not row:
+            lines.append(f"{name}: the cheapest tap within one standard error of it: {cheap['tap']} (pool "
+                         f"{cheap['pool']}), {tables.pct(cheap['val_accuracy'], 1)} at "
+                         f"{tables.num(cheap['flops_to_layer'] / 1e6, 1)} MFLOPs against "
+                         f"{tables.num(row['flops_to_layer'] / 1e6, 1)}")
     return "\n".join(lines)
+
+
+def cheapest_within_noise(table: list[dict], best: dict) -> dict:
+    """The row of best's branch with the fewest FLOPs whose validation accuracy is at most one binomial standard
+    error below best's (the rule benchmarks/tune_kinds.py applies to recipes)."""
+    p, n = best["val_accuracy"], best["val_samples"]
+    floor = p - (p * (1 - p) / n) ** 0.5 if n else p
+    rows = [r for r in table if r["branch"] == best["branch"] and r["val_accuracy"] >= floor]
+    return min(rows, key=lambda r: (r["flops_to_layer"], -r["val_accuracy"]))
 
 
 def run_probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeData) -> tuple[list[dict], dict, float]:
@@ -177,5 +192,5 @@ def run_probe_layers(config: TreeConfig, models: dict[str, Model], data: TreeDat
     start = time.perf_counter()
     table = probe_layers(config, models, data)
     seconds = time.perf_counter() - start
-    log(f"probed {len(table)} layers in {seconds:.1f} s")
+    log(f"{len(table)} probes in {seconds:.1f} s")
     return table, recommend(table), seconds

@@ -197,7 +197,8 @@ def encoded_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int
     what = noun(config)
     log(f"parent ({kind.describe(shape)}, frozen, {shape['depth']} taps encoded; "
         + (f"a head of {model.num_parameters:,} parameters on {tap} ({shape['head_pool']})" if tap else "no head")
-        + f"): {len(train_idx)} training {what}, {len(val_idx)} validation, {len(spec.classes)} classes")
+        + f"): {len(train_idx)} training {what}, {len(val_idx)} validation, {len(spec.classes)} classes"
+        + ("" if model.has_head else " (its branches')"))
     history = {"epochs_run": 0, "best_epoch": 0, "stopped_early": False}
     acceptance, val_logits = None, None
     if model.has_head:
@@ -240,9 +241,9 @@ def parent_normalizer(parent: Model) -> Normalizer:
 
 
 def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData, recipe: Recipe,
-                 seed: int, progress: bool = True, cache_dir=None, device: torch.device = CPU):
+                 seed: int, progress: bool = True, cache_dir=None, device: torch.device = CPU, notes: bool = True):
     """Train branch `name` on its source's activations; returns (model, checkpoint meta). With cache_dir
-    the activations come from a features.FeatureCache there (built on first use)."""
+    the activations come from a features.FeatureCache there (built on first use); `notes`: fit_acceptance's."""
     spec, r = config.node(name), data.augments(recipe.branch_for(config.parent.kind))
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
@@ -264,7 +265,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     where = tap[2]
     if cache_dir is None and not parent.net_kind.fused:  # a trunk costlier than the branch: its features once
         with tempfile.TemporaryDirectory(prefix="branch-features-") as scratch:
-            return train_branch(config, name, models, data, recipe, seed, progress, scratch, device)
+            return train_branch(config, name, models, data, recipe, seed, progress, scratch, device, notes)
     with on_device(list(models.values()), device):  # the trunk reads where the branch trains
         if cache_dir is not None:  # features (and their mirror images) computed once, kept on disk
             train_X, transform, features_val = branch_inputs(
@@ -288,7 +289,7 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                             **fit_kwargs(r, seed, progress, name, device))
     model.freeze()
     val_logits = model.logits(features_val)
-    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config), child_groups(config, name))
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config), child_groups(config, name), notes)
     meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
             "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
             "tap": source.tap(*tap[1:3])["name"],
@@ -319,16 +320,17 @@ def branch_read(models: dict[str, Model], spec: NodeSpec, r) -> tuple:
 
 
 def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.ndarray, noun: str = "images",
-                   groups: np.ndarray | None = None) -> Acceptance:
+                   groups: np.ndarray | None = None, notes: bool = True) -> Acceptance:
     """A node's temperature and, if it has a reject option, its rule's threshold, chosen on validation
-    data only. A rule that cannot be met accepts nothing and says why."""
+    data only. A rule that cannot be met accepts nothing and says why; `notes`: say what to change in the tree's
+    TOML where it lets few through (not for a study's variants of the node, whose TOML it is not)."""
     accept = spec.accept
     if accept.score == "selfeval":  # until its judge is trained (selfeval.attach_judge fits it again)
         accept = replace(accept, score="msp")
     acceptance = Acceptance.fit(accept, r, val_logits, val_labels, rejects=rejects(spec))
-    if not acceptance.attained:
+    if not acceptance.attained and notes:
         log(f"{spec.name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
-    note = acceptance_note(spec, acceptance, val_logits, noun, groups)
+    note = acceptance_note(spec, acceptance, val_logits, noun, groups) if notes else None
     if note:
         log(f"note: {note}")
     return acceptance

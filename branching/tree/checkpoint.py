@@ -11,7 +11,7 @@ from pathlib import Path
 
 from branching.config.parse import config_from_dict
 from branching.config.tree import TreeConfig, node_to_dict
-from branching.errors import CheckpointError, ConfigError
+from branching.errors import CheckpointError, ConfigError, MissingPackageError
 from branching.models.model import Model
 from branching.models.nets import WHERE
 
@@ -196,6 +196,8 @@ def _recorded_tree(models: dict[str, Model], directory) -> TreeConfig | None:
                               f"keep the models of one run per folder")
     try:
         return config_from_dict(recorded[first])
+    except MissingPackageError:  # not the files' fault: the message names what to install
+        raise
     except ConfigError as e:
         raise CheckpointError(f"{models[first].meta['path']} records an invalid tree ({e})") from None
 

@@ -8,7 +8,7 @@ import numpy as np
 from branching.acceptance.rule import Acceptance
 from branching.config.tree import TreeConfig
 from branching.data.normalization import Normalizer
-from branching.errors import ConfigError
+from branching.errors import ConfigError, did_you_mean
 from branching.models.device import CPU, on_device
 from branching.models.forward import node_inputs, parent_depth
 from branching.tree import judge
@@ -20,7 +20,10 @@ class NodePredictor:
     Gives the routed tree's TreePredictions, with the chain as the path."""
 
     def __init__(self, config: TreeConfig, models: dict, name: str, device=CPU):
-        config.node(name)
+        if name != "parent" and name not in config.branches:
+            known = ["parent", *config.branches]
+            raise ConfigError(f"--node {name}: no such node{did_you_mean(name, known)}; the tree's nodes are "
+                              f"{', '.join(known)}")
         if not models[name].has_head:
             raise ConfigError(f"--node {name}: this parent ({models[name].net_kind.describe(models[name].shape)}) has "
                               f"no head, so no classes to answer with; ask one of its branches")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from branching.errors import ConfigError, did_you_mean
+from branching.errors import ConfigError, MissingPackageError, past_or_close
 from branching.models import trunks
 from branching.models.kinds.base import register_kind
 from branching.models.kinds.encoded import HEAD_KEYS, EncodedKind
@@ -92,6 +92,8 @@ class Pretrained(EncodedKind):
                 trunks.build(net.name, 32)  # its code imports
         except ValueError as e:
             raise table.line(f"model: {e}") from None
+        except MissingPackageError as e:
+            raise MissingPackageError(f"{table.origin}: [{table.name}] model: {e}") from None
         size = net.size if image_size is None else image_size
         if not SIZES[0] <= size <= SIZES[1]:
             raise ConfigError(f"{table.origin}: [data] image_size: {net.name} cannot take {size}-pixel images (its "
@@ -108,14 +110,15 @@ class Pretrained(EncodedKind):
             weights = str(Path(weights).resolve())
         try:
             path = weights or trunks.packaged_weights(net)
-        except ValueError as e:
-            raise table.line(f"model: {e}") from None
+        except MissingPackageError as e:
+            raise MissingPackageError(f"{table.origin}: [{table.name}] model: {e}") from None
         try:
             state = trunks.read_weights(path, mmap=True)
             with torch.device("meta"):
                 wanted = trunks.build(net.name, size).state_dict()
-            trunks.match_weights({k: tuple(v.shape) for k, v in state.items()},
-                                 {k: tuple(v.shape) for k, v in wanted.items()}, path)
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+            trunks.match_weights(shapes, {k: tuple(v.shape) for k, v in wanted.items()}, path,
+                                 f"pass a state_dict of {net.name}{trunks.whose(shapes, net.name)}")
         except ValueError as e:
             raise table.line(f"weights: {e}") from None
         if headless and any(k in data for k in ("layer", "pool", "hidden")):
@@ -126,7 +129,7 @@ class Pretrained(EncodedKind):
         layer = data.get("layer", -1)
         if isinstance(layer, str):
             if layer not in names:
-                raise table.error("layer", f"is not a tap of {net.name}{did_you_mean(layer, names)}; its taps are "
+                raise table.error("layer", f"is not a tap of {net.name}{past_or_close(layer, names)}; its taps are "
                                            f"{', '.join(names)}", 'write e.g. layer = "block10" or layer = -1 (the head)')
             layer = names.index(layer)
         elif isinstance(layer, bool) or not isinstance(layer, int) or not -len(names) <= layer < len(names):
