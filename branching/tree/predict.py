@@ -22,8 +22,8 @@ class NodePredictor:
     def __init__(self, config: TreeConfig, models: dict, name: str, device=CPU):
         if name != "parent" and name not in config.branches:
             known = ["parent", *config.branches]
-            raise ConfigError(f"--node {name}: no such node{did_you_mean(name, known)}; the tree's nodes are "
-                              f"{', '.join(known)}")
+            raise ConfigError(f"--node {name}: unknown node {name!r}{did_you_mean(name, known)}; the tree's nodes "
+                              f"are {', '.join(known)}")
         if not models[name].has_head:
             raise ConfigError(f"--node {name}: this parent ({models[name].net_kind.describe(models[name].shape)}) has "
                               f"no head, so no classes to answer with; ask one of its branches")

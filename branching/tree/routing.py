@@ -237,8 +237,7 @@ class TreePredictor:
         """The classes an image can be answered with: the tree's, or from an entry branch that branch's."""
         return self.classes if self.entry is None else tuple(self.entry.spec.classes)
 
-    def parent_depth(self) -> int:
-        """The parent's taps this predictor needs (forward.parent_depth): from an entry branch, only its subtree's."""
+    def parent_depth(self) -> int:  # the parent's taps it needs (forward.parent_depth): an entry's subtree's
         running = [n for n in self.nodes if self.entry is None or self.entry.name in self.config.chain(n.name)]
         return parent_depth(self.models, [n.name for n in running], [n.judge.reads for n in running if n.judge])
 
