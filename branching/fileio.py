@@ -2,7 +2,11 @@
 
 Every file the project writes goes through `atomic_path`: the content goes to a temporary file in
 the same folder, which gets the mode a plain `open(path, "w")` would give (0o666 less the umask)
-and is then renamed over the target. On any error the temporary file is removed.
+and is then renamed over the target. On any error the temporary file is removed, and a full disk, a quota or a
+read-only file system is one line (`disk_error`). Whole folders go through `staged_dir`, locked against a second
+process writing the same folder; staging folders carry their process's id, and those of processes that are gone
+(a killed run) are removed by the next one (`sweep_stale`). Large files are reserved whole before they are
+written (`reserve`), so that a full disk is an error at once, not a crash of whoever writes their pages later.
 """
 
 from __future__ import annotations
@@ -10,18 +14,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from branching import distributed
 from branching.errors import OutputError
 
-__all__ = ["atomic_path", "check_new_file", "new_file_mode", "staged_dir", "write_bytes", "write_csv",
-           "write_json", "write_text"]
+__all__ = ["atomic_path", "check_free", "check_new_file", "disk_error", "new_file_mode", "reserve", "staged_dir",
+           "sweep_stale", "write_bytes", "write_csv", "write_json", "write_text"]
 
 RUN_MARKERS = ("metrics.json", "compare.json", "selfeval.json")  # a folder holding one of these is an earlier run's output
 
@@ -37,19 +46,69 @@ def new_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+DISK_FULL = {errno.ENOSPC: "no space is left on its disk", errno.EDQUOT: "its disk quota is used up",
+             errno.EROFS: "its file system is read-only"}
+
+
+def disk_error(e: OSError, path) -> OutputError | None:
+    """One line for an error of a full disk, a quota or a read-only file system while writing `path` (else None)."""
+    if getattr(e, "errno", None) not in DISK_FULL:
+        return None
+    path = Path(path)
+    staging = next((p for p in path.parents if p.name.startswith(".") and p.name.endswith(".new")), None)
+    if staging is not None:  # a file of a staged output folder: name the folder the user gave
+        path = staging.parent / staging.name[1:].split(".")[0]
+    folder = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free / 2**20 if e.errno != errno.EROFS else None
+    return OutputError(f"cannot write {path}: {DISK_FULL[e.errno]}" + (f" ({free:.0f} MB free)" if free is not None
+                                                                       else "")
+                       + "; free space there, or write somewhere else (--out, $BRANCHING_CACHE)")
+
+
+def check_free(folder, nbytes: int, what: str) -> None:
+    """An OutputError before any work where `folder`'s disk has less than `nbytes` free for `what`."""
+    folder = next((p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise OutputError(f"{what} needs about {nbytes / 2**20:.0f} MB in {folder}, whose disk has "
+                          f"{free / 2**20:.0f} MB free; free space there, or write somewhere else (--out, "
+                          f"$BRANCHING_CACHE)")
+
+
+def reserve(path, nbytes: int) -> None:
+    """Allocate a file's `nbytes` on its disk now (posix_fallocate): a full disk is an error here, not a SIGBUS
+    in whoever writes the pages of a memory map later."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if nbytes and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        raise disk_error(e, path) or e from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path, mode: str = "wb"):
     """Open a temporary sibling of `path` for writing; on success it replaces `path` (parents created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise disk_error(e, path) or e from None
     try:
         os.fchmod(fd, new_file_mode())  # mkstemp makes the file private
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
+        # text: UTF-8, a file name that is not UTF-8 written back as its own bytes (surrogateescape), never an error
+        text = {} if "b" in mode else {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, mode, **text) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise disk_error(e, path) or e from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -104,6 +163,45 @@ def staged_dir(path, what: str = "--out"):
     only once every rank has finished.
     """
     path = Path(path)
+    with _locked(path, what):
+        yield from _staged(path, what)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, what: str):
+    """An exclusive lock while `path` is staged, on a file of the system's temporary folder named by the folder's
+    absolute path (nothing is left beside it; the system drops the lock when the process ends, killed or not): a
+    second process staging the same folder is refused, rather than both saying they wrote it and the first losing.
+    Under torchrun rank 0 alone writes, so it alone locks."""
+    if not distributed.is_main():
+        yield
+        return
+    name = hashlib.sha256(os.fsencode(path.absolute())).hexdigest()[:24]
+    lock = Path(tempfile.gettempdir()) / f"branching-out-{name}.lock"
+    try:
+        handle = open(lock, "a+")
+    except OSError:  # a folder it cannot write in: staging says so
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise OutputError(f"{what} {path} is being written by another run ({owner}); wait for it to finish, or "
+                              f"choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _staged(path: Path, what: str):
     if path.is_symlink():
         raise OutputError(f"{what} {path} is a symbolic link; give the folder it points to ({path.resolve()})")
     if path.exists() and not path.is_dir():
@@ -112,7 +210,8 @@ def staged_dir(path, what: str = "--out"):
         raise OutputError(f"{what} {path} holds files that are not a run's output, and the run would replace "
                           f"the folder whole; choose a new or empty folder")
     if not distributed.is_main():
-        scratch = Path(tempfile.mkdtemp(prefix=f"branching-rank{distributed.rank()}-"))
+        sweep_stale(Path(tempfile.gettempdir()), "branching-rank-")
+        scratch = Path(tempfile.mkdtemp(prefix=f"branching-rank-{os.getpid()}-r{distributed.rank()}-"))
         try:
             yield scratch
             distributed.barrier()
@@ -121,11 +220,12 @@ def staged_dir(path, what: str = "--out"):
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new"))
+        sweep_stale(path.parent, f".{path.name}.")
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".new"))
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
     except OSError as e:
-        raise OutputError(f"{what} {path}: cannot write in {path.parent} ({e.strerror or e}); choose a folder "
-                          f"you can write to") from None
+        raise disk_error(e, path) or OutputError(f"{what} {path}: cannot write in {path.parent} ({e.strerror or e}); "
+                                                 f"choose a folder you can write to") from None
     try:
         yield staging
         distributed.barrier()
@@ -133,6 +233,40 @@ def staged_dir(path, what: str = "--out"):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+STALE = re.compile(r"(\d+)-[^/]*$")  # the process id a staging folder's name carries after its prefix
+
+
+def sweep_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove the folders in `folder` named `prefix` + "<pid>-..." whose process is gone (a run killed before it
+    could clean up: its staging folder, a rank's scratch folder, a cache being built); returns them. Folders of
+    processes still running, and names without a process id, are left alone."""
+    removed = []
+    try:
+        entries = [p for p in folder.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for entry in entries:
+        found = STALE.match(entry.name[len(prefix):])
+        if found is None or int(found.group(1)) == os.getpid() or _alive(int(found.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    if removed and distributed.is_main():
+        print(f"note: removed {len(removed)} folder(s) that killed runs left in {folder} ({removed[0].name}"
+              f"{', ...' if len(removed) > 1 else ''})", file=sys.stderr)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 def _swap(new: Path, path: Path) -> None:

@@ -53,9 +53,9 @@ IN_PROCESS = {
 
 # (id, command, extra arguments, config text or None, preparation of the folder, substrings of the message)
 CASES = [
-    ("missing-data-dir", RUN, ["--data", "absent"], None, None, ["no CIFAR-100 files", "absent"]),
+    ("missing-data-dir", RUN, ["--data", "absent"], None, None, ["no such folder", "absent"]),
     ("missing-data-dir-script", "parent_branch.py", ["--data", "absent"], None, None,
-     ["no CIFAR-100 files", "absent"]),
+     ["no such folder", "absent"]),
     ("truncated-file", RUN, [], None, truncate_train, ["train", "truncated or corrupt"]),
     ("wrong-shapes", RUN, [], None, wrong_shape_train, ["train", "(10, 1024)", "(N, 3072)"]),
     ("unknown-class", RUN, [], ORIGINAL_TOML.replace('"sunflower"', '"sunflowr"'), None,

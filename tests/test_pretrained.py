@@ -203,9 +203,10 @@ def test_run_evaluates_the_routed_tree_and_predict_answers_photos_of_any_size(tr
     capsys.readouterr()
     out = tmp_path / "pred.csv"
     assert cli.main(["predict", "--models", str(root / "out"), "--data", str(small_data_dir), "--out", str(out)]) == 0
-    rows = out.read_text().splitlines()[1:]
-    tree_rows = (root / "out" / "tree.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[2] for r in rows] == [r.split(",")[2] for r in tree_rows]  # the classes run predicted
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    tree_rows = list(csv.DictReader((root / "out" / "tree.csv").open()))
+    assert [r["predicted_class"] for r in rows] == [r["predicted_class"] for r in tree_rows]  # as run predicted
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, size in enumerate([(40, 60), (200, 90), (32, 32)]):

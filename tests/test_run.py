@@ -15,7 +15,7 @@ REAL_CONFIG = REPO_ROOT / "configs" / "cifar100-6.toml"
 ORIGINAL_CONFIG = REPO_ROOT / "configs" / "original.toml"
 REAL_PARENT = ["beaver", "whale", "wolf", "sunflower", "forest", "oak_tree"]
 REAL_BRANCHES = {"mammals": ["beaver", "whale", "wolf"], "plants": ["sunflower", "forest", "oak_tree"]}
-CSV_COLUMNS = ["index", "true_class", "predicted_class", "confidence", "accepted"]
+CSV_COLUMNS = ["index", "file", "true_class", "predicted_class", "confidence", "accepted"]
 
 
 def run_tree(config, data, out, *extra):
@@ -64,7 +64,7 @@ def test_real_run_writes_the_predictions_contract(real_run, real_data_dir):
         path = out / "predictions" / f"{name}.csv"
         assert file_mode_ok(path) and file_mode_ok(out / "metrics.json")
         columns, rows = read_csv(path)
-        assert columns[:5] == CSV_COLUMNS
+        assert columns[:6] == CSV_COLUMNS
         assert len(rows) == 300
         index = [int(r["index"]) for r in rows]
         assert len(set(index)) == 300

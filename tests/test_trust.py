@@ -101,7 +101,8 @@ def test_selective_figures_are_recomputable_from_the_csv(run_dir, node):
     out, _, metrics, _ = run_dir
     m = metrics["parent"] if node == "parent" else metrics["branches"][node]
     rows = read_csv(out / "predictions" / f"{node}.csv")
-    assert list(rows[0])[:6] == ["index", "true_class", "predicted_class", "confidence", "accepted", "raw_confidence"]
+    assert list(rows[0])[:7] == ["index", "file", "true_class", "predicted_class", "confidence", "accepted",
+                                 "raw_confidence"]
     correct = [r["true_class"] == r["predicted_class"] for r in rows]
     confidence = [float(r["confidence"]) for r in rows]
     accepted = [r["accepted"] == "1" for r in rows]

@@ -12,7 +12,7 @@ from branching.acceptance.metrics import classification_summary
 from branching.acceptance.stats import wilson_interval
 
 # Columns of OUT/predictions/<node>.csv; a branch adds the parent head's (parent_predicted_class, parent_confidence).
-PREDICTION_COLUMNS = ("index", "true_class", "predicted_class", "confidence", "accepted", "raw_confidence")
+PREDICTION_COLUMNS = ("index", "file", "true_class", "predicted_class", "confidence", "accepted", "raw_confidence")
 
 
 def per_class_scores(labels, predicted, classes) -> dict:
@@ -75,11 +75,13 @@ def score_node(classes, labels, logits, acceptance, parent: tuple | None = None,
     return metrics, columns
 
 
-def prediction_rows(rows, classes, columns: dict) -> list[dict]:
-    """One dict per test image in PREDICTION_COLUMNS order (plus the parent head's, for a branch)."""
+def prediction_rows(rows, classes, columns: dict, files=None) -> list[dict]:
+    """One dict per test image in PREDICTION_COLUMNS order (plus the parent head's, for a branch); `files`: the
+    name of each of the split's images (or texts' ids), by row."""
     out = []
     for i, row in enumerate(rows):
-        item = {"index": int(row), "true_class": classes[columns["true"][i]],
+        item = {"index": int(row), "file": "" if files is None else files[int(row)],
+                "true_class": classes[columns["true"][i]],
                 "predicted_class": classes[columns["predicted"][i]], "confidence": float(columns["confidence"][i]),
                 "accepted": int(columns["accepted"][i]), "raw_confidence": float(columns["raw_confidence"][i])}
         if "parent_predicted" in columns:

@@ -34,6 +34,9 @@ def guarded(main):
     """
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \xNN, never an error
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         previous = _on_sigterm(_terminate)
         try:
             with contextlib.ExitStack() as stack:
@@ -50,16 +53,25 @@ def guarded(main):
             return 2
         except SystemExit as e:  # argparse has already printed the help or the `error: ...` line
             return e.code if isinstance(e.code, int) else 2
-        except Terminated:
-            print("terminated; nothing was left half-written", file=sys.stderr)
+        except Terminated:  # on a line of its own, after any progress bar's
+            print(f"{_fresh_line()}terminated; nothing was left half-written", file=sys.stderr)
             return 128 + signal.SIGTERM
         except KeyboardInterrupt:
-            print("interrupted; nothing was left half-written", file=sys.stderr)
+            print(f"{_fresh_line()}interrupted; nothing was left half-written", file=sys.stderr)
             return 130
         finally:
             _on_sigterm(previous)
             distributed.stop()
     return wrapper
+
+
+def _fresh_line() -> str:
+    """A newline where a progress bar (tqdm) is still open on stderr's line, else nothing."""
+    try:
+        from tqdm import tqdm
+        return "\n" if any(not getattr(bar, "disable", True) for bar in list(tqdm._instances)) else ""
+    except Exception:  # noqa: BLE001 - only for looks
+        return ""
 
 
 class Terminated(KeyboardInterrupt):

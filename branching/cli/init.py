@@ -9,12 +9,11 @@ superclasses. The file is checked by the same reader as any config before it is 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 from branching.config.parse import parse_config
-from branching.config.tree import IMAGE_SIZES
+from branching.config.tree import IMAGE_SIZES, toml_value
 from branching.data.cifar import (
     COARSE_LABEL_NAMES,
     COARSE_OF_FINE,
@@ -62,6 +61,12 @@ def cmd_init(args) -> int:
     if is_image_folder(data):
         folders = scan(data)
         classes, groups = folders.classes, folders.groups
+        for name in [*classes, *(g for path in groups.values() for g in path)]:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"the folder name {name.encode('utf-8', 'surrogateescape')!r} in {data} is not UTF-8 "
+                                f"text, which a tree TOML (UTF-8) cannot hold; rename the folder") from None
         size = DEFAULT_IMAGE_SIZE if args.image_size is None else args.image_size
         source = f"the class folders of {data} ({len(folders.splits['train'])} training images)"
     elif (data / "train").is_file():
@@ -104,7 +109,7 @@ def tree_toml(classes: list[str], groups: dict[str, tuple[str, ...]], image_size
         while name in names.values():
             name, k = f"{base}_{k}", k + 1
         names[g] = name
-    lines = [f"# A tree written by branching init from {source}.",
+    lines = [f"# A tree written by branching init from {_comment(source)}.",
              "# Edit it: the parent's network (kind, hidden), each branch's layer, its acceptance ([... .accept]).", ""]
     if image_size is not None:
         lines += ["[data]", f"image_size = {image_size}  # pixels on a side: images are resized, then centre-cropped",
@@ -113,7 +118,8 @@ def tree_toml(classes: list[str], groups: dict[str, tuple[str, ...]], image_size
     for g in branching:
         above = next((names[g[:d]] for d in range(len(g) - 1, 0, -1) if g[:d] in names), "parent")
         path = '/'.join(g)
-        lines += [f"[branches.{names[g]}]" + (f"  # {path}" if path != names[g] else ""), f"classes = {_list(members[g])}"]
+        lines += [f"[branches.{names[g]}]" + (f"  # {_comment(path)}" if path != names[g] else ""),
+                  f"classes = {_list(members[g])}"]
         if above != "parent":
             lines.append(f'from = "{above}"')
         lines.append("")
@@ -126,4 +132,9 @@ def _branch_name(name: str, i: int) -> str:
 
 
 def _list(values) -> str:
-    return "[" + ", ".join(json.dumps(v) for v in values) + "]"  # a JSON string is a TOML basic string
+    return "[" + ", ".join(toml_value(v) for v in values) + "]"
+
+
+def _comment(text: str) -> str:
+    """Text for a TOML comment: its control characters (a newline would end the comment) escaped."""
+    return toml_value(str(text))[1:-1]

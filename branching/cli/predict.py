@@ -24,7 +24,7 @@ from branching.tree.checkpoint import load_folder
 from branching.tree.predict import NodePredictor
 from branching.tree.routing import BATCH, TreePredictor
 
-COLUMNS = ("input", "true_class", "predicted_class", "confidence", "path", "accepted", "rejected_at",
+COLUMNS = ("input", "true_class", "predicted_class", "confidence", "answered_by", "path", "accepted", "rejected_at",
            "rejected_confidence", "threshold")
 
 
@@ -154,6 +154,7 @@ def prediction_table(names, predictions, true_classes=None, thresholds=None) -> 
         low = float(predictions.rejected_confidence[i])
         row["rejected_confidence"] = None if np.isnan(low) else low
         chain = row["path"].split(" > ")
+        row["answered_by"] = chain[-1]  # the node whose answer and confidence the row gives
         if row["rejected_at"]:
             chain = chain[:chain.index(row["rejected_at"]) + 1]
             row["path"] = " > ".join(chain)
@@ -170,9 +171,10 @@ def format_line(row: dict) -> str:
         compared = f" >= threshold{threshold}" if threshold else ""
         return (f"{row['input']}: {row['predicted_class']}  confidence {row['confidence']:.4f}{compared}  "
                 f"path {row['path']}  accepted{truth}")
+    answered = row["answered_by"]
     return (f"{row['input']}: uncertain  path {row['path']}  rejected at {row['rejected_at']} (its confidence "
             f"{row['rejected_confidence']:.4f} is below its threshold{threshold}); best guess "
-            f"{row['predicted_class']} (confidence {row['confidence']:.4f}){truth}")
+            f"{row['predicted_class']} ({answered}'s confidence {row['confidence']:.4f}){truth}")
 
 
 def write_rows(path, rows: list[dict], errors: list[str]) -> None:
@@ -229,14 +231,14 @@ def cmd_predict(args) -> int:
         print(f"error: {message}", file=sys.stderr)
     predictions = predictor.predict(pixels, batch_size=args.batch_size)
     rows = prediction_table(names, predictions, truth, predictor.thresholds)
-    if args.out and distributed.is_main():  # under torchrun, rank 0 writes
-        write_rows(args.out, rows, errors)
-    try:
+    try:  # printed first: an --out that cannot be written loses no answer
         for row in rows:
             print(format_line(row))
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. piped into `head`: stop printing quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.out and distributed.is_main():  # under torchrun, rank 0 writes
+        write_rows(args.out, rows, errors)
     if truth is not None:
         print(summary_line(rows, predictor.answerable, kind.reads),
               file=sys.stderr)

@@ -247,13 +247,15 @@ def node_to_dict(node: NodeSpec) -> dict:
     return d
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it: a string quoted, with quotes, backslashes and control characters escaped (a
+    name from a user's folder can inject no key); any other Unicode written as it is."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     escaped = "".join(
         "\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
         for ch in str(value))
@@ -262,7 +264,7 @@ def _toml_value(value: Any) -> str:
 
 def _write_table(lines: list[str], header: str, table: dict) -> None:
     lines += ["", f"[{header}]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines += [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
     for key, sub in table.items():
         if isinstance(sub, dict):
             _write_table(lines, f"{header}.{key}", sub)

@@ -211,3 +211,16 @@ def select_rows(split: Split, fine_ids, label_names=FINE_LABEL_NAMES):
             name = label_names[fine_id]
             raise DataError(f"no images of class {name!r} (id {fine_id}) in this split; use data that contains it")
     return labels, indices
+
+
+def unused_classes(config, data_dir, classes: list[str], counts: dict[str, int], noun: str) -> dict[str, int]:
+    """The data's classes that no node of the tree names, with their training counts; a DataError before any work
+    for one that differs from a class of the tree only in case or spaces (two spellings of one label)."""
+    named = {c.casefold().strip(): c for c in config.classes()}
+    unused = {c: counts.get(c, 0) for c in classes if c not in config.classes()}
+    for name, n in unused.items():
+        if name.casefold().strip() in named:
+            raise DataError(f"{data_dir}: the label {name!r} ({n} training {noun}) differs from the tree's class "
+                            f"{named[name.casefold().strip()]!r} only in case or spaces; make them one label in the "
+                            f"data (or name both in the tree)")
+    return unused

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from branching import distributed
+from branching.fileio import check_free, disk_error, reserve, sweep_stale
 
 Allocate = Callable[[str, tuple], np.ndarray]  # (array name, shape) -> a writable float32 array to fill
 
@@ -50,14 +51,23 @@ def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Al
         arrays = {name: np.load(where / f"{name}.npy", mmap_mode="r") for name in index.get("arrays", ["vectors"])}
         return Encodings(arrays, index, hashlib.sha256(text.encode()).hexdigest(), False)
     writes = distributed.leads()
-    if writes:
-        where.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent)) if writes else None
+    try:
+        if writes:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(where.parent, where.name + ".")
+        staging = (Path(tempfile.mkdtemp(prefix=f"{where.name}.{os.getpid()}-", dir=where.parent)) if writes
+                   else None)
+    except OSError as e:
+        raise disk_error(e, where) or e from None
     filled: dict[str, np.ndarray] = {}
 
     def allocate(name: str, shape: tuple) -> np.ndarray:
-        filled[name] = (np.lib.format.open_memmap(staging / f"{name}.npy", "w+", np.float32, shape) if writes
-                        else np.zeros(shape, np.float32))
+        if not writes:
+            filled[name] = np.zeros(shape, np.float32)
+            return filled[name]
+        check_free(where.parent, 4 * int(np.prod(shape)) + 2**20, "the encodings cache")
+        filled[name] = np.lib.format.open_memmap(staging / f"{name}.npy", "w+", np.float32, shape)
+        reserve(staging / f"{name}.npy", os.path.getsize(staging / f"{name}.npy"))  # full disk: an error now
         return filled[name]
 
     if index is not None:
@@ -69,6 +79,10 @@ def load_or_encode(where: Path, manifest: dict, depth: int, encode: Callable[[Al
                 array.flush()
             filled.clear()  # the memory maps closed before the folder moves
             index = _swap_in(staging, where, index, text)
+    except OSError as e:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise disk_error(e, where) or e from None
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

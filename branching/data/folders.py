@@ -100,6 +100,8 @@ def _walk(root: Path, split: str, inside: Path):
                 ignored += entry.is_file()
                 continue
             path = Path(entry.path)
+            if entry.is_symlink():
+                _check_link(path, real, root)
             if entry.is_dir():
                 subfolders.append(path)
             elif entry.is_file():
@@ -137,6 +139,19 @@ def _walk(root: Path, split: str, inside: Path):
                         f"{root / split}/CLASS/")
     files.sort(key=lambda f: (f.path.name, f.rel))
     return files, classes, ignored
+
+
+def _check_link(path: Path, folder: Path, root: Path) -> None:
+    """A link in the data folder must lead somewhere, and not back to a folder above it (which would make its
+    classes appear again, in another group)."""
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a broken link, or one that leads to itself
+        raise DataError(f"{path} is a link that leads nowhere (broken, or a loop); remove it or point it at a file "
+                        f"inside {root}") from None
+    if target.is_dir() and (target == folder or target in folder.parents):
+        raise DataError(f"{path} links to {target}, a folder above it: the data would contain themselves; remove "
+                        f"the link") from None
 
 
 def _few(names, n=5) -> str:

@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from branching.data.folders import ImageFolders
 from branching.data.images import POLICY, decode_image
 from branching.errors import DataError
+from branching.fileio import check_free, disk_error, reserve, sweep_stale
 
 VERSION = 2  # 2: one images.npy, the splits one after another (train and val/ adjoin)
 SHOWN_BAD = 3        # bad images named in an error; the rest are counted
@@ -122,13 +125,20 @@ def _matches(where: Path, text: str) -> bool:
 
 
 def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: bool, workers: int | None) -> None:
-    """Decode every image into a new folder beside `where`, then swap it in whole."""
-    where.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
+    """Decode every image into a new folder beside `where`, then swap it in whole. The disk's room is checked
+    first and the file reserved whole, so that a full disk is one line before any decoding."""
+    total = sum(len(files) for files in folders.splits.values())
     try:
-        total = sum(len(files) for files in folders.splits.values())
+        where.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(where.parent, where.name + ".")
+        check_free(where.parent, total * 3 * size * size + 2**20, f"the image cache of {total} images at {size} px")
+        staging = Path(tempfile.mkdtemp(prefix=f"{where.name}.{os.getpid()}-", dir=where.parent))
+    except OSError as e:
+        raise disk_error(e, where) or e from None
+    try:
         target = str(staging / "images.npy")
         np.lib.format.open_memmap(target, "w+", np.uint8, (total, 3 * size * size)).flush()
+        reserve(target, os.path.getsize(target))  # the workers write its pages: a full disk would kill them
         jobs = [(str(f.path), size, target, row) for row, f in
                 enumerate(f for files in folders.splits.values() for f in files)]
         workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -166,6 +176,9 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
             if not _matches(where, text):
                 raise
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise disk_error(e, where) or e from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -173,12 +186,19 @@ def _build(folders: ImageFolders, size: int, where: Path, text: str, progress: b
 
 def _decoded(jobs, workers: int):
     """(sha256 of the file's bytes, one-line error or None) for each job, in order; each worker writes the
-    pixels into the cache's file itself (nothing large crosses between processes)."""
+    pixels into the cache's file itself (nothing large crosses between processes). A worker that dies (killed,
+    out of memory, a bus error) is a one-line error at once, not a wait for results that never come."""
     if workers <= 1 or len(jobs) < IN_PROCESS:
         yield from map(_decode, jobs)
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield from pool.map(_decode, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers))))
+    except BrokenProcessPool:
+        raise DataError("a process decoding the images died (killed, out of memory, or a full disk under the cache); "
+                        "check the memory and the disk of $BRANCHING_CACHE, then run again") from None
+    finally:  # an error or an interrupt does not wait for the images still queued
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 _OPEN: dict[str, np.ndarray] = {}  # the cache file being written, memory-mapped once per process

@@ -5,6 +5,7 @@ centre square); a one-line error for a file that is not such an image."""
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".mpo", ".bmp", ".gif", ".tif", ".tif
 SIDE = 32
 POLICY = "resize-shorter-bilinear-antialias+center-crop"  # recorded in caches: a change rebuilds them
 MAX_PIXELS = 89_478_485  # Pillow's bomb limit (Image.MAX_IMAGE_PIXELS); larger images are refused undecoded
+MAX_FILE_BYTES = 512 * 2**20  # an image file larger than this is refused unread (a device, a runaway file)
+MAX_ASPECT = 8  # beyond this ratio of sides only the centre square is resized (see resize_center_crop)
 
 
 def load_image(path, size: int = SIDE) -> np.ndarray:
@@ -30,35 +33,59 @@ def decode_image(data: bytes | None, path, size: int = SIDE) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    label = shown(path)  # a name that is not UTF-8 can still be printed and written
     try:
         if data is None:
-            data = path.read_bytes()
+            data = read_image_file(path)
         if len(data) == 0:
-            raise DataError(f"{path}: empty file; pass a PNG or JPEG image")
+            raise DataError(f"{label}: empty file; pass a PNG or JPEG image")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 if image.format not in IMAGE_FORMATS:
-                    raise DataError(f"{path}: a {image.format} image; pass a PNG or JPEG image")
+                    raise DataError(f"{label}: a {image.format} image; pass a PNG or JPEG image")
                 width, height = image.size
                 if width * height > MAX_PIXELS:
-                    raise DataError(f"{path}: {width}x{height} pixels, more than the limit of {MAX_PIXELS:,}; "
+                    raise DataError(f"{label}: {width}x{height} pixels, more than the limit of {MAX_PIXELS:,}; "
                                     f"downscale it first")  # Pillow's own check stops twice as many
                 pixels = np.asarray(resize_center_crop(upright_rgb(image), size), dtype=np.uint8)
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise DataError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; pass image files") from None
+        raise DataError(f"{label}: is a folder; pass image files") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{path}: more than the limit of {MAX_PIXELS:,} pixels; downscale it first") from None
+        raise DataError(f"{label}: more than the limit of {MAX_PIXELS:,} pixels; downscale it first") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image (Pillow cannot identify it); pass a PNG or JPEG image") from None
+        raise DataError(f"{label}: not an image (Pillow cannot identify it); pass a PNG or JPEG image") from None
+    except PermissionError:
+        raise DataError(f"{label}: cannot be read (permission denied)") from None
     except (OSError, SyntaxError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}: unreadable image ({message}); pass an intact PNG or JPEG image") from None
+        raise DataError(f"{label}: unreadable image ({message}); pass an intact PNG or JPEG image") from None
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)).reshape(3 * size * size)
+
+
+def read_image_file(path: Path) -> bytes:
+    """A file's bytes, once it is known to be a regular file of at most MAX_FILE_BYTES: a device (/dev/zero) would
+    be read until memory runs out, a named pipe would block for ever."""
+    import stat as stat_module
+    info = os.stat(path)
+    if not stat_module.S_ISREG(info.st_mode):
+        what = ("a folder; pass image files" if stat_module.S_ISDIR(info.st_mode) else
+                "not a regular file (a device, a pipe or a socket); pass image files")
+        raise DataError(f"{shown(path)}: {what}")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{shown(path)}: {info.st_size / 2**20:.0f} MB, more than the limit of "
+                        f"{MAX_FILE_BYTES // 2**20} MB for an image file; pass a smaller image")
+    with open(path, "rb") as f:
+        return f.read(MAX_FILE_BYTES + 1)
+
+
+def shown(path) -> str:
+    """A path as it can be printed and written to UTF-8 text: bytes of its name that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def upright_rgb(image):
@@ -70,12 +97,17 @@ def upright_rgb(image):
     if image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image: the largest weigh 268 MB
 
 
 def resize_center_crop(image, size: int):
     """torchvision's Resize(size) then CenterCrop(size) on a PIL image: the shorter side scaled to `size`
-    (the longer one truncated, bilinear, antialiased as PIL resizes), then the centre size x size square."""
+    (the longer one truncated, bilinear, antialiased as PIL resizes), then the centre size x size square.
+
+    An image whose sides differ by more than MAX_ASPECT times (a 1 x 1,000,000 strip) would be resized to
+    size x (MAX_ASPECT x size or far more) first: there only the region of the original that the centre square
+    comes from is resized (PIL's `box`), which gives the same square within one level of 255 and bounds the
+    work by the output."""
     from PIL import Image
 
     width, height = image.size
@@ -84,10 +116,13 @@ def resize_center_crop(image, size: int):
             new = (size, int(size * height / width))
         else:
             new = (int(size * width / height), size)
+        top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+        if max(width, height) > MAX_ASPECT * min(width, height) and new != (width, height):
+            sx, sy = width / new[0], height / new[1]
+            return image.resize((size, size), Image.Resampling.BILINEAR,
+                                box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
         if new != (width, height):
             image = image.resize(new, Image.Resampling.BILINEAR)
-        width, height = image.size
-        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
         image = image.crop((left, top, left + size, top + size))
     return image
 
@@ -99,7 +134,7 @@ def load_images(paths, size: int = SIDE) -> tuple[list[str], np.ndarray, list[st
     for path in paths:
         try:
             rows.append(load_image(path, size))
-            names.append(str(path))
+            names.append(shown(path))
         except DataError as e:
             errors.append(str(e))
     pixels = np.stack(rows) if rows else np.zeros((0, 3 * size * size), np.uint8)

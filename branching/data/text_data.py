@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from branching.data.cifar import Split, resolve_classes
+from branching.data.cifar import Split, resolve_classes, unused_classes
 from branching.data.text_cache import load_encoded
 from branching.data.texts import is_text_folder, read_folder
 from branching.errors import ConfigError, DataError
@@ -32,6 +32,10 @@ def load_text_data(config, data_dir, progress: bool = True, device=CPU) -> dict:
                         f"(val.csv optional; or .jsonl), columns text and label (python -m "
                         f"branching.data.movie_reviews FOLDER writes one)")
     folder = read_folder(data_dir)
+    counts: dict[str, int] = {}
+    for label in folder.splits["train"].labels:
+        counts[label] = counts.get(label, 0) + 1
+    unused = unused_classes(config, data_dir, folder.classes, counts, "texts")
     for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):
         try:
             resolve_classes(spec.classes, folder.classes, f"label of {data_dir}")
@@ -56,7 +60,7 @@ def load_text_data(config, data_dir, progress: bool = True, device=CPU) -> dict:
     raw = {"train": folder.splits["train"].texts + (folder.splits["val"].texts if "val" in parts else []),
            "test": folder.splits["test"].texts}
     return dict(data_dir=data_dir, label_names=folder.classes, train=train, test=parts["test"], val_rows=val_rows,
-                raw_texts=raw,
+                raw_texts=raw, unused=unused,
                 texts=facts, _fingerprint={"dir": str(data_dir), "texts_manifest_sha256": encoded.manifest_sha256[:16]})
 
 

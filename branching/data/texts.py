@@ -64,8 +64,10 @@ def read_folder(root) -> TextFolder:
         raise DataError(f"{files['train']}: every text has label {classes[0]!r}; a tree needs at least 2 classes")
     few = [c for c, n in counts.items() if n < 2]
     if few:
-        raise DataError(f"{files['train']}: label {few[0]!r} has {counts[few[0]]} text(s); give each label at least 2 "
-                        f"training texts (one for validation), or remove it")
+        line = train.ids[train.labels.index(few[0])].rsplit(":", 1)[-1]
+        raise DataError(f"{files['train']}, line {line}: label {few[0]!r} has {counts[few[0]]} text(s); give each "
+                        f"label at least 2 training texts (one for validation), or remove it (a label taken from a "
+                        f"text with an unquoted comma? quote texts that hold commas)")
     for split, part in splits.items():
         unseen = sorted(set(part.labels) - set(classes))
         if unseen:
@@ -125,7 +127,8 @@ def _csv_rows(path: Path, raw: str, labelled: bool = True) -> list[tuple[int, ob
         raise DataError(f"{path} has no column {missing[0]!r} (its columns: {', '.join(columns) or 'none'}); the "
                         f"header must name text and label")
     try:
-        rows = [(reader.line_num, row["text"], row.get("label")) for row in reader]
+        lines = [(reader.line_num, row) for row in reader]
+        rows = [(line, row["text"], row.get("label")) for line, row in lines]
     except csv.Error as e:
         raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e}); quote texts that hold commas, "
                         f"quotes or line breaks") from None
@@ -133,6 +136,10 @@ def _csv_rows(path: Path, raw: str, labelled: bool = True) -> list[tuple[int, ob
     if short is not None:
         raise DataError(f"{path}, line {short}: the row has fewer fields than the header; quote texts that hold "
                         f"commas, quotes or line breaks")
+    long = next((line for line, row in lines if None in row), None)
+    if long is not None:
+        raise DataError(f"{path}, line {long}: the row has more fields than the header (an unquoted comma?); quote "
+                        f"texts that hold commas, quotes or line breaks")
     return rows
 
 

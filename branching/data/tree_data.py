@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from branching import distributed
-from branching.data.cifar import FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select_rows
+from branching.data.cifar import (FINE_LABEL_NAMES, Split, load_label_names, load_split, resolve_classes, select_rows,
+                                  unused_classes)
 from branching.data.download import ensure_cifar100
 from branching.data.folders import is_image_folder, scan
 from branching.data.image_cache import CachedFolders, joined, load_cached
 from branching.data.text_data import is_text_folder, load_text_data, text_notes
-from branching.errors import ConfigError, DataError
+from branching.console import log
+from branching.errors import ConfigError, DataError, did_you_mean
 from branching.models.device import CPU
 
 
@@ -39,6 +41,7 @@ class TreeData:
     mirrored: np.ndarray | None = None    # encoded images: the training split's mirror images, row for row
     encodings: dict | None = None         # encoded images: the network, its input size, the taps encoded
     raw_images: dict | None = None        # encoded images: the pixels of "train" and "test", by row
+    unused: dict | None = None            # image or text folders: classes no node of the tree names, and their count
 
     @property
     def side(self) -> int:
@@ -82,13 +85,14 @@ class TreeData:
     def facts(self) -> dict:
         """The fingerprint, and for image folders their image size, counts of images per split, of images
         left out, of leaked test images and of ignored files (a run's metrics.json records them)."""
+        unused = {} if not self.unused else {"unused_classes": self.unused}
         if self.texts is not None:
-            return {**self.fingerprint(), **self.texts}
+            return {**self.fingerprint(), **self.texts, **unused}
         encoded = {} if self.encodings is None else {"encodings": self.encodings}
         if self.folders is None:
             return {**self.fingerprint(), **encoded}
         cached = self.folders
-        return {**self.fingerprint(), **encoded, "image_size": cached.size,
+        return {**self.fingerprint(), **encoded, **unused, "image_size": cached.size,
                 "images": {split: len(part.files) for split, part in cached.splits.items()},
                 "skipped_images": cached.skipped, "leaked_images": [list(pair) for pair in cached.leaked],
                 "ignored_files": cached.ignored}
@@ -108,8 +112,14 @@ def data_notes(data: TreeData) -> dict[str, str]:
     """What a user of image folders should know before trusting the figures: images left out, test
     images that are also training images, files that are not images."""
     cached, notes = data.folders, {}
+    if data.unused:
+        noun = "texts" if data.texts is not None else "images"
+        named = ", ".join(f"{name!r} ({n} training {noun})" for name, n in list(data.unused.items())[:5])
+        more = f" and {len(data.unused) - 5} more" if len(data.unused) > 5 else ""
+        notes["unused_classes"] = (f"the data hold classes no node of the tree names: {named}{more}; they are left "
+                                   f"out (add them to a node's classes to use them)")
     if data.texts is not None:
-        return text_notes(data.texts)
+        return {**text_notes(data.texts), **notes}
     if cached is None:
         return notes
     if cached.skipped:
@@ -144,6 +154,15 @@ def _load_image_data(config, data_dir: Path, download, progress, skip_bad_images
         raise DataError(f"--data {data_dir} is a file, not a folder; pass the folder that holds the data (for "
                         f"CIFAR-100, the folder of its files train, test and meta; else image folders train/ "
                         f"and test/)")
+    if not data_dir.exists():
+        parent = data_dir.absolute().parent
+        close = did_you_mean(data_dir.name, [p.name for p in parent.iterdir() if p.is_dir()]) if parent.is_dir() else ""
+        if not download or close or not parent.is_dir() or config.image_size is not None:
+            raise DataError(f"--data {data_dir}: no such folder{close}; pass the folder of the data (image folders "
+                            f"train/ and test/, or CIFAR-100's files train, test, meta)"
+                            + ("" if close or not download else ", or a new folder in an existing one to download "
+                               "CIFAR-100 into"))
+        log(f"--data {data_dir} does not exist: downloading CIFAR-100 (161 MB) into it")
     if is_image_folder(data_dir):
         return load_folder_data(config, data_dir, progress, skip_bad_images)
     if config.side != 32 and not config.parent.net_kind.encoded:  # an encoded parent resizes them in its trunk
@@ -176,6 +195,10 @@ def _load_image_data(config, data_dir: Path, download, progress, skip_bad_images
 def load_folder_data(config, data_dir: Path, progress: bool = True, skip_bad_images: bool = False) -> TreeData:
     """Image folders (branching.data.folders) at the tree's image size, through the image cache."""
     folders = scan(data_dir)  # the layout, checked before anything is decoded
+    counts: dict[str, int] = {}
+    for f in folders.splits["train"]:
+        counts[f.class_name] = counts.get(f.class_name, 0) + 1
+    unused = unused_classes(config, data_dir, folders.classes, counts, "images")
     where = f"class of {data_dir}"
     for spec in (config.parent, *(b for b in config.branches.values() if b.new_classes)):
         try:
@@ -195,4 +218,4 @@ def load_folder_data(config, data_dir: Path, progress: bool = True, skip_bad_ima
         images, labels, files, val_rows = train.images, train.labels, train.files, None
     test = parts["test"]
     return TreeData(data_dir, folders.classes, Split(images, labels, files),
-                    Split(test.images, test.labels, test.files), val_rows=val_rows, folders=cached)
+                    Split(test.images, test.labels, test.files), val_rows=val_rows, folders=cached, unused=unused)

@@ -40,8 +40,10 @@ def as_2d_float(X, width=None) -> np.ndarray:
 
 
 def first_line(error: BaseException) -> str:
+    """An error's first line, whole up to 500 characters (then cut with an ellipsis)."""
     text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 500 else line[:497] + "..."
 
 
 def check_int(value, name, minimum) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from scipy.special import softmax
 from torch import nn
 
 from branching import distributed
-from branching.fileio import atomic_path
+from branching.fileio import write_bytes
 from branching.models import nets
 from branching.models.batches import device_batches
 from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
@@ -260,8 +261,9 @@ class Model(Trainable):
                    "meta": clean_meta(meta or {}, "meta")}
         if self.net_kind.fingerprinted():
             payload.update(kind=self.kind, shape=dict(self.shape))
-        with atomic_path(path, "wb") as f:
-            torch.save(payload, f)
+        buffer = io.BytesIO()  # whole before any byte is written: a full disk is then the writer's one-line error
+        torch.save(payload, buffer)
+        write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path) -> "Model":
@@ -273,11 +275,11 @@ class Model(Trainable):
             payload = torch.load(path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: the unsafe way
             raise ValueError(f"{path} is refused: it holds objects other than tensors and plain data, which a "
-                             f"torchly model file never does, and loading them could run code") from e
+                             f"model file of this project never holds, and loading them could run code") from e
         except Exception as e:
-            raise ValueError(f"{path} is not a readable torchly model file ({first_line(e)})") from e
+            raise ValueError(f"{path} is not a readable model file of this project ({first_line(e)})") from e
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a torchly model file (expected format {FORMAT!r})")
+            raise ValueError(f"{path} is not a model file of this project (expected format {FORMAT!r})")
         try:
             args = (payload["architecture"], payload["activation"], payload["dropout"])
             kind, shape = payload.get("kind", "mlp"), payload.get("shape")
@@ -285,7 +287,7 @@ class Model(Trainable):
             model = cls(*args, seed=0, kind=kind, shape=shape)
             model.net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path} is a corrupt torchly model file ({first_line(e)})") from e
+            raise ValueError(f"{path} is a damaged model file of this project ({first_line(e)})") from e
         model.meta = payload.get("meta") or {}
         return model
 

@@ -13,7 +13,7 @@ from branching.acceptance.metrics import format_report
 from branching.acceptance.rule import Acceptance, describe_rule
 from branching.config.recipes import Recipe
 from branching.config.tree import TreeConfig
-from branching.console import log
+from branching.console import busy_note, cpu_seconds, log
 from branching.data.tree_data import TreeData, data_notes, load_tree_data
 from branching.errors import ConfigError
 from branching import distributed
@@ -117,7 +117,7 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
     metrics, columns = scores.score_node(spec.classes, labels, logits, acceptance, head, probability)
     metrics["confidence_scores"] = confidence.every_score(logits, logits.argmax(axis=1) == labels,
                                                           acceptance.temperature, probability)
-    return metrics, scores.prediction_rows(rows, spec.classes, columns)
+    return metrics, scores.prediction_rows(rows, spec.classes, columns, data.test.filenames)
 
 
 # ---- the whole tree --------------------------------------------------------------------------
@@ -148,7 +148,10 @@ def run(config: TreeConfig, data_dir, out_dir, recipe: Recipe, seed: int = 0, do
 
 def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, report, cache_dir, device,
          skip_bad_images, compile=False) -> dict:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    before = busy_note(torch.get_num_threads())
+    if before:
+        echo(f"note: {before}")
     data = load_tree_data(config, data_dir, download=download, progress=progress, skip_bad_images=skip_bad_images,
                           device=device)
     for line in data_notes(data).values():
@@ -205,9 +208,13 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
         echo("routed tree: not evaluated (the parent has no head to route by; predict --branch or --node NAME)")
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
+    timings["cpu_s"] = cpu_seconds() - cpu_start
     metrics["timings"] = timings
     metrics["notes"] = {**data_notes(data),
                         **{n: m.meta["acceptance_note"] for n, m in models.items() if m.meta.get("acceptance_note")}}
+    fought = busy_note(torch.get_num_threads(), timings["cpu_s"], timings["total_s"])
+    if fought:
+        metrics["notes"]["threads"] = fought
     write_json(out / "metrics.json", metrics)
     if report and distributed.is_main():  # other ranks' `out` is a scratch folder, removed
         from branching.reports.run import write_report  # matplotlib is only loaded when a report is written

@@ -377,7 +377,7 @@ def evaluate_tree(config: TreeConfig, models: dict[str, Model], data, device=CPU
         rejected_at={name: int((result.rejected_at == i).sum()) for i, name in enumerate(result.nodes)},
         rules={node.name: node.rule for node in predictor.nodes},
         flops_per_image=predictor.flops_per_image(result.reached(), len(labels)))
-    predictions = [{"index": int(row), "true_class": classes[t], **r}
+    predictions = [{"index": int(row), "file": data.test.filenames[int(row)], "true_class": classes[t], **r}
                    for row, t, r in zip(rows, labels, result.rows())]
     return metrics, predictions
 
