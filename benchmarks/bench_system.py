@@ -6,8 +6,8 @@
 
 memory: the peak memory (the process's maximum resident set) of `branching predict` on one image, and of decoding
 one image into the image cache at 64 px, for a normal photo (4,000 x 3,000 JPEG), the largest square image the
-pixel limit allows (a 9,459 x 9,459 JPEG) and the longest strip it allows (a 1 x 89,478,485 PNG); each in a process
-of its own.
+pixel limit allows (a 9,459 x 9,459 JPEG), the longest strip the limits allow (1,365 x 65,535, a PNG) and a longer
+one they refuse (1 x 1,000,000); each in a process of its own.
 
 disk: the seconds from the start of a command to its one-line error when the disk is full: a first run whose image
 cache does not fit (a 2 MB tmpfs as $BRANCHING_CACHE), and a run whose --out fills up while it writes (a 4 MB
@@ -45,12 +45,13 @@ def peak(args: list[str], env=None) -> tuple[int, float]:
 
 def memory(args) -> None:
     from PIL import Image
-    from branching.data.images import MAX_PIXELS
+    from branching.data.images import MAX_PIXELS, MAX_SIDE
     work = Path(tempfile.mkdtemp(prefix="bench-system-"))
-    side = int(MAX_PIXELS ** 0.5)
+    side, thin = int(MAX_PIXELS ** 0.5), MAX_PIXELS // MAX_SIDE
     images = {"photo 4000x3000 (JPEG)": (work / "photo.jpg", (4000, 3000)),
               f"square {side}x{side} (JPEG)": (work / "square.jpg", (side, side)),
-              f"strip 1x{MAX_PIXELS} (PNG)": (work / "strip.png", (1, MAX_PIXELS))}
+              f"strip {thin}x{MAX_SIDE} (PNG)": (work / "strip.png", (thin, MAX_SIDE)),
+              "strip 1x1,000,000 (PNG, refused)": (work / "refused.png", (1, 1_000_000))}
     for path, size in images.values():
         Image.new("RGB", size, (90, 120, 150)).save(path)
     decode = ("import sys\nfrom branching.data.image_cache import _decode\nimport numpy as np\n"

@@ -31,8 +31,8 @@ def cores() -> int:
 
 def busy_note(threads: int, cpu_s: float | None = None, wall_s: float | None = None) -> str | None:
     """None, or what to know when torch's threads fought other work for the cores: before a run, from the load
-    average; after it, from the CPU time its threads got against the wall time (docs/reliability.md: on a busy
-    2-core machine the first run took 351 s with 2 threads, 105 s with one)."""
+    average; after it, from the CPU time its threads got against the wall time (docs/reliability.md: beside two
+    busy processes on a 2-core machine the first run took 128-143 s with 2 threads, 74-78 s with one)."""
     if threads < 2:
         return None
     load = os.getloadavg()[0]

@@ -22,8 +22,8 @@ from branching import console
 from branching.cli import main as cli
 from branching.config.parse import load_config
 from branching.data import tree_data
-from branching.data.images import MAX_ASPECT, resize_center_crop
-from branching.errors import OutputError
+from branching.data.images import MAX_ASPECT, MAX_SIDE, load_image, resize_center_crop
+from branching.errors import DataError, OutputError
 from branching.fileio import reserve, sweep_stale
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -156,15 +156,21 @@ def test_an_image_of_extreme_shape_resizes_only_its_centre(tmp_path):
         assert np.abs(np.asarray(resize_center_crop(image, side)).astype(int) - want).max() <= 1
 
 
-def test_a_strip_of_a_million_pixels_stays_within_twice_a_photos_memory(tmp_path):
-    """Peak memory of decoding the worst shape the pixel limit allows against a photo's, each in a fresh process."""
-    Image.new("RGB", (1, 1_000_000), (5, 6, 7)).save(tmp_path / "strip.png")
+def test_the_longest_strip_allowed_stays_within_twice_a_photos_memory(tmp_path):
+    """Peak memory of decoding the longest side the limits allow against a photo's, each in a fresh process."""
+    Image.new("RGB", (1, MAX_SIDE), (5, 6, 7)).save(tmp_path / "strip.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 1200, 3), dtype=np.uint8)).save(tmp_path / "p.jpg")
     probe = ("import resource, sys\nfrom branching.data.images import load_image\nload_image(sys.argv[1], 224)\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peak = {name: int(subprocess.run([sys.executable, "-c", probe, str(tmp_path / name)], capture_output=True,
                                      text=True, check=True).stdout) for name in ("strip.png", "p.jpg")}
     assert peak["strip.png"] < 2 * peak["p.jpg"], peak
+
+
+def test_a_side_past_the_limit_is_refused_before_decoding(tmp_path):
+    Image.new("RGB", (1, MAX_SIDE + 1), (5, 6, 7)).save(tmp_path / "strip.png")
+    with pytest.raises(DataError, match=r"strip.png: 1x65536 pixels, a side longer than the limit of 65,535; crop"):
+        load_image(tmp_path / "strip.png", 64)
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo"])

@@ -20,6 +20,7 @@ POLICY = "resize-shorter-bilinear-antialias+center-crop"  # recorded in caches: 
 MAX_PIXELS = 89_478_485  # Pillow's bomb limit (Image.MAX_IMAGE_PIXELS); larger images are refused undecoded
 MAX_FILE_BYTES = 512 * 2**20  # an image file larger than this is refused unread (a device, a runaway file)
 MAX_ASPECT = 8  # beyond this ratio of sides only the centre square is resized (see resize_center_crop)
+MAX_SIDE = 65_535  # pixels on a side (JPEG's own limit): Pillow keeps a pointer per row, 0.7 GB for 89 M rows
 
 
 def load_image(path, size: int = SIDE) -> np.ndarray:
@@ -45,6 +46,9 @@ def decode_image(data: bytes | None, path, size: int = SIDE) -> np.ndarray:
                 if image.format not in IMAGE_FORMATS:
                     raise DataError(f"{label}: a {image.format} image; pass a PNG or JPEG image")
                 width, height = image.size
+                if max(width, height) > MAX_SIDE:
+                    raise DataError(f"{label}: {width}x{height} pixels, a side longer than the limit of {MAX_SIDE:,}; "
+                                    f"crop or downscale it first")
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{label}: {width}x{height} pixels, more than the limit of {MAX_PIXELS:,}; "
                                     f"downscale it first")  # Pillow's own check stops twice as many
@@ -93,7 +97,8 @@ def upright_rgb(image):
     torchvision's loader does; 16-bit grey scaled to 8 bits, not clipped)."""
     from PIL import Image, ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(0x0112, 1) != 1:  # turned by its EXIF orientation (else no copy: 358 MB at the limit)
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
