@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from api_check import assert_api_answers_as_predict
 from reference import REPO_ROOT, node_probabilities
 
 from branching.cli import main as cli
@@ -85,6 +86,13 @@ def test_predict_on_the_run_folder_matches_tree_csv(trained, capsys):
         predicted = [row["predicted_class"] for row in csv.DictReader(f)]
     with open(root / "out" / "tree.csv", newline="") as f:
         assert predicted == [row["predicted_class"] for row in csv.DictReader(f)]
+
+
+def test_the_python_api_answers_a_split_as_predict_does(trained, tmp_path, capsys):
+    from branching.data.cifar import load_split
+    _, root, data_dir = trained
+    images = load_split(data_dir, "test").images
+    assert_api_answers_as_predict(root / "out", ["--data", data_dir], images, tmp_path / "api.json", capsys)
 
 
 def test_probe_layers_lists_every_tap_of_the_parent(trained, capsys):

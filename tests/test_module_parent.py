@@ -253,6 +253,14 @@ def test_with_its_head_the_parent_is_evaluated_and_routes(tmp_path, small_data_d
     np.testing.assert_array_equal(result.parent_predicted, predicted)
 
 
+def test_the_python_api_answers_a_headless_parents_tree_as_predict_does(headless, tmp_path, capsys):
+    from api_check import assert_api_answers_as_predict
+    from branching.data.cifar import load_split
+    root, data_dir = headless
+    images = load_split(data_dir, "test").images
+    assert_api_answers_as_predict(root / "out", ["--data", data_dir], images, tmp_path / "api.json", capsys)
+
+
 def test_several_branches_without_a_head_need_predict_branch(tmp_path, small_data_dir, weights, capsys):
     text = parent_table(weights) + """
 [branches.mammals]

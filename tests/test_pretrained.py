@@ -222,6 +222,11 @@ def test_run_evaluates_the_routed_tree_and_predict_answers_photos_of_any_size(tr
     assert cli.main(["predict", "--models", str(root / "out"), "--node", "mammals", str(photos)]) == 0
     assert cli.main(["predict", "--models", str(root / "out"), str(photos)]) == 0
     assert depths == [12, 18]  # mammals reads block10: the trunk stops there; routing needs the parent's head
+    from api_check import assert_api_answers_as_predict
+    pictures = [Image.open(p) for p in sorted(photos.glob("*.png"))]
+    assert_api_answers_as_predict(root / "out", [photos], pictures, tmp_path / "api.json", capsys)
+    assert_api_answers_as_predict(root / "out", ["--node", "mammals", photos], pictures, tmp_path / "node.json", capsys,
+                                  node="mammals")
 
 
 def test_probe_layers_lists_every_block_with_the_flops_of_the_trunk_to_it(trained, small_data_dir, capsys,

@@ -244,6 +244,13 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     assert "2 texts of the tree's classes" in capsys.readouterr().err
     assert cli.main(["predict", "--models", str(out), str(tmp_path / "plain.csv")]) == 2
     assert "pass a file of texts with --texts FILE" in capsys.readouterr().err
+    # the Python API answers texts as predict does, and refuses an image item by item
+    from api_check import assert_api_answers_as_predict
+    texts = ["a good and lovely film", "awful , dull plot", "the cast was fun"]
+    assert_api_answers_as_predict(out, texts, texts, tmp_path / "api.json", capsys)
+    import branching
+    with pytest.warns(UserWarning, match="input 1: an ndarray, and this tree reads texts"):
+        assert branching.load(out).predict(["a good film", np.zeros((8, 8, 3), np.uint8)])[1] is None
     # the texts are encoded once: a second load reads the cache
     parsed = parse_config(config.read_text())
     assert text_cache.load_encoded(read_folder(data), parsed.parent.shape_dict, progress=False).encoded is False

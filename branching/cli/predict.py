@@ -11,18 +11,16 @@ import numpy as np
 
 from branching.cli.args import flags, positive_int
 from branching import distributed
+from branching.api.tree import Answer, Prepared, Tree
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
 from branching.data.folders import is_image_folder, scan
 from branching.data.image_cache import load_cached
-from branching.data.images import IMAGE_SUFFIXES, load_images
+from branching.data.images import IMAGE_SUFFIXES
 from branching.data.texts import is_text_folder
 from branching.errors import ConfigError, DataError
 from branching.fileio import check_new_file, write_csv, write_json
-from branching.models.nets import image_side
-from branching.tree.checkpoint import load_folder
-from branching.tree.predict import NodePredictor
-from branching.tree.routing import BATCH, TreePredictor
+from branching.tree.routing import BATCH
 
 COLUMNS = ("input", "true_class", "predicted_class", "confidence", "answered_by", "path", "accepted", "rejected_at",
            "rejected_confidence", "threshold")
@@ -79,19 +77,18 @@ def load_split_inputs(data_dir, split: str, side: int = 32) -> tuple[list[str], 
     return data.filenames, data.images, [label_names[i] for i in data.fine_labels], []
 
 
-def text_inputs(args, parent, predictor_depth=None) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
-    """(names, encoded texts, true classes or None, errors) of the texts given to a text parent's tree: on the
-    command line, in --texts FILE, or a split of --data (a text folder, read through the encoding cache)."""
+def text_inputs(args, tree) -> tuple[Prepared, list[str] | None]:
+    """The texts given to a text parent's tree, prepared (on the command line, in --texts FILE, or a split of
+    --data: a text folder, read through the encoding cache), and their true classes (or None)."""
     from branching.data.text_cache import load_encoded
     from branching.data.texts import read_folder, read_lines, read_split
-    shape = parent.shape  # its model files are those the tree was trained with (tree.checkpoint checks on loading)
     if args.data:
         data = read_folder(args.data)
         if args.split not in data.splits:
             raise DataError(f"--data {args.data} has no {args.split}.csv; choose --split from {', '.join(data.splits)}")
         part = data.splits[args.split]
-        vectors = load_encoded(data, shape, args.device).splits[args.split]
-        return part.ids, np.asarray(vectors), part.labels, []
+        vectors = np.asarray(load_encoded(data, tree.parent.shape, args.device).splits[args.split])
+        return Prepared(list(part.ids), vectors, list(range(len(vectors))), {}), part.labels
     if args.texts is not None:
         path = Path(args.texts)
         if not path.is_file():
@@ -105,11 +102,13 @@ def text_inputs(args, parent, predictor_depth=None) -> tuple[list[str], np.ndarr
         if paths:
             raise DataError(f"{paths[0]} is a {'folder' if Path(paths[0]).is_dir() else 'file'}, and this tree reads "
                             f"texts: pass a file of texts with --texts FILE, or a text folder with --data DIR")
-        names = [t if len(t) <= 60 else t[:57] + "..." for t in texts]
+        names = None
     if not texts or any(not t.strip() for t in texts):
         raise DataError("an empty text was given; pass texts with words in them")
-    return names, parent.net_kind.encode(shape, texts, args.device, progress=len(texts) > 100,
-                                         depth=predictor_depth), truth, []
+    prepared = tree.preprocess(texts)
+    if names is not None:
+        prepared.names = list(names)
+    return prepared, truth
 
 
 def encoded_split(config, args) -> tuple[list[str], np.ndarray, list[str], list[str]]:
@@ -144,22 +143,12 @@ def image_paths(paths) -> tuple[list[Path], int]:
     return found, ignored
 
 
-def prediction_table(names, predictions, true_classes=None, thresholds=None) -> list[dict]:
-    """One row per image; the path goes as far as the node that answered or rejected it, and `threshold` is
-    the one that node compared the image's confidence with (thresholds: {node: threshold or None})."""
-    rows = predictions.rows()
-    for i, (name, row) in enumerate(zip(names, rows)):
-        row["input"] = name
-        row["true_class"] = true_classes[i] if true_classes is not None else ""
-        low = float(predictions.rejected_confidence[i])
-        row["rejected_confidence"] = None if np.isnan(low) else low
-        chain = row["path"].split(" > ")
-        row["answered_by"] = chain[-1]  # the node whose answer and confidence the row gives
-        if row["rejected_at"]:
-            chain = chain[:chain.index(row["rejected_at"]) + 1]
-            row["path"] = " > ".join(chain)
-        row["threshold"] = (thresholds or {}).get(chain[-1])
-    return [{k: row[k] for k in COLUMNS} for row in rows]
+def answer_row(name: str, answer: Answer, true_class: str | None = None) -> dict:
+    """An Answer as a row of the printed lines and of --out (COLUMNS)."""
+    return {"input": name, "true_class": true_class or "", "predicted_class": answer.guess,
+            "confidence": answer.score, "answered_by": answer.node, "path": " > ".join(answer.path),
+            "accepted": int(answer.accepted), "rejected_at": answer.rejected_at or "",
+            "rejected_confidence": answer.rejected_score, "threshold": answer.threshold}
 
 
 def format_line(row: dict) -> str:
@@ -198,39 +187,28 @@ def cmd_predict(args) -> int:
     if args.texts is not None and (args.files or args.data):
         raise ConfigError("pass texts on the command line, --texts FILE or --data DIR, one of them")
     args.device = distributed.start(args.device)
-    if args.node is None:
-        config, models = load_folder(args.models, config)
-        predictor = TreePredictor(config, models, args.branch, device=args.device)
-    else:
-        config, models = load_folder(args.models, config)
-        predictor = NodePredictor(config, models, args.node, device=args.device)
-    parent = predictor.models["parent"]
-    kind = parent.net_kind
-    ignored = 0
+    tree = Tree.load(args.models, args.device, node=args.node, branch=args.branch, config=config)
+    kind = tree.kind
+    ignored, truth, errors = 0, None, []
     if kind.reads == "texts":
-        names, pixels, truth, errors = text_inputs(args, parent, predictor.parent_depth())
+        prepared, truth = text_inputs(args, tree)
     elif args.texts is not None:
         raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
-    elif kind.encoded and args.data:  # the split's encodings, from the cache the run filled
-        names, pixels, truth, errors = encoded_split(config, args)
+    elif args.data:  # a split, through the cache the run filled (an encoded parent's: its encodings)
+        names, vectors, truth, errors = (encoded_split(tree.config, args) if kind.encoded
+                                         else load_split_inputs(args.data, args.split, tree.image_size))
+        prepared = Prepared(names, vectors, list(range(len(names))), {})
     else:  # images resized as the tree was trained: to its side, or an encoded parent's input size
-        side = kind.side(parent.shape, None) or image_side(parent.architecture[0])
-        if args.data:
-            names, pixels, truth, errors = load_split_inputs(args.data, args.split, side)
-        else:
-            files, ignored = image_paths(args.files)
-            names, pixels, errors = load_images(files, side)
-            truth = None
-        if kind.encoded:  # through the parent's frozen network, only as far as the nodes asked read it
-            pixels = (kind.encode(parent.shape, pixels, args.device, progress=len(pixels) > 100,
-                                  depth=predictor.parent_depth()) if len(pixels)
-                      else np.zeros((0, parent.architecture[0]), np.float32))
+        files, ignored = image_paths(args.files)
+        prepared = tree.preprocess(files)
+        errors = list(prepared.errors.values())
     if ignored:
         print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    predictions = predictor.predict(pixels, batch_size=args.batch_size)
-    rows = prediction_table(names, predictions, truth, predictor.thresholds)
+    answers = tree.postprocess(prepared, tree.forward(prepared, args.batch_size))
+    rows = [answer_row(prepared.names[i], answers[i], truth[k] if truth is not None else None)
+            for k, i in enumerate(prepared.readable)]
     try:  # printed first: an --out that cannot be written loses no answer
         for row in rows:
             print(format_line(row))
@@ -240,8 +218,7 @@ def cmd_predict(args) -> int:
     if args.out and distributed.is_main():  # under torchrun, rank 0 writes
         write_rows(args.out, rows, errors)
     if truth is not None:
-        print(summary_line(rows, predictor.answerable, kind.reads),
-              file=sys.stderr)
+        print(summary_line(rows, tree.classes, kind.reads), file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
         return 2

@@ -52,7 +52,7 @@ def decode_image(data: bytes | None, path, size: int = SIDE) -> np.ndarray:
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{label}: {width}x{height} pixels, more than the limit of {MAX_PIXELS:,}; "
                                     f"downscale it first")  # Pillow's own check stops twice as many
-                pixels = np.asarray(resize_center_crop(upright_rgb(image), size), dtype=np.uint8)
+                return image_pixels(image, size)
     except DataError:
         raise
     except FileNotFoundError:
@@ -68,6 +68,12 @@ def decode_image(data: bytes | None, path, size: int = SIDE) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:
         message = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{label}: unreadable image ({message}); pass an intact PNG or JPEG image") from None
+
+
+def image_pixels(image, size: int = SIDE) -> np.ndarray:
+    """A PIL image as load_image gives an image file: upright, RGB, resized and centre-cropped to size x size, as
+    uint8 (3 * size * size,) in the CIFAR layout."""
+    pixels = np.asarray(resize_center_crop(upright_rgb(image), size), dtype=np.uint8)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)).reshape(3 * size * size)
 
 

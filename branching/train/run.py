@@ -26,7 +26,7 @@ from branching.train import selfeval
 from branching.train.nodes import parent_normalizer, train_branch, train_parent
 from branching.tree import judge
 from branching.tree.checkpoint import ModelStore
-from branching.tree.routing import evaluate_tree, format_tree_report
+from branching.tree.evaluation import evaluate_tree, format_tree_report
 
 
 def epochs(n: int) -> str:

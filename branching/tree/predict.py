@@ -50,7 +50,10 @@ class NodePredictor:
         confidence = self.acceptance.confidence(logits, probability)
         low = ~self.acceptance.accepts(confidence)
         last = len(self.chain) - 1
+        scaled = logits / np.float32(self.acceptance.temperature)
+        probabilities = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
         return TreePredictions(self.classes, self.chain, tuple(self.chain[:i + 1] for i in range(len(self.chain))),
                                predicted, confidence.astype(np.float32), np.full(len(X), last),
                                np.where(low, last, -1), np.where(low, confidence, np.nan).astype(np.float32),
-                               predicted)
+                               predicted, probabilities.astype(np.float32))
