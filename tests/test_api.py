@@ -120,7 +120,7 @@ def test_an_unreadable_input_is_named_and_the_others_are_answered(fitted, tmp_pa
     (np.full((8, 8, 3), 300), "integer pixels outside 0..255"),
     (np.zeros((8, 8, 5), np.uint8), "an array of shape (8, 8, 5)"),
     (np.zeros(10, np.uint8), "a vector of 10 values"),
-    ({"pixels": 1}, "a dict; pass image paths"),
+    ({"pixels": 1}, "an object of type dict; pass image paths"),
 ])
 def test_a_bad_array_says_what_is_wrong_and_how_to_fix_it(fitted, item, message):
     with pytest.warns(UserWarning, match=message.replace("(", r"\(").replace(")", r"\)")):

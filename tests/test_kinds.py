@@ -93,6 +93,9 @@ def test_the_python_api_answers_a_split_as_predict_does(trained, tmp_path, capsy
     _, root, data_dir = trained
     images = load_split(data_dir, "test").images
     assert_api_answers_as_predict(root / "out", ["--data", data_dir], images, tmp_path / "api.json", capsys)
+    from test_export import assert_same_answers
+    assert cli.main(["export", "--models", str(root / "out"), "--out", str(tmp_path / "tree.onnx")]) == 0
+    assert_same_answers(root / "out", tmp_path / "tree.onnx", images, batch_size=5)
 
 
 def test_probe_layers_lists_every_tap_of_the_parent(trained, capsys):

@@ -259,6 +259,9 @@ def test_the_python_api_answers_a_headless_parents_tree_as_predict_does(headless
     root, data_dir = headless
     images = load_split(data_dir, "test").images
     assert_api_answers_as_predict(root / "out", ["--data", data_dir], images, tmp_path / "api.json", capsys)
+    from test_export import assert_same_answers
+    assert cli.main(["export", "--models", str(root / "out"), "--out", str(tmp_path / "tree.onnx")]) == 0
+    assert_same_answers(root / "out", tmp_path / "tree.onnx", images, batch_size=5)
 
 
 def test_several_branches_without_a_head_need_predict_branch(tmp_path, small_data_dir, weights, capsys):

@@ -249,8 +249,10 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     texts = ["a good and lovely film", "awful , dull plot", "the cast was fun"]
     assert_api_answers_as_predict(out, texts, texts, tmp_path / "api.json", capsys)
     import branching
-    with pytest.warns(UserWarning, match="input 1: an ndarray, and this tree reads texts"):
+    with pytest.warns(UserWarning, match="input 1: an object of type ndarray, and this tree reads texts"):
         assert branching.load(out).predict(["a good film", np.zeros((8, 8, 3), np.uint8)])[1] is None
+    assert cli.main(["export", "--models", str(out), "--out", str(tmp_path / "tree.onnx")]) == 2
+    assert "a text parent's tree does not export yet" in capsys.readouterr().err
     # the texts are encoded once: a second load reads the cache
     parsed = parse_config(config.read_text())
     assert text_cache.load_encoded(read_folder(data), parsed.parent.shape_dict, progress=False).encoded is False

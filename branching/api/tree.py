@@ -70,11 +70,14 @@ class Tree:
 
     def __init__(self, predictor: TreePredictor | NodePredictor, config: TreeConfig, device: torch.device):
         self.predictor, self.config, self.device = predictor, config, device
-        parent = predictor.models["parent"]
-        self.parent, self.kind = parent, parent.net_kind
-        self.reads = self.kind.reads  # "images" or "texts"
-        self.image_size = None if self.reads == "texts" else (self.kind.side(parent.shape, None)
-                                                              or image_side(parent.architecture[0]))
+        parent = predictor.models.get("parent")  # None for an exported graph (api.onnx_tree)
+        self.parent, self.kind = parent, None if parent is None else parent.net_kind
+        if parent is None:
+            self.reads, self.image_size = predictor.meta["reads"], predictor.meta["image_size"]
+        else:
+            self.reads = self.kind.reads  # "images" or "texts"
+            self.image_size = None if self.reads == "texts" else (self.kind.side(parent.shape, None)
+                                                                  or image_side(parent.architecture[0]))
 
     @classmethod
     def load(cls, path, device="auto", *, node: str | None = None, branch: str | None = None,
@@ -82,6 +85,13 @@ class Tree:
         """The tree a run wrote to `path` (its OUT or OUT/models), checked against `config` (a TreeConfig or a
         TOML path) when given; `node`: that node alone; `branch`: routing from that branch."""
         device = resolve_device(device)
+        if Path(path).suffix == ".onnx":  # an exported tree, run by onnxruntime on the CPU
+            if node is not None or branch is not None or config is not None:
+                raise ConfigError("an exported tree (.onnx) answers as the whole routed tree; node=, branch= and "
+                                  "config= need the run's folder")
+            from branching.api.onnx_tree import OnnxPredictor
+            predictor = OnnxPredictor(path)
+            return cls(predictor, predictor.config, device)
         if isinstance(config, (str, os.PathLike)):
             config = load_config(config)
         if node is not None and branch is not None:
@@ -93,6 +103,9 @@ class Tree:
 
     def node(self, name: str) -> Tree:
         """This tree's node `name` alone, over its own classes (the models are shared, not loaded again)."""
+        if self.parent is None:
+            raise ConfigError("an exported tree (.onnx) answers as the whole routed tree; load the run's folder to "
+                              "ask one node")
         return Tree(NodePredictor(self.config, self.predictor.models, name, device=self.device), self.config,
                     self.device)
 
@@ -110,7 +123,8 @@ class Tree:
         return dict(self.predictor.thresholds)
 
     def __repr__(self) -> str:
-        return (f"Tree(parent={self.kind.describe(self.parent.shape)}, nodes={list(self.nodes)}, "
+        parent = "an exported graph" if self.kind is None else self.kind.describe(self.parent.shape)
+        return (f"Tree(parent={parent}, nodes={list(self.nodes)}, "
                 f"classes={list(self.classes)})")
 
     # ---- answering ----------------------------------------------------------------------------
@@ -129,7 +143,8 @@ class Tree:
         classes outside that node), so its argmax is the tree's guess; a row of NaN for an unreadable input."""
         prepared, predictions = self._answer(inputs, batch_size)
         out = np.full((len(prepared.names), len(self.classes)), np.nan, np.float32)
-        out[prepared.readable] = predictions.probabilities
+        columns = [predictions.classes.index(c) for c in self.classes]  # an entry branch: its classes alone
+        out[prepared.readable] = predictions.probabilities[:, columns]
         return out
 
     def _answer(self, inputs, batch_size: int) -> tuple[Prepared, TreePredictions]:
@@ -163,7 +178,7 @@ class Tree:
     def encode(self, inputs) -> np.ndarray:
         """What the tree reads of pixels (N, 3 * side * side) or texts: for a parent that encodes its inputs
         through a frozen network, its vectors, as deep as the nodes asked read; else the pixels as they are."""
-        if not self.kind.encoded:
+        if self.kind is None or not self.kind.encoded:  # an exported graph encodes inside it
             return np.asarray(inputs)
         if not len(inputs):
             return np.zeros((0, self.parent.architecture[0]), np.float32)
@@ -195,12 +210,12 @@ class Tree:
 
     def _items(self, inputs) -> list:
         """The inputs as a list of single items: one path, text, PIL image or image array is one item; a list,
-        tuple, 4-d array or tensor (N images) or rows of the tree's own pixel layout (N, 3 * side * side) are many."""
+        tuple, 4-d array or tensor (N images) or rows of the toolkit's flat layout (N, 3 * side * side, any side: CIFAR's
+        files give them) are many."""
         if isinstance(inputs, (str, os.PathLike)) or _is_pil(inputs):
             return [inputs]
         if isinstance(inputs, (np.ndarray, torch.Tensor)):
-            if inputs.ndim == 4 or (inputs.ndim == 2 and self.image_size is not None
-                                    and inputs.shape[1] == 3 * self.image_size ** 2):
+            if inputs.ndim == 4 or (inputs.ndim == 2 and self.reads == "images" and _flat_side(inputs.shape[1])):
                 return list(inputs)
             return [inputs]
         if isinstance(inputs, (list, tuple)):
@@ -247,8 +262,13 @@ def _is_pil(item) -> bool:
 def _what(item) -> str:
     if isinstance(item, str):
         return f"a text ({item[:30]!r})"
-    name = type(item).__name__
-    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+    return f"an object of type {type(item).__name__}"
+
+
+def _flat_side(width: int) -> int:
+    """The side of a flat image of `width` values (3 x side x side, side >= 8), else 0."""
+    side = int(round((width / 3) ** 0.5))
+    return side if side >= 8 and 3 * side * side == width else 0
 
 
 def _hwc_uint8(i: int, item) -> np.ndarray:
@@ -258,8 +278,8 @@ def _hwc_uint8(i: int, item) -> np.ndarray:
     tensor = isinstance(item, torch.Tensor)
     a = item.detach().cpu().numpy() if tensor else np.asarray(item)
     if a.ndim == 1:
-        side = int(round((a.size / 3) ** 0.5))
-        if 3 * side * side != a.size:
+        side = _flat_side(a.size)
+        if not side:
             raise DataError(f"input {i}: a vector of {a.size} values; a flat image holds 3 x side x side (every R, "
                             f"then G, then B)")
         a, tensor = a.reshape(3, side, side), True

@@ -14,6 +14,7 @@ from branching import __version__
 from branching.acceptance.metrics import format_report
 from branching.cli.args import TRAINING, TREE, ArgumentParser, flags, guarded, prog_name
 from branching.cli.compare import add_parsers as add_compare
+from branching.cli.export import add_parser as add_export
 from branching.cli.init import add_init
 from branching.cli.predict import add_parser as add_predict
 from branching.cli.selfeval import add_parser as add_selfeval
@@ -55,6 +56,7 @@ def build_parser() -> ArgumentParser:
     add_compare(sub)
     add_init(sub)
     add_selfeval(sub)
+    add_export(sub)
     return parser
 
 

@@ -176,7 +176,7 @@ class ModuleNet(nn.Module):
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """Flat images as the module takes them."""
-        side = math.isqrt(x.shape[1] // 3)
+        side = math.isqrt(int(x.shape[1]) // 3)  # a Python int: an exported graph keeps the image size fixed
         x = x.reshape(-1, 3, side, side)
         if self.input_size != side:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,

@@ -122,7 +122,7 @@ class ViTNet(nn.Module):
 
     def forward_intermediates(self, x, indices, stop_early=True):
         x = self.embed(x.reshape(-1, *self.image)).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.position
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position
         end = max(indices, default=-1) + 1 if stop_early else len(self.blocks)
         found = []
         for block in self.blocks[:end]:

@@ -187,6 +187,19 @@ class Trunk(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
+class Encoder(nn.Module):
+    """Trunk.encode as a module (for an exported graph): flat images to the parent's input vectors, the columns
+    of taps deeper than `depth` zeros, as the encoded kind gives them."""
+
+    def __init__(self, trunk: Trunk, depth: int, width: int):
+        super().__init__()
+        self.trunk, self.depth, self.width = trunk, depth, width
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        vectors = self.trunk.encode(pixels, self.depth)
+        return F.pad(vectors, (0, self.width - vectors.shape[1]))
+
+
 def pool_map(feature_map: torch.Tensor, how: str) -> torch.Tensor:
     """A batch of feature maps (N, C, H, W) as vectors (N, C)."""
     if how == "avg":

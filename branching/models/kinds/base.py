@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from branching.errors import did_you_mean
+from branching.errors import ConfigError, did_you_mean
 from branching.models import nets
 
 # How a parent of a kind gets its weights:
@@ -161,6 +161,11 @@ class ParentKind:
 
     def trust(self, table: dict) -> None:
         """Let the code a config the user passes names be imported (a model file's may not be: module_parent.trust)."""
+
+    def export_encoder(self, shape: dict, depth: int):
+        """An encoded parent's frozen network as an nn.Module from the tree's inputs to the vectors the parent
+        reads (branching export puts it in the graph), running `depth` taps deep."""
+        raise ConfigError(f"a {self.name} parent's tree does not export yet; use branching.load(RUN) in Python")
 
     def side(self, shape: dict, image_size: int | None) -> int | None:
         """The side of the images the tree's data are decoded at, where the kind sets it (None: the config's

@@ -65,6 +65,9 @@ class Pretrained(EncodedKind):
     def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
         return trunks.encode_images(trunks.load_trunk(shape, device), inputs, depth, progress=progress)
 
+    def export_encoder(self, shape: dict, depth: int):
+        return trunks.Encoder(trunks.load_trunk(shape, torch.device("cpu")), depth, self.input_width(shape))
+
     def describe(self, shape: dict) -> str:
         return f"the pretrained {shape['model']} at {shape['input_size']} px"
 

@@ -1,0 +1,204 @@
+"""`branching export`: a trained tree as one ONNX graph, and that graph run with onnxruntime.
+
+The graph takes images (N, 3 * side * side) in the toolkit's flat layout (every R, then G, then B; values 0..255,
+prepared as `run` prepared its images: branching.load(FILE.onnx) prepares them). It runs the parent's network as far as the tree reads, each node once (a node's trunk feeds every
+child that reads it), and gives every node's calibrated probabilities (`probs.<node>`, softmax of its logits
+at its fitted temperature) and raw logits (`logits.<node>`) for every input, at any batch size. Routing and
+acceptance, a few comparisons per input, run outside it (`api.onnx_tree`, the same code as the PyTorch tree's), from
+the thresholds, temperatures, scores and class names in its metadata (`branching.tree`, JSON).
+
+What does not export, refused with a one-line error: a node accepting by a self-evaluation branch (score
+"selfeval": its judge is a second network over the node's taps), and a text parent's tree (its tokenizer and
+transformer stay in PyTorch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from branching.api.onnx_tree import FORMAT
+from branching.errors import CheckpointError, ConfigError, MissingPackageError
+from branching.fileio import check_new_file
+from branching.models import nets
+from branching.models.forward import reads
+from branching.tree.routing import TreePredictor
+
+OPSET = 18
+TOLERANCE = 1e-4  # the largest difference of a probability between the graph and PyTorch export accepts,
+OWN_FACTOR = 5     # or this many times PyTorch's own between batch sizes (a trunk that magnifies rounding)
+
+
+class DenseTree(nn.Module):
+    """Every node of a routed tree on every input: (probabilities..., logits...) in the order of `names`."""
+
+    def __init__(self, predictor: TreePredictor, encoder: nn.Module | None):
+        super().__init__()
+        models = predictor.models
+        self.nodes = list(predictor.node_names)
+        self.names = [n for n in self.nodes if models[n].has_head]  # a parent without a head only feeds its branches
+        self.encoder = encoder
+        self.nets = nn.ModuleDict({name: models[name].net for name in self.nodes})  # their weights: the graph's
+        self.models = models
+        normalizer = predictor.root.normalizer
+        self.register_buffer("mean", torch.from_numpy(normalizer.mean.copy()))
+        self.register_buffer("std", torch.from_numpy(normalizer.std.copy()))
+        self.register_buffer("inverse_temperature", torch.tensor([float(n.inverse_temperature) for n in predictor.nodes
+                                                                  if n.name in self.names]))
+        self.reads = {name: reads(models, name) for name in self.nodes if name != "parent"}
+        self.taps = {name: sorted({r[1:3] for r in self.reads.values() if r[0] == name}, key=str) for name in self.nodes}
+
+    def forward(self, *inputs):
+        x = self.encoder(*inputs) if self.encoder is not None else inputs[0].to(torch.float32)
+        x = (x - self.mean) / self.std
+        logits, pooled = {}, {}
+        for name in self.nodes:  # parents before children (the config's order)
+            h = x if name == "parent" else pooled[self.reads[name]]
+            out, found = self.models[name].forward_intermediates(h, self.taps[name], stop_early=name not in self.names)
+            logits[name] = out
+            for (layer, where), value in zip(self.taps[name], found):
+                for r in self.reads.values():
+                    if r[:3] == (name, layer, where):
+                        pooled[r] = nets.pool(value, r[3])
+        probs = [torch.softmax(logits[n] * self.inverse_temperature[i], dim=1) for i, n in enumerate(self.names)]
+        return (*probs, *[logits[n] for n in self.names])
+
+
+def _resize_weights(n_in: int, n_out: int, align_corners: bool, along_height: bool) -> torch.Tensor:
+    """torch's antialiased bilinear resize along one axis as an (n_out, n_in) matrix: the resize of each basis
+    image (the other axis 2 wide: a 1-wide axis takes another code path in torch)."""
+    basis = torch.eye(n_in).reshape(n_in, 1, n_in, 1) if along_height else torch.eye(n_in).reshape(n_in, 1, 1, n_in)
+    basis = basis.expand(n_in, 1, n_in, 2) if along_height else basis.expand(n_in, 1, 2, n_in)
+    size = (n_out, 2) if along_height else (2, n_out)
+    out = torch.nn.functional.interpolate(basis.contiguous(), size=size, mode="bilinear", antialias=True,
+                                          align_corners=align_corners)
+    return (out[:, 0, :, 0] if along_height else out[:, 0, 0, :]).t().contiguous()
+
+
+def _antialiased_resize(side: int):
+    """ONNX for aten::_upsample_bilinear2d_aa (a module parent resizing its images; onnxruntime's own antialiased
+    Resize gives other values): two MatMuls with the resize's matrices, for the input's fixed image size (as the
+    tracer knows it, else the tree's `side`)."""
+    return lambda g, x, output_size, align_corners, *scales: _resize_op(g, x, output_size, align_corners, side)
+
+
+def _resize_op(g, x, output_size, align_corners, side: int):
+    helper = _symbolic_helper()
+    sizes = [side if n is None else n for n in (helper._get_tensor_sizes(x) or [None] * 4)]
+    height, width = helper._get_const(output_size, "is", "output_size")
+    corners = bool(helper._maybe_get_const(align_corners, "b"))
+    rows = g.op("MatMul", x, g.op("Constant", value_t=_resize_weights(sizes[3], width, corners, False).t().contiguous()))
+    return g.op("MatMul", g.op("Constant", value_t=_resize_weights(sizes[2], height, corners, True)), rows)
+
+
+def _symbolic_helper():
+    try:
+        from torch.onnx import symbolic_helper
+    except ImportError:  # torch versions that keep it with the TorchScript exporter only
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper
+    return symbolic_helper
+
+
+def tree_metadata(tree) -> dict:
+    """What api.onnx_tree needs to answer as the PyTorch tree does."""
+    predictor = tree.predictor
+    config = {k: v for k, v in predictor.config.to_dict().items() if k != "path"}  # no path of this machine's
+    return {"format": FORMAT, "reads": tree.reads, "image_size": tree.image_size,
+            "classes": list(predictor.classes), "config": config,
+            "entry": None if predictor.entry is None else predictor.entry.name,  # a parent without a head: its branch
+            "nodes": [{"name": n.name, "classes": list(n.spec.classes), "threshold": n.rule["threshold"],
+                       "temperature": float(n.rule["temperature"]), "score": n.score} for n in predictor.nodes],
+            "fingerprint": {name: m.meta.get("fingerprint") for name, m in predictor.models.items()}}
+
+
+def needs(module: str):
+    """An optional package of export (onnx, onnxruntime), or a one-line error naming the pip command."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackageError(f"{module} is not installed; pip install onnx onnxruntime (export and .onnx trees "
+                                  f"need them)") from None
+
+
+def export(tree, out, batch: int = 2, check: int = 16) -> Check:
+    """Write `tree` (a branching.api Tree of the whole routed tree) to the ONNX file `out`, once `check` random
+    images through the graph under onnxruntime get every node's probabilities as PyTorch's (check_graph); returns
+    that check."""
+    onnx = needs("onnx")
+    needs("onnxruntime")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ConfigError(f"--out {out}: the file name must end in .onnx")
+    check_new_file(out, "--out")
+    predictor = tree.predictor
+    if not isinstance(predictor, TreePredictor) or (predictor.entry is not None and tree.parent.has_head):
+        raise ConfigError("export writes the whole routed tree; load it without node= or branch=")
+    judged = [n.name for n in predictor.nodes if n.score == "selfeval"]
+    if judged:
+        raise ConfigError(f"{', '.join(judged)} accept by a self-evaluation branch, which does not export; set "
+                          f"score = \"msp\" (or doctor, energy, margin) in their accept tables and train them again")
+    if tree.reads == "texts":
+        raise ConfigError("a text parent's tree does not export yet: its tokenizer and transformer stay in PyTorch; "
+                          "use branching.load(RUN) in Python")
+    encoder = tree.kind.export_encoder(tree.parent.shape, predictor.parent_depth()) if tree.kind.encoded else None
+    module = DenseTree(predictor, encoder).eval()
+    example = (torch.zeros(batch, 3 * tree.image_size ** 2),)  # the batch size stays free (dynamic_axes)
+    names = [f"probs.{n}" for n in module.names] + [f"logits.{n}" for n in module.names]
+    dynamic = {name: {0: "batch"} for name in ["pixels", *names]}
+    for m in predictor.models.values():
+        m.net.eval()
+    module.requires_grad_(False)  # the tracer takes the frozen weights as the graph's initialisers
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _antialiased_resize(tree.image_size), OPSET)
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it fixes (the image side, ...)
+            torch.onnx.export(module, example, str(staging), input_names=["pixels"], output_names=names,
+                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+        graph = onnx.load(str(staging))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = "branching.tree", json.dumps(tree_metadata(tree))
+        onnx.save(graph, str(staging))
+        checked = check_graph(tree, staging, check)
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    return checked
+
+
+def check_graph(tree, path, n: int) -> Check:
+    """PyTorch and the graph on n seeded random images (smooth fields, not noise: a trunk's activations stay in their
+    usual range): the largest difference of a probability, and PyTorch's own between answering them together and
+    one at a time. Refuses a graph whose difference is past TOLERANCE and past OWN_FACTOR times PyTorch's own: a
+    broken export (an operator of other semantics) is off by 0.1 or more."""
+    from branching.api.onnx_tree import OnnxPredictor
+    side, rng = tree.image_size, np.random.default_rng(0)
+    coarse = rng.uniform(0, 255, (n, 3, 4, 4)).astype(np.float32)
+    images = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(side, side), mode="bilinear")
+    images = images.round().clamp(0, 255).reshape(n, -1).numpy()
+    expected = tree.forward(tree.encode(images)).probabilities  # through the frozen network, for an encoded parent
+    alone = np.concatenate([tree.forward(tree.encode(images[i:i + 1])).probabilities for i in range(n)])
+    found = OnnxPredictor(path).predict(images).probabilities
+    check = Check(float(np.abs(expected - found).max()), float(np.abs(expected - alone).max()))
+    if not check.difference <= max(TOLERANCE, OWN_FACTOR * check.own):
+        raise CheckpointError(f"the exported graph's probabilities differ from PyTorch's by {check.difference:.2g} on "
+                              f"random images, more than {TOLERANCE:g} and than {OWN_FACTOR} times PyTorch's own difference "
+                              f"between batch sizes ({check.own:.2g}); nothing was written")
+    return check
+
+
+@dataclass(frozen=True)
+class Check:
+    """How far the graph's probabilities were from PyTorch's, and PyTorch's own from itself across batch sizes (a
+    trunk whose activations vary little in some channels magnifies float rounding through its normalisation)."""
+
+    difference: float
+    own: float

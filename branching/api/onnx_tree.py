@@ -1,0 +1,108 @@
+"""An exported tree (`branching export`) run with onnxruntime, answering as the PyTorch tree does.
+
+The graph gives every node's logits for a batch; routing and acceptance are the PyTorch tree's own
+(`TreePredictor._route`), walking nodes whose trunk is a look-up of those logits by row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from branching.config.parse import config_from_dict
+from branching.errors import CheckpointError
+from branching.tree.routing import BATCH, TreePredictions, TreePredictor, _Node
+
+FORMAT = "branching.onnx/1"
+ROWS = ("rows",)  # what every child of a row node reads: the rows routed to it
+
+
+class _RowNode(_Node):
+    """A node of an exported tree: its rule from the file's metadata, its logits looked up by row."""
+
+    def __init__(self, index: int, spec, tree_classes, record: dict, logits: dict):
+        self.index, self.name, self.spec, self.reads = index, spec.name, spec, ROWS
+        self.rule = {"temperature": record["temperature"], "threshold": record["threshold"]}
+        self.score, self.temperature = record["score"], record["temperature"]
+        self.judge, self.judge_reads = None, []
+        self.inverse_temperature = np.float32(1.0 / record["temperature"])
+        self.threshold = float("inf") if record["threshold"] is None else float(np.float32(record["threshold"]))
+        self.leaf_ids = np.array([tree_classes.index(c) for c in spec.classes], dtype=np.int64)
+        self.taps, self.children, self.group_matrix, self.group_leaf = set(), [], None, self.leaf_ids
+        self.logits = logits  # {node: this batch's logits}, filled by OnnxPredictor
+
+    def trunk(self, rows: torch.Tensor) -> tuple[np.ndarray, dict]:
+        index = rows.numpy()
+        return self.logits[self.name][index].copy(), {ROWS: index}
+
+
+class OnnxPredictor(TreePredictor):
+    """TreePredictor's interface over an exported graph (one onnxruntime session)."""
+
+    def __init__(self, path, threads: int | None = None):
+        import onnxruntime
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file; pass an .onnx file written by branching export")
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy waiting between calls
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for files it cannot read
+            raise CheckpointError(f"{path}: not an ONNX graph onnxruntime can load ({' '.join(str(e).split())[:120]}); "
+                                  f"export the tree again") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get("branching.tree")
+        meta = json.loads(raw) if raw else {}
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a tree written by branching export ({FORMAT}); export one with "
+                                  f"branching export --models RUN --out FILE.onnx")
+        self.meta = meta
+        self.config = config_from_dict(meta["config"])
+        self.classes = tuple(meta["classes"])
+        self.logits: dict[str, np.ndarray] = {}
+        records = {r["name"]: r for r in meta["nodes"]}
+        self.nodes = [_RowNode(i, spec, self.classes, records[spec.name], self.logits)
+                      for i, spec in enumerate(self.config.nodes())]
+        by_name = {n.name: n for n in self.nodes}
+        for node in self.nodes:
+            node.add_children([by_name[c.name] for c in self.config.children(node.name) if not c.new_classes])
+        self.root, self.models = self.nodes[0], {}
+        self.entry = None if meta.get("entry") is None else by_name[meta["entry"]]  # a parent without a head's branch
+        self.chains = tuple(tuple(self.config.chain(n.name)) for n in self.nodes)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.width = self.session.get_inputs()[0].shape[1]
+
+    def parent_depth(self) -> int:
+        return 0
+
+    def _predict(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        n = len(images)
+        arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
+                  "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
+                  "rejected_confidence": np.empty(n, np.float32), "parent_predicted": np.empty(n, np.int64),
+                  "probabilities": np.zeros((n, len(self.classes)), np.float32)}
+        given = {o.name for o in self.session.get_outputs()}
+        answering = [node for node in self.nodes if f"logits.{node.name}" in given]
+        wanted = [f"logits.{node.name}" for node in answering]
+        for start in range(0, n, batch_size):
+            chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
+            found = self.session.run(wanted, {self.inputs[0]: chunk})
+            self.logits.update({node.name: value for node, value in zip(answering, found)})
+            batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+            self._route(self.root if self.entry is None else self.entry, torch.arange(len(chunk)), None, batch)
+            if self.entry is not None:
+                batch["parent_predicted"][:] = -1
+        return arrays
+
+    def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
+        images = np.asarray(images)
+        images = images[None] if images.ndim == 1 else images
+        if images.ndim != 2 or images.shape[1] != self.width:
+            raise CheckpointError(f"images must have shape (N, {self.width}); got {images.shape}")
+        return TreePredictions(self.classes, self.node_names, self.chains, **self._predict(images, batch_size))

@@ -1,0 +1,38 @@
+"""`branching export --models RUN --out TREE.onnx`: a trained tree as one ONNX graph (branching.api.export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from branching.api.export import export
+from branching.api.tree import Tree
+from branching.cli.args import positive_int
+from branching.console import log
+from branching.errors import ConfigError
+from branching.fileio import check_new_file
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a trained tree as one ONNX graph (onnxruntime runs it; "
+                                      "branching.load reads it)")
+    p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
+    p.add_argument("--out", required=True, help="the .onnx file to write (written whole once checked; an existing file is replaced)")
+    p.add_argument("--check", type=positive_int, default=16, metavar="N",
+                   help="random images both PyTorch and the graph answer before the file is written (default 16)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    if Path(args.out).suffix != ".onnx":
+        raise ConfigError(f"--out {args.out}: the file name must end in .onnx")
+    check_new_file(args.out, "--out")
+    tree = Tree.load(args.models, "cpu")
+    log(f"exporting {tree!r}")
+    checked = export(tree, args.out, check=args.check)
+    size = Path(args.out).stat().st_size / 2**20
+    print(f"wrote {args.out} ({size:.1f} MB): inputs {'input_ids' if tree.reads == 'texts' else 'pixels'} "
+          f"(N, {3 * tree.image_size ** 2 if tree.image_size else 'tokens'}), outputs probs.<node> and logits.<node> for "
+          f"{', '.join(tree.nodes)}; on {args.check} random images its probabilities are within "
+          f"{checked.difference:.1e} of PyTorch's (PyTorch's own vary by {checked.own:.1e} between batch sizes)")
+    print(f"load it with: branching.load({str(args.out)!r})  (onnxruntime)")
+    return 0
