@@ -60,7 +60,7 @@ class Prepared:
     the one-line errors of the others, by position."""
 
     names: list[str]
-    vectors: np.ndarray
+    vectors: np.ndarray | list  # the texts, between Tree.read and Tree.encode
     readable: list[int]
     errors: dict[int, str]
 
@@ -154,8 +154,15 @@ class Tree:
         return prepared, self.forward(prepared, batch_size)
 
     def preprocess(self, inputs) -> Prepared:
-        """Read every input first (paths, PIL images, arrays, tensors; texts for a text parent's tree) and
-        prepare the readable ones as the training inputs were; the others get a one-line error each."""
+        """Read every input first (paths, image files' bytes, PIL images, arrays, tensors; texts for a text parent's
+        tree) and prepare the readable ones as the training inputs were; the others get a one-line error each."""
+        prepared = self.read(inputs)
+        prepared.vectors = self.encode(prepared.vectors)
+        return prepared
+
+    def read(self, inputs) -> Prepared:
+        """preprocess's first half: the readable inputs decoded (pixels (N, 3 * side * side) uint8, or the texts), not
+        yet through an encoded parent's frozen network (`encode`, which the server runs on a batch of requests)."""
         items = self._items(inputs)
         names, kept, readable, errors = [], [], [], {}
         for i, item in enumerate(items):
@@ -169,11 +176,9 @@ class Tree:
             kept.append(value)
             readable.append(i)
         if self.reads == "texts":
-            vectors = self.encode(kept)
-        else:
-            side = self.image_size
-            vectors = self.encode(np.stack(kept) if kept else np.zeros((0, 3 * side * side), np.uint8))
-        return Prepared(names, vectors, readable, errors)
+            return Prepared(names, kept, readable, errors)
+        side = self.image_size
+        return Prepared(names, np.stack(kept) if kept else np.zeros((0, 3 * side * side), np.uint8), readable, errors)
 
     def encode(self, inputs) -> np.ndarray:
         """What the tree reads of pixels (N, 3 * side * side) or texts: for a parent that encodes its inputs
@@ -214,6 +219,8 @@ class Tree:
         files give them) are many."""
         if isinstance(inputs, (str, os.PathLike)) or _is_pil(inputs):
             return [inputs]
+        if isinstance(inputs, (bytes, bytearray)):
+            return [inputs]
         if isinstance(inputs, (np.ndarray, torch.Tensor)):
             if inputs.ndim == 4 or (inputs.ndim == 2 and self.reads == "images" and _flat_side(inputs.shape[1])):
                 return list(inputs)
@@ -243,6 +250,8 @@ class Tree:
                 raise DataError(f"input {i}: {shown(item)[:60]!r} is no image file, and this tree reads images; pass "
                                 f"image paths, PIL images, arrays or tensors (texts go to a text parent's tree)")
             return shown(path), decode_image(None, path, side)
+        if isinstance(item, (bytes, bytearray, memoryview)):  # an image file's bytes (an upload)
+            return f"input {i}", decode_image(bytes(item), f"input {i}", side)
         if _is_pil(item):
             return f"input {i}", image_pixels(item, side)
         if isinstance(item, (np.ndarray, torch.Tensor)):

@@ -15,6 +15,7 @@ from branching.acceptance.metrics import format_report
 from branching.cli.args import TRAINING, TREE, ArgumentParser, flags, guarded, prog_name
 from branching.cli.compare import add_parsers as add_compare
 from branching.cli.export import add_parser as add_export
+from branching.cli.serve import add_parser as add_serve
 from branching.cli.init import add_init
 from branching.cli.predict import add_parser as add_predict
 from branching.cli.selfeval import add_parser as add_selfeval
@@ -57,6 +58,7 @@ def build_parser() -> ArgumentParser:
     add_init(sub)
     add_selfeval(sub)
     add_export(sub)
+    add_serve(sub)
     return parser
 
 
