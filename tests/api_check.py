@@ -19,7 +19,8 @@ def assert_api_answers_as_predict(models, cli_inputs, api_inputs, out_json, caps
     assert len(rows) == len(answers) > 0
     for row, answer in zip(rows, answers):
         for column, field in FIELDS.items():
-            assert row[column] == (getattr(answer, field) or ("" if column == "rejected_at" else None)), column
+            value = getattr(answer, field)
+            assert row[column] == ("" if value is None and column == "rejected_at" else value), column
         assert row["path"] == " > ".join(answer.path) and bool(row["accepted"]) == answer.accepted
         assert answer.label == (answer.guess if answer.accepted else None)
     return answers

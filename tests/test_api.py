@@ -104,7 +104,7 @@ def test_an_unreadable_input_is_named_and_the_others_are_answered(fitted, tmp_pa
         answers = tree([good[0], tmp_path / "broken.png", "a review of a film", good[1]])
     messages = [str(w.message) for w in caught]
     assert any("broken.png: not an image" in m for m in messages)
-    assert any("input 2: 'a review of a film' is no image file, and this tree reads images" in m for m in messages)
+    assert any("a review of a film: no such file, and this tree reads images" in m for m in messages)
     assert [a.error is None for a in answers] == [True, False, False, True]
     assert answers[1].label is None and not answers[1].accepted and answers[1].path == ()
     with pytest.warns(UserWarning):

@@ -1,6 +1,7 @@
 """`branching export`: one ONNX graph of a tree, run by onnxruntime, answering as the PyTorch tree does at any batch
 size; its outputs checked against each node run by hand; what does not export, and files that are not a tree's."""
 
+import csv
 import json
 
 import numpy as np
@@ -77,6 +78,33 @@ def test_files_that_are_not_an_exported_tree_are_refused(exported, tmp_path):
         branching.load(tmp_path / "none.onnx")
     with pytest.raises(ConfigError, match="answers as the whole routed tree"):
         branching.load(graph, node="mammals")
+
+
+def test_predict_and_threads_read_the_graph_and_export_refuses_it(exported, small_data_dir, tmp_path, capsys):
+    run, graph, images = exported
+    assert cli.main(["predict", "--models", str(graph), "--data", str(small_data_dir), "--out", str(tmp_path / "g.csv")]) == 0
+    assert cli.main(["predict", "--models", str(run), "--data", str(small_data_dir), "--out", str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "g.csv").read_text().count("\n") == len(images) + 1
+    for row_graph, row_run in zip(*(csv.DictReader((tmp_path / f).open()) for f in ("g.csv", "r.csv"))):
+        assert row_graph["predicted_class"] == row_run["predicted_class"] and row_graph["path"] == row_run["path"]
+    (tmp_path / "g.csv").unlink(), (tmp_path / "r.csv").unlink()
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(images[i].reshape(3, 32, 32).transpose(1, 2, 0)).save(tmp_path / f"{i}.png")
+    capsys.readouterr()
+    assert cli.main(["predict", "--models", str(graph), str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ours = branching.load(run, "cpu")(sorted(tmp_path.glob("*.png")))
+    assert len(lines) == 3 and all(f"path {' > '.join(a.path)}" in line for line, a in zip(lines, ours))
+    assert cli.main(["export", "--models", str(graph), "--out", str(tmp_path / "again.onnx")]) == 2
+    assert "an exported graph already; export from the run's folder" in capsys.readouterr().err
+    tree = branching.load(graph)  # one session, threads at once: each its own answers
+    from concurrent.futures import ThreadPoolExecutor
+    parts = [images[i::4] for i in range(4)]
+    alone = [tree.predict_proba(p) for p in parts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: tree.predict_proba(p, batch_size=3), parts * 3))
+    assert all(np.allclose(t, alone[i % 4], atol=1e-6) for i, t in enumerate(together))
 
 
 def test_export_usage_errors_leave_nothing(exported, tmp_path, capsys):

@@ -251,6 +251,14 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     import branching
     with pytest.warns(UserWarning, match="input 1: an object of type ndarray, and this tree reads texts"):
         assert branching.load(out).predict(["a good film", np.zeros((8, 8, 3), np.uint8)])[1] is None
+    import httpx
+    from branching.api.serve import in_thread
+    loaded = branching.load(out, "cpu")
+    with in_thread(loaded) as url:  # the server reads JSON texts, and answers as the API does
+        reply = httpx.post(f"{url}/predict", json={"texts": texts}, timeout=60)
+        assert [a["guess"] for a in reply.json()["answers"]] == [a.guess for a in loaded(texts)]
+        image = httpx.post(f"{url}/predict", content=b"\x89PNG", headers={"Content-Type": "image/png"})
+        assert image.status_code == 415 and "this tree reads texts" in image.json()["error"]
     assert cli.main(["export", "--models", str(out), "--out", str(tmp_path / "tree.onnx")]) == 2
     assert "a text parent's tree does not export yet" in capsys.readouterr().err
     # the texts are encoded once: a second load reads the cache

@@ -14,6 +14,7 @@ transformer stay in PyTorch).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from branching.api.onnx_tree import FORMAT
-from branching.errors import CheckpointError, ConfigError, MissingPackageError
+from branching.api.onnx_tree import FORMAT, needs
+from branching.errors import CheckpointError, ConfigError
 from branching.fileio import check_new_file
 from branching.models import nets
 from branching.models.forward import reads
@@ -118,16 +119,6 @@ def tree_metadata(tree) -> dict:
             "fingerprint": {name: m.meta.get("fingerprint") for name, m in predictor.models.items()}}
 
 
-def needs(module: str):
-    """An optional package of export (onnx, onnxruntime), or a one-line error naming the pip command."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingPackageError(f"{module} is not installed; pip install onnx onnxruntime (export and .onnx trees "
-                                  f"need them)") from None
-
-
 def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     """Write `tree` (a branching.api Tree of the whole routed tree) to the ONNX file `out`, once `check` random
     images through the graph under onnxruntime get every node's probabilities as PyTorch's (check_graph); returns
@@ -139,6 +130,8 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
         raise ConfigError(f"--out {out}: the file name must end in .onnx")
     check_new_file(out, "--out")
     predictor = tree.predictor
+    if tree.parent is None:
+        raise ConfigError("this tree is an exported graph already; export from the run's folder (--models RUN)")
     if not isinstance(predictor, TreePredictor) or (predictor.entry is not None and tree.parent.has_head):
         raise ConfigError("export writes the whole routed tree; load it without node= or branch=")
     judged = [n.name for n in predictor.nodes if n.score == "selfeval"]
@@ -156,13 +149,14 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     for m in predictor.models.values():
         m.net.eval()
     module.requires_grad_(False)  # the tracer takes the frozen weights as the graph's initialisers
-    torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _antialiased_resize(tree.image_size), OPSET)
     staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    traced = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}  # TorchScript's
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _antialiased_resize(tree.image_size), OPSET)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on Python values it fixes (the image side, ...)
             torch.onnx.export(module, example, str(staging), input_names=["pixels"], output_names=names,
-                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+                              dynamic_axes=dynamic, opset_version=OPSET, **traced)
         graph = onnx.load(str(staging))
         entry = graph.metadata_props.add()
         entry.key, entry.value = "branching.tree", json.dumps(tree_metadata(tree))
@@ -170,6 +164,7 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
         checked = check_graph(tree, staging, check)
         os.replace(staging, out)
     finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::_upsample_bilinear2d_aa", OPSET)  # other exports: torch's own
         staging.unlink(missing_ok=True)
     return checked
 

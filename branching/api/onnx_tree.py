@@ -6,24 +6,35 @@ The graph gives every node's logits for a batch; routing and acceptance are the 
 
 from __future__ import annotations
 
+import importlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from branching.config.parse import config_from_dict
-from branching.errors import CheckpointError
+from branching.errors import CheckpointError, MissingPackageError
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor, _Node
 
 FORMAT = "branching.onnx/1"
 ROWS = ("rows",)  # what every child of a row node reads: the rows routed to it
 
 
+def needs(module: str):
+    """An optional package of export and .onnx trees (onnx, onnxruntime), or a one-line error naming the pip command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackageError(f"{module} is not installed; pip install onnx onnxruntime (export and .onnx trees "
+                                  f"need them)") from None
+
+
 class _RowNode(_Node):
     """A node of an exported tree: its rule from the file's metadata, its logits looked up by row."""
 
-    def __init__(self, index: int, spec, tree_classes, record: dict, logits: dict):
+    def __init__(self, index: int, spec, tree_classes, record: dict, batch: threading.local):
         self.index, self.name, self.spec, self.reads = index, spec.name, spec, ROWS
         self.rule = {"temperature": record["temperature"], "threshold": record["threshold"]}
         self.score, self.temperature = record["score"], record["temperature"]
@@ -32,19 +43,18 @@ class _RowNode(_Node):
         self.threshold = float("inf") if record["threshold"] is None else float(np.float32(record["threshold"]))
         self.leaf_ids = np.array([tree_classes.index(c) for c in spec.classes], dtype=np.int64)
         self.taps, self.children, self.group_matrix, self.group_leaf = set(), [], None, self.leaf_ids
-        self.logits = logits  # {node: this batch's logits}, filled by OnnxPredictor
+        self.batch = batch  # .logits: {node: this thread's batch's logits}, filled by OnnxPredictor
 
     def trunk(self, rows: torch.Tensor) -> tuple[np.ndarray, dict]:
         index = rows.numpy()
-        return self.logits[self.name][index].copy(), {ROWS: index}
+        return self.batch.logits[self.name][index].copy(), {ROWS: index}
 
 
 class OnnxPredictor(TreePredictor):
     """TreePredictor's interface over an exported graph (one onnxruntime session)."""
 
     def __init__(self, path, threads: int | None = None):
-        import onnxruntime
-
+        onnxruntime = needs("onnxruntime")
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file; pass an .onnx file written by branching export")
@@ -65,9 +75,9 @@ class OnnxPredictor(TreePredictor):
         self.meta = meta
         self.config = config_from_dict(meta["config"])
         self.classes = tuple(meta["classes"])
-        self.logits: dict[str, np.ndarray] = {}
+        self.batch = threading.local()  # each thread's batch of logits: one session serves threads at once
         records = {r["name"]: r for r in meta["nodes"]}
-        self.nodes = [_RowNode(i, spec, self.classes, records[spec.name], self.logits)
+        self.nodes = [_RowNode(i, spec, self.classes, records[spec.name], self.batch)
                       for i, spec in enumerate(self.config.nodes())]
         by_name = {n.name: n for n in self.nodes}
         for node in self.nodes:
@@ -93,7 +103,7 @@ class OnnxPredictor(TreePredictor):
         for start in range(0, n, batch_size):
             chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
             found = self.session.run(wanted, {self.inputs[0]: chunk})
-            self.logits.update({node.name: value for node, value in zip(answering, found)})
+            self.batch.logits = {node.name: value for node, value in zip(answering, found)}
             batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
             self._route(self.root if self.entry is None else self.entry, torch.arange(len(chunk)), None, batch)
             if self.entry is not None:

@@ -11,7 +11,7 @@ takes what is queued, up to `max_batch` inputs or `max_wait` seconds after the f
 tree together in one thread, and hands each request its answers. A request whose client went away is
 answered with the others and dropped. Bad bodies get a 4xx with {"error": one line}: 413 past `max_bytes`,
 415 for a body that is not an image (or not texts), 400 for an image that cannot be decoded; 503 while
-`max_pending` inputs wait.
+`max_pending` requests are in progress or inputs wait; 500 with one line if answering failed.
 """
 
 import asyncio  # no `from __future__ import annotations`: FastAPI reads the handlers' annotations as classes
@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from branching.api.tree import Prepared, Tree
-from branching.errors import ConfigError, DataError, MissingPackageError
+from branching.errors import BranchingError, ConfigError, DataError, MissingPackageError
 
 MAX_BYTES = 20 * 2**20
 MAX_TEXTS = 256  # texts in one request
+MAX_TEXT_CHARS = 100_000  # characters in one text
 
 
 class Batcher:
@@ -38,7 +39,7 @@ class Batcher:
     def __init__(self, tree: Tree, max_batch: int = 64, max_wait: float = 0.005, max_pending: int = 1024):
         self.tree, self.max_batch, self.max_wait, self.max_pending = tree, max_batch, max_wait, max_pending
         self.queue: asyncio.Queue | None = None
-        self.pending = self.answered = self.batches = 0
+        self.pending = self.answered = self.batches = self.requests = 0
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="branching-batch")  # one batch at a time, off the loop
 
     async def answer(self, prepared: Prepared) -> list:
@@ -100,7 +101,8 @@ def create_app(tree: Tree, max_batch: int = 64, max_wait: float = 0.005, max_byt
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.requests import ClientDisconnect
 
     batcher = Batcher(tree, max_batch, max_wait, max_pending)
 
@@ -128,6 +130,20 @@ def create_app(tree: Tree, max_batch: int = 64, max_wait: float = 0.005, max_byt
 
     @app.post("/predict")
     async def predict(request: Request):
+        if batcher.requests >= max_pending:  # reading and decoding count too: memory stays bounded
+            return refuse(503, f"{batcher.requests} requests are in progress (the limit is {max_pending}); try again "
+                               f"shortly")
+        batcher.requests += 1
+        try:
+            return await answer(request)
+        except ClientDisconnect:  # the client went away: nobody to answer
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - one line for the client, whatever failed; the server goes on
+            return refuse(400 if isinstance(e, BranchingError) else 500, f"{type(e).__name__}: {e}")
+        finally:
+            batcher.requests -= 1
+
+    async def answer(request: Request):
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             return refuse(413, f"the body is {int(declared):,} bytes, more than the limit of {max_bytes:,}")
@@ -165,13 +181,20 @@ def read_body(tree: Tree, content_type: str, body: bytes) -> list:
     if not body:
         raise DataError("an empty body; send an image file" if tree.reads == "images" else
                         'an empty body; send JSON {"texts": ["..."]}')
+    if content_type.startswith("multipart/"):
+        raise Unsupported("a form upload; send the file itself as the body (curl --data-binary @photo.jpg -H "
+                          "'Content-Type: image/jpeg' URL/predict)")
     if tree.reads == "images":
         if content_type.startswith("text/") or content_type == "application/json":
             raise Unsupported(f"a {content_type} body, and this tree reads images; send an image file as the body "
                               f"(Content-Type image/* or application/octet-stream)")
         return [body]
     if content_type == "text/plain":
-        return [body.decode("utf-8", "replace")]
+        texts = [body.decode("utf-8", "replace")]
+        if len(texts[0]) > MAX_TEXT_CHARS:
+            raise DataError(f"a text of {len(texts[0]):,} characters, more than the limit of {MAX_TEXT_CHARS:,} (the "
+                            f"model reads its first tokens only); send a shorter one")
+        return texts
     if content_type != "application/json":
         raise Unsupported(f"a {content_type or 'untyped'} body, and this tree reads texts; send JSON "
                           f'{{"texts": ["..."]}} or one text as text/plain')
@@ -183,12 +206,16 @@ def read_body(tree: Tree, content_type: str, body: bytes) -> list:
         raise DataError('send JSON {"texts": ["...", ...]}: a list of strings')
     if len(texts) > MAX_TEXTS:
         raise DataError(f"{len(texts)} texts in one request, more than the limit of {MAX_TEXTS}; send fewer")
+    if max(map(len, texts)) > MAX_TEXT_CHARS:
+        raise DataError(f"a text of {max(map(len, texts)):,} characters, more than the limit of {MAX_TEXT_CHARS:,} "
+                        f"(the model reads its first tokens only); send a shorter one")
     return texts
 
 
 def check_port(host: str, port: int) -> None:
     """A one-line error, before the tree is loaded, when the port cannot be taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
         try:
             s.bind((host, port))
         except OSError as e:

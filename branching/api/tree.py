@@ -9,8 +9,10 @@
     tree.node("mammals").predict(images)               # one node alone, over its own classes
     tree = branching.fit("configs/cifar100-6.toml", data="../shared/data/cifar100-6", out="runs/c6", seed=0)
 
-Answering is split as a Hugging Face pipeline's is: `preprocess` reads the inputs and prepares them exactly as
-`run` prepared the training images (or encodes texts), `forward` routes them, `postprocess` makes the answers.
+Answering is split as a Hugging Face pipeline's is: `preprocess` reads the inputs and prepares them as `run`
+prepared image folders' images (or encodes texts), `forward` routes them, `postprocess` makes the answers.
+(CIFAR's 32-px rows given to a pretrained tree of 224 px are resized by Pillow here, inside the trunk by `run`: the
+two agree to rounding, not bit for bit.)
 """
 
 from __future__ import annotations
@@ -215,14 +217,15 @@ class Tree:
 
     def _items(self, inputs) -> list:
         """The inputs as a list of single items: one path, text, PIL image or image array is one item; a list,
-        tuple, 4-d array or tensor (N images) or rows of the toolkit's flat layout (N, 3 * side * side, any side: CIFAR's
-        files give them) are many."""
+        tuple, 4-d array or tensor (N images) or rows of the flat layout (N, 3 * side * side) at the tree's side or
+        CIFAR's 32 are many (any other 2-d array is one grey image)."""
         if isinstance(inputs, (str, os.PathLike)) or _is_pil(inputs):
             return [inputs]
         if isinstance(inputs, (bytes, bytearray)):
             return [inputs]
         if isinstance(inputs, (np.ndarray, torch.Tensor)):
-            if inputs.ndim == 4 or (inputs.ndim == 2 and self.reads == "images" and _flat_side(inputs.shape[1])):
+            flat = (3 * (self.image_size or 0) ** 2, 3 * 32 * 32)  # the tree's own layout, or CIFAR's
+            if inputs.ndim == 4 or (inputs.ndim == 2 and self.reads == "images" and inputs.shape[1] in flat):
                 return list(inputs)
             return [inputs]
         if isinstance(inputs, (list, tuple)):
@@ -247,8 +250,8 @@ class Tree:
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
             if not path.exists() and path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"input {i}: {shown(item)[:60]!r} is no image file, and this tree reads images; pass "
-                                f"image paths, PIL images, arrays or tensors (texts go to a text parent's tree)")
+                raise DataError(f"{shown(item)[:60]}: no such file, and this tree reads images; pass image paths, PIL "
+                                f"images, arrays or tensors (texts go to a text parent's tree)")
             return shown(path), decode_image(None, path, side)
         if isinstance(item, (bytes, bytearray, memoryview)):  # an image file's bytes (an upload)
             return f"input {i}", decode_image(bytes(item), f"input {i}", side)

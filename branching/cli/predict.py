@@ -188,14 +188,14 @@ def cmd_predict(args) -> int:
         raise ConfigError("pass texts on the command line, --texts FILE or --data DIR, one of them")
     args.device = distributed.start(args.device)
     tree = Tree.load(args.models, args.device, node=args.node, branch=args.branch, config=config)
-    kind = tree.kind
+    encoded = tree.kind is not None and tree.kind.encoded  # an exported graph (.onnx) encodes inside it
     ignored, truth, errors = 0, None, []
-    if kind.reads == "texts":
+    if tree.reads == "texts":
         prepared, truth = text_inputs(args, tree)
     elif args.texts is not None:
         raise ConfigError(f"--texts is for a text parent's tree; the models in {args.models} read images")
     elif args.data:  # a split, through the cache the run filled (an encoded parent's: its encodings)
-        names, vectors, truth, errors = (encoded_split(tree.config, args) if kind.encoded
+        names, vectors, truth, errors = (encoded_split(tree.config, args) if encoded
                                          else load_split_inputs(args.data, args.split, tree.image_size))
         prepared = Prepared(names, vectors, list(range(len(names))), {})
     else:  # images resized as the tree was trained: to its side, or an encoded parent's input size
@@ -218,7 +218,7 @@ def cmd_predict(args) -> int:
     if args.out and distributed.is_main():  # under torchrun, rank 0 writes
         write_rows(args.out, rows, errors)
     if truth is not None:
-        print(summary_line(rows, tree.classes, kind.reads), file=sys.stderr)
+        print(summary_line(rows, tree.classes, tree.reads), file=sys.stderr)
     if errors:
         print(f"error: {len(errors)} of {len(errors) + len(rows)} files could not be read", file=sys.stderr)
         return 2

@@ -128,6 +128,23 @@ def describe_model(folder: Path) -> dict:
             "positions": positions if isinstance(positions, int) else None}
 
 
+def cached(model: str, max_length: int, device: torch.device = CPU) -> Encoder:
+    """Encoder(model, max_length, device), kept while its folder's files keep their sizes and times (the Python API
+    and the server encode batch after batch)."""
+    try:
+        folder = resolve_model(model)
+    except ValueError as e:
+        raise ConfigError(f"the text parent's model: {e}") from None
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    stamp = tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ino, s.st_ctime_ns) for p in files for s in [p.stat()])
+    return _encoder(model, int(max_length), str(device), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(model: str, max_length: int, device: str, stamp: tuple) -> Encoder:
+    return Encoder(model, max_length, torch.device(device))
+
+
 class Encoder:
     """A frozen transformer and its tokenizer, on `device`, encoding texts into pooled tap vectors."""
 

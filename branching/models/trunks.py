@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -226,6 +227,22 @@ def load_trunk(shape: dict, device: torch.device) -> Trunk:
     net.load_state_dict(state, strict=True)
     net.to(device, memory_format=torch.channels_last)  # convolutions run faster in it, on a CPU and on a GPU
     return Trunk(net, info, shape["input_size"])
+
+
+def cached_trunk(shape: dict, device: torch.device) -> Trunk:
+    """load_trunk, kept while the weights file stays the same file, of the same size and times: the Python API and the server encode
+    batch after batch, each of which would otherwise build the network and read and hash its weights again."""
+    path = shape["weights"] or packaged_weights(network(shape["model"]))
+    stat = os.stat(path)
+    return _trunk((shape["model"], str(path), shape.get("weights_sha256"), shape["input_size"], str(device),
+                   stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns))  # a file copied over with its times
+
+
+@functools.lru_cache(maxsize=2)
+def _trunk(key: tuple) -> Trunk:
+    model, path, sha256, size, device = key[:5]
+    return load_trunk({"model": model, "weights": path, "weights_sha256": sha256, "input_size": size},
+                      torch.device(device))
 
 
 def batch_rows(size: int, device: torch.device) -> int:

@@ -63,9 +63,10 @@ class Pretrained(EncodedKind):
         return f"the weights file {shape['weights']}" if shape["weights"] else f"the weights {shape['model']}'s package ships"
 
     def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
-        return trunks.encode_images(trunks.load_trunk(shape, device), inputs, depth, progress=progress)
+        return trunks.encode_images(trunks.cached_trunk(shape, device), inputs, depth, progress=progress)
 
     def export_encoder(self, shape: dict, depth: int):
+        depth = max(1, min(depth, shape["depth"]))  # as encode runs it
         return trunks.Encoder(trunks.load_trunk(shape, torch.device("cpu")), depth, self.input_width(shape))
 
     def describe(self, shape: dict) -> str:

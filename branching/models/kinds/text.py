@@ -44,7 +44,7 @@ class Text(EncodedKind):
         return f"the files of model {shape['model']!r}"
 
     def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
-        found = encoder.Encoder(shape["model"], shape["max_length"], device)
+        found = encoder.cached(shape["model"], shape["max_length"], device)
         return found.encode(list(inputs), depth, progress=progress)[0]
 
     def describe(self, shape: dict) -> str:
