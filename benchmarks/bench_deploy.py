@@ -4,6 +4,10 @@ the server give the same answers, at what speed, and the server under load.
     python benchmarks/bench_deploy.py same  --models runs/pretrained --data ../shared/data/cifar100-6
     python benchmarks/bench_deploy.py speed --models runs/pretrained --data ../shared/data/cifar100-6
     python benchmarks/bench_deploy.py load  --models runs/pretrained --data ../shared/data/cifar100-6 --seconds 60
+    python benchmarks/bench_deploy.py same  --models runs/rt-tree --data runs/rt        # a text parent's tree
+
+A text tree's inputs are its test split's texts (predict reads them one a line from --texts, the server as JSON
+{"texts": [one]}) where an image tree's are PNG files.
 
 same: every test image of the split, written as a PNG file: `branching predict` on the folder against
 branching.load(RUN) on the files (class, score, acceptance, path: equal); the exported graph under onnxruntime
@@ -46,8 +50,13 @@ from branching.api.export import export  # noqa: E402
 from branching.api.serve import in_thread  # noqa: E402
 
 
-def test_pngs(tree, data: str, limit: int | None = None) -> tuple[list[bytes], np.ndarray]:
-    """The split's test images as PNG files' bytes, and as the tree reads them (decoded, resized)."""
+def test_inputs(tree, data: str, limit: int | None = None) -> tuple[list[bytes], object, str]:
+    """The test split as request bodies (PNG files' bytes, or JSON of one text each), as the tree reads it (pixels
+    decoded and resized, or the texts), and the bodies' content type."""
+    if tree.reads == "texts":
+        from branching.data.texts import read_folder
+        texts = list(read_folder(data).splits["test"].texts[:limit])
+        return [json.dumps({"texts": [t]}).encode() for t in texts], texts, "application/json"
     from PIL import Image
 
     from branching.data.cifar import load_split
@@ -57,55 +66,61 @@ def test_pngs(tree, data: str, limit: int | None = None) -> tuple[list[bytes], n
         buffer = io.BytesIO()
         Image.fromarray(row.reshape(3, 32, 32).transpose(1, 2, 0)).save(buffer, "PNG")
         pngs.append(buffer.getvalue())
-    return pngs, tree.read(pngs).vectors
+    return pngs, tree.read(pngs).vectors, "image/png"
 
 
 def cmd_same(args) -> None:
     tree = branching.load(args.models, "cpu")
-    pngs, pixels = test_pngs(tree, args.data)
+    bodies, inputs, content_type = test_inputs(tree, args.data)
     with tempfile.TemporaryDirectory() as folder:
-        for i, png in enumerate(pngs):
-            Path(folder, f"{i:04d}.png").write_bytes(png)
+        if tree.reads == "texts":  # one a line, for predict --texts
+            files = [Path(folder, "texts.txt")]
+            files[0].write_text("\n".join(" ".join(t.split()) for t in inputs) + "\n")
+            given, asked = ["--texts", str(files[0])], [" ".join(t.split()) for t in inputs]
+        else:
+            for i, png in enumerate(bodies):
+                Path(folder, f"{i:04d}.png").write_bytes(png)
+            given, asked = [folder], sorted(Path(folder).glob("*.png"))
         out = Path(folder) / "predict.json"
-        done = subprocess.run([sys.executable, "-m", "branching", "predict", "--models", args.models, folder, "--out",
+        done = subprocess.run([sys.executable, "-m", "branching", "predict", "--models", args.models, *given, "--out",
                                str(out)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         rows = json.loads(out.read_text())["predictions"]
-        answers = tree(sorted(Path(folder).glob("*.png")))
+        answers = tree(asked)
         same = sum((r["predicted_class"], r["confidence"], bool(r["accepted"]), r["path"]) ==
                    (a.guess, a.score, a.accepted, " > ".join(a.path)) for r, a in zip(rows, answers))
-        print(f"API against branching predict: {same} of {len(rows)} images answered alike (class, score, "
+        print(f"API against branching predict: {same} of {len(rows)} {tree.reads} answered alike (class, score, "
               f"acceptance, path)")
         graph_file = Path(folder) / "tree.onnx"
         checked = export(tree, graph_file)
         graph = branching.load(graph_file)
-        ours, theirs = tree(pixels), graph(pixels)
+        ours, theirs = tree(inputs), graph(inputs)
         alike = sum((a.guess, a.accepted, a.path) == (b.guess, b.accepted, b.path) for a, b in zip(ours, theirs))
-        difference = float(np.nanmax(np.abs(tree.predict_proba(pixels) - graph.predict_proba(pixels))))
-        print(f"ONNX graph against PyTorch: {alike} of {len(ours)} images alike (class, acceptance, path); largest "
+        difference = float(np.nanmax(np.abs(tree.predict_proba(inputs) - graph.predict_proba(inputs))))
+        print(f"ONNX graph against PyTorch: {alike} of {len(ours)} {tree.reads} alike (class, acceptance, path); largest "
               f"probability difference {difference:.1e} (export's own check: {checked.difference:.1e}, PyTorch "
               f"against itself between batch sizes {checked.own:.1e})")
     with in_thread(tree) as url, ThreadPoolExecutor(16) as pool:
-        replies = [r.json() for r in pool.map(Clients(url).post, pngs)]
-    api, got = tree(pngs), [r["answers"][0] for r in replies]
+        replies = [r.json() for r in pool.map(Clients(url, content_type=content_type).post, bodies)]
+    api, got = tree(inputs), [r["answers"][0] for r in replies]
     served = sum((g["guess"], g["accepted"], tuple(g["path"]), g["node"]) == (a.guess, a.accepted, a.path, a.node)
                  for g, a in zip(got, api))
     difference = max(abs(g["score"] - a.score) for g, a in zip(got, api))
-    print(f"server (16 concurrent clients) against the API: {served} of {len(api)} images alike (class, acceptance, "
-          f"path, node); largest score difference {difference:.1e} (the batches differ: float rounding)")
+    print(f"server (16 concurrent clients) against the API: {served} of {len(api)} {tree.reads} alike (class, "
+          f"acceptance, path, node); largest score difference {difference:.1e} (the batches differ: float rounding)")
 
 
 class Clients:
-    """One kept-alive HTTP client per thread, posting PNGs to a server's /predict."""
+    """One kept-alive HTTP client per thread, posting bodies to a server's /predict."""
 
-    def __init__(self, url: str, timeout: float = 300):
-        self.url, self.timeout, self.local = url, timeout, threading.local()
+    def __init__(self, url: str, timeout: float = 300, content_type: str = "image/png"):
+        self.url, self.timeout, self.local, self.content_type = url, timeout, threading.local(), content_type
 
-    def post(self, png: bytes):
+    def post(self, body: bytes):
         import httpx
         if not hasattr(self.local, "client"):
             self.local.client = httpx.Client(timeout=self.timeout)
-        return self.local.client.post(f"{self.url}/predict", content=png, headers={"Content-Type": "image/png"})
+        return self.local.client.post(f"{self.url}/predict", content=body, headers={"Content-Type": self.content_type})
 
 
 def rate(run, n: int) -> float:
@@ -116,7 +131,7 @@ def rate(run, n: int) -> float:
 
 def cmd_speed(args) -> None:
     tree = branching.load(args.models, "cpu")
-    pngs, pixels = test_pngs(tree, args.data, max(args.sizes) * 2)
+    pngs, pixels, content_type = test_inputs(tree, args.data, max(args.sizes) * 2)
     with tempfile.TemporaryDirectory() as folder:
         export(tree, Path(folder) / "tree.onnx")
         graph = branching.load(Path(folder) / "tree.onnx")
@@ -135,7 +150,7 @@ def cmd_speed(args) -> None:
                 for k, run in ways.items():
                     rates[k].append(rate(run, n))
             with in_thread(tree, max_batch=size) as url, ThreadPoolExecutor(size) as pool:
-                clients = Clients(url)
+                clients = Clients(url, content_type=content_type)
                 list(pool.map(clients.post, pngs[:size]))  # warm: every client connected
                 served = rate(lambda: list(pool.map(clients.post, pngs[:n])), n)
             eager, onnx = statistics.median(rates["eager"]), statistics.median(rates["onnx"])
@@ -152,7 +167,7 @@ def rss_mb(pid: int) -> float:
 def cmd_load(args) -> None:
     import httpx
     tree = branching.load(args.models, "cpu")
-    pngs, _ = test_pngs(tree, args.data, 200)
+    pngs, _, content_type = test_inputs(tree, args.data, 200)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -170,7 +185,7 @@ def cmd_load(args) -> None:
         else:
             log.seek(0)
             raise SystemExit(f"the server did not start: {log.read().decode(errors='replace')[-500:]}")
-        httpx.post(f"{url}/predict", content=pngs[0], headers={"Content-Type": "image/png"}, timeout=60)
+        httpx.post(f"{url}/predict", content=pngs[0], headers={"Content-Type": content_type}, timeout=60)
         start_rss, peak = rss_mb(server.pid), [rss_mb(server.pid)]
         stop, counts, lock = time.monotonic() + args.seconds, {"ok": 0, "failed": 0, "gave up": 0}, threading.Lock()
 
@@ -180,7 +195,7 @@ def cmd_load(args) -> None:
                 while time.monotonic() < stop:
                     try:
                         status = c.post(f"{url}/predict", content=pngs[i % len(pngs)],
-                                        headers={"Content-Type": "image/png"}).status_code
+                                        headers={"Content-Type": content_type}).status_code
                         key = "ok" if status == 200 else "failed"
                     except httpx.HTTPError:
                         key = "failed"
@@ -192,7 +207,7 @@ def cmd_load(args) -> None:
             time.sleep(args.seconds / 2)
             for png in pngs[:args.quitters]:
                 try:
-                    httpx.post(f"{url}/predict", content=png, headers={"Content-Type": "image/png"}, timeout=0.01)
+                    httpx.post(f"{url}/predict", content=png, headers={"Content-Type": content_type}, timeout=0.01)
                 except httpx.TimeoutException:
                     with lock:
                         counts["gave up"] += 1

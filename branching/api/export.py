@@ -1,15 +1,15 @@
 """`branching export`: a trained tree as one ONNX graph, and that graph run with onnxruntime.
 
 The graph takes images (N, 3 * side * side) in the toolkit's flat layout (every R, then G, then B; values 0..255,
-prepared as `run` prepared its images: branching.load(FILE.onnx) prepares them). It runs the parent's network as far as the tree reads, each node once (a node's trunk feeds every
-child that reads it), and gives every node's calibrated probabilities (`probs.<node>`, softmax of its logits
+prepared as `run` prepared its images), or a text parent's token ids and attention mask (N, tokens; the model's own
+tokenizer, cut at max_length); branching.load(FILE.onnx) prepares either. It runs the parent's network as far as
+the tree reads, each node once (a node's trunk feeds every child that reads it), and gives every node's calibrated probabilities (`probs.<node>`, softmax of its logits
 at its fitted temperature) and raw logits (`logits.<node>`) for every input, at any batch size. Routing and
 acceptance, a few comparisons per input, run outside it (`api.onnx_tree`, the same code as the PyTorch tree's), from
 the thresholds, temperatures, scores and class names in its metadata (`branching.tree`, JSON).
 
 What does not export, refused with a one-line error: a node accepting by a self-evaluation branch (score
-"selfeval": its judge is a second network over the node's taps), and a text parent's tree (its tokenizer and
-transformer stay in PyTorch).
+"selfeval": its judge is a second network over the node's taps). A text tree's tokenizer stays outside the graph.
 """
 
 from __future__ import annotations
@@ -138,14 +138,16 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     if judged:
         raise ConfigError(f"{', '.join(judged)} accept by a self-evaluation branch, which does not export; set "
                           f"score = \"msp\" (or doctor, energy, margin) in their accept tables and train them again")
-    if tree.reads == "texts":
-        raise ConfigError("a text parent's tree does not export yet: its tokenizer and transformer stay in PyTorch; "
-                          "use branching.load(RUN) in Python")
     encoder = tree.kind.export_encoder(tree.parent.shape, predictor.parent_depth()) if tree.kind.encoded else None
     module = DenseTree(predictor, encoder).eval()
-    example = (torch.zeros(batch, 3 * tree.image_size ** 2),)  # the batch size stays free (dynamic_axes)
     names = [f"probs.{n}" for n in module.names] + [f"logits.{n}" for n in module.names]
-    dynamic = {name: {0: "batch"} for name in ["pixels", *names]}
+    if tree.reads == "texts":  # token ids and their mask, both free in the batch size and the number of tokens
+        inputs = ["input_ids", "attention_mask"]
+        example = (torch.ones(batch, 8, dtype=torch.long), torch.ones(batch, 8, dtype=torch.long))
+        dynamic = {name: {0: "batch", 1: "tokens"} for name in inputs}
+    else:
+        inputs, example, dynamic = ["pixels"], (torch.zeros(batch, 3 * tree.image_size ** 2),), {"pixels": {0: "batch"}}
+    dynamic.update({name: {0: "batch"} for name in names})
     for m in predictor.models.values():
         m.net.eval()
     module.requires_grad_(False)  # the tracer takes the frozen weights as the graph's initialisers
@@ -155,7 +157,7 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on Python values it fixes (the image side, ...)
-            torch.onnx.export(module, example, str(staging), input_names=["pixels"], output_names=names,
+            torch.onnx.export(module, example, str(staging), input_names=inputs, output_names=names,
                               dynamic_axes=dynamic, opset_version=OPSET, **traced)
         graph = onnx.load(str(staging))
         entry = graph.metadata_props.add()
@@ -176,9 +178,13 @@ def check_graph(tree, path, n: int) -> Check:
     broken export (an operator of other semantics) is off by 0.1 or more."""
     from branching.api.onnx_tree import OnnxPredictor
     side, rng = tree.image_size, np.random.default_rng(0)
-    coarse = rng.uniform(0, 255, (n, 3, 4, 4)).astype(np.float32)
-    images = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(side, side), mode="bilinear")
-    images = images.round().clamp(0, 255).reshape(n, -1).numpy()
+    if tree.reads == "texts":  # texts of 3 to 12 words of the tokenizer's own vocabulary
+        words = sorted(w for w in OnnxPredictor.tokenizer_of(tree.parent.shape).get_vocab() if w.isalpha()) or ["text"]
+        images = [" ".join(rng.choice(words, rng.integers(3, 13))) for _ in range(n)]
+    else:
+        coarse = rng.uniform(0, 255, (n, 3, 4, 4)).astype(np.float32)
+        images = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(side, side), mode="bilinear")
+        images = images.round().clamp(0, 255).reshape(n, -1).numpy()
     expected = tree.forward(tree.encode(images)).probabilities  # through the frozen network, for an encoded parent
     alone = np.concatenate([tree.forward(tree.encode(images[i:i + 1])).probabilities for i in range(n)])
     found = OnnxPredictor(path).predict(images).probabilities

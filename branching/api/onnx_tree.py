@@ -87,6 +87,27 @@ class OnnxPredictor(TreePredictor):
         self.chains = tuple(tuple(self.config.chain(n.name)) for n in self.nodes)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.width = self.session.get_inputs()[0].shape[1]
+        shape = self.config.parent.shape_dict
+        self.tokenizer = self.tokenizer_of(shape) if meta["reads"] == "texts" else None
+        self.max_length = shape.get("max_length")
+
+    @staticmethod
+    def tokenizer_of(shape: dict):
+        """A text parent's tokenizer alone (its transformer is in the graph), from the model found on this machine."""
+        from transformers import AutoTokenizer
+
+        from branching.models.encoder import resolve_model
+        return AutoTokenizer.from_pretrained(resolve_model(shape["model"]), local_files_only=True)
+
+    def _feed(self, chunk) -> dict:
+        """The graph's inputs for a chunk: pixels as float32, or texts as token ids cut at max_length, padded."""
+        if self.tokenizer is None:
+            return {self.inputs[0]: np.ascontiguousarray(chunk, dtype=np.float32)}
+        from branching.models.encoder import padded
+        ids = self.tokenizer(list(chunk), add_special_tokens=True, truncation=True, max_length=self.max_length,
+                             verbose=False)["input_ids"]
+        input_ids, mask = padded(ids, self.tokenizer.pad_token_id or 0)
+        return {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
 
     def parent_depth(self) -> int:
         return 0
@@ -101,8 +122,8 @@ class OnnxPredictor(TreePredictor):
         answering = [node for node in self.nodes if f"logits.{node.name}" in given]
         wanted = [f"logits.{node.name}" for node in answering]
         for start in range(0, n, batch_size):
-            chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
-            found = self.session.run(wanted, {self.inputs[0]: chunk})
+            chunk = images[start:start + batch_size]
+            found = self.session.run(wanted, self._feed(chunk))
             self.batch.logits = {node.name: value for node, value in zip(answering, found)}
             batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
             self._route(self.root if self.entry is None else self.entry, torch.arange(len(chunk)), None, batch)
@@ -111,6 +132,9 @@ class OnnxPredictor(TreePredictor):
         return arrays
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
+        """Images (N, 3 * side * side), or a text parent's texts, through the graph and the tree's routing."""
+        if self.tokenizer is not None:
+            return TreePredictions(self.classes, self.node_names, self.chains, **self._predict(list(images), batch_size))
         images = np.asarray(images)
         images = images[None] if images.ndim == 1 else images
         if images.ndim != 2 or images.shape[1] != self.width:

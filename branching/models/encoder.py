@@ -204,13 +204,11 @@ class Encoder:
     def forward(self, ids: list[list[int]], depth: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Token states at taps 0 .. depth - 1 (embeddings, layer0, ...) of a batch, and its attention mask; the
         layers after the deepest tap do not run."""
-        pad = self.tokenizer.pad_token_id or 0
-        length = max(len(t) for t in ids)
-        input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), length), dtype=torch.long)
-        for i, t in enumerate(ids):
-            input_ids[i, :len(t)] = torch.tensor(t)
-            mask[i, :len(t)] = 1
+        input_ids, mask = padded(ids, self.tokenizer.pad_token_id or 0)
+        return self.states(input_ids.to(self.device), mask.to(self.device), depth), mask.to(self.device)
+
+    def states(self, input_ids: torch.Tensor, mask: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """forward's token states, of token ids and their attention mask already padded into tensors."""
         found: list[torch.Tensor] = []
 
         def embeddings(module, args, kwargs):
@@ -228,13 +226,13 @@ class Encoder:
         handles = [self.layers[0].register_forward_pre_hook(embeddings, with_kwargs=True)]
         handles += [self.layers[i].register_forward_hook(layer(i)) for i in range(depth - 1)]
         try:
-            self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
+            self.model(input_ids=input_ids, attention_mask=mask)
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
-        return found, mask.to(self.device)
+        return found
 
     def encode(self, texts: list[str], depth: int, progress: bool = True,
                desc: str = "encoding texts") -> tuple[np.ndarray, np.ndarray]:
@@ -249,12 +247,40 @@ class Encoder:
         with torch.inference_mode():
             for rows in self.batches(ids):
                 states, mask = self.forward([ids[r] for r in rows], depth)
-                pooled = torch.stack([torch.stack([pool_tokens(s.float(), mask, how) for how in TEXT_POOLS], 1)
-                                      for s in states], 1)  # (B, depth, pools, width)
-                out[rows] = pooled.reshape(len(rows), -1).cpu().numpy()
+                out[rows] = pool_states(states, mask).cpu().numpy()
                 bar.update(len(rows))
         bar.close()
         return out, cut
+
+
+def padded(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of texts as one (N, longest) tensor padded with `pad`, and its attention mask."""
+    length = max(len(t) for t in ids)
+    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, t in enumerate(ids):
+        input_ids[i, :len(t)] = torch.tensor(t)
+        mask[i, :len(t)] = 1
+    return input_ids, mask
+
+
+def pool_states(states: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Every pooling of every tap's token states, tap-major: (N, taps * pools * width), float32."""
+    pooled = torch.stack([torch.stack([pool_tokens(s.float(), mask, how) for how in TEXT_POOLS], 1) for s in states], 1)
+    return pooled.reshape(pooled.shape[0], -1)
+
+
+class Exported(torch.nn.Module):
+    """An encoder as a module of token ids and their attention mask to the parent's input vectors (for an exported
+    graph), `depth` taps deep, the columns of deeper taps zeros, as the text kind encodes."""
+
+    def __init__(self, found: Encoder, depth: int, width: int):
+        super().__init__()
+        self.model, self.found, self.depth, self.width = found.model, found, depth, width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        vectors = pool_states(self.found.states(input_ids, attention_mask, self.depth), attention_mask)
+        return torch.nn.functional.pad(vectors, (0, self.width - vectors.shape[1]))
 
 
 # ---- config keys ------------------------------------------------------------------------------

@@ -32,5 +32,5 @@ def pool_tokens(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Ten
         return states.masked_fill(mask[..., None] == 0, float("-inf")).amax(1)
     if how == "last":
         last = mask.sum(1).long().clamp_min(1) - 1
-        return states[torch.arange(len(states), device=states.device), last]
+        return states[torch.arange(states.shape[0], device=states.device), last]  # shape[0]: an exported graph's free batch
     raise ValueError(f"unknown text pool {how!r}; use one of {', '.join(TEXT_POOLS)}")

@@ -4,6 +4,8 @@ last over the attention mask) of its embeddings and of each layer up to the deep
 
 from __future__ import annotations
 
+import torch
+
 from branching.models import encoder
 from branching.models.kinds.base import register_kind
 from branching.models.kinds.encoded import HEAD_KEYS, EncodedKind
@@ -46,6 +48,11 @@ class Text(EncodedKind):
     def encode_to(self, shape: dict, inputs, device, depth: int, progress: bool):
         found = encoder.cached(shape["model"], shape["max_length"], device)
         return found.encode(list(inputs), depth, progress=progress)[0]
+
+    def export_encoder(self, shape: dict, depth: int):
+        depth = max(1, min(depth, shape["depth"]))  # as encode runs it
+        found = encoder.cached(shape["model"], shape["max_length"], torch.device("cpu"))
+        return encoder.Exported(found, depth, self.input_width(shape))
 
     def describe(self, shape: dict) -> str:
         return f"the transformer {shape['model']}"
