@@ -37,7 +37,7 @@ def busy_note(threads: int, cpu_s: float | None = None, wall_s: float | None = N
         return None
     load = os.getloadavg()[0]
     if cpu_s is None:
-        if load + threads <= cores() + 0.5:
+        if load + threads <= cores() + 1:  # up to a core's worth of other work: more threads still pay
             return None
         return (f"the machine is busy (load {load:.1f} on {cores()} cores) and torch uses {threads} threads: on a busy "
                 f"machine that can be several times slower than one; OMP_NUM_THREADS=1 gives one thread")

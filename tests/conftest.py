@@ -75,3 +75,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """An encodings and image cache of the test's own ($BRANCHING_CACHE), empty at its start."""
+    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -20,15 +20,9 @@ from branching.errors import ConfigError
 from branching.models import trunks
 
 efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "private_cache")
 
 CLASSES = ["beaver", "whale", "wolf", "sunflower"]
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,10 @@ from branching.models.encoder import Encoder, resolve_model
 from branching.models.text import TEXT_POOLS
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "private_cache")
 
 POSITIVE, NEGATIVE = ["good", "great", "fun", "lovely"], ["bad", "awful", "dull", "boring"]
 FILLER = ["the", "a", "film", "movie", "is", "was", "plot", "cast", "and", "very"]
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture(scope="module")
