@@ -135,7 +135,7 @@ def cmd_speed(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         export(tree, Path(folder) / "tree.onnx")
         graph = branching.load(Path(folder) / "tree.onnx")
-        print(f"{tree!r}; images/s (median of {args.repeats}), {os.cpu_count()} CPUs, torch threads "
+        print(f"{tree!r}; {tree.reads}/s (median of {args.repeats}), {os.cpu_count()} CPUs, torch threads "
               f"{__import__('torch').get_num_threads()}")
         print(f"{'batch':>6} {'eager':>9} {'onnxruntime':>12} {'ratio':>6} {'server':>9}")
         for size in args.sizes:

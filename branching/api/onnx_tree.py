@@ -20,6 +20,7 @@ from branching.tree.routing import BATCH, TreePredictions, TreePredictor, _Node
 
 FORMAT = "branching.onnx/1"
 ROWS = ("rows",)  # what every child of a row node reads: the rows routed to it
+TEXT_GROUP = 32  # texts of similar length run together
 
 
 def needs(module: str):
@@ -99,15 +100,23 @@ class OnnxPredictor(TreePredictor):
         from branching.models.encoder import resolve_model
         return AutoTokenizer.from_pretrained(resolve_model(shape["model"]), local_files_only=True)
 
-    def _feed(self, chunk) -> dict:
-        """The graph's inputs for a chunk: pixels as float32, or texts as token ids cut at max_length, padded."""
+    def _run(self, wanted: list[str], chunk) -> list[np.ndarray]:
+        """The graph's outputs `wanted` for a chunk: of pixels as float32, or of texts as token ids cut at max_length,
+        run in groups of similar length (as the PyTorch encoder batches them: padding stays short)."""
         if self.tokenizer is None:
-            return {self.inputs[0]: np.ascontiguousarray(chunk, dtype=np.float32)}
+            return self.session.run(wanted, {self.inputs[0]: np.ascontiguousarray(chunk, dtype=np.float32)})
         from branching.models.encoder import padded
         ids = self.tokenizer(list(chunk), add_special_tokens=True, truncation=True, max_length=self.max_length,
                              verbose=False)["input_ids"]
-        input_ids, mask = padded(ids, self.tokenizer.pad_token_id or 0)
-        return {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
+        order = np.argsort([len(t) for t in ids], kind="stable")
+        out: list[np.ndarray] = []
+        for group in np.array_split(order, -(-len(ids) // TEXT_GROUP)):
+            input_ids, mask = padded([ids[i] for i in group], self.tokenizer.pad_token_id or 0)
+            found = self.session.run(wanted, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+            out = out or [np.empty((len(ids), *f.shape[1:]), f.dtype) for f in found]
+            for whole, part in zip(out, found):
+                whole[group] = part
+        return out
 
     def parent_depth(self) -> int:
         return 0
@@ -123,7 +132,7 @@ class OnnxPredictor(TreePredictor):
         wanted = [f"logits.{node.name}" for node in answering]
         for start in range(0, n, batch_size):
             chunk = images[start:start + batch_size]
-            found = self.session.run(wanted, self._feed(chunk))
+            found = self._run(wanted, chunk)
             self.batch.logits = {node.name: value for node, value in zip(answering, found)}
             batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
             self._route(self.root if self.entry is None else self.entry, torch.arange(len(chunk)), None, batch)
