@@ -32,3 +32,20 @@ def test_bench_kinds_runs_and_summarises(tmp_path):
     assert "cnn / mlp time per seed:" in done.stdout and "parent MFLOPs per image" in done.stdout
     summary = (tmp_path / "b" / "summary.json").read_text()
     assert '"mlp"' in summary and '"cnn"' in summary
+
+
+def test_bench_deploy_same_and_speed_run_on_a_small_tree(tmp_path, small_data_dir):
+    (tmp_path / "tree.toml").write_text(SMALL_TREE)
+    done = run_command(["-m", "branching", "run", "--config", tmp_path / "tree.toml", "--data", small_data_dir, "--out",
+                        tmp_path / "run", "--max-epochs", "1", "--quiet", "--no-report", "--no-download"], cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    bench = REPO_ROOT / "benchmarks" / "bench_deploy.py"
+    same = run_command([bench, "same", "--models", tmp_path / "run", "--data", small_data_dir], cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    n = same.stdout.split("API against branching predict: ")[1].split(" of ")[1].split()[0]
+    for line in ("API against branching predict", "ONNX graph against PyTorch", "server (16 concurrent clients)"):
+        assert f"{line}" in same.stdout and f": {n} of {n} images" in same.stdout.split(line)[1].splitlines()[0]
+    speed = run_command([bench, "speed", "--models", tmp_path / "run", "--data", small_data_dir, "--sizes", "1,4",
+                         "--repeats", "1"], cwd=tmp_path)
+    assert speed.returncode == 0, speed.stderr
+    assert [line.split()[0] for line in speed.stdout.splitlines()[2:]] == ["1", "4"]

@@ -91,6 +91,7 @@ class OnnxPredictor(TreePredictor):
         shape = self.config.parent.shape_dict
         self.tokenizer = self.tokenizer_of(shape) if meta["reads"] == "texts" else None
         self.max_length = shape.get("max_length")
+        self.tokenizing = threading.Lock()
 
     @staticmethod
     def tokenizer_of(shape: dict):
@@ -106,8 +107,9 @@ class OnnxPredictor(TreePredictor):
         if self.tokenizer is None:
             return self.session.run(wanted, {self.inputs[0]: np.ascontiguousarray(chunk, dtype=np.float32)})
         from branching.models.encoder import padded
-        ids = self.tokenizer(list(chunk), add_special_tokens=True, truncation=True, max_length=self.max_length,
-                             verbose=False)["input_ids"]
+        with self.tokenizing:  # a fast tokenizer is not safe across threads; the session is
+            ids = self.tokenizer(list(chunk), add_special_tokens=True, truncation=True, max_length=self.max_length,
+                                 verbose=False)["input_ids"]
         order = np.argsort([len(t) for t in ids], kind="stable")
         out: list[np.ndarray] = []
         for group in np.array_split(order, -(-len(ids) // TEXT_GROUP)):

@@ -18,6 +18,7 @@ two agree to rounding, not bit for bit.)
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class Tree:
 
     def __init__(self, predictor: TreePredictor | NodePredictor, config: TreeConfig, device: torch.device):
         self.predictor, self.config, self.device = predictor, config, device
+        self._encoding = threading.Lock()  # a tokenizer (and a trunk's batches) serve one thread at a time
         parent = predictor.models.get("parent")  # None for an exported graph (api.onnx_tree)
         self.parent, self.kind = parent, None if parent is None else parent.net_kind
         if parent is None:
@@ -189,8 +191,9 @@ class Tree:
             return np.asarray(inputs)
         if not len(inputs):
             return np.zeros((0, self.parent.architecture[0]), np.float32)
-        return self.kind.encode(self.parent.shape, inputs, self.device, progress=len(inputs) > 100,
-                                depth=self.predictor.parent_depth())
+        with self._encoding:
+            return self.kind.encode(self.parent.shape, inputs, self.device, progress=len(inputs) > 100,
+                                    depth=self.predictor.parent_depth())
 
     def forward(self, prepared: Prepared | np.ndarray, batch_size: int = BATCH) -> TreePredictions:
         vectors = prepared.vectors if isinstance(prepared, Prepared) else prepared
