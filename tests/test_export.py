@@ -114,6 +114,8 @@ def test_export_usage_errors_leave_nothing(exported, tmp_path, capsys):
     assert cli.main(["export", "--models", str(tmp_path / "none"), "--out", str(tmp_path / "t.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    assert cli.main(["export", "--models", str(run), "--out", str(tmp_path / "new" / "t.onnx")]) == 0  # its folder made
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["t.onnx"]
 
 
 def test_a_judged_tree_does_not_export_and_says_why(tmp_path, small_data_dir, capsys):

@@ -151,6 +151,7 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     for m in predictor.models.values():
         m.net.eval()
     module.requires_grad_(False)  # the tracer takes the frozen weights as the graph's initialisers
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the project's other writers do (check_new_file checked it)
     staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     traced = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}  # TorchScript's
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _antialiased_resize(tree.image_size), OPSET)

@@ -4,7 +4,7 @@
     GET  /health    {"status": "ok", "reads", "classes", "nodes", "pending"}
     POST /predict   one image file as the body (Content-Type image/* or application/octet-stream), or texts as
                     JSON {"texts": [...]} for a text parent's tree; answers {"answers": [{"label", "score",
-                    "accepted", "guess", "node", "path"}]}, one per input
+                    "accepted", "guess", "node", "path", "rejected_at", "rejected_score"}]}, one per input
 
 Concurrent requests are batched: each request's inputs are read (decoded) on its own, then a single worker
 takes what is queued, up to `max_batch` inputs or `max_wait` seconds after the first, runs them through the
@@ -167,7 +167,8 @@ def create_app(tree: Tree, max_batch: int = 64, max_wait: float = 0.005, max_byt
         except Busy as e:
             return refuse(503, str(e))
         return {"answers": [{"label": a.label, "score": a.score, "accepted": a.accepted, "guess": a.guess,
-                             "node": a.node, "path": list(a.path)} for a in answers]}
+                             "node": a.node, "path": list(a.path), "rejected_at": a.rejected_at,
+                             "rejected_score": a.rejected_score} for a in answers]}
 
     return app
 
@@ -183,10 +184,11 @@ def read_body(tree: Tree, content_type: str, body: bytes) -> list:
                         'an empty body; send JSON {"texts": ["..."]}')
     if content_type.startswith("multipart/"):
         raise Unsupported("a form upload; send the file itself as the body (curl --data-binary @photo.jpg -H "
-                          "'Content-Type: image/jpeg' URL/predict)")
+                          "'Content-Type: image/jpeg' URL/predict)" if tree.reads == "images" else
+                          "a form upload; send JSON as the body (curl --json '{\"texts\": [\"...\"]}' URL/predict)")
     if tree.reads == "images":
         if content_type.startswith("text/") or content_type == "application/json":
-            raise Unsupported(f"a {content_type} body, and this tree reads images; send an image file as the body "
+            raise Unsupported(f"the body is {content_type}, and this tree reads images; send an image file as the body "
                               f"(Content-Type image/* or application/octet-stream)")
         return [body]
     if content_type == "text/plain":
@@ -196,12 +198,13 @@ def read_body(tree: Tree, content_type: str, body: bytes) -> list:
                             f"model reads its first tokens only); send a shorter one")
         return texts
     if content_type != "application/json":
-        raise Unsupported(f"a {content_type or 'untyped'} body, and this tree reads texts; send JSON "
+        raise Unsupported(f"the body is {content_type or 'untyped'}, and this tree reads texts; send JSON "
                           f'{{"texts": ["..."]}} or one text as text/plain')
     try:
-        texts = json.loads(body).get("texts")
-    except (ValueError, AttributeError):
-        texts = None
+        texts = json.loads(body)
+    except ValueError:
+        raise DataError('the body is not valid JSON; send {"texts": ["...", ...]}') from None
+    texts = texts.get("texts") if isinstance(texts, dict) else None
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise DataError('send JSON {"texts": ["...", ...]}: a list of strings')
     if len(texts) > MAX_TEXTS:

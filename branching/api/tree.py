@@ -86,8 +86,10 @@ class Tree:
     @classmethod
     def load(cls, path, device="auto", *, node: str | None = None, branch: str | None = None,
              config=None) -> Tree:
-        """The tree a run wrote to `path` (its OUT or OUT/models), checked against `config` (a TreeConfig or a
-        TOML path) when given; `node`: that node alone; `branch`: routing from that branch."""
+        """The tree a run wrote to `path` (its OUT or OUT/models), or an exported tree (a .onnx file, run by
+        onnxruntime; the whole routed tree only). `device`: "auto" (CUDA when there is one), "cpu" or "cuda";
+        `config` (a TreeConfig or a TOML path): the tree the files must match; `node`: that node alone, over its
+        classes; `branch`: routing from that branch."""
         device = resolve_device(device)
         if Path(path).suffix == ".onnx":  # an exported tree, run by onnxruntime on the CPU
             if node is not None or branch is not None or config is not None:
@@ -134,6 +136,7 @@ class Tree:
     # ---- answering ----------------------------------------------------------------------------
 
     def __call__(self, inputs, batch_size: int = BATCH) -> list[Answer]:
+        """One Answer per input, in order (an unreadable input: a warning, and an Answer with its error)."""
         prepared, predictions = self._answer(inputs, batch_size)
         return self.postprocess(prepared, predictions)
 

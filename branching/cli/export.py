@@ -14,11 +14,15 @@ from branching.fileio import check_new_file
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained tree as one ONNX graph (onnxruntime runs it; "
-                                      "branching.load reads it)")
+                                      "branching.load reads it)",
+                       description="Write a trained tree as one ONNX graph: the parent's network as far as the tree "
+                                   "reads and every node's probabilities and logits, with the thresholds and classes "
+                                   "in its metadata (docs/deploy.md).")
     p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
     p.add_argument("--out", required=True, help="the .onnx file to write (written whole once checked; an existing file is replaced)")
     p.add_argument("--check", type=positive_int, default=16, metavar="N",
-                   help="random images both PyTorch and the graph answer before the file is written (default 16)")
+                   help="random images (or texts) both PyTorch and the graph answer before the file is written "
+                        "(default 16)")
     p.set_defaults(func=cmd_export)
 
 
@@ -30,9 +34,10 @@ def cmd_export(args) -> int:
     log(f"exporting {tree!r}")
     checked = export(tree, args.out, check=args.check)
     size = Path(args.out).stat().st_size / 2**20
-    print(f"wrote {args.out} ({size:.1f} MB): inputs {'input_ids' if tree.reads == 'texts' else 'pixels'} "
-          f"(N, {3 * tree.image_size ** 2 if tree.image_size else 'tokens'}), outputs probs.<node> and logits.<node> for "
-          f"{', '.join(tree.nodes)}; on {args.check} random images its probabilities are within "
+    inputs = ("input_ids and attention_mask (N, tokens)" if tree.reads == "texts"
+              else f"pixels (N, {3 * tree.image_size ** 2})")
+    print(f"wrote {args.out} ({size:.1f} MB): inputs {inputs}, outputs probs.<node> and logits.<node> for "
+          f"{', '.join(tree.nodes)}; on {args.check} random {tree.reads} its probabilities are within "
           f"{checked.difference:.1e} of PyTorch's (PyTorch's own vary by {checked.own:.1e} between batch sizes)")
     print(f"load it with: branching.load({str(args.out)!r})  (onnxruntime)")
     return 0

@@ -140,7 +140,7 @@ def image_paths(paths) -> tuple[list[Path], int]:
             raise DataError(f"{path}: a folder with no PNG or JPEG images in it; pass image files or a folder of them")
         found += images
         ignored += len(inside) - len(images)
-    return found, ignored
+    return list(dict.fromkeys(found)), ignored  # a file named twice, or also inside a folder named, is read once
 
 
 def answer_row(name: str, answer: Answer, true_class: str | None = None) -> dict:
