@@ -129,12 +129,14 @@ def test_a_bad_array_says_what_is_wrong_and_how_to_fix_it(fitted, item, message)
 
 def test_bad_loads_are_one_line_errors(fitted, tmp_path):
     out = fitted[1]
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist; pass the folder of a run .* or an exported .onnx"):
         branching.load(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="not both"):
         branching.load(out, node="mammals", branch="mammals")
-    with pytest.raises(ConfigError, match=r"unknown node 'mamals' \(did you mean 'mammals'\?\)"):
-        branching.load(out, node="mamals")
+    with pytest.raises(ConfigError, match=r"^node=mamals: unknown node 'mamals' \(did you mean 'mammals'\?\)"):
+        branching.load(out, node="mamals")  # named as Python names it, not as the command line's --node
+    with pytest.raises(ConfigError, match=r"^branch=mamals: no such branch \(did you mean 'mammals'\?\)"):
+        branching.load(out, branch="mamals")
     with pytest.raises(DataError, match="inputs of type int"):
         fitted[0].predict(3)
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda"):

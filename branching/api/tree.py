@@ -37,6 +37,10 @@ from branching.tree.predict import NodePredictor
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor
 
 
+PYTHON_NAMES = {"models": "", "node": "node=", "branch": "branch="}  # how messages name load's arguments
+CLI_NAMES = {"models": "--models ", "node": "--node ", "branch": "--branch "}
+
+
 @dataclass(frozen=True)
 class Answer:
     """The tree's answer to one input. `label` is the class when the tree accepts it, else None (uncertain, or
@@ -85,11 +89,12 @@ class Tree:
 
     @classmethod
     def load(cls, path, device="auto", *, node: str | None = None, branch: str | None = None,
-             config=None) -> Tree:
+             config=None, names: dict = PYTHON_NAMES) -> Tree:
         """The tree a run wrote to `path` (its OUT or OUT/models), or an exported tree (a .onnx file, run by
         onnxruntime; the whole routed tree only). `device`: "auto" (CUDA when there is one), "cpu" or "cuda";
         `config` (a TreeConfig or a TOML path): the tree the files must match; `node`: that node alone, over its
-        classes; `branch`: routing from that branch."""
+        classes; `branch`: routing from that branch. `names`: how messages name the arguments (CLI_NAMES: as
+        flags)."""
         device = resolve_device(device)
         if Path(path).suffix == ".onnx":  # an exported tree, run by onnxruntime on the CPU
             if node is not None or branch is not None or config is not None:
@@ -102,9 +107,9 @@ class Tree:
             config = load_config(config)
         if node is not None and branch is not None:
             raise ConfigError("pass node= (that node alone) or branch= (routing from that branch), not both")
-        config, models = load_folder(path, config)
-        predictor = (TreePredictor(config, models, branch, device=device) if node is None
-                     else NodePredictor(config, models, node, device=device))
+        config, models = load_folder(path, config, asked=names["models"])
+        predictor = (TreePredictor(config, models, branch, device=device, asked=names["branch"]) if node is None
+                     else NodePredictor(config, models, node, device=device, asked=names["node"]))
         return cls(predictor, config, device)
 
     def node(self, name: str) -> Tree:
@@ -112,8 +117,8 @@ class Tree:
         if self.parent is None:
             raise ConfigError("an exported tree (.onnx) answers as the whole routed tree; load the run's folder to "
                               "ask one node")
-        return Tree(NodePredictor(self.config, self.predictor.models, name, device=self.device), self.config,
-                    self.device)
+        return Tree(NodePredictor(self.config, self.predictor.models, name, device=self.device, asked=""),
+                    self.config, self.device)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from branching.api.export import export
-from branching.api.tree import Tree
+from branching.api.tree import CLI_NAMES, Tree
 from branching.cli.args import positive_int
 from branching.console import log
 from branching.errors import ConfigError
@@ -30,7 +30,7 @@ def cmd_export(args) -> int:
     if Path(args.out).suffix != ".onnx":
         raise ConfigError(f"--out {args.out}: the file name must end in .onnx")
     check_new_file(args.out, "--out")
-    tree = Tree.load(args.models, "cpu")
+    tree = Tree.load(args.models, "cpu", names=CLI_NAMES)
     log(f"exporting {tree!r}")
     checked = export(tree, args.out, check=args.check)
     size = Path(args.out).stat().st_size / 2**20

@@ -11,7 +11,7 @@ import numpy as np
 
 from branching.cli.args import flags, positive_int
 from branching import distributed
-from branching.api.tree import Answer, Prepared, Tree
+from branching.api.tree import CLI_NAMES, Answer, Prepared, Tree
 from branching.config.parse import load_config
 from branching.data.cifar import load_label_names, load_split
 from branching.data.folders import is_image_folder, scan
@@ -187,7 +187,7 @@ def cmd_predict(args) -> int:
     if args.texts is not None and (args.files or args.data):
         raise ConfigError("pass texts on the command line, --texts FILE or --data DIR, one of them")
     args.device = distributed.start(args.device)
-    tree = Tree.load(args.models, args.device, node=args.node, branch=args.branch, config=config)
+    tree = Tree.load(args.models, args.device, node=args.node, branch=args.branch, config=config, names=CLI_NAMES)
     encoded = tree.kind is not None and tree.kind.encoded  # an exported graph (.onnx) encodes inside it
     ignored, truth, errors = 0, None, []
     if tree.reads == "texts":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from branching.api.serve import MAX_BYTES, check_port, serve
-from branching.api.tree import Tree
+from branching.api.tree import CLI_NAMES, Tree
 from branching.cli.args import flags, positive_int
 from branching.console import log
 
@@ -35,7 +35,7 @@ def cmd_serve(args) -> int:
         from branching.errors import ConfigError
         raise ConfigError(f"--port {args.port}: a port is at most 65535")
     check_port(args.host, args.port)
-    tree = Tree.load(args.models, args.device)
+    tree = Tree.load(args.models, args.device, names=CLI_NAMES)
     log(f"serving {tree!r} on http://{args.host}:{args.port}/ (POST /predict, GET /health); Ctrl-C stops")
     serve(tree, args.host, args.port, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000,
           max_bytes=args.max_bytes)

@@ -140,8 +140,10 @@ def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: 
                 f"{model.meta.get('path', role)} ({model.fingerprint()}); retrain the branch{hint}")
 
 
-def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfig, dict[str, Model]]:
-    """Every node model in a folder, keyed by the name recorded in it, and the tree they form.
+def load_folder(models_dir, config: TreeConfig | None = None, asked: str = "--models ") -> tuple[TreeConfig,
+                                                                                             dict[str, Model]]:
+    """Every node model in a folder, keyed by the name recorded in it, and the tree they form (`asked`: how the
+    folder was given, for messages: a flag, or nothing from Python).
 
     Without a config the tree is rebuilt from what each file records (classes, source, layer);
     with one, the files must match it. Either way each branch must sit on the exact models it was
@@ -150,8 +152,8 @@ def load_folder(models_dir, config: TreeConfig | None = None) -> tuple[TreeConfi
     directory = Path(models_dir)
     if not directory.is_dir():
         what = "is a file" if directory.exists() else "does not exist"
-        raise CheckpointError(f"--models {models_dir} {what}; pass the folder of a run (its OUT, e.g. runs/latest) "
-                              f"or its models/ folder")
+        raise CheckpointError(f"{asked}{models_dir} {what}; pass the folder of a run (its OUT, e.g. runs/latest), "
+                              f"its models/ folder or an exported .onnx tree")
     if not any(directory.glob("*.pt")) and any((directory / "models").glob("*.pt")):
         directory = directory / "models"
     files = sorted(p for p in directory.glob("*.pt") if not p.name.endswith(".selfeval.pt"))  # judges: branching.judge

@@ -19,13 +19,14 @@ class NodePredictor:
     """One node of a tree on its own: the chain from the pixels to it, its classes, its acceptance rule.
     Gives the routed tree's TreePredictions, with the chain as the path."""
 
-    def __init__(self, config: TreeConfig, models: dict, name: str, device=CPU):
+    def __init__(self, config: TreeConfig, models: dict, name: str, device=CPU, asked: str = "--node "):
+        """`asked`: how the node was named, for messages (a flag, or node= from Python)."""
         if name != "parent" and name not in config.branches:
             known = ["parent", *config.branches]
-            raise ConfigError(f"--node {name}: unknown node {name!r}{did_you_mean(name, known)}; the tree's nodes "
+            raise ConfigError(f"{asked}{name}: unknown node {name!r}{did_you_mean(name, known)}; the tree's nodes "
                               f"are {', '.join(known)}")
         if not models[name].has_head:
-            raise ConfigError(f"--node {name}: this parent ({models[name].net_kind.describe(models[name].shape)}) has "
+            raise ConfigError(f"{asked}{name}: this parent ({models[name].net_kind.describe(models[name].shape)}) has "
                               f"no head, so no classes to answer with; ask one of its branches")
         self.models, self.name, self.device = models, name, device
         self.chain = tuple(config.chain(name))

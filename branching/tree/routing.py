@@ -191,10 +191,10 @@ class TreePredictor:
     """Batched end-to-end inference through a loaded tree (see the module docstring)."""
 
     def __init__(self, config: TreeConfig, models: dict[str, Model], entry: str | None = None,
-                 judges: dict | None = None, device=CPU):
+                 judges: dict | None = None, device=CPU, asked: str = "--branch "):
         """`judges`: {node: judge.Judge} for the nodes whose score is "selfeval" (default: loaded from the
         folder beside each such node's model file). CNN, ViT and module nodes run on `device` while
-        predict runs; an MLP node's fused arithmetic stays on the CPU."""
+        predict runs; an MLP node's fused arithmetic stays on the CPU. `asked`: how `entry` was named, for messages."""
         self.device = resolve_device(device)
         config = config.routed(entry)  # standalone branches (new classes) answer only when asked by name
         missing = [spec.name for spec in config.nodes() if spec.name not in models]
@@ -220,7 +220,7 @@ class TreePredictor:
         self.root = self.nodes[0]
         self.chains = tuple(tuple(config.chain(n.name)) for n in self.nodes)
         self.models = models
-        self.entry = None if entry is None and parent.has_head else by_name[entry_branch(config, parent, entry)]
+        self.entry = None if entry is None and parent.has_head else by_name[entry_branch(config, parent, entry, asked)]
 
     @classmethod
     def load(cls, models_dir, config: TreeConfig | None = None, entry: str | None = None,
@@ -338,12 +338,12 @@ class TreePredictor:
         return {node.name: [tuple(w.shape) for w, _ in node.weights] for node in self.nodes}
 
 
-def entry_branch(config: TreeConfig, parent: Model, entry: str | None) -> str:
+def entry_branch(config: TreeConfig, parent: Model, entry: str | None, asked: str = "--branch ") -> str:
     """The branch every image goes to without routing: `entry` (any branch), or for a parent without a head
     (a module parent) its only branch; a parent without a head and several branches needs `entry`."""
     if entry is not None:
         if entry not in config.branches:
-            raise ConfigError(f"--branch {entry}: no such branch{did_you_mean(entry, config.branches)}; use one of "
+            raise ConfigError(f"{asked}{entry}: no such branch{did_you_mean(entry, config.branches)}; use one of "
                               f"{', '.join(config.branches)}")
         return entry
     children = [c.name for c in config.children("parent")]
