@@ -37,13 +37,8 @@ class _RowNode(_Node):
 
     def __init__(self, index: int, spec, tree_classes, record: dict, batch: threading.local):
         self.index, self.name, self.spec, self.reads = index, spec.name, spec, ROWS
-        self.rule = {"temperature": record["temperature"], "threshold": record["threshold"]}
-        self.score, self.temperature = record["score"], record["temperature"]
-        self.judge, self.judge_reads = None, []
-        self.inverse_temperature = np.float32(1.0 / record["temperature"])
-        self.threshold = float("inf") if record["threshold"] is None else float(np.float32(record["threshold"]))
-        self.leaf_ids = np.array([tree_classes.index(c) for c in spec.classes], dtype=np.int64)
-        self.taps, self.children, self.group_matrix, self.group_leaf = set(), [], None, self.leaf_ids
+        self.routing_state(spec, tree_classes, {"temperature": record["temperature"], "threshold": record["threshold"]},
+                           record["score"], record["temperature"])
         self.batch = batch  # .logits: {node: this thread's batch's logits}, filled by OnnxPredictor
 
     def trunk(self, rows: torch.Tensor) -> tuple[np.ndarray, dict]:

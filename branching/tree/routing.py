@@ -63,9 +63,16 @@ class _Node:
         # the node's temperature, and the threshold of its rule (for a parent without one, its recipe's:
         # it routes by the same rule the branches accept by); a threshold of None accepts nothing
         acceptance = Acceptance.of(model.meta)
-        rule = acceptance.routing()
-        self.rule = rule
-        self.score, self.temperature = acceptance.score, acceptance.temperature
+        self.routing_state(spec, tree_classes, acceptance.routing(), acceptance.score, acceptance.temperature)
+        self.flops = (sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights) if self.model is None
+                      else cost.counted(lambda: model.net(torch.zeros(1, model.architecture[0]))))
+        if spec.source is None and model.net_kind.encoded:  # its frozen network runs to the deepest tap encoded
+            self.flops += model.net_kind.trunk_flops(model.shape, model.shape["depth"] - 1)
+
+    def routing_state(self, spec, tree_classes, rule: dict, score: str, temperature: float) -> None:
+        """What routing reads of a node besides its trunk: its rule, score and temperature, its classes among the
+        tree's, and (filled by add_children) its children's groups. An exported tree's nodes (api.onnx_tree) too."""
+        self.rule, self.score, self.temperature = rule, score, temperature
         self.judge: judge.Judge | None = None
         self.judge_reads: list[tuple] = []  # (layer, where, pool) of its source (itself for the parent)
         self.inverse_temperature = np.float32(1.0 / rule["temperature"])
@@ -76,10 +83,6 @@ class _Node:
         self.children: list[tuple[_Node, int]] = []   # (child, its group)
         self.group_matrix: np.ndarray | None = None    # classes x groups, 1 where a class is in a group
         self.group_leaf = self.leaf_ids                # leaf class of a group; -1 for a child's group
-        self.flops = (sum(2 * w.shape[0] * w.shape[1] for w, _ in self.weights) if self.model is None
-                      else cost.counted(lambda: model.net(torch.zeros(1, model.architecture[0]))))
-        if spec.source is None and model.net_kind.encoded:  # its frozen network runs to the deepest tap encoded
-            self.flops += model.net_kind.trunk_flops(model.shape, model.shape["depth"] - 1)
 
     def add_judge(self, judged: judge.Judge, source: _Node) -> None:
         """Score this node's answers with its self-evaluation branch, which reads taps `source` computes."""
