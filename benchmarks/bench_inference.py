@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         pixels = "random pixels"
     leaf = args.branch or max(config.branches, key=config.depth)
     chain = chain_models(models, leaf)
-    normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+    normalizer = Normalizer.from_dict(models["parent"].meta.normalization)
     predictor = TreePredictor(config, models)
     images = np.resize(test, (args.images, test.shape[1]))
     single = images[:args.single]

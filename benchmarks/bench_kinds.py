@@ -42,7 +42,7 @@ def measure(folder: Path, data_dir) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     config, models = load_folder(folder)
     parent = models["parent"]
-    history = parent.meta["history"]
+    history = parent.meta.history
     images = load_split(data_dir, "test").images
     predictor = TreePredictor(config, models)
     best = float("inf")
@@ -55,7 +55,7 @@ def measure(folder: Path, data_dir) -> dict:
            "parameters": sum(p.numel() for p in parent.net.parameters()),
            "flops": cost.counted(lambda: parent.net(torch.zeros(1, parent.architecture[0]))),
            "seconds": metrics["timings"]["total_s"], "parent_train_s": history["seconds"],
-           "train_images_per_s": len(parent.meta["train_rows"]) * history["epochs_run"] / history["seconds"],
+           "train_images_per_s": len(parent.meta.train_rows) * history["epochs_run"] / history["seconds"],
            "tree_images_per_s": len(images) / best, "branches": {}}
     for name, m in metrics["branches"].items():
         out["branches"][name] = {"accuracy": m["test_accuracy"], "head": m["parent_head"]["test_accuracy"],

@@ -153,12 +153,12 @@ def _figures(run: Path, seconds: float) -> dict:
     _, models = load_folder(run)
     val = {}
     for name, model in models.items():
-        history = model.meta["history"]
+        history = model.meta.history
         best = history.get("best_epoch") or 0
         val[name] = history["val_accuracy"][best - 1] if best and history.get("val_accuracy") else None
     test = {"parent": metrics["parent"]["test_accuracy"], "tree": metrics["tree"]["test_accuracy"],
             **{n: b["test_accuracy"] for n, b in metrics["branches"].items()}}
-    return {"val": val, "val_samples": {n: len(m.meta["val_rows"]) for n, m in models.items()}, "test": test,
+    return {"val": val, "val_samples": {n: len(m.meta.val_rows) for n, m in models.items()}, "test": test,
             "tree_mflops": metrics["tree"]["flops_per_image"] / 1e6, "encodings": metrics["data"].get("encodings"),
             "seconds": seconds}
 

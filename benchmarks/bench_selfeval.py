@@ -29,6 +29,7 @@ from branching.config.parse import load_config
 from branching.config.tree import SelfEvalSpec, TreeConfig
 from branching.data.cifar import load_split
 from branching.models.forward import extract, node_inputs
+from branching.models.meta import JudgeMeta
 from branching.models.model import Model
 from branching.tree import judge
 from branching.tree.checkpoint import load_folder
@@ -48,12 +49,10 @@ def with_score(models: dict, node: str, score: str) -> dict:
     """The same models, `node` answering by `score` (its meta copied, the weights shared)."""
     out = dict(models)
     model = copy.copy(models[node])
-    meta = dict(model.meta)
-    meta.pop("calibration", None)
-    meta["acceptance"] = {**(meta.get("acceptance") or {"rule": "threshold", "threshold": 0.5}), "score": score}
-    if meta["acceptance"].get("threshold") is None:
-        meta["acceptance"]["threshold"] = 0.5
-    model.meta = meta
+    acceptance = {**(model.meta.acceptance or {"rule": "threshold", "threshold": 0.5}), "score": score}
+    if acceptance.get("threshold") is None:
+        acceptance["threshold"] = 0.5
+    model.meta = model.meta.replace(acceptance=acceptance)
     out[node] = model
     return out
 
@@ -62,8 +61,7 @@ def untrained_judge(models: dict, node: str, spec: SelfEvalSpec) -> judge.Judge:
     reads = judge.judge_reads(models, node, spec)
     width = sum(models[r[0]].width(*r[1:]) for r in reads) + (2 * models[node].architecture[-1] if spec.logits else 0)
     model = Model([width, *spec.hidden, 2], activation=spec.activation, seed=0).freeze()
-    model.meta = {"judges": node, "reads": [list(r) for r in reads], "logits": spec.logits,
-                  "feature_mean": np.zeros(width, np.float32), "feature_std": np.ones(width, np.float32)}
+    model.meta = JudgeMeta(node, reads, spec.logits, np.zeros(width, np.float32), np.ones(width, np.float32))
     return judge.Judge(model)
 
 

@@ -51,11 +51,11 @@ def parse_grid(text: str) -> list[dict]:
 
 def validation_score(model, meta, data, config) -> tuple[int, int]:
     """(right, total) of the parent on its own validation rows."""
-    rows = meta["val_rows"].numpy()
+    rows = meta.val_rows
     images, labels, all_rows = data.node_rows("train", config.parent)
     position = {int(r): i for i, r in enumerate(all_rows)}
     idx = np.array([position[int(r)] for r in rows])
-    X = Normalizer.from_dict(meta["normalization"]).transform(images[idx])
+    X = Normalizer.from_dict(meta.normalization).transform(images[idx])
     return int((model.predict(X) == labels[idx]).sum()), len(idx)
 
 
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             model, meta, _ = train_parent(config, data, recipe, seed, progress=False)
             r, n = validation_score(model, meta, data, config)
             right, total = right + r, total + n
-            seconds.append(meta["history"]["seconds"])
+            seconds.append(meta.history["seconds"])
             print(f"  {changes} seed {seed}: validation {r / n:.2%}, {seconds[-1]:.0f} s", file=sys.stderr, flush=True)
         results.append({"changes": changes, "epochs": node.epochs, "right": right, "total": total,
                         "accuracy": right / total, "seconds": float(np.mean(seconds))})

@@ -176,5 +176,5 @@ def node_probabilities(models: dict, names, X) -> dict:
     from branching.models.forward import node_inputs
 
     return {name: torch.softmax(torch.from_numpy(models[name].logits(node_inputs(models, name, X)))
-                                / models[name].meta["acceptance"]["temperature"], dim=1).numpy() for name in names}
+                                / models[name].meta.acceptance["temperature"], dim=1).numpy() for name in names}
 

@@ -7,6 +7,7 @@ import scipy.special
 from branching.acceptance.rule import Acceptance
 from branching.config.parse import parse_config
 from branching.config.recipes import get_recipe
+from branching.models.meta import NodeMeta, meta_from_dict
 
 TREE = '[parent]\nclasses = ["a", "b", "c"]\n[branches.x]\nclasses = ["a", "b"]\n'
 
@@ -44,16 +45,18 @@ def test_a_node_without_a_rule_accepts_everything_and_routes_with_its_recipe_thr
 
 
 def test_checkpoints_written_before_the_object_existed_still_load():
+    node = {"name": "n", "classes": ["a", "b"]}  # read as a file of schema 1 (before the schema had a number)
     old_parent = {"calibration": {"temperature": 1.5, "calibrated": True, "validation_samples": 9},
-                  "recipe": {"parent": {"threshold": 0.9}}}
-    a = Acceptance.of(old_parent)
+                  "recipe": {"parent": {"threshold": 0.9}}, "kind": "parent", "normalization": {}, **node}
+    a = Acceptance.of(meta_from_dict(old_parent, None))
     assert (a.temperature, a.calibrated, a.rejects, a.threshold) == (1.5, True, False, 0.9)
     assert a.calibration == {"validation_samples": 9}
     old_branch = {"calibration": {"temperature": 2.0, "calibrated": True},
                   "acceptance": {"rule": "threshold", "asked": {"threshold": 0.8}, "threshold": 0.8,
                                  "attained": True, "reason": None, "validation": {"samples": 3},
-                                 "temperature": 2.0, "calibrated": True}}
-    b = Acceptance.of(old_branch)
+                                 "temperature": 2.0, "calibrated": True},
+                  "kind": "branch", "source": "parent", "layer": 1, "where": "pre", **node}
+    b = Acceptance.of(meta_from_dict(old_branch, None))
     assert (b.temperature, b.rule, b.threshold) == (2.0, "threshold", 0.8)
     assert b.accepts(np.array([0.79, 0.8])).tolist() == [False, True]
-    assert Acceptance.of({}).routing()["threshold"] == 0.96  # a file recording nothing at all
+    assert Acceptance.of(NodeMeta("parent", "parent")).routing()["threshold"] == 0.96  # a file recording nothing at all

@@ -67,6 +67,10 @@ def test_an_image_of_any_size_and_mode_is_prepared_as_its_file_is(fitted, tmp_pa
     for form in ([Image.fromarray(rgba), Image.fromarray(grey)], [rgba, grey],
                  [torch.from_numpy(rgba).permute(2, 0, 1), torch.from_numpy(grey)[None]]):
         np.testing.assert_array_equal(tree.predict_proba(form), by_file)
+    # 32-bit integer grey (mode "I"): its 8-bit values as they are, 16-bit ones scaled by 257
+    eight, sixteen = Image.fromarray(grey.astype(np.int32)), Image.fromarray(grey.astype(np.int32) * 257)
+    assert eight.mode == sixteen.mode == "I"
+    np.testing.assert_array_equal(tree.predict_proba([eight, sixteen]), by_file[[1, 1]])
 
 
 def test_predict_proba_is_the_answering_nodes_softmax_computed_by_hand(fitted):
@@ -94,6 +98,8 @@ def test_one_node_alone_and_routing_from_a_branch_answer_as_predict_does(fitted,
     routed = assert_api_answers_as_predict(out, ["--branch", "mammals", pngs], sorted(pngs.glob("*.png")),
                                            tmp_path / "branch.json", capsys, branch="mammals")
     assert {a.path[:2] for a in routed} == {("parent", "mammals")}
+    assert branching.load(out, branch="mammals").nodes == ("mammals", "water") and tree.nodes == ("parent", "mammals",
+                                                                                                   "water")
 
 
 def test_an_unreadable_input_is_named_and_the_others_are_answered(fitted, tmp_path):

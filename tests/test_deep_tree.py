@@ -62,9 +62,9 @@ def test_fingerprints_chain_and_a_retrained_source_is_refused(deep_run, tmp_path
     store = ModelStore(out / "models")
     models = store.load_tree(config)
     water = models["water"].meta
-    assert water["source"] == "animals"
-    assert water["source_fingerprint"] == models["animals"].fingerprint()
-    assert water["parent_fingerprint"] == models["parent"].fingerprint()
+    assert water.source == "animals"
+    assert water.source_fingerprint == models["animals"].fingerprint()
+    assert water.parent_fingerprint == models["parent"].fingerprint()
     copy = tmp_path / "models"
     shutil.copytree(out / "models", copy)
     data = load_tree_data(config, data_dir)

@@ -13,6 +13,7 @@ import pytest
 from reference import ORIGINAL_CLASSES, REPO_ROOT, run_command, script
 
 from branching.cli import main as cli  # not `import test_script`: pytest would collect it as a test
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 from branching.tree.checkpoint import ModelStore
 
@@ -37,7 +38,7 @@ def wrong_shape_train(root):
 
 def parent_only(root):
     """A (tiny, untrained) parent in models/ as parent_branch.py names it, and no branch."""
-    meta = {"kind": "parent", "classes": ORIGINAL_CLASSES}
+    meta = NodeMeta("parent", "parent", ORIGINAL_CLASSES)
     ModelStore(root / "models", script_names=True).save("parent", Model([3072, 8, 8, 6], seed=0), meta)
 
 

@@ -60,7 +60,7 @@ def test_its_outputs_are_each_nodes_probabilities_computed_by_hand(exported):
         np.testing.assert_allclose(value, by_hand[name.split(".")[1]], atol=1e-5)
     meta = json.loads({p.key: p.value for p in onnx.load(str(graph)).metadata_props}["branching.tree"])
     assert meta["classes"] == list(config.classes()) and "path" not in meta["config"]
-    assert [n["threshold"] for n in meta["nodes"]] == [models[n].meta["acceptance"]["threshold"]
+    assert [n["threshold"] for n in meta["nodes"]] == [models[n].meta.acceptance["threshold"]
                                                        for n in ("parent", "mammals", "water")]
 
 

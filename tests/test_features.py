@@ -9,6 +9,7 @@ import torch
 from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
 from branching.models.batches import Augment, DeviceInputs
+from branching.models.meta import NodeMeta
 from branching.models.forward import extract, mirror_all
 from branching.models.model import Model
 from branching.train.features import FeatureCache, branch_inputs
@@ -21,11 +22,11 @@ def tiny_tree(seed=0):
     rng = np.random.default_rng(seed)
     norm = Normalizer(rng.uniform(100, 150, N_PIXELS), rng.uniform(40, 70, N_PIXELS))
     parent = Model([N_PIXELS, 16, 8, 4], dropout=0.3, seed=seed)
-    parent.meta = {"normalization": norm.to_dict()}
+    parent.meta = NodeMeta("parent", "parent", normalization=norm.to_dict())
     a = Model([8, 6, 5, 2], seed=seed + 1)
-    a.meta = {"source": "parent", "layer": 1, "where": "pre"}
+    a.meta = NodeMeta("branch", "a", source="parent", layer=1, where="pre")
     b = Model([6, 3, 2], seed=seed + 2)
-    b.meta = {"source": "a", "layer": 0, "where": "post"}
+    b.meta = NodeMeta("branch", "b", source="a", layer=0, where="post")
     return {"parent": parent, "a": a, "b": b}, norm
 
 

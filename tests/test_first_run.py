@@ -100,7 +100,7 @@ def test_predict_shows_the_threshold_and_the_path_up_to_the_node_that_rejected(s
     config, models = load_folder(small_run)
     thresholds = {}
     for name, model in models.items():
-        acceptance = model.meta["acceptance"]
+        acceptance = model.meta.acceptance
         thresholds[name] = acceptance["threshold"]
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == len(lines) == len(load_split(small_data_dir, "test").fine_labels)

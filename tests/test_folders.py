@@ -368,7 +368,7 @@ def test_a_val_folder_is_what_every_node_validates_on(tmp_path, recipe):
     np.testing.assert_array_equal(data.train.images[sorted(val)][0], load_image(root / "val" / "b" / "v0.png", 32))
     _, models = load_folder(out)
     for name, model in models.items():
-        trained, validated = set(model.meta["train_rows"].tolist()), set(model.meta["val_rows"].tolist())
+        trained, validated = set(model.meta.train_rows.tolist()), set(model.meta.val_rows.tolist())
         assert not trained & val, name  # no node trains on a val/ image
         assert validated and validated <= val, name
 

@@ -54,9 +54,9 @@ def test_run_writes_everything_and_checkpoints_record_the_kind(trained):
     config, models = load_folder(out)
     assert models["parent"].kind == kind and models["mammals"].kind == "mlp"
     last = models["parent"].feature_info[-1]
-    assert models["mammals"].meta["pool"] == ("avg" if kind == "cnn" else "cls")
+    assert models["mammals"].meta.pool == ("avg" if kind == "cnn" else "cls")
     assert models["mammals"].architecture[0] == last["shape"][0 if kind == "cnn" else -1]
-    assert models["water"].meta["pool"] == "flat" and models["water"].meta["where"] == "pre"
+    assert models["water"].meta.pool == "flat" and models["water"].meta.where == "pre"
 
 
 def test_the_routed_tree_agrees_with_a_dense_reference(trained):

@@ -65,8 +65,8 @@ def test_a_branch_trained_on_limited_data_sees_exactly_the_k_images(parent_and_d
                                seed=4, progress=False)
     _, _, rows = read_split(data.data_dir, "train", ["wolf", "sunflower"])
     kept = set(rows[mask[rows]].tolist())
-    assert set(meta["train_rows"].tolist()) == kept - set(held_out_rows(parent).tolist())
-    assert len(meta["train_rows"]) == 6 and len(meta["val_rows"]) == 12
+    assert set(meta.train_rows.tolist()) == kept - set(held_out_rows(parent).tolist())
+    assert len(meta.train_rows) == 6 and len(meta.val_rows) == 12
 
 
 def test_compare_kshot_writes_the_table_json_and_plot(tmp_path, small_data_dir, capsys):

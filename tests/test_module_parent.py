@@ -163,9 +163,9 @@ def test_run_keeps_the_weights_and_records_the_module(headless, weights):
     parent = models["parent"]
     assert parent.kind == "module" and parent.shape["module"] == MODULE and parent.shape["input_size"] == 20
     meta = parent.meta
-    assert meta["weights"] == str(weights) and meta["history"]["epochs_run"] == 0
+    assert meta.files["weights"] == str(weights) and meta.history["epochs_run"] == 0
     import hashlib
-    assert parent.shape["weights_sha256"] == meta["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert parent.shape["weights_sha256"] == meta.files["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     stored = torch.load(weights, weights_only=True)
     for key, tensor in stored.items():  # frozen: the file's weights, untouched
         torch.testing.assert_close(parent.net.module.state_dict()[key], tensor, rtol=0, atol=0)
@@ -179,7 +179,7 @@ def test_the_branch_reads_the_module_at_its_tap(headless, weights):
     X = parent_normalizer(models["parent"]).transform(images)
     channels = images.reshape(len(images), 3, -1).astype(np.float64)
     train = np.load(data_dir / "train", allow_pickle=True, encoding="bytes")
-    rows = models["parent"].meta["train_rows"].numpy()
+    rows = models["parent"].meta.train_rows
     fitted = train[b"data"][rows].reshape(len(rows), 3, -1).astype(np.float64)
     mean, std = fitted.mean(axis=(0, 2)), fitted.std(axis=(0, 2))  # the parent's training images, per channel
     x = torch.from_numpy(((channels - mean[:, None]) / std[:, None]).reshape(len(images), -1).astype(np.float32))
@@ -333,7 +333,7 @@ def test_given_mean_and_std_are_the_normalisation(tmp_path, small_data_dir, weig
     model, meta, normalizer = train_parent(config, data, get_recipe("default", 1), seed=0)
     pixels = np.full((1, 3072), 255, np.uint8)
     np.testing.assert_allclose(normalizer.transform(pixels)[0, [0, 1024, 2048]], [1.0, 6.0, 1.0], rtol=1e-6)
-    assert len(meta["val_rows"]) == round(0.15 * 160)  # the held-out share branches validate on
+    assert len(meta.val_rows) == round(0.15 * 160)  # the held-out share branches validate on
 
 
 def test_given_mean_and_std_fit_images_of_any_size(weights):
@@ -450,7 +450,7 @@ def test_a_branch_refuses_a_tap_index_that_now_names_another_module(tmp_path, sm
 
     text = parent_table(weights) + '[branches.mammals]\nclasses = ["beaver", "whale", "wolf"]\nlayer = "layer1.0"\n'
     assert run_tree(tmp_path, small_data_dir, text) == 0
-    assert load_folder(tmp_path / "out")[1]["mammals"].meta["tap"] == "layer1.0"
+    assert load_folder(tmp_path / "out")[1]["mammals"].meta.tap == "layer1.0"
     monkeypatch.setattr(module_parent, "TAP_DEPTH", 1)  # as if the module's code had changed: its tap 3 is "pool",
     module_parent._described.cache_clear()              # of the same width (8) as layer1.0 averaged
     try:
@@ -480,7 +480,7 @@ layer = "layer2"
 """
     assert run_tree(tmp_path, small_data_dir, text) == 0
     parent = load_folder(tmp_path / "out")[1]["parent"]
-    assert len(parent.meta["new_class_val_rows"]) > 0
+    assert len(parent.meta.new_class_val_rows) > 0
     capsys.readouterr()
     argv = ["predict", "--models", str(tmp_path / "out"), "--data", str(small_data_dir)]
     assert cli.main(argv) == 0  # routing leaves the new classes out: the only routed branch is mammals

@@ -94,7 +94,7 @@ def test_get_activations_pools_and_width_agrees(kind):
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
 def test_checkpoints_record_kind_and_shape_and_lies_are_refused(kind, tmp_path):
     model = Model(**SMALL[kind], seed=2)
-    model.save(tmp_path / "m.pt", meta={"name": "parent"})
+    model.save(tmp_path / "m.pt")
     back = Model.load(tmp_path / "m.pt")
     assert (back.kind, back.shape) == (kind, model.shape) and back.fingerprint() == model.fingerprint()
     np.testing.assert_allclose(back.logits(images().numpy()), model.logits(images().numpy()), rtol=0, atol=0)

@@ -45,21 +45,21 @@ def test_no_node_trains_on_an_image_any_node_validates_on(trained):
     root, data_dir = trained
     _, models = load_folder(root / "out")
     parent = models["parent"]
-    held_new = set(parent.meta["new_class_val_rows"].tolist())
+    held_new = set(parent.meta.new_class_val_rows.tolist())
     for name in ("wolf", "sunflower"):  # 15% of each new class's 40 training images, drawn with the seed
         _, _, rows = read_split(data_dir, "train", [name])
         assert len(held_new & set(rows.tolist())) == 6
     _, _, parent_rows = read_split(data_dir, "train", ["beaver", "whale"])
-    assert set(parent.meta["train_rows"].tolist()) | set(parent.meta["val_rows"].tolist()) == set(parent_rows.tolist())
-    validation = set(parent.meta["val_rows"].tolist()) | held_new
+    assert set(parent.meta.train_rows.tolist()) | set(parent.meta.val_rows.tolist()) == set(parent_rows.tolist())
+    validation = set(parent.meta.val_rows.tolist()) | held_new
     for name, model in models.items():
-        assert not set(model.meta["train_rows"].tolist()) & validation, name
+        assert not set(model.meta.train_rows.tolist()) & validation, name
     _, _, newcomer_rows = read_split(data_dir, "train", ["wolf", "sunflower"])
-    assert set(models["newcomers"].meta["val_rows"].tolist()) == held_new & set(newcomer_rows.tolist())
+    assert set(models["newcomers"].meta.val_rows.tolist()) == held_new & set(newcomer_rows.tolist())
     _, _, whale = read_split(data_dir, "train", ["whale"])
     _, _, wolf = read_split(data_dir, "train", ["wolf"])
-    expected = (set(parent.meta["val_rows"].tolist()) & set(whale.tolist())) | (held_new & set(wolf.tolist()))
-    assert set(models["mixed"].meta["val_rows"].tolist()) == expected  # the same wolf images as newcomers'
+    expected = (set(parent.meta.val_rows.tolist()) & set(whale.tolist())) | (held_new & set(wolf.tolist()))
+    assert set(models["mixed"].meta.val_rows.tolist()) == expected  # the same wolf images as newcomers'
 
 
 def test_predict_node_answers_with_the_branch_alone_as_a_hand_forward_pass_does(trained, tmp_path, capsys):

@@ -166,7 +166,7 @@ def test_encodings_are_cached_and_a_second_load_encodes_nothing(random_weights, 
                               data.augments(recipe.parent_for("pretrained")))
     np.testing.assert_array_equal(augment.mirrored, normalizer.transform(data.mirrored[:10]))  # the coin's other side
     model, meta, _ = train_parent(config, data, recipe, seed=0, progress=False)
-    assert meta["augmentation"] == {"flip": True, "crop": 0}
+    assert meta.augmentation == {"flip": True, "crop": 0}
     shallower = parse_config(tree(random_weights, branch_layer="block2", extra_parent='layer = "block3"'))
     assert np.array_equal(load_tree_data(shallower, small_data_dir, progress=False).test.images,
                           data.test.images[:, :shallower.input_width])  # a deeper cache serves a shallower tree
@@ -393,7 +393,7 @@ hidden = [8]
         config = parse_config(tree(random_weights, branch_layer=layer))
         branch, meta = train_branch(config, "mammals", models, data, get_recipe("default", 1), 0, progress=False)
         branch.meta, models["mammals"] = meta, branch
-        parent, tap = models["parent"], meta["layer"]
+        parent, tap = models["parent"], meta.layer
         trunk = trunks.load_trunk(parent.shape, torch.device("cpu"))
         columns = parent.net.columns(parent.net.index(tap, "avg"))
         from branching.train.nodes import parent_normalizer

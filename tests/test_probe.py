@@ -5,6 +5,7 @@ import pytest
 from scipy.special import softmax
 
 from branching.cli.main import main
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 from branching.studies.probe import fit_linear_probe, held_out_split, probe_layers, recommend
 
@@ -21,7 +22,7 @@ def test_one_row_per_layer_and_reading_validated_on_held_out_images(small_config
     to_parent_1 = 2 * (3072 * 16 + 16 * 8)  # by hand: 2 FLOPs per weight of every Linear on the way
     assert [r["flops_to_layer"] for r in table] == [2 * 3072 * 16] * 2 + [to_parent_1] * 2 + [to_parent_1 + 2 * 8 * 6] * 2
     assert [r["configured"] for r in table] == [False, False, True, False, True, False]
-    parent_val = set(models["parent"].meta["val_rows"].tolist())
+    parent_val = set(models["parent"].meta.val_rows.tolist())
     for row in table:
         _, _, rows = data.node_rows("train", config.node(row["branch"]))
         assert row["validation"] == "parent"
@@ -47,7 +48,7 @@ def test_probe_logits_give_scikit_learns_probabilities(n_classes):
 
 def test_without_held_out_images_an_80_20_split_of_the_branch_images():
     parent = Model([4, 3, 2])
-    parent.meta = {"val_rows": np.zeros(0, dtype=np.int64)}
+    parent.meta = NodeMeta("parent", "parent", val_rows=np.zeros(0, dtype=np.int64))
     labels = np.repeat([0, 1], 50)
     train_idx, val_idx, kind = held_out_split(parent, np.arange(100) * 3, labels)
     assert kind == "own" and len(val_idx) == 20 and np.bincount(labels[val_idx]).tolist() == [10, 10]

@@ -11,6 +11,7 @@ from branching.config.parse import parse_config
 from branching.data.cifar import N_PIXELS
 from branching.data.normalization import Normalizer
 from branching.errors import ConfigError
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 from branching.tree.checkpoint import load_folder, script_filename
 from branching.tree.routing import TreePredictor
@@ -39,14 +40,12 @@ def hand_tree():
     _set(parent, (first, [0, 0]),
          ([[0, 0], [0, 0], [0, ln(5)], [ln(6), 0]], [ln(4), ln(2), 0, ln(3)]))
     identity = Normalizer(np.zeros(N_PIXELS), np.ones(N_PIXELS))
-    parent.meta = {"name": "parent", "kind": "parent", "classes": list(config.parent.classes),
-                   "normalization": identity.to_dict(),
-                   "acceptance": {"rule": "threshold", "threshold": 0.5, "temperature": 1.0}}
+    parent.meta = NodeMeta("parent", "parent", list(config.parent.classes), normalization=identity.to_dict(),
+                           acceptance={"rule": "threshold", "threshold": 0.5, "temperature": 1.0})
     animals = Model([2, 2], seed=0)
     _set(animals, ([[0, 0], [0, ln(9)]], [ln(3), 0]))
-    animals.meta = {"name": "animals", "kind": "branch", "classes": ["beaver", "whale"], "source": "parent",
-                    "layer": 0, "where": "post",
-                    "acceptance": {"rule": "threshold", "threshold": 0.7, "temperature": 1.0}}
+    animals.meta = NodeMeta("branch", "animals", ["beaver", "whale"], source="parent", layer=0, where="post",
+                            acceptance={"rule": "threshold", "threshold": 0.7, "temperature": 1.0})
     return config, {"parent": parent, "animals": animals}
 
 
@@ -85,7 +84,7 @@ def test_hand_built_tree_routes_as_computed_by_hand():
 
 def test_threshold_none_accepts_nothing_and_bad_shapes_are_errors():
     config, models = hand_tree()
-    models["animals"].meta["acceptance"]["threshold"] = None
+    models["animals"].meta.acceptance["threshold"] = None
     result = TreePredictor(config, models).predict(np.stack([image(0, 0), image(100, 0)]))
     assert result.rejected_level(0) == "animals" and result.accepted[1]
     with pytest.raises(ConfigError, match="shape"):
@@ -117,12 +116,12 @@ def _random_deep_tree(tmp_path):
         model = Model([width, *spec.hidden, len(spec.classes)], dropout=0.2, seed=i)
         for p in model.net.parameters():
             p.data.mul_(3.0)  # confident enough that routing varies
-        meta = {"name": spec.name, "classes": list(spec.classes), "hidden": list(spec.hidden)}
         if spec.source is None:
-            meta.update(kind="parent", normalization=norm.to_dict(),
-                        acceptance={"rule": None, "threshold": 0.96, "temperature": 1.3})
+            meta = NodeMeta("parent", spec.name, list(spec.classes), list(spec.hidden), normalization=norm.to_dict(),
+                            acceptance={"rule": None, "threshold": 0.96, "temperature": 1.3})
         else:
-            meta.update(kind="branch", source=spec.source, layer=spec.layer, where=spec.where,
+            meta = NodeMeta("branch", spec.name, list(spec.classes), list(spec.hidden), source=spec.source,
+                        layer=spec.layer, where=spec.where,
                         source_fingerprint=models[spec.source].fingerprint(),
                         parent_fingerprint=models["parent"].fingerprint(),
                         acceptance={"rule": "threshold", "threshold": 0.6 + 0.1 * i, "temperature": 0.5 + i / 4})
@@ -139,9 +138,9 @@ def _reference(config, models, norm, images):
     probs = {}
     for spec in config.nodes():
         meta = models[spec.name].meta
-        t = meta["acceptance"]["temperature"]
+        t = meta.acceptance["temperature"]
         probs[spec.name] = models[spec.name].predict_proba(node_inputs(models, spec.name, X), temperature=t)
-    thresholds = {s.name: models[s.name].meta.get("acceptance", {}).get("threshold", 0.96) for s in config.nodes()}
+    thresholds = {s.name: (models[s.name].meta.acceptance or {}).get("threshold", 0.96) for s in config.nodes()}
     out = []
     for i in range(len(images)):
         node, path, rejected = "parent", ["parent"], ""

@@ -228,7 +228,7 @@ def test_the_device_asked_for_is_where_branches_read_and_nodes_are_evaluated(sma
 
     def recording(models, device):
         models = list(models)
-        asked.append((str(device), sorted(m.meta.get("name", "?") for m in models)))
+        asked.append((str(device), sorted(m.meta.name if m.meta else "?" for m in models)))
         return real(models, device)
 
     monkeypatch.setattr(nodes, "on_device", recording)

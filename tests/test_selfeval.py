@@ -13,6 +13,7 @@ from reference import (FOUR_CLASS_PARENT, MAMMALS, SMALL_TREE_CLASSES, WATER, fo
 
 from branching.acceptance import confidence, selective
 from branching.acceptance.rule import Acceptance
+from branching.models.meta import JudgeMeta
 from branching.cli.main import main
 from branching.config.parse import parse_config
 from branching.config.recipes import get_recipe
@@ -67,10 +68,9 @@ def _judge_model(widths, hidden, activation, std_scale, use_logits, seed):
     width = sum(widths)
     model = Model([width, *hidden, 2], activation=activation, seed=seed).freeze()
     taps = len(widths) - 2 * use_logits
-    model.meta = {"judges": "mammals", "reads": [["parent", i, "pre", "flat"] for i in range(taps)],
-                  "logits": use_logits, "feature_mean": rng.normal(size=width).astype(np.float32),
-                  "feature_std": rng.uniform(0.5, 2, size=width).astype(np.float32)}
-    model.meta["feature_std"][0] *= std_scale
+    model.meta = JudgeMeta("mammals", [["parent", i, "pre", "flat"] for i in range(taps)], use_logits,
+                           rng.normal(size=width).astype(np.float32), rng.uniform(0.5, 2, size=width).astype(np.float32))
+    model.meta.feature_std[0] *= std_scale
     return model
 
 
@@ -92,7 +92,7 @@ def test_judge_probability_is_a_float64_forward_pass(hidden, activation, std_sca
     if use_logits:
         p = scipy.special.softmax(x[:, -3:], axis=1)
         x = np.concatenate([x, -np.sort(-p, axis=1)], axis=1)  # largest first
-    a = (x - model.meta["feature_mean"]) / model.meta["feature_std"]
+    a = (x - model.meta.feature_mean) / model.meta.feature_std
     layers = [(m.weight.detach().double().numpy(), m.bias.detach().double().numpy())
               for m in model.net if isinstance(m, torch.nn.Linear)]
     for i, (w, b) in enumerate(layers):
@@ -119,7 +119,7 @@ def test_only_a_small_judge_on_few_rows_multiplies_with_numpy():
 @pytest.mark.parametrize("widths", [(4, 9), (13,)])
 def test_a_judge_refuses_taps_of_other_widths(widths):
     model = _judge_model((9, 4, 3, 3), [7], "relu", 1.0, True, seed=0)
-    model.meta["tap_widths"] = [9, 4]  # as training records them
+    model.meta.tap_widths = [9, 4]  # as training records them
     taps = [np.zeros((2, w), np.float32) for w in widths]  # the same total width, cut otherwise
     with pytest.raises(ValueError, match=r"takes 19 inputs from 2 taps and the logits; got parts of widths"):
         judge.Judge(model).probability_of(taps, np.zeros((2, 3), np.float32))
@@ -202,7 +202,7 @@ def test_crossfit_labels_come_from_copies_that_never_saw_the_fold(small_config, 
     monkeypatch.setattr(Normalizer, "fit", classmethod(spy))
     cf = selfeval.crossfit(small_config, node, small_trained, small_data, get_recipe("default", 1), seed=0, folds=3)
     meta = small_trained[node].meta
-    train_rows, val_rows = set(meta["train_rows"].tolist()), set(meta["val_rows"].tolist())
+    train_rows, val_rows = set(meta.train_rows.tolist()), set(meta.val_rows.tolist())
     held = [set(f.held_out.tolist()) for f in cf.folds]
     assert len(cf.folds) == 3 and sum(map(len, held)) == len(train_rows) and set().union(*held) == train_rows
     for fold in cf.folds:
@@ -289,7 +289,7 @@ def test_routing_and_predict_use_the_scores_as_the_generic_path_does(judged_run,
     images, labels, rows = data.node_rows("test", config.parent)
     result = TreePredictor.load(out / "models").predict(images, batch_size=7)
     # the parent rejects by energy at its fitted temperature, from the generic forward path
-    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    X = Normalizer.from_dict(models["parent"].meta.normalization).transform(images)
     parent = Acceptance.of(models["parent"].meta)
     energy = parent.confidence(models["parent"].logits(X))
     at_parent = result.rejected_at == 0
@@ -400,7 +400,7 @@ def test_a_cnn_parent_judged_on_its_own_stages_routes_as_the_generic_path(small_
     found = judge.load_for(models, "parent")
     assert [r[1] for r in found.reads] == [0, 1] and found.reads[0][3] == "avg"
     images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)
-    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    X = Normalizer.from_dict(models["parent"].meta.normalization).transform(images)
     generic = found.score_images(models, X)  # forward.extract: the taps pooled by nets.pool
     acceptance = Acceptance.of(models["parent"].meta)
     assert acceptance.score == "selfeval" and 0 < acceptance.accepts(generic).mean() < 1
@@ -421,7 +421,7 @@ def test_a_judge_of_the_logits_alone_trains_and_routes_as_the_generic_path(small
     found = judge.load_for(models, "mammals")
     assert found.reads == [] and found.tap_widths == [] and found.use_logits
     images, _, _ = load_tree_data(config, small_data_dir).node_rows("test", config.parent)
-    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    X = Normalizer.from_dict(models["parent"].meta.normalization).transform(images)
     generic = found.score_images(models, X)
     result = TreePredictor.load(out).predict(images, batch_size=16)
     at_mammals = result.final_node == result.nodes.index("mammals")
@@ -460,7 +460,7 @@ def test_a_module_parent_is_its_own_out_of_sample_copy(small_data_dir, tmp_path,
     assert all(len(f["trained_on"]) == 0 for f in meta["crossfit"]["folds"])  # no copy: the module never trains
     parent_model = load_folder(out / "models")[1]["parent"]
     held = np.concatenate([f["held_out"].numpy() for f in meta["crossfit"]["folds"]])
-    assert sorted(held.tolist()) == sorted(parent_model.meta["train_rows"].tolist())
+    assert sorted(held.tolist()) == sorted(parent_model.meta.train_rows.tolist())
     assert metrics["parent"]["acceptance"]["score"] == "selfeval"
     assert TreePredictor.load(out).predict(read_split(small_data_dir, "test", ["beaver"])[0]).confidence.shape == (10,)
 

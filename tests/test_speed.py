@@ -19,10 +19,10 @@ CONFIG = parse_config(DEEP_TREE)  # water reads animals layer 0 post, animals re
 
 def test_original_style_and_batched_extraction_give_torchly_answers():
     models = random_tree(CONFIG)
-    norm = Normalizer.from_dict(models["parent"].meta["normalization"])
+    norm = Normalizer.from_dict(models["parent"].meta.normalization)
     images = np.random.default_rng(0).integers(0, 256, (25, N_PIXELS), dtype=np.uint8)
     chain = chain_models(models, "water")
-    assert [m.meta["name"] for m in chain] == ["parent", "animals", "water"]
+    assert [m.meta.name for m in chain] == ["parent", "animals", "water"]
     reference = models["water"].predict_proba(node_inputs(models, "water", norm.transform(images)))
     for predicted, confidence in (original_style(chain, norm, images), batched_extraction(chain, norm, images, 8)):
         assert np.array_equal(predicted, reference.argmax(axis=1))

@@ -245,12 +245,18 @@ def test_run_predict_and_the_cache_on_a_tiny_bert(tiny_bert, tmp_path, capsys):
     import branching
     with pytest.warns(UserWarning, match="input 1: an object of type ndarray, and this tree reads texts"):
         assert branching.load(out).predict(["a good film", np.zeros((8, 8, 3), np.uint8)])[1] is None
+    with pytest.warns(UserWarning, match=r"input 0: .*plain.csv is the name of a file, read as a text"):
+        assert branching.load(out)([str(tmp_path / "plain.csv")])[0].guess is not None
     import httpx
     from branching.api.serve import in_thread
     loaded = branching.load(out, "cpu")
     with in_thread(loaded) as url:  # the server reads JSON texts, and answers as the API does
         reply = httpx.post(f"{url}/predict", json={"texts": texts}, timeout=60)
         assert [a["guess"] for a in reply.json()["answers"]] == [a.guess for a in loaded(texts)]
+        one_empty = httpx.post(f"{url}/predict", json={"texts": [texts[0], " ", texts[1]]}, timeout=60).json()
+        assert [a["error"] for a in one_empty["answers"]] == [None, "input 1: an empty text; pass texts with words in "
+                                                              "them", None]
+        assert [a["guess"] for a in one_empty["answers"][::2]] == [a.guess for a in loaded(texts[:2])]
         image = httpx.post(f"{url}/predict", content=b"\x89PNG", headers={"Content-Type": "image/png"})
         assert image.status_code == 415 and "this tree reads texts" in image.json()["error"]
     # the exported graph: the transformer from the token ids on, texts tokenized beside it

@@ -8,6 +8,7 @@ import torch
 
 import torchly
 from branching.models.checks import as_2d_float
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 
 NUMPY_ACTIVATIONS = {
@@ -398,8 +399,9 @@ def test_progress_bar_on_stderr_only_when_asked(capsys):
 def test_save_load_round_trip(tmp_path):
     model = Model([5, 8, 6, 3], activation="gelu", dropout=0.25, seed=0)
     path = tmp_path / "model.pt"
-    meta = {"classes": ["a", "b", "c"], "mean": np.arange(3, dtype=np.float32), "score": np.float64(0.5),
-            "nested": {"ok": True, "none": None, "t": torch.ones(2)}}
+    meta = NodeMeta("parent", "parent", ["a", "b", "c"], normalization={"mean": np.arange(3, dtype=np.float32)},
+                    history={"score": np.float64(0.5), "nested": {"ok": True, "none": None, "t": torch.ones(2)}},
+                    val_rows=[4, 1])
     model.save(path, meta=meta)
     assert os.listdir(tmp_path) == ["model.pt"]
 
@@ -412,20 +414,23 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.logits(X), model.logits(X))
     assert loaded.fingerprint() == model.fingerprint() and not loaded.net.training
     assert loaded.dropout == 0.25 and loaded.activation == "gelu"
-    assert isinstance(loaded.meta["mean"], torch.Tensor)
-    np.testing.assert_array_equal(loaded.meta["mean"].numpy(), meta["mean"])
-    assert loaded.meta["classes"] == ["a", "b", "c"] and loaded.meta["score"] == 0.5
-    assert loaded.meta["nested"]["ok"] is True and torch.equal(loaded.meta["nested"]["t"], torch.ones(2))
+    assert isinstance(loaded.meta.normalization["mean"], torch.Tensor) and loaded.meta.path == str(path)
+    np.testing.assert_array_equal(loaded.meta.normalization["mean"].numpy(), np.arange(3))
+    assert loaded.meta.classes == ["a", "b", "c"] and loaded.meta.history["score"] == 0.5
+    assert loaded.meta.val_rows.tolist() == [4, 1] and loaded.meta.val_rows.dtype == np.int64
+    assert loaded.meta.history["nested"]["ok"] is True and torch.equal(loaded.meta.history["nested"]["t"], torch.ones(2))
     Model([2, 2]).save(path)
-    assert Model.load(path).meta == {}
+    assert Model.load(path).meta is None
 
 
 def test_bad_meta_raises_type_error_naming_the_key(tmp_path):
     model = Model([3, 2])
     with pytest.raises(TypeError, match="weird"):
-        model.save(tmp_path / "m.pt", meta={"fine": 1, "deep": {"weird": {1, 2}}})
+        model.save(tmp_path / "m.pt", meta=NodeMeta("parent", "p", history={"fine": 1, "deep": {"weird": {1, 2}}}))
     with pytest.raises(TypeError, match="strings"):
-        model.save(tmp_path / "m.pt", meta={"strings": np.array([object()])})
+        model.save(tmp_path / "m.pt", meta=NodeMeta("parent", "p", history={"strings": np.array([object()])}))
+    with pytest.raises(TypeError, match="meta must be a NodeMeta, a JudgeMeta or None; got dict"):
+        model.save(tmp_path / "m.pt", meta={"name": "p"})
     assert os.listdir(tmp_path) == []
 
 

@@ -153,20 +153,20 @@ def test_temperature_is_the_nll_minimum_on_validation_logits(run_dir, synthetic_
     out, config, metrics, _ = run_dir
     models = ModelStore(out / "models").load_tree(config)
     meta = models[node].meta
-    logits, labels, _, _ = node_logits(out, config, synthetic_c10, node, "train", meta["val_rows"].numpy())
-    assert len(labels) == meta["acceptance"]["calibration"]["validation_samples"] > 0
+    logits, labels, _, _ = node_logits(out, config, synthetic_c10, node, "train", meta.val_rows)
+    assert len(labels) == meta.acceptance["calibration"]["validation_samples"] > 0
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 20001))
     log_p = scipy.special.log_softmax(logits[None] / grid[:, None, None], axis=2)
     nll = -log_p[:, np.arange(len(labels)), labels].mean(axis=1)
     best = grid[int(np.argmin(nll))]
     assert 0.06 < best < 19, "the NLL minimum should be inside the search range for this test to mean much"
-    assert meta["acceptance"]["temperature"] == pytest.approx(best, rel=1e-3)
-    t = meta["acceptance"]["temperature"]  # and sklearn agrees on the NLL there
-    assert meta["acceptance"]["calibration"]["val_nll"] == pytest.approx(
+    assert meta.acceptance["temperature"] == pytest.approx(best, rel=1e-3)
+    t = meta.acceptance["temperature"]  # and sklearn agrees on the NLL there
+    assert meta.acceptance["calibration"]["val_nll"] == pytest.approx(
         log_loss(labels, scipy.special.softmax(logits / t, axis=1), labels=range(logits.shape[1])), rel=1e-6)
-    assert meta["acceptance"]["calibrated"]
+    assert meta.acceptance["calibrated"]
     m = metrics["parent"] if node == "parent" else metrics["branches"][node]
-    assert m["temperature"] == meta["acceptance"]["temperature"]
+    assert m["temperature"] == meta.acceptance["temperature"]
     if node == "fish":  # coverage rule: the most confident half of the validation images
         confidence = np.sort(scipy.special.softmax(logits / m["temperature"], axis=1).max(axis=1))[::-1]
         assert m["acceptance"]["threshold"] == pytest.approx(confidence[math.ceil(0.5 * len(labels)) - 1])

@@ -2,5 +2,5 @@
 accepts or rejects (threshold, coverage, risk), a node's test metrics and intervals. NumPy and SciPy
 only: nothing here runs a network.
 
-Imports: the base modules (errors, fileio, tables) only.
+Imports: the base modules (errors, fileio, tables) and models.meta (the model files' schema) only.
 """

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from branching.acceptance import calibration, confidence, selective
+from branching.models.meta import DEFAULT_THRESHOLD
 
-DEFAULT_THRESHOLD = 0.96  # routing threshold of parents saved before their recipe's was recorded
 RULE_KEYS = ("rule", "asked", "threshold", "attained", "reason", "validation")
 EXTRA_KEYS = ("delta", "tests", "risk_bound")  # the risk rule's
 
@@ -127,16 +127,10 @@ class Acceptance:
                    **_rule_fields(d))
 
     @classmethod
-    def of(cls, meta: dict) -> "Acceptance":
-        """A checkpoint's acceptance; files written before it was one object kept the temperature in
-        meta["calibration"] and had no meta["acceptance"] for a parent without a rule."""
-        if "calibration" not in meta:
-            return cls.from_dict(meta.get("acceptance") or {"threshold": DEFAULT_THRESHOLD})
-        old = meta["calibration"]
-        d = dict(meta.get("acceptance") or {"rule": None, "threshold": _recipe_threshold(meta)})
-        return cls.from_dict({**d, "temperature": old.get("temperature", 1.0),
-                              "calibrated": old.get("calibrated", False),
-                              "calibration": {k: v for k, v in old.items() if k not in ("temperature", "calibrated")}})
+    def of(cls, meta) -> "Acceptance":
+        """A node's acceptance from its file's record (a models.meta.NodeMeta, which reads older files' own ways of
+        keeping it); a file recording none routes at DEFAULT_THRESHOLD."""
+        return cls.from_dict(meta.acceptance or {"threshold": DEFAULT_THRESHOLD})
 
 
 def rejects(spec) -> bool:
@@ -153,10 +147,6 @@ def _rule_fields(d: dict) -> dict:
     return {"rule": rule, "threshold": None if threshold is None else float(threshold), "asked": d.get("asked"),
             "attained": d.get("attained", True), "reason": d.get("reason"), "validation": d.get("validation"),
             "extra": {k: d[k] for k in EXTRA_KEYS if k in d}, "score": d.get("score", "msp")}
-
-
-def _recipe_threshold(meta: dict) -> float:
-    return ((meta.get("recipe") or {}).get("parent") or {}).get("threshold", DEFAULT_THRESHOLD)
 
 
 def describe_rule(rule: dict) -> str:

@@ -116,7 +116,7 @@ def tree_metadata(tree) -> dict:
             "entry": None if predictor.entry is None else predictor.entry.name,  # a parent without a head: its branch
             "nodes": [{"name": n.name, "classes": list(n.spec.classes), "threshold": n.rule["threshold"],
                        "temperature": float(n.rule["temperature"]), "score": n.score} for n in predictor.nodes],
-            "fingerprint": {name: m.meta.get("fingerprint") for name, m in predictor.models.items()}}
+            "fingerprint": {name: m.meta.fingerprint for name, m in predictor.models.items()}}
 
 
 def export(tree, out, batch: int = 2, check: int = 16) -> Check:

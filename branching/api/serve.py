@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from branching.api.tree import Prepared, Tree
+from branching.api.tree import Answer, Prepared, Tree
 from branching.errors import BranchingError, ConfigError, DataError, MissingPackageError
 
 MAX_BYTES = 20 * 2**20
@@ -82,13 +82,11 @@ class Batcher:
         tree = self.tree
         raw = (sum((list(p.vectors) for p in parts), []) if tree.reads == "texts"
                else np.concatenate([p.vectors for p in parts]))
-        together = Prepared(sum((p.names for p in parts), []), tree.encode(raw), list(range(len(raw))), {})
-        answers = tree.postprocess(together, tree.forward(together))
-        out, start = [], 0
-        for p in parts:
-            out.append(answers[start:start + len(p.readable)])
-            start += len(p.readable)
-        return out
+        together = Prepared([p.names[i] for p in parts for i in p.readable], tree.encode(raw), list(range(len(raw))),
+                            {})
+        answers = iter(tree.postprocess(together, tree.forward(together)))
+        return [[Answer.unreadable(p.errors[i]) if i in p.errors else next(answers) for i in range(len(p.names))]
+                for p in parts]
 
 
 class Busy(Exception):
@@ -160,15 +158,13 @@ def create_app(tree: Tree, max_batch: int = 64, max_wait: float = 0.005, max_byt
             return refuse(415, str(e))
         except DataError as e:
             return refuse(400, str(e))
-        if prepared.errors:
+        if prepared.errors and not prepared.readable:  # nothing to answer; else the others are (their error said)
             return refuse(400, next(iter(prepared.errors.values())))
         try:
             answers = await batcher.answer(prepared)
         except Busy as e:
             return refuse(503, str(e))
-        return {"answers": [{"label": a.label, "score": a.score, "accepted": a.accepted, "guess": a.guess,
-                             "node": a.node, "path": list(a.path), "rejected_at": a.rejected_at,
-                             "rejected_score": a.rejected_score} for a in answers]}
+        return {"answers": [a.as_dict() for a in answers]}
 
     return app
 

@@ -60,6 +60,11 @@ class Answer:
     def as_dict(self) -> dict:
         return {**asdict(self), "path": list(self.path)}
 
+    @classmethod
+    def unreadable(cls, message: str) -> Answer:
+        """The answer to an input that could not be read: None, with the one-line reason."""
+        return cls(None, None, False, None, None, (), None, None, None, message)
+
 
 @dataclass
 class Prepared:
@@ -127,7 +132,10 @@ class Tree:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return tuple(self.predictor.node_names if isinstance(self.predictor, TreePredictor) else self.predictor.chain)
+        """The nodes that can answer: the tree's (from `branch`, that branch's subtree), or `node`'s chain."""
+        if isinstance(self.predictor, TreePredictor):
+            return tuple(n.name for n in self.predictor.routed)
+        return tuple(self.predictor.chain)
 
     @property
     def thresholds(self) -> dict[str, float | None]:
@@ -211,7 +219,7 @@ class Tree:
         """One Answer per input, in order; unreadable inputs answer None with their error."""
         answers: list[Answer | None] = [None] * len(prepared.names)
         for i, message in prepared.errors.items():
-            answers[i] = Answer(None, None, False, None, None, (), None, None, None, message)
+            answers[i] = Answer.unreadable(message)
         thresholds = self.thresholds
         for row, i in enumerate(prepared.readable):
             chain = predictions.chains[predictions.final_node[row]]
@@ -254,6 +262,9 @@ class Tree:
             raise DataError(f"input {i}: {_what(item)}, and this tree reads texts; pass texts (str)")
         if not item.strip():
             raise DataError(f"input {i}: an empty text; pass texts with words in them")
+        if len(item) < 4096 and "\n" not in item and os.path.isfile(item):  # answered, as a text may be anything
+            warnings.warn(f"input {i}: {shown(item)} is the name of a file, read as a text; pass the texts themselves "
+                          f"(Path(...).read_text()), or the file to `branching predict --texts`", stacklevel=4)
         return self._name_of(i, item), item
 
     def _image(self, i: int, item) -> tuple[str, np.ndarray]:

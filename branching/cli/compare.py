@@ -115,9 +115,9 @@ def cmd_probe_layers(args) -> int:
     else:
         recipe = get_recipe("default", args.max_epochs)
         models = train_sources(config, data, recipe, args.seed or 0, progress=not args.quiet, device=args.device)
-        epochs = models["parent"].meta["history"]["epochs_run"]
+        epochs = models["parent"].meta.history["epochs_run"]
         origin = (f"a parent trained here with the default recipe, seed {args.seed or 0}, {epochs} epochs, "
-                  f"{models['parent'].meta['history']['seconds']:.0f} s")
+                  f"{models['parent'].meta.history['seconds']:.0f} s")
         parent = models["parent"]
         if parent.net_kind.encoded:
             origin = (f"{parent.net_kind.describe(parent.shape)} as the parent (frozen, every layer encoded), its "

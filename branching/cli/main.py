@@ -181,7 +181,7 @@ def train_script(node: str, argv=None) -> int:
         model, meta = train_branch(config, node, models, data, recipe, args.seed or 0, not args.quiet,
                                    device=args.device)
         path = script.store.save(node, model, meta)
-    history = meta["history"]
+    history = meta.history
     print(f"trained {node}: {history['epochs_run']} epochs (best {history['best_epoch']}), "
           f"{history['seconds']:.1f} s; wrote {path}")
     return 0

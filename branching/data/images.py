@@ -100,14 +100,17 @@ def shown(path) -> str:
 
 def upright_rgb(image):
     """A decoded image upright (EXIF orientation), 8 bits per channel, RGB (alpha dropped, as
-    torchvision's loader does; 16-bit grey scaled to 8 bits, not clipped)."""
+    torchvision's loader does; 16-bit grey scaled to 8 bits, not clipped). A 32-bit integer image (mode "I": a
+    16-bit PNG as some Pillow versions open it, or Image.fromarray of int32 values) is taken as 16-bit unless every
+    value lies in 0..255: then its values are the 8-bit ones."""
     from PIL import Image, ImageOps
 
     if image.getexif().get(0x0112, 1) != 1:  # turned by its EXIF orientation (else no copy: 358 MB at the limit)
         image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+        eight_bit = image.mode == "I" and values.size and 0 <= values.min() and values.max() <= 255
+        image = Image.fromarray(np.clip(np.rint(values if eight_bit else values / 257.0), 0, 255).astype(np.uint8), "L")
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image: the largest weigh 268 MB
 
 

@@ -32,7 +32,7 @@ def chain(models: dict[str, Model], node: str) -> list[str]:
     """The names of the models from the parent down to `node`."""
     names = [node]
     while names[0] != "parent":
-        names.insert(0, models[names[0]].meta["source"])
+        names.insert(0, models[names[0]].meta.source)
     return names
 
 
@@ -47,7 +47,7 @@ def read(models: dict[str, Model], node: str, layer, where=None, pool=None) -> R
 def reads(models: dict[str, Model], node: str) -> Read:
     """What a branch reads (as its checkpoint records it)."""
     meta = models[node].meta
-    return read(models, meta["source"], meta["layer"], meta["where"], meta.get("pool"))
+    return read(models, meta.source, meta.layer, meta.where, meta.pool)
 
 
 def plan(models: dict[str, Model], wanted) -> dict[str, set[tuple]]:
@@ -123,7 +123,7 @@ def parent_depth(models: dict[str, Model], nodes, judges=()) -> int:
     encoded parent's network runs only this far."""
     parent = models["parent"]
     deepest = [parent.feature_info[-1]["layer"]] if "parent" in nodes else []
-    deepest += [models[chain(models, n)[1]].meta["layer"] for n in nodes if n != "parent"]
+    deepest += [models[chain(models, n)[1]].meta.layer for n in nodes if n != "parent"]
     deepest += [r[1] for reads_ in judges for r in reads_ if r[0] == "parent"]
     return max(deepest, default=-1) + 1
 

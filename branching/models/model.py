@@ -30,6 +30,7 @@ from branching.models.batches import device_batches
 from branching.models.checks import (as_2d_float, as_labels, check_architecture, check_int, check_real, check_state_dict,
                                      declared_network, first_line)
 from branching.models.kinds import ParentKind, get_kind, resolve_layer
+from branching.models.meta import META_SCHEMA, MetaError, meta_from_dict, meta_to_dict
 from branching.models.nets import ACTIVATIONS
 from branching.models.training import Trainable
 
@@ -57,7 +58,7 @@ class Model(Trainable):
         self.activation = activation
         self.dropout = None if dropout is None else check_real(dropout, "dropout", lambda v: 0 <= v < 1,
                                                           "None or a float in [0, 1)")
-        self.meta: dict = {}
+        self.meta = None  # what its file records: a meta.NodeMeta, a meta.JudgeMeta, or None
         self.history: dict | None = None
         declared_network(kind, self.architecture, activation, self.dropout, self.shape)  # its size, on meta
         if seed is None:
@@ -253,12 +254,11 @@ class Model(Trainable):
         return digest.hexdigest()[:16]
 
     def save(self, path, meta=None) -> None:
-        """Write one file atomically; it loads with torch.load(path, weights_only=True)."""
-        if meta is not None and not isinstance(meta, dict):
-            raise TypeError(f"meta must be a dict; got {type(meta).__name__}")
+        """Write one file atomically, with `meta` (a meta.NodeMeta or meta.JudgeMeta, or None) as a plain dict of
+        schema meta.META_SCHEMA; it loads with torch.load(path, weights_only=True)."""
         payload = {"format": FORMAT, "architecture": list(self.architecture), "activation": self.activation,
                    "dropout": self.dropout, "state_dict": dict(self.net.state_dict()),
-                   "meta": clean_meta(meta or {}, "meta")}
+                   "meta": clean_meta(meta_to_dict(meta), "meta"), "meta_schema": META_SCHEMA}
         if self.net_kind.fingerprinted():
             payload.update(kind=self.kind, shape=dict(self.shape))
         buffer = io.BytesIO()  # whole before any byte is written: a full disk is then the writer's one-line error
@@ -267,7 +267,8 @@ class Model(Trainable):
 
     @classmethod
     def load(cls, path) -> "Model":
-        """Read a file written by save; the model comes back in eval mode with .meta set."""
+        """Read a file written by save; the model comes back in eval mode with .meta set (meta.meta_from_dict:
+        files of an older schema are read, those of a newer one refused)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file not found: {path}")
@@ -288,7 +289,12 @@ class Model(Trainable):
             model.net.load_state_dict(payload["state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} is a damaged model file of this project ({first_line(e)})") from e
-        model.meta = payload.get("meta") or {}
+        try:
+            model.meta = meta_from_dict(payload.get("meta") or {}, payload.get("meta_schema"))
+        except MetaError as e:
+            raise ValueError(f"{path} cannot be read: {e}") from None
+        if model.meta is not None:
+            model.meta.path = path
         return model
 
 

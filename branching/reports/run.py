@@ -253,7 +253,7 @@ def node_section(out: Path, metrics: dict, name: str, classes: dict, run: str) -
     m = node_metrics(metrics, name)
     data = columns(read_predictions(out / "predictions" / f"{name}.csv"))
     figures = []
-    history = Model.load(out / "models" / f"{name}.pt").meta.get("history")
+    history = Model.load(out / "models" / f"{name}.pt").meta.history
     if history and history.get("loss"):
         figures.append(plots.training_curves(history, f"{name}: training curves ({run})",
                                              out / "plots" / f"training-{name}.png"))

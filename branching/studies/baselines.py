@@ -128,8 +128,8 @@ def run_branch(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     X, _, _ = node_split(ctx, spec, "test")
     return Outcome(model.logits(node_inputs(ctx.models, spec.name, X)), Acceptance.of(meta),
                    count_parameters(model.net), cost.path_flops(ctx.models, spec.name),
-                   seconds, ctx.parent_s, {"layer": spec.layer, "where": meta["where"], "pool": meta["pool"],
-                                           "epochs_run": meta["history"]["epochs_run"]})
+                   seconds, ctx.parent_s, {"layer": spec.layer, "where": meta.where, "pool": meta.pool,
+                                           "epochs_run": meta.history["epochs_run"]})
 
 
 def run_branch_original(ctx: SeedContext, spec: NodeSpec) -> Outcome:
@@ -143,7 +143,7 @@ def run_branch_original(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     X, _, _ = node_split(ctx, spec, "test", models["parent"])
     return Outcome(model.logits(node_inputs(models, spec.name, X)), Acceptance.of(meta), count_parameters(model.net),
                    cost.path_flops(models, spec.name), seconds, ctx.original_parent_s,
-                   {"validation": meta["validation"], "epochs_run": meta["history"]["epochs_run"]})
+                   {"validation": meta.validation, "epochs_run": meta.history["epochs_run"]})
 
 
 def _parent_head(ctx: SeedContext, spec: NodeSpec, restrict: bool) -> Outcome:
@@ -214,7 +214,7 @@ def run_read(ctx: SeedContext, spec: NodeSpec, r: tuple) -> Outcome:
     reading = {**ctx.models, spec.name: model}
     return Outcome(model.logits(extract(ctx.models, [r], X)[0]), Acceptance.of(meta), count_parameters(model.net),
                    cost.path_flops(reading, spec.name), seconds, ctx.parent_s,
-                   {"layer": r[1], "where": r[2], "pool": r[3], "epochs_run": meta["history"]["epochs_run"]})
+                   {"layer": r[1], "where": r[2], "pool": r[3], "epochs_run": meta.history["epochs_run"]})
 
 
 def concat_reads(ctx: SeedContext, spec: NodeSpec) -> list[tuple]:
@@ -281,14 +281,14 @@ def run_scratch_mlp(ctx: SeedContext, spec: NodeSpec) -> Outcome:
     model, meta, normalizer = train_parent(config, ctx.data, ctx.recipes.default, ctx.seed, ctx.progress,
                                            ctx.device)
     images, labels, rows = ctx.data.node_rows("train", spec)
-    val = np.isin(rows, np.asarray(meta["val_rows"]))
+    val = np.isin(rows, np.asarray(meta.val_rows))
     acceptance = fit_acceptance(spec, ctx.recipes.default.branch, model.logits(normalizer.transform(images[val])),
                                 labels[val], notes=False)
     seconds = time.perf_counter() - start
     test_images, _, _ = ctx.data.node_rows("test", spec)
     return Outcome(model.logits(normalizer.transform(test_images)), acceptance, count_parameters(model.net),
                    cost.linear_flops(widths), seconds, 0.0,
-                   {"widths": widths, "epochs_run": meta["history"]["epochs_run"]})
+                   {"widths": widths, "epochs_run": meta.history["epochs_run"]})
 
 
 def run_scratch(ctx: SeedContext, spec: NodeSpec) -> Outcome:

@@ -84,7 +84,7 @@ def node_scores(config: TreeConfig, name: str, models: dict, data, recipe, seed:
     """Every score of node `name` on its test images, with the correctness they should rank."""
     spec, model = config.node(name), models[name]
     images, labels, _ = data.node_rows("test", spec)
-    X = Normalizer.from_dict(models["parent"].meta["normalization"]).transform(images)
+    X = Normalizer.from_dict(models["parent"].meta.normalization).transform(images)
     logits = model.logits(node_inputs(models, name, X))
     correct = logits.argmax(axis=1) == labels
     t = Acceptance.of(model.meta).temperature

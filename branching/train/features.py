@@ -44,7 +44,7 @@ class FeatureCache:
         """Everything the features of read r (source, layer, where, pool) depend on."""
         source, layer, where, pool = read(models, *r)
         parent = models["parent"]
-        norm = Normalizer.from_dict(parent.meta["normalization"])
+        norm = Normalizer.from_dict(parent.meta.normalization)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         return {"format": FORMAT, "source": source, "kind": models[source].kind, "layer": layer, "where": where,
                 "pool": pool, "dtype": "float32", "width": models[source].width(layer, where, pool),
@@ -115,7 +115,7 @@ class FeatureCache:
         if arrays is not None:
             self.log(f"feature cache {self.entry(manifest)}: reusing")
             return arrays
-        normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+        normalizer = Normalizer.from_dict(models["parent"].meta.normalization)
         arrays = {"plain": extract(models, [r], X)[0]}
         if flips:
             arrays["flipped"] = extract_mirrored(models, r, X, normalizer)

@@ -25,6 +25,7 @@ from branching.models.device import CPU, on_device
 from branching.models.batches import Augment
 from branching.models.forward import augment_transform, extract, mirror_all, read, read_tap
 from branching.models.kinds import ParentKind
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 from branching.train.features import FeatureCache, branch_inputs
 
@@ -83,8 +84,8 @@ def new_class_hold_out(config: TreeConfig, data: TreeData, seed: int, fraction: 
 
 def held_out_rows(parent: Model) -> np.ndarray:
     """Training rows no node trains on: the parent's validation images and the new classes' hold-out."""
-    return np.concatenate([np.asarray(parent.meta.get("val_rows", []), dtype=np.int64),
-                           np.asarray(parent.meta.get("new_class_val_rows", []), dtype=np.int64)])
+    return np.concatenate([np.zeros(0, np.int64) if rows is None else rows
+                           for rows in (parent.meta.val_rows, parent.meta.new_class_val_rows)])
 
 
 def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
@@ -124,23 +125,20 @@ def train_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, 
 
 
 def _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance,
-                 val_logits) -> dict:
+                 val_logits) -> NodeMeta:
     """A parent's checkpoint meta: its classes, normaliser, recipe, rows, history and acceptance (None: no head),
     and the augmentation it trained with (the recipe's as the data allow it: TreeData.augments)."""
     spec, r = config.parent, recipe.parent_for(config.parent.kind)
     used = r if spec.net_kind.trunk == "trained" else data.augments(r)
     groups = child_groups(config, "parent")
-    meta = {"kind": "parent", "name": "parent", "classes": list(spec.classes), "hidden": list(spec.hidden),
-            "normalization": normalizer.to_dict(), "recipe": recipe.to_dict(spec.kind), "seed": seed,
-            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "history": history, "acceptance": None if acceptance is None else acceptance.to_dict(),
-            "augmentation": {"flip": used.flip, "crop": used.crop}, "tree": config.to_dict(),
-            "acceptance_note": None if acceptance is None else acceptance_note(spec, acceptance, val_logits, noun(config),
-                                                                               groups)}
     held = new_class_hold_out(config, data, seed, r.validation)
-    if len(held):
-        meta["new_class_val_rows"] = torch.from_numpy(held)
-    return meta
+    return NodeMeta(
+        "parent", "parent", list(spec.classes), list(spec.hidden), seed=seed, recipe=recipe.to_dict(spec.kind),
+        history=history, acceptance=None if acceptance is None else acceptance.to_dict(),
+        acceptance_note=None if acceptance is None else acceptance_note(spec, acceptance, val_logits, noun(config),
+                                                                        groups),
+        augmentation={"flip": used.flip, "crop": used.crop}, tree=config.to_dict(), train_rows=rows[train_idx],
+        val_rows=rows[val_idx], normalization=normalizer.to_dict(), new_class_val_rows=held if len(held) else None)
 
 
 def load_frozen_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, device: torch.device = CPU):
@@ -175,7 +173,7 @@ def load_frozen_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed:
         acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], groups=child_groups(config, "parent"))
     history = {"epochs_run": 0, "best_epoch": 0, "stopped_early": False, "seconds": time.perf_counter() - start}
     meta = _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance, val_logits)
-    return model, {**meta, **kind.file_meta(shape)}, normalizer
+    return model, meta.replace(files=kind.file_meta(shape) or None), normalizer
 
 
 def encoded_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int, progress: bool = True,
@@ -237,7 +235,7 @@ def fit_normalizer(kind: ParentKind, inputs, rows) -> Normalizer:
 
 
 def parent_normalizer(parent: Model) -> Normalizer:
-    return Normalizer.from_dict(parent.meta["normalization"])
+    return Normalizer.from_dict(parent.meta.normalization)
 
 
 def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: TreeData, recipe: Recipe,
@@ -290,15 +288,14 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     model.freeze()
     val_logits = model.logits(features_val)
     acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config), child_groups(config, name), notes)
-    meta = {"kind": "branch", "name": name, "classes": list(spec.classes), "hidden": list(spec.hidden),
-            "source": spec.source, "layer": spec.layer, "where": where, "pool": tap[3],
-            "tap": source.tap(*tap[1:3])["name"],
-            "source_fingerprint": source.fingerprint(), "parent_fingerprint": parent.fingerprint(),
-            "recipe": recipe.to_dict(parent.kind), "augmentation": {"flip": r.flip, "crop": r.crop}, "seed": seed,
-            "validation": validation,
-            "train_rows": torch.from_numpy(rows[train_idx]), "val_rows": torch.from_numpy(rows[val_idx]),
-            "acceptance": acceptance.to_dict(), "history": history, "tree": config.to_dict(),
-            "acceptance_note": acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, name))}
+    meta = NodeMeta(
+        "branch", name, list(spec.classes), list(spec.hidden), seed=seed, recipe=recipe.to_dict(parent.kind),
+        history=history, acceptance=acceptance.to_dict(),
+        acceptance_note=acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, name)),
+        augmentation={"flip": r.flip, "crop": r.crop}, tree=config.to_dict(), train_rows=rows[train_idx],
+        val_rows=rows[val_idx], source=spec.source, layer=spec.layer, where=where, pool=tap[3],
+        tap=source.tap(*tap[1:3])["name"], source_fingerprint=source.fingerprint(),
+        parent_fingerprint=parent.fingerprint(), validation=validation)
     return model, meta
 
 

@@ -103,8 +103,8 @@ def evaluate_node(config: TreeConfig, name: str, models: dict[str, Model], data:
     labels, rows = data.node_labels("test", spec)
     X = parent_normalizer(models["parent"]).lazy(data.test.images)[rows]
     judged = judge.load_for(models, name)
-    if judged is None and spec.selfeval is not None and "path" in model.meta:  # trained by run, shown beside MSP
-        judged = judge.load(Path(model.meta["path"]).parent, name, model)
+    if judged is None and spec.selfeval is not None and model.meta.path is not None:  # trained by run, shown beside MSP
+        judged = judge.load(Path(model.meta.path).parent, name, model)
     head = None
     with on_device({id(m): m for m in models.values()}.values(), device):
         logits = model.logits(node_inputs(models, name, X))
@@ -190,9 +190,9 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
                  f"branches are evaluated alone)")
             continue
         node_metrics, predictions = evaluate_node(config, spec.name, models, data, device)
-        node_metrics.update(train_samples=len(models[spec.name].meta["train_rows"]),
-                            val_samples=len(models[spec.name].meta["val_rows"]),
-                            **_history_summary(models[spec.name].meta["history"]))
+        node_metrics.update(train_samples=len(models[spec.name].meta.train_rows),
+                            val_samples=len(models[spec.name].meta.val_rows),
+                            **_history_summary(models[spec.name].meta.history))
         write_csv(out / "predictions" / f"{spec.name}.csv", predictions, scores.PREDICTION_COLUMNS)
         if spec.source is None:
             metrics["parent"] = node_metrics
@@ -211,7 +211,7 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
     timings["cpu_s"] = cpu_seconds() - cpu_start
     metrics["timings"] = timings
     metrics["notes"] = {**data_notes(data),
-                        **{n: m.meta["acceptance_note"] for n, m in models.items() if m.meta.get("acceptance_note")}}
+                        **{n: m.meta.acceptance_note for n, m in models.items() if m.meta.acceptance_note}}
     fought = busy_note(torch.get_num_threads(), timings["cpu_s"], timings["total_s"])
     if fought:
         metrics["notes"]["threads"] = fought

@@ -34,6 +34,7 @@ from branching.errors import ConfigError
 from branching.models.batches import Augment
 from branching.models.device import CPU
 from branching.models.forward import extract, extract_mirrored, node_inputs, reads
+from branching.models.meta import JudgeMeta
 from branching.models.model import Model
 from branching.train.nodes import acceptance_note, child_groups, fit_kwargs, fit_normalizer, noun, train_transform
 from branching.tree import judge
@@ -80,7 +81,7 @@ def _module_parent_answers(models, images):
     """A module parent is never trained here, so on every row it is already a model that did not see it:
     its own answers stand in for the copies'."""
     parent = models["parent"]
-    X = Normalizer.from_dict(parent.meta["normalization"]).lazy(images)
+    X = Normalizer.from_dict(parent.meta.normalization).lazy(images)
     return lambda keep, held, val, k: parent.logits(X[held])
 
 
@@ -106,7 +107,7 @@ def _parent_copies(config: TreeConfig, images, labels, recipe, seed, progress, d
 def _branch_copies(config: TreeConfig, name, models, images, labels, recipe, seed, progress, device, data, rows):
     """A function training a copy of branch `name` on the same read of the same source."""
     spec, r = config.node(name), data.augments(recipe.branch_for(config.parent.kind))
-    normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+    normalizer = Normalizer.from_dict(models["parent"].meta.normalization)
     X = normalizer.lazy(images, mirrored=None if data.mirrored is None else data.mirrored[rows])
     tap = reads(models, name)
     plain = extract(models, [tap], X)[0]
@@ -131,8 +132,8 @@ def crossfit(config: TreeConfig, name: str, models: dict[str, Model], data, reci
     spec, meta = config.node(name), models[name].meta
     images, labels, rows = data.node_rows("train", spec)
     position = {int(row): i for i, row in enumerate(rows)}
-    train_pos = np.array([position[int(row)] for row in meta["train_rows"].tolist()], dtype=np.int64)
-    val_pos = np.array([position[int(row)] for row in meta["val_rows"].tolist()], dtype=np.int64)
+    train_pos = np.array([position[int(row)] for row in meta.train_rows.tolist()], dtype=np.int64)
+    val_pos = np.array([position[int(row)] for row in meta.val_rows.tolist()], dtype=np.int64)
     counts = np.bincount(labels[train_pos], minlength=len(spec.classes))
     if counts.min() < folds:
         raise ConfigError(f"[{'parent' if name == 'parent' else 'branches.' + name}.selfeval] folds: {folds} folds "
@@ -174,15 +175,14 @@ def fit_judge(name: str, spec, judge_reads: list[tuple], taps: list[np.ndarray],
     history = model.fit(X[fit_idx], y[fit_idx], validation_data=(X[stop_idx], y[stop_idx]), restore_best_weights=True,
                         seed=seed, progress=progress, desc=f"{name} judge", device=device, **JUDGE_FIT)
     model.freeze()
-    model.meta = {"kind": "selfeval", "judges": name, "reads": [list(r) for r in judge_reads], "logits": spec.logits,
-                  "tap_widths": [int(t.shape[1]) for t in taps], "feature_mean": mean, "feature_std": std,
-                  "seed": seed, "history": history}
+    model.meta = JudgeMeta(name, judge_reads, spec.logits, mean, std, [int(t.shape[1]) for t in taps], seed=seed,
+                           history=history)
     return model
 
 
 def judge_taps(models, judge_reads, data, rows) -> list[np.ndarray]:
     """The judge's taps (of the real models) for some rows of the training split."""
-    normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+    normalizer = Normalizer.from_dict(models["parent"].meta.normalization)
     return extract(models, judge_reads, normalizer.lazy(data.train.images)[rows])
 
 
@@ -195,8 +195,8 @@ def train_judge(config: TreeConfig, name: str, models: dict[str, Model], data, r
     judge_reads = judge.judge_reads(models, name, spec, recipe.branch.where)
     model = fit_judge(name, spec, judge_reads, judge_taps(models, judge_reads, data, cf.rows), cf, seed, progress,
                       device)
-    model.meta.update(node_fingerprint=models[name].fingerprint(), crossfit=cf.record(), recipe=recipe.name,
-                      spec=spec.to_dict())
+    model.meta = model.meta.replace(node_fingerprint=models[name].fingerprint(), crossfit=cf.record(),
+                                    recipe=recipe.name, spec=spec.to_dict())
     return model, cf
 
 
@@ -205,8 +205,8 @@ def validation_view(config: TreeConfig, name: str, models: dict[str, Model], dat
     spec, meta = config.node(name), models[name].meta
     labels, rows = data.node_labels("train", spec)
     position = {int(row): i for i, row in enumerate(rows)}
-    val = np.array([position[int(row)] for row in meta["val_rows"].tolist()], dtype=np.int64)
-    X = Normalizer.from_dict(models["parent"].meta["normalization"]).lazy(data.train.images)[rows[val]]
+    val = np.array([position[int(row)] for row in meta.val_rows.tolist()], dtype=np.int64)
+    X = Normalizer.from_dict(models["parent"].meta.normalization).lazy(data.train.images)[rows[val]]
     return X, labels[val], models[name].logits(node_inputs(models, name, X))
 
 
@@ -220,7 +220,7 @@ def attach_judge(config: TreeConfig, name: str, models: dict[str, Model], data, 
     size = sum(p.numel() for p in model.net.parameters())
     log(f"{name}: self-evaluation branch ({size:,} parameters) on {len(cf.rows)} cross-fitted "
         f"rows ({spec.selfeval.folds} copies, {100 * cf.correct.mean():.1f}% right, {cf.seconds:.0f} s); saved as {path.name}")
-    meta = {k: v for k, v in models[name].meta.items() if k not in ("path", "fingerprint")}
+    meta = models[name].meta.replace(path=None, fingerprint=None)
     if spec.accept.score != "selfeval":
         return meta
     X, labels, logits = validation_view(config, name, models, data)
@@ -230,4 +230,4 @@ def attach_judge(config: TreeConfig, name: str, models: dict[str, Model], data, 
     if not acceptance.attained:
         log(f"{name}: acceptance rule {acceptance.rule!r} cannot be met: {acceptance.reason}; accepting nothing")
     note = acceptance_note(spec, acceptance, logits, noun(config), child_groups(config, name))
-    return {**meta, "acceptance": acceptance.to_dict(), "acceptance_note": note}
+    return meta.replace(acceptance=acceptance.to_dict(), acceptance_note=note)

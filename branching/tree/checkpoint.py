@@ -1,8 +1,8 @@
 """Self-describing model files for the parent and its branches, and the checks that tie them together.
 
-A file holds weights, architecture, class names, the parent's normalisation, the training recipe
-and seed, the history, and for a branch the fingerprints of the source and parent it was trained
-on. Loading uses torch.load(weights_only=True) through torchly.Model.load.
+A file holds weights, architecture, and a NodeMeta (branching.models.meta: class names, the parent's
+normalisation, the training recipe and seed, the history, and for a branch the fingerprints of the source and
+parent it was trained on). Loading uses torch.load(weights_only=True) through Model.load.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from branching.config.parse import config_from_dict
 from branching.config.tree import TreeConfig, node_to_dict
 from branching.errors import CheckpointError, ConfigError, MissingPackageError
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 from branching.models.nets import WHERE
 
@@ -22,9 +23,8 @@ def read_model(path, fix: str) -> Model:
         model = Model.load(path)
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(f"{e}; {fix}") from None
-    if model.meta.get("fingerprint") != model.fingerprint():
+    if model.meta is None or model.meta.fingerprint != model.fingerprint():
         raise CheckpointError(f"{path} does not match its recorded fingerprint (corrupt?); {fix}")
-    model.meta["path"] = str(path)
     return model
 
 
@@ -47,10 +47,10 @@ class ModelStore:
     def path(self, node: str) -> Path:
         return self.directory / (script_filename(node) if self.script_names else f"{node}.pt")
 
-    def save(self, node: str, model: Model, meta: dict) -> Path:
+    def save(self, node: str, model: Model, meta: NodeMeta) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(node)
-        model.save(path, meta={**meta, "fingerprint": model.fingerprint()})
+        model.save(path, meta=meta.replace(fingerprint=model.fingerprint()))
         return path
 
     def load(self, node: str, hint: str = "") -> Model:
@@ -83,10 +83,11 @@ class ModelStore:
 def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> None:
     """The file must be of the right kind and hold the classes the config names, in the same order; `fix`
     replaces the advice to train the node again (where the config, not the file, is what to change)."""
-    meta, path = model.meta, model.meta.get("path", "?")
+    meta = model.meta
+    path = meta.path or "?"
     kind = "parent" if spec.source is None else "branch"
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not the {kind} {spec.name!r}")
+    if meta.kind != kind:
+        raise CheckpointError(f"{path} holds a {meta.kind!r} model, not the {kind} {spec.name!r}")
     given = spec.net_kind.check_shape(spec.shape_dict)
     if model.kind == spec.kind:  # the files it was built from (weights, a transformer's folder) must be the same
         hashes = [k for k, v in model.shape.items() if k.endswith("sha256") and v and given.get(k) and v != given[k]]
@@ -103,19 +104,19 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
     if (model.kind, model.shape) != (spec.kind, given):
         raise CheckpointError(f"{path} holds a {model.kind} {model.shape or ''}, but the config gives a {spec.kind} "
                               f"{spec.shape_dict or ''} for {spec.name!r}; {fix or 'train it again'}{hint}")
-    if list(meta.get("classes", [])) != list(spec.classes):
-        raise CheckpointError(f"{path} was trained on classes {meta.get('classes')}, but the config gives "
+    if list(meta.classes) != list(spec.classes):
+        raise CheckpointError(f"{path} was trained on classes {meta.classes}, but the config gives "
                               f"{list(spec.classes)} for {spec.name!r}; {fix or 'train it again'}{hint}")
-    recorded = ((meta.get("tree") or {}).get("branches", {}).get(spec.name) if kind == "branch"
-                else (meta.get("tree") or {}).get("parent")) or {}
+    recorded = ((meta.tree or {}).get("branches", {}).get(spec.name) if kind == "branch"
+                else (meta.tree or {}).get("parent")) or {}
     asked = node_to_dict(spec).get("accept", {})
-    if fix and meta.get("tree") and recorded.get("accept", {}) != asked:  # a rule is fitted as the node trains
+    if fix and meta.tree and recorded.get("accept", {}) != asked:  # a rule is fitted as the node trains
         raise CheckpointError(f"{path} fitted its acceptance for {recorded.get('accept') or 'the recipe default'}, "
                               f"but the config asks {asked or 'the recipe default'} for {spec.name!r}; a rule is fitted "
                               f"on validation images when the node trains: {fix}{hint}")
     if kind == "branch":
         wanted = (spec.source, spec.layer, spec.where, spec.pool)
-        got = (meta.get("source"), meta.get("layer"), meta.get("where"), meta.get("pool"))
+        got = meta.read
         if got[3] == "flat" and got[2] not in (None, *WHERE):  # an encoded parent's tap: its where is its pooling
             got, wanted = (*got[:2], None, got[2]), (*wanted[:2], None, spec.pool)
         # where and pool unset in the config: the recipe's and the tap's defaults, whatever they were
@@ -127,17 +128,18 @@ def check_node(model: Model, spec, hint: str = "", fix: str | None = None) -> No
 
 def check_lineage(branch: Model, name: str, source: Model, parent: Model, hint: str = "") -> None:
     """A branch may only run on the exact source (and parent) it was trained on."""
-    path = branch.meta.get("path", "?")
-    tap = branch.meta.get("tap")  # its name when trained: the index must still name it (a module's code may change)
-    if tap is not None and source.tap(branch.meta["layer"], branch.meta.get("where"))["name"] != tap:
+    meta = branch.meta
+    path, tap = meta.path or "?", meta.tap  # tap: its name when trained; the index must still name it
+    now = source.tap(meta.layer, meta.where)["name"] if tap is not None else None  # (a module's code may change)
+    if tap is not None and now != tap:
         raise CheckpointError(f"branch {name!r} ({path}) was trained on tap {tap!r} of its source, which is now tap "
-                              f"{source.tap(branch.meta['layer'], branch.meta.get('where'))['name']!r} (the source's "
-                              f"module changed); retrain the branch{hint}")
-    for role, model, key in (("source", source, "source_fingerprint"), ("parent", parent, "parent_fingerprint")):
-        if branch.meta.get(key) != model.fingerprint():
+                              f"{now!r} (the source's module changed); retrain the branch{hint}")
+    for role, model, recorded in (("source", source, meta.source_fingerprint),
+                                  ("parent", parent, meta.parent_fingerprint)):
+        if recorded != model.fingerprint():
             raise CheckpointError(
-                f"branch {name!r} ({path}) was trained on a different {role} ({branch.meta.get(key)}) than "
-                f"{model.meta.get('path', role)} ({model.fingerprint()}); retrain the branch{hint}")
+                f"branch {name!r} ({path}) was trained on a different {role} ({recorded}) than "
+                f"{(model.meta and model.meta.path) or role} ({model.fingerprint()}); retrain the branch{hint}")
 
 
 def load_folder(models_dir, config: TreeConfig | None = None, asked: str = "--models ") -> tuple[TreeConfig,
@@ -163,11 +165,11 @@ def load_folder(models_dir, config: TreeConfig | None = None, asked: str = "--mo
     models: dict[str, Model] = {}
     for path in files:
         model = read_model(path, f"remove it from {directory} or train it again")
-        name = model.meta.get("name")
-        if not isinstance(name, str):
-            raise CheckpointError(f"{path} records no node name; it was not written by branching")
+        if not isinstance(model.meta, NodeMeta):
+            raise CheckpointError(f"{path} records no tree node; it was not written by branching run")
+        name = model.meta.name
         if name in models:
-            raise CheckpointError(f"{path} and {models[name].meta['path']} both hold node {name!r}; keep one")
+            raise CheckpointError(f"{path} and {models[name].meta.path} both hold node {name!r}; keep one")
         models[name] = model
     fix = None
     if config is None:
@@ -187,7 +189,7 @@ def load_folder(models_dir, config: TreeConfig | None = None, asked: str = "--mo
 
 def _recorded_tree(models: dict[str, Model], directory) -> TreeConfig | None:
     """The tree the models were trained as, recorded in each of them (None for files written before)."""
-    recorded = {name: m.meta["tree"] for name, m in models.items() if m.meta.get("tree") is not None}
+    recorded = {name: m.meta.tree for name, m in models.items() if m.meta.tree is not None}
     if not recorded:
         return None
     trees = {name: {k: v for k, v in tree.items() if k != "path"} for name, tree in recorded.items()}
@@ -201,7 +203,7 @@ def _recorded_tree(models: dict[str, Model], directory) -> TreeConfig | None:
     except MissingPackageError:  # not the files' fault: the message names what to install
         raise
     except ConfigError as e:
-        raise CheckpointError(f"{models[first].meta['path']} records an invalid tree ({e})") from None
+        raise CheckpointError(f"{models[first].meta.path} records an invalid tree ({e})") from None
 
 
 def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
@@ -210,7 +212,7 @@ def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
     tree: dict = {"parent": None, "branches": {}, "path": str(directory)}
     for name, model in models.items():
         meta = model.meta
-        node = {"classes": list(meta.get("classes", []))}
+        node = {"classes": list(meta.classes)}
         if not model.net_kind.fingerprinted():  # an MLP: its layers are its architecture
             node.update(hidden=list(model.architecture[1:-1]), activation=model.activation)
         else:
@@ -218,8 +220,8 @@ def _config_from_models(models: dict[str, Model], directory) -> TreeConfig:
         if name == "parent":
             tree["parent"] = node
         else:
-            tree["branches"][name] = {"from": meta.get("source"), "layer": meta.get("layer"),
-                                      "where": meta.get("where"), "pool": meta.get("pool"), **node}
+            tree["branches"][name] = {"from": meta.source, "layer": meta.layer, "where": meta.where,
+                                      "pool": meta.pool, **node}
     try:
         return config_from_dict(tree)
     except ConfigError as e:

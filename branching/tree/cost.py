@@ -62,7 +62,7 @@ def trunk_flops(models, node: str, layer: int | None = None) -> int:
     if not kind.encoded:
         return 0
     if node != "parent":
-        layer = models[chain(models, node)[1]].meta["layer"]
+        layer = models[chain(models, node)[1]].meta.layer
     elif layer is None:
         layer = parent.shape["head_layer"]
     return kind.trunk_flops(parent.shape, read(models, "parent", layer)[1])

@@ -20,6 +20,7 @@ from torch import nn
 from branching.acceptance.rule import Acceptance
 from branching.errors import CheckpointError
 from branching.models.forward import extract, node_inputs, read
+from branching.models.meta import JudgeMeta
 from branching.models.model import Model
 from branching.tree.checkpoint import read_model
 
@@ -44,7 +45,7 @@ def is_judge_file(path) -> bool:
 
 def judge_reads(models: dict[str, Model], node: str, spec, default_where: str = "pre") -> list[tuple]:
     """(source, layer, where, pool) of each tap a judge of `node` (config.SelfEvalSpec `spec`) reads."""
-    source = "parent" if node == "parent" else models[node].meta["source"]
+    source = "parent" if node == "parent" else models[node].meta.source
     where = models[source].net_kind.branch_where(spec.where, default_where)
     return [read(models, source, layer, where, spec.pool) for layer in spec.layers]
 
@@ -80,12 +81,11 @@ class Judge:
     def __init__(self, model: Model):
         meta = model.meta
         self.model = model
-        self.node = meta["judges"]
-        self.reads = [tuple(r) for r in meta["reads"]]
-        self.tap_widths = meta.get("tap_widths")  # recorded at training (absent in older judges)
-        self.use_logits = bool(meta["logits"])
-        self.mean = np.asarray(meta["feature_mean"], dtype=np.float32)
-        self.std = np.asarray(meta["feature_std"], dtype=np.float32)
+        self.node = meta.judges
+        self.reads = list(meta.reads)
+        self.tap_widths = meta.tap_widths  # recorded at training (absent in older judges)
+        self.use_logits = bool(meta.logits)
+        self.mean, self.std = meta.feature_mean, meta.feature_std
         self.flops = 2 * sum(a * b for a, b in zip(model.architecture[:-1], model.architecture[1:]))
         # laid out for x @ W, the standardisation folded into the first layer where that keeps precision
         # (as routing does with the parent's normalisation): the judge costs a few matrix products
@@ -168,10 +168,10 @@ class Judge:
         return self.probability_of(extract(models, self.reads, X), logits)
 
 
-def save(models_dir, node: str, model: Model, meta: dict) -> Path:
+def save(models_dir, node: str, model: Model, meta: JudgeMeta) -> Path:
     path = path_of(models_dir, node)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path, meta={**meta, "fingerprint": model.fingerprint()})
+    model.save(path, meta=meta.replace(fingerprint=model.fingerprint()))
     return path
 
 
@@ -184,11 +184,11 @@ def load(models_dir, node: str, judged: Model) -> Judge:
                               f"needs; {fix}")
     model = read_model(path, fix)
     meta = model.meta
-    if meta.get("kind") != "selfeval" or meta.get("judges") != node:
+    if not isinstance(meta, JudgeMeta) or meta.judges != node:
         raise CheckpointError(f"{path} is not the self-evaluation branch of {node!r}; {fix}")
-    if meta.get("node_fingerprint") != judged.fingerprint():
-        raise CheckpointError(f"{path} judges another model than {judged.meta.get('path', node)} (fingerprint "
-                              f"{meta.get('node_fingerprint')} against {judged.fingerprint()}); {fix}")
+    if meta.node_fingerprint != judged.fingerprint():
+        raise CheckpointError(f"{path} judges another model than {judged.meta.path or node} (fingerprint "
+                              f"{meta.node_fingerprint} against {judged.fingerprint()}); {fix}")
     return Judge(model)
 
 
@@ -197,10 +197,10 @@ def load_for(models: dict[str, Model], node: str) -> Judge | None:
     model = models[node]
     if Acceptance.of(model.meta).score != "selfeval":
         return None
-    if "path" not in model.meta:
+    if model.meta.path is None:
         raise CheckpointError(f"the model of {node!r} was not loaded from a file, so its self-evaluation branch "
                               f"cannot be found; load the tree from its models folder")
-    return load(Path(model.meta["path"]).parent, node, model)
+    return load(Path(model.meta.path).parent, node, model)
 
 
 def _table(node: str) -> str:

@@ -31,7 +31,7 @@ class NodePredictor:
         self.models, self.name, self.device = models, name, device
         self.chain = tuple(config.chain(name))
         self.classes = self.answerable = tuple(config.node(name).classes)
-        self.normalizer = Normalizer.from_dict(models["parent"].meta["normalization"])
+        self.normalizer = Normalizer.from_dict(models["parent"].meta.normalization)
         self.acceptance = Acceptance.of(models[name].meta)
         self.judge = judge.load_for(models, name)  # its self-evaluation branch, when it accepts by one
         # the threshold it compares with: its rule's (None without one: it accepts every answer)

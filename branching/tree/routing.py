@@ -206,7 +206,7 @@ class TreePredictor:
         self.config = config
         self.classes = config.classes()  # the parent's, and any new classes of an entry branch's subtree
         parent = models["parent"]
-        normalizer = Normalizer.from_dict(parent.meta["normalization"])
+        normalizer = Normalizer.from_dict(parent.meta.normalization)
         self.nodes: list[_Node] = []
         by_name: dict[str, _Node] = {}
         for i, spec in enumerate(config.nodes()):
@@ -237,8 +237,13 @@ class TreePredictor:
         """The classes an image can be answered with: the tree's, or from an entry branch that branch's."""
         return self.classes if self.entry is None else tuple(self.entry.spec.classes)
 
+    @property
+    def routed(self) -> list[_Node]:
+        """The nodes an input can reach: every node, or an entry branch's subtree."""
+        return [n for n in self.nodes if self.entry is None or self.entry.name in self.config.chain(n.name)]
+
     def parent_depth(self) -> int:  # the parent's taps it needs (forward.parent_depth): an entry's subtree's
-        running = [n for n in self.nodes if self.entry is None or self.entry.name in self.config.chain(n.name)]
+        running = self.routed
         return parent_depth(self.models, [n.name for n in running], [n.judge.reads for n in running if n.judge])
 
     @property

@@ -18,6 +18,7 @@ import torch
 from branching.data.normalization import Normalizer
 from branching.models import nets
 from branching.models.forward import chain
+from branching.models.meta import NodeMeta
 from branching.models.model import Model
 from branching.tree import cost
 from branching.tree.routing import TreePredictor
@@ -37,12 +38,12 @@ def original_style(chain: list[Model], normalizer: Normalizer, images: np.ndarra
         with torch.no_grad():
             for source, reader in zip(chain[:-1], chain[1:]):
                 caught = {}
-                module = source.net.get_submodule(source.tap(reader.meta["layer"], reader.meta["where"])["module"])
+                module = source.net.get_submodule(source.tap(reader.meta.layer, reader.meta.where)["module"])
                 hook = module.register_forward_hook(
                     lambda module, inputs, output: caught.__setitem__("x", output))
                 source.net(x)
                 hook.remove()
-                x = nets.pool(caught["x"], reader.meta.get("pool") or "flat")
+                x = nets.pool(caught["x"], reader.meta.pool or "flat")
             probabilities = torch.softmax(chain[-1].net(x), dim=1)[0].numpy()
         predicted[i], confidence[i] = probabilities.argmax(), probabilities.max()
     return predicted, confidence
@@ -53,8 +54,8 @@ def batched_extraction(chain: list[Model], normalizer: Normalizer, images: np.nd
     """torchly's batched get_activations along the chain (each model only up to the layer read), then the branch."""
     x = normalizer.transform(images)
     for source, reader in zip(chain[:-1], chain[1:]):
-        x = source.get_activations(x, layer=reader.meta["layer"], where=reader.meta["where"],
-                                   pool=reader.meta.get("pool"), batch_size=batch_size)
+        x = source.get_activations(x, layer=reader.meta.layer, where=reader.meta.where,
+                                   pool=reader.meta.pool, batch_size=batch_size)
     probabilities = chain[-1].predict_proba(x)
     return probabilities.argmax(axis=1), probabilities.max(axis=1)
 
@@ -66,7 +67,7 @@ def chain_flops(chain: list[Model], full: bool) -> int:
     for source, reader in zip(chain[:-1], chain[1:]):
         x = torch.zeros(1, source.architecture[0])
         total += cost.counted(lambda: source.net(x) if full else
-                              source.hidden_forward(x, reader.meta["layer"], reader.meta["where"]))
+                              source.hidden_forward(x, reader.meta.layer, reader.meta.where))
     return total + cost.counted(lambda: chain[-1].net(torch.zeros(1, chain[-1].architecture[0])))
 
 
@@ -155,10 +156,10 @@ def random_tree(config, seed: int = 0) -> dict[str, Model]:
         width = pixels if spec.source is None else models[spec.source].width(spec.layer, where, spec.pool)
         model = Model(spec.net_kind.architecture(width, spec.hidden, len(spec.classes)), activation=spec.activation,
                       seed=seed + i, kind=spec.kind, shape=spec.shape_dict)
-        model.meta = {"name": spec.name, "classes": list(spec.classes)}
         if spec.source is None:
-            model.meta["normalization"] = norm.to_dict()
+            model.meta = NodeMeta("parent", spec.name, list(spec.classes), normalization=norm.to_dict())
         else:
-            model.meta.update(source=spec.source, layer=spec.layer, where=where, pool=spec.pool)
+            model.meta = NodeMeta("branch", spec.name, list(spec.classes), source=spec.source, layer=spec.layer,
+                                  where=where, pool=spec.pool)
         models[spec.name] = model.freeze()
     return models
