@@ -280,8 +280,11 @@ function show(answer) {  // textContent only: labels and names are data, never m
 }
 async function ask(body, type) {
   $("answer").textContent = "...";
-  const r = await fetch("predict", {method: "POST", headers: {"Content-Type": type}, body});
-  const data = await r.json();
+  let r, data;
+  try {
+    r = await fetch("predict", {method: "POST", headers: {"Content-Type": type}, body});
+    data = await r.json();
+  } catch (e) { $("answer").textContent = "error: no answer from the server (" + e + ")"; return; }
   if (!r.ok) { $("answer").textContent = "error: " + data.error; return; }
   show(data.answers[0]);
 }
