@@ -34,7 +34,9 @@ from branching.models.device import resolve_device
 from branching.models.nets import image_side
 from branching.tree.checkpoint import load_folder
 from branching.tree.predict import NodePredictor
+from branching.tree.cascade import Cascade
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor
+from branching.tree.staged import CascadePredictor
 
 
 PYTHON_NAMES = {"models": "", "node": "node=", "branch": "branch="}  # how messages name load's arguments
@@ -94,12 +96,12 @@ class Tree:
 
     @classmethod
     def load(cls, path, device="auto", *, node: str | None = None, branch: str | None = None,
-             config=None, names: dict = PYTHON_NAMES) -> Tree:
+             config=None, exits: bool = True, names: dict = PYTHON_NAMES) -> Tree:
         """The tree a run wrote to `path` (its OUT or OUT/models), or an exported tree (a .onnx file, run by
         onnxruntime; the whole routed tree only). `device`: "auto" (CUDA when there is one), "cpu" or "cuda";
         `config` (a TreeConfig or a TOML path): the tree the files must match; `node`: that node alone, over its
-        classes; `branch`: routing from that branch. `names`: how messages name the arguments (CLI_NAMES: as
-        flags)."""
+        classes; `branch`: routing from that branch; `exits`: False answers a tree with early exits by its full trunk
+        (as if it had none). `names`: how messages name the arguments (CLI_NAMES: as flags)."""
         device = resolve_device(device)
         if Path(path).suffix == ".onnx":  # an exported tree, run by onnxruntime on the CPU
             if node is not None or branch is not None or config is not None:
@@ -113,6 +115,9 @@ class Tree:
         if node is not None and branch is not None:
             raise ConfigError("pass node= (that node alone) or branch= (routing from that branch), not both")
         config, models = load_folder(path, config, asked=names["models"])
+        if exits and config.exits() and node is None and branch is None:  # answers at its exits, the trunk run tap by tap
+            cascade = Cascade.load(Path(next(iter(models.values())).meta.path).parent, models)
+            return cls(CascadePredictor(config, models, cascade, device), config, device)
         predictor = (TreePredictor(config, models, branch, device=device, asked=names["branch"]) if node is None
                      else NodePredictor(config, models, node, device=device, asked=names["node"]))
         return cls(predictor, config, device)
@@ -134,7 +139,7 @@ class Tree:
     def nodes(self) -> tuple[str, ...]:
         """The nodes that can answer: the tree's (from `branch`, that branch's subtree), or `node`'s chain."""
         if isinstance(self.predictor, TreePredictor):
-            return tuple(n.name for n in self.predictor.routed)
+            return tuple(n.name for n in self.predictor.routed) + tuple(getattr(self.predictor, "exits", ()))
         return tuple(self.predictor.chain)
 
     @property
@@ -205,6 +210,8 @@ class Tree:
         through a frozen network, its vectors, as deep as the nodes asked read; else the pixels as they are."""
         if self.kind is None or not self.kind.encoded:  # an exported graph encodes inside it
             return np.asarray(inputs)
+        if getattr(self.predictor, "reads_raw", False):  # a cascade runs the trunk itself, tap by tap
+            return inputs if self.reads == "texts" else np.asarray(inputs)
         if not len(inputs):
             return np.zeros((0, self.parent.architecture[0]), np.float32)
         with self._encoding:
@@ -340,9 +347,10 @@ def _hwc_uint8(i: int, item) -> np.ndarray:
     raise DataError(f"input {i}: an array of {a.dtype}; pass uint8 0..255 or floats in 0..1")
 
 
-def load(path, device="auto", *, node: str | None = None, branch: str | None = None, config=None) -> Tree:
+def load(path, device="auto", *, node: str | None = None, branch: str | None = None, config=None,
+         exits: bool = True) -> Tree:
     """branching.load("runs/c6"): see Tree.load."""
-    return Tree.load(path, device, node=node, branch=branch, config=config)
+    return Tree.load(path, device, node=node, branch=branch, config=config, exits=exits)
 
 
 def fit(config, data, out, seed: int = 0, *, recipe: str = "default", max_epochs: int | None = None,

@@ -15,6 +15,7 @@ from branching.config.tree import (ACCEPT_KEYS, BRANCH_KEYS, BRANCH_NAME, DEFAUL
                                    DEFAULT_DELTA, DEFAULT_FOLDS, DEFAULT_SELFEVAL_HIDDEN, DATA_KEYS, IMAGE_SIZES,
                                    RULE_KEYS, SELFEVAL_KEYS, TOP_KEYS, Acceptance, NodeSpec, SelfEvalSpec,
                                    TreeConfig, parent_keys)
+from branching.config.exits import check_exits, check_kind, exit_tables
 from branching.config.table import Table, is_int, one_line, parse_toml, show
 from branching.errors import ConfigError, did_you_mean, past_or_close
 from branching.models import nets
@@ -137,7 +138,7 @@ def _parse_node(origin: str, name: str, data: Any, image_size: int | None = None
             raise t.error("layer", "must be an integer index into the source's taps or a tap's name",
                           "write e.g. layer = 1, layer = -1 or layer = \"stage2\"")
         fields.update(source=source, layer=layer, where=t.choice("where", WHERE, None), new_classes=bool(t.flag("new_classes")),
-                      pool=t.choice("pool", pool_names(), None))
+                      pool=t.choice("pool", pool_names(), None), exit=bool(t.flag("exit")))
     return fields
 
 
@@ -153,6 +154,10 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {show(raw)}; "
                           f"write each branch as a [branches.NAME] section")
+    for name, table in exit_tables(origin, top.data["parent"]).items():  # [parent] exits = [...]
+        if name in raw:
+            raise ConfigError(f"{origin}: [branches.{name}] has the name of the exit [parent] exits gives; rename it")
+        raw = {**raw, name: table}
     for name, spec in raw.items():
         if not BRANCH_NAME.fullmatch(name) or name == "parent":
             raise ConfigError(f"{origin}: invalid branch name {name!r} in [branches]; use letters, "
@@ -179,6 +184,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
                 cycle = seen[seen.index(seen[-1]):]
                 raise ConfigError(f"{origin}: branches form a cycle: {' -> '.join(cycle)}; "
                                   f"change 'from' of branch {cycle[0]!r} so the chain ends at parent")
+    check_kind(origin, nodes, top.data["parent"])
     for name, node in list(nodes.items())[1:]:
         source = nodes[node["source"]]
         table = f"[branches.{name}]"
@@ -195,13 +201,14 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         if node["new_classes"] and not outside:
             raise ConfigError(f"{origin}: {table} new_classes: is true but every class is one of source "
                               f"{source['name']!r}'s; remove new_classes (or add the new classes)")
+    cascade = check_exits(origin, nodes, top.data["parent"])
     for node in nodes.values():
         _resolve_selfeval(origin, node, nodes, side)
     if kind.encoded:
         _set_depth(nodes)
     for source in nodes:
         children = [(name, set(node["classes"])) for name, node in list(nodes.items())[1:]
-                    if node["source"] == source and not node["new_classes"]]
+                    if node["source"] == source and not node["new_classes"] and not node["exit"]]
         for i, (a, classes_a) in enumerate(children):
             for b, classes_b in children[i + 1:]:
                 if classes_a & classes_b:
@@ -223,7 +230,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
         node.pop("width", None)
     specs = {name: NodeSpec(**fields) for name, fields in nodes.items()}
     parent = specs.pop("parent")
-    return TreeConfig(parent=parent, branches=specs, path=path, image_size=image_size)
+    return TreeConfig(parent=parent, branches=specs, path=path, image_size=image_size, cascade=cascade)
 
 
 def _set_depth(nodes: dict) -> None:

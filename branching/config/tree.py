@@ -34,9 +34,11 @@ DATA_KEYS = ("image_size",)
 IMAGE_SIZES = (8, 1024)  # the range of [data] image_size
 def parent_keys() -> tuple[str, ...]:
     """The keys of every parent, then those of each registered kind (branching.models.kinds lists them)."""
-    return ("classes", "kind", "hidden", "activation", *config_keys(), "dropout", "accept", "selfeval")
+    return ("classes", "kind", "hidden", "activation", *config_keys(), "dropout", "accept", "selfeval", "exits",
+            "cascade")
 BRANCH_KEYS = ("classes", "new_classes", "from", "layer", "hidden", "where", "pool", "activation", "dropout", "accept",
-               "selfeval")
+               "selfeval", "exit")
+CASCADE_KEYS = ("risk", "delta", "budget")
 ACCEPT_KEYS = ("rule", "threshold", "coverage", "risk", "delta", "calibrate", "temperature", "score")
 RULE_KEYS = {"threshold": ("threshold",), "coverage": ("coverage",), "risk": ("risk", "delta")}
 
@@ -73,6 +75,7 @@ class NodeSpec:
     pool: str | None = None        # how a branch turns its tap into a vector (None: the tap's default)
     new_classes: bool = False      # a branch with classes its source never trained on (a standalone specialist)
     selfeval: SelfEvalSpec | None = None  # the self-evaluation branch that judges this node, if declared
+    exit: bool = False             # an early exit on the parent's trunk (answers before the trunk goes on)
 
     @property
     def shape_dict(self) -> dict:
@@ -97,15 +100,34 @@ class NodeSpec:
         return self.classes.index(name)
 
 
+@dataclass(frozen=True)
+class CascadeSpec:
+    """How a parent's exits are fitted together ([parent.cascade]): at most `risk` error on what the cascade
+    answers, with probability at least 1 - `delta`; or, with `budget`, the most accurate cascade within a mean of
+    that many MFLOPs an input."""
+
+    risk: float | None = None
+    delta: float = DEFAULT_DELTA
+    budget: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"risk": self.risk, "delta": self.delta} if self.budget is None else {"budget": self.budget}
+
+
 @dataclass
 class TreeConfig:
-    """The parent and its branches (in file order), the file they came from, and the side of the square
-    images the tree reads ([data] image_size; None: 32, CIFAR's)."""
+    """The parent and its branches (in file order), the file they came from, the side of the square
+    images the tree reads ([data] image_size; None: 32, CIFAR's), and how its exits answer (if it has exits)."""
 
     parent: NodeSpec
     branches: dict[str, NodeSpec]
     path: str | None = None
     image_size: int | None = None
+    cascade: CascadeSpec | None = None
+
+    def exits(self) -> list[NodeSpec]:
+        """The early exits on the parent's trunk, shallowest first (the parent's head answers after them)."""
+        return sorted((b for b in self.branches.values() if b.exit), key=lambda b: b.layer)
 
     @property
     def side(self) -> int:
@@ -143,9 +165,9 @@ class TreeConfig:
         return ordered
 
     def children(self, name: str) -> list[NodeSpec]:
-        """Branches that read node `name` directly."""
+        """Branches that read node `name` directly (the exits, which answer before the parent, are none of them)."""
         self.node(name)
-        return [n for n in self.nodes() if n.source == name]
+        return [n for n in self.nodes() if n.source == name and not n.exit]
 
     def chain(self, name: str) -> list[str]:
         """Names from the parent down to `name`: ["parent", ..., name]."""
@@ -161,10 +183,13 @@ class TreeConfig:
 
     def routed(self, entry: str | None = None) -> TreeConfig:
         """The tree that routing walks: every node but the standalone ones (see `standalone`), except those
-        at or below `entry`, the branch that routing starts from when asked to."""
+        at or below `entry`, the branch that routing starts from when asked to, and but the exits (which answer
+        before it: branching.tree.cascade)."""
         above = set(self.chain(entry)) if entry is not None and entry in self.branches else set()
-        kept = {n: b for n, b in self.branches.items() if not self.standalone(n) or entry in self.chain(n) or n in above}
-        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path, self.image_size)
+        kept = {n: b for n, b in self.branches.items()
+                if not b.exit and (not self.standalone(n) or entry in self.chain(n) or n in above)}
+        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path, self.image_size,
+                                                                       self.cascade)
 
     def reading_every_tap(self) -> TreeConfig:
         """The same tree with an encoded parent encoding every tap (probe-layers and compare read them all); other
@@ -174,7 +199,7 @@ class TreeConfig:
         shape = self.parent.net_kind.every_tap(self.parent.shape_dict)
         return TreeConfig(replace(self.parent, shape=tuple((k, tuple(v) if isinstance(v, list) else v)
                                                            for k, v in shape.items())),
-                          self.branches, self.path, self.image_size)
+                          self.branches, self.path, self.image_size, self.cascade)
 
     def classes(self) -> tuple[str, ...]:
         """Every class of the tree: the parent's, then the new classes of its branches, in file order."""
@@ -187,7 +212,8 @@ class TreeConfig:
     def to_dict(self) -> dict:
         """JSON-serialisable dict in the TOML schema (None values left out) plus `path`."""
         data = {} if self.image_size is None else {"data": {"image_size": self.image_size}}
-        return {**data, "parent": node_to_dict(self.parent),
+        cascade = {} if self.cascade is None else {"cascade": self.cascade.to_dict()}
+        return {**data, "parent": {**node_to_dict(self.parent), **cascade},
                 "branches": {n: node_to_dict(b) for n, b in self.branches.items()},
                 "path": self.path}
 
@@ -237,6 +263,8 @@ def node_to_dict(node: NodeSpec) -> dict:
         d = {"classes": d.pop("classes"), "from": node.source, "layer": node.layer, **d}
     if node.new_classes:
         d["new_classes"] = True
+    if node.exit:
+        d["exit"] = True
     extra = {"where": node.where, "pool": node.pool,
              "activation": node.activation if kind.hidden_default is not None else None, "dropout": node.dropout}
     d.update({k: v for k, v in extra.items() if v is not None})

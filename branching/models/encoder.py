@@ -234,6 +234,42 @@ class Encoder:
                 h.remove()
         return found
 
+    def embed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+        """The token states at the embeddings (tap 0) and the other arguments the model passes its first layer (the
+        attention mask as it prepares it): what `run_layer` takes to go on one layer at a time."""
+        found = {}
+
+        def capture(module, args, kwargs):
+            found.update(args=args, kwargs=kwargs)
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, attention_mask=mask)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        args = found["args"]
+        return (args[0] if args else found["kwargs"].pop("hidden_states")), tuple(args[1:]), found["kwargs"]
+
+    def run_layer(self, i: int, states: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Layer i on token states, with embed's other arguments: as the model's own loop calls it."""
+        out = self.layers[i](states, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def layer_flops(self, tokens: int) -> tuple[int, int]:
+        """FLOPs (torch's counter) of the embeddings and of one layer, for one text of `tokens` tokens."""
+        from torch.utils.flop_counter import FlopCounterMode
+        ids = torch.full((1, tokens), self.tokenizer.pad_token_id or 0, dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            states, args, kwargs = self.embed(ids, mask)
+        embeddings = int(counter.get_total_flops())
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            self.run_layer(0, states, args, kwargs)
+        return embeddings, int(counter.get_total_flops())
+
     def encode(self, texts: list[str], depth: int, progress: bool = True,
                desc: str = "encoding texts") -> tuple[np.ndarray, np.ndarray]:
         """(vectors float32 (N, depth * len(TEXT_POOLS) * width): every pooling at every tap up to depth, in

@@ -23,7 +23,7 @@ __all__ = ["DEFAULT_THRESHOLD", "META_SCHEMA", "JudgeMeta", "MetaError", "NodeMe
 
 META_SCHEMA = 2
 DEFAULT_THRESHOLD = 0.96  # routing threshold of parents saved before their recipe's was recorded (schema 1)
-_ROWS = ("train_rows", "val_rows", "new_class_val_rows")
+_ROWS = ("train_rows", "val_rows", "new_class_val_rows", "calibration_rows")
 _FILE_KEYS = ("module", "weights", "weights_sha256")  # a frozen module parent's, flat in schema 1
 
 
@@ -40,6 +40,7 @@ class NodeMeta:
     "crop"}), tree (TreeConfig.to_dict of the tree it was trained in), train_rows and val_rows (rows of the training
     split), fingerprint (Model.fingerprint of the weights).
     A parent: normalization (Normalizer.to_dict), new_class_val_rows (held out of classes it does not know),
+    calibration_rows (held out of every node, on which a tree's exits are fitted together: branching.tree.cascade),
     files (what a frozen parent was loaded from, with sha256).
     A branch: source, layer, where, pool (the tap it reads), tap (that tap's name), source_fingerprint and
     parent_fingerprint (the models it was trained on), validation ("parent" or "own")."""
@@ -59,6 +60,7 @@ class NodeMeta:
     fingerprint: str | None = None
     normalization: dict | None = None
     new_class_val_rows: np.ndarray | None = None
+    calibration_rows: np.ndarray | None = None
     files: dict | None = None
     source: str | None = None
     layer: int | str | None = None

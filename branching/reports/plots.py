@@ -149,3 +149,28 @@ def confusion(matrix, classes, title: str, path: Path) -> Path:
                     color="white" if matrix[i, j] > high else "black")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def cascade_curve(calibration: list[dict], test: list[dict], chosen: float | None, title: str, path: Path) -> Path:
+    """Accuracy (every input's answer) against mean MFLOPs an input, for every threshold the cascade tried, on the
+    calibration inputs (where it was chosen) and on the test split; the full trunk and the chosen setting marked."""
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    for points, label, colour in ((calibration, "calibration (where it was chosen)", PARENT_COLOUR),
+                                  (test, "test", BRANCH_COLOUR)):
+        ax.plot([p["mflops"] for p in points], [100 * p["accuracy"] for p in points], marker=".", color=colour,
+                label=label)
+        full = next(p for p in points if p["threshold"] is None)
+        ax.plot(full["mflops"], 100 * full["accuracy"], marker="s", markersize=9, markerfacecolor="none",
+                color=colour, linestyle="none", label=f"full trunk ({label.split(' ')[0]})")
+        picked = next((p for p in points if p["threshold"] == chosen), None)
+        if picked is not None and chosen is not None:
+            ax.plot(picked["mflops"], 100 * picked["accuracy"], marker="o", markersize=11, markerfacecolor="none",
+                    markeredgewidth=2, color=colour, linestyle="none",
+                    label=f"chosen: threshold {chosen:.4f} ({label.split(' ')[0]})")
+    ax.set_xlabel("mean MFLOPs an input")
+    ax.set_ylabel("accuracy (% of inputs, every answer counted)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return _save(fig, path)

@@ -197,6 +197,8 @@ def write_report(out_dir, title: str | None = None) -> Path:
     blocks += scores_section(metrics, names)
     if metrics.get("tree"):
         blocks += tree_section(metrics["tree"])
+    if metrics.get("cascade"):
+        blocks += cascade_section(out, metrics["cascade"], run)
     for name in names:
         blocks += node_section(out, metrics, name, classes, run)
     return write_documents(out, blocks, title or f"Neural Branching run ({run})", metrics["config"]["parent"].get("kind"))
@@ -223,6 +225,29 @@ def tree_section(tree: dict) -> list[tuple]:
               ["accuracy on accepted", pct(tree.get("accepted_accuracy")) + interval(tree.get("accepted_accuracy_ci"))],
               ["reached", ", ".join(f"{k} {v}" for k, v in tree["reached"].items())],
               ["rejected at", ", ".join(f"{k} {v}" for k, v in tree["rejected_at"].items())]])]
+
+
+def cascade_section(out: Path, m: dict, run: str) -> list[tuple]:
+    """The early exits (branching.tree.cascade): the setting chosen, against the full trunk and each exit alone on
+    the test split, and the accuracy-cost curve of every setting tried."""
+    rows = [[name, pct(p["accuracy"]) + interval(p.get("accuracy_ci")), num(p["mflops"], 1),
+             pct(p["mflops"] / m["full_trunk"]["mflops"]), pct(p["coverage"]), pct(p["risk"]),
+             ", ".join(pct(s) for s in p["exits"])]
+            for name, p in [("cascade", m["cascade"]), ("full trunk", m["full_trunk"]),
+                            *[(f"{n} alone", p) for n, p in m["single_exit"].items()]]]
+    chosen = (f"threshold {num(m['threshold'], 4)}" if m["threshold"] is not None else "no exit answers") + (
+        f", risk bound {num(m['bound'], 4)}" if m.get("bound") is not None else "")
+    figure = plots.cascade_curve(m["calibration_curve"], m["test_curve"], m["threshold"],
+                                 f"exits {', '.join(m['exits'])}: accuracy against cost ({run})",
+                                 out / "plots" / "cascade.png")
+    return [("h2", "Early exits"),
+            ("p", f"An input is answered at the first exit whose calibrated confidence reaches the threshold; the "
+                  f"others go on through the trunk to the tree. Asked: {m['rule']}; fitted on "
+                  f"{m['calibration_samples']} calibration inputs held out of every node: {chosen}"
+                  + ("." if m["attained"] else f"; not met: {m['reason']}.")),
+            ("table", ["", "accuracy", "MFLOPs an input", "of the full trunk", "coverage", "error on answered",
+                       "answered at each exit"], rows),
+            ("img", str(figure.relative_to(out)), figure.stem)]
 
 
 SCORE_LABELS = {"msp_1": "max softmax, T = 1", "msp_t": "max softmax, fitted T", "doctor": "DOCTOR",

@@ -27,6 +27,7 @@ from branching.models.forward import augment_transform, extract, mirror_all, rea
 from branching.models.kinds import ParentKind
 from branching.models.meta import NodeMeta
 from branching.models.model import Model
+from branching.train.exits import calibration_split
 from branching.train.features import FeatureCache, branch_inputs
 
 ORIGINAL_BRANCH_SPLIT_SEED = 42  # the original's random_state for a branch's 80/20 split
@@ -187,6 +188,7 @@ def encoded_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int
     labels, rows = data.node_labels("train", spec)
     vectors = data.train.images
     train_idx, val_idx = _hold_out(data, rows, labels, r.validation, seed)
+    train_idx, calibration = calibration_split(config, rows, labels, train_idx, seed)  # None without exits
     normalizer = fit_normalizer(kind, vectors, rows[train_idx])
     X = normalizer.lazy(vectors, mirrored=data.mirrored)[rows]
     dropout = spec.dropout if spec.dropout is not None else r.dropout
@@ -208,8 +210,8 @@ def encoded_parent(config: TreeConfig, data: TreeData, recipe: Recipe, seed: int
         val_logits = model.logits(X[val_idx])
         acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], what, child_groups(config, "parent"))
     model.freeze()
-    return model, _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance,
-                               val_logits), normalizer
+    meta = _parent_meta(config, data, recipe, seed, normalizer, rows, train_idx, val_idx, history, acceptance, val_logits)
+    return model, meta.replace(calibration_rows=calibration), normalizer
 
 
 def train_transform(X, normalizer: Normalizer, r):
@@ -246,6 +248,9 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
     parent = models["parent"]
     normalizer = parent_normalizer(parent)
     labels, rows = data.node_labels("train", spec)
+    if parent.meta.calibration_rows is not None:  # the exits' cascade is fitted on them: no node sees them
+        kept = ~np.isin(rows, parent.meta.calibration_rows)
+        labels, rows = labels[kept], rows[kept]
     X = normalizer.lazy(data.train.images, mirrored=data.mirrored)[rows]
     validation = r.validation
     parent_val = set(held_out_rows(parent).tolist())
@@ -287,11 +292,13 @@ def train_branch(config: TreeConfig, name: str, models: dict[str, Model], data: 
                             **fit_kwargs(r, seed, progress, name, device))
     model.freeze()
     val_logits = model.logits(features_val)
-    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config), child_groups(config, name), notes)
+    acceptance = fit_acceptance(spec, r, val_logits, labels[val_idx], noun(config), child_groups(config, name),
+                                notes and not spec.exit)  # an exit answers by the cascade's threshold
     meta = NodeMeta(
         "branch", name, list(spec.classes), list(spec.hidden), seed=seed, recipe=recipe.to_dict(parent.kind),
         history=history, acceptance=acceptance.to_dict(),
-        acceptance_note=acceptance_note(spec, acceptance, val_logits, noun(config), child_groups(config, name)),
+        acceptance_note=None if spec.exit else acceptance_note(spec, acceptance, val_logits, noun(config),
+                                                               child_groups(config, name)),
         augmentation={"flip": r.flip, "crop": r.crop}, tree=config.to_dict(), train_rows=rows[train_idx],
         val_rows=rows[val_idx], source=spec.source, layer=spec.layer, where=where, pool=tap[3],
         tap=source.tap(*tap[1:3])["name"], source_fingerprint=source.fingerprint(),
@@ -336,8 +343,11 @@ def fit_acceptance(spec: NodeSpec, r, val_logits: np.ndarray, val_labels: np.nda
 def child_groups(config: TreeConfig, name: str) -> np.ndarray | None:
     """Classes x groups, 1 where a class is in a group: each child routing reaches from node `name`, then
     each class no child covers on its own (as routing groups them); None for a node without children."""
+    spec = config.node(name)
+    if spec.exit:  # an exit answers alone: nothing routes below it
+        return None
     routed = config.routed(None if name == "parent" else name)  # a standalone branch routes below itself
-    spec, children = config.node(name), routed.children(name)
+    children = routed.children(name)
     if not children:
         return None
     covered = {c for child in children for c in child.classes}

@@ -22,7 +22,7 @@ from branching.models.device import CPU, check_compile, on_device
 from branching.models.forward import node_inputs
 from branching.models.model import Model
 from branching.reports import seeds as seeds_summary
-from branching.train import selfeval
+from branching.train import exits, selfeval
 from branching.train.nodes import parent_normalizer, train_branch, train_parent
 from branching.tree import judge
 from branching.tree.checkpoint import ModelStore
@@ -53,6 +53,9 @@ def plan(config: TreeConfig, recipe: Recipe, seed: int, device) -> str:
               if spec.source == "parent" and kind.encoded else f"layer {spec.layer}")
         lines.append(f"  {spec.name}: {len(spec.classes)} classes, reading {spec.source} at {at}, up to "
                      f"{epochs(recipe.branch.epochs)}{stop(recipe.branch)}")
+    if config.exits():
+        lines.append(f"  then the exits' cascade ({', '.join(e.name for e in config.exits())}), fitted on held-out "
+                     f"calibration inputs for {config.cascade.to_dict()}")
     for spec in config.nodes():
         if spec.selfeval is not None:
             lines.append(f"  {spec.name}'s self-evaluation judge: {spec.selfeval.folds} cross-fitted copies of the node, "
@@ -156,6 +159,8 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
                           device=device)
     for line in data_notes(data).values():
         echo(f"note: {line}")
+    if config.exits():
+        exits.check_budget(config, data, device)
     log(plan(config, recipe, seed, device))
     store = ModelStore(out / "models")
     timings: dict[str, float] = {}
@@ -203,6 +208,8 @@ def _run(config, data_dir, out: Path, recipe, seed, download, progress, echo, re
         metrics["tree"], tree_rows = evaluate_tree(config, models, data, device)
         write_csv(out / "tree.csv", tree_rows, scores.PREDICTION_COLUMNS)
         echo(format_tree_report(metrics["tree"], config.parent.classes))
+        if config.exits():
+            metrics["cascade"] = exits.run_exits(config, models, data, store.directory, device, echo)
     else:
         metrics["tree"] = None
         echo("routed tree: not evaluated (the parent has no head to route by; predict --branch or --node NAME)")

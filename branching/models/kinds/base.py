@@ -35,6 +35,7 @@ class ParentKind:
     fused: bool = False               # routing runs its layers as fused NumPy arithmetic (an MLP of Linears)
     lists_layers: bool = False        # its architecture lists its hidden layers (the MLP's [in, hidden..., out])
     head_fix: str = ""                # how to give a parent of this kind a head, where it may have none
+    staged: bool = False              # its frozen trunk runs tap by tap (kind.stages): early exits can stop it
 
     @property
     def encoded(self) -> bool:

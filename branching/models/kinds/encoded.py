@@ -21,6 +21,7 @@ class EncodedKind(ParentKind):
     hidden_default = ()
     compare_methods = ("finetune_layer",)
     head_fix = "give the parent classes"
+    staged = True
     default_pool: str = ""
     last_probe: str = "last_layer_probe"  # compare's key of a linear probe on its last tap
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from branching.errors import ConfigError, MissingPackageError, past_or_close
@@ -77,6 +78,10 @@ class Pretrained(EncodedKind):
 
     def trunk_flops(self, shape: dict, layer: int) -> int:
         return trunks.tap_flops(shape["model"], shape["input_size"])[layer]
+
+    def tap_costs(self, shape: dict, inputs=None, device=None) -> np.ndarray:
+        """The trunk's FLOPs to each tap, (1, taps): the same for every image."""
+        return np.asarray(trunks.tap_flops(shape["model"], shape["input_size"]), np.float64)[None, :]
 
     def config_dict(self, shape, classes, hidden) -> dict:
         d = {"classes": list(classes)} if shape["head"] else {}

@@ -4,6 +4,7 @@ last over the attention mask) of its embeddings and of each layer up to the deep
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from branching.models import encoder
@@ -56,6 +57,17 @@ class Text(EncodedKind):
 
     def describe(self, shape: dict) -> str:
         return f"the transformer {shape['model']}"
+
+    def tap_costs(self, shape: dict, texts, device=None) -> np.ndarray:
+        """The transformer's FLOPs to each tap (embeddings, layer0, ...) for each text, (N, taps), at its own number
+        of tokens L: torch's count of a layer at 8 and 16 tokens, its term in L^2 at least attention's 2 x 2 x width
+        (the counter leaves out a fused attention)."""
+        found = encoder.cached(shape["model"], shape["max_length"], device or torch.device("cpu"))
+        lengths = np.array([len(ids) for ids in found.tokenize(list(texts))[0]], np.float64)
+        (embeddings, c8), (_, c16) = found.layer_flops(8), found.layer_flops(16)
+        square = max((c16 - 2 * c8) / 128, 4 * found.width)
+        per_layer = lengths * (c8 - 64 * max((c16 - 2 * c8) / 128, 0)) / 8 + square * lengths ** 2
+        return embeddings / 8 * lengths[:, None] + per_layer[:, None] * np.arange(found.n_layers + 1)[None, :]
 
     def parse(self, table, classes, image_size, hidden=(), activation="relu") -> dict:
         return {**encoder.parse_keys(table, bool(classes)), "hidden": list(hidden), "activation": activation}

@@ -1,0 +1,232 @@
+"""Early exits: heads along a frozen trunk that answer before the trunk goes on, fitted together with a guarantee.
+
+An exit (config: `[parent] exits`, or `exit = true` on a branch; branching.config.exits) is a branch of the parent
+trained like any other. An input is answered at the first exit whose calibrated confidence (its max softmax at its
+own temperature) reaches the cascade's threshold, one threshold shared by every exit as CALM shares one; the inputs
+no exit takes go on through the trunk to the tree, which answers them as it would alone. The threshold comes from
+a fixed grid, fitted on the parent's calibration rows (held out of every node's training and validation):
+
+- `risk` r with `delta`: Learn-then-Test (Angelopoulos et al. 2021) with a Bonferroni correction: each setting's
+  error on the inputs it answers gets a one-sided Clopper-Pearson bound at level delta / (settings tried); of
+  those whose bound is at most r, the cheapest is chosen. With probability at least 1 - delta over the calibration
+  inputs every setting so passed errs on at most r of what it answers, the chosen one among them, whether or not
+  the error falls as the threshold rises (an exit can be better than the head: no order of the settings is safe
+  to assume). When none passes, no exit answers and the reason names the lowest bound reached.
+- `budget` C: the best accuracy (every input's answer, right or wrong) among the settings that cost at most C
+  MFLOPs a calibration input on average.
+
+Costs are FLOPs (2 a multiply-add) of the trunk to the tap each input stops at (a transformer's: for its own number
+of tokens), plus every head it passed through. The answers at any batch size are branching.tree.staged's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from branching.acceptance.rule import Acceptance
+from branching.acceptance.selective import risk_upper_bound
+from branching.errors import CheckpointError
+from branching.fileio import write_json
+from branching.models.forward import node_inputs
+from branching.tree.cost import counted
+from branching.tree.routing import TreePredictions, TreePredictor
+
+FILE = "cascade.json"
+FORMAT = "branching-cascade/1"
+# the thresholds tried, strictest first: none answers (inf), then 1 - 1e-4 down to 0.5
+GRID = (float("inf"), *[float(1 - 10 ** e) for e in np.linspace(-4, np.log10(0.5), 40)])
+
+
+@dataclass
+class ExitOutputs:
+    """Every exit's answer to every input: confidence and class (an index into the tree's classes), (exits, N),
+    and its calibrated probabilities over the tree's classes, (exits, N, classes)."""
+
+    confidence: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass
+class Costs:
+    """FLOPs of each input: answered at exit j (N, exits), or by the tree (N,)."""
+
+    at_exit: np.ndarray
+    full: np.ndarray
+
+
+@dataclass
+class Cascade:
+    """A fitted cascade: its exits (shallowest first), the shared threshold (None: no exit answers), what was
+    asked and how it was met, and every setting tried on the calibration inputs (`curve`)."""
+
+    exits: tuple
+    threshold: float | None
+    mode: str                      # "risk" or "budget"
+    asked: dict
+    attained: bool
+    reason: str | None
+    bound: float | None            # risk: the chosen setting's upper bound
+    samples: int
+    curve: list = field(default_factory=list)
+    fingerprints: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.mode == "risk":
+            return f"risk <= {100 * self.asked['risk']:g}% with confidence {100 * (1 - self.asked['delta']):g}%"
+        return f"budget {self.asked['budget']:g} MFLOPs an input"
+
+    def save(self, models_dir) -> Path:
+        path = Path(models_dir) / FILE
+        write_json(path, {"format": FORMAT, **asdict(self), "exits": list(self.exits)})
+        return path
+
+    @classmethod
+    def load(cls, models_dir, models: dict) -> Cascade:
+        """The cascade beside a tree's models, checked to have been fitted on exactly those models."""
+        path = Path(models_dir) / FILE
+        fix = "train the tree again with `branching run`"
+        if not path.is_file():
+            raise CheckpointError(f"no {FILE} in {models_dir}, which a tree with exits needs; {fix}")
+        try:
+            d = json.loads(path.read_text())
+            assert d.pop("format") == FORMAT
+            cascade = cls(**{**d, "exits": tuple(d["exits"])})
+        except (ValueError, TypeError, KeyError, AssertionError, OSError):
+            raise CheckpointError(f"{path} is not a cascade file of this version of branching; {fix}") from None
+        for name, fingerprint in cascade.fingerprints.items():
+            if name not in models or models[name].fingerprint() != fingerprint:
+                raise CheckpointError(f"{path} was fitted on another {name!r} than the one in {models_dir}; {fix}")
+        return cascade
+
+
+def exit_outputs(models: dict, exits, X: np.ndarray, classes) -> ExitOutputs:
+    """The exits' answers to normalised parent inputs X (columns of taps deeper than an exit's may be anything)."""
+    n, k = len(X), len(exits)
+    confidence, predicted = np.zeros((k, n)), np.zeros((k, n), np.int64)
+    probabilities = np.zeros((k, n, len(classes)), np.float32)
+    for j, name in enumerate(exits):
+        model = models[name]
+        logits = model.logits(node_inputs(models, name, X)).astype(np.float64)
+        acceptance = Acceptance.of(model.meta)
+        scaled = logits / acceptance.temperature
+        p = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        columns = [classes.index(c) for c in model.meta.classes]
+        confidence[j] = p.max(axis=1)
+        predicted[j] = np.asarray(columns)[p.argmax(axis=1)]
+        probabilities[j][:, columns] = p
+    return ExitOutputs(confidence, predicted, probabilities)
+
+
+def first_exit(confidence: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Per input, the first exit whose confidence reaches the threshold (-1: none)."""
+    if threshold is None or not len(confidence):
+        return np.full(confidence.shape[1] if confidence.ndim == 2 else 0, -1)
+    hit = confidence >= threshold
+    return np.where(hit.any(axis=0), hit.argmax(axis=0), -1)
+
+
+def head_flops(model) -> int:
+    """FLOPs of a node's own layers on one input (an encoded parent's head, a branch)."""
+    return counted(lambda: model.net(torch.zeros(1, model.architecture[0])))
+
+
+def input_costs(models: dict, exits, tap_costs: np.ndarray, depth: int, paths: list) -> Costs:
+    """Each input's FLOPs answered at each exit or by the tree: `tap_costs` (N or 1, taps) the trunk's cumulative
+    FLOPs to each tap, `depth` the taps the tree reads, `paths` each input's chain through the tree (its nodes' own
+    layers counted)."""
+    heads = np.cumsum([head_flops(models[name]) for name in exits]) if exits else np.zeros(0)
+    taps = [models[name].meta.layer for name in exits]
+    at_exit = tap_costs[:, taps] + heads[None, :]
+    own = {name: head_flops(model) for name, model in models.items() if model.has_head}
+    route = np.array([sum(own.get(n, 0) for n in chain) for chain in paths], dtype=np.float64)
+    full = tap_costs[:, depth - 1] + (heads[-1] if len(heads) else 0) + route
+    return Costs(np.broadcast_to(at_exit, (len(paths), len(exits))).astype(np.float64), full.astype(np.float64))
+
+
+def outcome(exited: np.ndarray, outputs: ExitOutputs, tree_guess, tree_accepted, labels, costs: Costs) -> dict:
+    """The cascade's figures for one setting: accuracy (every input's answer), coverage and error on what it
+    answers, mean MFLOPs, and the share of inputs answered at each exit."""
+    n = len(exited)
+    rows = np.arange(n)
+    out = exited >= 0
+    guess = np.where(out, outputs.predicted[np.maximum(exited, 0), rows], tree_guess)
+    answered = out | tree_accepted
+    right = guess == labels
+    flops = np.where(out, costs.at_exit[rows, np.maximum(exited, 0)] if costs.at_exit.shape[1] else 0, costs.full)
+    k = int(answered.sum())
+    return {"accuracy": float(right.mean()) if n else None, "coverage": k / n if n else None,
+            "errors": int((answered & ~right).sum()), "answered": k,
+            "risk": float((answered & ~right).sum() / k) if k else None, "mflops": float(flops.mean() / 1e6) if n else None,
+            "exits": [float((exited == j).mean()) for j in range(outputs.confidence.shape[0])]}
+
+
+def fit(spec, exits, outputs: ExitOutputs, tree_guess, tree_accepted, labels, costs: Costs) -> Cascade:
+    """The cascade's threshold on the calibration inputs (see the module docstring); `spec` a config.CascadeSpec."""
+    curve = []
+    for threshold in GRID:
+        point = outcome(first_exit(outputs.confidence, threshold), outputs, tree_guess, tree_accepted, labels, costs)
+        point["threshold"] = None if threshold == float("inf") else threshold
+        if spec.risk is not None:
+            point["bound"] = risk_upper_bound(point["errors"], point["answered"], spec.delta / len(GRID))
+        curve.append(point)
+    n = len(labels)
+    if spec.budget is not None:
+        asked = {"budget": spec.budget}
+        within = [p for p in curve if p["mflops"] <= spec.budget]
+        if not within:
+            cheapest = min(curve, key=lambda p: p["mflops"])
+            return Cascade(tuple(exits), cheapest["threshold"], "budget", asked, False,
+                           f"no setting costs {spec.budget:g} MFLOPs or less on {n} calibration inputs; the cheapest "
+                           f"costs {cheapest['mflops']:.1f}", None, n, curve)
+        best = max(within, key=lambda p: (p["accuracy"], -p["mflops"]))
+        return Cascade(tuple(exits), best["threshold"], "budget", asked, True, None, None, n, curve)
+    asked = {"risk": spec.risk, "delta": spec.delta}
+    passed = [p for p in curve if p["bound"] <= spec.risk]
+    if not passed:
+        lowest = min(curve, key=lambda p: p["bound"])
+        return Cascade(tuple(exits), None, "risk", asked, False,
+                       f"no setting meets risk {spec.risk:g} with confidence {1 - spec.delta:g} on {n} calibration "
+                       f"inputs: the lowest bound reachable is {lowest['bound']:.4f} (the tree alone: "
+                       f"{curve[0]['bound']:.4f}); ask for {lowest['bound']:.3f} or more", None, n, curve)
+    chosen = min(passed, key=lambda p: (p["mflops"], -p["accuracy"]))
+    return Cascade(tuple(exits), chosen["threshold"], "risk", asked, True, None, chosen["bound"], n, curve)
+
+
+def combine(tree: TreePredictions, rest: np.ndarray, exits, exited: np.ndarray, outputs: ExitOutputs) -> TreePredictions:
+    """One TreePredictions for every input: the tree's answers (`tree`, of the inputs `rest` it saw) and the exits'
+    (an exit is a node of its own, its path the exit alone; the parent's own prediction of an input an exit
+    answered is that exit's)."""
+    n, out = len(exited), exited >= 0
+    rows = np.flatnonzero(out)
+    j = exited[out]
+    nodes = tuple(tree.nodes) + tuple(exits)
+    arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
+              "final_node": np.empty(n, np.int64), "rejected_at": np.full(n, -1, np.int64),
+              "rejected_confidence": np.full(n, np.nan, np.float32), "parent_predicted": np.empty(n, np.int64),
+              "probabilities": np.zeros((n, len(tree.classes)), np.float32)}
+    for key in arrays:
+        arrays[key][rest] = getattr(tree, key)
+    arrays["predicted"][rows] = outputs.predicted[j, rows]
+    arrays["parent_predicted"][rows] = outputs.predicted[j, rows]
+    arrays["confidence"][rows] = outputs.confidence[j, rows]
+    arrays["final_node"][rows] = len(tree.nodes) + j
+    arrays["probabilities"][rows] = outputs.probabilities[j, rows]
+    return TreePredictions(tree.classes, nodes, tuple(tree.chains) + tuple((e,) for e in exits), **arrays)
+
+
+def simulate(predictor: TreePredictor, models: dict, cascade: Cascade, vectors: np.ndarray) -> tuple:
+    """The cascade's answers to encoded inputs (the parent's vectors, every tap there): (TreePredictions, exit
+    outputs, the exit each input left at or -1). The same arithmetic as the staged run, without its savings."""
+    X = predictor.root.normalizer.transform(np.asarray(vectors, dtype=np.float32))
+    outputs = exit_outputs(models, cascade.exits, X, list(predictor.classes))
+    exited = first_exit(outputs.confidence, cascade.threshold)
+    rest = np.flatnonzero(exited < 0)
+    tree = predictor.predict(np.asarray(vectors)[rest])
+    return combine(tree, rest, cascade.exits, exited, outputs), outputs, exited

@@ -1,0 +1,73 @@
+"""A tree with early exits answering new inputs, paying only for the trunk each answer needs, at any batch size.
+
+The trunk runs tap by tap (branching.models.stages) over a chunk of inputs: at each exit's tap the exit answers
+the rows it is sure enough of (branching.tree.cascade), those rows are dropped, and the trunk's later layers run
+on the rest alone; after the last exit the rest go on to the deepest tap the tree reads and the routed tree answers
+them. Each tap is computed once for each row that reaches it. The answers are those of cascade.simulate on the
+same inputs' full encodings (the same arithmetic on the same columns).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from branching.models.device import CPU
+from branching.models.stages import offsets, stages
+from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_outputs, first_exit
+from branching.tree.routing import BATCH, TreePredictions, TreePredictor
+
+
+class CascadePredictor(TreePredictor):
+    """The routed tree (TreePredictor over config.routed(): the exits left out) behind a cascade of exits; its
+    predict takes what the parent's trunk takes (flat images (N, 3 * side * side), or texts), not encodings."""
+
+    reads_raw = True
+
+    def __init__(self, config, models: dict, cascade: Cascade, device=CPU):
+        super().__init__(config, models, None, device=device)
+        self.cascade, self.exits = cascade, tuple(cascade.exits)
+        parent = models["parent"]
+        self.kind, self.shape = parent.net_kind, parent.shape
+        self.taps = [models[e].meta.layer for e in self.exits]
+        self.tree_depth = self.parent_depth()
+        self.stages = stages(self.kind, self.shape, self.device)
+        self.offsets = offsets(self.stages.widths, self.stages.pools)
+        self.width = parent.architecture[0]
+
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        return {**super().thresholds, **dict.fromkeys(self.exits, self.cascade.threshold)}
+
+    def predict(self, inputs, batch_size: int = BATCH) -> TreePredictions:
+        """Answer raw inputs: images (N, 3 * side * side) uint8, or a list of texts."""
+        inputs = np.asarray(inputs) if self.kind.reads == "images" else list(inputs)
+        n, k = len(inputs), len(self.exits)
+        vectors = np.zeros((n, self.width), np.float32)  # what each row's trunk gave, as encode lays it out
+        outputs = ExitOutputs(np.zeros((k, n)), np.zeros((k, n), np.int64),
+                              np.zeros((k, n, len(self.classes)), np.float32))
+        exited = np.full(n, -1)
+        for rows in self.stages.chunks(inputs):
+            self._chunk(inputs, rows, vectors, outputs, exited)
+        rest = np.flatnonzero(exited < 0)
+        tree = super().predict(vectors[rest], batch_size)
+        return combine(tree, rest, self.exits, exited, outputs)
+
+    def _chunk(self, inputs, rows: np.ndarray, vectors, outputs: ExitOutputs, exited) -> None:
+        stages, alive, done = self.stages, rows, 0
+        stages.start(inputs, rows)
+        for j, (name, tap) in enumerate(zip(self.exits, self.taps)):
+            vectors[alive, self.offsets[done]:self.offsets[tap + 1]] = stages.advance(tap + 1)
+            done = tap + 1
+            X = self.root.normalizer.transform(vectors[alive])
+            found = exit_outputs(self.models, (name,), X, list(self.classes))
+            outputs.confidence[j, alive] = found.confidence[0]
+            outputs.predicted[j, alive] = found.predicted[0]
+            outputs.probabilities[j, alive] = found.probabilities[0]
+            hit = first_exit(found.confidence, self.cascade.threshold) == 0
+            exited[alive[hit]] = j
+            alive = alive[~hit]
+            if not len(alive):
+                return
+            stages.keep(np.flatnonzero(~hit))
+        depth = max(done, self.tree_depth)
+        vectors[alive, self.offsets[done]:self.offsets[depth]] = stages.advance(depth)
