@@ -9,6 +9,8 @@ same inputs' full encodings (the same arithmetic on the same columns).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from branching.models.device import CPU
@@ -33,20 +35,26 @@ class CascadePredictor(TreePredictor):
         self.stages = stages(self.kind, self.shape, self.device)
         self.offsets = offsets(self.stages.widths, self.stages.pools)
         self.width = parent.architecture[0]
+        self._lock = threading.Lock()
 
     @property
     def thresholds(self) -> dict[str, float | None]:
         return {**super().thresholds, **dict.fromkeys(self.exits, self.cascade.threshold)}
 
     def predict(self, inputs, batch_size: int = BATCH) -> TreePredictions:
-        """Answer raw inputs: images (N, 3 * side * side) uint8, or a list of texts."""
+        """Answer raw inputs: images (N, 3 * side * side) uint8, or a list of texts. One call at a time (the staged
+        trunk keeps a chunk's state, and a fast tokenizer serves one thread)."""
+        with self._lock:
+            return self._predict_all(inputs, batch_size)
+
+    def _predict_all(self, inputs, batch_size: int) -> TreePredictions:
         inputs = np.asarray(inputs) if self.kind.reads == "images" else list(inputs)
         n, k = len(inputs), len(self.exits)
         vectors = np.zeros((n, self.width), np.float32)  # what each row's trunk gave, as encode lays it out
         outputs = ExitOutputs(np.zeros((k, n)), np.zeros((k, n), np.int64),
                               np.zeros((k, n, len(self.classes)), np.float32))
         exited = np.full(n, -1)
-        for rows in self.stages.chunks(inputs):
+        for rows in self.stages.chunks(inputs) if n else ():
             self._chunk(inputs, rows, vectors, outputs, exited)
         rest = np.flatnonzero(exited < 0)
         tree = super().predict(vectors[rest], batch_size)
