@@ -1,12 +1,12 @@
 """Early exits on a frozen trunk (branching.tree.cascade, docs/exits.md): what the fitted cascade saves against the
 full trunk, how fast it answers, and whether its risk guarantee holds.
 
-    BRANCHING_CACHE=/work/cache python benchmarks/bench_exits.py fit --config configs/rt-exits.toml --data runs/rt --seeds 0 1 2 --out /tmp/bench-exits-rt
-    BRANCHING_CACHE=/work/cache python benchmarks/bench_exits.py speed --models runs/rt-exits --data runs/rt
-    BRANCHING_CACHE=/work/cache python benchmarks/bench_exits.py guarantee --models runs/rt-exits --data runs/rt --splits 1000
-    BRANCHING_CACHE=/work/cache python benchmarks/bench_exits.py fit --config configs/cifar100-6-exits.toml --data ../shared/data/cifar100-6 --seeds 0 1 2 --out /tmp/bench-exits-c6
-    BRANCHING_CACHE=/work/cache python benchmarks/bench_exits.py speed --models runs/c6-exits --data ../shared/data/cifar100-6 --n 256
-    BRANCHING_CACHE=/work/cache python benchmarks/bench_exits.py guarantee --models runs/c6-exits --data ../shared/data/cifar100-6
+    python benchmarks/bench_exits.py fit --config configs/rt-exits.toml --data runs/rt --seeds 0 1 2 --out /tmp/bench-exits-rt
+    python benchmarks/bench_exits.py speed --models runs/rt-exits --data runs/rt
+    python benchmarks/bench_exits.py guarantee --models runs/rt-exits --data runs/rt --splits 1000
+    python benchmarks/bench_exits.py fit --config configs/cifar100-6-exits.toml --data ../shared/data/cifar100-6 --seeds 0 1 2 --out /tmp/bench-exits-c6
+    python benchmarks/bench_exits.py speed --models runs/c6-exits --data ../shared/data/cifar100-6 --n 256
+    python benchmarks/bench_exits.py guarantee --models runs/c6-exits --data ../shared/data/cifar100-6
 
 fit: the tree run with each seed (OUT/seed-N, no report); per seed and as mean ± sample std: the full trunk (no
 exit) on the test split; the risk-mode cascade the run fitted; "equal accuracy", the cheapest setting of the
@@ -208,7 +208,7 @@ def cmd_speed(args) -> dict:
 def rows_of(v, rows) -> tuple:
     o, c = v.outputs, v.costs
     return (cascades.ExitOutputs(o.confidence[:, rows], o.predicted[:, rows], o.probabilities[:, rows]),
-            v.guess[rows], v.accepted[rows], v.labels[rows], cascades.Costs(c.at_exit[rows], c.full[rows]))
+            v.guess[rows], v.accepted[rows], v.labels[rows], cascades.Costs(c.at_exit[rows], c.full[rows], c.heads))
 
 
 def cmd_guarantee(args) -> dict:
@@ -221,7 +221,7 @@ def cmd_guarantee(args) -> dict:
     log(f"loading {args.data} and the test split's view")
     v = view(config, models, "test", None, load_tree_data(config, args.data, progress=False))
     n, r = len(v.labels), spec.risk
-    full = cascades.outcome(np.full(n, -1), v.outputs, v.guess, v.accepted, v.labels, v.costs)
+    full = cascades.outcome(np.full(n, -1), v.outputs, v.guess, v.accepted, v.labels, v.costs, False)
     rng = np.random.default_rng(args.seed)
     found = {"guarantee": [], "empirical": []}
     for s in range(args.splits):
@@ -232,10 +232,11 @@ def cmd_guarantee(args) -> dict:
         fitted = cascades.fit(spec, v.exit_names, *fit_half)
         passed = [p for p in fitted.curve if (p["risk"] or 0) <= r]
         sweep = min(passed, key=lambda p: (p["mflops"], -p["accuracy"])) if passed else None
-        test_full = cascades.outcome(np.full(n - n // 2, -1), *test_half)["mflops"]
+        test_full = cascades.outcome(np.full(n - n // 2, -1), *test_half, False)["mflops"]
         for rule, threshold in (("guarantee", fitted.threshold if fitted.attained else None),
                                 ("empirical", sweep["threshold"] if sweep else None)):
-            p = cascades.outcome(cascades.first_exit(test_half[0].confidence, threshold), *test_half)
+            p = cascades.outcome(cascades.first_exit(test_half[0].confidence, threshold), *test_half,
+                                 threshold is not None)
             found[rule].append({"threshold": threshold, "risk": p["risk"] or 0.0, "coverage": p["coverage"],
                                 "share": p["mflops"] / test_full, "no exit": threshold is None,
                                 "not attained": rule == "guarantee" and not fitted.attained})

@@ -49,3 +49,30 @@ def test_bench_deploy_same_and_speed_run_on_a_small_tree(tmp_path, small_data_di
                          "--repeats", "1"], cwd=tmp_path)
     assert speed.returncode == 0, speed.stderr
     assert [line.split()[0] for line in speed.stdout.splitlines()[2:]] == ["1", "4"]
+
+
+def test_bench_exits_fit_guarantee_and_speed_run_on_a_tiny_tree_with_exits(tmp_path, small_data_dir, monkeypatch):
+    import pytest
+    import torch
+    efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+    from test_pretrained import tree
+    weights = tmp_path / "lite0-random.pth"  # random weights at 32 px, as test_pretrained's fixture saves them
+    torch.manual_seed(0)
+    torch.save(efficientnet.EfficientNet.from_name("efficientnet-lite0", image_size=32).state_dict(), weights)
+    exits = 'exits = ["block3", "block6"]\n\n[parent.cascade]\nrisk = 0.6\ndelta = 0.2\n'  # as test_exits.py's
+    (tmp_path / "tree.toml").write_text(tree(weights, extra_parent=exits))
+    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
+    bench = REPO_ROOT / "benchmarks" / "bench_exits.py"
+    fit = run_command([bench, "fit", "--config", tmp_path / "tree.toml", "--data", small_data_dir, "--seeds", "0",
+                       "--max-epochs", "2", "--out", tmp_path / "b"], cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    assert "risk share of full" in fit.stdout and (tmp_path / "b" / "exits-curve.png").is_file()
+    models = tmp_path / "b" / "seed-0"
+    guarantee = run_command([bench, "guarantee", "--models", models, "--data", small_data_dir, "--splits", "20"],
+                            cwd=tmp_path)
+    assert guarantee.returncode == 0, guarantee.stderr
+    assert "Learn-then-Test (bound <= r)" in guarantee.stdout and "empirical error <= r" in guarantee.stdout
+    speed = run_command([bench, "speed", "--models", models, "--data", small_data_dir, "--n", "8", "--repeats", "1"],
+                        cwd=tmp_path)
+    assert speed.returncode == 0, speed.stderr
+    assert "cascade at batch 256 against batch 1: " in speed.stdout

@@ -102,7 +102,8 @@ def test_the_fitted_threshold_is_the_cheapest_that_scipys_binomial_passes():
     ('exits = ["block6"]\n', r"exits need a \[parent.cascade\] table; write risk = 0.05"),
     ('exits = ["block6"]\n[parent.cascade]\nrisk = 0.1\nbudget = 5\n', r"give one of risk and budget"),
     ('[parent.cascade]\nrisk = 0.1\n', r"\[parent.cascade\] is for a parent with exits"),
-    ('exits = ["block99"]\n[parent.cascade]\nrisk = 0.1\n', r"has no tap 'block99'"),
+    ('exits = ["block99"]\n[parent.cascade]\nrisk = 0.1\n', r"\[parent\] exits: 'block99' is not a tap of the parent \(the "
+                                                            r"last is 'block15'\); its taps are stem, block0"),
 ])
 def test_bad_exits_are_one_line_errors_before_any_work(random_weights, extra, message):
     with pytest.raises(ConfigError, match=message) as caught:
@@ -112,7 +113,8 @@ def test_bad_exits_are_one_line_errors_before_any_work(random_weights, extra, me
 
 def test_exits_need_a_staged_trunk_and_no_branch_below_them(random_weights):
     mlp = '[parent]\nclasses = ["a", "b"]\nexits = ["hidden0"]\n[parent.cascade]\nrisk = 0.1\n'
-    with pytest.raises(ConfigError, match=r'a mlp parent is trained as one network; use kind = "pretrained" or "text"'):
+    with pytest.raises(ConfigError, match=r'exits need a frozen trunk that runs tap by tap, which the parent '
+                                          r'\(kind mlp\) is not; use kind = "pretrained" or "text"'):
         parse_config(mlp, "t.toml")
     below = tree(random_weights, extra_parent=EXITS) + '[branches.x]\nclasses = ["beaver", "whale"]\nfrom = "exit-block3"\n'
     with pytest.raises(ConfigError, match=r"\[branches.x\] from: 'exit-block3' is an exit"):
@@ -205,3 +207,37 @@ def test_a_budget_below_the_first_exit_is_refused_before_any_work(random_weights
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "budget: 0.5 MFLOPs is below the" in err[-1]
     assert "reach the first exit (exit-block6); raise the budget" in err[-1] and not (tmp_path / "out").exists()
+
+
+def test_predict_on_the_runs_encodings_answers_as_the_run_measured_and_a_changed_tree_is_refused(exited, small_data_dir,
+                                                                                                 tmp_path, capsys,
+                                                                                                 monkeypatch):
+    import shutil
+    monkeypatch.setenv("BRANCHING_CACHE", str(exited / "cache"))
+    out = tmp_path / "out"
+    shutil.copytree(exited / "out", out)
+    assert cli.main(["predict", "--models", str(out), "--data", str(small_data_dir), "--split", "test"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    config, models = load_folder(out)
+    cascade = cascades.Cascade.load(out / "models", models, config.cascade)
+    from branching.data.cifar import load_split
+    vectors = get_kind("pretrained").encode(config.parent.shape_dict, load_split(small_data_dir, "test").images,
+                                            torch.device("cpu"), progress=False)
+    simulated, _, _ = cascades.simulate(TreePredictor(config, models), models, cascade, vectors)
+    assert [line.split("path ")[1].split()[0] for line in lines] == [simulated.chains[f][0] for f in
+                                                                     simulated.final_node]
+    with pytest.raises(ConfigError, match=r"branch=exit-block3: an early exit, which routes nothing; pass "
+                                          r"node=exit-block3 for it alone"):
+        branching.load(out, "cpu", branch="exit-block3")
+    from branching.errors import CheckpointError
+    with pytest.raises(CheckpointError, match=r"was fitted for \{'risk': 0.6, 'delta': 0.2\}, and the config asks "
+                                              r"\{'risk': 0.5, 'delta': 0.2\}"):
+        branching.load(out, "cpu", config=parse_config(tree(models["parent"].shape["weights"], extra_parent=EXITS.replace(
+            "risk = 0.6", "risk = 0.5")), "t.toml"))
+    (out / "models" / "cascade.json").write_text((out / "models" / "cascade.json").read_text().replace(
+        models["mammals"].fingerprint(), "0" * 16))
+    with pytest.raises(CheckpointError, match=r"cascade.json was fitted on another 'mammals'.*exits=False"):
+        branching.load(out, "cpu")
+    assert branching.load(out, "cpu", exits=False).nodes == ("parent", "mammals")
+    assert cli.main(["compare", "--config", str(exited / "tree.toml"), "--data", str(small_data_dir)]) == 2
+    assert "compare does not take early exits (exit-block3, exit-block6)" in capsys.readouterr().err

@@ -115,8 +115,11 @@ class Tree:
         if node is not None and branch is not None:
             raise ConfigError("pass node= (that node alone) or branch= (routing from that branch), not both")
         config, models = load_folder(path, config, asked=names["models"])
+        if branch in config.branches and config.branches[branch].exit:
+            raise ConfigError(f"{names['branch']}{branch}: an early exit, which routes nothing; pass {names['node']}"
+                              f"{branch} for it alone")
         if exits and config.exits() and node is None and branch is None:  # answers at its exits, the trunk run tap by tap
-            cascade = Cascade.load(Path(next(iter(models.values())).meta.path).parent, models)
+            cascade = Cascade.load(Path(next(iter(models.values())).meta.path).parent, models, config.cascade)
             return cls(CascadePredictor(config, models, cascade, device), config, device)
         predictor = (TreePredictor(config, models, branch, device=device, asked=names["branch"]) if node is None
                      else NodePredictor(config, models, node, device=device, asked=names["node"]))

@@ -206,7 +206,11 @@ def cmd_predict(args) -> int:
         print(f"ignored {ignored} files that are not PNG or JPEG images in the folders given", file=sys.stderr)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    answers = tree.postprocess(prepared, tree.forward(prepared, args.batch_size))
+    if args.data and getattr(tree.predictor, "reads_raw", False):  # a run's encodings, through the exits' cascade
+        predictions = tree.predictor.predict_encoded(prepared.vectors, args.batch_size)
+    else:
+        predictions = tree.forward(prepared, args.batch_size)
+    answers = tree.postprocess(prepared, predictions)
     rows = [answer_row(prepared.names[i], answers[i], truth[k] if truth is not None else None)
             for k, i in enumerate(prepared.readable)]
     try:  # printed first: an --out that cannot be written loses no answer

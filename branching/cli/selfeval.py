@@ -26,7 +26,8 @@ def cmd_selfeval(args) -> int:
     from branching.reports.seeds import parse_seeds
     from branching.studies.selfeval import run_selfeval_compare
 
-    config = load_config(args.config)
+    from branching.cli.compare import without_exits
+    config = without_exits(load_config(args.config), "selfeval")
     seeds = parse_seeds(args.seeds)
     nodes = None if args.nodes is None else [config.node(name).name for name in args.nodes.split(",")]
     args.device = distributed.start(args.device)

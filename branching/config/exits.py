@@ -11,20 +11,31 @@ from typing import Any
 
 from branching.config.table import Table
 from branching.config.tree import CASCADE_KEYS, DEFAULT_DELTA, CascadeSpec
-from branching.errors import ConfigError
+from branching.errors import ConfigError, past_or_close
 from branching.models.kinds import get_kind
 
 EXIT_PREFIX = "exit-"
 
 
-def exit_tables(origin: str, parent: Any) -> dict[str, dict]:
-    """The branch tables that [parent] exits = [...] stands for: {"exit-<tap>": {classes, layer, exit}}."""
+def exit_tables(origin: str, parent: Any, node: dict) -> dict[str, dict]:
+    """The branch tables that [parent] exits = [...] stands for: {"exit-<tap>": {classes, layer, exit}}; `node` is
+    the parsed parent (its kind, shape and classes)."""
     if not isinstance(parent, dict) or "exits" not in parent:
         return {}
     taps = parent["exits"]
     if not isinstance(taps, list) or not taps or not all(isinstance(t, str) and t for t in taps):
         raise ConfigError(f'{origin}: [parent] exits: must be a list of tap names of the parent; write e.g. '
                           f'exits = ["block5", "block10"]')
+    check_kind(origin, {"parent": node, "exit": {"exit": True}}, parent)
+    kind, shape = get_kind(node["kind"]), dict(node["shape"])
+    names = [name for name, _ in kind.tap_widths(shape)]
+    unknown = next((t for t in taps if t not in names), None)
+    if unknown is not None:
+        raise ConfigError(f"{origin}: [parent] exits: {unknown!r} is not a tap of the parent{past_or_close(unknown, names)}; "
+                          f"its taps are {', '.join(names)}")
+    if not kind.has_head(shape):
+        raise ConfigError(f"{origin}: [parent] exits: the parent's head answers what no exit does, and this parent "
+                          f"has none; give the parent classes")
     tables = {}
     for tap in taps:
         if f"{EXIT_PREFIX}{tap}" in tables:
@@ -39,8 +50,8 @@ def check_kind(origin: str, nodes: dict, parent_data: dict) -> None:
     kind = get_kind(nodes["parent"]["kind"])
     if exits and not kind.staged:
         first = "[parent] exits:" if "exits" in parent_data else f"[branches.{exits[0]}] exit:"
-        raise ConfigError(f"{origin}: {first} exits run a frozen trunk tap by tap, and a {kind.name} parent is "
-                          f"trained as one network; use kind = \"pretrained\" or \"text\", or remove the exits")
+        raise ConfigError(f"{origin}: {first} exits need a frozen trunk that runs tap by tap, which the parent "
+                          f"(kind {kind.name}) is not; use kind = \"pretrained\" or \"text\", or remove the exits")
 
 
 def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | None:
@@ -64,7 +75,7 @@ def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | No
         table = f"[branches.{name}]"
         if node["source"] != "parent":
             raise ConfigError(f"{origin}: {table} exit: an exit is on the parent's trunk, and this branch reads "
-                              f"{node['source']!r}; remove from, or exit = true")
+                              f"{node['source']!r}; remove `from` (an exit reads the parent), or remove exit = true")
         if node["new_classes"]:
             raise ConfigError(f"{origin}: {table} exit: an exit answers with the parent's classes; remove new_classes")
         if node["selfeval"] is not None:

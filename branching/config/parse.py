@@ -154,7 +154,7 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: 'branches' must be a table of tables, got {show(raw)}; "
                           f"write each branch as a [branches.NAME] section")
-    for name, table in exit_tables(origin, top.data["parent"]).items():  # [parent] exits = [...]
+    for name, table in exit_tables(origin, top.data["parent"], nodes["parent"]).items():  # [parent] exits = [...]
         if name in raw:
             raise ConfigError(f"{origin}: [branches.{name}] has the name of the exit [parent] exits gives; rename it")
         raw = {**raw, name: table}

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,9 @@ class Encoder:
                              f"; pass a folder saved with save_pretrained") from None
         self.model.requires_grad_(False).to(self.device)
         self.layers = self._layer_list()
+        # one caller at a time: encoding hooks the shared layers, and a fast tokenizer serves one thread (every Tree
+        # and cascade of a model shares this encoder: `cached`)
+        self.lock = threading.RLock()
 
     def _layer_list(self) -> torch.nn.ModuleList:
         for _, module in self.model.named_modules():
@@ -276,6 +280,10 @@ class Encoder:
         the order of the texts; which texts were cut at max_length, a mask)."""
         if not 1 <= depth <= self.n_layers + 1:
             raise ConfigError(f"depth must be in 1..{self.n_layers + 1} (the embeddings and {self.n_layers} layers)")
+        with self.lock:
+            return self._encode(texts, depth, progress, desc)
+
+    def _encode(self, texts, depth, progress, desc):
         ids, cut = self.tokenize(texts)
         out = np.zeros((len(ids), depth * len(TEXT_POOLS) * self.width), np.float32)
         deepest = tap_names(self.n_layers)[depth - 1]

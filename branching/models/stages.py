@@ -86,8 +86,11 @@ class TextStages:
     def keep(self, rows: np.ndarray) -> None:
         n, index = len(self.mask), torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.found.device)
 
-        def cut(value):
-            return value.index_select(0, index) if torch.is_tensor(value) and value.ndim and value.shape[0] == n else value
+        def cut(value):  # a BERT-like layer's batch-major arguments: the states, the mask (N, ..., tokens)
+            if isinstance(value, (tuple, list)):
+                return type(value)(cut(v) for v in value)
+            batch_major = torch.is_tensor(value) and value.ndim >= 2 and value.shape[0] == n
+            return value.index_select(0, index) if batch_major else value
 
         self.states, self.mask = cut(self.states), cut(self.mask)
         self.args = tuple(cut(a) for a in self.args)

@@ -13,6 +13,7 @@ from branching.config.tree import TreeConfig
 from branching.errors import ConfigError, DataError
 from branching.models.device import CPU
 from branching.tree import cascade as cascades
+from branching.tree.cost import linear_flops
 from branching.tree.routing import TreePredictor
 
 
@@ -80,14 +81,14 @@ def view(config: TreeConfig, models: dict, split: str, rows_wanted, data, device
 
 def fit(config, models, v: View) -> cascades.Cascade:
     found = cascades.fit(config.cascade, v.exit_names, v.outputs, v.guess, v.accepted, v.labels, v.costs)
-    found.fingerprints = {n: models[n].fingerprint() for n in ("parent", *v.exit_names)}
+    found.fingerprints = {n: m.fingerprint() for n, m in models.items()}  # the tree's answers count too
     return found
 
 
 def measure(cascade: cascades.Cascade, v: View) -> dict:
     """The cascade's test figures (cascade.outcome), with a 95% Wilson interval on its accuracy."""
     point = cascades.outcome(cascades.first_exit(v.outputs.confidence, cascade.threshold), v.outputs, v.guess,
-                             v.accepted, v.labels, v.costs)
+                             v.accepted, v.labels, v.costs, cascade.threshold is not None)
     right = int(round(point["accuracy"] * len(v.labels))) if len(v.labels) else 0
     return {**point, "threshold": cascade.threshold, "accuracy_ci": wilson_interval(right, len(v.labels))}
 
@@ -105,8 +106,8 @@ def run_exits(config: TreeConfig, models: dict, data, models_dir, device=CPU, ec
         alone = fit(config, models, calibration.only(models, j))
         single[name] = {**measure(alone, test.only(models, j)), "attained": alone.attained}
     curve = [{**cascades.outcome(cascades.first_exit(test.outputs.confidence, p["threshold"]), test.outputs,
-                                 test.guess, test.accepted, test.labels, test.costs), "threshold": p["threshold"]}
-             for p in cascade.curve]
+                                 test.guess, test.accepted, test.labels, test.costs, p["threshold"] is not None),
+              "threshold": p["threshold"]} for p in cascade.curve]
     metrics = {"exits": list(cascade.exits), "rule": cascade.describe(), "threshold": cascade.threshold,
                "attained": cascade.attained, "reason": cascade.reason, "bound": cascade.bound,
                "calibration_samples": cascade.samples, "cascade": chosen, "full_trunk": full, "single_exit": single,
@@ -137,13 +138,15 @@ def format_exits(m: dict) -> str:
 
 def check_budget(config: TreeConfig, data, device=CPU) -> None:
     """A budget below what the first exit costs (the trunk to its tap, a transformer's at the training texts' mean
-    length) is a one-line error before any work."""
+    length, and its head) is a one-line error before any training."""
     budget = config.cascade.budget
     if budget is None:
         return
     parent, first = config.parent, config.exits()[0]
+    kind, shape = parent.net_kind, parent.shape_dict
     texts = None if data.raw_texts is None else list(data.raw_texts["train"])
-    cost = float(parent.net_kind.tap_costs(parent.shape_dict, texts, device)[:, first.layer].mean()) / 1e6
+    head = linear_flops([kind.tap_widths(shape)[first.layer][1], *first.hidden, len(first.classes)])
+    cost = (float(kind.tap_costs(shape, texts, device)[:, first.layer].mean()) + head) / 1e6
     if budget < cost:
         raise ConfigError(f"{config.path or '<config>'}: [parent.cascade] budget: {budget:g} MFLOPs is below the "
                           f"{cost:.1f} MFLOPs an input pays to reach the first exit ({first.name}); raise the budget "

@@ -22,6 +22,7 @@ of tokens), plus every head it passed through. The answers at any batch size are
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,10 +55,13 @@ class ExitOutputs:
 
 @dataclass
 class Costs:
-    """FLOPs of each input: answered at exit j (N, exits), or by the tree (N,)."""
+    """FLOPs of each input: answered at exit j (N, exits), or by the tree (N,: the full trunk and the heads on its
+    path, without the exits'), and the exits' heads together (what an input the tree answers pays for passing
+    them, when they answer at all)."""
 
     at_exit: np.ndarray
     full: np.ndarray
+    heads: float = 0.0
 
 
 @dataclass
@@ -87,21 +91,25 @@ class Cascade:
         return path
 
     @classmethod
-    def load(cls, models_dir, models: dict) -> Cascade:
-        """The cascade beside a tree's models, checked to have been fitted on exactly those models."""
+    def load(cls, models_dir, models: dict, spec=None) -> Cascade:
+        """The cascade beside a tree's models, checked to have been fitted on exactly those models (every node: the
+        tree's answers count in its fit) and, given a config.CascadeSpec, for what it asks."""
         path = Path(models_dir) / FILE
-        fix = "train the tree again with `branching run`"
+        fix = "train the tree again with `branching run`, or load it with exits=False (its full trunk)"
         if not path.is_file():
             raise CheckpointError(f"no {FILE} in {models_dir}, which a tree with exits needs; {fix}")
         try:
             d = json.loads(path.read_text())
-            assert d.pop("format") == FORMAT
+            if not isinstance(d, dict) or d.pop("format", None) != FORMAT or not isinstance(d.get("fingerprints"), dict):
+                raise ValueError
             cascade = cls(**{**d, "exits": tuple(d["exits"])})
-        except (ValueError, TypeError, KeyError, AssertionError, OSError):
+        except (ValueError, TypeError, KeyError, OSError):
             raise CheckpointError(f"{path} is not a cascade file of this version of branching; {fix}") from None
-        for name, fingerprint in cascade.fingerprints.items():
-            if name not in models or models[name].fingerprint() != fingerprint:
+        for name in sorted(set(models) | set(cascade.fingerprints)):
+            if name not in models or models[name].fingerprint() != cascade.fingerprints.get(name):
                 raise CheckpointError(f"{path} was fitted on another {name!r} than the one in {models_dir}; {fix}")
+        if spec is not None and spec.to_dict() != cascade.asked:
+            raise CheckpointError(f"{path} was fitted for {cascade.asked}, and the config asks {spec.to_dict()}; {fix}")
         return cascade
 
 
@@ -146,20 +154,24 @@ def input_costs(models: dict, exits, tap_costs: np.ndarray, depth: int, paths: l
     at_exit = tap_costs[:, taps] + heads[None, :]
     own = {name: head_flops(model) for name, model in models.items() if model.has_head}
     route = np.array([sum(own.get(n, 0) for n in chain) for chain in paths], dtype=np.float64)
-    full = tap_costs[:, depth - 1] + (heads[-1] if len(heads) else 0) + route
-    return Costs(np.broadcast_to(at_exit, (len(paths), len(exits))).astype(np.float64), full.astype(np.float64))
+    full = tap_costs[:, depth - 1] + route
+    return Costs(np.broadcast_to(at_exit, (len(paths), len(exits))).astype(np.float64),
+                 np.broadcast_to(full, (len(paths),)).astype(np.float64), float(heads[-1]) if len(heads) else 0.0)
 
 
-def outcome(exited: np.ndarray, outputs: ExitOutputs, tree_guess, tree_accepted, labels, costs: Costs) -> dict:
+def outcome(exited: np.ndarray, outputs: ExitOutputs, tree_guess, tree_accepted, labels, costs: Costs,
+            exits_run: bool = True) -> dict:
     """The cascade's figures for one setting: accuracy (every input's answer), coverage and error on what it
-    answers, mean MFLOPs, and the share of inputs answered at each exit."""
+    answers, mean MFLOPs, and the share of inputs answered at each exit. `exits_run`: False for no threshold (the
+    full trunk alone: no exit head runs)."""
     n = len(exited)
     rows = np.arange(n)
     out = exited >= 0
     guess = np.where(out, outputs.predicted[np.maximum(exited, 0), rows], tree_guess)
     answered = out | tree_accepted
     right = guess == labels
-    flops = np.where(out, costs.at_exit[rows, np.maximum(exited, 0)] if costs.at_exit.shape[1] else 0, costs.full)
+    flops = np.where(out, costs.at_exit[rows, np.maximum(exited, 0)] if costs.at_exit.shape[1] else 0,
+                     costs.full + (costs.heads if exits_run else 0.0))
     k = int(answered.sum())
     return {"accuracy": float(right.mean()) if n else None, "coverage": k / n if n else None,
             "errors": int((answered & ~right).sum()), "answered": k,
@@ -171,7 +183,8 @@ def fit(spec, exits, outputs: ExitOutputs, tree_guess, tree_accepted, labels, co
     """The cascade's threshold on the calibration inputs (see the module docstring); `spec` a config.CascadeSpec."""
     curve = []
     for threshold in GRID:
-        point = outcome(first_exit(outputs.confidence, threshold), outputs, tree_guess, tree_accepted, labels, costs)
+        point = outcome(first_exit(outputs.confidence, threshold), outputs, tree_guess, tree_accepted, labels, costs,
+                        threshold != float("inf"))
         point["threshold"] = None if threshold == float("inf") else threshold
         if spec.risk is not None:
             point["bound"] = risk_upper_bound(point["errors"], point["answered"], spec.delta / len(GRID))
@@ -194,7 +207,8 @@ def fit(spec, exits, outputs: ExitOutputs, tree_guess, tree_accepted, labels, co
         return Cascade(tuple(exits), None, "risk", asked, False,
                        f"no setting meets risk {spec.risk:g} with confidence {1 - spec.delta:g} on {n} calibration "
                        f"inputs: the lowest bound reachable is {lowest['bound']:.4f} (the tree alone: "
-                       f"{curve[0]['bound']:.4f}); ask for {lowest['bound']:.3f} or more", None, n, curve)
+                       f"{curve[0]['bound']:.4f}); ask for {math.ceil(lowest['bound'] * 1000) / 1000:.3f} or more", None, n,
+                       curve)
     chosen = min(passed, key=lambda p: (p["mflops"], -p["accuracy"]))
     return Cascade(tuple(exits), chosen["threshold"], "risk", asked, True, None, chosen["bound"], n, curve)
 
@@ -221,12 +235,13 @@ def combine(tree: TreePredictions, rest: np.ndarray, exits, exited: np.ndarray, 
     return TreePredictions(tree.classes, nodes, tuple(tree.chains) + tuple((e,) for e in exits), **arrays)
 
 
-def simulate(predictor: TreePredictor, models: dict, cascade: Cascade, vectors: np.ndarray) -> tuple:
+def simulate(predictor: TreePredictor, models: dict, cascade: Cascade, vectors: np.ndarray, route=None) -> tuple:
     """The cascade's answers to encoded inputs (the parent's vectors, every tap there): (TreePredictions, exit
-    outputs, the exit each input left at or -1). The same arithmetic as the staged run, without its savings."""
+    outputs, the exit each input left at or -1). The same arithmetic as the staged run, without its savings.
+    `route`: how the routed tree answers the rest (default predictor.predict)."""
     X = predictor.root.normalizer.transform(np.asarray(vectors, dtype=np.float32))
     outputs = exit_outputs(models, cascade.exits, X, list(predictor.classes))
     exited = first_exit(outputs.confidence, cascade.threshold)
     rest = np.flatnonzero(exited < 0)
-    tree = predictor.predict(np.asarray(vectors)[rest])
+    tree = (route or predictor.predict)(np.asarray(vectors)[rest])
     return combine(tree, rest, cascade.exits, exited, outputs), outputs, exited

@@ -15,7 +15,7 @@ import numpy as np
 
 from branching.models.device import CPU
 from branching.models.stages import offsets, stages
-from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_outputs, first_exit
+from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_outputs, first_exit, simulate
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor
 
 
@@ -35,7 +35,8 @@ class CascadePredictor(TreePredictor):
         self.stages = stages(self.kind, self.shape, self.device)
         self.offsets = offsets(self.stages.widths, self.stages.pools)
         self.width = parent.architecture[0]
-        self._lock = threading.Lock()
+        found = getattr(self.stages, "found", None)  # a transformer: the encoder every tree of its model shares
+        self._lock = found.lock if found is not None else threading.Lock()
 
     @property
     def thresholds(self) -> dict[str, float | None]:
@@ -46,6 +47,12 @@ class CascadePredictor(TreePredictor):
         trunk keeps a chunk's state, and a fast tokenizer serves one thread)."""
         with self._lock:
             return self._predict_all(inputs, batch_size)
+
+    def predict_encoded(self, vectors, batch_size: int = BATCH) -> TreePredictions:
+        """The same answers from the inputs' full encodings (a run's cache, every tap there): no trunk runs, so
+        nothing is saved (cascade.simulate)."""
+        route = lambda rest: TreePredictor.predict(self, rest, batch_size)  # noqa: E731 - the routed tree alone
+        return simulate(self, self.models, self.cascade, vectors, route)[0]
 
     def _predict_all(self, inputs, batch_size: int) -> TreePredictions:
         inputs = np.asarray(inputs) if self.kind.reads == "images" else list(inputs)
@@ -63,7 +70,8 @@ class CascadePredictor(TreePredictor):
     def _chunk(self, inputs, rows: np.ndarray, vectors, outputs: ExitOutputs, exited) -> None:
         stages, alive, done = self.stages, rows, 0
         stages.start(inputs, rows)
-        for j, (name, tap) in enumerate(zip(self.exits, self.taps)):
+        answering = self.cascade.threshold is not None  # else the full trunk: no exit head runs
+        for j, (name, tap) in enumerate(zip(self.exits, self.taps) if answering else ()):
             vectors[alive, self.offsets[done]:self.offsets[tap + 1]] = stages.advance(tap + 1)
             done = tap + 1
             X = self.root.normalizer.transform(vectors[alive])
