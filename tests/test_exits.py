@@ -96,8 +96,10 @@ def test_the_fitted_threshold_is_the_cheapest_that_scipys_binomial_passes():
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('exits = ["block6", "head"]\n[parent.cascade]\nrisk = 0.1\n', r"exit-head\] layer: head is at or after the "
-                                                                   r"parent's head \(head\); an exit answers before"),
+    ('exits = ["block6", "head"]\n[parent.cascade]\nrisk = 0.1\n', r"\[parent\] exits: head is at or after the tap "
+                                                                   r"of the parent's head \(head\); an exit answers"),
+    ('exits = []\n[parent.cascade]\nrisk = 0.1\n', r"\[parent\] exits: must be a list of one or more of the parent's "
+                                                  r'tap names; write e.g. exits = \["block1", "block3"\]'),
     ('exits = ["block6", "block6"]\n[parent.cascade]\nrisk = 0.1\n', r"'block6' is named twice"),
     ('exits = ["block6"]\n', r"exits need a \[parent.cascade\] table; write risk = 0.05"),
     ('exits = ["block6"]\n[parent.cascade]\nrisk = 0.1\nbudget = 5\n', r"give one of risk and budget"),
@@ -241,3 +243,20 @@ def test_predict_on_the_runs_encodings_answers_as_the_run_measured_and_a_changed
     assert branching.load(out, "cpu", exits=False).nodes == ("parent", "mammals")
     assert cli.main(["compare", "--config", str(exited / "tree.toml"), "--data", str(small_data_dir)]) == 2
     assert "compare does not take early exits (exit-block3, exit-block6)" in capsys.readouterr().err
+
+
+def test_export_refuses_exits_and_writes_the_full_trunk_with_no_exits(exited, small_data_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("BRANCHING_CACHE", str(exited / "cache"))
+    graph = tmp_path / "tree.onnx"
+    assert cli.main(["export", "--models", str(exited / "out"), "--out", str(graph)]) == 2
+    assert "or export it answering by its full trunk with --no-exits" in capsys.readouterr().err
+    assert not graph.exists()
+    assert cli.main(["export", "--models", str(exited / "out"), "--out", str(graph), "--no-exits"]) == 0
+    from branching.data.cifar import load_split
+    pixels = load_split(small_data_dir, "test").images[:20]
+    ours = branching.load(exited / "out", "cpu", exits=False)(pixels)
+    theirs = branching.load(graph)(pixels)
+    same = sum((a.guess, a.path) == (b.guess, b.path) for a, b in zip(ours, theirs))
+    assert same >= 18  # random weights at 32 px turn a graph's last bits into ~1e-3 (test_staged...: the same in torch)

@@ -135,8 +135,8 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     if getattr(predictor, "exits", ()):
         raise ConfigError(f"this tree answers at early exits ({', '.join(predictor.exits)}), which stop its trunk for "
                           f"the inputs they answer; a graph would run the whole trunk on every input, so it does not "
-                          f"export: serve it (branching serve), or export its full trunk from Python: "
-                          f"branching.api.export.export(branching.load(RUN, exits=False), OUT)")
+                          f"export: serve it (branching serve), or export it answering by its full trunk with "
+                          f"--no-exits (from Python: branching.load(RUN, exits=False))")
     if not isinstance(predictor, TreePredictor) or (predictor.entry is not None and tree.parent.has_head):
         raise ConfigError("export writes the whole routed tree; load it without node= or branch=")
     judged = [n.name for n in predictor.nodes if n.score == "selfeval"]

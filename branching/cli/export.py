@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
                                    "in its metadata (docs/deploy.md).")
     p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
     p.add_argument("--out", required=True, help="the .onnx file to write (written whole once checked; an existing file is replaced)")
+    p.add_argument("--no-exits", action="store_true",
+                   help="a tree with early exits: export it answering by its full trunk (a graph cannot stop early)")
     p.add_argument("--check", type=positive_int, default=16, metavar="N",
                    help="random images (or texts) both PyTorch and the graph answer before the file is written "
                         "(default 16)")
@@ -30,7 +32,7 @@ def cmd_export(args) -> int:
     if Path(args.out).suffix != ".onnx":
         raise ConfigError(f"--out {args.out}: the file name must end in .onnx")
     check_new_file(args.out, "--out")
-    tree = Tree.load(args.models, "cpu", names=CLI_NAMES)
+    tree = Tree.load(args.models, "cpu", exits=not args.no_exits, names=CLI_NAMES)
     log(f"exporting {tree!r}")
     checked = export(tree, args.out, check=args.check)
     size = Path(args.out).stat().st_size / 2**20

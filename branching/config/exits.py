@@ -23,12 +23,12 @@ def exit_tables(origin: str, parent: Any, node: dict) -> dict[str, dict]:
     if not isinstance(parent, dict) or "exits" not in parent:
         return {}
     taps = parent["exits"]
-    if not isinstance(taps, list) or not taps or not all(isinstance(t, str) and t for t in taps):
-        raise ConfigError(f'{origin}: [parent] exits: must be a list of tap names of the parent; write e.g. '
-                          f'exits = ["block5", "block10"]')
     check_kind(origin, {"parent": node, "exit": {"exit": True}}, parent)
     kind, shape = get_kind(node["kind"]), dict(node["shape"])
     names = [name for name, _ in kind.tap_widths(shape)]
+    if not isinstance(taps, list) or not taps or not all(isinstance(t, str) and t for t in taps):
+        raise ConfigError(f"{origin}: [parent] exits: must be a list of one or more of the parent's tap names; write "
+                          f"e.g. exits = [{', '.join(repr(n).replace(chr(39), chr(34)) for n in names[2:5:2])}]")
     unknown = next((t for t in taps if t not in names), None)
     if unknown is not None:
         raise ConfigError(f"{origin}: [parent] exits: {unknown!r} is not a tap of the parent{past_or_close(unknown, names)}; "
@@ -71,8 +71,10 @@ def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | No
     head = shape["head_layer"]
     names = [name for name, _ in kind.tap_widths(shape)]
     at: dict[int, str] = {}
+    listed = {f"{EXIT_PREFIX}{t}" for t in parent_data.get("exits") or ()}  # given by [parent] exits = [...]
     for name, node in exits.items():
-        table = f"[branches.{name}]"
+        table = "[parent] exits:" if name in listed else f"[branches.{name}]"
+        key = (lambda k: "") if name in listed else (lambda k: f" {k}:")
         if node["source"] != "parent":
             raise ConfigError(f"{origin}: {table} exit: an exit is on the parent's trunk, and this branch reads "
                               f"{node['source']!r}; remove `from` (an exit reads the parent), or remove exit = true")
@@ -82,11 +84,11 @@ def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | No
             raise ConfigError(f"{origin}: {table} selfeval: an exit's confidence is fitted with the cascade's; "
                               f"remove [{table[1:-1]}.selfeval]")
         if node["layer"] >= head:
-            raise ConfigError(f"{origin}: {table} layer: {names[node['layer']]} is at or after the parent's head "
-                              f"({names[head]}); an exit answers before the head: choose an earlier tap")
+            raise ConfigError(f"{origin}: {table}{key('layer')} {names[node['layer']]} is at or after the tap of the "
+                              f"parent's head ({names[head]}); an exit answers before the head: choose an earlier tap")
         if node["layer"] in at:
-            raise ConfigError(f"{origin}: {table} layer: {names[node['layer']]} holds exit {at[node['layer']]!r} "
-                              f"already; keep one exit a tap")
+            raise ConfigError(f"{origin}: {table}{key('layer')} {names[node['layer']]} holds exit "
+                              f"{at[node['layer']]!r} already; keep one exit a tap")
         at[node["layer"]] = name
     below = next((n for n, node in nodes.items() if node.get("source") in exits), None)
     if below is not None:

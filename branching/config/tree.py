@@ -188,8 +188,10 @@ class TreeConfig:
         above = set(self.chain(entry)) if entry is not None and entry in self.branches else set()
         kept = {n: b for n, b in self.branches.items()
                 if not b.exit and (not self.standalone(n) or entry in self.chain(n) or n in above)}
-        return self if len(kept) == len(self.branches) else TreeConfig(self.parent, kept, self.path, self.image_size,
-                                                                       self.cascade)
+        if len(kept) == len(self.branches):
+            return self
+        exits = any(b.exit for b in kept.values())  # none: the cascade has nothing to answer with
+        return TreeConfig(self.parent, kept, self.path, self.image_size, self.cascade if exits else None)
 
     def reading_every_tap(self) -> TreeConfig:
         """The same tree with an encoded parent encoding every tap (probe-layers and compare read them all); other

@@ -233,8 +233,10 @@ def cascade_section(out: Path, m: dict, run: str) -> list[tuple]:
     rows = [[name, pct(p["accuracy"]) + interval(p.get("accuracy_ci")), num(p["mflops"], 1),
              pct(p["mflops"] / m["full_trunk"]["mflops"]), pct(p["coverage"]), pct(p["risk"]),
              ", ".join(pct(s) for s in p["exits"])]
-            for name, p in [("cascade", m["cascade"]), ("full trunk", m["full_trunk"]),
-                            *[(f"{n} alone", p) for n, p in m["single_exit"].items()]]]
+            for name, p in [("cascade" + ("" if m["attained"] else " (not met)"), m["cascade"]),
+                            ("full trunk", m["full_trunk"]),
+                            *[(f"{n} alone" + ("" if p.get("attained", True) else " (not met)"), p)
+                              for n, p in m["single_exit"].items()]]]
     chosen = (f"threshold {num(m['threshold'], 4)}" if m["threshold"] is not None else "no exit answers") + (
         f", risk bound {num(m['bound'], 4)}" if m.get("bound") is not None else "")
     figure = plots.cascade_curve(m["calibration_curve"], m["test_curve"], m["threshold"],
@@ -246,7 +248,7 @@ def cascade_section(out: Path, m: dict, run: str) -> list[tuple]:
                   f"{m['calibration_samples']} calibration inputs held out of every node: {chosen}"
                   + ("." if m["attained"] else f"; not met: {m['reason']}.")),
             ("table", ["", "accuracy", "MFLOPs an input", "of the full trunk", "coverage", "error on answered",
-                       "answered at each exit"], rows),
+                       f"answered at {', '.join(m['exits'])}"], rows),
             ("img", str(figure.relative_to(out)), figure.stem)]
 
 

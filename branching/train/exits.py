@@ -3,6 +3,7 @@ the test split beside the full trunk (no exit answers) and each exit alone (fitt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +115,10 @@ def run_exits(config: TreeConfig, models: dict, data, models_dir, device=CPU, ec
                "saved": 1 - chosen["mflops"] / full["mflops"] if full["mflops"] else None,
                "calibration_curve": cascade.curve, "test_curve": curve}
     echo(format_exits(metrics))
+    if not cascade.attained:
+        echo(f"warning: the exits' cascade could not meet {cascade.describe()}: "
+             + ("no exit answers, and the tree's error is not bounded by the risk asked" if cascade.mode == "risk"
+                else "it answers at its cheapest setting, above the budget") + f" ({cascade.reason})")
     return metrics
 
 
@@ -132,7 +137,9 @@ def format_exits(m: dict) -> str:
              f"  full trunk: accuracy {pct(f['accuracy'])}, error on what it answers {pct(f['risk'])} at coverage "
              f"{pct(f['coverage'])}"]
     lines += [f"  {name} alone: accuracy {pct(s['accuracy'])}, {s['mflops']:.1f} MFLOPs, error {pct(s['risk'])} at "
-              f"coverage {pct(s['coverage'])}" for name, s in m["single_exit"].items()]
+              f"coverage {pct(s['coverage'])}" + ("" if s["attained"] else " (the rule not met alone)")
+              for name, s in m["single_exit"].items()]
+    lines.append("  branching.load and predict answer with the cascade; the routed tree above is the full trunk's")
     return "\n".join(lines)
 
 
@@ -148,6 +155,7 @@ def check_budget(config: TreeConfig, data, device=CPU) -> None:
     head = linear_flops([kind.tap_widths(shape)[first.layer][1], *first.hidden, len(first.classes)])
     cost = (float(kind.tap_costs(shape, texts, device)[:, first.layer].mean()) + head) / 1e6
     if budget < cost:
+        at = "" if texts is None else " (at the training texts' mean length)"
         raise ConfigError(f"{config.path or '<config>'}: [parent.cascade] budget: {budget:g} MFLOPs is below the "
-                          f"{cost:.1f} MFLOPs an input pays to reach the first exit ({first.name}); raise the budget "
-                          f"to {cost:.0f} or more, or add an earlier exit")
+                          f"{cost:.1f} MFLOPs an input pays to reach the first exit ({first.name}){at}; raise the "
+                          f"budget to {math.ceil(cost)} or more, or add an earlier exit")
