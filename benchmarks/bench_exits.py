@@ -207,8 +207,8 @@ def cmd_speed(args) -> dict:
 
 def rows_of(v, rows) -> tuple:
     o, c = v.outputs, v.costs
-    return (cascades.ExitOutputs(o.confidence[:, rows], o.predicted[:, rows], o.probabilities[:, rows]),
-            v.guess[rows], v.accepted[rows], v.labels[rows], cascades.Costs(c.at_exit[rows], c.full[rows], c.heads))
+    return (o.rows(rows), v.guess[rows], v.accepted[rows], v.labels[rows],
+            cascades.Costs(c.at_exit[rows], c.full[rows], c.heads[rows]))
 
 
 def cmd_guarantee(args) -> dict:
@@ -235,7 +235,7 @@ def cmd_guarantee(args) -> dict:
         test_full = cascades.outcome(np.full(n - n // 2, -1), *test_half, False)["mflops"]
         for rule, threshold in (("guarantee", fitted.threshold if fitted.attained else None),
                                 ("empirical", sweep["threshold"] if sweep else None)):
-            p = cascades.outcome(cascades.first_exit(test_half[0].confidence, threshold), *test_half,
+            p = cascades.outcome(cascades.first_exit(test_half[0].gate, threshold), *test_half,
                                  threshold is not None)
             found[rule].append({"threshold": threshold, "risk": p["risk"] or 0.0, "coverage": p["coverage"],
                                 "share": p["mflops"] / test_full, "no exit": threshold is None,

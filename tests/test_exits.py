@@ -70,7 +70,8 @@ def test_the_fitted_threshold_is_the_cheapest_that_scipys_binomial_passes():
     confidence = rng.uniform(0.3, 1.0, (k, n))
     right = rng.random((k, n)) < confidence  # surer exits are right more often
     predicted = np.where(right, labels, (labels + 1) % 3)
-    outputs = cascades.ExitOutputs(confidence, predicted, np.zeros((k, n, 3), np.float32))
+    outputs = cascades.ExitOutputs.empty(k, n, 3)
+    outputs.gate[:], outputs.predicted[:] = confidence, predicted
     guess = np.where(rng.random(n) < 0.8, labels, (labels + 2) % 3)
     accepted = rng.random(n) < 0.9
     costs = cascades.Costs(np.tile([100.0, 200.0], (n, 1)), np.full(n, 300.0))
@@ -113,17 +114,39 @@ def test_bad_exits_are_one_line_errors_before_any_work(random_weights, extra, me
     assert "\n" not in str(caught.value)
 
 
-def test_exits_need_a_staged_trunk_and_no_branch_below_them(random_weights):
+def simulate(config, models, cascade, vectors):
+    return cascades.simulate(TreePredictor(config, models), cascades.exit_predictors(config, models, cascade.exits),
+                             cascade, vectors)
+
+
+BELOW = ('[branches.x]\nclasses = ["beaver", "whale"]\nfrom = "exit-block3"\nlayer = 0\nhidden = [8]\n'
+         '[branches.x.accept]\nrule = "coverage"\ncoverage = 0.7\n')
+
+
+def test_exits_need_a_staged_trunk_and_routing_keeps_an_exits_subtree_only_from_inside_it(random_weights):
     mlp = '[parent]\nclasses = ["a", "b"]\nexits = ["hidden0"]\n[parent.cascade]\nrisk = 0.1\n'
     with pytest.raises(ConfigError, match=r'exits need a frozen trunk that runs tap by tap, which the parent '
                                           r'\(kind mlp\) is not; use kind = "pretrained" or "text"'):
         parse_config(mlp, "t.toml")
-    below = tree(random_weights, extra_parent=EXITS) + '[branches.x]\nclasses = ["beaver", "whale"]\nfrom = "exit-block3"\n'
-    with pytest.raises(ConfigError, match=r"\[branches.x\] from: 'exit-block3' is an exit"):
-        parse_config(below, "t.toml")
-    config = parse_config(tree(random_weights, extra_parent=EXITS), "t.toml")
+    judged = tree(random_weights, extra_parent=EXITS) + BELOW + '[branches.x.selfeval]\nlayer = -1\n'
+    with pytest.raises(ConfigError, match=r"\[branches.x.selfeval\]: 'x' is below an exit, which answers before"):
+        parse_config(judged, "t.toml")
+    scored = tree(random_weights, extra_parent='[parent.cascade]\nrisk = 0.1\n') + (
+        '[branches.e]\nclasses = ["beaver", "whale"]\nlayer = "block3"\nexit = true\n[branches.e.accept]\n'
+        'score = "margin"\nthreshold = 0.5\n')
+    with pytest.raises(ConfigError, match=r"\[branches.e.accept\] score: the cascade's threshold reads an exit's "
+                                          r"calibrated max softmax, not 'margin'; remove score"):
+        parse_config(scored, "t.toml")
+    fresh = tree(random_weights, extra_parent=EXITS) + BELOW.replace('"whale"]', '"otter"]\nnew_classes = true')
+    with pytest.raises(ConfigError, match=r"\[branches.x\] new_classes: 'x' is below an exit, which answers with the "
+                                          r"parent's classes"):
+        parse_config(fresh, "t.toml")
+    config = parse_config(tree(random_weights, extra_parent=EXITS) + BELOW, "t.toml")
     assert [e.name for e in config.exits()] == ["exit-block3", "exit-block6"]
     assert [n.name for n in config.routed().nodes()] == ["parent", "mammals"]  # routing never reaches an exit
+    assert [n.name for n in config.routed("x").nodes()] == ["parent", "mammals", "exit-block3", "x"]
+    assert [c.name for c in config.children("exit-block3")] == ["x"] and config.exit_of("x") == "exit-block3"
+    assert config.exit_of("mammals") is None and [c.name for c in config.children("parent")] == ["mammals"]
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +183,9 @@ def test_the_cascade_answers_at_any_batch_size_as_one_at_a_time_and_as_the_simul
     config, models = load_folder(exited / "out")
     cascade = cascades.Cascade.load(exited / "out" / "models", models)
     cascade.threshold = float(np.quantile(cascades.exit_outputs(  # a threshold at which some leave at each exit
-        models, cascade.exits, TreePredictor(config, models).root.normalizer.transform(
-            np.asarray(load_tree_data(config, small_data_dir).test.images[:40], np.float32)),
-        list(config.classes())).confidence, 0.6))
+        cascades.exit_predictors(config, models, cascade.exits),
+        np.asarray(load_tree_data(config, small_data_dir).test.images[:40], np.float32), list(config.classes())).gate,
+        0.6))
     cascade.save(exited / "out" / "models")
     tree = branching.load(exited / "out", "cpu")
     from branching.data.cifar import load_split
@@ -191,14 +214,11 @@ def test_the_cascade_answers_at_any_batch_size_as_one_at_a_time_and_as_the_simul
     assert max(abs(a.score - b.score) for a, b, kept in zip(together, one, same) if kept) <= noise + 1e-6
     assert all(a.score == b.score for a, b in zip(together, full_together) if a.path == b.path)  # the same batch
     vectors = get_kind("pretrained").encode(config.parent.shape_dict, pixels, torch.device("cpu"), progress=False)
-    simulated, _, _ = cascades.simulate(TreePredictor(config, models), models, cascade, vectors)
+    simulated, _, _ = simulate(config, models, cascade, vectors)
     assert [(simulated.chains[f][-1], simulated.rejected_level(i) or None) for i, f in enumerate(simulated.final_node)] \
         == [(a.node, a.rejected_at) for a in together]
     np.testing.assert_allclose(simulated.confidence, [a.score for a in together], atol=1e-5)
     assert all(a.path[0] == "parent" for a in full_together) and tree.nodes[-2:] == ("exit-block3", "exit-block6")
-    with pytest.raises(ConfigError, match=r"answers at early exits \(exit-block3, exit-block6\).*so it does not export"):
-        from branching.api.export import export
-        export(tree, exited / "x.onnx")
 
 
 def test_a_budget_below_the_first_exit_is_refused_before_any_work(random_weights, small_data_dir, tmp_path, capsys):
@@ -225,7 +245,7 @@ def test_predict_on_the_runs_encodings_answers_as_the_run_measured_and_a_changed
     from branching.data.cifar import load_split
     vectors = get_kind("pretrained").encode(config.parent.shape_dict, load_split(small_data_dir, "test").images,
                                             torch.device("cpu"), progress=False)
-    simulated, _, _ = cascades.simulate(TreePredictor(config, models), models, cascade, vectors)
+    simulated, _, _ = simulate(config, models, cascade, vectors)
     assert [line.split("path ")[1].split()[0] for line in lines] == [simulated.chains[f][0] for f in
                                                                      simulated.final_node]
     with pytest.raises(ConfigError, match=r"branch=exit-block3: an early exit, which routes nothing; pass "
@@ -241,22 +261,140 @@ def test_predict_on_the_runs_encodings_answers_as_the_run_measured_and_a_changed
     with pytest.raises(CheckpointError, match=r"cascade.json was fitted on another 'mammals'.*exits=False"):
         branching.load(out, "cpu")
     assert branching.load(out, "cpu", exits=False).nodes == ("parent", "mammals")
-    assert cli.main(["compare", "--config", str(exited / "tree.toml"), "--data", str(small_data_dir)]) == 2
-    assert "compare does not take early exits (exit-block3, exit-block6)" in capsys.readouterr().err
+    assert "exit-block3" not in parse_config(tree(models["parent"].shape["weights"], extra_parent=EXITS) + BELOW,
+                                             "t.toml").without_exits().branches
 
 
-def test_export_refuses_exits_and_writes_the_full_trunk_with_no_exits(exited, small_data_dir, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_export_writes_a_graph_that_stops_its_trunk_where_an_exit_answers_and_no_exits_the_full_trunk(
+        exited, below, small_data_dir, tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime")
+    import onnx
     monkeypatch.setenv("BRANCHING_CACHE", str(exited / "cache"))
-    graph = tmp_path / "tree.onnx"
-    assert cli.main(["export", "--models", str(exited / "out"), "--out", str(graph)]) == 2
-    assert "or export it answering by its full trunk with --no-exits" in capsys.readouterr().err
-    assert not graph.exists()
-    assert cli.main(["export", "--models", str(exited / "out"), "--out", str(graph), "--no-exits"]) == 0
     from branching.data.cifar import load_split
-    pixels = load_split(small_data_dir, "test").images[:20]
-    ours = branching.load(exited / "out", "cpu", exits=False)(pixels)
-    theirs = branching.load(graph)(pixels)
-    same = sum((a.guess, a.path) == (b.guess, b.path) for a, b in zip(ours, theirs))
+    pixels = load_split(small_data_dir, "test").images[:40]
+    graph = tmp_path / "tree.onnx"
+    config, models = load_folder(exited / "out")
+    cascade = cascades.Cascade.load(exited / "out" / "models", models)
+    cascade.threshold = float(np.quantile(cascades.exit_outputs(  # a threshold at which some leave at each exit
+        cascades.exit_predictors(config, models, cascade.exits), get_kind("pretrained").encode(
+            config.parent.shape_dict, pixels, torch.device("cpu"), progress=False), list(config.classes())).gate, 0.6))
+    cascade.save(exited / "out" / "models")
+    assert cli.main(["export", "--models", str(exited / "out"), "--out", str(graph)]) == 0
+    assert "outputs rows.<exit> and logits.<exit> for exit-block3, exit-block6" in capsys.readouterr().out
+    ops = {node.op_type for node in onnx.load(str(graph)).graph.node}
+    assert {"NonZero", "Gather"} <= ops  # the rows that go on are gathered in the graph
+    ours = branching.load(exited / "out", "cpu")(pixels)
+    theirs = branching.load(graph)
+    assert theirs.nodes == ("parent", "mammals", "exit-block3", "exit-block6")
+    paths = {a.path for a in ours}
+    assert {("exit-block3",), ("exit-block6",)} <= paths and any(p[0] == "parent" for p in paths)
+    for size in (40, 7, 1):  # every batch size answers as the PyTorch cascade (random weights: but at its threshold)
+        found = [b for i in range(0, 40, size) for b in theirs(pixels[i:i + size])]
+        assert sum((a.label, a.path) == (b.label, b.path) for a, b in zip(ours, found)) >= 38
+    full = tmp_path / "full.onnx"
+    assert cli.main(["export", "--models", str(exited / "out"), "--out", str(full), "--no-exits"]) == 0
+    by_trunk = branching.load(exited / "out", "cpu", exits=False)(pixels[:20])
+    same = sum((a.guess, a.path) == (b.guess, b.path) for a, b in zip(by_trunk, branching.load(full)(pixels[:20])))
     assert same >= 18  # random weights at 32 px turn a graph's last bits into ~1e-3 (test_staged...: the same in torch)
+    refused = tmp_path / "below.onnx"
+    monkeypatch.setenv("BRANCHING_CACHE", str(below / "cache"))
+    assert cli.main(["export", "--models", str(below / "out"), "--out", str(refused)]) == 2
+    assert "exit-block3 route to branches below them" in capsys.readouterr().err and not refused.exists()
+
+
+@pytest.fixture(scope="module")
+def below(tmp_path_factory, random_weights, small_data_dir):
+    root = tmp_path_factory.mktemp("exits-below")
+    (root / "tree.toml").write_text(tree(random_weights, extra_parent=EXITS) + BELOW
+                                    + BELOW.replace("es.x", "es.y").replace('"beaver", "whale"', '"wolf", "sunflower"'))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("BRANCHING_CACHE", str(root / "cache"))
+        assert cli.main(["run", "--config", str(root / "tree.toml"), "--data", str(small_data_dir), "--out",
+                         str(root / "out"), "--max-epochs", "3", "--quiet", "--no-download", "--no-report"]) == 0
+    return root
+
+
+def _softmax(z):
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def test_branches_below_an_exit_answer_with_it_and_what_they_reject_goes_on_along_the_trunk(below, small_data_dir,
+                                                                                             monkeypatch):
+    from branching.acceptance.rule import Acceptance
+    from branching.data.cifar import load_split
+    from branching.data.tree_data import load_tree_data
+    from branching.models.forward import node_input
+    monkeypatch.setenv("BRANCHING_CACHE", str(below / "cache"))
+    config, models = load_folder(below / "out")
+    classes = list(config.classes())
+    data = load_tree_data(config, small_data_dir)
+    vectors = np.concatenate([np.asarray(data.train.images, np.float32), np.asarray(data.test.images, np.float32)])
+    exits = cascades.exit_predictors(config, models, ("exit-block3", "exit-block6"))
+    # by hand: the exit's probabilities at its temperature massed into x's and y's groups, and their answers
+    X = torch.from_numpy(exits[0].root.normalizer.transform(vectors))
+
+    def probabilities(name):
+        m = models[name]
+        return _softmax(m.logits(node_input(models, name, X).detach().numpy()) / Acceptance.of(m.meta).temperature)
+
+    e, kids = models["exit-block3"], [models["x"], models["y"]]
+    p = probabilities("exit-block3")
+    mass = np.column_stack([p[:, [e.meta.classes.index(c) for c in k.meta.classes]].sum(axis=1) for k in kids])
+    to = mass.argmax(axis=1)
+    q = [probabilities("x"), probabilities("y")]
+    sure = np.where(to == 0, q[0].max(axis=1), q[1].max(axis=1))
+    assert 0 < to.sum() < len(to)
+    thresholds = np.array([np.median(sure[to == g]) for g in (0, 1)], np.float32)
+    for name, t in zip(("x", "y"), thresholds):
+        next(n for n in exits[0].nodes if n.name == name).threshold = t
+    out = cascades.exit_outputs(exits, vectors, classes)
+    rejected = sure < thresholds[to]
+    np.testing.assert_allclose(out.gate[0], np.where(rejected, -np.inf, mass.max(axis=1)), rtol=1e-5)
+    answer = [classes.index(kids[g].meta.classes[int(q[g][i].argmax())]) for i, g in enumerate(to)]
+    assert out.predicted[0].tolist() == answer
+    assert [out.chains[f] for f in out.final[0]] == [("exit-block3", "xy"[g]) for g in to]
+    flops = [2 * sum(a * b for a, b in zip(m.architecture, m.architecture[1:])) for m in (e, *kids, models["exit-block6"])]
+    np.testing.assert_array_equal(out.below[0], np.array(flops[1:3])[to])
+    assert (out.below[1] == 0).all() and np.isfinite(out.gate[1]).all()  # exit-block6 has no branch below
+    costs = cascades.input_costs(models, out, ("exit-block3", "exit-block6"), np.zeros((1, 20)), 16,
+                                 [("parent",)] * len(to))
+    np.testing.assert_allclose(costs.at_exit[:, 0], flops[0] + out.below[0])
+    np.testing.assert_allclose(costs.heads, flops[0] + flops[3] + out.below[0])
+    # the staged tree answers as the simulation, and through x where x accepts
+    cascade = cascades.Cascade.load(below / "out" / "models", models)
+    cascade.threshold = float(np.quantile(out.gate[0][np.isfinite(out.gate[0])], 0.3))
+    cascade.save(below / "out" / "models")
+    pixels = load_split(small_data_dir, "test").images[:80]
+    answers = branching.load(below / "out", "cpu")(pixels)
+    encoded = get_kind("pretrained").encode(config.parent.shape_dict, pixels, torch.device("cpu"), progress=False)
+    simulated, _, _ = simulate(config, models, cascade, encoded)
+    assert [(simulated.chains[f][-1], simulated.rejected_level(i) or None) for i, f in enumerate(simulated.final_node)] \
+        == [(a.node, a.rejected_at) for a in answers]
+    np.testing.assert_allclose(simulated.confidence, [a.score for a in answers], atol=1e-5)
+    assert {("exit-block3", "x"), ("exit-block3", "y")} <= {a.path for a in answers}
+
+
+def test_compare_measures_the_cascade_against_the_full_trunk_and_each_exit_alone_over_seeds(random_weights,
+                                                                                          small_data_dir, tmp_path,
+                                                                                          capsys, monkeypatch):
+    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tree.toml").write_text(tree(random_weights, extra_parent=EXITS).split("[branches.mammals]")[0])
+    common = ["--config", str(tmp_path / "tree.toml"), "--data", str(small_data_dir), "--max-epochs", "2", "--quiet",
+              "--no-download"]
+    assert cli.main(["compare", *common, "--out", str(tmp_path / "k"), "--kshot", "5"]) == 2
+    assert "--kshot trains the branches' methods" in capsys.readouterr().err and not (tmp_path / "k").exists()
+    assert cli.main(["compare", *common, "--out", str(tmp_path / "cmp"), "--seeds", "0,1"]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = result["exits"]["rows"]
+    assert list(rows) == ["cascade", "full_trunk", "exit-block3", "exit-block6"] and result["summary"]["branches"] == {}
+    assert cli.main(["run", *common, "--out", str(tmp_path / "run"), "--seed", "1", "--no-report"]) == 0
+    alone = json.loads((tmp_path / "run" / "metrics.json").read_text())["cascade"]  # the same tree trained by run
+    assert rows["cascade"]["accuracy"]["values"][1] == alone["cascade"]["accuracy"]
+    assert rows["exit-block6"]["mflops"]["values"][1] == alone["single_exit"]["exit-block6"]["mflops"]
+    full = rows["full_trunk"]["accuracy"]["values"]
+    assert rows["cascade"]["accuracy_vs_full"]["values"] == [a - b for a, b in zip(rows["cascade"]["accuracy"]["values"],
+                                                                                   full)]
+    assert rows["cascade"]["accuracy"]["mean"] == pytest.approx(np.mean(rows["cascade"]["accuracy"]["values"]))
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "## Early exits" in md and "exit-block3 alone" in md and (tmp_path / "cmp" / "compare.png").stat().st_size

@@ -8,8 +8,11 @@ at its fitted temperature) and raw logits (`logits.<node>`) for every input, at 
 acceptance, a few comparisons per input, run outside it (`api.onnx_tree`, the same code as the PyTorch tree's), from
 the thresholds, temperatures, scores and class names in its metadata (`branching.tree`, JSON).
 
+A tree with early exits exports as one graph that stops its trunk where an exit answers (api.cascade_graph).
+
 What does not export, refused with a one-line error: a node accepting by a self-evaluation branch (score
-"selfeval": its judge is a second network over the node's taps). A text tree's tokenizer stays outside the graph.
+"selfeval": its judge is a second network over the node's taps), and an exit with branches below it. A text tree's
+tokenizer stays outside the graph.
 """
 
 from __future__ import annotations
@@ -107,11 +110,15 @@ def _symbolic_helper():
     return symbolic_helper
 
 
-def tree_metadata(tree) -> dict:
-    """What api.onnx_tree needs to answer as the PyTorch tree does."""
+def tree_metadata(tree, cascade: bool = False) -> dict:
+    """What api.onnx_tree needs to answer as the PyTorch tree does (with `cascade`, its exits')."""
     predictor = tree.predictor
     config = {k: v for k, v in predictor.config.to_dict().items() if k != "path"}  # no path of this machine's
-    return {"format": FORMAT, "reads": tree.reads, "image_size": tree.image_size,
+    exits = {} if not cascade else {"cascade": {
+        "threshold": predictor.cascade.threshold, "rule": predictor.cascade.describe(),
+        "exits": [{"name": p.entry.name, "classes": list(p.entry.spec.classes), "layer": p.entry.spec.layer,
+                   "temperature": float(p.entry.rule["temperature"])} for p in predictor.exit_routes]}}
+    return {**exits, "format": FORMAT, "reads": tree.reads, "image_size": tree.image_size,
             "classes": list(predictor.classes), "config": config,
             "entry": None if predictor.entry is None else predictor.entry.name,  # a parent without a head: its branch
             "nodes": [{"name": n.name, "classes": list(n.spec.classes), "threshold": n.rule["threshold"],
@@ -132,11 +139,12 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     predictor = tree.predictor
     if tree.parent is None:
         raise ConfigError("this tree is an exported graph already; export from the run's folder (--models RUN)")
-    if getattr(predictor, "exits", ()):
-        raise ConfigError(f"this tree answers at early exits ({', '.join(predictor.exits)}), which stop its trunk for "
-                          f"the inputs they answer; a graph would run the whole trunk on every input, so it does not "
-                          f"export: serve it (branching serve), or export it answering by its full trunk with "
-                          f"--no-exits (from Python: branching.load(RUN, exits=False))")
+    cascade = bool(getattr(predictor, "exits", ())) and predictor.cascade.threshold is not None  # else no exit answers
+    routing = [e for e in getattr(predictor, "exits", ()) if tree.config.children(e)]
+    if routing:
+        raise ConfigError(f"{', '.join(routing)} route to branches below them, whose answers decide whether the exit "
+                          f"answers, which an exported graph does not route; serve the tree (branching serve), or "
+                          f"export it answering by its full trunk with --no-exits")
     if not isinstance(predictor, TreePredictor) or (predictor.entry is not None and tree.parent.has_head):
         raise ConfigError("export writes the whole routed tree; load it without node= or branch=")
     judged = [n.name for n in predictor.nodes if n.score == "selfeval"]
@@ -146,6 +154,10 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     encoder = tree.kind.export_encoder(tree.parent.shape, predictor.parent_depth()) if tree.kind.encoded else None
     module = DenseTree(predictor, encoder).eval()
     names = [f"probs.{n}" for n in module.names] + [f"logits.{n}" for n in module.names]
+    if cascade:
+        from branching.api.cascade_graph import CascadeGraph
+        module = CascadeGraph(predictor, DenseTree(predictor, None)).eval()
+        names = module.output_names
     if tree.reads == "texts":  # token ids and their mask, both free in the batch size and the number of tokens
         inputs = ["input_ids", "attention_mask"]
         example = (torch.ones(batch, 8, dtype=torch.long), torch.ones(batch, 8, dtype=torch.long))
@@ -153,6 +165,11 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     else:
         inputs, example, dynamic = ["pixels"], (torch.zeros(batch, 3 * tree.image_size ** 2),), {"pixels": {0: "batch"}}
     dynamic.update({name: {0: "batch"} for name in names})
+    if cascade:  # each exit's rows, and the rest's
+        dynamic.update({name: {0: f"rows_{name.split('.', 1)[1]}"} for name in names if name.startswith("rows.")})
+        dynamic.update({f"logits.{e}": {0: f"rows_{e}"} for e in predictor.exits})
+        dynamic.update({name: {0: "rows_rest"} for name in names if not name.startswith("rows.")
+                        and name.split(".", 1)[1] not in predictor.exits})
     for m in predictor.models.values():
         m.net.eval()
     module.requires_grad_(False)  # the tracer takes the frozen weights as the graph's initialisers
@@ -167,7 +184,7 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
                               dynamic_axes=dynamic, opset_version=OPSET, **traced)
         graph = onnx.load(str(staging))
         entry = graph.metadata_props.add()
-        entry.key, entry.value = "branching.tree", json.dumps(tree_metadata(tree))
+        entry.key, entry.value = "branching.tree", json.dumps(tree_metadata(tree, cascade))
         onnx.save(graph, str(staging))
         checked = check_graph(tree, staging, check)
         os.replace(staging, out)
@@ -180,7 +197,8 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
 def check_graph(tree, path, n: int) -> Check:
     """PyTorch and the graph on n seeded random images (smooth fields, not noise: a trunk's activations stay in their
     usual range): the largest difference of a probability, and PyTorch's own between answering them together and
-    one at a time. Refuses a graph whose difference is past TOLERANCE and past OWN_FACTOR times PyTorch's own: a
+    one at a time. Each input must be answered at the same node (a cascade: all but one, whose confidence may sit at
+    the threshold). Refuses a graph whose difference is past TOLERANCE and past OWN_FACTOR times PyTorch's own: a
     broken export (an operator of other semantics) is off by 0.1 or more."""
     from branching.api.onnx_tree import OnnxPredictor
     side, rng = tree.image_size, np.random.default_rng(0)
@@ -191,10 +209,16 @@ def check_graph(tree, path, n: int) -> Check:
         coarse = rng.uniform(0, 255, (n, 3, 4, 4)).astype(np.float32)
         images = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(side, side), mode="bilinear")
         images = images.round().clamp(0, 255).reshape(n, -1).numpy()
-    expected = tree.forward(tree.encode(images)).probabilities  # through the frozen network, for an encoded parent
+    ours = tree.forward(tree.encode(images))  # through the frozen network, for an encoded parent
     alone = np.concatenate([tree.forward(tree.encode(images[i:i + 1])).probabilities for i in range(n)])
-    found = OnnxPredictor(path).predict(images).probabilities
-    check = Check(float(np.abs(expected - found).max()), float(np.abs(expected - alone).max()))
+    theirs = OnnxPredictor(path).predict(images)
+    paths = [ours.chains[a] == theirs.chains[b] for a, b in zip(ours.final_node, theirs.final_node)]
+    if sum(not same for same in paths) > (1 if getattr(tree.predictor, "exits", ()) else 0):
+        raise CheckpointError(f"the exported graph answered {sum(not same for same in paths)} of {n} random inputs at "
+                              f"other nodes than PyTorch; nothing was written")
+    same = np.asarray(paths)  # a cascade: one input may leave at another exit, its confidence at the threshold
+    check = Check(float(np.abs(ours.probabilities - theirs.probabilities)[same].max()),
+                  float(np.abs(ours.probabilities - alone).max()))
     if not check.difference <= max(TOLERANCE, OWN_FACTOR * check.own):
         raise CheckpointError(f"the exported graph's probabilities differ from PyTorch's by {check.difference:.2g} on "
                               f"random images, more than {TOLERANCE:g} and than {OWN_FACTOR} times PyTorch's own difference "

@@ -1,7 +1,9 @@
 """An exported tree (`branching export`) run with onnxruntime, answering as the PyTorch tree does.
 
 The graph gives every node's logits for a batch; routing and acceptance are the PyTorch tree's own
-(`TreePredictor._route`), walking nodes whose trunk is a look-up of those logits by row.
+(`TreePredictor._route`), walking nodes whose trunk is a look-up of those logits by row. A tree with early exits
+(api.cascade_graph) gives each exit's logits for the rows it answered and the tree's for the rest: an exit's answer
+is routed from it alone (it rejects nothing: the graph's threshold chose its rows), the rest's from the parent.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import importlib
 import json
 import threading
 from pathlib import Path
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -81,6 +85,17 @@ class OnnxPredictor(TreePredictor):
         self.root, self.models = self.nodes[0], {}
         self.entry = None if meta.get("entry") is None else by_name[meta["entry"]]  # a parent without a head's branch
         self.chains = tuple(tuple(self.config.chain(n.name)) for n in self.nodes)
+        self.cascade_exits: list[_RowNode] = []  # a cascade's exits, answering before the tree (their paths: the exit alone)
+        for record in (meta.get("cascade") or {}).get("exits", ()):
+            spec = replace(self.config.parent, name=record["name"], classes=tuple(record["classes"]), source="parent",
+                           layer=record["layer"], exit=True)
+            threshold = meta["cascade"]["threshold"]  # shown as the exit's; the graph applied it
+            node = _RowNode(len(self.nodes), spec, self.classes, {**record, "threshold": threshold, "score": "msp"},
+                            self.batch)
+            node.threshold = -np.inf
+            self.nodes.append(node)
+            self.cascade_exits.append(node)
+        self.chains += tuple((node.name,) for node in self.cascade_exits)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.width = self.session.get_inputs()[0].shape[1]
         shape = self.config.parent.shape_dict
@@ -96,21 +111,28 @@ class OnnxPredictor(TreePredictor):
         from branching.models.encoder import resolve_model
         return AutoTokenizer.from_pretrained(resolve_model(shape["model"]), local_files_only=True)
 
-    def _run(self, wanted: list[str], chunk) -> list[np.ndarray]:
-        """The graph's outputs `wanted` for a chunk: of pixels as float32, or of texts as token ids cut at max_length,
-        run in groups of similar length (as the PyTorch encoder batches them: padding stays short)."""
+    def _feeds(self, chunk):
+        """(positions in the chunk, the graph's inputs for them): a chunk of pixels as float32 at once, or texts as
+        token ids cut at max_length, in groups of similar length (as the PyTorch encoder batches them: padding stays
+        short)."""
         if self.tokenizer is None:
-            return self.session.run(wanted, {self.inputs[0]: np.ascontiguousarray(chunk, dtype=np.float32)})
+            yield np.arange(len(chunk)), {self.inputs[0]: np.ascontiguousarray(chunk, dtype=np.float32)}
+            return
         from branching.models.encoder import padded
         with self.tokenizing:  # a fast tokenizer is not safe across threads; the session is
             ids = self.tokenizer(list(chunk), add_special_tokens=True, truncation=True, max_length=self.max_length,
                                  verbose=False)["input_ids"]
         order = np.argsort([len(t) for t in ids], kind="stable")
-        out: list[np.ndarray] = []
         for group in np.array_split(order, -(-len(ids) // TEXT_GROUP)):
             input_ids, mask = padded([ids[i] for i in group], self.tokenizer.pad_token_id or 0)
-            found = self.session.run(wanted, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
-            out = out or [np.empty((len(ids), *f.shape[1:]), f.dtype) for f in found]
+            yield group, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
+
+    def _run(self, wanted: list[str], chunk) -> list[np.ndarray]:
+        """The graph's outputs `wanted` (one row an input) for a chunk, in the chunk's order."""
+        out: list[np.ndarray] = []
+        for group, feed in self._feeds(chunk):
+            found = self.session.run(wanted, feed)
+            out = out or [np.empty((len(chunk), *f.shape[1:]), f.dtype) for f in found]
             for whole, part in zip(out, found):
                 whole[group] = part
         return out
@@ -120,22 +142,46 @@ class OnnxPredictor(TreePredictor):
 
     def _predict(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         n = len(images)
-        arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
-                  "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
-                  "rejected_confidence": np.empty(n, np.float32), "parent_predicted": np.empty(n, np.int64),
-                  "probabilities": np.zeros((n, len(self.classes)), np.float32)}
+        arrays = self._arrays(n)
         given = {o.name for o in self.session.get_outputs()}
-        answering = [node for node in self.nodes if f"logits.{node.name}" in given]
+        answering = [node for node in self.nodes if f"logits.{node.name}" in given and node not in self.cascade_exits]
         wanted = [f"logits.{node.name}" for node in answering]
         for start in range(0, n, batch_size):
             chunk = images[start:start + batch_size]
+            batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+            if self.cascade_exits:
+                self._cascade(chunk, answering, batch)
+                continue
             found = self._run(wanted, chunk)
             self.batch.logits = {node.name: value for node, value in zip(answering, found)}
-            batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
             self._route(self.root if self.entry is None else self.entry, torch.arange(len(chunk)), None, batch)
             if self.entry is not None:
                 batch["parent_predicted"][:] = -1
         return arrays
+
+    def _arrays(self, n: int) -> dict[str, np.ndarray]:
+        return {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
+                "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
+                "rejected_confidence": np.empty(n, np.float32), "parent_predicted": np.empty(n, np.int64),
+                "probabilities": np.zeros((n, len(self.classes)), np.float32), "gate": np.empty(n, np.float32)}
+
+    def _cascade(self, chunk, answering: list, batch: dict) -> None:
+        """A chunk through a cascade's graph: each exit's rows answered by it alone, the rest routed from the parent."""
+        wanted = [name for node in self.cascade_exits for name in (f"rows.{node.name}", f"logits.{node.name}")]
+        wanted += ["rows.rest"] + [f"logits.{node.name}" for node in answering]
+        for group, feed in self._feeds(chunk):
+            found = self.session.run(wanted, feed)
+            k = 2 * len(self.cascade_exits)
+            parts = [(node, found[2 * j], {node.name: found[2 * j + 1]}) for j, node in enumerate(self.cascade_exits)]
+            parts.append((self.root, found[k], {node.name: v for node, v in zip(answering, found[k + 1:])}))
+            for node, rows, logits in parts:
+                if not len(rows):
+                    continue
+                self.batch.logits = logits
+                part = self._arrays(len(rows))
+                self._route(node, torch.arange(len(rows)), None, part)
+                for key, value in part.items():
+                    batch[key][group[rows]] = value
 
     def predict(self, images, batch_size: int = BATCH) -> TreePredictions:
         """Images (N, 3 * side * side), or a text parent's texts, through the graph and the tree's routing."""

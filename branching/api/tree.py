@@ -115,7 +115,7 @@ class Tree:
         if node is not None and branch is not None:
             raise ConfigError("pass node= (that node alone) or branch= (routing from that branch), not both")
         config, models = load_folder(path, config, asked=names["models"])
-        if branch in config.branches and config.branches[branch].exit:
+        if branch in config.branches and config.branches[branch].exit and not config.children(branch):
             raise ConfigError(f"{names['branch']}{branch}: an early exit, which routes nothing; pass {names['node']}"
                               f"{branch} for it alone")
         if exits and config.exits() and node is None and branch is None:  # answers at its exits, the trunk run tap by tap
@@ -142,7 +142,7 @@ class Tree:
     def nodes(self) -> tuple[str, ...]:
         """The nodes that can answer: the tree's (from `branch`, that branch's subtree), or `node`'s chain."""
         if isinstance(self.predictor, TreePredictor):
-            return tuple(n.name for n in self.predictor.routed) + tuple(getattr(self.predictor, "exits", ()))
+            return tuple(n.name for n in self.predictor.routed) + tuple(getattr(self.predictor, "exit_nodes", ()))
         return tuple(self.predictor.chain)
 
     @property

@@ -14,8 +14,9 @@ from branching.errors import CheckpointError, ConfigError
 
 
 def add_parsers(sub) -> None:
-    compare = study_parser(sub, "compare", "every branch against its baselines and ablations; writes "
-                           "OUT/compare.md, compare.json, compare.png", "runs/compare")
+    compare = study_parser(sub, "compare", "every branch against its baselines and ablations, and early exits' "
+                           "cascade against the full trunk and each exit alone; writes OUT/compare.md, compare.json, "
+                           "compare.png", "runs/compare")
     compare.add_argument("--original-parent", action="store_true",
                          help="train a parent with the original recipe for the original-recipe branches "
                               "(about 9 minutes per seed); default: they use the default-recipe parent")
@@ -37,17 +38,6 @@ def add_parsers(sub) -> None:
     probe.set_defaults(func=cmd_probe_layers, config=None)
 
 
-def without_exits(config, command: str):
-    """A study trains its own copies of the branches, and takes no exits (their calibration rows would be trained
-    on): a one-line error before any work."""
-    if config.exits():
-        raise ConfigError(f"{config.path or '<config>'}: {command} does not take early exits "
-                          f"({', '.join(e.name for e in config.exits())}); run the tree without [parent] exits "
-                          f"(and exit = true), or see the run's own report, which compares the cascade with the full "
-                          f"trunk and each exit alone")
-    return config
-
-
 def cmd_compare(args) -> int:
     from branching.reports.seeds import parse_seeds
     from branching.studies.compare import run_compare
@@ -55,7 +45,7 @@ def cmd_compare(args) -> int:
 
     seeds = parse_seeds(args.seeds)
     kshot = parse_kshot(args.kshot) if args.kshot is not None else None
-    config = without_exits(load_config(args.config), "compare")
+    config = load_config(args.config)
     if config.parent.net_kind.compare_methods is None:
         raise ConfigError(f"{config.path}: compare is not built for a {config.parent.kind} parent (kind = "
                           f"\"{config.parent.kind}\"): its baselines train or fine-tune the parent; use run and "
@@ -113,7 +103,6 @@ def cmd_probe_layers(args) -> int:
         config, _ = load_folder(args.models)
     else:
         config = load_config(args.config or DEFAULT_CONFIG)
-    config = without_exits(config, "probe-layers")
     if not config.branches:
         raise ConfigError(f"{config.path or args.models}: no branches to probe for")
     args.device = distributed.start(args.device)

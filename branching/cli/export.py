@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--models", required=True, help="models folder of a run (OUT/models, or OUT itself)")
     p.add_argument("--out", required=True, help="the .onnx file to write (written whole once checked; an existing file is replaced)")
     p.add_argument("--no-exits", action="store_true",
-                   help="a tree with early exits: export it answering by its full trunk (a graph cannot stop early)")
+                   help="a tree with early exits: export it answering by its full trunk (default: the graph stops its "
+                        "trunk where an exit answers)")
     p.add_argument("--check", type=positive_int, default=16, metavar="N",
                    help="random images (or texts) both PyTorch and the graph answer before the file is written "
                         "(default 16)")
@@ -38,8 +39,12 @@ def cmd_export(args) -> int:
     size = Path(args.out).stat().st_size / 2**20
     inputs = ("input_ids and attention_mask (N, tokens)" if tree.reads == "texts"
               else f"pixels (N, {3 * tree.image_size ** 2})")
-    print(f"wrote {args.out} ({size:.1f} MB): inputs {inputs}, outputs probs.<node> and logits.<node> for "
-          f"{', '.join(tree.nodes)}; on {args.check} random {tree.reads} its probabilities are within "
+    cascade = getattr(tree.predictor, "cascade", None)  # with no threshold no exit answers: the full trunk's graph
+    exits = tree.predictor.exits if cascade is not None and cascade.threshold is not None else ()
+    answers = (f"rows.<exit> and logits.<exit> for {', '.join(exits)} (the inputs each answered), then rows.rest and "
+               f"probs.<node> and logits.<node> for the others, for {', '.join(n for n in tree.nodes if n not in exits)}"
+               if exits else f"probs.<node> and logits.<node> for {', '.join(tree.nodes)}")
+    print(f"wrote {args.out} ({size:.1f} MB): inputs {inputs}, outputs {answers}; on {args.check} random {tree.reads} its probabilities are within "
           f"{checked.difference:.1e} of PyTorch's (PyTorch's own vary by {checked.own:.1e} between batch sizes)")
     print(f"load it with: branching.load({str(args.out)!r})  (onnxruntime)")
     return 0

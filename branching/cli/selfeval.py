@@ -8,6 +8,7 @@ from pathlib import Path
 from branching.acceptance.stats import BOOTSTRAP
 from branching.cli.args import positive_int, study_parser
 from branching import distributed
+from branching.console import log
 from branching.config.parse import load_config
 
 
@@ -26,8 +27,11 @@ def cmd_selfeval(args) -> int:
     from branching.reports.seeds import parse_seeds
     from branching.studies.selfeval import run_selfeval_compare
 
-    from branching.cli.compare import without_exits
-    config = without_exits(load_config(args.config), "selfeval")
+    config = load_config(args.config)
+    if config.exits():
+        config = config.without_exits()
+        log("selfeval: the exits and the branches below them are left out (an exit's confidence is fitted with the "
+            "cascade's by `branching run`; `branching compare` measures it)")
     seeds = parse_seeds(args.seeds)
     nodes = None if args.nodes is None else [config.node(name).name for name in args.nodes.split(",")]
     args.device = distributed.start(args.device)

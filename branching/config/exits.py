@@ -83,6 +83,9 @@ def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | No
         if node["selfeval"] is not None:
             raise ConfigError(f"{origin}: {table} selfeval: an exit's confidence is fitted with the cascade's; "
                               f"remove [{table[1:-1]}.selfeval]")
+        if node["accept"].score != "msp":
+            raise ConfigError(f"{origin}: [{table[1:-1]}.accept] score: the cascade's threshold reads an exit's "
+                              f"calibrated max softmax, not {node['accept'].score!r}; remove score")
         if node["layer"] >= head:
             raise ConfigError(f"{origin}: {table}{key('layer')} {names[node['layer']]} is at or after the tap of the "
                               f"parent's head ({names[head]}); an exit answers before the head: choose an earlier tap")
@@ -90,11 +93,27 @@ def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | No
             raise ConfigError(f"{origin}: {table}{key('layer')} {names[node['layer']]} holds exit "
                               f"{at[node['layer']]!r} already; keep one exit a tap")
         at[node["layer"]] = name
-    below = next((n for n, node in nodes.items() if node.get("source") in exits), None)
-    if below is not None:
-        raise ConfigError(f"{origin}: [branches.{below}] from: {nodes[below]['source']!r} is an exit, and branches "
-                          f"below an exit are not supported; read the parent or another branch")
+    for name, node in nodes.items():  # a branch below an exit answers with it, before the trunk runs deeper
+        if name == "parent" or node.get("exit") or not _below(nodes, name, exits):
+            continue
+        if node["new_classes"]:
+            raise ConfigError(f"{origin}: [branches.{name}] new_classes: {name!r} is below an exit, which answers with "
+                              f"the parent's classes; remove new_classes, or hang the branch from another node")
+        if node["selfeval"] is not None:
+            raise ConfigError(f"{origin}: [branches.{name}.selfeval]: {name!r} is below an exit, which answers before "
+                              f"the trunk's deeper taps that a judge reads are computed; remove [branches.{name}.selfeval]")
     return _cascade(origin, parent_data.get("cascade"))
+
+
+def _below(nodes: dict, name: str, exits: dict) -> bool:
+    """Whether branch `name` hangs from an exit (through any branches between)."""
+    seen = set()
+    while name in nodes and name != "parent" and name not in seen:
+        seen.add(name)
+        name = nodes[name].get("source")
+        if name in exits:
+            return True
+    return False
 
 
 def _cascade(origin: str, data: Any) -> CascadeSpec:

@@ -181,17 +181,28 @@ class TreeConfig:
         cannot send an image there by probability mass, so it answers only when asked by name."""
         return any(self.node(n).new_classes for n in self.chain(name))
 
+    def exit_of(self, name: str) -> str | None:
+        """The exit on node `name`'s chain (the exit itself, or the one a branch below an exit hangs from), or None."""
+        return next((n for n in self.chain(name) if n != "parent" and self.branches[n].exit), None)
+
     def routed(self, entry: str | None = None) -> TreeConfig:
         """The tree that routing walks: every node but the standalone ones (see `standalone`), except those
-        at or below `entry`, the branch that routing starts from when asked to, and but the exits (which answer
-        before it: branching.tree.cascade)."""
+        at or below `entry`, the branch that routing starts from when asked to, and but the exits and the branches
+        below them (which answer before the parent's head: branching.tree.cascade), except the subtree of the exit
+        that `entry` is in or is."""
         above = set(self.chain(entry)) if entry is not None and entry in self.branches else set()
+        inside = self.exit_of(entry) if entry is not None and entry in self.branches else None
         kept = {n: b for n, b in self.branches.items()
-                if not b.exit and (not self.standalone(n) or entry in self.chain(n) or n in above)}
+                if self.exit_of(n) in (None, inside) and (not self.standalone(n) or entry in self.chain(n) or n in above)}
         if len(kept) == len(self.branches):
             return self
         exits = any(b.exit for b in kept.values())  # none: the cascade has nothing to answer with
         return TreeConfig(self.parent, kept, self.path, self.image_size, self.cascade if exits else None)
+
+    def without_exits(self) -> TreeConfig:
+        """The same tree without its exits and the branches below them (nor their cascade)."""
+        kept = {n: b for n, b in self.branches.items() if self.exit_of(n) is None}
+        return TreeConfig(self.parent, kept, self.path, self.image_size, None)
 
     def reading_every_tap(self) -> TreeConfig:
         """The same tree with an encoded parent encoding every tap (probe-layers and compare read them all); other

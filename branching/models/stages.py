@@ -19,7 +19,8 @@ from branching.models.text import TEXT_POOLS
 
 
 class ImageStages:
-    """A pretrained image network's steps (stem, blocks, head) over flat images (N, 3 * side * side)."""
+    """A pretrained image network's steps (stem, blocks, head) over flat images (N, 3 * side * side). `begin`, `run`
+    and `cut` are the same steps on tensors alone (an exported cascade traces them)."""
 
     def __init__(self, trunk: trunks.Trunk):
         self.trunk = trunk
@@ -27,64 +28,78 @@ class ImageStages:
         self.widths = [w for _, w in trunks.tap_widths(trunk.info.name, trunk.size)]
         self.pools = len(trunks.IMAGE_POOLS)
 
+    def module(self) -> torch.nn.Module:
+        """What holds the weights these steps run."""
+        return self.trunk
+
     def chunks(self, inputs) -> list[np.ndarray]:
         """Row numbers of the inputs in batches the device holds."""
         rows = trunks.batch_rows(self.trunk.size, self.device)
         return [np.arange(start, min(start + rows, len(inputs))) for start in range(0, len(inputs), rows)]
 
+    def begin(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.trunk.prepare(pixels)
+
+    def run(self, x: torch.Tensor, done: int, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Taps done .. depth - 1 from the state after tap done - 1: the new state, and the taps' poolings."""
+        pooled = []
+        for step in self.trunk.steps[done:depth]:
+            x = step(x)
+            pooled += [trunks.pool_map(x.float(), how) for how in trunks.IMAGE_POOLS]
+        return x, (torch.cat(pooled, dim=1) if pooled else torch.zeros((len(x), 0)))
+
+    def cut(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, index).contiguous(memory_format=torch.channels_last)
+
     def start(self, inputs, rows: np.ndarray) -> None:
         """Start on images `rows` of `inputs`."""
-        self.x = self.trunk.prepare(torch.from_numpy(np.array(inputs[rows])).to(self.device))
+        self.x = self.begin(torch.from_numpy(np.array(inputs[rows])).to(self.device))
         self.done = 0
 
     def advance(self, depth: int) -> np.ndarray:
-        pooled = []
         with torch.inference_mode():
-            for step in self.trunk.steps[self.done:depth]:
-                self.x = step(self.x)
-                pooled += [trunks.pool_map(self.x.float(), how) for how in trunks.IMAGE_POOLS]
+            self.x, pooled = self.run(self.x, self.done, depth)
         self.done = max(self.done, depth)
-        return torch.cat(pooled, dim=1).cpu().numpy() if pooled else np.zeros((len(self.x), 0), np.float32)
+        return pooled.cpu().numpy()
 
     def keep(self, rows: np.ndarray) -> None:
-        index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
-        self.x = self.x.index_select(0, index).contiguous(memory_format=torch.channels_last)
+        self.x = self.cut(self.x, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device))
 
 
 class TextStages:
-    """A transformer's embeddings and layers over texts, tokenized and padded a chunk (of similar lengths) at a time."""
+    """A transformer's embeddings and layers over texts, tokenized and padded a chunk (of similar lengths) at a time.
+    `begin` (of token ids and their mask), `run` and `cut` are the same steps on tensors alone."""
 
     def __init__(self, found: encoders.Encoder):
         self.found = found
         self.widths = [found.width] * (found.n_layers + 1)
         self.pools = len(TEXT_POOLS)
 
+    def module(self) -> torch.nn.Module:
+        return self.found.model
+
     def chunks(self, texts) -> list[np.ndarray]:
         self.ids = self.found.tokenize(list(texts))[0]
         return [np.asarray(rows, dtype=np.int64) for rows in self.found.batches(self.ids)]
 
-    def start(self, inputs, rows: np.ndarray) -> None:
-        """Start on texts `rows` of the `inputs` that `chunks` last tokenized."""
-        input_ids, mask = encoders.padded([self.ids[r] for r in rows], self.found.tokenizer.pad_token_id or 0)
-        self.mask = mask.to(self.found.device)
-        with torch.inference_mode():
-            self.states, self.args, self.kwargs = self.found.embed(input_ids.to(self.found.device), self.mask)
-        self.done = 0
+    def begin(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """The state at the embeddings: (token states, mask, the other arguments the model passes its layers)."""
+        states, args, kwargs = self.found.embed(input_ids, mask)
+        return states, mask, args, kwargs
 
-    def advance(self, depth: int) -> np.ndarray:
+    def run(self, state: tuple, done: int, depth: int) -> tuple[tuple, torch.Tensor]:
+        states, mask, args, kwargs = state
         found = []
-        with torch.inference_mode():
-            for tap in range(self.done, depth):  # tap 0 is the embeddings, tap i + 1 layer i's output
-                if tap:
-                    self.states = self.found.run_layer(tap - 1, self.states, self.args, self.kwargs)
-                found.append(self.states)
-            self.done = max(self.done, depth)
-            if not found:
-                return np.zeros((len(self.mask), 0), np.float32)
-            return encoders.pool_states(found, self.mask).cpu().numpy()
+        for tap in range(done, depth):  # tap 0 is the embeddings, tap i + 1 layer i's output
+            if tap:
+                states = self.found.run_layer(tap - 1, states, args, kwargs)
+            found.append(states)
+        pooled = encoders.pool_states(found, mask) if found else torch.zeros((len(mask), 0))
+        return (states, mask, args, kwargs), pooled
 
-    def keep(self, rows: np.ndarray) -> None:
-        n, index = len(self.mask), torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.found.device)
+    def cut(self, state: tuple, index: torch.Tensor) -> tuple:
+        states, mask, args, kwargs = state
+        n = len(mask)
 
         def cut(value):  # a BERT-like layer's batch-major arguments: the states, the mask (N, ..., tokens)
             if isinstance(value, (tuple, list)):
@@ -92,9 +107,23 @@ class TextStages:
             batch_major = torch.is_tensor(value) and value.ndim >= 2 and value.shape[0] == n
             return value.index_select(0, index) if batch_major else value
 
-        self.states, self.mask = cut(self.states), cut(self.mask)
-        self.args = tuple(cut(a) for a in self.args)
-        self.kwargs = {k: cut(v) for k, v in self.kwargs.items()}
+        return cut(states), cut(mask), tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    def start(self, inputs, rows: np.ndarray) -> None:
+        """Start on texts `rows` of the `inputs` that `chunks` last tokenized."""
+        input_ids, mask = encoders.padded([self.ids[r] for r in rows], self.found.tokenizer.pad_token_id or 0)
+        with torch.inference_mode():
+            self.state = self.begin(input_ids.to(self.found.device), mask.to(self.found.device))
+        self.done = 0
+
+    def advance(self, depth: int) -> np.ndarray:
+        with torch.inference_mode():
+            self.state, pooled = self.run(self.state, self.done, depth)
+        self.done = max(self.done, depth)
+        return pooled.cpu().numpy()
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.state = self.cut(self.state, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.found.device))
 
 
 def stages(kind, shape: dict, device: torch.device):

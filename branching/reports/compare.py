@@ -93,12 +93,13 @@ def render_markdown(result: dict) -> str:
     parent = s["parent"]
     lines = [f"# Does branching pay? `compare` on {setup['data']}", "",
              f"Command: `{setup['command']}`  ", f"Config: `{setup['config']}`; seeds {setup['seeds']}; "
-             f"total time {_timing(result['timings'])} on {setup['machine']}.", "",
-             f"Parent (default recipe, trained once per seed and shared by every method that needs it): "
-             f"{mean_std(parent['test_accuracy'], scale=100, digits=1, unit='%')} test accuracy on its "
-             f"{len(setup['parent_classes'])} classes, "
-             f"{_seconds(parent['train_s'])} s to train.", ""]
-    lines += ["## What differs from the original study", ""] + [f"- {note}" for note in result["notes"]] + [""]
+             f"total time {_timing(result['timings'])} on {setup['machine']}.", ""]
+    if parent is not None:
+        lines += [f"Parent (default recipe, trained once per seed and shared by every method that needs it): "
+                  f"{mean_std(parent['test_accuracy'], scale=100, digits=1, unit='%')} test accuracy on its "
+                  f"{len(setup['parent_classes'])} classes, {_seconds(parent['train_s'])} s to train.", ""]
+    if result["notes"]:
+        lines += ["## What differs from the original study", ""] + [f"- {note}" for note in result["notes"]] + [""]
     for name, rows in s["branches"].items():
         info = setup["branches"][name]
         new = [c for c in info["classes"] if c not in setup["parent_classes"]]
@@ -110,9 +111,12 @@ def render_markdown(result: dict) -> str:
         lines += branch_table(rows) + [""]
     if "kshot" in result:
         lines += kshot_markdown(result["kshot"])
+    if "exits" in result:
+        lines += exits_markdown(result["exits"], bool(s["branches"]))
     text = reads_of(result.get("setup", {}).get("parent_kind")) == "texts"
     definitions = [TEXT_DEFINITIONS.get(i, d) if text else d for i, d in enumerate(DEFINITIONS)]
-    lines += ["## How to read this", ""] + [f"- {d}" for d in definitions]
+    if s["branches"]:
+        lines += ["## How to read this", ""] + [f"- {d}" for d in definitions]
     return "\n".join(lines) + "\n"
 
 
@@ -151,6 +155,37 @@ DEFINITIONS = (
 )
 
 
+EXIT_HEADER = ("", "accuracy % (mean ± std)", "Δ accuracy vs full trunk, points [95%, seeds]", "MFLOPs an input",
+               "share of the full trunk %", "coverage %", "error on what it answers %", "rule met (seeds)",
+               "answered at the exits %")
+
+
+def exits_markdown(e: dict, branches: bool) -> list[str]:
+    """compare.md's section on a tree's early exits: the cascade, the full trunk and each exit alone."""
+    n = e["test_samples"]
+    half = 100 * 1.96 * (0.25 / n) ** 0.5 if n else None
+    cells = []
+    for key, row in e["rows"].items():
+        delta = row["accuracy_vs_full"]
+        cells.append([row["label"], mean_std(row["accuracy"], scale=100, digits=1),
+                      "(baseline)" if key == "full_trunk" else pct(delta["mean"], 1, unit="", sign=True)
+                      + interval(delta["ci95"], unit="", sign=True),
+                      mean_std(row["mflops"], digits=1), mean_std(row["share"], scale=100, digits=1),
+                      mean_std(row["coverage"], scale=100, digits=1), mean_std(row["risk"], scale=100, digits=1),
+                      f"{row['attained']} of {row['seeds']}",
+                      ", ".join(f"{100 * x:.0f}" for x in row["exits"]) or "-"])
+    return ["## Early exits", "",
+            f"Exits {', '.join(e['exits'])}, answering together by the rule {e['rule']}. For each seed the tree is "
+            f"trained as `run` trains it: its parent holds out a calibration fifth of its training inputs, on which "
+            f"the cascade's threshold is fitted and which no node trains or validates on"
+            + (" (so its parent is not the one the branches above are compared on)" if branches else "")
+            + ". Accuracy counts every input's answer; coverage and the error are on what the tree answers (an "
+            "exit, or the tree below the parent's head by its nodes' rules). Each exit alone is fitted by the same rule. "
+            f"{n} test inputs" + (f": a 95% interval of about ±{half:.0f} points on each accuracy; the Δ column "
+                                  f"pairs each seed's figure with the full trunk's of the same seed." if n else "."),
+            "", *table(EXIT_HEADER, cells, MARKDOWN).splitlines(), ""]
+
+
 # ---- compare.png -------------------------------------------------------------------------------
 
 MARKERS = "osD^vP*XhpH<>"
@@ -168,7 +203,10 @@ def render_plot(result: dict) -> bytes:
     branches = result["summary"]["branches"]
     keys = list(dict.fromkeys(k for rows in branches.values() for k in rows))
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(branches), figsize=(6.2 * len(branches), 5.2), squeeze=False)
+    panels = len(branches) + ("exits" in result)
+    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 5.2), squeeze=False)
+    if "exits" in result:
+        exits_panel(axes[0][-1], result["exits"], colors)
     for ax, (name, rows) in zip(axes[0], branches.items()):
         for i, key in enumerate(keys):
             if key not in rows:
@@ -198,10 +236,24 @@ def render_plot(result: dict) -> bytes:
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
-    fig.suptitle(f"Branch vs baselines: test accuracy, mean ± std over seeds {result['setup']['seeds']}; "
-                 f"mean training time (test-set intervals are wider, see compare.md)", fontsize=11)
+    fig.suptitle(("Branch vs baselines: test accuracy against mean training time" if branches else "Early exits")
+                 + f", mean ± std over seeds {result['setup']['seeds']} (test-set intervals are wider, see compare.md)",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 0.95))
     return png_bytes(fig, tight=True)  # a long legend below one branch's panel is wider than the panel
+
+
+def exits_panel(ax, e: dict, colors) -> None:
+    """The cascade, the full trunk and each exit alone: test accuracy against MFLOPs an input."""
+    for i, row in enumerate(e["rows"].values()):
+        x, y = row["mflops"], row["accuracy"]
+        ax.errorbar(x["mean"], 100 * y["mean"], xerr=x["std"] or 0, yerr=100 * (y["std"] or 0),
+                    marker=MARKERS[-1 - i % len(MARKERS)], color=colors((9 - i) % 10), markersize=8, capsize=3,
+                    linestyle="none", label=row["label"])
+    ax.set_xlabel("MFLOPs an input (mean over the test inputs)")
+    ax.set_ylabel("test accuracy, every input answered (%)")
+    ax.set_title(f"early exits: {e['rule']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
 
 
 # ---- writing -----------------------------------------------------------------------------------

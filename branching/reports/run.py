@@ -243,8 +243,9 @@ def cascade_section(out: Path, m: dict, run: str) -> list[tuple]:
                                  f"exits {', '.join(m['exits'])}: accuracy against cost ({run})",
                                  out / "plots" / "cascade.png")
     return [("h2", "Early exits"),
-            ("p", f"An input is answered at the first exit whose calibrated confidence reaches the threshold; the "
-                  f"others go on through the trunk to the tree. Asked: {m['rule']}; fitted on "
+            ("p", f"An input is answered at the first exit whose calibrated confidence reaches the threshold (and "
+                  f"whose branches below accept it, where it has some); the others go on through the trunk to the "
+                  f"tree. Asked: {m['rule']}; fitted on "
                   f"{m['calibration_samples']} calibration inputs held out of every node: {chosen}"
                   + ("." if m["attained"] else f"; not met: {m['reason']}.")),
             ("table", ["", "accuracy", "MFLOPs an input", "of the full trunk", "coverage", "error on answered",

@@ -33,6 +33,7 @@ from branching.studies.baselines import (Outcome, Recipes, SeedContext, run_bran
 from branching.studies.block_finetune import MAX_STATES_BYTES
 from branching.studies.block_finetune import affordable as block_affordable
 from branching.studies.block_finetune import run_finetune_block
+from branching.studies.exit_compare import exits_seed, summarise_exits
 from branching.studies.kshot import SKIPPED, kshot_seed, label, summarise_kshot
 from branching.models.text import tap_names
 from branching.studies.text_finetune import run_finetune_text
@@ -302,30 +303,41 @@ def setup_notes(config: TreeConfig, recipes: Recipes, original_parent: bool) -> 
 def run_compare(config: TreeConfig, data_dir, out_dir, seeds: list[int], max_epochs: int | None = None,
                 original_parent: bool = False, download: bool = False, progress: bool = True,
                 command: str = "", kshot: list | None = None, device: torch.device = CPU) -> dict:
-    """compare_seed for each seed, then summaries and OUT/compare.{json,md,png}; returns the result."""
-    if not config.branches:
+    """compare_seed for each seed (and for a tree with exits, exit_compare.exits_seed), then summaries and
+    OUT/compare.{json,md,png}; returns the result."""
+    branched = config.without_exits()  # the exits, and the branches below them, are compared as the cascade
+    if not branched.branches and not config.exits():
         raise ConfigError(f"{config.path or '<config>'} has no branches: nothing to compare")
+    if kshot and not branched.branches:
+        raise ConfigError(f"{config.path or '<config>'}: --kshot trains the branches' methods, and this tree has "
+                          f"none besides its exits and the branches below them; leave out --kshot")
     recipes = Recipes.capped(max_epochs)
     recipes.default.parent_for(config.parent.kind)  # recipes for this kind of parent, before any work
     if original_parent:
         recipes.original.parent_for(config.parent.kind)
-    config = config.reading_every_tap()  # a text parent: its other layers are methods too
+    branched = branched.reading_every_tap()  # a text parent: its other layers are methods too
     with staged_dir(out_dir) as out:  # OUT is replaced whole at the end, or left as it was
-        return _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
-                            command, kshot, device)
+        return _run_compare(branched, config if config.exits() else None, data_dir, out, seeds, recipes, max_epochs,
+                            original_parent, download, progress, command, kshot, device)
 
 
-def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
+def _run_compare(config, exited, data_dir, out, seeds, recipes, max_epochs, original_parent, download, progress,
                  command, kshot, device) -> dict:
     start, cpu_start, load_start = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    data = load_tree_data(config, data_dir, download=download, progress=progress, device=device)
-    seed_results = []
+    data = (load_tree_data(config, data_dir, download=download, progress=progress, device=device) if config.branches
+            else None)
+    seed_results, exit_results = [], []
     with tempfile.TemporaryDirectory(prefix="compare-features-") as cache_dir:
         for seed in seeds:
             log(f"#### compare: seed {seed}")
-            seed_results.append(compare_seed(config, data, seed, recipes, progress, original_parent, cache_dir, kshot,
-                                             device))
-    summary = summarise(seed_results)
+            if config.branches:
+                seed_results.append(compare_seed(config, data, seed, recipes, progress, original_parent, cache_dir,
+                                                 kshot, device))
+            if exited is not None:
+                log(f"seed {seed}: the tree with its exits, as `run` trains it")
+                exit_results.append(exits_seed(exited, data_dir, cache_dir, seed, recipes.default, download, progress,
+                                               device))
+    summary = summarise(seed_results) if seed_results else {"parent": None, "branches": {}}
     branches = {}
     for spec in config.nodes()[1:]:
         source = config.node(spec.source)
@@ -347,10 +359,13 @@ def _run_compare(config, data_dir, out, seeds, recipes, max_epochs, original_par
         setup["kshot"] = [label(k) for k in kshot]
         labels = {name: {key: method_label(key) for key in rows} for name, rows in seed_results[0]["kshot"].items()}
         samples = {name: info["test_samples"] for name, info in branches.items()}
-    result = {"setup": setup, "notes": setup_notes(config, recipes, original_parent), "summary": summary,
+    notes = setup_notes(config, recipes, original_parent) if config.branches else []
+    result = {"setup": setup, "notes": notes, "summary": summary,
               "timings": {"total_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
                           "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}}
     if kshot:
         result["kshot"] = summarise_kshot(seed_results, kshot, samples, labels)
+    if exit_results:
+        result["exits"] = summarise_exits(exit_results)
     write_outputs(out, result)
     return result

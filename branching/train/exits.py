@@ -52,10 +52,9 @@ class View:
 
     def only(self, models, j: int) -> View:
         """The view of a cascade of exit j alone."""
-        o, name = self.outputs, self.exit_names[j]
-        outputs = cascades.ExitOutputs(o.confidence[j:j + 1], o.predicted[j:j + 1], o.probabilities[j:j + 1])
+        outputs, name = self.outputs.only(j), self.exit_names[j]
         return View(outputs, self.guess, self.accepted, self.labels,
-                    cascades.input_costs(models, (name,), self.tap_costs, self.depth, self.paths), self.paths,
+                    cascades.input_costs(models, outputs, (name,), self.tap_costs, self.depth, self.paths), self.paths,
                     self.tap_costs, (name,), self.depth)
 
 
@@ -68,7 +67,7 @@ def view(config: TreeConfig, models: dict, split: str, rows_wanted, data, device
         vectors, labels, rows = vectors[keep], labels[keep], rows[keep]
     vectors = np.asarray(vectors, dtype=np.float32)
     exits = tuple(e.name for e in config.exits())
-    outputs = cascades.exit_outputs(models, exits, predictor.root.normalizer.transform(vectors),
+    outputs = cascades.exit_outputs(cascades.exit_predictors(config, models, exits, device), vectors,
                                     list(predictor.classes))
     tree = predictor.predict(vectors)
     paths = [tree.chains[f] for f in tree.final_node]
@@ -77,7 +76,7 @@ def view(config: TreeConfig, models: dict, split: str, rows_wanted, data, device
     tap_costs = parent.net_kind.tap_costs(parent.shape, texts, device)
     depth = predictor.parent_depth()
     return View(outputs, tree.predicted, tree.accepted, labels,
-                cascades.input_costs(models, exits, tap_costs, depth, paths), paths, tap_costs, exits, depth)
+                cascades.input_costs(models, outputs, exits, tap_costs, depth, paths), paths, tap_costs, exits, depth)
 
 
 def fit(config, models, v: View) -> cascades.Cascade:
@@ -88,7 +87,7 @@ def fit(config, models, v: View) -> cascades.Cascade:
 
 def measure(cascade: cascades.Cascade, v: View) -> dict:
     """The cascade's test figures (cascade.outcome), with a 95% Wilson interval on its accuracy."""
-    point = cascades.outcome(cascades.first_exit(v.outputs.confidence, cascade.threshold), v.outputs, v.guess,
+    point = cascades.outcome(cascades.first_exit(v.outputs.gate, cascade.threshold), v.outputs, v.guess,
                              v.accepted, v.labels, v.costs, cascade.threshold is not None)
     right = int(round(point["accuracy"] * len(v.labels))) if len(v.labels) else 0
     return {**point, "threshold": cascade.threshold, "accuracy_ci": wilson_interval(right, len(v.labels))}
@@ -106,7 +105,7 @@ def run_exits(config: TreeConfig, models: dict, data, models_dir, device=CPU, ec
     for j, name in enumerate(cascade.exits):
         alone = fit(config, models, calibration.only(models, j))
         single[name] = {**measure(alone, test.only(models, j)), "attained": alone.attained}
-    curve = [{**cascades.outcome(cascades.first_exit(test.outputs.confidence, p["threshold"]), test.outputs,
+    curve = [{**cascades.outcome(cascades.first_exit(test.outputs.gate, p["threshold"]), test.outputs,
                                  test.guess, test.accepted, test.labels, test.costs, p["threshold"] is not None),
               "threshold": p["threshold"]} for p in cascade.curve]
     metrics = {"exits": list(cascade.exits), "rule": cascade.describe(), "threshold": cascade.threshold,

@@ -344,9 +344,7 @@ def child_groups(config: TreeConfig, name: str) -> np.ndarray | None:
     """Classes x groups, 1 where a class is in a group: each child routing reaches from node `name`, then
     each class no child covers on its own (as routing groups them); None for a node without children."""
     spec = config.node(name)
-    if spec.exit:  # an exit answers alone: nothing routes below it
-        return None
-    routed = config.routed(None if name == "parent" else name)  # a standalone branch routes below itself
+    routed = config.routed(None if name == "parent" else name)  # a standalone branch or an exit routes below itself
     children = routed.children(name)
     if not children:
         return None

@@ -1,9 +1,11 @@
 """Early exits: heads along a frozen trunk that answer before the trunk goes on, fitted together with a guarantee.
 
 An exit (config: `[parent] exits`, or `exit = true` on a branch; branching.config.exits) is a branch of the parent
-trained like any other. An input is answered at the first exit whose calibrated confidence (its max softmax at its
-own temperature) reaches the cascade's threshold, one threshold shared by every exit as CALM shares one; the inputs
-no exit takes go on through the trunk to the tree, which answers them as it would alone. The threshold comes from
+trained like any other, and branches may hang below it as below any node. An input is answered at the first exit
+whose calibrated confidence (its max softmax at its own temperature, or with branches below it the mass of the
+group it routes to) reaches the cascade's threshold and whose branches below accept it (a branch below that rejects
+it sends it on along the trunk), one threshold shared by every exit as CALM shares one; the inputs no exit takes go
+on through the trunk to the tree, which answers them as it would alone. The threshold comes from
 a fixed grid, fitted on the parent's calibration rows (held out of every node's training and validation):
 
 - `risk` r with `delta`: Learn-then-Test (Angelopoulos et al. 2021) with a Bonferroni correction: each setting's
@@ -16,7 +18,7 @@ a fixed grid, fitted on the parent's calibration rows (held out of every node's 
   MFLOPs a calibration input on average.
 
 Costs are FLOPs (2 a multiply-add) of the trunk to the tap each input stops at (a transformer's: for its own number
-of tokens), plus every head it passed through. The answers at any batch size are branching.tree.staged's.
+of tokens), plus every head it passed through (an exit's branches' too). The answers at any batch size are branching.tree.staged's.
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from branching.acceptance.rule import Acceptance
 from branching.acceptance.selective import risk_upper_bound
 from branching.errors import CheckpointError
 from branching.fileio import write_json
-from branching.models.forward import node_inputs
 from branching.tree.cost import counted
 from branching.tree.routing import TreePredictions, TreePredictor
 
@@ -45,23 +45,48 @@ GRID = (float("inf"), *[float(1 - 10 ** e) for e in np.linspace(-4, np.log10(0.5
 
 @dataclass
 class ExitOutputs:
-    """Every exit's answer to every input: confidence and class (an index into the tree's classes), (exits, N),
-    and its calibrated probabilities over the tree's classes, (exits, N, classes)."""
+    """Every exit's answer to every input, (exits, N) each: `gate`, the exit's own confidence (its calibrated max
+    softmax, or the mass of the group it routes to), -inf where a branch below it rejects the input (which then goes
+    on along the trunk); the answer's class (an index into the tree's classes), confidence, calibrated probabilities
+    over the tree's classes (exits, N, classes), node (an index into `nodes`, the exits' subtrees' nodes, whose
+    paths from their exit are `chains`), and `below`, the FLOPs of the branches below the exit the input ran
+    through."""
 
-    confidence: np.ndarray
+    gate: np.ndarray
     predicted: np.ndarray
+    confidence: np.ndarray
     probabilities: np.ndarray
+    final: np.ndarray
+    below: np.ndarray
+    nodes: tuple = ()
+    chains: tuple = ()
+
+    @classmethod
+    def empty(cls, k: int, n: int, classes: int, nodes: tuple = (), chains: tuple = ()) -> ExitOutputs:
+        return cls(np.full((k, n), -np.inf), np.zeros((k, n), np.int64), np.zeros((k, n), np.float32),
+                   np.zeros((k, n, classes), np.float32), np.zeros((k, n), np.int64), np.zeros((k, n)), nodes, chains)
+
+    def only(self, j: int) -> ExitOutputs:
+        """Exit j's outputs alone (its nodes' indices unchanged)."""
+        pick = slice(j, j + 1)
+        return ExitOutputs(self.gate[pick], self.predicted[pick], self.confidence[pick], self.probabilities[pick],
+                           self.final[pick], self.below[pick], self.nodes, self.chains)
+
+    def rows(self, rows) -> ExitOutputs:
+        """The outputs of some inputs."""
+        return ExitOutputs(self.gate[:, rows], self.predicted[:, rows], self.confidence[:, rows],
+                           self.probabilities[:, rows], self.final[:, rows], self.below[:, rows], self.nodes, self.chains)
 
 
 @dataclass
 class Costs:
     """FLOPs of each input: answered at exit j (N, exits), or by the tree (N,: the full trunk and the heads on its
-    path, without the exits'), and the exits' heads together (what an input the tree answers pays for passing
-    them, when they answer at all)."""
+    path, without the exits'), and what an input the tree answers pays for passing every exit (N,: their heads and
+    the branches below them it ran through), when they answer at all."""
 
     at_exit: np.ndarray
     full: np.ndarray
-    heads: float = 0.0
+    heads: np.ndarray | float = 0.0
 
 
 @dataclass
@@ -113,30 +138,63 @@ class Cascade:
         return cascade
 
 
-def exit_outputs(models: dict, exits, X: np.ndarray, classes) -> ExitOutputs:
-    """The exits' answers to normalised parent inputs X (columns of taps deeper than an exit's may be anything)."""
-    n, k = len(X), len(exits)
-    confidence, predicted = np.zeros((k, n)), np.zeros((k, n), np.int64)
-    probabilities = np.zeros((k, n, len(classes)), np.float32)
-    for j, name in enumerate(exits):
-        model = models[name]
-        logits = model.logits(node_inputs(models, name, X)).astype(np.float64)
-        acceptance = Acceptance.of(model.meta)
-        scaled = logits / acceptance.temperature
-        p = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        columns = [classes.index(c) for c in model.meta.classes]
-        confidence[j] = p.max(axis=1)
-        predicted[j] = np.asarray(columns)[p.argmax(axis=1)]
-        probabilities[j][:, columns] = p
-    return ExitOutputs(confidence, predicted, probabilities)
+def exit_predictors(config, models: dict, exits, device=None) -> list[TreePredictor]:
+    """One routed tree per exit, routing from it through the branches below it, where the exit itself rejects
+    nothing (the cascade's threshold decides where it answers)."""
+    found = []
+    for name in exits:
+        predictor = TreePredictor(config, models, name, **({} if device is None else {"device": device}))
+        predictor.entry.threshold = -np.inf
+        found.append(predictor)
+    return found
 
 
-def first_exit(confidence: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Per input, the first exit whose confidence reaches the threshold (-1: none)."""
-    if threshold is None or not len(confidence):
-        return np.full(confidence.shape[1] if confidence.ndim == 2 else 0, -1)
-    hit = confidence >= threshold
+def exit_nodes(predictors) -> tuple[tuple, tuple]:
+    """The nodes of the exits' subtrees (each exit's, below it) and their paths from their exit."""
+    nodes, chains = [], []
+    for p in predictors:
+        for node, chain in zip(p.node_names, p.chains):
+            if p.entry.name in chain:
+                nodes.append(node)
+                chains.append(tuple(chain[chain.index(p.entry.name):]))
+    return tuple(nodes), tuple(chains)
+
+
+def exit_outputs(predictors, vectors: np.ndarray, classes, out: ExitOutputs | None = None, only=None,
+                 rows=None) -> ExitOutputs:
+    """The exits' answers (`predictors`: exit_predictors') to encoded parent inputs `vectors` (columns of taps
+    deeper than an exit's may be anything), written into `out` (exits `only`, at `rows`) or a new ExitOutputs."""
+    nodes, chains = exit_nodes(predictors)
+    n = len(vectors)
+    out = out if out is not None else ExitOutputs.empty(len(predictors), n, len(classes), nodes, chains)
+    rows = np.arange(n) if rows is None else rows
+    index = {(chain[0], node): i for i, (node, chain) in enumerate(zip(nodes, chains))}
+    for j in range(len(predictors)) if only is None else only:
+        p = predictors[j]
+        found = p.predict(vectors) if n else None
+        if found is None:
+            continue
+        columns = np.array([classes.index(c) for c in p.classes])
+        own = {name: head_flops(p.models[name]) for name in p.node_names}
+        exit_name = p.entry.name
+        chain = [c[c.index(exit_name) + 1:] if exit_name in c else () for c in p.chains]
+        below = np.array([sum(own[name] for name in c) for c in chain], dtype=np.float64)
+        local = np.array([index.get((exit_name, name), -1) for name in p.node_names])
+        out.gate[j, rows] = np.where(found.accepted, found.gate, -np.inf)
+        out.predicted[j, rows] = columns[found.predicted]
+        out.confidence[j, rows] = found.confidence
+        out.probabilities[j, rows] = 0.0
+        out.probabilities[j, rows[:, None], columns[None, :]] = found.probabilities
+        out.final[j, rows] = local[found.final_node]
+        out.below[j, rows] = below[found.final_node]
+    return out
+
+
+def first_exit(gate: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Per input, the first exit whose gate (ExitOutputs.gate) reaches the threshold (-1: none)."""
+    if threshold is None or not len(gate):
+        return np.full(gate.shape[1] if gate.ndim == 2 else 0, -1)
+    hit = gate >= threshold
     return np.where(hit.any(axis=0), hit.argmax(axis=0), -1)
 
 
@@ -145,18 +203,20 @@ def head_flops(model) -> int:
     return counted(lambda: model.net(torch.zeros(1, model.architecture[0])))
 
 
-def input_costs(models: dict, exits, tap_costs: np.ndarray, depth: int, paths: list) -> Costs:
+def input_costs(models: dict, outputs: ExitOutputs, exits, tap_costs: np.ndarray, depth: int, paths: list) -> Costs:
     """Each input's FLOPs answered at each exit or by the tree: `tap_costs` (N or 1, taps) the trunk's cumulative
-    FLOPs to each tap, `depth` the taps the tree reads, `paths` each input's chain through the tree (its nodes' own
-    layers counted)."""
-    heads = np.cumsum([head_flops(models[name]) for name in exits]) if exits else np.zeros(0)
+    FLOPs to each tap, `outputs` the exits' (the branches below them), `depth` the taps the tree reads, `paths`
+    each input's chain through the tree (its nodes' own layers counted)."""
+    n = len(paths)
+    heads = np.array([head_flops(models[name]) for name in exits], dtype=np.float64)
+    passed = np.cumsum(heads[:, None] + outputs.below, axis=0).T if len(exits) else np.zeros((n, 0))
     taps = [models[name].meta.layer for name in exits]
-    at_exit = tap_costs[:, taps] + heads[None, :]
+    at_exit = tap_costs[:, taps] + passed
     own = {name: head_flops(model) for name, model in models.items() if model.has_head}
-    route = np.array([sum(own.get(n, 0) for n in chain) for chain in paths], dtype=np.float64)
+    route = np.array([sum(own.get(c, 0) for c in chain) for chain in paths], dtype=np.float64)
     full = tap_costs[:, depth - 1] + route
-    return Costs(np.broadcast_to(at_exit, (len(paths), len(exits))).astype(np.float64),
-                 np.broadcast_to(full, (len(paths),)).astype(np.float64), float(heads[-1]) if len(heads) else 0.0)
+    return Costs(np.broadcast_to(at_exit, (n, len(exits))).astype(np.float64),
+                 np.broadcast_to(full, (n,)).astype(np.float64), passed[:, -1] if len(exits) else np.zeros(n))
 
 
 def outcome(exited: np.ndarray, outputs: ExitOutputs, tree_guess, tree_accepted, labels, costs: Costs,
@@ -170,20 +230,20 @@ def outcome(exited: np.ndarray, outputs: ExitOutputs, tree_guess, tree_accepted,
     guess = np.where(out, outputs.predicted[np.maximum(exited, 0), rows], tree_guess)
     answered = out | tree_accepted
     right = guess == labels
-    flops = np.where(out, costs.at_exit[rows, np.maximum(exited, 0)] if costs.at_exit.shape[1] else 0,
+    flops = np.where(out, costs.at_exit[rows, np.maximum(exited, 0)] if costs.at_exit.shape[1] else 0.0,
                      costs.full + (costs.heads if exits_run else 0.0))
     k = int(answered.sum())
     return {"accuracy": float(right.mean()) if n else None, "coverage": k / n if n else None,
             "errors": int((answered & ~right).sum()), "answered": k,
             "risk": float((answered & ~right).sum() / k) if k else None, "mflops": float(flops.mean() / 1e6) if n else None,
-            "exits": [float((exited == j).mean()) for j in range(outputs.confidence.shape[0])]}
+            "exits": [float((exited == j).mean()) for j in range(outputs.gate.shape[0])]}
 
 
 def fit(spec, exits, outputs: ExitOutputs, tree_guess, tree_accepted, labels, costs: Costs) -> Cascade:
     """The cascade's threshold on the calibration inputs (see the module docstring); `spec` a config.CascadeSpec."""
     curve = []
     for threshold in GRID:
-        point = outcome(first_exit(outputs.confidence, threshold), outputs, tree_guess, tree_accepted, labels, costs,
+        point = outcome(first_exit(outputs.gate, threshold), outputs, tree_guess, tree_accepted, labels, costs,
                         threshold != float("inf"))
         point["threshold"] = None if threshold == float("inf") else threshold
         if spec.risk is not None:
@@ -213,14 +273,13 @@ def fit(spec, exits, outputs: ExitOutputs, tree_guess, tree_accepted, labels, co
     return Cascade(tuple(exits), chosen["threshold"], "risk", asked, True, None, chosen["bound"], n, curve)
 
 
-def combine(tree: TreePredictions, rest: np.ndarray, exits, exited: np.ndarray, outputs: ExitOutputs) -> TreePredictions:
+def combine(tree: TreePredictions, rest: np.ndarray, exited: np.ndarray, outputs: ExitOutputs) -> TreePredictions:
     """One TreePredictions for every input: the tree's answers (`tree`, of the inputs `rest` it saw) and the exits'
-    (an exit is a node of its own, its path the exit alone; the parent's own prediction of an input an exit
-    answered is that exit's)."""
+    (an exit's subtree's nodes follow the tree's, their paths starting at their exit; the parent's own prediction
+    of an input an exit answered is that exit's answer)."""
     n, out = len(exited), exited >= 0
     rows = np.flatnonzero(out)
     j = exited[out]
-    nodes = tuple(tree.nodes) + tuple(exits)
     arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
               "final_node": np.empty(n, np.int64), "rejected_at": np.full(n, -1, np.int64),
               "rejected_confidence": np.full(n, np.nan, np.float32), "parent_predicted": np.empty(n, np.int64),
@@ -230,18 +289,19 @@ def combine(tree: TreePredictions, rest: np.ndarray, exits, exited: np.ndarray, 
     arrays["predicted"][rows] = outputs.predicted[j, rows]
     arrays["parent_predicted"][rows] = outputs.predicted[j, rows]
     arrays["confidence"][rows] = outputs.confidence[j, rows]
-    arrays["final_node"][rows] = len(tree.nodes) + j
+    arrays["final_node"][rows] = len(tree.nodes) + outputs.final[j, rows]
     arrays["probabilities"][rows] = outputs.probabilities[j, rows]
-    return TreePredictions(tree.classes, nodes, tuple(tree.chains) + tuple((e,) for e in exits), **arrays)
+    return TreePredictions(tree.classes, tuple(tree.nodes) + outputs.nodes, tuple(tree.chains) + outputs.chains,
+                           **arrays)
 
 
-def simulate(predictor: TreePredictor, models: dict, cascade: Cascade, vectors: np.ndarray, route=None) -> tuple:
+def simulate(predictor: TreePredictor, exits: list, cascade: Cascade, vectors: np.ndarray, route=None) -> tuple:
     """The cascade's answers to encoded inputs (the parent's vectors, every tap there): (TreePredictions, exit
-    outputs, the exit each input left at or -1). The same arithmetic as the staged run, without its savings.
-    `route`: how the routed tree answers the rest (default predictor.predict)."""
-    X = predictor.root.normalizer.transform(np.asarray(vectors, dtype=np.float32))
-    outputs = exit_outputs(models, cascade.exits, X, list(predictor.classes))
-    exited = first_exit(outputs.confidence, cascade.threshold)
+    outputs, the exit each input left at or -1). `exits`: exit_predictors'. The same arithmetic as the staged run,
+    without its savings. `route`: how the routed tree answers the rest (default predictor.predict)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    outputs = exit_outputs(exits, vectors, list(predictor.classes))
+    exited = first_exit(outputs.gate, cascade.threshold)
     rest = np.flatnonzero(exited < 0)
-    tree = (route or predictor.predict)(np.asarray(vectors)[rest])
-    return combine(tree, rest, cascade.exits, exited, outputs), outputs, exited
+    tree = (route or predictor.predict)(vectors[rest])
+    return combine(tree, rest, exited, outputs), outputs, exited

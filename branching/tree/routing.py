@@ -164,6 +164,7 @@ class TreePredictions:
     rejected_confidence: np.ndarray  # the confidence below threshold where an image was rejected (nan: accepted)
     parent_predicted: np.ndarray
     probabilities: np.ndarray  # (N, classes): the answering node's calibrated softmax, 0 for classes outside it
+    gate: np.ndarray | None = None  # the first node's own confidence (the parent's, or an entry branch's)
 
     @property
     def accepted(self) -> np.ndarray:
@@ -277,7 +278,7 @@ class TreePredictor:
                   "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
                   "rejected_confidence": np.empty(n, np.float32),
                   "parent_predicted": np.empty(n, np.int64),
-                  "probabilities": np.zeros((n, len(self.classes)), np.float32)}
+                  "probabilities": np.zeros((n, len(self.classes)), np.float32), "gate": np.empty(n, np.float32)}
         with on_device(self.models.values(), self.device), torch.inference_mode():
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
@@ -322,6 +323,7 @@ class TreePredictor:
             out["final_node"][:] = node.index
             out["rejected_at"][:] = np.where(low, node.index, -1)
             out["rejected_confidence"][:] = np.where(low, confidence, np.nan)
+            out["gate"][:] = confidence
         else:
             out["predicted"][rows] = node.group_leaf[group]
             out["confidence"][rows] = confidence

@@ -15,7 +15,7 @@ import numpy as np
 
 from branching.models.device import CPU
 from branching.models.stages import offsets, stages
-from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_outputs, first_exit, simulate
+from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_nodes, exit_outputs, exit_predictors, first_exit, simulate
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor
 
 
@@ -28,6 +28,8 @@ class CascadePredictor(TreePredictor):
     def __init__(self, config, models: dict, cascade: Cascade, device=CPU):
         super().__init__(config, models, None, device=device)
         self.cascade, self.exits = cascade, tuple(cascade.exits)
+        self.exit_routes = exit_predictors(config, models, self.exits, device)  # each exit and the branches below it
+        self.exit_nodes = exit_nodes(self.exit_routes)[0]
         parent = models["parent"]
         self.kind, self.shape = parent.net_kind, parent.shape
         self.taps = [models[e].meta.layer for e in self.exits]
@@ -40,7 +42,8 @@ class CascadePredictor(TreePredictor):
 
     @property
     def thresholds(self) -> dict[str, float | None]:
-        return {**super().thresholds, **dict.fromkeys(self.exits, self.cascade.threshold)}
+        below = {name: t for p in self.exit_routes for name, t in p.thresholds.items() if name in self.exit_nodes}
+        return {**super().thresholds, **below, **dict.fromkeys(self.exits, self.cascade.threshold)}
 
     def predict(self, inputs, batch_size: int = BATCH) -> TreePredictions:
         """Answer raw inputs: images (N, 3 * side * side) uint8, or a list of texts. One call at a time (the staged
@@ -52,34 +55,29 @@ class CascadePredictor(TreePredictor):
         """The same answers from the inputs' full encodings (a run's cache, every tap there): no trunk runs, so
         nothing is saved (cascade.simulate)."""
         route = lambda rest: TreePredictor.predict(self, rest, batch_size)  # noqa: E731 - the routed tree alone
-        return simulate(self, self.models, self.cascade, vectors, route)[0]
+        return simulate(self, self.exit_routes, self.cascade, vectors, route)[0]
 
     def _predict_all(self, inputs, batch_size: int) -> TreePredictions:
         inputs = np.asarray(inputs) if self.kind.reads == "images" else list(inputs)
         n, k = len(inputs), len(self.exits)
         vectors = np.zeros((n, self.width), np.float32)  # what each row's trunk gave, as encode lays it out
-        outputs = ExitOutputs(np.zeros((k, n)), np.zeros((k, n), np.int64),
-                              np.zeros((k, n, len(self.classes)), np.float32))
+        outputs = ExitOutputs.empty(k, n, len(self.classes), *exit_nodes(self.exit_routes))
         exited = np.full(n, -1)
         for rows in self.stages.chunks(inputs) if n else ():
             self._chunk(inputs, rows, vectors, outputs, exited)
         rest = np.flatnonzero(exited < 0)
         tree = super().predict(vectors[rest], batch_size)
-        return combine(tree, rest, self.exits, exited, outputs)
+        return combine(tree, rest, exited, outputs)
 
     def _chunk(self, inputs, rows: np.ndarray, vectors, outputs: ExitOutputs, exited) -> None:
         stages, alive, done = self.stages, rows, 0
         stages.start(inputs, rows)
         answering = self.cascade.threshold is not None  # else the full trunk: no exit head runs
-        for j, (name, tap) in enumerate(zip(self.exits, self.taps) if answering else ()):
+        for j, tap in enumerate(self.taps if answering else ()):
             vectors[alive, self.offsets[done]:self.offsets[tap + 1]] = stages.advance(tap + 1)
             done = tap + 1
-            X = self.root.normalizer.transform(vectors[alive])
-            found = exit_outputs(self.models, (name,), X, list(self.classes))
-            outputs.confidence[j, alive] = found.confidence[0]
-            outputs.predicted[j, alive] = found.predicted[0]
-            outputs.probabilities[j, alive] = found.probabilities[0]
-            hit = first_exit(found.confidence, self.cascade.threshold) == 0
+            exit_outputs(self.exit_routes, vectors[alive], list(self.classes), outputs, only=(j,), rows=alive)
+            hit = first_exit(outputs.gate[j:j + 1, alive], self.cascade.threshold) == 0
             exited[alive[hit]] = j
             alive = alive[~hit]
             if not len(alive):
