@@ -14,8 +14,8 @@ calibration curve whose calibration accuracy is at least the calibration full tr
 calibration inputs only), with that threshold's test figures; each exit alone. OUT/exits-curve.png: seed 0's test
 accuracy against MFLOPs at every threshold tried, the three settings marked.
 
-speed: inputs/s of the cascade (branching.load(RUN)) and of the full trunk (exits=False) on the first --n test
-inputs at batch sizes 1 (the first 64 inputs only), 32 and 256, alternating, median of --repeats after a warm-up;
+speed: inputs/s of the cascade (branching.load(RUN)) and of the full trunk (exits=False), and with --onnx of both
+exported (branching export, with and without --no-exits) under onnxruntime, on the first --n test inputs at batch sizes 1 (the first 64 inputs only), 32 and 256, alternating, median of --repeats after a warm-up;
 the share of inputs answered at each exit; and whether the cascade's answers at batch size 256 equal its answers
 one input at a time (label, path, score within 1e-5).
 
@@ -166,13 +166,30 @@ def answer(tree, inputs, size: int) -> list:
 
 
 def cmd_speed(args) -> dict:
+    import tempfile
+
     import torch
     trees = {"cascade": branching.load(args.models, "cpu"), "full": branching.load(args.models, "cpu", exits=False)}
+    scratch = tempfile.TemporaryDirectory(prefix="bench-exits-")
+    if args.onnx:  # the same two trees exported, run by onnxruntime
+        from branching.api.export import export
+        from branching.errors import ConfigError
+        try:
+            for name in ("cascade", "full"):
+                log(f"exporting the {name} tree")
+                export(trees[name], Path(scratch.name) / f"{name}.onnx")
+                trees[f"onnx {name}"] = branching.load(Path(scratch.name) / f"{name}.onnx")
+        except ConfigError as e:
+            print(f"not exported, so not timed under onnxruntime: {e}")
+            args.onnx = False
+            trees = {k: v for k, v in trees.items() if not k.startswith("onnx")}
     inputs = test_inputs(trees["cascade"], args.data, args.n)
     n = len(inputs)
-    print(f"{args.models}: {n} test {trees['cascade'].reads}, inputs/s (median of {args.repeats}, cascade and full "
-          f"trunk alternating), {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>6} {'inputs':>7} {'cascade':>9} {'full':>9} {'ratio':>6}")
+    print(f"{args.models}: {n} test {trees['cascade'].reads}, inputs/s (median of {args.repeats}, "
+          f"{', '.join(trees)} alternating), {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    pairs = [("cascade", "full")] + ([("onnx cascade", "onnx full")] if args.onnx else [])
+    print(f"{'batch':>6} {'inputs':>7} " + " ".join(f"{name:>13}" for name in trees) + " "
+          + " ".join(f"{a + ' / ' + b.split()[-1]:>20}" for a, b in pairs))
     rates, last = {}, {}
     for size in (1, 32, 256):
         part = inputs[:min(n, 64)] if size == 1 else inputs
@@ -186,8 +203,8 @@ def cmd_speed(args) -> dict:
                 last[name] = answer(tree, part, size)
                 runs[name].append(len(part) / (time.perf_counter() - start))
         rates[size] = {name: statistics.median(v) for name, v in runs.items()} | {"inputs": len(part)}
-        print(f"{size:>6} {len(part):>7} {rates[size]['cascade']:>9.1f} {rates[size]['full']:>9.1f} "
-              f"{rates[size]['cascade'] / rates[size]['full']:>6.2f}")
+        print(f"{size:>6} {len(part):>7} " + " ".join(f"{rates[size][name]:>13.1f}" for name in trees) + " "
+              + " ".join(f"{rates[size][a] / rates[size][b]:>20.2f}" for a, b in pairs))
     print("(batch 1 on the first 64 inputs only, to keep it short)" if n > 64 else "")
     big, exits = last["cascade"], trees["cascade"].predictor.exits
     shares = {e: sum(a.node == e for a in big) / n for e in exits}
@@ -201,8 +218,12 @@ def cmd_speed(args) -> dict:
     print(f"cascade at batch 256 against batch 1: {same} of {n} alike (label, path, node); largest score difference "
           f"{diff:.1e} ({'within' if diff <= 1e-5 else 'NOT within'} 1e-5)")
     print(f"cascade against full trunk: the same class on {agree} of {n} inputs")
+    exported = None
+    if args.onnx:
+        exported = sum((a.label, a.path) == (b.label, b.path) for a, b in zip(big, last["onnx cascade"]))
+        print(f"exported cascade against the cascade (batch 256): {exported} of {n} alike (label, path)")
     return {"models": str(args.models), "n": n, "repeats": args.repeats, "rates": rates, "exits": shares,
-            "batch_alike": same, "largest_score_difference": diff, "agree_with_full": agree}
+            "batch_alike": same, "onnx_alike": exported, "largest_score_difference": diff, "agree_with_full": agree}
 
 
 def rows_of(v, rows) -> tuple:
@@ -280,6 +301,8 @@ def main() -> None:
         p.add_argument("--out", default=None, help="a JSON file of the figures")
     sub.choices["speed"].add_argument("--n", type=int, default=256)
     sub.choices["speed"].add_argument("--repeats", type=int, default=3)
+    sub.choices["speed"].add_argument("--onnx", action="store_true",
+                                      help="also the cascade and the full trunk exported, under onnxruntime")
     sub.choices["guarantee"].add_argument("--splits", type=int, default=1000)
     sub.choices["guarantee"].add_argument("--seed", type=int, default=0)
     for p in sub.choices.values():

@@ -72,7 +72,8 @@ def test_bench_exits_fit_guarantee_and_speed_run_on_a_tiny_tree_with_exits(tmp_p
                             cwd=tmp_path)
     assert guarantee.returncode == 0, guarantee.stderr
     assert "Learn-then-Test (bound <= r)" in guarantee.stdout and "empirical error <= r" in guarantee.stdout
-    speed = run_command([bench, "speed", "--models", models, "--data", small_data_dir, "--n", "8", "--repeats", "1"],
-                        cwd=tmp_path)
+    speed = run_command([bench, "speed", "--models", models, "--data", small_data_dir, "--n", "8", "--repeats", "1",
+                         "--onnx"], cwd=tmp_path)
     assert speed.returncode == 0, speed.stderr
     assert "cascade at batch 256 against batch 1: " in speed.stdout
+    assert "onnx cascade / full" in speed.stdout and "exported cascade against the cascade (batch 256): " in speed.stdout

@@ -1,6 +1,7 @@
 """Early exits: the config's checks, the trunk run tap by tap (the same columns as encode, rows dropped between
-taps), the cascade's fit against scipy's binomial, and a tree answering at its exits at any batch size as the
-one-at-a-time run and the simulation on full encodings do."""
+taps), the cascade's fit against scipy's binomial, a tree answering at its exits at any batch size as the
+one-at-a-time run and the simulation on full encodings do, branches below an exit against the exit and its branches
+run by hand, compare over seeds against run, and the exported graph against the PyTorch cascade."""
 
 import json
 
@@ -115,7 +116,7 @@ def test_bad_exits_are_one_line_errors_before_any_work(random_weights, extra, me
 
 
 def simulate(config, models, cascade, vectors):
-    return cascades.simulate(TreePredictor(config, models), cascades.exit_predictors(config, models, cascade.exits),
+    return cascades.simulate(TreePredictor(config, models), cascades.exit_routes(config, models, cascade.exits),
                              cascade, vectors)
 
 
@@ -183,7 +184,7 @@ def test_the_cascade_answers_at_any_batch_size_as_one_at_a_time_and_as_the_simul
     config, models = load_folder(exited / "out")
     cascade = cascades.Cascade.load(exited / "out" / "models", models)
     cascade.threshold = float(np.quantile(cascades.exit_outputs(  # a threshold at which some leave at each exit
-        cascades.exit_predictors(config, models, cascade.exits),
+        cascades.exit_routes(config, models, cascade.exits),
         np.asarray(load_tree_data(config, small_data_dir).test.images[:40], np.float32), list(config.classes())).gate,
         0.6))
     cascade.save(exited / "out" / "models")
@@ -276,7 +277,7 @@ def test_export_writes_a_graph_that_stops_its_trunk_where_an_exit_answers_and_no
     config, models = load_folder(exited / "out")
     cascade = cascades.Cascade.load(exited / "out" / "models", models)
     cascade.threshold = float(np.quantile(cascades.exit_outputs(  # a threshold at which some leave at each exit
-        cascades.exit_predictors(config, models, cascade.exits), get_kind("pretrained").encode(
+        cascades.exit_routes(config, models, cascade.exits), get_kind("pretrained").encode(
             config.parent.shape_dict, pixels, torch.device("cpu"), progress=False), list(config.classes())).gate, 0.6))
     cascade.save(exited / "out" / "models")
     assert cli.main(["export", "--models", str(exited / "out"), "--out", str(graph)]) == 0
@@ -286,6 +287,9 @@ def test_export_writes_a_graph_that_stops_its_trunk_where_an_exit_answers_and_no
     ours = branching.load(exited / "out", "cpu")(pixels)
     theirs = branching.load(graph)
     assert theirs.nodes == ("parent", "mammals", "exit-block3", "exit-block6")
+    assert theirs.cascade == branching.load(exited / "out", "cpu").cascade == {
+        "exits": ["exit-block3", "exit-block6"], "threshold": cascade.threshold, "rule": cascade.describe()}
+    assert branching.load(exited / "out", "cpu", exits=False).cascade is None
     paths = {a.path for a in ours}
     assert {("exit-block3",), ("exit-block6",)} <= paths and any(p[0] == "parent" for p in paths)
     for size in (40, 7, 1):  # every batch size answers as the PyTorch cascade (random weights: but at its threshold)
@@ -330,7 +334,7 @@ def test_branches_below_an_exit_answer_with_it_and_what_they_reject_goes_on_alon
     classes = list(config.classes())
     data = load_tree_data(config, small_data_dir)
     vectors = np.concatenate([np.asarray(data.train.images, np.float32), np.asarray(data.test.images, np.float32)])
-    exits = cascades.exit_predictors(config, models, ("exit-block3", "exit-block6"))
+    exits = cascades.exit_routes(config, models, ("exit-block3", "exit-block6"))
     # by hand: the exit's probabilities at its temperature massed into x's and y's groups, and their answers
     X = torch.from_numpy(exits[0].root.normalizer.transform(vectors))
 
@@ -347,7 +351,7 @@ def test_branches_below_an_exit_answer_with_it_and_what_they_reject_goes_on_alon
     assert 0 < to.sum() < len(to)
     thresholds = np.array([np.median(sure[to == g]) for g in (0, 1)], np.float32)
     for name, t in zip(("x", "y"), thresholds):
-        next(n for n in exits[0].nodes if n.name == name).threshold = t
+        next(n for n in exits[0].predictor.nodes if n.name == name).threshold = t
     out = cascades.exit_outputs(exits, vectors, classes)
     rejected = sure < thresholds[to]
     np.testing.assert_allclose(out.gate[0], np.where(rejected, -np.inf, mass.max(axis=1)), rtol=1e-5)
@@ -398,3 +402,41 @@ def test_compare_measures_the_cascade_against_the_full_trunk_and_each_exit_alone
     assert rows["cascade"]["accuracy"]["mean"] == pytest.approx(np.mean(rows["cascade"]["accuracy"]["values"]))
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "## Early exits" in md and "exit-block3 alone" in md and (tmp_path / "cmp" / "compare.png").stat().st_size
+
+
+def test_a_text_tree_answers_at_its_exits_as_the_simulation_and_its_exported_graph_at_any_batch_size(tiny_bert,
+                                                                                                   tmp_path,
+                                                                                                   monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from test_text import tree as text_tree
+    from test_text import write_texts
+    from branching.api.export import export
+    monkeypatch.setenv("BRANCHING_CACHE", str(tmp_path / "cache"))
+    data = write_texts(tmp_path / "texts")
+    (tmp_path / "tree.toml").write_text(text_tree(tiny_bert, parent_extra='classes = ["negative", "positive"]\n'
+                                                  'exits = ["embeddings", "layer1"]\n[parent.cascade]\nrisk = 0.6\n'))
+    assert cli.main(["run", "--config", str(tmp_path / "tree.toml"), "--data", str(data), "--out", str(tmp_path / "out"),
+                     "--quiet", "--max-epochs", "5", "--no-report"]) == 0
+    config, models = load_folder(tmp_path / "out")
+    texts = [row.split('",')[0].strip('"') for row in (data / "test.csv").read_text().splitlines()[1:]]
+    vectors = get_kind("text").encode(config.parent.shape_dict, texts, torch.device("cpu"), progress=False)
+    for quantile in (0.5, 0.0):  # some leave at each exit; then all leave at the first
+        cascade = cascades.Cascade.load(tmp_path / "out" / "models", models)
+        gates = np.unique(cascades.exit_outputs(cascades.exit_routes(config, models, cascade.exits), vectors,
+                                                list(config.classes())).gate)
+        i = int(quantile * len(gates))  # a threshold between two gates: no input sits at it
+        cascade.threshold = float((gates[i - 1] + gates[i]) / 2) if i else 0.0
+        cascade.save(tmp_path / "out" / "models")
+        ours = branching.load(tmp_path / "out", "cpu")
+        found = ours(texts)
+        simulated, _, _ = simulate(config, models, cascade, vectors)
+        assert [a.path[0] for a in found] == [simulated.chains[f][0] for f in simulated.final_node]
+        np.testing.assert_allclose([a.score for a in found], simulated.confidence, atol=1e-5)
+        graph = tmp_path / f"tree-{quantile}.onnx"
+        export(ours, graph)
+        theirs = branching.load(graph)
+        for size in (len(texts), 3, 1):  # a batch that leaves whole at the first exit: the stand-in row
+            answers = [b for i in range(0, len(texts), size) for b in theirs(texts[i:i + size])]
+            assert [(a.label, a.path) for a in answers] == [(a.label, a.path) for a in found]
+        left = {a.path[0] for a in found}
+        assert left == {"exit-embeddings"} if quantile == 0.0 else len(left) >= 2

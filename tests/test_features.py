@@ -62,7 +62,7 @@ def test_cache_reuses_only_an_exact_match_and_rebuilds_otherwise(tmp_path):
     messages = []
     cache = FeatureCache(tmp_path, messages.append)
     first = cache.features(models, ("a", 0, "post"), X, rows, DATA, flips=True)
-    assert messages[-1].endswith("built (30 images, plain, flipped)")
+    assert messages[-1].endswith("built (30 inputs, plain, flipped)")
     expected = manual_hidden(models["a"], manual_hidden(models["parent"], X, 1, "pre"), 0, "post")
     np.testing.assert_allclose(first["plain"], expected, rtol=1e-4, atol=1e-4)
     entry = cache.entry(cache.manifest(models, ("a", 0, "post"), rows, DATA, ("plain", "flipped")))
@@ -153,5 +153,5 @@ def test_run_with_a_cache_reuses_it_on_the_same_parent(tmp_path, flip, monkeypat
     for _ in range(2):
         train_branch(config, "animals", {"parent": parent}, data, recipe, 0, progress=False, cache_dir=tmp_path / "c")
     cache_lines = [m for m in logged if m.startswith("feature cache")]
-    assert cache_lines[0].endswith("built (40 images, plain" + (", flipped)" if flip else ")"))
+    assert cache_lines[0].endswith("built (40 inputs, plain" + (", flipped)" if flip else ")"))
     assert cache_lines[1].endswith("reusing")

@@ -6,21 +6,25 @@ rows whose confidence reaches the cascade's threshold leave (ONNX NonZero and Ga
 the others alone. Its outputs, each for a batch of N inputs:
 
 - `rows.<exit>` (int64) the inputs that exit answered (positions in the batch) and `logits.<exit>` its logits for them;
-- `rows.rest` the inputs no exit took, and for them every routed node's `probs.<node>` and `logits.<node>`, as an
+- `rest.rows` the inputs no exit took, and for them every routed node's `probs.<node>` and `logits.<node>`, as an
   exported tree without exits gives them (api.export.DenseTree).
 
 Routing and acceptance run outside it (api.onnx_tree), from the thresholds and temperatures in its metadata. An exit
 with branches below it needs their answers to decide whether it answers, which the graph does not route: such a tree
-does not export.
+does not export. A transformer's layers cannot run on a batch of no rows (models.stages `runs_empty`): where every
+input of a batch has left, one of them runs on as a stand-in, its row -1 in `rest.rows`, so a text graph saves
+nothing on a batch that leaves whole at an exit.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from branching.models import nets
 from branching.models.forward import reads
+from branching.models.stages import stages
 
 
 class CascadeGraph(nn.Module):
@@ -30,7 +34,8 @@ class CascadeGraph(nn.Module):
     def __init__(self, predictor, dense: nn.Module):
         super().__init__()
         models = predictor.models
-        self.stages = predictor.stages
+        parent = models["parent"]
+        self.stages = stages(parent.net_kind, parent.shape, torch.device("cpu"))  # traced on the CPU, as export is
         self.trunk = self.stages.module()  # its weights: the graph's
         self.dense = dense
         self.exits, self.taps = list(predictor.exits), list(predictor.taps)
@@ -41,15 +46,15 @@ class CascadeGraph(nn.Module):
         normalizer = predictor.root.normalizer
         self.register_buffer("mean", torch.from_numpy(normalizer.mean.copy()))
         self.register_buffer("std", torch.from_numpy(normalizer.std.copy()))
-        routes = {p.entry.name: p.entry for p in predictor.exit_routes}
+        routes = {r.name: r.predictor.entry for r in predictor.exit_routes}
         self.register_buffer("inverse_temperature", torch.tensor([float(routes[e].inverse_temperature)
                                                                   for e in self.exits]))
-        self.threshold = float(predictor.cascade.threshold)
+        self.threshold = float(np.float32(predictor.cascade.threshold))  # compared in float32, as cascade.first_exit
 
     @property
     def output_names(self) -> list[str]:
         exits = [name for e in self.exits for name in (f"rows.{e}", f"logits.{e}")]
-        return exits + ["rows.rest"] + [f"probs.{n}" for n in self.dense.names] + [f"logits.{n}" for n in self.dense.names]
+        return exits + ["rest.rows"] + [f"probs.{n}" for n in self.dense.names] + [f"logits.{n}" for n in self.dense.names]
 
     def forward(self, *inputs):
         state = self.stages.begin(*inputs)
@@ -61,10 +66,15 @@ class CascadeGraph(nn.Module):
             done = tap + 1
             logits = self._exit_logits(name, self._vectors(parts))
             confidence = torch.softmax(logits * self.inverse_temperature[j], dim=1).amax(dim=1)
-            hit = confidence >= self.threshold
-            leave, stay = torch.nonzero(hit).squeeze(1), torch.nonzero(~hit).squeeze(1)
+            real = alive >= 0
+            leaving = (confidence >= self.threshold) & real
+            going = real & ~leaving
+            keep = going
+            if not self.stages.runs_empty:  # one row runs on where all have left (a stand-in, its row -1)
+                keep = going | ((going.sum() == 0) & (torch.arange(alive.shape[0]) == 0))
+            leave, stay = torch.nonzero(leaving).squeeze(1), torch.nonzero(keep).squeeze(1)
             out += [alive.index_select(0, leave), logits.index_select(0, leave)]
-            alive = alive.index_select(0, stay)
+            alive = torch.where(going, alive, -1).index_select(0, stay)
             parts = [p.index_select(0, stay) for p in parts]
             state = self.stages.cut(state, stay)
         if self.depth > done:

@@ -116,8 +116,8 @@ def tree_metadata(tree, cascade: bool = False) -> dict:
     config = {k: v for k, v in predictor.config.to_dict().items() if k != "path"}  # no path of this machine's
     exits = {} if not cascade else {"cascade": {
         "threshold": predictor.cascade.threshold, "rule": predictor.cascade.describe(),
-        "exits": [{"name": p.entry.name, "classes": list(p.entry.spec.classes), "layer": p.entry.spec.layer,
-                   "temperature": float(p.entry.rule["temperature"])} for p in predictor.exit_routes]}}
+        "exits": [{"name": e.name, "classes": list(e.spec.classes), "layer": e.spec.layer,
+                   "temperature": float(e.rule["temperature"])} for e in (r.predictor.entry for r in predictor.exit_routes)]}}
     return {**exits, "format": FORMAT, "reads": tree.reads, "image_size": tree.image_size,
             "classes": list(predictor.classes), "config": config,
             "entry": None if predictor.entry is None else predictor.entry.name,  # a parent without a head: its branch
@@ -141,7 +141,7 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
         raise ConfigError("this tree is an exported graph already; export from the run's folder (--models RUN)")
     cascade = bool(getattr(predictor, "exits", ())) and predictor.cascade.threshold is not None  # else no exit answers
     routing = [e for e in getattr(predictor, "exits", ()) if tree.config.children(e)]
-    if routing:
+    if cascade and routing:
         raise ConfigError(f"{', '.join(routing)} route to branches below them, whose answers decide whether the exit "
                           f"answers, which an exported graph does not route; serve the tree (branching serve), or "
                           f"export it answering by its full trunk with --no-exits")
@@ -151,13 +151,14 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     if judged:
         raise ConfigError(f"{', '.join(judged)} accept by a self-evaluation branch, which does not export; set "
                           f"score = \"msp\" (or doctor, energy, margin) in their accept tables and train them again")
-    encoder = tree.kind.export_encoder(tree.parent.shape, predictor.parent_depth()) if tree.kind.encoded else None
-    module = DenseTree(predictor, encoder).eval()
-    names = [f"probs.{n}" for n in module.names] + [f"logits.{n}" for n in module.names]
     if cascade:
         from branching.api.cascade_graph import CascadeGraph
         module = CascadeGraph(predictor, DenseTree(predictor, None)).eval()
         names = module.output_names
+    else:
+        encoder = tree.kind.export_encoder(tree.parent.shape, predictor.parent_depth()) if tree.kind.encoded else None
+        module = DenseTree(predictor, encoder).eval()
+        names = [f"probs.{n}" for n in module.names] + [f"logits.{n}" for n in module.names]
     if tree.reads == "texts":  # token ids and their mask, both free in the batch size and the number of tokens
         inputs = ["input_ids", "attention_mask"]
         example = (torch.ones(batch, 8, dtype=torch.long), torch.ones(batch, 8, dtype=torch.long))
@@ -217,7 +218,7 @@ def check_graph(tree, path, n: int) -> Check:
         raise CheckpointError(f"the exported graph answered {sum(not same for same in paths)} of {n} random inputs at "
                               f"other nodes than PyTorch; nothing was written")
     same = np.asarray(paths)  # a cascade: one input may leave at another exit, its confidence at the threshold
-    check = Check(float(np.abs(ours.probabilities - theirs.probabilities)[same].max()),
+    check = Check(float(np.abs(ours.probabilities - theirs.probabilities)[same].max()) if same.any() else 0.0,
                   float(np.abs(ours.probabilities - alone).max()))
     if not check.difference <= max(TOLERANCE, OWN_FACTOR * check.own):
         raise CheckpointError(f"the exported graph's probabilities differ from PyTorch's by {check.difference:.2g} on "

@@ -168,12 +168,13 @@ class OnnxPredictor(TreePredictor):
     def _cascade(self, chunk, answering: list, batch: dict) -> None:
         """A chunk through a cascade's graph: each exit's rows answered by it alone, the rest routed from the parent."""
         wanted = [name for node in self.cascade_exits for name in (f"rows.{node.name}", f"logits.{node.name}")]
-        wanted += ["rows.rest"] + [f"logits.{node.name}" for node in answering]
+        wanted += ["rest.rows"] + [f"logits.{node.name}" for node in answering]
         for group, feed in self._feeds(chunk):
             found = self.session.run(wanted, feed)
             k = 2 * len(self.cascade_exits)
             parts = [(node, found[2 * j], {node.name: found[2 * j + 1]}) for j, node in enumerate(self.cascade_exits)]
-            parts.append((self.root, found[k], {node.name: v for node, v in zip(answering, found[k + 1:])}))
+            real = found[k] >= 0  # a text graph's stand-in row (-1), where every input had left
+            parts.append((self.root, found[k][real], {node.name: v[real] for node, v in zip(answering, found[k + 1:])}))
             for node, rows, logits in parts:
                 if not len(rows):
                     continue

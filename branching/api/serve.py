@@ -1,7 +1,8 @@
 """`branching serve`: a trained tree behind HTTP (FastAPI on uvicorn), answering as branching.load does.
 
     GET  /          a small page: drop an image (or type a text) and see its path through the tree
-    GET  /health    {"status": "ok", "reads", "classes", "nodes", "pending"}
+    GET  /health    {"status": "ok", "reads", "classes", "nodes", "cascade" (a tree with early exits: its exits,
+                    threshold and rule; else null), "pending", "answered", "batches"}
     POST /predict   one image file as the body (Content-Type image/* or application/octet-stream), or texts as
                     JSON {"texts": [...]} for a text parent's tree; answers {"answers": [{"label", "score",
                     "accepted", "guess", "node", "path", "rejected_at", "rejected_score"}]}, one per input
@@ -120,7 +121,7 @@ def create_app(tree: Tree, max_batch: int = 64, max_wait: float = 0.005, max_byt
     @app.get("/health")
     async def health():
         return {"status": "ok", "reads": tree.reads, "classes": list(tree.classes), "nodes": list(tree.nodes),
-                "pending": batcher.pending, "answered": batcher.answered, "batches": batcher.batches}
+                "cascade": tree.cascade, "pending": batcher.pending, "answered": batcher.answered, "batches": batcher.batches}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -146,6 +146,16 @@ class Tree:
         return tuple(self.predictor.chain)
 
     @property
+    def cascade(self) -> dict | None:
+        """A tree answering at early exits: {"exits", "threshold" (None: no exit answers), "rule"}; else None."""
+        found = getattr(self.predictor, "cascade", None)
+        if found is not None:
+            return {"exits": list(found.exits), "threshold": found.threshold, "rule": found.describe()}
+        meta = (getattr(self.predictor, "meta", None) or {}).get("cascade")  # an exported cascade
+        return None if meta is None else {"exits": [e["name"] for e in meta["exits"]], "threshold": meta["threshold"],
+                                          "rule": meta["rule"]}
+
+    @property
     def thresholds(self) -> dict[str, float | None]:
         return dict(self.predictor.thresholds)
 

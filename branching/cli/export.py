@@ -41,7 +41,7 @@ def cmd_export(args) -> int:
               else f"pixels (N, {3 * tree.image_size ** 2})")
     cascade = getattr(tree.predictor, "cascade", None)  # with no threshold no exit answers: the full trunk's graph
     exits = tree.predictor.exits if cascade is not None and cascade.threshold is not None else ()
-    answers = (f"rows.<exit> and logits.<exit> for {', '.join(exits)} (the inputs each answered), then rows.rest and "
+    answers = (f"rows.<exit> and logits.<exit> for {', '.join(exits)} (the inputs each answered), then rest.rows and "
                f"probs.<node> and logits.<node> for the others, for {', '.join(n for n in tree.nodes if n not in exits)}"
                if exits else f"probs.<node> and logits.<node> for {', '.join(tree.nodes)}")
     print(f"wrote {args.out} ({size:.1f} MB): inputs {inputs}, outputs {answers}; on {args.check} random {tree.reads} its probabilities are within "

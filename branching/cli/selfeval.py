@@ -9,6 +9,7 @@ from branching.acceptance.stats import BOOTSTRAP
 from branching.cli.args import positive_int, study_parser
 from branching import distributed
 from branching.console import log
+from branching.errors import ConfigError
 from branching.config.parse import load_config
 
 
@@ -28,6 +29,10 @@ def cmd_selfeval(args) -> int:
     from branching.studies.selfeval import run_selfeval_compare
 
     config = load_config(args.config)
+    left_out = [n for n in (args.nodes or "").split(",") if n in config.branches and config.exit_of(n)]
+    if left_out:
+        raise ConfigError(f"--nodes {args.nodes}: {', '.join(left_out)} is an exit or below one, which selfeval leaves "
+                          f"out (an exit's confidence is fitted with the cascade's); name other nodes")
     if config.exits():
         config = config.without_exits()
         log("selfeval: the exits and the branches below them are left out (an exit's confidence is fitted with the "

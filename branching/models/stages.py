@@ -22,6 +22,8 @@ class ImageStages:
     """A pretrained image network's steps (stem, blocks, head) over flat images (N, 3 * side * side). `begin`, `run`
     and `cut` are the same steps on tensors alone (an exported cascade traces them)."""
 
+    runs_empty = True  # its layers take a batch of no rows (in torch and in onnxruntime)
+
     def __init__(self, trunk: trunks.Trunk):
         self.trunk = trunk
         self.device = next(trunk.net.parameters()).device
@@ -69,6 +71,8 @@ class ImageStages:
 class TextStages:
     """A transformer's embeddings and layers over texts, tokenized and padded a chunk (of similar lengths) at a time.
     `begin` (of token ids and their mask), `run` and `cut` are the same steps on tensors alone."""
+
+    runs_empty = False  # a BERT-like layer reshapes with -1, which a batch of no rows makes ambiguous
 
     def __init__(self, found: encoders.Encoder):
         self.found = found

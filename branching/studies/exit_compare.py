@@ -22,7 +22,7 @@ def exits_seed(config: TreeConfig, data_dir, work, seed: int, recipe, download: 
     from branching.train.run import run
     echo = log if progress else (lambda *_: None)
     metrics = run(config, data_dir, Path(work) / f"seed-{seed}", recipe, seed, download=download, progress=progress,
-                  echo=echo, report=False, device=device)
+                  echo=echo, report=False, device=device, cache_dir=Path(work) / "exit-features")
     m = metrics["cascade"]
     full = m["full_trunk"]["mflops"]
 

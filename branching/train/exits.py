@@ -67,7 +67,7 @@ def view(config: TreeConfig, models: dict, split: str, rows_wanted, data, device
         vectors, labels, rows = vectors[keep], labels[keep], rows[keep]
     vectors = np.asarray(vectors, dtype=np.float32)
     exits = tuple(e.name for e in config.exits())
-    outputs = cascades.exit_outputs(cascades.exit_predictors(config, models, exits, device), vectors,
+    outputs = cascades.exit_outputs(cascades.exit_routes(config, models, exits, device), vectors,
                                     list(predictor.classes))
     tree = predictor.predict(vectors)
     paths = [tree.chains[f] for f in tree.final_node]

@@ -121,7 +121,7 @@ class FeatureCache:
             arrays["flipped"] = extract_mirrored(models, r, X, normalizer)
         if distributed.leads():
             self.store(manifest, arrays)
-        self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} images, {', '.join(variants)})")
+        self.log(f"feature cache {self.entry(manifest)}: built ({len(X)} inputs, {', '.join(variants)})")
         return arrays
 
 

@@ -138,55 +138,71 @@ class Cascade:
         return cascade
 
 
-def exit_predictors(config, models: dict, exits, device=None) -> list[TreePredictor]:
-    """One routed tree per exit, routing from it through the branches below it, where the exit itself rejects
-    nothing (the cascade's threshold decides where it answers)."""
+@dataclass
+class ExitRoute:
+    """An exit and the branches below it: `predictor` routes from the exit (the tree of the parent, the exit and its
+    subtree; the exit itself rejects nothing, the cascade's threshold decides where it answers), and `below[i]` is
+    the FLOPs of the branches below the exit on node i's chain (its own layers' FLOPs counted once, here)."""
+
+    predictor: TreePredictor
+    below: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.predictor.entry.name
+
+
+def exit_routes(config, models: dict, exits, device=None) -> list[ExitRoute]:
+    """Each exit's ExitRoute, in the order of `exits`."""
+    from branching.config.tree import TreeConfig
     found = []
     for name in exits:
-        predictor = TreePredictor(config, models, name, **({} if device is None else {"device": device}))
+        subtree = {n: b for n, b in config.branches.items() if config.exit_of(n) == name}
+        alone = TreeConfig(config.parent, subtree, config.path, config.image_size, None)
+        own = {n: models[n] for n in ("parent", *subtree)}
+        predictor = TreePredictor(alone, own, name, **({} if device is None else {"device": device}))
         predictor.entry.threshold = -np.inf
-        found.append(predictor)
+        flops = {n: head_flops(own[n]) for n in subtree if n != name}
+        below = np.array([sum(flops.get(c, 0) for c in chain) for chain in predictor.chains], dtype=np.float64)
+        found.append(ExitRoute(predictor, below))
     return found
 
 
-def exit_nodes(predictors) -> tuple[tuple, tuple]:
+def exit_nodes(routes) -> tuple[tuple, tuple]:
     """The nodes of the exits' subtrees (each exit's, below it) and their paths from their exit."""
     nodes, chains = [], []
-    for p in predictors:
-        for node, chain in zip(p.node_names, p.chains):
-            if p.entry.name in chain:
+    for route in routes:
+        for node, chain in zip(route.predictor.node_names, route.predictor.chains):
+            if route.name in chain:
                 nodes.append(node)
-                chains.append(tuple(chain[chain.index(p.entry.name):]))
+                chains.append(tuple(chain[chain.index(route.name):]))
     return tuple(nodes), tuple(chains)
 
 
-def exit_outputs(predictors, vectors: np.ndarray, classes, out: ExitOutputs | None = None, only=None,
+def exit_outputs(routes, vectors: np.ndarray, classes, out: ExitOutputs | None = None, only=None,
                  rows=None) -> ExitOutputs:
-    """The exits' answers (`predictors`: exit_predictors') to encoded parent inputs `vectors` (columns of taps
-    deeper than an exit's may be anything), written into `out` (exits `only`, at `rows`) or a new ExitOutputs."""
-    nodes, chains = exit_nodes(predictors)
+    """The exits' answers (`routes`: exit_routes') to encoded parent inputs `vectors` (columns of taps deeper than an
+    exit's may be anything), written into `out` (exits `only`, at `rows`) or a new ExitOutputs."""
+    nodes, chains = exit_nodes(routes)
     n = len(vectors)
-    out = out if out is not None else ExitOutputs.empty(len(predictors), n, len(classes), nodes, chains)
+    out = out if out is not None else ExitOutputs.empty(len(routes), n, len(classes), nodes, chains)
     rows = np.arange(n) if rows is None else rows
     index = {(chain[0], node): i for i, (node, chain) in enumerate(zip(nodes, chains))}
-    for j in range(len(predictors)) if only is None else only:
-        p = predictors[j]
-        found = p.predict(vectors) if n else None
-        if found is None:
+    for j in range(len(routes)) if only is None else only:
+        route = routes[j]
+        if not n:
             continue
+        p = route.predictor
+        found = p.predict(vectors)
         columns = np.array([classes.index(c) for c in p.classes])
-        own = {name: head_flops(p.models[name]) for name in p.node_names}
-        exit_name = p.entry.name
-        chain = [c[c.index(exit_name) + 1:] if exit_name in c else () for c in p.chains]
-        below = np.array([sum(own[name] for name in c) for c in chain], dtype=np.float64)
-        local = np.array([index.get((exit_name, name), -1) for name in p.node_names])
+        local = np.array([index.get((route.name, name), -1) for name in p.node_names])
         out.gate[j, rows] = np.where(found.accepted, found.gate, -np.inf)
         out.predicted[j, rows] = columns[found.predicted]
         out.confidence[j, rows] = found.confidence
         out.probabilities[j, rows] = 0.0
         out.probabilities[j, rows[:, None], columns[None, :]] = found.probabilities
         out.final[j, rows] = local[found.final_node]
-        out.below[j, rows] = below[found.final_node]
+        out.below[j, rows] = route.below[found.final_node]
     return out
 
 
@@ -194,7 +210,7 @@ def first_exit(gate: np.ndarray, threshold: float | None) -> np.ndarray:
     """Per input, the first exit whose gate (ExitOutputs.gate) reaches the threshold (-1: none)."""
     if threshold is None or not len(gate):
         return np.full(gate.shape[1] if gate.ndim == 2 else 0, -1)
-    hit = gate >= threshold
+    hit = gate >= np.float32(threshold)  # as routing and the exported graph compare: the float32 gate, in float32
     return np.where(hit.any(axis=0), hit.argmax(axis=0), -1)
 
 
@@ -297,7 +313,7 @@ def combine(tree: TreePredictions, rest: np.ndarray, exited: np.ndarray, outputs
 
 def simulate(predictor: TreePredictor, exits: list, cascade: Cascade, vectors: np.ndarray, route=None) -> tuple:
     """The cascade's answers to encoded inputs (the parent's vectors, every tap there): (TreePredictions, exit
-    outputs, the exit each input left at or -1). `exits`: exit_predictors'. The same arithmetic as the staged run,
+    outputs, the exit each input left at or -1). `exits`: exit_routes'. The same arithmetic as the staged run,
     without its savings. `route`: how the routed tree answers the rest (default predictor.predict)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     outputs = exit_outputs(exits, vectors, list(predictor.classes))

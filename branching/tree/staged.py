@@ -15,7 +15,7 @@ import numpy as np
 
 from branching.models.device import CPU
 from branching.models.stages import offsets, stages
-from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_nodes, exit_outputs, exit_predictors, first_exit, simulate
+from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_nodes, exit_outputs, exit_routes, first_exit, simulate
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor
 
 
@@ -28,7 +28,7 @@ class CascadePredictor(TreePredictor):
     def __init__(self, config, models: dict, cascade: Cascade, device=CPU):
         super().__init__(config, models, None, device=device)
         self.cascade, self.exits = cascade, tuple(cascade.exits)
-        self.exit_routes = exit_predictors(config, models, self.exits, device)  # each exit and the branches below it
+        self.exit_routes = exit_routes(config, models, self.exits, device)  # each exit and the branches below it
         self.exit_nodes = exit_nodes(self.exit_routes)[0]
         parent = models["parent"]
         self.kind, self.shape = parent.net_kind, parent.shape
@@ -42,7 +42,7 @@ class CascadePredictor(TreePredictor):
 
     @property
     def thresholds(self) -> dict[str, float | None]:
-        below = {name: t for p in self.exit_routes for name, t in p.thresholds.items() if name in self.exit_nodes}
+        below = {name: t for r in self.exit_routes for name, t in r.predictor.thresholds.items() if name in self.exit_nodes}
         return {**super().thresholds, **below, **dict.fromkeys(self.exits, self.cascade.threshold)}
 
     def predict(self, inputs, batch_size: int = BATCH) -> TreePredictions:
