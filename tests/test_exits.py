@@ -302,6 +302,10 @@ def test_export_writes_a_graph_that_stops_its_trunk_where_an_exit_answers_and_no
     assert same >= 18  # random weights at 32 px turn a graph's last bits into ~1e-3 (test_staged...: the same in torch)
     refused = tmp_path / "below.onnx"
     monkeypatch.setenv("BRANCHING_CACHE", str(below / "cache"))
+    _, below_models = load_folder(below / "out")
+    answering = cascades.Cascade.load(below / "out" / "models", below_models)
+    answering.threshold = 0.5  # exits that answer (with none, the graph is the full trunk's)
+    answering.save(below / "out" / "models")
     assert cli.main(["export", "--models", str(below / "out"), "--out", str(refused)]) == 2
     assert "exit-block3 route to branches below them" in capsys.readouterr().err and not refused.exists()
 
@@ -336,7 +340,7 @@ def test_branches_below_an_exit_answer_with_it_and_what_they_reject_goes_on_alon
     vectors = np.concatenate([np.asarray(data.train.images, np.float32), np.asarray(data.test.images, np.float32)])
     exits = cascades.exit_routes(config, models, ("exit-block3", "exit-block6"))
     # by hand: the exit's probabilities at its temperature massed into x's and y's groups, and their answers
-    X = torch.from_numpy(exits[0].root.normalizer.transform(vectors))
+    X = torch.from_numpy(exits[0].predictor.root.normalizer.transform(vectors))
 
     def probabilities(name):
         m = models[name]
