@@ -150,15 +150,19 @@ def test_exits_need_a_staged_trunk_and_routing_keeps_an_exits_subtree_only_from_
     assert config.exit_of("mammals") is None and [c.name for c in config.children("parent")] == ["mammals"]
 
 
-@pytest.fixture(scope="module")
-def exited(tmp_path_factory, random_weights, small_data_dir):
-    root = tmp_path_factory.mktemp("exits-run")
-    (root / "tree.toml").write_text(tree(random_weights, extra_parent=EXITS))
+def trained(root, toml: str, data):
+    """`root`/out: the tree `toml` run for 3 epochs on `data` (its cache in `root`/cache)."""
+    (root / "tree.toml").write_text(toml)
     with pytest.MonkeyPatch.context() as m:
         m.setenv("BRANCHING_CACHE", str(root / "cache"))
-        assert cli.main(["run", "--config", str(root / "tree.toml"), "--data", str(small_data_dir), "--out",
+        assert cli.main(["run", "--config", str(root / "tree.toml"), "--data", str(data), "--out",
                          str(root / "out"), "--max-epochs", "3", "--quiet", "--no-download", "--no-report"]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def exited(tmp_path_factory, random_weights, small_data_dir):
+    return trained(tmp_path_factory.mktemp("exits-run"), tree(random_weights, extra_parent=EXITS), small_data_dir)
 
 
 def test_a_run_fits_the_cascade_on_held_out_rows_and_measures_it(exited):
@@ -195,7 +199,7 @@ def test_the_cascade_answers_at_any_batch_size_as_one_at_a_time_and_as_the_simul
     original = ImageStages.advance
 
     def counting(self, depth):  # which rows each block runs on
-        ran.append((self.done, depth, len(self.x)))
+        ran.append((self.done, depth, len(self.state)))
         return original(self, depth)
 
     monkeypatch.setattr(ImageStages, "advance", counting)
@@ -312,14 +316,9 @@ def test_export_writes_a_graph_that_stops_its_trunk_where_an_exit_answers_and_no
 
 @pytest.fixture(scope="module")
 def below(tmp_path_factory, random_weights, small_data_dir):
-    root = tmp_path_factory.mktemp("exits-below")
-    (root / "tree.toml").write_text(tree(random_weights, extra_parent=EXITS) + BELOW
-                                    + BELOW.replace("es.x", "es.y").replace('"beaver", "whale"', '"wolf", "sunflower"'))
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("BRANCHING_CACHE", str(root / "cache"))
-        assert cli.main(["run", "--config", str(root / "tree.toml"), "--data", str(small_data_dir), "--out",
-                         str(root / "out"), "--max-epochs", "3", "--quiet", "--no-download", "--no-report"]) == 0
-    return root
+    y = BELOW.replace("es.x", "es.y").replace('"beaver", "whale"', '"wolf", "sunflower"')
+    return trained(tmp_path_factory.mktemp("exits-below"), tree(random_weights, extra_parent=EXITS) + BELOW + y,
+                   small_data_dir)
 
 
 def _softmax(z):

@@ -18,7 +18,20 @@ from branching.models import encoder as encoders, trunks
 from branching.models.text import TEXT_POOLS
 
 
-class ImageStages:
+class Stages:
+    """What a chunk's run tap by tap keeps between calls (`state`, the taps `done`), over a kind's `run` and `cut`."""
+
+    def advance(self, depth: int) -> np.ndarray:
+        with torch.inference_mode():
+            self.state, pooled = self.run(self.state, self.done, depth)
+        self.done = max(self.done, depth)
+        return pooled.cpu().numpy()
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.state = self.cut(self.state, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device))
+
+
+class ImageStages(Stages):
     """A pretrained image network's steps (stem, blocks, head) over flat images (N, 3 * side * side). `begin`, `run`
     and `cut` are the same steps on tensors alone (an exported cascade traces them)."""
 
@@ -55,27 +68,18 @@ class ImageStages:
 
     def start(self, inputs, rows: np.ndarray) -> None:
         """Start on images `rows` of `inputs`."""
-        self.x = self.begin(torch.from_numpy(np.array(inputs[rows])).to(self.device))
+        self.state = self.begin(torch.from_numpy(np.array(inputs[rows])).to(self.device))
         self.done = 0
 
-    def advance(self, depth: int) -> np.ndarray:
-        with torch.inference_mode():
-            self.x, pooled = self.run(self.x, self.done, depth)
-        self.done = max(self.done, depth)
-        return pooled.cpu().numpy()
 
-    def keep(self, rows: np.ndarray) -> None:
-        self.x = self.cut(self.x, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device))
-
-
-class TextStages:
+class TextStages(Stages):
     """A transformer's embeddings and layers over texts, tokenized and padded a chunk (of similar lengths) at a time.
     `begin` (of token ids and their mask), `run` and `cut` are the same steps on tensors alone."""
 
     runs_empty = False  # a BERT-like layer reshapes with -1, which a batch of no rows makes ambiguous
 
     def __init__(self, found: encoders.Encoder):
-        self.found = found
+        self.found, self.device = found, found.device
         self.widths = [found.width] * (found.n_layers + 1)
         self.pools = len(TEXT_POOLS)
 
@@ -117,17 +121,8 @@ class TextStages:
         """Start on texts `rows` of the `inputs` that `chunks` last tokenized."""
         input_ids, mask = encoders.padded([self.ids[r] for r in rows], self.found.tokenizer.pad_token_id or 0)
         with torch.inference_mode():
-            self.state = self.begin(input_ids.to(self.found.device), mask.to(self.found.device))
+            self.state = self.begin(input_ids.to(self.device), mask.to(self.device))
         self.done = 0
-
-    def advance(self, depth: int) -> np.ndarray:
-        with torch.inference_mode():
-            self.state, pooled = self.run(self.state, self.done, depth)
-        self.done = max(self.done, depth)
-        return pooled.cpu().numpy()
-
-    def keep(self, rows: np.ndarray) -> None:
-        self.state = self.cut(self.state, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.found.device))
 
 
 def stages(kind, shape: dict, device: torch.device):
