@@ -12,8 +12,7 @@ the others alone. Its outputs, each for a batch of N inputs:
 Routing and acceptance run outside it (api.onnx_tree), from the thresholds and temperatures in its metadata. An exit
 with branches below it needs their answers to decide whether it answers, which the graph does not route: such a tree
 does not export. A transformer's layers cannot run on a batch of no rows (models.stages `runs_empty`): where every
-input of a batch has left, one of them runs on as a stand-in, its row -1 in `rest.rows`, so a text graph saves
-nothing on a batch that leaves whole at an exit.
+input of a batch has left, one of them runs on as a stand-in, on its first token alone, its row -1 in `rest.rows`.
 """
 
 from __future__ import annotations
@@ -69,14 +68,16 @@ class CascadeGraph(nn.Module):
             real = alive >= 0
             leaving = (confidence >= self.threshold) & real
             going = real & ~leaving
-            keep = going
+            keep, gone = going, going.sum() == 0
             if not self.stages.runs_empty:  # one row runs on where all have left (a stand-in, its row -1)
-                keep = going | ((going.sum() == 0) & (torch.arange(alive.shape[0]) == 0))
+                keep = going | (gone & (torch.arange(alive.shape[0]) == 0))
             leave, stay = torch.nonzero(leaving).squeeze(1), torch.nonzero(keep).squeeze(1)
             out += [alive.index_select(0, leave), logits.index_select(0, leave)]
             alive = torch.where(going, alive, -1).index_select(0, stay)
             parts = [p.index_select(0, stay) for p in parts]
             state = self.stages.cut(state, stay)
+            if not self.stages.runs_empty:  # the stand-in alone: on its first token alone, the cheapest to run
+                state = self.stages.first_token(state, gone)
         if self.depth > done:
             parts.append(self.stages.run(state, done, self.depth)[1])
         return (*out, alive, *self.dense(self._vectors(parts)))

@@ -117,6 +117,26 @@ class TextStages(Stages):
 
         return cut(states), cut(mask), tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
+    def first_token(self, state: tuple, gone: torch.Tensor) -> tuple:
+        """Where `gone` (a boolean tensor), the state of the first token alone, else the state: an exported cascade's
+        stand-in row runs on one token. Every axis past the batch's as long as the mask's tokens is cut (the states',
+        the mask's, a BERT-like layer's attention mask's)."""
+        states, mask, args, kwargs = state
+        n = mask.shape[1]
+        index = torch.nonzero((torch.arange(n) == 0) | ~gone).squeeze(1)
+
+        def cut(value):
+            if isinstance(value, (tuple, list)):
+                return type(value)(cut(v) for v in value)
+            if not torch.is_tensor(value):
+                return value
+            for axis in range(1, value.ndim):
+                if value.shape[axis] == n:
+                    value = value.index_select(axis, index)
+            return value
+
+        return cut(states), cut(mask), tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
     def start(self, inputs, rows: np.ndarray) -> None:
         """Start on texts `rows` of the `inputs` that `chunks` last tokenized."""
         input_ids, mask = encoders.padded([self.ids[r] for r in rows], self.found.tokenizer.pad_token_id or 0)
