@@ -77,3 +77,7 @@ def test_bench_exits_fit_guarantee_and_speed_run_on_a_tiny_tree_with_exits(tmp_p
     assert speed.returncode == 0, speed.stderr
     assert "cascade at batch 256 against batch 1: " in speed.stdout
     assert "onnx cascade / full" in speed.stdout and "exported cascade against the cascade (batch 256): " in speed.stdout
+    resized = run_command([REPO_ROOT / "benchmarks" / "check_resize.py", "--models", models, "--data", small_data_dir,
+                           "--n", "10"], cwd=tmp_path)
+    assert resized.returncode == 0, resized.stderr
+    assert "full trunk: 10 test images; largest probability difference" in resized.stdout and "cascade: " in resized.stdout

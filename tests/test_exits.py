@@ -134,7 +134,7 @@ def test_exits_need_a_staged_trunk_and_routing_keeps_an_exits_subtree_only_from_
         parse_config(judged, "t.toml")
     scored = tree(random_weights, extra_parent='[parent.cascade]\nrisk = 0.1\n') + (
         '[branches.e]\nclasses = ["beaver", "whale"]\nlayer = "block3"\nexit = true\n[branches.e.accept]\n'
-        'score = "margin"\nthreshold = 0.5\n')
+        'score = "margin"\n')  # the exit's own message, not the margin's missing threshold
     with pytest.raises(ConfigError, match=r"\[branches.e.accept\] score: the cascade's threshold reads an exit's "
                                           r"calibrated max softmax, not 'margin'; remove score"):
         parse_config(scored, "t.toml")
@@ -311,7 +311,7 @@ def test_export_writes_a_graph_that_stops_its_trunk_where_an_exit_answers_and_no
     answering.threshold = 0.5  # exits that answer (with none, the graph is the full trunk's)
     answering.save(below / "out" / "models")
     assert cli.main(["export", "--models", str(below / "out"), "--out", str(refused)]) == 2
-    assert "exit-block3 route to branches below them" in capsys.readouterr().err and not refused.exists()
+    assert "exit-block3 routes to branches below it, whose answers decide whether it answers" in capsys.readouterr().err and not refused.exists()
 
 
 @pytest.fixture(scope="module")

@@ -142,9 +142,11 @@ def export(tree, out, batch: int = 2, check: int = 16) -> Check:
     cascade = bool(getattr(predictor, "exits", ())) and predictor.cascade.threshold is not None  # else no exit answers
     routing = [e for e in getattr(predictor, "exits", ()) if tree.config.children(e)]
     if cascade and routing:
-        raise ConfigError(f"{', '.join(routing)} route to branches below them, whose answers decide whether the exit "
-                          f"answers, which an exported graph does not route; serve the tree (branching serve), or "
-                          f"export it answering by its full trunk with --no-exits")
+        one = len(routing) == 1
+        raise ConfigError(f"{', '.join(routing)} route{'s' if one else ''} to branches below {'it' if one else 'them'}, "
+                          f"whose answers decide whether {'it answers' if one else 'they answer'}, and an exported "
+                          f"graph does not route; serve the tree (branching serve), or export it answering by its full "
+                          f"trunk with --no-exits")
     if not isinstance(predictor, TreePredictor) or (predictor.entry is not None and tree.parent.has_head):
         raise ConfigError("export writes the whole routed tree; load it without node= or branch=")
     judged = [n.name for n in predictor.nodes if n.score == "selfeval"]

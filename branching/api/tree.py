@@ -12,7 +12,7 @@
 Answering is split as a Hugging Face pipeline's is: `preprocess` reads the inputs and prepares them as `run`
 prepared image folders' images (or encodes texts), `forward` routes them, `postprocess` makes the answers.
 (CIFAR's 32-px rows given to a pretrained tree of 224 px are resized by Pillow here, inside the trunk by `run`: the
-two agree to rounding, not bit for bit.)
+pixels differ by less than a grey level, and answers can move; benchmarks/check_resize.py measures by how much.)
 """
 
 from __future__ import annotations

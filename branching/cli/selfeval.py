@@ -29,10 +29,12 @@ def cmd_selfeval(args) -> int:
     from branching.studies.selfeval import run_selfeval_compare
 
     config = load_config(args.config)
-    left_out = [n for n in (args.nodes or "").split(",") if n in config.branches and config.exit_of(n)]
+    named = [] if args.nodes is None else [config.node(name).name for name in args.nodes.split(",")]  # known names
+    left_out = [n for n in named if n in config.branches and config.exit_of(n)]
     if left_out:
-        raise ConfigError(f"--nodes {args.nodes}: {', '.join(left_out)} is an exit or below one, which selfeval leaves "
-                          f"out (an exit's confidence is fitted with the cascade's); name other nodes")
+        raise ConfigError(f"--nodes {args.nodes}: {', '.join(left_out)} answer{'s' if len(left_out) == 1 else ''} in "
+                          f"the exits' cascade (an exit or below one), which selfeval leaves out: `branching run` fits "
+                          f"the cascade and `branching compare` measures it; name other nodes")
     if config.exits():
         config = config.without_exits()
         log("selfeval: the exits and the branches below them are left out (an exit's confidence is fitted with the "

@@ -83,9 +83,6 @@ def check_exits(origin: str, nodes: dict, parent_data: dict) -> CascadeSpec | No
         if node["selfeval"] is not None:
             raise ConfigError(f"{origin}: {table} selfeval: an exit's confidence is fitted with the cascade's; "
                               f"remove [{table[1:-1]}.selfeval]")
-        if node["accept"].score != "msp":
-            raise ConfigError(f"{origin}: [{table[1:-1]}.accept] score: the cascade's threshold reads an exit's "
-                              f"calibrated max softmax, not {node['accept'].score!r}; remove score")
         if node["layer"] >= head:
             raise ConfigError(f"{origin}: {table}{key('layer')} {names[node['layer']]} is at or after the tap of the "
                               f"parent's head ({names[head]}); an exit answers before the head: choose an earlier tap")

@@ -111,6 +111,10 @@ def _parse_node(origin: str, name: str, data: Any, image_size: int | None = None
             raise t.error(key, f"is a key of {named} parents, not of {kind.name} ones",
                           f"remove it, or set kind = \"{found[0]}\"")
     default = kind.hidden_default if is_parent else DEFAULT_BRANCH_HIDDEN
+    scored = t.data.get("accept")
+    if t.data.get("exit") is True and isinstance(scored, dict) and scored.get("score", "msp") != "msp":
+        raise ConfigError(f"{origin}: [{table}.accept] score: the cascade's threshold reads an exit's calibrated max "
+                          f"softmax, not {scored['score']!r}; remove score")
     fields = dict(
         name=name, classes=() if kind.encoded and "classes" not in t.data else t.classes(),
         hidden=() if default is None else t.hidden(default, allow_empty=not is_parent or not default),
@@ -175,7 +179,8 @@ def _build(data: dict, origin: str, path: str | None) -> TreeConfig:
     for name, node in nodes.items():
         if name != "parent" and node["source"] not in nodes:
             raise ConfigError(f"{origin}: [branches.{name}] from: unknown node {node['source']!r}"
-                              f"{did_you_mean(node['source'], nodes)}; use one of: {', '.join(nodes)}")
+                              f"{did_you_mean(node['source'], [n for n in nodes if n != name])}; use one of: "
+                              f"{', '.join(n for n in nodes if n != name)}")
     for name in nodes:
         seen = [name]
         while seen[-1] != "parent":
