@@ -443,3 +443,20 @@ def test_a_text_tree_answers_at_its_exits_as_the_simulation_and_its_exported_gra
             assert [(a.label, a.path) for a in answers] == [(a.label, a.path) for a in found]
         left = {a.path[0] for a in found}
         assert left == {"exit-embeddings"} if quantile == 0.0 else len(left) >= 2
+
+
+@pytest.mark.parametrize("name, exits", [
+    ("cifar100-6-exits.toml", ["exit-block5", "exit-block10"]),
+    ("cifar100-6-exits-early.toml", ["exit-block3", "exit-block5", "exit-block10"]),
+    ("cifar100-6-exits-below.toml", ["exit-block5", "exit-block10"]),
+    ("rt-exits.toml", ["exit-layer1", "exit-layer3"]),
+    ("rt-exits-selective.toml", ["exit-layer1", "exit-layer3"]),
+])
+def test_the_shipped_exit_configs_load(name, exits):
+    from pathlib import Path
+
+    from branching.config.parse import load_config
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert [e.name for e in config.exits()] == exits and config.cascade is not None
+    below = [c.name for c in config.children("exit-block10")] if "exit-block10" in exits else []
+    assert below == (["early-mammals", "early-plants"] if "below" in name else [])
