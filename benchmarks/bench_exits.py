@@ -15,9 +15,10 @@ calibration inputs only), with that threshold's test figures; each exit alone. O
 accuracy against MFLOPs at every threshold tried, the three settings marked.
 
 speed: inputs/s of the cascade (branching.load(RUN)) and of the full trunk (exits=False), and with --onnx of both
-exported (branching export, with and without --no-exits) under onnxruntime, on the first --n test inputs at batch sizes 1 (the first 64 inputs only), 32 and 256, alternating, median of --repeats after a warm-up;
-the share of inputs answered at each exit; and whether the cascade's answers at batch size 256 equal its answers
-one input at a time (label, path, score within 1e-5).
+exported (branching export, with and without --no-exits) under onnxruntime, on the first --n test inputs at batch
+sizes 1 (the first 64 inputs only), 32 and 256, alternating, median of --repeats after a warm-up; the share of
+inputs answered at each exit; and whether the cascade's answers at batch size 256 equal its answers one input at a
+time (label, path, score within 1e-5).
 
 guarantee: RUN's test split (its models never saw it) halved at random --splits times: the cascade fitted on one
 half (Learn-then-Test, the run's risk r and delta) and its realised error on what it answers measured on the other;

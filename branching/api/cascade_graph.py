@@ -53,7 +53,8 @@ class CascadeGraph(nn.Module):
     @property
     def output_names(self) -> list[str]:
         exits = [name for e in self.exits for name in (f"rows.{e}", f"logits.{e}")]
-        return exits + ["rest.rows"] + [f"probs.{n}" for n in self.dense.names] + [f"logits.{n}" for n in self.dense.names]
+        rest = [f"probs.{n}" for n in self.dense.names] + [f"logits.{n}" for n in self.dense.names]
+        return exits + ["rest.rows"] + rest
 
     def forward(self, *inputs):
         state = self.stages.begin(*inputs)

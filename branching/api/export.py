@@ -114,10 +114,11 @@ def tree_metadata(tree, cascade: bool = False) -> dict:
     """What api.onnx_tree needs to answer as the PyTorch tree does (with `cascade`, its exits')."""
     predictor = tree.predictor
     config = {k: v for k, v in predictor.config.to_dict().items() if k != "path"}  # no path of this machine's
+    entries = [r.predictor.entry for r in predictor.exit_routes] if cascade else []
     exits = {} if not cascade else {"cascade": {
         "threshold": predictor.cascade.threshold, "rule": predictor.cascade.describe(),
         "exits": [{"name": e.name, "classes": list(e.spec.classes), "layer": e.spec.layer,
-                   "temperature": float(e.rule["temperature"])} for e in (r.predictor.entry for r in predictor.exit_routes)]}}
+                   "temperature": float(e.rule["temperature"])} for e in entries]}}
     return {**exits, "format": FORMAT, "reads": tree.reads, "image_size": tree.image_size,
             "classes": list(predictor.classes), "config": config,
             "entry": None if predictor.entry is None else predictor.entry.name,  # a parent without a head: its branch

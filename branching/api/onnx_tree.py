@@ -11,9 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 import threading
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch

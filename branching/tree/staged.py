@@ -15,7 +15,8 @@ import numpy as np
 
 from branching.models.device import CPU
 from branching.models.stages import offsets, stages
-from branching.tree.cascade import Cascade, ExitOutputs, combine, exit_nodes, exit_outputs, exit_routes, first_exit, simulate
+from branching.tree.cascade import (Cascade, ExitOutputs, combine, exit_nodes, exit_outputs, exit_routes, first_exit,
+                                    simulate)
 from branching.tree.routing import BATCH, TreePredictions, TreePredictor
 
 
