@@ -34,14 +34,8 @@ def main(argv=None) -> int:
         tree = branching.load(args.models, "cpu", exits=exits)
         if exits and tree.cascade is None:
             continue
-        kind, parent = tree.kind, tree.parent
-        # run's way: the 32-pixel rows through the trunk, which enlarges them (the run's encodings)
-        if exits:
-            import torch
-            vectors = kind.encode(parent.shape, rows, torch.device("cpu"), progress=False)
-            ours = tree.predictor.predict_encoded(vectors)
-        else:
-            ours = tree.forward(tree.encode(rows))
+        # run's way: the 32-pixel rows through the trunk, which enlarges them (the cascade: run tap by tap on them)
+        ours = tree.predictor.predict(rows) if exits else tree.forward(tree.encode(rows))
         theirs = tree.forward(tree.preprocess(rows))  # the API's way: Pillow to the tree's side first
         paths = [(ours.chains[a], ours.accepted[i], ours.predicted[i]) != (theirs.chains[b], theirs.accepted[i],
                                                                               theirs.predicted[i])

@@ -423,12 +423,22 @@ def test_a_text_tree_answers_at_its_exits_as_the_simulation_and_its_exported_gra
     config, models = load_folder(tmp_path / "out")
     texts = [row.split('",')[0].strip('"') for row in (data / "test.csv").read_text().splitlines()[1:]]
     vectors = get_kind("text").encode(config.parent.shape_dict, texts, torch.device("cpu"), progress=False)
-    for quantile in (0.5, 0.0):  # some leave at each exit; then all leave at the first
+    from branching.api.cascade_graph import CascadeGraph
+    from branching.api.export import DenseTree
+    predictor = branching.load(tmp_path / "out", "cpu").predictor
+    graph = CascadeGraph(predictor, DenseTree(predictor, None))  # what export traces, on export's example inputs
+    example = graph.stages.run(graph.stages.begin(torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)),
+                               0, graph.taps[0] + 1)[1]
+    scaled = graph._exit_logits(graph.exits[0], graph._vectors([example])) * graph.inverse_temperature[0]
+    traced = float(torch.softmax(scaled, dim=1).amax(dim=1).min().detach())
+    for quantile in (0.5, 0.0, None):  # some leave at each exit; all at the first; the trace's example at the first
         cascade = cascades.Cascade.load(tmp_path / "out" / "models", models)
         gates = np.unique(cascades.exit_outputs(cascades.exit_routes(config, models, cascade.exits), vectors,
                                                 list(config.classes())).gate)
-        i = int(quantile * len(gates))  # a threshold between two gates: no input sits at it
+        i = int((quantile or 0) * len(gates))  # a threshold between two gates: no input sits at it
         cascade.threshold = float((gates[i - 1] + gates[i]) / 2) if i else 0.0
+        if quantile is None:  # the example leaves whole at the first exit while texts go on past the second
+            cascade.threshold = float((gates[gates < traced].max() + traced) / 2)
         cascade.save(tmp_path / "out" / "models")
         ours = branching.load(tmp_path / "out", "cpu")
         found = ours(texts)
@@ -443,6 +453,7 @@ def test_a_text_tree_answers_at_its_exits_as_the_simulation_and_its_exported_gra
             assert [(a.label, a.path) for a in answers] == [(a.label, a.path) for a in found]
         left = {a.path[0] for a in found}
         assert left == {"exit-embeddings"} if quantile == 0.0 else len(left) >= 2
+        assert quantile is not None or "parent" in left  # some texts go on past both exits
 
 
 @pytest.mark.parametrize("name, exits", [

@@ -91,9 +91,15 @@ class TextStages(Stages):
         return [np.asarray(rows, dtype=np.int64) for rows in self.found.batches(self.ids)]
 
     def begin(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple:
-        """The state at the embeddings: (token states, mask, the other arguments the model passes its layers)."""
+        """The state at the embeddings: (token states, mask, the other arguments the model passes its layers). Which
+        of its tensors are batch-major, and which of their axes are the tokens', is read here, on the inputs' own
+        shapes, and kept for `cut` and `first_token` (a traced graph keeps the same choice for any later shapes)."""
         states, args, kwargs = self.found.embed(input_ids, mask)
-        return states, mask, args, kwargs
+        state = (states, mask, args, kwargs)
+        n, tokens = mask.shape
+        self.batch_major = _tensors(state, lambda t: t.ndim >= 2 and t.shape[0] == n)
+        self.token_axes = _tensors(state, lambda t: [a for a in range(1, t.ndim) if t.shape[a] == tokens])
+        return state
 
     def run(self, state: tuple, done: int, depth: int) -> tuple[tuple, torch.Tensor]:
         states, mask, args, kwargs = state
@@ -106,36 +112,21 @@ class TextStages(Stages):
         return (states, mask, args, kwargs), pooled
 
     def cut(self, state: tuple, index: torch.Tensor) -> tuple:
-        states, mask, args, kwargs = state
-        n = len(mask)
-
-        def cut(value):  # a BERT-like layer's batch-major arguments: the states, the mask (N, ..., tokens)
-            if isinstance(value, (tuple, list)):
-                return type(value)(cut(v) for v in value)
-            batch_major = torch.is_tensor(value) and value.ndim >= 2 and value.shape[0] == n
-            return value.index_select(0, index) if batch_major else value
-
-        return cut(states), cut(mask), tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+        """The rows `index` of a BERT-like layer's batch-major arguments (the states, the mask (N, ..., tokens))."""
+        return _mapped(state, lambda i, t: t.index_select(0, index) if self.batch_major[i] else t)
 
     def first_token(self, state: tuple, gone: torch.Tensor) -> tuple:
         """Where `gone` (a boolean tensor), the state of the first token alone, else the state: an exported cascade's
-        stand-in row runs on one token. Every axis past the batch's as long as the mask's tokens is cut (the states',
-        the mask's, a BERT-like layer's attention mask's)."""
-        states, mask, args, kwargs = state
-        n = mask.shape[1]
-        index = torch.nonzero((torch.arange(n) == 0) | ~gone).squeeze(1)
+        stand-in row runs on one token (the token axes `begin` found: the states', the mask's, the attention
+        mask's)."""
+        index = torch.nonzero((torch.arange(state[1].shape[1]) == 0) | ~gone).squeeze(1)
 
-        def cut(value):
-            if isinstance(value, (tuple, list)):
-                return type(value)(cut(v) for v in value)
-            if not torch.is_tensor(value):
-                return value
-            for axis in range(1, value.ndim):
-                if value.shape[axis] == n:
-                    value = value.index_select(axis, index)
-            return value
+        def first(i, t):
+            for axis in self.token_axes[i]:
+                t = t.index_select(axis, index)
+            return t
 
-        return cut(states), cut(mask), tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+        return _mapped(state, first)
 
     def start(self, inputs, rows: np.ndarray) -> None:
         """Start on texts `rows` of the `inputs` that `chunks` last tokenized."""
@@ -143,6 +134,23 @@ class TextStages(Stages):
         with torch.inference_mode():
             self.state = self.begin(input_ids.to(self.device), mask.to(self.device))
         self.done = 0
+
+
+def _mapped(value, fn, count=None):
+    """`value` (tensors in tuples, lists and dicts) with fn(i, tensor) in place of its i-th tensor, in a fixed order."""
+    count = count if count is not None else iter(range(1 << 30))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_mapped(v, fn, count) for v in value)
+    if isinstance(value, dict):
+        return {k: _mapped(v, fn, count) for k, v in value.items()}
+    return fn(next(count), value) if torch.is_tensor(value) else value
+
+
+def _tensors(value, fn) -> list:
+    """fn(tensor) for each tensor of `value`, in _mapped's order."""
+    found: list = []
+    _mapped(value, lambda i, t: found.append(fn(t)) or t)
+    return found
 
 
 def stages(kind, shape: dict, device: torch.device):
