@@ -158,12 +158,6 @@ class OnnxPredictor(TreePredictor):
                 batch["parent_predicted"][:] = -1
         return arrays
 
-    def _arrays(self, n: int) -> dict[str, np.ndarray]:
-        return {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
-                "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
-                "rejected_confidence": np.empty(n, np.float32), "parent_predicted": np.empty(n, np.int64),
-                "probabilities": np.zeros((n, len(self.classes)), np.float32), "gate": np.empty(n, np.float32)}
-
     def _cascade(self, chunk, answering: list, batch: dict) -> None:
         """A chunk through a cascade's graph: each exit's rows answered by it alone, the rest routed from the parent."""
         wanted = [name for node in self.cascade_exits for name in (f"rows.{node.name}", f"logits.{node.name}")]

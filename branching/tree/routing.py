@@ -274,11 +274,7 @@ class TreePredictor:
     def _predict(self, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         n, parent = len(images), self.models["parent"]
         batch_size = parent.net_kind.batch_rows(parent.net, batch_size)  # a module enlarging images: fewer at once
-        arrays = {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
-                  "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
-                  "rejected_confidence": np.empty(n, np.float32),
-                  "parent_predicted": np.empty(n, np.int64),
-                  "probabilities": np.zeros((n, len(self.classes)), np.float32), "gate": np.empty(n, np.float32)}
+        arrays = self._arrays(n)
         with on_device(self.models.values(), self.device), torch.inference_mode():
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
@@ -292,6 +288,13 @@ class TreePredictor:
                     self._route(self.entry, node_input(self.models, self.entry.name, x).cpu(), None, batch, judged)
                     batch["parent_predicted"][:] = -1
         return arrays
+
+    def _arrays(self, n: int) -> dict[str, np.ndarray]:
+        """What _route fills for n inputs: TreePredictions' arrays."""
+        return {"predicted": np.empty(n, np.int64), "confidence": np.empty(n, np.float32),
+                "final_node": np.empty(n, np.int64), "rejected_at": np.empty(n, np.int64),
+                "rejected_confidence": np.empty(n, np.float32), "parent_predicted": np.empty(n, np.int64),
+                "probabilities": np.zeros((n, len(self.classes)), np.float32), "gate": np.empty(n, np.float32)}
 
     def _input(self, pixels: np.ndarray) -> torch.Tensor:
         x = np.array(pixels, dtype=np.float32, order="C")  # one batch at a time: memory stays bounded
